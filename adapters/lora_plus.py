@@ -1,0 +1,49 @@
+"""LoRA+ (Hayou, Ghosh, Yu; ICML 2024): B learns λ times faster than A (lora-plus.md).
+
+Explicit classification (not PEFT's 1-D rule): ``lora_B`` factors get λη, ``lora_A`` factors η, every other
+trainable tensor (heads, biases, norms) the base η; the user's ``weight_decay`` reaches every decay
+parameter (PEFT drops it), never biases or norms. The groups carry ``role`` and ``lr_ratio`` so the
+rule travels with the optimizer state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from peftkit import registry
+from peftkit.errors import ConfigError
+from peftkit.optim import param_groups
+
+
+@dataclass
+class LoraPlusOptions:
+    loraplus_lr_ratio: float = 16.0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+
+@registry.optimizer("lora-plus", options=LoraPlusOptions,
+                    description="AdamW with lr(B) = λ·lr(A) (LoRA+)")
+def build_lora_plus(model: nn.Module, lr: float, config: Any, **options: Any) -> torch.optim.Optimizer:
+    opts = {**LoraPlusOptions().__dict__, **config.axis_options("optimizer"), **options}
+    ratio = opts["loraplus_lr_ratio"]
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio < 1:
+        raise ConfigError(f"loraplus_lr_ratio: expected a number >= 1 (λ = lr_B / lr_A), got {ratio!r}")
+    groups = param_groups(model, lr, opts["weight_decay"], lr_ratios={"B": float(ratio)})
+    if not any(g["role"] == "B" for g in groups):
+        raise ConfigError(
+            "optimizer 'lora-plus' found no trainable LoRA B factor; it needs a LoRA-shaped adapter "
+            "(lora, lora-ga, lora-one, eva, coto)"
+        )
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(opts["betas"]), eps=opts["eps"])
+
+
+registry.register_method(
+    "lora-plus", architecture="lora", optimizer="lora-plus",
+    description="LoRA+ (Hayou et al. 2024): LoRA with lr(B) = 16·lr(A)",
+)

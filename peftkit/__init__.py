@@ -1,0 +1,34 @@
+"""peftkit: parameter-efficient fine-tuning for Hugging Face models.
+
+    import peftkit
+    model = peftkit.wrap(model, "lora", r=16)
+    opt = peftkit.optimizer(model, lr=2e-4)
+"""
+
+from __future__ import annotations
+
+from .api import (
+    AdapterConfig,
+    callbacks,
+    disabled,
+    export,
+    load,
+    merge,
+    methods,
+    optimizer,
+    save,
+    set_adapter,
+    trainable_parameters,
+    unmerge,
+    unwrap,
+    wrap,
+)
+from .errors import CheckpointError, ConfigError, PeftkitError, StateError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig", "CheckpointError", "ConfigError", "PeftkitError", "StateError", "callbacks", "disabled",
+    "export", "load", "merge", "methods", "optimizer", "save", "set_adapter", "trainable_parameters", "unmerge",
+    "unwrap", "wrap",
+]

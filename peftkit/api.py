@@ -1,0 +1,201 @@
+"""The public API (re-exported by ``peftkit``): module-level functions on the user's own model object."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.nn as nn
+
+from . import checkpoint, registry
+from .config import AdapterConfig, resolve_config
+from .errors import ConfigError, StateError
+from .inject import adapter_layers, inject, remove, saved_modules, set_active, set_enabled, state_of
+from .optim import check_lr
+
+
+def wrap(model: nn.Module, method_or_config: str | AdapterConfig = "lora", *, data: Iterable | None = None,
+         adapter_name: str = "default", **options: Any) -> nn.Module:
+    """Inject adapters into ``model`` in place, freeze the base, run the init; returns the same model.
+
+    ``options`` are the common options (``r``, ``alpha``, ``targets``, ``exclude``, ``dropout``, ``rslora``,
+    ``rank_pattern``, ``alpha_pattern``, ``modules_to_save``, ``seed``), an axis override (``init=``,
+    ``optimizer=``, ``schedule=``, ``architecture=``) or an option of one of the selected components.
+    ``data`` (an iterable of batches, dicts of tensors as the model takes them) is needed by data-driven inits.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"wrap: expected a torch.nn.Module (a Hugging Face model), got {type(model).__name__}")
+    config = resolve_config(method_or_config, **options)
+    init = registry.get_component("init", config.init)
+    if init.needs_data and data is None:
+        raise ConfigError(
+            f"data: the '{config.init}' initialisation estimates from batches; pass data=<an iterable of batches "
+            "(dicts of input_ids, attention_mask, labels)> to peftkit.wrap"
+        )
+    if not init.needs_data and data is not None:
+        warnings.warn(f"wrap: the '{config.init}' initialisation uses no data; the data argument is ignored", stacklevel=2)
+    torch_state = torch.random.get_rng_state()
+    torch.manual_seed(config.seed)  # adapters are reproducible and identical on every process by construction
+    try:
+        layers = inject(model, config, adapter_name)
+        try:
+            init.obj(model, layers, config, data)
+        except BaseException:
+            _drop_adapter(model, adapter_name)
+            raise
+    finally:
+        torch.random.set_rng_state(torch_state)
+    return model
+
+
+def _drop_adapter(model: nn.Module, adapter_name: str) -> None:
+    state = state_of(model)
+    if list(state.configs) == [adapter_name]:
+        remove(model, merge=False)
+        return
+    for layer in adapter_layers(model).values():
+        if adapter_name in layer.adapters:
+            layer.delete_adapter(adapter_name)
+    for wrapper in saved_modules(model).values():
+        if adapter_name in wrapper.modules_to_save:
+            wrapper.delete_adapter(adapter_name)
+    state.configs.pop(adapter_name)
+
+
+def _active_config(model: nn.Module) -> AdapterConfig:
+    state = state_of(model)
+    return state.configs[state.active[0]]
+
+
+def optimizer(model: nn.Module, lr: float, **options: Any) -> torch.optim.Optimizer:
+    """The adapter-aware optimizer of the model's method (a ``torch.optim.Optimizer``).
+
+    ``options`` override the optimizer's own options (e.g. ``weight_decay``, ``loraplus_lr_ratio``);
+    ``name=`` picks another registered optimizer for this call.
+    """
+    check_lr(lr)
+    config = _active_config(model)
+    name = options.pop("name", None) or config.optimizer
+    component = registry.get_component("optimizer", name)
+    valid = set(component.option_names())
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(valid), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(
+            f"optimizer: unknown option '{unknown[0]}' for the '{name}' optimizer.{hint} "
+            f"Valid options: {', '.join(sorted(valid)) or 'none'}."
+        )
+    if component.architectures is not None and config.architecture not in component.architectures:
+        raise ConfigError(
+            f"optimizer '{name}' is defined for {list(component.architectures)} adapters, not '{config.architecture}'"
+        )
+    if name != config.optimizer:
+        config = AdapterConfig.from_dict({**config.to_dict(), "optimizer": name,
+                                          "options": {**config.options, "optimizer": component.default_options()}})
+    return component.obj(model, lr, config, **options)
+
+
+def callbacks(model: nn.Module):
+    """The method's schedule: ``on_step(step, total_steps)``; also a transformers ``TrainerCallback``."""
+    config = _active_config(model)
+    return registry.get_component("schedule", config.schedule).obj(model, config)
+
+
+def save(model: nn.Module, directory: str | os.PathLike, adapter_names: list[str] | None = None) -> None:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's format where the method allows)."""
+    checkpoint.save(model, directory, adapter_names)
+
+
+def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
+         trainable: bool = False) -> nn.Module:
+    """Inject and fill the adapter saved in ``directory`` (by peftkit or by PEFT) into a plain base model."""
+    return checkpoint.load(model, directory, adapter_name=adapter_name, trainable=trainable)
+
+
+def export(model_or_dir: nn.Module | str | os.PathLike, directory: str | os.PathLike, format: str = "peft",
+           base_model: nn.Module | None = None):
+    """Write the adapter as a standard PEFT checkpoint that any LoRA-serving stack reads."""
+    return checkpoint.export(model_or_dir, directory, format=format, base_model=base_model)
+
+
+def merge(model: nn.Module, safe: bool = False) -> nn.Module:
+    """Fold the active adapters into the base weights (the adapters stay, ready to ``unmerge``)."""
+    layers = adapter_layers(model)
+    state_of(model)
+    if any(layer.merged_adapters for layer in layers.values()):
+        raise StateError("merge: the adapters are already merged; call peftkit.unmerge(model) first")
+    done = []
+    try:
+        for layer in layers.values():
+            layer.merge(safe=safe)
+            done.append(layer)
+    except BaseException:
+        for layer in done:
+            layer.unmerge()
+        raise
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Subtract merged adapters from the base weights again."""
+    state_of(model)
+    for layer in adapter_layers(model).values():
+        layer.unmerge()
+    return model
+
+
+def unwrap(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Remove the adapter layers (merging them first unless ``merge=False``); returns the plain model."""
+    return remove(model, merge=merge)
+
+
+def set_adapter(model: nn.Module, names: str | list[str]) -> None:
+    """Make ``names`` the active (and only trainable) adapters; several active adapters add up."""
+    set_active(model, [names] if isinstance(names, str) else list(names))
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """``with peftkit.disabled(model):`` runs the base model (adapters off, merged ones unmerged)."""
+    set_enabled(model, False)
+    try:
+        yield model
+    finally:
+        set_enabled(model, True)
+
+
+@dataclass
+class TrainableParameters:
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
+
+
+def trainable_parameters(model: nn.Module) -> TrainableParameters:
+    """Trainable and total parameter counts (4-bit weights count two parameters per stored byte)."""
+    trainable = total = 0
+    for param in model.parameters():
+        count = param.numel()
+        if type(param).__name__ == "Params4bit":
+            count *= 2
+        total += count
+        if param.requires_grad:
+            trainable += count
+    return TrainableParameters(trainable, total)
+
+
+def methods() -> list[str]:
+    """The registered method names."""
+    return registry.methods()

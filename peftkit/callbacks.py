@@ -1,0 +1,61 @@
+"""Schedules as callbacks: one object usable from any loop (``on_step``) and from transformers' Trainer.
+
+Order (../shared/methods/README.md §4.1): ``on_step(step, total_steps)`` runs after ``optimizer.step()``
+(and the LR scheduler step) and before ``zero_grad``, once per optimizer step, ``step`` counting from 1.
+Schedule state goes through ``state_dict`` / ``load_state_dict`` so a resumed run continues the same
+trajectory.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn as nn
+
+from . import registry
+
+try:
+    from transformers import TrainerCallback
+except Exception:  # pragma: no cover
+    TrainerCallback = object  # type: ignore[misc,assignment]
+
+
+class Schedule(TrainerCallback):
+    """Base schedule. Subclasses override ``on_step`` (and ``on_train_begin`` / ``on_train_end``)."""
+
+    def __init__(self, model: nn.Module, config: Any) -> None:
+        self.model = model
+        self.config = config
+
+    # ---- the loop-independent API
+    def on_train_begin_(self, total_steps: int) -> None:
+        """Called once before the first step."""
+
+    def on_step(self, step: int, total_steps: int) -> None:
+        """Called after optimizer step ``step`` (1-based), before gradients are zeroed."""
+
+    def on_train_end_(self) -> None:
+        """Called once after the last step."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+    # ---- transformers.TrainerCallback hooks
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: D401 - Trainer API
+        self.on_train_begin_(state.max_steps)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # The Trainer calls this after optimizer.step() and before zero_grad; global_step is the number of
+        # steps completed before this one.
+        self.on_step(state.global_step + 1, state.max_steps)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.on_train_end_()
+
+
+@registry.schedule("none", description="nothing changes during training")
+def build_no_schedule(model: nn.Module, config: Any) -> Schedule:
+    return Schedule(model, config)

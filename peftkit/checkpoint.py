@@ -1,0 +1,466 @@
+"""Adapter checkpoints: ``adapter_config.json`` + ``adapter_model.safetensors``, in PEFT's format where the
+architecture has one, with atomic writes and verified reads.
+
+Keys are PEFT's: ``base_model.model.<module path>.<suffix>`` (e.g. ``…q_proj.lora_A.weight``), with the
+adapter name stripped; the adapter ``default`` goes to ``dir/`` and any other to ``dir/<name>/``. The config
+holds PEFT's fields plus a ``peftkit`` section (the full peftkit config, the method that trained it, and the
+sha256 of the weights file, so a config and weights from different saves are caught on load).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from . import registry
+from .config import AdapterConfig, resolve_config
+from .errors import CheckpointError, ConfigError
+from .inject import adapter_layers, inject, remove, saved_modules, set_active, state_of
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+VERSION = "0.1.0"
+
+
+# ------------------------------------------------------------------------------------------ atomic IO
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+
+
+def _json_default(value: Any):
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    if isinstance(value, torch.dtype):
+        return str(value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Save safetensors atomically; returns the file's sha256."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; a missing, truncated or corrupt file is one CheckpointError."""
+    from safetensors.torch import load
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found; expected the adapter weights ({WEIGHTS_NAME}) here")
+    try:
+        return load(path.read_bytes())
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({exc}); the file is corrupt or truncated - save the "
+            "adapter again or restore it from a good copy"
+        ) from None
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found; expected an adapter folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc}); the file is corrupt - save the adapter again") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ saving
+def _task_type(model: nn.Module) -> str | None:
+    name = type(model).__name__
+    if name.endswith("ForCausalLM"):
+        return "CAUSAL_LM"
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith("ForTokenClassification"):
+        return "TOKEN_CLS"
+    return None
+
+
+def _target_list(names: list[str], all_names: list[str]) -> list[str]:
+    """Leaf names when they select exactly ``names``; full module paths otherwise."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    selected = {n for n in all_names if n.rsplit(".", 1)[-1] in leaves}
+    return leaves if selected == set(names) else sorted(names)
+
+
+def _patterns(config: AdapterConfig, per_layer: dict[str, tuple[int, float]]) -> tuple[int, float, dict, dict]:
+    """(r, alpha, rank_pattern, alpha_pattern) that give every layer its saved (r, alpha) under PEFT's rule."""
+    if all(config.rank_alpha(n) == ra for n, ra in per_layer.items()):
+        return config.r, config.alpha, dict(config.rank_pattern), dict(config.alpha_pattern)
+    r_common = Counter(r for r, _ in per_layer.values()).most_common(1)[0][0]
+    a_common = Counter(a for _, a in per_layer.values()).most_common(1)[0][0]
+    rank_pattern = {re.escape(n): r for n, (r, _) in per_layer.items() if r != r_common}
+    alpha_pattern = {re.escape(n): a for n, (_, a) in per_layer.items() if a != a_common}
+    return r_common, a_common, rank_pattern, alpha_pattern
+
+
+def adapter_state(model: nn.Module, adapter_name: str, *, export: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, PEFT-style config dict) of one adapter, in its saved (or exported LoRA) form."""
+    state = state_of(model)
+    if adapter_name not in state.configs:
+        raise ConfigError(f"adapter_name: '{adapter_name}' not found; the model has {sorted(state.configs)}")
+    config = state.configs[adapter_name]
+    layers = {n: l for n, l in adapter_layers(model).items() if adapter_name in l.adapters}
+    tensors: dict[str, torch.Tensor] = {}
+    per_layer: dict[str, tuple[int, float]] = {}
+    peft_types = set()
+    conv1d = False
+    for name, layer in layers.items():
+        if export and getattr(layer, "peft_type", None) is None:
+            a, b, scale = layer.export_lora(adapter_name)
+            r = a.shape[0]
+            alpha = scale * (r ** 0.5 if config.rslora else r)
+            tensors[f"{PREFIX}{name}.lora_A.weight"] = a
+            tensors[f"{PREFIX}{name}.lora_B.weight"] = b
+            per_layer[name] = (r, alpha)
+            peft_types.add("LORA")
+        else:
+            for suffix, tensor in layer.saved_tensors(adapter_name).items():
+                tensors[f"{PREFIX}{name}.{suffix}"] = tensor
+            per_layer[name] = layer.saved_rank_alpha(adapter_name)
+            peft_types.add(getattr(layer, "peft_type", None) or "PEFTKIT")
+        conv1d = conv1d or layer.kind == "conv1d"
+    saved_heads = []
+    for name, wrapper in saved_modules(model).items():
+        if adapter_name in wrapper.modules_to_save:
+            saved_heads.append(name)
+            for pname, tensor in wrapper.modules_to_save[adapter_name].state_dict().items():
+                tensors[f"{PREFIX}{name}.{pname}"] = tensor
+    if len(peft_types) != 1:
+        raise ConfigError(f"adapter '{adapter_name}' mixes saved formats {sorted(peft_types)}; cannot save it as one")
+    peft_type = peft_types.pop()
+    r, alpha, rank_pattern, alpha_pattern = _patterns(config, per_layer)
+    all_names = [n for n, _ in model.named_modules()]
+    base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    saved_config = config.to_dict()
+    if export or peft_type == "LORA" and config.architecture != "lora":
+        saved_config.update(architecture="lora", init="default", rank_pattern=rank_pattern,
+                            alpha_pattern=alpha_pattern, r=r, alpha=alpha)
+        saved_config["options"] = {}
+    saved_config["targets"] = sorted(layers)
+    saved_config["modules_to_save"] = saved_heads or None
+    peft = {
+        "peft_type": peft_type,
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": _target_list(sorted(layers), all_names),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": bool(config.rslora),
+        "lora_dropout": float(config.dropout),
+        "fan_in_fan_out": conv1d,
+        "bias": "none",
+        "lora_bias": False,
+        "use_dora": False,
+        "modules_to_save": saved_heads or None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "exclude_modules": None,
+        "task_type": _task_type(model),
+        "base_model_name_or_path": base_name,
+        "revision": None,
+        "inference_mode": True,
+        "peftkit": {"version": VERSION, "method": config.method, "config": saved_config},
+    }
+    if peft_type != "LORA":
+        for key in ("lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout", "fan_in_fan_out",
+                    "lora_bias", "use_dora", "init_lora_weights"):
+            peft.pop(key, None)
+        extra = getattr(next(iter(layers.values())), "peft_config_fields", None)
+        if extra is not None:
+            peft.update(extra(adapter_name, config))
+    return tensors, peft
+
+
+def save(model: nn.Module, directory: str | os.PathLike, adapter_names: list[str] | None = None,
+         *, export: bool = False) -> list[Path]:
+    """Save adapters (all by default): ``default`` into ``directory``, others into ``directory/<name>``."""
+    state = state_of(model)
+    names = adapter_names or list(state.configs)
+    written = []
+    staged = [(name, *adapter_state(model, name, export=export)) for name in names]
+    for name, tensors, peft in staged:
+        folder = Path(directory) if name == "default" else Path(directory) / name
+        digest = atomic_save_tensors(folder / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+        peft["peftkit"]["weights_sha256"] = digest
+        atomic_write_json(folder / CONFIG_NAME, peft)
+        written.append(folder)
+    return written
+
+
+# ------------------------------------------------------------------------------------------ loading
+def _config_from_peft(data: dict[str, Any], module_names: list[str]) -> AdapterConfig:
+    section = data.get("peftkit")
+    if isinstance(section, dict) and isinstance(section.get("config"), dict):
+        config = AdapterConfig.from_dict(section["config"])
+    else:
+        arch = {"LORA": "lora", "HRA": "hra"}.get(data.get("peft_type"))
+        config = AdapterConfig(method=arch, architecture=arch)
+        config.r = int(data.get("r", 8))
+        config.alpha = float(data.get("lora_alpha", config.r if arch == "lora" else 8))
+        config.rslora = bool(data.get("use_rslora", False))
+        config.dropout = float(data.get("lora_dropout", 0.0) or 0.0)
+        config.rank_pattern = dict(data.get("rank_pattern") or {})
+        config.alpha_pattern = dict(data.get("alpha_pattern") or {})
+        config.modules_to_save = list(data.get("modules_to_save") or []) or None
+        comp = registry.get_component("architecture", arch)
+        reader = getattr(comp.obj, "options_from_peft", None)
+        if reader is not None:
+            config.options = {"architecture": reader(data)}
+    config.targets = sorted(module_names)
+    return config
+
+
+def _split_keys(tensors: dict[str, torch.Tensor], suffixes: tuple[str, ...], heads: list[str]):
+    per_module: dict[str, dict[str, torch.Tensor]] = {}
+    head_tensors: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, tensor in tensors.items():
+        path = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        for suffix in suffixes:
+            if path.endswith("." + suffix):
+                per_module.setdefault(path[: -len(suffix) - 1], {})[suffix] = tensor
+                break
+        else:
+            head = next((h for h in heads if path.startswith(h + ".") or ("." + h + ".") in ("." + path)), None)
+            if head is not None:
+                module, _, pname = path.rpartition(".")
+                head_tensors.setdefault(module, {})[pname] = tensor
+            else:
+                unknown.append(key)
+    return per_module, head_tensors, unknown
+
+
+def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
+         trainable: bool = False) -> nn.Module:
+    """Inject the adapter saved in ``directory`` into ``model`` and fill it (peftkit or PEFT checkpoints).
+
+    On any error the model is left as it was.
+    """
+    directory = Path(directory)
+    data = read_config(directory)
+    peft_type = data.get("peft_type")
+    section = data.get("peftkit") if isinstance(data.get("peftkit"), dict) else None
+    if section is not None and section.get("config", {}).get("architecture"):
+        arch_name = section["config"]["architecture"]
+    else:
+        arch_name = {"LORA": "lora", "HRA": "hra"}.get(peft_type)
+    if arch_name is None:
+        raise CheckpointError(
+            f"{directory / CONFIG_NAME}: peft_type '{peft_type}' is not a format peftkit reads (it reads PEFT's "
+            "LORA and HRA adapters and its own); convert it with PEFT or retrain it with peftkit"
+        )
+    if peft_type == "LORA" and (data.get("use_dora") or data.get("lora_bias") or data.get("bias", "none") != "none"):
+        raise CheckpointError(
+            f"{directory / CONFIG_NAME}: this LoRA uses "
+            f"{'DoRA' if data.get('use_dora') else 'lora_bias' if data.get('lora_bias') else 'bias=' + str(data.get('bias'))}, "
+            "which peftkit does not read; merge it with PEFT (merge_and_unload) and use the merged model as the base"
+        )
+    tensors = read_tensors(directory / WEIGHTS_NAME)
+    expected = section.get("weights_sha256") if section else None
+    if expected and sha256_file(directory / WEIGHTS_NAME) != expected:
+        raise CheckpointError(
+            f"{directory}: {WEIGHTS_NAME} does not belong to this {CONFIG_NAME} (its sha256 differs from the one "
+            "recorded at save time); the folder mixes two saves - save the adapter again"
+        )
+    layer_cls = registry.get_component("architecture", arch_name).obj
+    heads = list(data.get("modules_to_save") or [])
+    per_module, head_tensors, unknown = _split_keys(tensors, layer_cls.saved_suffixes, heads)
+    if unknown:
+        raise CheckpointError(
+            f"{directory / WEIGHTS_NAME}: keys peftkit does not know for a '{arch_name}' adapter: {unknown[:4]}"
+            f"{' ...' if len(unknown) > 4 else ''} (embedding/conv LoRA, DoRA and trainable biases are not read)"
+        )
+    modules = dict(model.named_modules())
+    missing = [n for n in per_module if n not in modules and n.replace("base_layer.", "") not in modules]
+    if missing:
+        raise CheckpointError(
+            f"{directory}: the adapter targets modules this model does not have: {missing[:4]}; load it into the "
+            f"base model it was trained on ({data.get('base_model_name_or_path')})"
+        )
+    config = _config_from_peft(data, list(per_module))
+    if peft_type == "LORA" and section is None:
+        # PEFT itself does not check ranks against layer sizes; reading its checkpoints must still work.
+        object.__setattr__(config, "_allow_large_rank", True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        _warn_unmatched_patterns(config, list(per_module))
+        config_for_inject = _strip_patterns(config, list(per_module))
+    had_state = state_of(model, required=False) is not None
+    try:
+        touched = inject(model, config_for_inject, adapter_name)
+    except ConfigError as exc:
+        raise CheckpointError(f"{directory}: the adapter does not fit this model: {exc}") from None
+    state_of(model).configs[adapter_name] = config
+    try:
+        mismatches = []
+        for name, layer in touched.items():
+            got = per_module[name]
+            want = layer.saved_tensors(adapter_name)
+            if set(got) != set(want):
+                mismatches.append(f"{name}: keys {sorted(got)} != expected {sorted(want)}")
+                continue
+            for key in want:
+                if tuple(got[key].shape) != tuple(want[key].shape):
+                    mismatches.append(f"{name}.{key}: saved {tuple(got[key].shape)}, model needs {tuple(want[key].shape)}")
+        if mismatches:
+            raise CheckpointError(
+                f"{directory}: the adapter's shapes do not fit this model ({len(mismatches)} mismatches): "
+                + "; ".join(mismatches[:6]) + (" ..." if len(mismatches) > 6 else "")
+                + ". Load it into the base model it was trained on."
+            )
+        for name, layer in touched.items():
+            layer.load_saved_tensors(adapter_name, per_module[name])
+        for name, wrapper in saved_modules(model).items():
+            if name in head_tensors and adapter_name in wrapper.modules_to_save:
+                target = wrapper.modules_to_save[adapter_name]
+                try:
+                    target.load_state_dict(head_tensors[name], strict=True)
+                except RuntimeError as exc:
+                    raise CheckpointError(f"{directory}: the saved head '{name}' does not fit: {exc}") from None
+    except BaseException:
+        if had_state:
+            for layer in touched.values():
+                if adapter_name in layer.adapters:
+                    layer.delete_adapter(adapter_name)
+            for wrapper in saved_modules(model).values():
+                if adapter_name in wrapper.modules_to_save:
+                    wrapper.delete_adapter(adapter_name)
+            state_of(model).configs.pop(adapter_name, None)
+        else:
+            remove(model, merge=False)
+        raise
+    state = state_of(model)
+    if not trainable:
+        for layer in touched.values():
+            for p in layer.adapters[adapter_name].parameters():
+                p.requires_grad_(False)
+        for wrapper in saved_modules(model).values():
+            if adapter_name in wrapper.modules_to_save:
+                for p in wrapper.modules_to_save[adapter_name].parameters():
+                    p.requires_grad_(False)
+    elif adapter_name in state.active:
+        set_active(model, state.active)
+    return model
+
+
+def _warn_unmatched_patterns(config: AdapterConfig, names: list[str]) -> None:
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(config, field_name):
+            if not any(re.match(rf"(.*\.)?({key})$", n) for n in names):
+                warnings.warn(f"{field_name}: key '{key}' of the loaded checkpoint matches no adapted module; ignored")
+
+
+def _strip_patterns(config: AdapterConfig, names: list[str]) -> AdapterConfig:
+    import copy
+
+    out = copy.deepcopy(config)
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        pattern = getattr(out, field_name)
+        setattr(out, field_name, {k: v for k, v in pattern.items() if any(re.match(rf"(.*\.)?({k})$", n) for n in names)})
+    if getattr(config, "_allow_large_rank", False):
+        object.__setattr__(out, "_allow_large_rank", True)
+    return out
+
+
+def describe(directory: str | os.PathLike) -> dict[str, Any]:
+    """Verify an adapter folder and summarise it (method, ranks, targets, size, base model)."""
+    directory = Path(directory)
+    data = read_config(directory)
+    tensors = read_tensors(directory / WEIGHTS_NAME)
+    section = data.get("peftkit") if isinstance(data.get("peftkit"), dict) else {}
+    expected = section.get("weights_sha256")
+    if expected and sha256_file(directory / WEIGHTS_NAME) != expected:
+        raise CheckpointError(f"{directory}: {WEIGHTS_NAME} does not match the sha256 recorded in {CONFIG_NAME}")
+    ranks = {}
+    for key, tensor in tensors.items():
+        if key.endswith("lora_A.weight"):
+            ranks[key[len(PREFIX):-len(".lora_A.weight")]] = int(tensor.shape[0])
+    return {
+        "method": section.get("method", data.get("peft_type", "?").lower()),
+        "peft_type": data.get("peft_type"),
+        "r": data.get("r"),
+        "alpha": data.get("lora_alpha"),
+        "targets": data.get("target_modules"),
+        "ranks": ranks,
+        "tensors": len(tensors),
+        "parameters": int(sum(t.numel() for t in tensors.values())),
+        "bytes": (directory / WEIGHTS_NAME).stat().st_size,
+        "base_model": data.get("base_model_name_or_path"),
+    }
+
+
+def export(model_or_dir: nn.Module | str | os.PathLike, directory: str | os.PathLike, format: str = "peft",
+           base_model: nn.Module | None = None) -> Path:
+    """Write the adapter as a standard PEFT checkpoint (LoRA, or HRA for HRA)."""
+    if format != "peft":
+        raise ConfigError(f"format: expected 'peft', got {format!r}")
+    if isinstance(model_or_dir, nn.Module):
+        return save(model_or_dir, directory, adapter_names=["default"], export=True)[0]
+    source = Path(model_or_dir)
+    data = read_config(source)
+    arch = (data.get("peftkit") or {}).get("config", {}).get("architecture", "lora")
+    if data.get("peft_type") in ("LORA", "HRA") and arch in ("lora", "hra"):
+        read_tensors(source / WEIGHTS_NAME)
+        target = Path(directory)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            atomic_write_bytes(target / name, (source / name).read_bytes())
+        return target
+    if base_model is None:
+        raise ConfigError(
+            f"export: the '{arch}' adapter in {source} needs its base model's weights to become a LoRA; pass "
+            "base_model=<the base model> (CLI: --base MODEL)"
+        )
+    load(base_model, source)
+    try:
+        return save(base_model, directory, adapter_names=["default"], export=True)[0]
+    finally:
+        remove(base_model, merge=False)

@@ -1,0 +1,286 @@
+"""The adapter config: common options, per-axis component options, target matching and per-layer ranks.
+
+A config is a plain dataclass that round-trips through JSON (it is stored in every checkpoint). Option
+resolution routes each keyword a user passes to the common fields or to the one component (of the four
+selected axes) that declares it, so ``wrap(model, "lora", init="eva", rho=2)`` sends ``rho`` to EVA.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch.nn as nn
+
+from . import registry
+from .errors import ConfigError
+
+ALL_LINEAR = "all-linear"
+# Classification heads that "all-linear" never adapts (they are new, randomly initialised layers).
+CLASSIFIER_HEAD_NAMES = ("score", "classifier")
+
+
+@dataclass
+class AdapterConfig:
+    """Everything needed to rebuild an adapter: the preset, the four axes, common and component options.
+
+    Shapes and units: ``r`` is the rank (a positive int, per layer overridable by ``rank_pattern``);
+    ``alpha`` the LoRA scaling numerator (s = alpha / r, or alpha / sqrt(r) with ``rslora``).
+    """
+
+    method: str = "lora"
+    architecture: str = "lora"
+    init: str = "default"
+    optimizer: str = "adamw"
+    schedule: str = "none"
+    r: int = 8
+    alpha: float = 8.0
+    targets: str | list[str] = ALL_LINEAR
+    exclude: str | list[str] | None = None
+    dropout: float = 0.0
+    rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    modules_to_save: list[str] | None = None
+    seed: int = 0
+    # Per axis: {"architecture": {...}, "init": {...}, "optimizer": {...}, "schedule": {...}}
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ helpers
+    def axis_options(self, axis: str) -> dict[str, Any]:
+        return dict(self.options.get(axis, {}))
+
+    def option(self, name: str, default: Any = None) -> Any:
+        """A component option by name, from whichever selected axis declares it."""
+        for axis in registry.AXES:
+            if name in self.options.get(axis, {}):
+                return self.options[axis][name]
+        return default
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"adapter config: unknown field(s) {unknown}; expected a subset of {sorted(known)}")
+        return cls(**copy.deepcopy(data))
+
+    def scaling(self, r: int, alpha: float) -> float:
+        return alpha / math.sqrt(r) if self.rslora else alpha / r
+
+    def rank_alpha(self, module_name: str) -> tuple[int, float]:
+        """(r, alpha) of one module, with PEFT's pattern rule (first matching key in dict order wins)."""
+        r = self.r
+        alpha = self.alpha
+        key = pattern_key(self.rank_pattern, module_name)
+        if key is not None:
+            r = int(self.rank_pattern[key])
+        key = pattern_key(self.alpha_pattern, module_name)
+        if key is not None:
+            alpha = float(self.alpha_pattern[key])
+        return r, alpha
+
+
+COMMON_FIELDS = [f.name for f in dataclasses.fields(AdapterConfig) if f.name not in ("options", "method")]
+
+
+def pattern_key(pattern: dict[str, Any], module_name: str) -> str | None:
+    """PEFT's rank_pattern / alpha_pattern rule: the first key whose regex ``(.*\\.)?(KEY)$`` matches."""
+    for key in pattern:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None
+
+
+def resolve_config(method_or_config: str | AdapterConfig, **options: Any) -> AdapterConfig:
+    """Build a validated config from a method name (or a config) and keyword overrides."""
+    if isinstance(method_or_config, AdapterConfig):
+        base = copy.deepcopy(method_or_config)
+        preset_defaults: dict[str, Any] = {}
+        selected = {axis: getattr(base, axis) for axis in registry.AXES}
+        component_values = {axis: dict(base.options.get(axis, {})) for axis in registry.AXES}
+    elif isinstance(method_or_config, str):
+        preset = registry.get_method(method_or_config)
+        base = AdapterConfig(method=preset.name)
+        preset_defaults = dict(preset.defaults)
+        selected = {axis: getattr(preset, axis) for axis in registry.AXES}
+        component_values = {axis: {} for axis in registry.AXES}
+    else:
+        raise ConfigError(
+            f"wrap: expected a method name (one of {registry.methods()}) or an AdapterConfig, "
+            f"got {type(method_or_config).__name__}"
+        )
+
+    options = dict(options)
+    for axis in registry.AXES:
+        if axis in options:
+            value = options.pop(axis)
+            value = "none" if value is None and axis == "schedule" else value
+            value = "default" if value is None and axis == "init" else value
+            if value != selected[axis]:
+                component_values[axis] = {}
+            selected[axis] = value
+    comps = {axis: registry.get_component(axis, selected[axis]) for axis in registry.AXES}
+    for axis in registry.AXES:
+        setattr(base, axis, selected[axis])
+        component_values[axis] = {**comps[axis].default_options(), **component_values[axis]}
+
+    def route(key: str, value: Any, *, from_preset: bool) -> None:
+        if key in COMMON_FIELDS:
+            setattr(base, key, copy.deepcopy(value))
+            return
+        owners = [axis for axis in registry.AXES if key in comps[axis].option_names()]
+        if owners:
+            for axis in owners:
+                component_values[axis][key] = copy.deepcopy(value)
+            return
+        if from_preset:  # a preset default for a component the user swapped out
+            return
+        valid = sorted(set(COMMON_FIELDS) | {n for c in comps.values() for n in c.option_names()})
+        close = difflib.get_close_matches(key, valid, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(
+            f"unknown option '{key}' for method '{base.method}' "
+            f"({', '.join(f'{a}={selected[a]}' for a in registry.AXES)}).{hint} Valid options: {', '.join(valid)}."
+        )
+
+    for key, value in preset_defaults.items():
+        route(key, value, from_preset=True)
+    for key, value in options.items():
+        route(key, value, from_preset=False)
+    base.options = {axis: component_values[axis] for axis in registry.AXES if component_values[axis]}
+    validate(base, comps)
+    return base
+
+
+def validate(config: AdapterConfig, comps: dict[str, registry.Component] | None = None) -> None:
+    """Check the common options and axis compatibility; raise one ConfigError naming the field."""
+    comps = comps or {axis: registry.get_component(axis, getattr(config, axis)) for axis in registry.AXES}
+    if isinstance(config.r, bool) or not isinstance(config.r, int) or config.r <= 0:
+        raise ConfigError(f"r: expected a positive integer rank, got {config.r!r}; pass e.g. r=8")
+    if isinstance(config.alpha, bool) or not isinstance(config.alpha, (int, float)) or not config.alpha > 0:
+        raise ConfigError(f"alpha: expected a positive number, got {config.alpha!r}; pass e.g. alpha=16")
+    if not isinstance(config.dropout, (int, float)) or not 0.0 <= config.dropout < 1.0:
+        raise ConfigError(f"dropout: expected a probability in [0, 1), got {config.dropout!r}")
+    for name, pattern, kind in (("rank_pattern", config.rank_pattern, int), ("alpha_pattern", config.alpha_pattern, float)):
+        if not isinstance(pattern, dict):
+            raise ConfigError(f"{name}: expected a dict {{module regex: value}}, got {type(pattern).__name__}")
+        for key, value in pattern.items():
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+            if kind is int:
+                ok = ok and float(value).is_integer()
+            if not ok:
+                raise ConfigError(f"{name}['{key}']: expected a positive {'integer' if kind is int else 'number'}, got {value!r}")
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise ConfigError(f"{name}: key '{key}' is not a valid regex ({exc})") from None
+    if not isinstance(config.targets, (str, list, tuple)) or (not isinstance(config.targets, str) and not config.targets):
+        raise ConfigError(f"targets: expected 'all-linear', a regex string or a non-empty list of module names, got {config.targets!r}")
+    arch = config.architecture
+    for axis in ("init", "optimizer", "schedule"):
+        allowed = comps[axis].architectures
+        if allowed is not None and arch not in allowed:
+            raise ConfigError(
+                f"{axis} '{getattr(config, axis)}' is defined for the architectures {list(allowed)}, not for "
+                f"'{arch}'; choose one of those architectures or another {axis}"
+            )
+
+
+# ---------------------------------------------------------------------- target matching
+def _as_list(value: str | Iterable[str] | None) -> list[str] | str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return list(value)
+
+
+def _name_matches(name: str, entry: str) -> bool:
+    return name == entry or name.endswith("." + entry)
+
+
+def _matches(name: str, spec: str | list[str]) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(_name_matches(name, entry) for entry in spec)
+
+
+def _close_names(entry: str, names: list[str]) -> str:
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n})
+    close = difflib.get_close_matches(entry.rsplit(".", 1)[-1], leaves, n=3, cutoff=0.5)
+    sample = close or leaves[:8]
+    return ", ".join(sample)
+
+
+def select_targets(model: nn.Module, config: AdapterConfig, supported: tuple[type, ...]) -> list[str]:
+    """Names of the modules to adapt. Every requested entry (and the regex) must match something."""
+    names = [n for n, _ in model.named_modules() if n]
+    modules = dict(model.named_modules())
+    skip = set()
+    for keep in config.modules_to_save or []:
+        skip |= {n for n in names if _name_matches(n, keep) or any(n.startswith(m + ".") for m in names if _name_matches(m, keep))}
+    targets = _as_list(config.targets)
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        excluded = set()
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        for n, m in modules.items():
+            if output is not None and m is output:
+                excluded.add(n)
+        for head in CLASSIFIER_HEAD_NAMES:
+            if isinstance(getattr(model, head, None), nn.Module):
+                excluded |= {n for n in names if n == head or n.startswith(head + ".")}
+        chosen = [n for n in names if isinstance(modules[n], supported) and n not in excluded]
+    elif isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as exc:
+            raise ConfigError(f"targets: '{targets}' is not a valid regex ({exc})") from None
+        chosen = [n for n in names if re.fullmatch(targets, n)]
+        if not chosen:
+            raise ConfigError(
+                f"targets: the regex '{targets}' matches no module (it must match the whole dotted name). "
+                f"Module names look like: {', '.join(names[:3] + names[-3:])}"
+            )
+    else:
+        unmatched = [e for e in targets if not any(_name_matches(n, e) for n in names)]
+        if unmatched:
+            raise ConfigError(
+                f"targets: {unmatched} match no module of {type(model).__name__}. Close module names: "
+                f"{_close_names(unmatched[0], names)}. Fix or remove the unmatched entries."
+            )
+        chosen = [n for n in names if any(_name_matches(n, e) for e in targets)]
+    if config.exclude:
+        exclude = _as_list(config.exclude)
+        if not isinstance(exclude, str):
+            unmatched = [e for e in exclude if not any(_name_matches(n, e) for n in names)]
+            if unmatched:
+                raise ConfigError(
+                    f"exclude: {unmatched} match no module. Close module names: {_close_names(unmatched[0], names)}"
+                )
+        chosen = [n for n in chosen if not _matches(n, exclude)]
+    chosen = [n for n in chosen if n not in skip]
+    wrong_type = [n for n in chosen if not isinstance(modules[n], supported)]
+    if wrong_type:
+        kinds = sorted({type(modules[n]).__name__ for n in wrong_type})
+        raise ConfigError(
+            f"targets: {wrong_type[:4]} are {kinds}, which the '{config.architecture}' architecture cannot wrap "
+            f"(it wraps {[t.__name__ for t in supported]}). Narrow the targets to those layers."
+        )
+    if not chosen:
+        raise ConfigError("targets: nothing left to adapt after exclusions; widen targets or shrink exclude")
+    for name, pattern in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
+        for key in pattern:
+            if not any(re.match(rf"(.*\.)?({key})$", n) for n in chosen):
+                raise ConfigError(
+                    f"{name}: key '{key}' matches no adapted module (keys are regexes matched against the end of "
+                    f"the module name, e.g. 'q_proj' or 'layers\\.1\\..*q_proj'). Adapted modules look like: "
+                    f"{', '.join(chosen[:3])}"
+                )
+    return chosen

@@ -1,0 +1,190 @@
+"""Find targets, swap adapter layers into a model in place, and undo it.
+
+The model keeps its own class; what peftkit knows about it lives in ``model.peftkit`` (a small plain
+object, not a module, so it never enters the model's state dict).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch.nn as nn
+
+from . import registry
+from .config import AdapterConfig, select_targets, _name_matches
+from .errors import ConfigError, StateError
+from .layer import AdapterLayer, ModulesToSave, linear_types
+
+STATE_ATTR = "peftkit"
+
+
+@dataclass
+class PeftkitState:
+    """What peftkit records on a wrapped model."""
+
+    configs: dict[str, AdapterConfig] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+    # Whatever schedules/optimizers need to find again (e.g. init metadata); JSON-serialisable.
+    extras: dict[str, dict] = field(default_factory=dict)
+
+
+def state_of(model: nn.Module, *, required: bool = True) -> PeftkitState | None:
+    state = model.__dict__.get(STATE_ATTR)
+    if state is None and required:
+        raise StateError(
+            f"{type(model).__name__} has no peftkit adapters; call peftkit.wrap(model, method) or "
+            "peftkit.load(model, dir) first"
+        )
+    return state
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    """Module name -> AdapterLayer, in model order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+
+def saved_modules(model: nn.Module) -> dict[str, ModulesToSave]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, ModulesToSave)}
+
+
+def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> dict[str, AdapterLayer]:
+    """Insert the adapter ``adapter_name`` into every target of ``config``; returns the touched layers.
+
+    The first adapter of a model becomes active and trainable; a later one is added inactive and frozen
+    (PEFT's semantics: ``set_adapter`` activates it).
+    """
+    state = state_of(model, required=False)
+    if state is not None and adapter_name in state.configs:
+        raise StateError(
+            f"the model is already wrapped with an adapter named '{adapter_name}'; call peftkit.unwrap(model) "
+            "first, or pass adapter_name='<new name>' to add a second adapter"
+        )
+    layer_cls = registry.get_component("architecture", config.architecture).obj
+    supported = getattr(layer_cls, "supported_types", None) or linear_types()
+    # Already-wrapped layers are matched by their own name; look through them for the base types.
+    names = select_targets(_BaseView(model), config, supported)
+    existing = adapter_layers(model)
+    touched: dict[str, AdapterLayer] = {}
+    created: list[tuple[str, nn.Module]] = []
+    try:
+        for name in names:
+            layer = existing.get(name)
+            if layer is None:
+                base = model.get_submodule(name)
+                layer = layer_cls(base, name)
+                _set_child(model, name, layer)
+                created.append((name, base))
+            elif not isinstance(layer, layer_cls):
+                raise ConfigError(
+                    f"{name} already holds a '{layer.architecture_name}' adapter; a second adapter on the same "
+                    f"layer must use the same architecture, not '{config.architecture}'"
+                )
+            r, alpha = config.rank_alpha(name)
+            layer.add_adapter(adapter_name, r, alpha, config)
+            touched[name] = layer
+        for keep in config.modules_to_save or []:
+            for name, module in list(model.named_modules()):
+                if name and _name_matches(name, keep) and not isinstance(module, (AdapterLayer,)):
+                    wrapper = module if isinstance(module, ModulesToSave) else None
+                    if wrapper is None:
+                        if any(isinstance(p, ModulesToSave) for p in _parents(model, name)):
+                            continue
+                        wrapper = ModulesToSave(module, name)
+                        _set_child(model, name, wrapper)
+                        created.append((name, module))
+                    wrapper.add_adapter(adapter_name)
+    except Exception:
+        # Leave the model exactly as it was.
+        for name, base in reversed(created):
+            _set_child(model, name, base)
+        for layer in touched.values():
+            if adapter_name in layer.adapters:
+                layer.delete_adapter(adapter_name)
+        raise
+    if state is None:
+        state = PeftkitState()
+        model.__dict__[STATE_ATTR] = state
+    state.configs[adapter_name] = config
+    if not state.active:
+        state.active = [adapter_name]
+    set_active(model, state.active)
+    return touched
+
+
+def _parents(model: nn.Module, name: str) -> Iterator[nn.Module]:
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        yield model.get_submodule(".".join(parts[:i]))
+
+
+class _BaseView:
+    """Presents a model to target matching with adapter layers seen as their base layers."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
+
+    def named_modules(self):
+        for name, module in self._model.named_modules():
+            if any(seg in ("base_layer", "adapters", "original_module", "modules_to_save") for seg in name.split(".")):
+                continue
+            if isinstance(module, AdapterLayer):
+                module = module.base_layer
+            yield name, module
+
+    def get_output_embeddings(self):
+        get = getattr(self._model, "get_output_embeddings", None)
+        return get() if get else None
+
+    def __getattr__(self, item):
+        return getattr(self._model, item)
+
+
+def set_active(model: nn.Module, names: list[str]) -> None:
+    """Activate ``names`` (their parameters trainable, all else frozen)."""
+    state = state_of(model)
+    unknown = [n for n in names if n not in state.configs]
+    if unknown:
+        raise ConfigError(f"adapter_name: {unknown} not found; the model has {sorted(state.configs)}")
+    state.active = list(names)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in adapter_layers(model).values():
+        layer.set_active(names)
+        for name in layer.active_adapters:
+            for p in layer.adapters[name].parameters():
+                p.requires_grad_(True)
+    for wrapper in saved_modules(model).values():
+        wrapper.set_active(names)
+        for name in wrapper.active_adapters:
+            for p in wrapper.modules_to_save[name].parameters():
+                p.requires_grad_(True)
+
+
+def set_enabled(model: nn.Module, enabled: bool) -> None:
+    for module in list(adapter_layers(model).values()) + list(saved_modules(model).values()):
+        module.disabled = not enabled
+
+
+def remove(model: nn.Module, merge: bool) -> nn.Module:
+    """Replace every adapter layer by its base layer (merging first if asked) and forget peftkit's state."""
+    state = state_of(model)
+    for name, layer in adapter_layers(model).items():
+        if merge:
+            layer.merge()
+        else:
+            layer.unmerge()
+        _set_child(model, name, layer.base_layer)
+    for name, wrapper in saved_modules(model).items():
+        keep = wrapper.modules_to_save[state.active[0]] if merge and wrapper.active_adapters else wrapper.original_module
+        _set_child(model, name, keep)
+    del model.__dict__[STATE_ATTR]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

@@ -1,0 +1,334 @@
+"""AdapterLayer: the one wrapper every architecture builds on.
+
+It wraps a base module (``nn.Linear``, transformers' ``Conv1D``, bitsandbytes ``Linear4bit`` /
+``Linear8bitLt``) and holds, once for every method: named adapters (``self.adapters[name]``, each a small
+module of trainable tensors), which are active, enable/disable, a per-adapter gate for schedules,
+merge/unmerge bookkeeping (with quantized bases), and the dtype rules (adapters in fp32 on half-precision
+or quantized bases, in the base dtype otherwise).
+
+An architecture subclasses it and provides:
+- ``make_branch(name, r, alpha, config) -> nn.Module``: the adapter's tensors, already initialised;
+- ``adapted_forward(x, *args, **kwargs)``: the output with the active, gated-on adapters;
+- ``delta_weight(name) -> Tensor (out, in)`` for additive adapters, or override ``merge_weights`` /
+  ``unmerge_weights`` for others (e.g. a multiplicative W·Q);
+- optionally ``saved_tensors`` / ``load_saved_tensors`` / ``saved_rank_alpha`` when the on-disk form
+  differs from the branch's state dict, and ``factor_pairs`` when the adapter is LoRA-shaped (ΔW = s·B·A).
+
+Weights are always exchanged in the (out, in) convention; Conv1D's stored (in, out) is handled here.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from .errors import StateError
+
+try:  # transformers' GPT-2 style layer: weight stored as (in, out)
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # pragma: no cover
+    Conv1D = None  # type: ignore[assignment]
+
+
+def _bnb():
+    try:
+        import bitsandbytes as bnb
+
+        return bnb
+    except Exception:  # pragma: no cover - bitsandbytes missing or broken
+        return None
+
+
+def linear_types() -> tuple[type, ...]:
+    """The base layer types every linear architecture wraps (bnb layers subclass ``nn.Linear``)."""
+    return (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+
+
+def base_kind(module: nn.Module) -> str:
+    """'linear', 'conv1d', 'bnb4' or 'bnb8'."""
+    cls_name = type(module).__name__
+    if cls_name == "Linear4bit":
+        return "bnb4"
+    if cls_name == "Linear8bitLt":
+        return "bnb8"
+    if Conv1D is not None and isinstance(module, Conv1D):
+        return "conv1d"
+    if isinstance(module, nn.Linear):
+        return "linear"
+    raise TypeError(f"cannot wrap a {type(module).__name__}: expected nn.Linear, Conv1D or a bitsandbytes linear")
+
+
+def base_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a linear-like base."""
+    if base_kind(module) == "conv1d":
+        n_in, n_out = module.weight.shape
+        return n_out, n_in
+    return module.out_features, module.in_features
+
+
+def adapter_dtype(module: nn.Module) -> torch.dtype:
+    """fp32 on half-precision or quantized bases (PEFT's autocast_adapter_dtype); the base dtype otherwise."""
+    dtype = module.weight.dtype
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class AdapterLayer(nn.Module):
+    """Base wrapper. See the module docstring for what a subclass provides."""
+
+    architecture_name = "?"
+    merge_is_lossless = True
+
+    def __init__(self, base_layer: nn.Module, module_name: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.module_name = module_name
+        self.kind = base_kind(base_layer)
+        self.out_features, self.in_features = base_shape(base_layer)
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        # Gates belong to schedules (CoTo): a gated-off adapter's branch is skipped in the forward, so its
+        # parameters get no gradient and the optimizer leaves them (and their moments) untouched.
+        self.gated_off: set[str] = set()
+        self.ranks: dict[str, int] = {}
+        self.alphas: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+
+    # --------------------------------------------------------------- subclass API
+    def make_branch(self, name: str, r: int, alpha: float, config: Any) -> nn.Module:
+        raise NotImplementedError
+
+    def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """ΔW of one adapter, (out, in), in the adapter dtype."""
+        raise NotImplementedError
+
+    def merge_weights(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None):
+        """(W, b) -> (W', b') with the adapter folded in; W is (out, in) in fp32 or fp64."""
+        return weight + self.delta_weight(name).to(weight.dtype), bias
+
+    def unmerge_weights(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None):
+        return weight - self.delta_weight(name).to(weight.dtype), bias
+
+    def factor_pairs(self) -> Iterator[tuple[str, nn.Parameter, nn.Parameter, float]]:
+        """(adapter name, A (r, in), B (out, r), s) for LoRA-shaped adapters, so that ΔW = s·B·A."""
+        return iter(())
+
+    def saved_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors written for one adapter, keyed by suffix after the module path."""
+        return {k: v for k, v in self.adapters[name].state_dict().items()}
+
+    def load_saved_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        branch = self.adapters[name]
+        expected = branch.state_dict()
+        with torch.no_grad():
+            for key, value in tensors.items():
+                expected[key].copy_(value.to(expected[key].dtype))
+
+    def saved_rank_alpha(self, name: str) -> tuple[int, float]:
+        """(r, alpha) of the saved form (may differ from the live form, e.g. LoRA-GA's rank 2r)."""
+        return self.ranks[name], self.alphas[name]
+
+    # --------------------------------------------------------------- adapters
+    def add_adapter(self, name: str, r: int, alpha: float, config: Any) -> None:
+        if name in self.adapters:
+            raise StateError(f"adapter '{name}' already exists in {self.module_name}; pick another adapter name")
+        max_rank = min(self.in_features, self.out_features)
+        if r > max_rank and not getattr(config, "_allow_large_rank", False):
+            from .errors import ConfigError
+
+            raise ConfigError(
+                f"r: rank {r} for {self.module_name} exceeds min(in, out) = {max_rank} of that "
+                f"({self.out_features}x{self.in_features}) layer; lower r or set a smaller rank_pattern entry"
+            )
+        self.ranks[name] = r
+        self.alphas[name] = float(alpha)
+        self.scaling[name] = config.scaling(r, alpha)
+        self.adapters[name] = self.make_branch(name, r, alpha, config)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise StateError(f"adapter '{name}' is merged into {self.module_name}; unmerge it before deleting it")
+        del self.adapters[name]
+        for table in (self.ranks, self.alphas, self.scaling):
+            table.pop(name, None)
+        self.gated_off.discard(name)
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+    def set_active(self, names: list[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.adapters]
+
+    def branch_on(self, name: str) -> bool:
+        return name not in self.gated_off
+
+    # --------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disabled or not self.active_adapters:
+            if self.merged_adapters:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged_adapters:
+            return self.base_layer(x, *args, **kwargs)
+        return self.adapted_forward(x, *args, **kwargs)
+
+    # --------------------------------------------------------------- base weights
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight as stored (so code that reads ``module.weight`` keeps working)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The base weight as a dense (out, in) tensor (dequantized for bnb), detached."""
+        weight = self.base_layer.weight
+        if self.kind == "bnb4":
+            bnb = _bnb()
+            dense = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        elif self.kind == "bnb8":
+            dense = self._dequantize_int8()
+        elif self.kind == "conv1d":
+            dense = weight.detach().t()
+        else:
+            dense = weight.detach()
+        work = dtype or (torch.float64 if dense.dtype == torch.float64 else torch.float32)
+        return dense.to(work)
+
+    def _dequantize_int8(self) -> torch.Tensor:
+        bnb = _bnb()
+        weight = self.base_layer.weight
+        state = self.base_layer.state
+        scb = state.SCB if state.SCB is not None else weight.SCB
+        if scb is None:  # not yet quantized (has_fp16_weights) - the stored data is dense
+            return weight.data.float()
+        if hasattr(bnb.functional, "int8_vectorwise_dequant"):
+            return bnb.functional.int8_vectorwise_dequant(weight.data, scb.to(weight.device))
+        return weight.data.float() * scb.to(weight.device).view(-1, 1) / 127.0
+
+    def write_base_weight(self, dense: torch.Tensor) -> None:
+        """Store an (out, in) dense weight back into the base layer (re-quantizing bnb weights)."""
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            if self.kind == "bnb4":
+                bnb = _bnb()
+                kwargs = {k: v for k, v in weight.__dict__.items() if not k.startswith("_")}
+                kwargs.pop("data", None)
+                kwargs["bnb_quantized"] = False
+                kwargs["requires_grad"] = False
+                quant_dtype = getattr(weight.quant_state, "dtype", torch.float32) or torch.float32
+                param = bnb.nn.Params4bit(dense.to("cpu", quant_dtype).contiguous(), **kwargs)
+                self.base_layer.weight = param.to(weight.device)
+                if not getattr(self.base_layer.weight, "bnb_quantized", True):
+                    self.base_layer.weight._quantize(weight.device)
+            elif self.kind == "bnb8":
+                bnb = _bnb()
+                self.base_layer.weight = bnb.nn.Int8Params(
+                    dense.to("cpu", torch.float16).contiguous(), requires_grad=False,
+                    has_fp16_weights=weight.has_fp16_weights,
+                ).to(weight.device)
+                self.base_layer.state.SCB = None
+                self.base_layer.state.reset_grads()
+                self.base_layer.state.SCB = self.base_layer.weight.SCB
+            elif self.kind == "conv1d":
+                weight.copy_(dense.t().to(weight.dtype))
+            else:
+                weight.copy_(dense.to(weight.dtype))
+
+    # --------------------------------------------------------------- merge / unmerge
+    def merge(self, names: list[str] | None = None, safe: bool = False) -> list[str]:
+        """Fold adapters into the base weight (W ← merge_weights(W)); returns the names merged."""
+        names = list(self.active_adapters if names is None else names)
+        todo = [n for n in names if n in self.adapters and n not in self.merged_adapters]
+        if not todo:
+            return []
+        if self.kind in ("bnb4", "bnb8"):
+            warnings.warn(
+                f"merging into the quantized {self.module_name} is lossy: the weight is dequantized, updated and "
+                "re-quantized, so outputs change by the quantization error", stacklevel=3)
+        weight = self.base_weight()
+        bias = self.bias.detach().to(weight.dtype) if self.bias is not None else None
+        with torch.no_grad():
+            for name in todo:
+                weight, bias = self.merge_weights(name, weight, bias)
+        if safe and (not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all())):
+            raise ValueError(
+                f"merge: NaN or inf in the merged weights of {self.module_name} (adapter {todo}); the adapter is "
+                "broken, the base weights were left unchanged"
+            )
+        self._store(weight, bias)
+        self.merged_adapters.extend(todo)
+        return todo
+
+    def unmerge(self) -> list[str]:
+        if not self.merged_adapters:
+            return []
+        weight = self.base_weight()
+        bias = self.bias.detach().to(weight.dtype) if self.bias is not None else None
+        undone = []
+        with torch.no_grad():
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                weight, bias = self.unmerge_weights(name, weight, bias)
+                undone.append(name)
+        self._store(weight, bias)
+        return undone
+
+    def _store(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.write_base_weight(weight)
+        if bias is not None and self.bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(bias.to(self.bias.dtype))
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={self.ranks[n]}" for n in self.adapters)
+        return f"{self.architecture_name}[{ranks}] on {self.kind} ({self.out_features}x{self.in_features})"
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full (e.g. a classification head): the original stays frozen and a trainable copy
+    per adapter is used while adapters are enabled (PEFT's ``modules_to_save``)."""
+
+    def __init__(self, original: nn.Module, module_name: str) -> None:
+        super().__init__()
+        self.original_module = original
+        self.module_name = module_name
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+
+    def add_adapter(self, name: str) -> None:
+        import copy
+
+        copy_ = copy.deepcopy(self.original_module)
+        for p in copy_.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[name] = copy_
+
+    def delete_adapter(self, name: str) -> None:
+        del self.modules_to_save[name]
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+    def set_active(self, names: list[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.modules_to_save]
+
+    def forward(self, *args: Any, **kwargs: Any):
+        if self.disabled or not self.active_adapters:
+            return self.original_module(*args, **kwargs)
+        return self.modules_to_save[self.active_adapters[0]](*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Code that reads attributes of the wrapped head (e.g. ``classifier.out_features``) keeps working.
+            return getattr(super().__getattr__("original_module"), name)

@@ -1,0 +1,206 @@
+"""The registry: the four axes (architecture, init, optimizer, schedule) and the method presets.
+
+A method is a preset: one component per axis plus default option values. Components register under a
+name on their axis; a preset names one component per axis. Third-party packages register through the
+entry-point group ``peftkit.adapters`` (each entry point names a module; importing it registers).
+
+``adapters/`` (shipped as ``peftkit.adapters``) is scanned once, lazily, on first lookup, so a new file
+dropped there is found without editing any list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import pkgutil
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .errors import ConfigError
+
+AXES = ("architecture", "init", "optimizer", "schedule")
+
+
+@dataclass(frozen=True)
+class Component:
+    """One point on one axis.
+
+    ``options`` is a dataclass type whose fields are the component's own options (with defaults);
+    ``obj`` is what the axis needs: a layer class (architecture), a function
+    ``init(model, layers, config, data)`` (init), a factory ``build(model, lr, config, **kw)`` (optimizer),
+    a factory ``build(model, config) -> callback`` (schedule).
+    """
+
+    axis: str
+    name: str
+    obj: Any
+    options: type | None = None
+    description: str = ""
+    needs_data: bool = False
+    # For optimizers and schedules: the architectures they are defined for (None: any).
+    architectures: tuple[str, ...] | None = None
+
+    def option_names(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self.options)] if self.options else []
+
+    def default_options(self) -> dict[str, Any]:
+        if self.options is None:
+            return {}
+        out = {}
+        for f in dataclasses.fields(self.options):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                out[f.name] = f.default_factory()  # type: ignore[misc]
+        return out
+
+
+@dataclass(frozen=True)
+class Method:
+    """A preset: a component per axis and default values for common or component options."""
+
+    name: str
+    architecture: str
+    init: str = "default"
+    optimizer: str = "adamw"
+    schedule: str = "none"
+    defaults: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+_components: dict[str, dict[str, Component]] = {axis: {} for axis in AXES}
+_methods: dict[str, Method] = {}
+_discovered = False
+
+
+def _register_component(component: Component) -> None:
+    table = _components[component.axis]
+    if component.name in table and table[component.name].obj is not component.obj:
+        existing = table[component.name].obj
+        # Re-importing the same module (e.g. editable reloads) re-registers the same qualified object.
+        if getattr(existing, "__qualname__", None) != getattr(component.obj, "__qualname__", None):
+            raise ConfigError(
+                f"{component.axis} '{component.name}' is already registered by {existing!r}; "
+                "choose another name for the new one"
+            )
+    table[component.name] = component
+
+
+def architecture(name: str, *, options: type | None = None, description: str = "") -> Callable:
+    """Class decorator: register an ``AdapterLayer`` subclass as an architecture."""
+
+    def deco(cls):
+        cls.architecture_name = name
+        _register_component(Component("architecture", name, cls, options, description))
+        return cls
+
+    return deco
+
+
+def init(name: str, *, options: type | None = None, description: str = "", needs_data: bool = False,
+         architectures: tuple[str, ...] | None = None) -> Callable:
+    """Function decorator: register ``fn(model, layers, config, data)`` as an initialization."""
+
+    def deco(fn):
+        _register_component(Component("init", name, fn, options, description, needs_data, architectures))
+        return fn
+
+    return deco
+
+
+def optimizer(name: str, *, options: type | None = None, description: str = "",
+              architectures: tuple[str, ...] | None = None) -> Callable:
+    """Function decorator: register ``build(model, lr, config, **kwargs) -> torch.optim.Optimizer``."""
+
+    def deco(fn):
+        _register_component(Component("optimizer", name, fn, options, description, False, architectures))
+        return fn
+
+    return deco
+
+
+def schedule(name: str, *, options: type | None = None, description: str = "",
+             architectures: tuple[str, ...] | None = None) -> Callable:
+    """Function decorator: register ``build(model, config) -> callback`` as a schedule."""
+
+    def deco(fn):
+        _register_component(Component("schedule", name, fn, options, description, False, architectures))
+        return fn
+
+    return deco
+
+
+def register_method(name: str, *, architecture: str, init: str = "default", optimizer: str = "adamw",
+                    schedule: str = "none", defaults: dict[str, Any] | None = None,
+                    description: str = "") -> Method:
+    """Register a preset (a registered method name)."""
+    method = Method(name, architecture, init, optimizer, schedule, dict(defaults or {}), description)
+    if name in _methods and _methods[name] != method:
+        raise ConfigError(f"method '{name}' is already registered; choose another name")
+    _methods[name] = method
+    return method
+
+
+def discover() -> None:
+    """Import every module of ``peftkit.adapters`` and every ``peftkit.adapters`` entry point, once."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    # The generic components (adamw, the default init, no schedule) live in the machinery.
+    import peftkit.callbacks  # noqa: F401
+    import peftkit.optim  # noqa: F401
+    import peftkit.adapters as package
+
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{package.__name__}.{info.name}")
+    try:
+        from importlib.metadata import entry_points
+
+        for entry in entry_points(group="peftkit.adapters"):
+            try:
+                entry.load()
+            except Exception as exc:  # a broken plugin must not break the library
+                warnings.warn(f"peftkit: could not load the plugin '{entry.name}' ({entry.value}): {exc}")
+    except Exception:  # pragma: no cover - very old importlib.metadata
+        pass
+
+
+def methods() -> list[str]:
+    """The registered method names, sorted."""
+    discover()
+    return sorted(_methods)
+
+
+def method_descriptions() -> dict[str, str]:
+    discover()
+    return {name: _methods[name].description for name in sorted(_methods)}
+
+
+def get_method(name: str) -> Method:
+    discover()
+    if name not in _methods:
+        raise ConfigError(_unknown("method", name, list(_methods)))
+    return _methods[name]
+
+
+def get_component(axis: str, name: str) -> Component:
+    discover()
+    table = _components[axis]
+    if name not in table:
+        raise ConfigError(_unknown(axis, name, list(table)))
+    return table[name]
+
+
+def components(axis: str) -> dict[str, Component]:
+    discover()
+    return dict(_components[axis])
+
+
+def _unknown(kind: str, name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(str(name), known, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f"unknown {kind} '{name}'.{hint} Registered: {', '.join(sorted(known))}."

@@ -1,0 +1,134 @@
+"""Tiny models built from configs (no downloads) and batches for them, shared by every test file.
+
+Import as ``from helpers import tiny_llama, ...`` (pytest puts tests/ on sys.path).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+import warnings
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+VOCAB = 97
+
+
+def llama_config(**overrides) -> LlamaConfig:
+    cfg = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=False)
+    cfg.update(overrides)
+    return LlamaConfig(**cfg)
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(llama_config(**overrides)).to(dtype)
+    return model.eval()
+
+
+def tiny_gpt2(seed: int = 0, dtype: torch.dtype = torch.float32) -> GPT2LMHeadModel:
+    """GPT-2 uses transformers' Conv1D (weight stored as (in, out))."""
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
+def tiny_bert(seed: int = 0, num_labels: int = 3, dtype: torch.dtype = torch.float32) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                     vocab_size=VOCAB, max_position_embeddings=64, num_labels=num_labels,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg).to(dtype).eval()
+
+
+@functools.lru_cache(maxsize=None)
+def _saved_llama_dir(seed: int) -> str:
+    folder = tempfile.mkdtemp(prefix="peftkit-llama-")
+    tiny_llama(seed).save_pretrained(folder)
+    return folder
+
+
+def tiny_llama_4bit(seed: int = 0) -> LlamaForCausalLM:
+    """The tiny Llama with every linear layer (but the head) as a bitsandbytes 4-bit NF4 layer, on CPU."""
+    from transformers import BitsAndBytesConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = LlamaForCausalLM.from_pretrained(
+            _saved_llama_dir(seed),
+            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_compute_dtype=torch.float32),
+        )
+    return model.eval()
+
+
+def tiny_llama_8bit(seed: int = 0) -> LlamaForCausalLM:
+    from transformers import BitsAndBytesConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = LlamaForCausalLM.from_pretrained(_saved_llama_dir(seed),
+                                                 quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    return model.eval()
+
+
+MODEL_FACTORIES = {
+    "llama": tiny_llama,
+    "gpt2": tiny_gpt2,
+    "bert": tiny_bert,
+    "llama-4bit": tiny_llama_4bit,
+}
+
+
+def make_batch(model, batch_size: int = 2, seq_len: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A batch the model's forward takes, with labels (LM labels or class ids)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (batch_size, seq_len), generator=gen)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        batch["labels"] = torch.randint(0, model.config.num_labels, (batch_size,), generator=gen)
+    else:
+        batch["labels"] = ids.clone()
+    return batch
+
+
+def make_batches(model, n: int = 4, batch_size: int = 2, seq_len: int = 8, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    return [make_batch(model, batch_size, seq_len, seed + i) for i in range(n)]
+
+
+def output(model, batch) -> torch.Tensor:
+    """Logits of the model on a batch (labels removed), in eval mode, without grad."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def base_state_dict(model) -> dict[str, torch.Tensor]:
+    """A plain copy of a model's weights."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def randomize_adapters(model, std: float = 0.05, seed: int = 1) -> None:
+    """Give every adapter tensor a non-trivial value (so the adapter changes the output)."""
+    gen = torch.Generator().manual_seed(seed)
+    from peftkit.inject import adapter_layers
+
+    with torch.no_grad():
+        for layer in adapter_layers(model).values():
+            for p in layer.adapters.parameters():
+                p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * std)
+
+
+def cpu_threads() -> int:
+    return int(os.environ.get("OMP_NUM_THREADS", "1"))
