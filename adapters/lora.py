@@ -35,7 +35,27 @@ class LoraBranch(nn.Module):
         self.lora_A = nn.Linear(in_features, r, bias=False, dtype=dtype, device=device)
         self.lora_B = nn.Linear(r, out_features, bias=False, dtype=dtype, device=device)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        # An optional frozen pair (A0 (r0, in), B0 (out, r0)) subtracted from the update, so that
+        # ΔW = s·(B·A − B0·A0). Data-driven inits (LoRA-GA) use it to start from non-zero factors while
+        # keeping the function, without touching (possibly quantized) base weights.
+        self.register_buffer("offset_A", None)
+        self.register_buffer("offset_B", None)
         self.reset(init)
+
+    def set_offset(self, a0: torch.Tensor, b0: torch.Tensor) -> None:
+        """Freeze (A0, B0) as the offset pair: A0 (r0, in), B0 (out, r0), in the branch dtype."""
+        dtype = self.lora_A.weight.dtype
+        device = self.lora_A.weight.device
+        self.offset_A = a0.detach().to(device, dtype).contiguous()
+        self.offset_B = b0.detach().to(device, dtype).contiguous()
+
+    def effective_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A', B') with ΔW = s·B'·A': the trainable pair, stacked with the negated offset pair if any."""
+        a = self.lora_A.weight
+        b = self.lora_B.weight
+        if self.offset_A is None:
+            return a, b
+        return torch.cat([a, self.offset_A], 0), torch.cat([b, -self.offset_B], 1)
 
     @torch.no_grad()
     def reset(self, init: bool | str = True) -> None:
@@ -68,8 +88,7 @@ class LoraLayer(AdapterLayer):
             if name in self.gated_off:
                 continue
             branch = self.adapters[name]
-            a = branch.lora_A.weight
-            b = branch.lora_B.weight
+            a, b = branch.effective_factors()
             x_a = x if x.dtype == a.dtype else x.to(a.dtype)
             if branch.dropout is not None:
                 x_a = branch.dropout(x_a)
@@ -90,10 +109,32 @@ class LoraLayer(AdapterLayer):
         return result
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        branch = self.adapters[name]
-        a = branch.lora_A.weight
-        b = branch.lora_B.weight
+        a, b = self.adapters[name].effective_factors()
         return (b @ a) * self.scaling[name]
+
+    def saved_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        # With an offset pair the saved adapter is the exact rank-(r + r0) LoRA [A; A0], [B, −B0], which is
+        # valid on the original base weights (PEFT reads it as plain LoRA).
+        a, b = self.adapters[name].effective_factors()
+        return {"lora_A.weight": a.detach(), "lora_B.weight": b.detach()}
+
+    def load_saved_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        branch = self.adapters[name]
+        if branch.offset_A is not None:
+            raise ValueError(f"{self.module_name}: cannot load saved tensors into an adapter with an offset pair")
+        with torch.no_grad():
+            branch.lora_A.weight.copy_(tensors["lora_A.weight"])
+            branch.lora_B.weight.copy_(tensors["lora_B.weight"])
+
+    def saved_rank_alpha(self, name: str) -> tuple[int, float]:
+        branch = self.adapters[name]
+        if branch.offset_A is None:
+            return self.ranks[name], self.alphas[name]
+        # Same scaling s at the saved rank r' = r + r0: α' = s·r' (s·√r' with rsLoRA).
+        r_saved = self.ranks[name] + branch.offset_A.shape[0]
+        s = self.scaling[name]
+        rslora = abs(self.alphas[name] / self.ranks[name] ** 0.5 - s) < abs(self.alphas[name] / self.ranks[name] - s)
+        return r_saved, s * (r_saved ** 0.5 if rslora else r_saved)
 
     def factor_pairs(self) -> Iterator[tuple[str, nn.Parameter, nn.Parameter, float]]:
         for name in self.active_adapters:

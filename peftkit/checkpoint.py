@@ -179,9 +179,12 @@ def adapter_state(model: nn.Module, adapter_name: str, *, export: bool = False) 
     all_names = [n for n, _ in model.named_modules()]
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
     saved_config = config.to_dict()
-    if export or peft_type == "LORA" and config.architecture != "lora":
-        saved_config.update(architecture="lora", init="default", rank_pattern=rank_pattern,
-                            alpha_pattern=alpha_pattern, r=r, alpha=alpha)
+    # The saved config describes the saved tensors: they are final, so no init runs again on load (the
+    # method that trained them stays in peftkit.method), and ranks/alphas are those of the saved form.
+    saved_config.update(init="default", rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, r=r, alpha=alpha)
+    saved_config["options"] = {k: v for k, v in config.options.items() if k != "init"}
+    if export:
+        saved_config.update(architecture="lora", optimizer="adamw", schedule="none")
         saved_config["options"] = {}
     saved_config["targets"] = sorted(layers)
     saved_config["modules_to_save"] = saved_heads or None

@@ -68,6 +68,9 @@ class Method:
     schedule: str = "none"
     defaults: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    # True for methods whose init is itself a step (LoRA-One): the conformance suite then does not expect
+    # the wrapped model to reproduce the base model's output at init.
+    changes_output_at_init: bool = False
 
 
 _components: dict[str, dict[str, Component]] = {axis: {} for axis in AXES}
@@ -134,9 +137,10 @@ def schedule(name: str, *, options: type | None = None, description: str = "",
 
 def register_method(name: str, *, architecture: str, init: str = "default", optimizer: str = "adamw",
                     schedule: str = "none", defaults: dict[str, Any] | None = None,
-                    description: str = "") -> Method:
+                    description: str = "", changes_output_at_init: bool = False) -> Method:
     """Register a preset (a registered method name)."""
-    method = Method(name, architecture, init, optimizer, schedule, dict(defaults or {}), description)
+    method = Method(name, architecture, init, optimizer, schedule, dict(defaults or {}), description,
+                    changes_output_at_init)
     if name in _methods and _methods[name] != method:
         raise ConfigError(f"method '{name}' is already registered; choose another name")
     _methods[name] = method
