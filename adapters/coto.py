@@ -1,0 +1,175 @@
+"""CoTo (Zhuang et al., ICML 2025): progressive activation of adapters by blocks (coto.md).
+
+At every optimizer step each block's adapters are on with probability
+    p(t) = min(p₀ + (1 − p₀) · t / ⌈ρ₁ T⌉, 1)      (t = completed optimizer steps, T = total steps)
+with at least one block on (all gates are redrawn until one is), no rescaling, and every adapter on in eval
+mode and after training. A gated-off adapter's branch is skipped (``AdapterLayer.gated_off``), so its parameters
+get grad None and a torch optimizer leaves them and their moments untouched that step. Blocks are grouped by
+the layer index parsed from the module name (modules without one form a group each). The gates come from a
+generator seeded by (seed, step): every process draws the same mask without communicating, and the global RNG
+is never consumed. Under DDP the skipped parameters need ``find_unused_parameters=True``.
+
+Works on any architecture whose off state is the base function (LoRA, HRA, Hydra, ...):
+``peftkit.wrap(model, "hydra", schedule="coto")``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from peftkit import registry
+from peftkit.callbacks import Schedule
+from peftkit.errors import ConfigError, StateError
+from peftkit.inject import adapter_layers, state_of
+
+_BLOCK_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+# The schedule currently gating each model: a new one replaces (and unhooks) the previous one.
+_LIVE: "weakref.WeakKeyDictionary[nn.Module, CotoSchedule]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class CotoOptions:
+    # p₀, the activation probability at step 0 (the reference README's 0.1; the paper's summaries say 0).
+    initial_p: float = 0.1
+    # ρ₁: p reaches 1 after ⌈ρ₁ T⌉ steps; the rest of training is plain training.
+    stage1_ratio: float = 0.75
+
+
+def activation_probability(t: int, total_steps: int, initial_p: float, stage1_ratio: float) -> float:
+    """p(t) = min(p₀ + (1 − p₀)·t/⌈ρ₁T⌉, 1)."""
+    stage1 = math.ceil(stage1_ratio * total_steps)
+    if stage1 <= 0:
+        return 1.0
+    return min(initial_p + (1.0 - initial_p) * t / stage1, 1.0)
+
+
+def block_groups(names: list[str]) -> list[list[str]]:
+    """Module names grouped by their first integer path segment (the block index), in block order."""
+    groups: dict[Any, list[str]] = {}
+    for name in names:
+        match = _BLOCK_INDEX.search(name)
+        key = (0, int(match.group(1)), "") if match else (1, 0, name)
+        groups.setdefault(key, []).append(name)
+    return [groups[key] for key in sorted(groups)]
+
+
+def draw_gates(gen: torch.Generator, groups: int, p: float) -> list[bool]:
+    """δ_g = 1[u_g ≤ p], all u redrawn until at least one δ is 1.
+
+    When a rejection is likely, rows are drawn 16 at a time and the first row with an active group is kept:
+    the same law as redrawing one row at a time, with fewer generator calls."""
+    if p >= 1.0:
+        return [True] * groups
+    n_rows = 1 if (1.0 - p) ** groups < 0.25 else 16
+    while True:
+        rows = torch.rand(n_rows, groups, generator=gen, dtype=torch.float64) <= p
+        accepted = rows.any(dim=1)
+        if bool(accepted.any()):
+            return rows[int(accepted.to(torch.uint8).argmax())].tolist()
+
+
+class CotoSchedule(Schedule):
+    """The per-step block gates. ``on_train_begin_(T)`` draws the first mask, ``on_step(step, T)`` the next one
+    (after the optimizer step: one mask per optimizer step, shared by its micro-batches), ``on_train_end_``
+    switches every adapter on for good. The gate applies only while the layer is in training mode."""
+
+    def __init__(self, model: nn.Module, config: Any) -> None:
+        super().__init__(model, config)
+        options = {**CotoOptions().__dict__, **config.axis_options("schedule")}
+        for key in ("initial_p", "stage1_ratio"):
+            value = options[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{key}: expected a number in [0, 1] (CoTo schedule), got {value!r}")
+        self.initial_p = float(options["initial_p"])
+        self.stage1_ratio = float(options["stage1_ratio"])
+        state = state_of(model)
+        self.adapter_name = next(n for n, c in state.configs.items() if c is config)
+        layers = {n: l for n, l in adapter_layers(model).items() if self.adapter_name in l.adapters}
+        self.groups = [[layers[n] for n in group] for group in block_groups(list(layers))]
+        self.group_names = [[l.module_name for l in group] for group in self.groups]
+        self.gates: list[bool] = [True] * len(self.groups)
+        self._gate_by_layer: dict[int, bool] = {}
+        self.step = 0
+        self.total_steps = 0
+        self.p = 1.0
+        previous = _LIVE.get(model)
+        if previous is not None:
+            previous.remove()
+        self._hooks = [layer.register_forward_pre_hook(self._apply_gate) for layer in layers.values()]
+        _LIVE[model] = self
+
+    def _apply_gate(self, layer: nn.Module, args: Any) -> None:
+        # Gates belong to training: in eval mode every adapter runs (the reference layer forgets this).
+        on = not layer.training or self._gate_by_layer.get(id(layer), True)
+        if on:
+            layer.gated_off.discard(self.adapter_name)
+        else:
+            layer.gated_off.add(self.adapter_name)
+
+    def set_gates(self, gates: list[bool]) -> None:
+        self.gates = list(gates)
+        for group, gate in zip(self.groups, self.gates):
+            for layer in group:
+                self._gate_by_layer[id(layer)] = gate
+                if gate or not layer.training:
+                    layer.gated_off.discard(self.adapter_name)
+                else:
+                    layer.gated_off.add(self.adapter_name)
+
+    def draw(self, step: int) -> list[bool]:
+        """The mask for optimizer step ``step + 1``, from a generator seeded by (seed, step)."""
+        self.p = activation_probability(step, self.total_steps, self.initial_p, self.stage1_ratio)
+        gen = torch.Generator().manual_seed((int(self.config.seed) * 1_000_003 + int(step)) % (2 ** 63))
+        return draw_gates(gen, len(self.groups), self.p)
+
+    def on_train_begin_(self, total_steps: int) -> None:
+        self.total_steps = int(total_steps)
+        self.step = 0
+        self.set_gates(self.draw(0))
+
+    def on_step(self, step: int, total_steps: int) -> None:
+        self.total_steps = int(total_steps)
+        self.step = int(step)
+        self.set_gates(self.draw(step) if step < total_steps else [True] * len(self.groups))
+
+    def on_train_end_(self) -> None:
+        self.set_gates([True] * len(self.groups))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "total_steps": self.total_steps, "p": self.p, "gates": list(self.gates),
+                "seed": int(self.config.seed)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state.get("gates", [])) != len(self.groups):
+            raise StateError(f"CoTo schedule state: {len(state.get('gates', []))} block gates saved, this model has "
+                             f"{len(self.groups)} blocks; the checkpoint belongs to another model or targets")
+        self.step = int(state["step"])
+        self.total_steps = int(state["total_steps"])
+        self.p = float(state["p"])
+        self.set_gates([bool(g) for g in state["gates"]])
+
+    def remove(self) -> None:
+        """Detach from the model: every adapter on, the forward hooks removed."""
+        self.on_train_end_()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+
+@registry.schedule("coto", options=CotoOptions,
+                   description="CoTo: per-block adapter gates, on with probability rising linearly to 1")
+def build_coto_schedule(model: nn.Module, config: Any) -> CotoSchedule:
+    return CotoSchedule(model, config)
+
+
+registry.register_method(
+    "coto", architecture="lora", schedule="coto",
+    description="LoRA with CoTo (Zhuang et al. 2025): adapters switched on by blocks with probability rising to 1",
+)

@@ -1,0 +1,443 @@
+"""ElaLoRA (Chang et al., arXiv 2504.00254): an SVD-form adapter whose ranks are pruned and grown during
+training at constant total rank (elalora.md).
+
+Per layer, with a fixed capacity r_max (no parameter is ever re-created, so DDP buckets, FSDP shards and
+optimizer state stay valid) and a boolean active mask m:
+    y = x Wᵀ + b + s · (D(x) (Q ⊙ (E ⊙ m))ᵀ) Pᵀ,   ΔW = s · P diag(E ⊙ m) Q,   s = α / (r_0 + 1e-5)
+Q (r_max, in) is ``lora_A``, E (r_max,) ``lora_E``, P (out, r_max) ``lora_B``, m (r_max,) the buffer ``lora_mask``;
+r_0 = the initial rank (the first r_0 slots are active), frozen in s for the whole run as in the reference.
+Init: E = 0, P, Q ~ N(0, 0.02²) (a no-op). Masked slots contribute exactly 0 and get zero gradients.
+
+The orthogonality regulariser γ/(2L) · Σ_l (‖(Q Qᵀ − I)[m, m]‖_F + ‖(Pᵀ P − I)[m, m]‖_F) (norms not squared,
+active sub-matrices only) is each layer's ``regularization()``; ``peftkit.regularization_loss`` sums it.
+
+The schedule ``elalora`` (``ElaloraSchedule``) keeps AdaLoRA's importance EMAs and, every ΔT steps in the
+dynamic phase, prunes the b(t) weakest rank-1 triplets and grows b(t) new ones (cubic budget b(t)). It resets
+the optimizer moments of exactly the slots it touches, so it needs the optimizer (``attach_optimizer``).
+
+Save: native format (P, E, Q at capacity and the mask). ``peftkit.export`` writes a PEFT LoRA with per-layer
+ranks: lora_A = diag(E) Q and lora_B = P over the active slots, s kept through ``alpha_pattern``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from peftkit import registry
+from peftkit.callbacks import Schedule
+from peftkit.errors import ConfigError, StateError
+from peftkit.inject import adapter_layers, state_of
+from peftkit.layer import AdapterLayer, adapter_dtype
+
+SCALING_EPS = 1e-5  # the reference's s = α / (ranknum + 1e-5)
+INIT_STD = 0.02
+NEW_E_CAP = 1e-13  # a grown triplet starts at e = min(min|E|, 1e-13): the output is unchanged
+
+
+@dataclass
+class ElaloraOptions:
+    # r_max per layer, the fixed capacity the ranks can grow into; None: 2·r_0, capped at min(in, out).
+    capacity: int | None = None
+    # γ of the orthogonality regulariser (0 switches it off).
+    orth_reg_weight: float = 0.1
+
+
+def _arch_options(config: Any) -> dict[str, Any]:
+    options = {**ElaloraOptions().__dict__, **config.axis_options("architecture")}
+    cap = options["capacity"]
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0):
+        raise ConfigError(f"capacity: expected a positive integer (the per-layer rank capacity) or None (= 2·r), got {cap!r}")
+    weight = options["orth_reg_weight"]
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+        raise ConfigError(f"orth_reg_weight: expected a number >= 0 (γ of the ElaLoRA regulariser), got {weight!r}")
+    if config.rslora:
+        raise ConfigError("rslora: ElaLoRA's scaling is α/(r_0 + 1e-5) (the reference's); remove rslora=True")
+    return options
+
+
+class ElaloraBranch(nn.Module):
+    """One ElaLoRA adapter at capacity r_max: ``lora_A`` = Q (r_max, in), ``lora_E`` = E (r_max,),
+    ``lora_B`` = P (out, r_max), and the boolean buffer ``lora_mask`` (r_max,) of active slots."""
+
+    def __init__(self, in_features: int, out_features: int, r0: int, capacity: int, dropout: float,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(capacity, in_features, dtype=dtype, device=device))
+        self.lora_E = nn.Parameter(torch.zeros(capacity, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.empty(out_features, capacity, dtype=dtype, device=device))
+        mask = torch.zeros(capacity, dtype=torch.bool, device=device)
+        mask[:r0] = True
+        self.register_buffer("lora_mask", mask)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.orth_weight = 0.0
+        self.num_layers = 1  # L of the adapter, set after injection (the regulariser's 1/(2L))
+        with torch.no_grad():
+            nn.init.normal_(self.lora_A, std=INIT_STD)
+            nn.init.normal_(self.lora_B, std=INIT_STD)
+
+    @property
+    def rank(self) -> int:
+        return int(self.lora_mask.sum())
+
+    def masked_e(self) -> torch.Tensor:
+        return self.lora_E * self.lora_mask.to(self.lora_E.dtype)
+
+
+@registry.architecture("elalora", options=ElaloraOptions,
+                       description="SVD-form s·P·diag(E)·Q at a fixed capacity with active-slot masks (ElaLoRA)")
+class ElaloraLayer(AdapterLayer):
+    peft_type = None  # native format; ``peftkit.export`` writes a per-layer-rank PEFT LoRA
+    saved_suffixes = ("lora_A", "lora_E", "lora_B", "lora_mask")
+
+    def add_adapter(self, name: str, r: int, alpha: float, config: Any) -> None:
+        super().add_adapter(name, r, alpha, config)
+        # s = α/(r_0 + 1e-5) with r_0 the initial rank, whatever the rank becomes (the reference's ranknum).
+        self.scaling[name] = float(alpha) / (r + SCALING_EPS)
+
+    def make_branch(self, name: str, r: int, alpha: float, config: Any) -> nn.Module:
+        options = _arch_options(config)
+        cap = options["capacity"]
+        if cap is None:
+            cap = max(r, min(2 * r, self.in_features, self.out_features))
+        if cap < r:
+            raise ConfigError(f"capacity: {cap} is below the initial rank r = {r} of {self.module_name}; "
+                              "set capacity >= r (or None for 2·r)")
+        branch = ElaloraBranch(self.in_features, self.out_features, r, cap, config.dropout,
+                               adapter_dtype(self.base_layer), self.base_layer.weight.device)
+        branch.orth_weight = float(options["orth_reg_weight"])
+        return branch
+
+    @classmethod
+    def after_inject(cls, layers: dict[str, AdapterLayer], adapter_name: str) -> None:
+        for layer in layers.values():
+            layer.adapters[adapter_name].num_layers = len(layers)
+
+    def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            if name in self.gated_off:
+                continue
+            branch = self.adapters[name]
+            q = branch.lora_A
+            x_a = x if x.dtype == q.dtype else x.to(q.dtype)
+            if branch.dropout is not None:
+                x_a = branch.dropout(x_a)
+            hidden = F.linear(x_a, q) * branch.masked_e()
+            delta = F.linear(hidden, branch.lora_B) * self.scaling[name]
+            result = result + delta.to(result.dtype)
+        return result
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        branch = self.adapters[name]
+        return (branch.lora_B * branch.masked_e()) @ branch.lora_A * self.scaling[name]
+
+    def regularization(self) -> torch.Tensor | None:
+        """γ/(2L) · (‖(QQᵀ − I)[m, m]‖_F + ‖(PᵀP − I)[m, m]‖_F) over the active, gated-on adapters, or None."""
+        total = None
+        for name in self.active_adapters:
+            branch = self.adapters[name]
+            if name in self.gated_off or branch.orth_weight == 0:
+                continue
+            active = branch.lora_mask
+            q = branch.lora_A[active]
+            p = branch.lora_B[:, active]
+            eye = torch.eye(q.shape[0], dtype=q.dtype, device=q.device)
+            term = torch.linalg.matrix_norm(q @ q.t() - eye) + torch.linalg.matrix_norm(p.t() @ p - eye)
+            term = term * (branch.orth_weight / (2 * branch.num_layers))
+            total = term if total is None else total + term
+        return total
+
+    def saved_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        branch = self.adapters[name]
+        return {key: getattr(branch, key).detach() for key in self.saved_suffixes}
+
+    def load_saved_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        branch = self.adapters[name]
+        mask = tensors["lora_mask"].to(torch.bool)
+        if not bool(mask.any()):
+            raise StateError(f"{self.module_name}: the saved ElaLoRA mask has no active slot; the checkpoint is broken")
+        with torch.no_grad():
+            for key in ("lora_A", "lora_E", "lora_B"):
+                getattr(branch, key).copy_(tensors[key])
+            branch.lora_mask.copy_(mask)
+
+    def export_lora(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A = diag(E) Q (r_l, in), B = P (out, r_l), s) over the r_l active slots: ΔW = s·B·A exactly."""
+        branch = self.adapters[name]
+        active = branch.lora_mask
+        a = branch.lora_A.detach()[active] * branch.lora_E.detach()[active, None]
+        return a, branch.lora_B.detach()[:, active].clone(), self.scaling[name]
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={self.adapters[n].rank}/{self.adapters[n].lora_E.numel()}" for n in self.adapters)
+        return f"{self.architecture_name}[{ranks}] on {self.kind} ({self.out_features}x{self.in_features})"
+
+
+# ------------------------------------------------------------------------------------------ the schedule
+@dataclass
+class ElaloraScheduleOptions:
+    # Phases in optimizer steps (t = completed steps − 1): scores only while t <= t_init; no score update and
+    # no change once t >= T − t_final; a reallocation when (t − t_init) % delta_t == 0 in between.
+    t_init: int = 300
+    t_final: int = 400
+    delta_t: int = 50
+    # b_0, the moves per reallocation (decaying as b_0·(1 − p³) with the scheduler), and k, the per-layer cap.
+    budget: int = 4
+    k: int = 2
+    budget_scheduler: bool = True
+    beta1: float = 0.85
+    beta2: float = 0.85
+    # New vectors: "reference" (g − Qᵀ(Qg), the official rule) or "qr" (exactly orthogonal to the active rows).
+    new_vectors: str = "reference"
+
+
+def budget_at(t: int, total_steps: int, options: dict[str, Any]) -> int:
+    """b(t) = round(b_0 · (1 − p³)), p = clip((t − t_init)/(T − t_final − t_init), 0, 1); b_0 without the scheduler."""
+    b0 = int(options["budget"])
+    if not options["budget_scheduler"]:
+        return b0
+    span = total_steps - options["t_final"] - options["t_init"]
+    p = 1.0 if span <= 0 else min(max((t - options["t_init"]) / span, 0.0), 1.0)
+    return int(round(b0 * (1.0 - p ** 3)))
+
+
+def _schedule_options(config: Any) -> dict[str, Any]:
+    options = {**ElaloraScheduleOptions().__dict__, **config.axis_options("schedule")}
+    for key in ("t_init", "t_final", "budget", "k"):
+        value = options[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{key}: expected an integer >= 0 (ElaLoRA schedule), got {value!r}")
+    if isinstance(options["delta_t"], bool) or not isinstance(options["delta_t"], int) or options["delta_t"] <= 0:
+        raise ConfigError(f"delta_t: expected a positive number of steps between reallocations, got {options['delta_t']!r}")
+    for key in ("beta1", "beta2"):
+        if not isinstance(options[key], (int, float)) or not 0 <= options[key] < 1:
+            raise ConfigError(f"{key}: expected an EMA factor in [0, 1), got {options[key]!r}")
+    if options["new_vectors"] not in ("reference", "qr"):
+        raise ConfigError(f"new_vectors: expected 'reference' or 'qr', got {options['new_vectors']!r}")
+    return options
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A CPU generator seeded by (seed, step): the same stream on every process, the global RNG untouched."""
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(step)) % (2 ** 63))
+
+
+def _unit_orthogonal(rows: torch.Tensor, g: torch.Tensor, method: str) -> torch.Tensor:
+    """normalize(g − proj(g)) with proj onto the span of ``rows`` (k, n); fp64 in, fp64 out."""
+    if rows.shape[0]:
+        if method == "qr":
+            basis, _ = torch.linalg.qr(rows.t())
+            for _ in range(2):  # twice: orthogonal to working precision
+                g = g - basis @ (basis.t() @ g)
+        else:
+            g = g - rows.t() @ (rows @ g)
+    return g / g.norm()
+
+
+class ElaloraSchedule(Schedule):
+    """AdaLoRA's importance EMAs, prune/expand at constant total rank, optimizer state of untouched slots kept.
+
+    ``on_step(step, T)`` runs after ``optimizer.step()`` and the LR-scheduler step, before ``zero_grad``, and reads
+    the (all-reduced, unscaled) gradients. It changes parameters in place and zeroes the optimizer moments of
+    the slots it prunes or grows, so it needs the optimizer: ``peftkit.callbacks(model, optimizer=opt)``,
+    ``attach_optimizer(opt)`` or the Trainer's callback arguments. Every decision is a function of the
+    gradients, the parameters, (seed, step) and this object's state: identical on every process.
+    """
+
+    def __init__(self, model: nn.Module, config: Any) -> None:
+        super().__init__(model, config)
+        self.options = _schedule_options(config)
+        state = state_of(model)
+        self.adapter_name = next(n for n, c in state.configs.items() if c is config)
+        self.layers = [(name, layer) for name, layer in adapter_layers(model).items()
+                       if self.adapter_name in layer.adapters]
+        # Per layer and tensor ("lora_A", "lora_E", "lora_B"): the sensitivity EMA Ī and the uncertainty EMA Ū.
+        self.ema: dict[str, dict[str, torch.Tensor]] = {}
+        for name, layer in self.layers:
+            branch = layer.adapters[self.adapter_name]
+            for key in ("lora_A", "lora_E", "lora_B"):
+                param = getattr(branch, key)
+                self.ema[f"{name}.{key}.ipt"] = torch.zeros_like(param, requires_grad=False)
+                self.ema[f"{name}.{key}.unc"] = torch.zeros_like(param, requires_grad=False)
+        self.step = 0
+        self.history: list[dict[str, Any]] = []  # one record per reallocation (step, pruned, grown)
+
+    def branch(self, layer: AdapterLayer) -> ElaloraBranch:
+        return layer.adapters[self.adapter_name]
+
+    # ---------------------------------------------------------------- scores
+    def update_scores(self) -> None:
+        """One EMA update from the current gradients: I = |w·g|, Ī ← β1Ī + (1−β1)I, Ū ← β2Ū + (1−β2)|I − Ī|.
+        Layers whose adapter got no gradient this step (gated off by a schedule) are skipped; inactive slots
+        keep 0."""
+        beta1, beta2 = self.options["beta1"], self.options["beta2"]
+        with torch.no_grad():
+            for name, layer in self.layers:
+                branch = self.branch(layer)
+                params = {key: getattr(branch, key) for key in ("lora_A", "lora_E", "lora_B")}
+                if any(p.grad is None for p in params.values()):
+                    continue
+                mask = branch.lora_mask
+                for key, param in params.items():
+                    ipt_avg, unc = self.ema[f"{name}.{key}.ipt"], self.ema[f"{name}.{key}.unc"]
+                    ipt = (param * param.grad).abs()
+                    ipt_avg.mul_(beta1).add_(ipt, alpha=1 - beta1)
+                    unc.mul_(beta2).add_((ipt - ipt_avg).abs(), alpha=1 - beta2)
+                    slot_off = _slot_view(~mask, key, param.shape)
+                    ipt_avg.masked_fill_(slot_off, 0.0)
+                    unc.masked_fill_(slot_off, 0.0)
+
+    def triplet_scores(self, name: str) -> torch.Tensor:
+        """S_i = S(E_i) + mean_j S(Q_ij) + mean_j S(P_ji), S = Ī·Ū; (r_max,) in the adapter dtype."""
+        score = {key: self.ema[f"{name}.{key}.ipt"] * self.ema[f"{name}.{key}.unc"] for key in ("lora_A", "lora_E", "lora_B")}
+        return score["lora_E"] + score["lora_A"].mean(dim=1) + score["lora_B"].mean(dim=0)
+
+    # ---------------------------------------------------------------- the step
+    def on_step(self, step: int, total_steps: int) -> None:
+        self.step = step
+        t = step - 1
+        if t >= total_steps - self.options["t_final"]:
+            return  # stabilisation: no score update, no change
+        self.update_scores()
+        t_init = self.options["t_init"]
+        if t > t_init and (t - t_init) % self.options["delta_t"] == 0:
+            budget = budget_at(t, total_steps, self.options)
+            if budget > 0:
+                self.reallocate(budget, step)
+
+    def plan(self, budget: int) -> tuple[list[tuple[int, int]], list[int]]:
+        """(prune list [(layer index, slot)], expand list [layer index, one entry per appearance, best first]).
+
+        Candidates: each layer's k_l = min(k, r_l − 1) lowest-scored active slots. Prune: the b lowest pooled
+        candidates; expand: the pooled candidates' layers from the highest score down (the caller skips
+        layers at capacity). b is clamped to the pool size; ties are broken by (score, layer, slot)."""
+        pool = []
+        for li, (name, layer) in enumerate(self.layers):
+            branch = self.branch(layer)
+            active = torch.nonzero(branch.lora_mask).flatten().tolist()
+            k_l = min(self.options["k"], len(active) - 1)
+            if k_l <= 0:
+                continue
+            scores = self.triplet_scores(name).tolist()
+            ranked = sorted(active, key=lambda i: (scores[i], i))[:k_l]
+            pool.extend((scores[i], li, i) for i in ranked)
+        pool.sort()
+        budget = min(budget, len(pool))
+        prune = [(li, i) for _, li, i in pool[:budget]]
+        expand = [li for _, li, _ in sorted(pool, key=lambda c: (-c[0], c[1], c[2]))]
+        return prune, expand
+
+    def reallocate(self, budget: int, step: int) -> dict[str, Any]:
+        """Prune b triplets, then grow b (decided before pruning). Returns the record also kept in ``history``."""
+        if self.optimizer is None:
+            raise StateError(
+                "ElaLoRA schedule: a reallocation must reset the optimizer moments of the changed slots, but no "
+                "optimizer is attached; build it with peftkit.callbacks(model, optimizer=opt) or call "
+                "schedule.attach_optimizer(opt) before training"
+            )
+        prune, expand = self.plan(budget)
+        gen = step_generator(self.config.seed, step)
+        record = {"step": step, "pruned": [], "grown": []}
+        with torch.no_grad():
+            for li, slot in prune:
+                name, layer = self.layers[li]
+                branch = self.branch(layer)
+                branch.lora_mask[slot] = False
+                branch.lora_E[slot] = 0.0
+                self._reset_slot(name, branch, slot)
+                record["pruned"].append((name, slot))
+            grown = 0
+            for li in expand:
+                if grown == len(prune):
+                    break
+                name, layer = self.layers[li]
+                branch = self.branch(layer)
+                free = torch.nonzero(~branch.lora_mask).flatten()
+                if free.numel() == 0:
+                    continue  # at capacity: the next candidate of the expand list takes the move
+                slot = int(free[0])
+                self._grow(branch, slot, gen)
+                self._reset_slot(name, branch, slot)
+                record["grown"].append((name, slot))
+                grown += 1
+        self.history.append(record)
+        return record
+
+    def _grow(self, branch: ElaloraBranch, slot: int, gen: torch.Generator) -> None:
+        """q = normalize(g − Qᵀ(Qg)), p = normalize(g' − P(Pᵀg')) over the active slots, e = min(min|E|, 1e-13)."""
+        method = self.options["new_vectors"]
+        active = branch.lora_mask
+        q_rows = branch.lora_A[active].double()
+        p_cols = branch.lora_B[:, active].double()
+        g = torch.randn(branch.lora_A.shape[1], generator=gen, dtype=torch.float64)
+        g_out = torch.randn(branch.lora_B.shape[0], generator=gen, dtype=torch.float64)
+        q_new = _unit_orthogonal(q_rows, g, method)
+        p_new = _unit_orthogonal(p_cols.t(), g_out, method)
+        e_active = branch.lora_E[active].abs()
+        e_new = min(float(e_active.min()) if e_active.numel() else NEW_E_CAP, NEW_E_CAP)
+        branch.lora_A[slot] = q_new.to(branch.lora_A.dtype)
+        branch.lora_B[:, slot] = p_new.to(branch.lora_B.dtype)
+        branch.lora_E[slot] = e_new
+        branch.lora_mask[slot] = True
+
+    def _reset_slot(self, name: str, branch: ElaloraBranch, slot: int) -> None:
+        """Zero the score EMAs and every optimizer-state tensor shaped like the parameter, at this slot only."""
+        for key in ("lora_A", "lora_E", "lora_B"):
+            param = getattr(branch, key)
+            index = _slot_index(key, slot)
+            for suffix in ("ipt", "unc"):
+                self.ema[f"{name}.{key}.{suffix}"][index] = 0.0
+            for value in self.optimizer.state.get(param, {}).values():
+                if torch.is_tensor(value) and value.shape == param.shape:
+                    value[index] = 0
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "ema": {k: v.clone() for k, v in self.ema.items()},
+                "history": [dict(r) for r in self.history]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = sorted(set(self.ema) - set(state.get("ema", {})))
+        if missing:
+            raise StateError(f"ElaLoRA schedule state: no score EMAs for {missing[:3]}; the checkpoint belongs to "
+                             "another model or adapter")
+        for key, value in state["ema"].items():
+            if key in self.ema:
+                self.ema[key].copy_(value)
+        self.step = int(state.get("step", 0))
+        self.history = [dict(r) for r in state.get("history", [])]
+
+    def ranks(self) -> dict[str, int]:
+        """Module name -> current active rank."""
+        return {name: self.branch(layer).rank for name, layer in self.layers}
+
+
+def _slot_index(key: str, slot: int):
+    return (slice(None), slot) if key == "lora_B" else slot
+
+
+def _slot_view(off: torch.Tensor, key: str, shape: torch.Size) -> torch.Tensor:
+    """The (r_max,) slot mask broadcast to a tensor of ``shape`` (Q rows, E entries, P columns)."""
+    if key == "lora_A":
+        return off[:, None].expand(shape)
+    if key == "lora_B":
+        return off[None, :].expand(shape)
+    return off
+
+
+@registry.schedule("elalora", options=ElaloraScheduleOptions, architectures=("elalora",),
+                   description="ElaLoRA prune/expand at constant total rank (cubic budget)")
+def build_elalora_schedule(model: nn.Module, config: Any) -> ElaloraSchedule:
+    return ElaloraSchedule(model, config)
+
+
+registry.register_method(
+    "elalora", architecture="elalora", schedule="elalora", defaults={"r": 10, "alpha": 16},
+    description="ElaLoRA (Chang et al. 2025): SVD-form adapter, ranks pruned and grown at constant total rank",
+)
