@@ -24,11 +24,12 @@ from .api import (
     wrap,
 )
 from .errors import CheckpointError, ConfigError, PeftkitError, StateError
+from .regularization import regularization_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig", "CheckpointError", "ConfigError", "PeftkitError", "StateError", "callbacks", "disabled",
     "export", "load", "merge", "methods", "optimizer", "save", "set_adapter", "trainable_parameters", "unmerge",
-    "unwrap", "wrap",
+    "unwrap", "wrap", "regularization_loss",
 ]

@@ -13,9 +13,14 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint, registry
+# Load the submodule peftkit.callbacks now, while peftkit/__init__ is still importing this module: a first
+# import later (registry.discover) would rebind the package attribute ``peftkit.callbacks`` from the public
+# function to the submodule.
+from . import callbacks as _schedules  # noqa: F401
 from .config import AdapterConfig, resolve_config
 from .errors import ConfigError, StateError
-from .inject import adapter_layers, inject, remove, saved_modules, set_active, set_enabled, state_of
+from .inject import (adapter_layers, drop_adapter, inject, parameter_flags, remove, restore_parameter_flags,
+                     set_active, set_enabled, state_of)
 from .optim import check_lr
 
 
@@ -31,6 +36,12 @@ def wrap(model: nn.Module, method_or_config: str | AdapterConfig = "lora", *, da
     if not isinstance(model, nn.Module):
         raise ConfigError(f"wrap: expected a torch.nn.Module (a Hugging Face model), got {type(model).__name__}")
     config = resolve_config(method_or_config, **options)
+    if config.modules_to_save is None and "modules_to_save" not in options:
+        # A classification model's head is new and random: it must train in full (PEFT does this for
+        # task_type SEQ_CLS). Pass modules_to_save=[] to keep it frozen.
+        heads = classification_heads(model)
+        if heads:
+            config.modules_to_save = heads
     init = registry.get_component("init", config.init)
     if init.needs_data and data is None:
         raise ConfigError(
@@ -41,30 +52,27 @@ def wrap(model: nn.Module, method_or_config: str | AdapterConfig = "lora", *, da
         warnings.warn(f"wrap: the '{config.init}' initialisation uses no data; the data argument is ignored", stacklevel=2)
     torch_state = torch.random.get_rng_state()
     torch.manual_seed(config.seed)  # adapters are reproducible and identical on every process by construction
+    flags = parameter_flags(model)
     try:
         layers = inject(model, config, adapter_name)
         try:
             init.obj(model, layers, config, data)
         except BaseException:
-            _drop_adapter(model, adapter_name)
+            drop_adapter(model, adapter_name)
+            restore_parameter_flags(flags)
             raise
     finally:
         torch.random.set_rng_state(torch_state)
     return model
 
 
-def _drop_adapter(model: nn.Module, adapter_name: str) -> None:
-    state = state_of(model)
-    if list(state.configs) == [adapter_name]:
-        remove(model, merge=False)
-        return
-    for layer in adapter_layers(model).values():
-        if adapter_name in layer.adapters:
-            layer.delete_adapter(adapter_name)
-    for wrapper in saved_modules(model).values():
-        if adapter_name in wrapper.modules_to_save:
-            wrapper.delete_adapter(adapter_name)
-    state.configs.pop(adapter_name)
+def classification_heads(model: nn.Module) -> list[str]:
+    """The head of a ``*ForSequenceClassification`` / ``*ForTokenClassification`` model (``score`` or ``classifier``)."""
+    if not type(model).__name__.endswith(("ForSequenceClassification", "ForTokenClassification")):
+        return []
+    from .config import CLASSIFIER_HEAD_NAMES
+
+    return [name for name in CLASSIFIER_HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)][:1]
 
 
 def _active_config(model: nn.Module) -> AdapterConfig:
@@ -101,10 +109,17 @@ def optimizer(model: nn.Module, lr: float, **options: Any) -> torch.optim.Optimi
     return component.obj(model, lr, config, **options)
 
 
-def callbacks(model: nn.Module):
-    """The method's schedule: ``on_step(step, total_steps)``; also a transformers ``TrainerCallback``."""
+def callbacks(model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
+    """The method's schedule: ``on_step(step, total_steps)``; also a transformers ``TrainerCallback``.
+
+    Pass the training ``optimizer`` (or call ``attach_optimizer`` later) for schedules that edit its state
+    (ElaLoRA resets the moments of the slots it prunes or grows); the Trainer passes it by itself.
+    """
     config = _active_config(model)
-    return registry.get_component("schedule", config.schedule).obj(model, config)
+    schedule = registry.get_component("schedule", config.schedule).obj(model, config)
+    if optimizer is not None:
+        schedule.attach_optimizer(optimizer)
+    return schedule
 
 
 def save(model: nn.Module, directory: str | os.PathLike, adapter_names: list[str] | None = None) -> None:
@@ -130,6 +145,9 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
     state_of(model)
     if any(layer.merged_adapters for layer in layers.values()):
         raise StateError("merge: the adapters are already merged; call peftkit.unmerge(model) first")
+    if safe:
+        for layer in layers.values():
+            layer.check_merge()
     done = []
     try:
         for layer in layers.values():

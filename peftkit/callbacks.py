@@ -26,6 +26,14 @@ class Schedule(TrainerCallback):
     def __init__(self, model: nn.Module, config: Any) -> None:
         self.model = model
         self.config = config
+        # Schedules that edit optimizer state (ElaLoRA resets the moments of the slots it changes) need the
+        # optimizer: ``peftkit.callbacks(model, optimizer=opt)``, ``attach_optimizer(opt)``, or, under the
+        # Trainer, the ``optimizer`` its callback hooks pass.
+        self.optimizer: Any = None
+
+    def attach_optimizer(self, optimizer: Any) -> None:
+        """Give the schedule the training optimizer (a torch optimizer or one wrapping it, e.g. Accelerate's)."""
+        self.optimizer = optimizer
 
     # ---- the loop-independent API
     def on_train_begin_(self, total_steps: int) -> None:
@@ -45,9 +53,13 @@ class Schedule(TrainerCallback):
 
     # ---- transformers.TrainerCallback hooks
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: D401 - Trainer API
+        if kwargs.get("optimizer") is not None:
+            self.attach_optimizer(kwargs["optimizer"])
         self.on_train_begin_(state.max_steps)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
+        if kwargs.get("optimizer") is not None and self.optimizer is None:
+            self.attach_optimizer(kwargs["optimizer"])
         # The Trainer calls this after optimizer.step() and before zero_grad; global_step is the number of
         # steps completed before this one.
         self.on_step(state.global_step + 1, state.max_steps)

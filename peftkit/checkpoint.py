@@ -24,9 +24,10 @@ import torch
 import torch.nn as nn
 
 from . import registry
-from .config import AdapterConfig, resolve_config
+from .config import AdapterConfig, _name_matches, resolve_config
 from .errors import CheckpointError, ConfigError
-from .inject import adapter_layers, inject, remove, saved_modules, set_active, state_of
+from .inject import (adapter_layers, drop_adapter, inject, parameter_flags, remove, restore_parameter_flags,
+                     saved_modules, state_of)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -35,8 +36,11 @@ VERSION = "0.1.0"
 
 
 # ------------------------------------------------------------------------------------------ atomic IO
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+def stage_bytes(path: str | os.PathLike, data: bytes) -> str:
+    """Write ``data`` to a fsynced temporary file in ``path``'s folder; returns the temporary file's path.
+
+    Renaming it over ``path`` (``os.replace``) is then the atomic step; the caller removes it on failure.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -45,6 +49,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return tmp
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    tmp = stage_bytes(path, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -52,8 +66,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode()
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+    atomic_write_bytes(path, json_bytes(obj))
 
 
 def _json_default(value: Any):
@@ -66,11 +84,16 @@ def _json_default(value: Any):
 
 def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
     """Save safetensors atomically; returns the file's sha256."""
-    from safetensors.torch import save
-
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    data = serialize_tensors(tensors, metadata)
     atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
+
+
+def serialize_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The safetensors bytes of ``tensors`` (moved to CPU, contiguous)."""
+    from safetensors.torch import save
+
+    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
 
 
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -79,6 +102,11 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     path = Path(path)
     if not path.is_file():
+        if (path.parent / "adapter_model.bin").is_file():
+            raise CheckpointError(
+                f"{path}: file not found, only adapter_model.bin (a pickle, which peftkit never loads); convert it "
+                "with PEFT (load it, then save_pretrained(dir, safe_serialization=True))"
+            )
         raise CheckpointError(f"{path}: file not found; expected the adapter weights ({WEIGHTS_NAME}) here")
     try:
         return load(path.read_bytes())
@@ -151,13 +179,17 @@ def adapter_state(model: nn.Module, adapter_name: str, *, export: bool = False) 
     per_layer: dict[str, tuple[int, float]] = {}
     peft_types = set()
     conv1d = False
+    # export_lora may return a 4th item, a bias change (out,) or None; PEFT stores it as lora_B.bias
+    # (lora_bias=True, scaled by s like the rest of lora_B's output) and then needs it on every layer.
+    lora_biases: dict[str, torch.Tensor | None] = {}
     for name, layer in layers.items():
         if export and getattr(layer, "peft_type", None) is None:
-            a, b, scale = layer.export_lora(adapter_name)
+            a, b, scale, *bias_change = layer.export_lora(adapter_name)
             r = a.shape[0]
             alpha = scale * (r ** 0.5 if config.rslora else r)
             tensors[f"{PREFIX}{name}.lora_A.weight"] = a
             tensors[f"{PREFIX}{name}.lora_B.weight"] = b
+            lora_biases[name] = bias_change[0] / scale if bias_change and bias_change[0] is not None else None
             per_layer[name] = (r, alpha)
             peft_types.add("LORA")
         else:
@@ -166,6 +198,11 @@ def adapter_state(model: nn.Module, adapter_name: str, *, export: bool = False) 
             per_layer[name] = layer.saved_rank_alpha(adapter_name)
             peft_types.add(getattr(layer, "peft_type", None) or "PEFTKIT")
         conv1d = conv1d or layer.kind == "conv1d"
+    lora_bias = any(bias is not None for bias in lora_biases.values())
+    if lora_bias:
+        for name, bias in lora_biases.items():
+            b = tensors[f"{PREFIX}{name}.lora_B.weight"]
+            tensors[f"{PREFIX}{name}.lora_B.bias"] = bias if bias is not None else b.new_zeros(b.shape[0])
     saved_heads = []
     for name, wrapper in saved_modules(model).items():
         if adapter_name in wrapper.modules_to_save:
@@ -184,8 +221,13 @@ def adapter_state(model: nn.Module, adapter_name: str, *, export: bool = False) 
     saved_config.update(init="default", rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, r=r, alpha=alpha)
     saved_config["options"] = {k: v for k, v in config.options.items() if k != "init"}
     if export:
-        saved_config.update(architecture="lora", optimizer="adamw", schedule="none")
-        saved_config["options"] = {}
+        # An export is for inference elsewhere: no optimizer or schedule. Layers exported as LoRA are a LoRA;
+        # layers with a PEFT format of their own (HRA) keep their architecture and its options.
+        saved_config.update(optimizer="adamw", schedule="none")
+        saved_config["options"] = {k: v for k, v in saved_config["options"].items() if k == "architecture"}
+        if peft_type == "LORA":
+            saved_config["architecture"] = "lora"
+            saved_config["options"] = {}
     saved_config["targets"] = sorted(layers)
     saved_config["modules_to_save"] = saved_heads or None
     peft = {
@@ -199,7 +241,7 @@ def adapter_state(model: nn.Module, adapter_name: str, *, export: bool = False) 
         "lora_dropout": float(config.dropout),
         "fan_in_fan_out": conv1d,
         "bias": "none",
-        "lora_bias": False,
+        "lora_bias": lora_bias,
         "use_dora": False,
         "modules_to_save": saved_heads or None,
         "init_lora_weights": True,
@@ -229,12 +271,24 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter_names: list[str
     names = adapter_names or list(state.configs)
     written = []
     staged = [(name, *adapter_state(model, name, export=export)) for name in names]
-    for name, tensors, peft in staged:
-        folder = Path(directory) if name == "default" else Path(directory) / name
-        digest = atomic_save_tensors(folder / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
-        peft["peftkit"]["weights_sha256"] = digest
-        atomic_write_json(folder / CONFIG_NAME, peft)
-        written.append(folder)
+    files: list[tuple[str, Path]] = []  # (temporary file, final path)
+    try:
+        for name, tensors, peft in staged:
+            folder = Path(directory) if name == "default" else Path(directory) / name
+            data = serialize_tensors(tensors, metadata={"format": "pt"})
+            peft["peftkit"]["weights_sha256"] = hashlib.sha256(data).hexdigest()
+            files.append((stage_bytes(folder / WEIGHTS_NAME, data), folder / WEIGHTS_NAME))
+            files.append((stage_bytes(folder / CONFIG_NAME, json_bytes(peft)), folder / CONFIG_NAME))
+            written.append(folder)
+        # Every file is complete on disk before the first rename, so a failure up to here leaves the previous
+        # checkpoint as it was. The renames follow back to back; a crash between two of them leaves a config
+        # whose recorded sha256 does not match the weights beside it, which load refuses.
+        for tmp, path in files:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in files:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return written
 
 
@@ -285,9 +339,14 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
          trainable: bool = False) -> nn.Module:
     """Inject the adapter saved in ``directory`` into ``model`` and fill it (peftkit or PEFT checkpoints).
 
-    On any error the model is left as it was.
+    A non-default ``adapter_name`` is read from ``directory/<adapter_name>/`` when that folder exists (where
+    ``save`` and PEFT's ``save_pretrained`` put it). On any error the model is left as it was.
     """
     directory = Path(directory)
+    if adapter_name != "default" and (directory / adapter_name / CONFIG_NAME).is_file():
+        # A non-default adapter lives in dir/<name>/ (save's layout and PEFT's save_pretrained's); dir/ itself
+        # may hold the adapter "default" of the same save.
+        directory = directory / adapter_name
     data = read_config(directory)
     peft_type = data.get("peft_type")
     section = data.get("peftkit") if isinstance(data.get("peftkit"), dict) else None
@@ -310,16 +369,22 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
     expected = section.get("weights_sha256") if section else None
     if expected and sha256_file(directory / WEIGHTS_NAME) != expected:
         raise CheckpointError(
-            f"{directory}: {WEIGHTS_NAME} does not belong to this {CONFIG_NAME} (its sha256 differs from the one "
-            "recorded at save time); the folder mixes two saves - save the adapter again"
+            f"{directory}: {WEIGHTS_NAME} is not the file saved with this {CONFIG_NAME} (its sha256 differs from the "
+            "one recorded at save time): it was corrupted, or the folder mixes two saves - save the adapter again"
         )
-    layer_cls = registry.get_component("architecture", arch_name).obj
+    try:
+        layer_cls = registry.get_component("architecture", arch_name).obj
+    except ConfigError as exc:
+        raise CheckpointError(
+            f"{directory / CONFIG_NAME}: the adapter was saved by a peftkit method whose architecture is not "
+            f"registered here ({exc}); install the package that provides it"
+        ) from None
     heads = list(data.get("modules_to_save") or [])
     per_module, head_tensors, unknown = _split_keys(tensors, layer_cls.saved_suffixes, heads)
     if unknown:
         raise CheckpointError(
             f"{directory / WEIGHTS_NAME}: keys peftkit does not know for a '{arch_name}' adapter: {unknown[:4]}"
-            f"{' ...' if len(unknown) > 4 else ''} (embedding/conv LoRA, DoRA and trainable biases are not read)"
+            f"{' ...' if len(unknown) > 4 else ''} (DoRA and trainable biases are not read)"
         )
     modules = dict(model.named_modules())
     missing = [n for n in per_module if n not in modules and n.replace("base_layer.", "") not in modules]
@@ -328,15 +393,24 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
             f"{directory}: the adapter targets modules this model does not have: {missing[:4]}; load it into the "
             f"base model it was trained on ({data.get('base_model_name_or_path')})"
         )
-    config = _config_from_peft(data, list(per_module))
-    if peft_type == "LORA" and section is None:
-        # PEFT itself does not check ranks against layer sizes; reading its checkpoints must still work.
-        object.__setattr__(config, "_allow_large_rank", True)
+    try:
+        config = _config_from_peft(data, list(per_module))
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{directory / CONFIG_NAME}: unreadable adapter config ({exc})") from None
+    if config.modules_to_save:
+        # Only the heads saved in the file (PEFT lists every head name of the task, e.g. classifier and score).
+        config.modules_to_save = [h for h in config.modules_to_save
+                                  if any(_name_matches(m, h) for m in head_tensors)] or None
+    # The rank limit guards wrap's options. Saved ranks may exceed min(in, out) legitimately: PEFT does not check
+    # them (and peftkit re-saves what it loaded), and an offset init saves the exact rank-2r form. The tensors'
+    # shapes are checked against the layers below.
+    object.__setattr__(config, "_allow_large_rank", True)
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         _warn_unmatched_patterns(config, list(per_module))
         config_for_inject = _strip_patterns(config, list(per_module))
     had_state = state_of(model, required=False) is not None
+    flags = parameter_flags(model)
     try:
         touched = inject(model, config_for_inject, adapter_name)
     except ConfigError as exc:
@@ -369,28 +443,21 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
                 except RuntimeError as exc:
                     raise CheckpointError(f"{directory}: the saved head '{name}' does not fit: {exc}") from None
     except BaseException:
-        if had_state:
-            for layer in touched.values():
-                if adapter_name in layer.adapters:
-                    layer.delete_adapter(adapter_name)
-            for wrapper in saved_modules(model).values():
-                if adapter_name in wrapper.modules_to_save:
-                    wrapper.delete_adapter(adapter_name)
-            state_of(model).configs.pop(adapter_name, None)
-        else:
-            remove(model, merge=False)
+        drop_adapter(model, adapter_name)
+        restore_parameter_flags(flags)
         raise
     state = state_of(model)
-    if not trainable:
-        for layer in touched.values():
-            for p in layer.adapters[adapter_name].parameters():
-                p.requires_grad_(False)
-        for wrapper in saved_modules(model).values():
-            if adapter_name in wrapper.modules_to_save:
-                for p in wrapper.modules_to_save[adapter_name].parameters():
-                    p.requires_grad_(False)
-    elif adapter_name in state.active:
-        set_active(model, state.active)
+    if had_state:
+        # Loading one more adapter leaves the flags of everything already there as they were.
+        restore_parameter_flags(flags)
+    train_new = trainable and adapter_name in state.active
+    for layer in touched.values():
+        for p in layer.adapters[adapter_name].parameters():
+            p.requires_grad_(train_new)
+    for wrapper in saved_modules(model).values():
+        if adapter_name in wrapper.modules_to_save:
+            for p in wrapper.modules_to_save[adapter_name].parameters():
+                p.requires_grad_(train_new)
     return model
 
 
@@ -462,8 +529,10 @@ def export(model_or_dir: nn.Module | str | os.PathLike, directory: str | os.Path
             f"export: the '{arch}' adapter in {source} needs its base model's weights to become a LoRA; pass "
             "base_model=<the base model> (CLI: --base MODEL)"
         )
+    flags = parameter_flags(base_model)
     load(base_model, source)
     try:
         return save(base_model, directory, adapter_names=["default"], export=True)[0]
     finally:
         remove(base_model, merge=False)
+        restore_parameter_flags(flags)  # the caller's model comes back as it was

@@ -185,6 +185,9 @@ def validate(config: AdapterConfig, comps: dict[str, registry.Component] | None 
                 raise ConfigError(f"{name}: key '{key}' is not a valid regex ({exc})") from None
     if not isinstance(config.targets, (str, list, tuple)) or (not isinstance(config.targets, str) and not config.targets):
         raise ConfigError(f"targets: expected 'all-linear', a regex string or a non-empty list of module names, got {config.targets!r}")
+    heads = config.modules_to_save
+    if heads is not None and (not isinstance(heads, (list, tuple)) or not all(isinstance(h, str) for h in heads)):
+        raise ConfigError(f"modules_to_save: expected a list of module names such as ['classifier'], got {heads!r}")
     arch = config.architecture
     for axis in ("init", "optimizer", "schedule"):
         allowed = comps[axis].architectures
@@ -226,6 +229,12 @@ def select_targets(model: nn.Module, config: AdapterConfig, supported: tuple[typ
     skip = set()
     for keep in config.modules_to_save or []:
         skip |= {n for n in names if _name_matches(n, keep) or any(n.startswith(m + ".") for m in names if _name_matches(m, keep))}
+    unmatched_heads = [e for e in config.modules_to_save or [] if not any(_name_matches(n, e) for n in names)]
+    if unmatched_heads:
+        raise ConfigError(
+            f"modules_to_save: {unmatched_heads} match no module of {type(model).__name__}. Close module names: "
+            f"{_close_names(unmatched_heads[0], names)}. Fix or remove the unmatched entries."
+        )
     targets = _as_list(config.targets)
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         excluded = set()
@@ -236,7 +245,10 @@ def select_targets(model: nn.Module, config: AdapterConfig, supported: tuple[typ
         for head in CLASSIFIER_HEAD_NAMES:
             if isinstance(getattr(model, head, None), nn.Module):
                 excluded |= {n for n in names if n == head or n.startswith(head + ".")}
-        chosen = [n for n in names if isinstance(modules[n], supported) and n not in excluded]
+        from .layer import linear_types  # "all-linear" means linear layers even for architectures that wrap more
+
+        chosen = [n for n in names if isinstance(modules[n], supported) and isinstance(modules[n], linear_types())
+                  and n not in excluded]
     elif isinstance(targets, str):
         try:
             re.compile(targets)

@@ -78,7 +78,8 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
             layer = existing.get(name)
             if layer is None:
                 base = model.get_submodule(name)
-                layer = layer_cls(base, name)
+                layer = layer_cls.for_base(base)(base, name)
+                layer.train(base.training)  # a new module takes the train/eval mode of the one it replaces
                 _set_child(model, name, layer)
                 created.append((name, base))
             elif not isinstance(layer, layer_cls):
@@ -89,6 +90,7 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
             r, alpha = config.rank_alpha(name)
             layer.add_adapter(adapter_name, r, alpha, config)
             touched[name] = layer
+        layer_cls.after_inject(touched, adapter_name)
         for keep in config.modules_to_save or []:
             for name, module in list(model.named_modules()):
                 if name and _name_matches(name, keep) and not isinstance(module, (AdapterLayer,)):
@@ -97,6 +99,7 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
                         if any(isinstance(p, ModulesToSave) for p in _parents(model, name)):
                             continue
                         wrapper = ModulesToSave(module, name)
+                        wrapper.train(module.training)
                         _set_child(model, name, wrapper)
                         created.append((name, module))
                     wrapper.add_adapter(adapter_name)
@@ -188,3 +191,34 @@ def remove(model: nn.Module, merge: bool) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def parameter_flags(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
+    """Every parameter with its ``requires_grad`` flag, to put back with ``restore_parameter_flags``."""
+    return [(param, param.requires_grad) for param in model.parameters()]
+
+
+def restore_parameter_flags(flags: list[tuple[nn.Parameter, bool]]) -> None:
+    for param, flag in flags:
+        param.requires_grad_(flag)
+
+
+def drop_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove one (unmerged) adapter everywhere. Layers and heads left without any adapter become their base
+    module again, and a model whose last adapter this was forgets peftkit (used to undo a failed wrap/load)."""
+    state = state_of(model)
+    for name, layer in adapter_layers(model).items():
+        if adapter_name in layer.adapters:
+            layer.delete_adapter(adapter_name)
+            if not len(layer.adapters):
+                _set_child(model, name, layer.base_layer)
+    for name, wrapper in saved_modules(model).items():
+        if adapter_name in wrapper.modules_to_save:
+            wrapper.delete_adapter(adapter_name)
+            if not len(wrapper.modules_to_save):
+                _set_child(model, name, wrapper.original_module)
+    state.configs.pop(adapter_name, None)
+    if adapter_name in state.active:
+        state.active.remove(adapter_name)
+    if not state.configs:
+        del model.__dict__[STATE_ATTR]

@@ -12,7 +12,15 @@ An architecture subclasses it and provides:
 - ``delta_weight(name) -> Tensor (out, in)`` for additive adapters, or override ``merge_weights`` /
   ``unmerge_weights`` for others (e.g. a multiplicative W·Q);
 - optionally ``saved_tensors`` / ``load_saved_tensors`` / ``saved_rank_alpha`` when the on-disk form
-  differs from the branch's state dict, and ``factor_pairs`` when the adapter is LoRA-shaped (ΔW = s·B·A).
+  differs from the branch's state dict, and ``factor_pairs`` when the adapter is LoRA-shaped (ΔW = s·B·A);
+- optionally, for bases other than linear ones (embeddings, convolutions): ``supported_types`` on the registered
+  class, ``for_base(module)`` picking the class to build per base module, and ``describe_base`` /
+  ``base_weight`` / ``write_base_weight`` exchanging the base weight as an (out, in) matrix; ``tensor_roles()``
+  gives optimizer roles to adapter tensors that are not ``factor_pairs`` (optim.parameter_roles);
+- optionally ``regularization()``: a weighted loss term (0-dim tensor) or None, summed over layers by
+  ``peftkit.regularization_loss(model)`` (HRA's orthogonality term, ElaLoRA's);
+- for a native format (``peft_type = None``): ``export_lora(name) -> (A (r', in), B (out, r'), s[, bias (out,)
+  or None])`` with ΔW = s·B·A, which ``peftkit.export`` writes as a PEFT LoRA (the bias as ``lora_B.bias``).
 
 Weights are always exchanged in the (out, in) convention; Conv1D's stored (in, out) is handled here.
 """
@@ -85,8 +93,7 @@ class AdapterLayer(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.module_name = module_name
-        self.kind = base_kind(base_layer)
-        self.out_features, self.in_features = base_shape(base_layer)
+        self.kind, (self.out_features, self.in_features) = self.describe_base(base_layer)
         self.adapters = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
@@ -99,6 +106,23 @@ class AdapterLayer(nn.Module):
         self.scaling: dict[str, float] = {}
 
     # --------------------------------------------------------------- subclass API
+    @classmethod
+    def for_base(cls, base_layer: nn.Module) -> type["AdapterLayer"]:
+        """The class to build for ``base_layer``: an architecture registers one class and may hand other base
+        types (embeddings, convolutions) to subclasses that declare them in ``supported_types``."""
+        return cls
+
+    @classmethod
+    def describe_base(cls, base_layer: nn.Module) -> tuple[str, tuple[int, int]]:
+        """(kind, (out, in)) of the base, where (out, in) is the shape of ``base_weight()``. Subclasses for
+        non-linear bases override it together with ``base_weight`` / ``write_base_weight``."""
+        return base_kind(base_layer), base_shape(base_layer)
+
+    def tensor_roles(self) -> Iterator[tuple[nn.Parameter, str]]:
+        """(parameter, optimizer role) for adapter tensors whose role is not given by ``factor_pairs`` (e.g.
+        ``"A"`` / ``"B"`` for conv factors, ``"embedding"`` for embedding factors); see optim.parameter_roles."""
+        return iter(())
+
     def make_branch(self, name: str, r: int, alpha: float, config: Any) -> nn.Module:
         raise NotImplementedError
 
@@ -119,6 +143,15 @@ class AdapterLayer(nn.Module):
     def factor_pairs(self) -> Iterator[tuple[str, nn.Parameter, nn.Parameter, float]]:
         """(adapter name, A (r, in), B (out, r), s) for LoRA-shaped adapters, so that ΔW = s·B·A."""
         return iter(())
+
+    def regularization(self) -> torch.Tensor | None:
+        """This layer's weighted regularisation term for the loss (0-dim tensor), or None when it has none."""
+        return None
+
+    @classmethod
+    def after_inject(cls, layers: dict[str, "AdapterLayer"], adapter_name: str) -> None:
+        """Called once after ``adapter_name`` was added to all its target ``layers`` (module name -> layer), by
+        wrap and load alike: for per-adapter facts that need every layer (e.g. a mean over the L layers)."""
 
     def saved_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """The tensors written for one adapter, keyed by suffix after the module path."""
@@ -151,6 +184,8 @@ class AdapterLayer(nn.Module):
         self.alphas[name] = float(alpha)
         self.scaling[name] = config.scaling(r, alpha)
         self.adapters[name] = self.make_branch(name, r, alpha, config)
+        # In the layer's train/eval mode: a branch added to a model in eval mode must not run its dropout.
+        self.adapters[name].train(self.training)
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -161,6 +196,17 @@ class AdapterLayer(nn.Module):
         self.gated_off.discard(name)
         if name in self.active_adapters:
             self.active_adapters.remove(name)
+
+    def recreate_adapter(self, name: str, r: int, alpha: float, config: Any) -> None:
+        """Replace adapter ``name`` by a fresh one of rank ``r`` and ``alpha`` (new Parameters, so build any
+        optimizer afterwards); it keeps its place among the active adapters and its trainable flag."""
+        active = list(self.active_adapters)
+        trainable = all(p.requires_grad for p in self.adapters[name].parameters())
+        self.delete_adapter(name)
+        self.add_adapter(name, r, alpha, config)
+        self.active_adapters = [n for n in active if n in self.adapters]
+        for param in self.adapters[name].parameters():
+            param.requires_grad_(trainable)
 
     def set_active(self, names: list[str]) -> None:
         self.active_adapters = [n for n in names if n in self.adapters]
@@ -267,6 +313,25 @@ class AdapterLayer(nn.Module):
         self._store(weight, bias)
         self.merged_adapters.extend(todo)
         return todo
+
+    def check_merge(self, names: list[str] | None = None) -> None:
+        """Raise ValueError if merging ``names`` (default: the active adapters) would put NaN or inf into the
+        base weights; changes nothing. ``peftkit.merge(model, safe=True)`` checks every layer before merging
+        any, so a failure leaves all base weights bit-identical (no merge-then-unmerge rounding)."""
+        names = list(self.active_adapters if names is None else names)
+        todo = [n for n in names if n in self.adapters and n not in self.merged_adapters]
+        if not todo:
+            return
+        weight = self.base_weight()
+        bias = self.bias.detach().to(weight.dtype) if self.bias is not None else None
+        with torch.no_grad():
+            for name in todo:
+                weight, bias = self.merge_weights(name, weight, bias)
+        if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
+            raise ValueError(
+                f"merge: NaN or inf in the merged weights of {self.module_name} (adapter {todo}); the adapter is "
+                "broken, the base weights were left unchanged"
+            )
 
     def unmerge(self) -> list[str]:
         if not self.merged_adapters:
