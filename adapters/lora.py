@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from peftkit import registry
 from peftkit.errors import ConfigError
-from peftkit.layer import AdapterLayer, adapter_dtype
+from peftkit.errors import StateError
+from peftkit.layer import AdapterLayer, adapter_dtype, linear_types
 
 
 @dataclass
@@ -74,8 +75,21 @@ class LoraBranch(nn.Module):
 
 @registry.architecture("lora", options=LoraOptions, description="low-rank update s·B·A (PEFT's LoRA)")
 class LoraLayer(AdapterLayer):
+    """LoRA on a linear base (nn.Linear, Conv1D, bnb 4/8-bit); ``for_base`` hands embeddings and ConvNd bases to
+    LoraEmbeddingLayer and LoraConvLayer."""
+
     peft_type = "LORA"
-    saved_suffixes = ("lora_A.weight", "lora_B.weight")
+    # Every suffix a PEFT LoRA file can hold for the layers above (embeddings have no ".weight").
+    saved_suffixes = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
+    supported_types = linear_types() + (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+    @classmethod
+    def for_base(cls, base_layer: nn.Module) -> type[AdapterLayer]:
+        if isinstance(base_layer, nn.Embedding):
+            return LoraEmbeddingLayer
+        if isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return LoraConvLayer
+        return cls
 
     def make_branch(self, name: str, r: int, alpha: float, config: Any) -> nn.Module:
         init = config.options.get("architecture", {}).get("init_lora_weights", True)
@@ -140,6 +154,192 @@ class LoraLayer(AdapterLayer):
         for name in self.active_adapters:
             branch = self.adapters[name]
             yield name, branch.lora_A.weight, branch.lora_B.weight, self.scaling[name]
+
+
+class LoraEmbeddingBranch(nn.Module):
+    """Embedding LoRA: ``lora_embedding_A`` (r, V) and ``lora_embedding_B`` (d, r), plain parameters (PEFT's
+    keys, no ".weight"). PEFT's init is reversed w.r.t. linear LoRA: A = 0, B ~ N(0, 1)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, r: int, dtype: torch.dtype,
+                 device: torch.device, init: bool | str = True) -> None:
+        super().__init__()
+        self.lora_embedding_A = nn.Parameter(torch.empty(r, num_embeddings, dtype=dtype, device=device))
+        self.lora_embedding_B = nn.Parameter(torch.empty(embedding_dim, r, dtype=dtype, device=device))
+        with torch.no_grad():
+            if init is False:  # debug: both random, the model changes at init
+                nn.init.normal_(self.lora_embedding_A)
+            elif init is True or init == "gaussian":
+                nn.init.zeros_(self.lora_embedding_A)
+            else:
+                raise ConfigError(f"init_lora_weights: expected True, False or 'gaussian', got {init!r}")
+            nn.init.normal_(self.lora_embedding_B)
+
+
+class LoraEmbeddingLayer(LoraLayer):
+    """LoRA on ``nn.Embedding(V, d)``: out[t] = E[t] + s·(B A[:, t])ᵀ, no dropout (PEFT's Embedding).
+
+    The base weight is exchanged in the (out, in) = (d, V) convention, i.e. Eᵀ, so that ΔW = s·B·A (d, V) and
+    the merge machinery of AdapterLayer applies unchanged.
+    """
+
+    @classmethod
+    def describe_base(cls, base_layer: nn.Module) -> tuple[str, tuple[int, int]]:
+        return "embedding", (base_layer.embedding_dim, base_layer.num_embeddings)
+
+    def make_branch(self, name: str, r: int, alpha: float, config: Any) -> nn.Module:
+        init = config.options.get("architecture", {}).get("init_lora_weights", True)
+        return LoraEmbeddingBranch(self.in_features, self.out_features, r, adapter_dtype(self.base_layer),
+                                   self.base_layer.weight.device, init)
+
+    def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        base = self.base_layer
+        result = base(x, *args, **kwargs)
+        # A scaled embedding (e.g. Gemma's embed_scale) scales the adapter's output too, as PEFT does.
+        embed_scale = getattr(base, "embed_scale", None)
+        for name in self.active_adapters:
+            if name in self.gated_off:
+                continue
+            branch = self.adapters[name]
+            rows = F.embedding(x, branch.lora_embedding_A.t(), base.padding_idx, base.max_norm, base.norm_type,
+                               base.scale_grad_by_freq, base.sparse)  # (..., r)
+            delta = (rows @ branch.lora_embedding_B.t()) * self.scaling[name]
+            if embed_scale is not None:
+                delta = delta * embed_scale.to(delta.dtype)
+            result = result + delta.to(result.dtype)
+        return result
+
+    def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dense = self.base_layer.weight.detach().t()
+        return dense.to(dtype or (torch.float64 if dense.dtype == torch.float64 else torch.float32))
+
+    def write_base_weight(self, dense: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.base_layer.weight.copy_(dense.t().to(self.base_layer.weight.dtype))
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        branch = self.adapters[name]
+        return (branch.lora_embedding_B @ branch.lora_embedding_A) * self.scaling[name]
+
+    def saved_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        branch = self.adapters[name]
+        return {"lora_embedding_A": branch.lora_embedding_A.detach(),
+                "lora_embedding_B": branch.lora_embedding_B.detach()}
+
+    def load_saved_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        branch = self.adapters[name]
+        with torch.no_grad():
+            branch.lora_embedding_A.copy_(tensors["lora_embedding_A"])
+            branch.lora_embedding_B.copy_(tensors["lora_embedding_B"])
+
+    def saved_rank_alpha(self, name: str) -> tuple[int, float]:
+        return self.ranks[name], self.alphas[name]
+
+    def factor_pairs(self) -> Iterator[tuple[str, nn.Parameter, nn.Parameter, float]]:
+        # Not offered as a LoRA pair: gradient-hook methods (G = Δᵀ X) and LoRA+'s λ do not apply to lookups.
+        return iter(())
+
+    def tensor_roles(self) -> Iterator[tuple[nn.Parameter, str]]:
+        for branch in self.adapters.values():
+            yield branch.lora_embedding_A, "embedding"
+            yield branch.lora_embedding_B, "embedding"
+
+
+class LoraConvBranch(nn.Module):
+    """Conv LoRA: ``lora_A`` = Conv(in → r) with the base's kernel_size, stride, padding, dilation and
+    padding_mode (PEFT drops the last two, huggingface/peft#3697); ``lora_B`` = Conv(r → out, 1×…, groups)."""
+
+    def __init__(self, base: nn.Module, r: int, dropout: float, dtype: torch.dtype, init: bool | str = True) -> None:
+        super().__init__()
+        conv = type(base) if type(base) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) else {
+            1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[base.weight.ndim - 2]
+        ones = (1,) * (base.weight.ndim - 2)
+        device = base.weight.device
+        self.lora_A = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
+                           bias=False, padding_mode=base.padding_mode, dtype=dtype, device=device)
+        self.lora_B = conv(r, base.out_channels, ones, ones, groups=base.groups, bias=False, dtype=dtype,
+                           device=device)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        with torch.no_grad():
+            if init is True:  # fan_in = in·∏k, so the bound is 1/√(in·∏k)
+                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+                nn.init.zeros_(self.lora_B.weight)
+            elif init == "gaussian":
+                nn.init.normal_(self.lora_A.weight, std=1.0 / r)
+                nn.init.zeros_(self.lora_B.weight)
+            elif init is not False:  # False keeps the Conv defaults for both (debug)
+                raise ConfigError(f"init_lora_weights: expected True, False or 'gaussian', got {init!r}")
+
+
+class LoraConvLayer(LoraLayer):
+    """LoRA on nn.Conv1d/2d/3d: y = conv(x) + s·lora_B(lora_A(D(x))).
+
+    The base weight is exchanged flattened, (out, in/g·∏k), so ΔK = s·B·A (PEFT's delta for g = 1) merges
+    through AdapterLayer. Groups g > 1 need r % g == 0 and cannot be merged (as in PEFT).
+    """
+
+    @classmethod
+    def describe_base(cls, base_layer: nn.Module) -> tuple[str, tuple[int, int]]:
+        return "conv", (base_layer.out_channels, base_layer.weight[0].numel())
+
+    def make_branch(self, name: str, r: int, alpha: float, config: Any) -> nn.Module:
+        groups = self.base_layer.groups
+        if r % groups:
+            raise ConfigError(
+                f"r: rank {r} for {self.module_name} is not divisible by the conv's groups={groups}; choose r as a "
+                "multiple of groups (rank_pattern can set it for this layer)")
+        init = config.options.get("architecture", {}).get("init_lora_weights", True)
+        return LoraConvBranch(self.base_layer, r, config.dropout, adapter_dtype(self.base_layer), init)
+
+    def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            if name in self.gated_off:
+                continue
+            branch = self.adapters[name]
+            x_a = x if x.dtype == branch.lora_A.weight.dtype else x.to(branch.lora_A.weight.dtype)
+            if branch.dropout is not None:
+                x_a = branch.dropout(x_a)
+            result = result + (branch.lora_B(branch.lora_A(x_a)) * self.scaling[name]).to(result.dtype)
+        return result
+
+    def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dense = self.base_layer.weight.detach().flatten(1)
+        return dense.to(dtype or (torch.float64 if dense.dtype == torch.float64 else torch.float32))
+
+    def write_base_weight(self, dense: torch.Tensor) -> None:
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            weight.copy_(dense.reshape(weight.shape).to(weight.dtype))
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        if self.base_layer.groups > 1:
+            raise StateError(
+                f"merge: {self.module_name} is a conv with groups={self.base_layer.groups}, whose LoRA cannot be "
+                "folded into the kernel (as in PEFT); keep the adapter unmerged")
+        branch = self.adapters[name]
+        return (branch.lora_B.weight.flatten(1) @ branch.lora_A.weight.flatten(1)) * self.scaling[name]
+
+    def saved_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        branch = self.adapters[name]
+        return {"lora_A.weight": branch.lora_A.weight.detach(), "lora_B.weight": branch.lora_B.weight.detach()}
+
+    def load_saved_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        branch = self.adapters[name]
+        with torch.no_grad():
+            branch.lora_A.weight.copy_(tensors["lora_A.weight"])
+            branch.lora_B.weight.copy_(tensors["lora_B.weight"])
+
+    def saved_rank_alpha(self, name: str) -> tuple[int, float]:
+        return self.ranks[name], self.alphas[name]
+
+    def factor_pairs(self) -> Iterator[tuple[str, nn.Parameter, nn.Parameter, float]]:
+        # Conv factors are not (r, in) / (out, r) matrices; they get their A/B roles through tensor_roles.
+        return iter(())
+
+    def tensor_roles(self) -> Iterator[tuple[nn.Parameter, str]]:
+        for branch in self.adapters.values():
+            yield branch.lora_A.weight, "A"
+            yield branch.lora_B.weight, "B"
 
 
 registry.register_method(

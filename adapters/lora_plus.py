@@ -1,7 +1,8 @@
 """LoRA+ (Hayou, Ghosh, Yu; ICML 2024): B learns λ times faster than A (lora-plus.md).
 
-Explicit classification (not PEFT's 1-D rule): ``lora_B`` factors get λη, ``lora_A`` factors η, every other
-trainable tensor (heads, biases, norms) the base η; the user's ``weight_decay`` reaches every decay
+Explicit classification (not PEFT's 1-D rule): ``lora_B`` factors get λη, ``lora_A`` factors η, embedding
+LoRA factors an absolute lr (``loraplus_lr_embedding``, default 1e-6), every other trainable tensor (heads,
+biases, norms) the base η; the user's ``weight_decay`` reaches every decay
 parameter (PEFT drops it), never biases or norms. The groups carry ``role`` and ``lr_ratio`` so the
 rule travels with the optimizer state.
 """
@@ -22,6 +23,9 @@ from peftkit.optim import param_groups
 @dataclass
 class LoraPlusOptions:
     loraplus_lr_ratio: float = 16.0
+    # Embedding LoRA factors (role "embedding"): an absolute lr, not scaled by λ nor by the base lr, as in the
+    # authors' code and PEFT (PEFT inits embedding LoRA reversed, so "which factor gets λ" is ill-defined).
+    loraplus_lr_embedding: float = 1e-6
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -34,7 +38,15 @@ def build_lora_plus(model: nn.Module, lr: float, config: Any, **options: Any) ->
     ratio = opts["loraplus_lr_ratio"]
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio < 1:
         raise ConfigError(f"loraplus_lr_ratio: expected a number >= 1 (λ = lr_B / lr_A), got {ratio!r}")
-    groups = param_groups(model, lr, opts["weight_decay"], lr_ratios={"B": float(ratio)})
+    lr_embedding = opts["loraplus_lr_embedding"]
+    if isinstance(lr_embedding, bool) or not isinstance(lr_embedding, (int, float)) or not lr_embedding > 0:
+        raise ConfigError(f"loraplus_lr_embedding: expected a positive learning rate, got {lr_embedding!r}")
+    # The embedding group's lr_ratio makes its lr the absolute value; the LR scheduler scales it like the rest.
+    groups = param_groups(model, lr, opts["weight_decay"],
+                          lr_ratios={"B": float(ratio), "embedding": float(lr_embedding) / lr})
+    for group in groups:
+        if group["role"] == "embedding":
+            group["lr"] = float(lr_embedding)
     if not any(g["role"] == "B" for g in groups):
         raise ConfigError(
             "optimizer 'lora-plus' found no trainable LoRA B factor; it needs a LoRA-shaped adapter "

@@ -3,6 +3,8 @@
 Every trainable parameter of a wrapped model gets a role:
 - ``"A"`` / ``"B"``: the down / up factor of a LoRA-shaped adapter (ΔW = s·B·A), found through
   ``AdapterLayer.factor_pairs()``, so pairing is by module name, never by position;
+- a role a layer declares through ``AdapterLayer.tensor_roles()`` (e.g. ``"A"`` / ``"B"`` for conv factors,
+  ``"embedding"`` for embedding factors);
 - ``"adapter"``: any other adapter tensor (HRA's U, Hydra's factors, ElaLoRA's P, E, Q ...);
 - ``"other"``: everything else that trains (classification heads, biases, norms).
 and a decay flag: weight decay applies to tensors of 2 or more dimensions that are not biases and not
@@ -13,6 +15,7 @@ The plain optimizer ``adamw`` is registered here; method optimizers live in ``ad
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -20,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from . import registry
-from .errors import ConfigError
+from .errors import ConfigError, StateError
 from .layer import AdapterLayer
 
 
@@ -59,10 +62,12 @@ def parameter_roles(model: nn.Module) -> dict[str, tuple[str, bool]]:
         ids_a[id(pair.a)] = pair
         ids_b[id(pair.b)] = pair
     adapter_ids = set()
+    declared: dict[int, str] = {}
     norm_ids = set()
     for module in model.modules():
         if isinstance(module, AdapterLayer):
             adapter_ids |= {id(p) for p in module.adapters.parameters()}
+            declared.update({id(p): role for p, role in module.tensor_roles()})
         if _is_norm(module):
             norm_ids |= {id(p) for p in module.parameters(recurse=False)}
     roles = {}
@@ -73,6 +78,8 @@ def parameter_roles(model: nn.Module) -> dict[str, tuple[str, bool]]:
             role = "A"
         elif id(param) in ids_b:
             role = "B"
+        elif id(param) in declared:
+            role = declared[id(param)]
         elif id(param) in adapter_ids:
             role = "adapter"
         else:
@@ -137,3 +144,195 @@ def iter_adapter_params(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     for name, param in model.named_parameters():
         if param.requires_grad:
             yield name, param
+
+
+# ------------------------------------------------------------------------------------------ pair optimizers
+def work_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype the r×r algebra runs in: fp64 for fp64 factors, fp32 otherwise (bf16 factors included)."""
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def sym_eig(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(λ ascending, Q) of a symmetric PSD r×r matrix, λ clamped at 0 (round-off can make it negative)."""
+    evals, evecs = torch.linalg.eigh((gram + gram.T) / 2)
+    return evals.clamp_min(0), evecs
+
+
+def pinv_from_eig(evals: torch.Tensor, evecs: torch.Tensor) -> torch.Tensor:
+    """The pseudo-inverse Q·diag(1/λ)·Qᵀ of a PSD Gram matrix, dropping λ ≤ r·eps·λ_max (round-off level of a
+    Gram matrix). A zero matrix (B = 0 at the LoRA init) gives the zero matrix."""
+    cutoff = evals.shape[0] * torch.finfo(evals.dtype).eps * evals.max()
+    inv = torch.where(evals > cutoff, 1.0 / evals.clamp_min(torch.finfo(evals.dtype).tiny), torch.zeros_like(evals))
+    return (evecs * inv) @ evecs.T
+
+
+def damped_inverse(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """(gram + δI)⁻¹ for δ > 0; the pseudo-inverse for δ = 0 (exact inverse when gram is invertible)."""
+    if damping > 0:
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        return torch.linalg.inv(gram + damping * eye)
+    return pinv_from_eig(*sym_eig(gram))
+
+
+def loraplus_ratios(ratio: Any) -> dict[str, float]:
+    """The ``lr_ratios`` of a pair optimizer's ``loraplus_lr_ratio`` option (LoRA+ composition: lr_B = ratio·lr)."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
+        raise ConfigError(f"loraplus_lr_ratio: expected a positive number (lr_B / lr_A, 1 = plain), got {ratio!r}")
+    return {"B": float(ratio)}
+
+
+def check_betas_eps(betas: Any, eps: Any) -> tuple[tuple[float, float], float]:
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= float(b) < 1.0 for b in betas)):
+        raise ConfigError(f"betas: expected two numbers in [0, 1) such as (0.9, 0.999), got {betas!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
+        raise ConfigError(f"eps: expected a number >= 0 such as 1e-8, got {eps!r}")
+    return (float(betas[0]), float(betas[1])), float(eps)
+
+
+class PairOptimizer(torch.optim.Optimizer):
+    """Base of the optimizers that transform each LoRA pair's gradients as a pair (LoRA-Pro, LoFT, the
+    preconditioner). Every other trainable tensor (heads, biases, norms, embedding LoRA, any adapter tensor
+    that is not an (A, B) pair) gets AdamW, with torch's formula, inside the same optimizer.
+
+    Pairs come from :func:`factor_pairs` (by module name, with each layer's own scaling s). Param groups are
+    :func:`param_groups` (role / decay / ``lr_ratio``), so LoRA+ ratios compose: a pair's A moves with its
+    group's lr, its B with B's group lr, and an LR scheduler acts on all groups alike.
+
+    ``step()`` runs, per optimizer step (README §4.1 of the specs):
+    accumulate (the caller) -> unscale (GradScaler.unscale_, the caller) -> all-reduce (DDP, during backward)
+    -> clip (``max_grad_norm``, here, on the unscaled gradients; the norm comes from :meth:`clip_norm_sq`, so a
+    method can measure it on projected gradients) -> transform and update (:meth:`update_pair`) -> the caller
+    zeroes the gradients. A pair whose A and B both have no gradient (a CoTo-gated branch) is skipped entirely.
+
+    ``state_dict()`` holds every tensor a method keeps (in ``state`` of the pair's parameters), the global step
+    and the pair names, so a resume is exact and a resume onto a different model is refused.
+    """
+
+    optimizer_name = "pair"
+
+    def __init__(self, model: nn.Module, lr: float, *, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 lr_ratios: dict[str, float] | None = None, max_grad_norm: float | None = None) -> None:
+        betas, eps = check_betas_eps(betas, eps)
+        if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
+                                          or not max_grad_norm > 0):
+            raise ConfigError(f"max_grad_norm: expected a positive number or None (no clipping), got {max_grad_norm!r}")
+        groups = param_groups(model, lr, weight_decay, lr_ratios)
+        self.pairs = factor_pairs(model)
+        if not self.pairs:
+            raise ConfigError(
+                f"optimizer '{self.optimizer_name}' found no trainable LoRA (A, B) pair; it needs a LoRA-shaped "
+                "adapter (lora, lora-ga, lora-one, eva, coto), not HRA, Hydra or ElaLoRA"
+            )
+        super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.global_step = 0
+        # The clip norm of the last step (before clipping), for logging; None when not clipping.
+        self.last_grad_norm: torch.Tensor | None = None
+        self._group_of = {id(p): group for group in self.param_groups for p in group["params"]}
+        paired = {id(pair.a) for pair in self.pairs} | {id(pair.b) for pair in self.pairs}
+        self._others = [p for group in self.param_groups for p in group["params"] if id(p) not in paired]
+
+    # ------------------------------------------------------------------ subclass API
+    def clip_norm_sq(self, pair: FactorPair, grad_a: torch.Tensor, grad_b: torch.Tensor) -> torch.Tensor:
+        """This pair's contribution to the squared clip norm: by default the raw gradients'."""
+        return grad_a.double().square().sum() + grad_b.double().square().sum()
+
+    def update_pair(self, pair: FactorPair, grad_a: torch.Tensor, grad_b: torch.Tensor, group_a: dict[str, Any],
+                    group_b: dict[str, Any]) -> None:
+        """Transform the pair's (already clipped) gradients and update A and B in place."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ the step
+    def pair_key(self, pair: FactorPair) -> str:
+        return f"{pair.module_name}:{pair.adapter_name}"
+
+    def _pair_grads(self) -> list[tuple[FactorPair, torch.Tensor, torch.Tensor]]:
+        out = []
+        for pair in self.pairs:
+            ga, gb = pair.a.grad, pair.b.grad
+            if ga is None and gb is None:
+                continue
+            out.append((pair, torch.zeros_like(pair.a) if ga is None else ga,
+                        torch.zeros_like(pair.b) if gb is None else gb))
+        return out
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.global_step += 1
+        pairs = self._pair_grads()
+        others = [p for p in self._others if p.grad is not None]
+        if self.max_grad_norm is not None:
+            total = sum((self.clip_norm_sq(pair, ga, gb) for pair, ga, gb in pairs), torch.zeros((), dtype=torch.float64))
+            for p in others:
+                total = total + p.grad.double().square().sum()
+            norm = total.sqrt()
+            self.last_grad_norm = norm
+            coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            for _, ga, gb in pairs:
+                ga.mul_(coef.to(ga.dtype))
+                gb.mul_(coef.to(gb.dtype))
+            for p in others:
+                p.grad.mul_(coef.to(p.grad.dtype))
+        for pair, ga, gb in pairs:
+            self.update_pair(pair, ga, gb, self._group_of[id(pair.a)], self._group_of[id(pair.b)])
+        for p in others:
+            adamw_update(p, p.grad, self.state[p], self._group_of[id(p)])
+        return loss
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["peftkit"] = {"optimizer": self.optimizer_name, "global_step": self.global_step,
+                            "pairs": [self.pair_key(pair) for pair in self.pairs]}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        extra = state_dict.get("peftkit")
+        if extra is None or extra.get("optimizer") != self.optimizer_name:
+            found = None if extra is None else extra.get("optimizer")
+            raise StateError(
+                f"optimizer state: expected a '{self.optimizer_name}' state dict saved by peftkit, got one from "
+                f"{found or 'another optimizer'}; resume with the optimizer that saved it"
+            )
+        expected = [self.pair_key(pair) for pair in self.pairs]
+        if list(extra["pairs"]) != expected:
+            missing = sorted(set(expected) ^ set(extra["pairs"]))[:4]
+            raise StateError(
+                f"optimizer state: the saved (A, B) pairs differ from this model's ({missing} ...); resume on the "
+                "model (targets, adapter names) the state was saved from"
+            )
+        # torch casts loaded state tensors to their parameter's dtype; a method may keep other dtypes (bf16
+        # moments of fp32 factors, fp32 algebra on bf16 factors), so restore the saved ones.
+        saved_dtypes = {index: {key: value.dtype for key, value in entry.items() if isinstance(value, torch.Tensor)}
+                        for index, entry in state_dict["state"].items()}
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "peftkit"})
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, dtypes in saved_dtypes.items():
+            entry = self.state[params[int(index)]]
+            for key, dtype in dtypes.items():
+                entry[key] = entry[key].to(dtype)
+        self.global_step = int(extra["global_step"])
+
+
+def adamw_update(param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    """One torch-AdamW step on one tensor (decoupled decay, bias-corrected moments; torch's formula)."""
+    if not state:
+        state["step"] = torch.zeros((), dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    beta1, beta2 = group["betas"]
+    lr = group["lr"]
+    state["step"] += 1
+    step = int(state["step"].item())
+    param.mul_(1 - lr * group["weight_decay"])
+    state["exp_avg"].lerp_(grad, 1 - beta1)
+    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias1 = 1 - beta1 ** step
+    bias2_sqrt = math.sqrt(1 - beta2 ** step)
+    denom = (state["exp_avg_sq"].sqrt() / bias2_sqrt).add_(group["eps"])
+    param.addcdiv_(state["exp_avg"], denom, value=-lr / bias1)

@@ -1,0 +1,328 @@
+"""What data-driven inits measure (methods README §4.2): full-weight gradients and activation statistics.
+
+- ``gradient_statistics``: per target layer, the full-weight gradient G = Δᵀ X (out × in, fp32) of the
+  mean-token loss, from forward/tensor hooks on the base layer (no ``weight.grad``, so bitsandbytes 4/8-bit
+  bases and Conv1D work), on the base model (adapters disabled) in train mode, averaged over batches weighted
+  by sample count and all-reduced across processes. Optionally a sketch (Y = G·Ω, Z = Gᵀ·Ψ) instead of G:
+  O((m + n)·k) memory per layer, never forming G.
+- ``IncrementalPCA``: centred incremental PCA of layer inputs (activations fp32, mean/variance sums fp64).
+- ``signed_svd`` / ``sketch_svd``: deterministic SVDs with the sign convention (largest-|·| entry of each uᵢ
+  positive, vᵢ flipped with it), so every process computes the same factors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .errors import ConfigError
+from .inject import set_enabled
+from .layer import AdapterLayer
+
+
+# ---------------------------------------------------------------------------------------------- data
+def check_batches(data: Any, init_name: str) -> list[Mapping]:
+    """The batches of ``data`` as a list of dicts of tensors; one ConfigError for a wrong form or no batches."""
+    hint = "pass data=<a list (or DataLoader) of dicts with input_ids, attention_mask and labels>"
+    if data is None:
+        raise ConfigError(f"data: the '{init_name}' initialisation estimates from batches; {hint}")
+    if isinstance(data, Mapping):
+        raise ConfigError(f"data: got a single batch (a dict) for '{init_name}'; expected an iterable of batches, "
+                          "e.g. data=[batch]")
+    if isinstance(data, (torch.Tensor, str, bytes)) or not isinstance(data, Iterable):
+        raise ConfigError(f"data: expected an iterable of batches for '{init_name}', got {type(data).__name__}; {hint}")
+    batches = list(data)
+    if not batches:
+        raise ConfigError(f"data: the iterable of batches for '{init_name}' is empty; {hint}")
+    for index, batch in enumerate(batches):
+        if not isinstance(batch, Mapping) or not any(isinstance(v, torch.Tensor) for v in batch.values()):
+            raise ConfigError(f"data: batch {index} for '{init_name}' is a {type(batch).__name__}, expected a dict of "
+                              f"tensors as the model's forward takes them; {hint}")
+    return batches
+
+
+def _batch_size(batch: Mapping) -> int:
+    key = "input_ids" if isinstance(batch.get("input_ids"), torch.Tensor) else next(
+        k for k, v in batch.items() if isinstance(v, torch.Tensor))
+    return int(batch[key].shape[0])
+
+
+def _to_device(batch: Mapping, device: torch.device) -> dict:
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def base_model(model: nn.Module, train: bool) -> Iterator[nn.Module]:
+    """The unmodified base model (adapters disabled) in train or eval mode; modes and flags restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(train)
+    set_enabled(model, False)
+    try:
+        yield model
+    finally:
+        set_enabled(model, True)
+        for module, mode in modes:
+            module.training = mode
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+# ---------------------------------------------------------------------------------------------- SVD
+def sign_fix(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip each (uᵢ, vᵢ) so that the largest-|·| entry of uᵢ is positive. u (m, k), vh (k, n)."""
+    rows = u.abs().argmax(dim=0)
+    signs = torch.sign(u[rows, torch.arange(u.shape[1])])
+    signs[signs == 0] = 1
+    return u * signs, vh * signs[:, None]
+
+
+def signed_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Deterministic thin SVD (LAPACK, fp32 or fp64) with the sign convention: (U (m,k), S (k,), Vh (k,n))."""
+    work = matrix if matrix.dtype in (torch.float32, torch.float64) else matrix.float()
+    u, s, vh = torch.linalg.svd(work, full_matrices=False)
+    u, vh = sign_fix(u, vh)
+    return u, s, vh
+
+
+@dataclass
+class GradientSketch:
+    """Y = G·Ω (m, k) and Z = Gᵀ·Ψ (n, l) of one layer's gradient, with the test matrices Ω (n, k), Ψ (m, l)."""
+
+    y: torch.Tensor
+    z: torch.Tensor
+    omega: torch.Tensor
+    psi: torch.Tensor
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.y, self.z]
+
+
+def sketch_svd(sketch: GradientSketch, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Single-pass randomized SVD (Tropp et al. 2017) of G from its two sketches; top ``rank`` triplets, signed.
+
+    Q = orth(Y); G ≈ Q·X with X = (ΨᵀQ)⁺·Zᵀ, solved by least squares; SVD of the small X (k × n).
+    """
+    y = sketch.y.double()
+    q, _ = torch.linalg.qr(y)
+    core = torch.linalg.lstsq(sketch.psi.double().t() @ q, sketch.z.double().t()).solution
+    u_small, s, vh = torch.linalg.svd(core, full_matrices=False)
+    u = q @ u_small
+    u, vh = sign_fix(u[:, :rank], vh[:rank])
+    return u.float(), s[:rank].float(), vh.float()
+
+
+def subspace_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosines of the principal angles between span(a) and span(b) (columns), ascending."""
+    qa, _ = torch.linalg.qr(a.double())
+    qb, _ = torch.linalg.qr(b.double())
+    return torch.linalg.svdvals(qa.t() @ qb).flip(0).clamp(max=1.0)
+
+
+# ------------------------------------------------------------------------------------- gradients
+def gradient_statistics(model: nn.Module, layers: dict[str, AdapterLayer], batches: list[Mapping], *,
+                        sketch_size: int | None = None, seed: int = 0) -> dict[str, torch.Tensor | GradientSketch]:
+    """Per layer, G = Σ_b n_b·G_b / Σ_b n_b (out × in, fp32; fp64 on fp64 bases), or its sketch when ``sketch_size`` = k is given.
+
+    G_b = Δᵀ X of batch b's mean-token loss, from hooks on the base layers of the adapters-disabled model in
+    train mode; n_b is batch b's sample count. Sums (and the sample count) are all-reduced across processes, so
+    every process returns the same statistics. The sketch uses Gaussian Ω (in × k) and Ψ (out × (2k + 1))
+    drawn from a generator seeded by ``seed`` (identical on every process).
+    """
+    device = _device(model)
+    stats: dict[str, Any] = {}
+    gen = torch.Generator().manual_seed(seed)
+    for name, layer in layers.items():
+        m, n = layer.out_features, layer.in_features
+        # fp32 sums (fp64 on an fp64 base), whatever the model dtype.
+        dtype = torch.float64 if layer.base_layer.weight.dtype == torch.float64 else torch.float32
+        if sketch_size is None:
+            stats[name] = torch.zeros(m, n, dtype=dtype, device=device)
+        else:
+            k = min(sketch_size, m, n)
+            l = min(2 * k + 1, m, n)
+            omega = torch.randn(n, k, generator=gen).to(device)
+            psi = torch.randn(m, l, generator=gen).to(device)
+            stats[name] = GradientSketch(torch.zeros(m, k, device=device), torch.zeros(n, l, device=device), omega, psi)
+    weight = [0.0]
+
+    def make_hook(name: str):
+        def forward_hook(module, args, output):
+            x = args[0].detach()
+
+            def grad_hook(delta: torch.Tensor) -> None:
+                target = stats[name]
+                dtype = target.y.dtype if isinstance(target, GradientSketch) else target.dtype
+                d = delta.reshape(-1, delta.shape[-1]).to(dtype)
+                xs = x.reshape(-1, x.shape[-1]).to(dtype)
+                if isinstance(target, GradientSketch):
+                    target.y.addmm_(d.t(), xs @ target.omega, alpha=weight[0])
+                    target.z.addmm_(xs.t(), d @ target.psi, alpha=weight[0])
+                else:
+                    target.addmm_(d.t(), xs, alpha=weight[0])
+
+            if not output.requires_grad:
+                # Nothing upstream needs a gradient: a leaf here makes Δ of this layer (and of every layer
+                # downstream, through its input) reach the hooks without any weight requiring grad.
+                output = output.detach().requires_grad_(True)
+            output.register_hook(grad_hook)
+            return output
+
+        return forward_hook
+
+    handles = [layer.base_layer.register_forward_hook(make_hook(name)) for name, layer in layers.items()]
+    total = 0.0
+    try:
+        with base_model(model, train=True), torch.enable_grad():
+            for batch in batches:
+                weight[0] = float(_batch_size(batch))
+                inputs = _to_device(batch, device)
+                out = model(**inputs)
+                loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+                if loss is None:
+                    raise ConfigError("data: the model returned no loss for a batch; gradient-based inits need "
+                                      "batches with labels (e.g. labels = input_ids for causal LM)")
+                loss.backward()
+                total += weight[0]
+    finally:
+        for handle in handles:
+            handle.remove()
+    count = torch.tensor([total], dtype=torch.float64)
+    if distributed():
+        dist.all_reduce(count)
+        for value in stats.values():
+            for tensor in (value.tensors() if isinstance(value, GradientSketch) else [value]):
+                dist.all_reduce(tensor)
+    for value in stats.values():
+        for tensor in (value.tensors() if isinstance(value, GradientSketch) else [value]):
+            tensor.div_(float(count))
+    return stats
+
+
+# ---------------------------------------------------------------------------------------- PCA
+class IncrementalPCA:
+    """Centred incremental PCA (sklearn's / PEFT's update): activations fp32, mean/variance fp64, SVDs after the
+    first batch in fp64.
+
+    ``svd="exact"``: LAPACK SVD; ``"lowrank"``: ``torch.svd_lowrank(q=2k, niter=4)`` under a forked RNG seeded
+    with ``seed`` (PEFT's EVA), for parity. Components (k, d) are sign-fixed on their largest-|·| entry.
+    """
+
+    def __init__(self, n_components: int, svd: str = "exact", seed: int = 42) -> None:
+        self.n_components = n_components
+        self.svd = svd
+        self.seed = seed
+        self.n_seen = 0
+        self.mean: torch.Tensor | None = None
+        self.var: torch.Tensor | None = None
+        self.components: torch.Tensor | None = None
+        self.singular_values: torch.Tensor | None = None
+        self.explained_variance_ratio: torch.Tensor | None = None
+
+    def _svd(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.svd == "lowrank":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                u, s, v = torch.svd_lowrank(z, q=2 * self.n_components, niter=4)
+            vh = v.mH
+        else:
+            _, s, vh = torch.linalg.svd(z, full_matrices=False)
+        cols = vh.abs().argmax(dim=1)
+        signs = torch.sign(vh[torch.arange(vh.shape[0]), cols])
+        return s, vh * signs[:, None]
+
+    @torch.no_grad()
+    def partial_fit(self, x: torch.Tensor) -> None:
+        """One update with the rows of ``x`` (N, d)."""
+        x = x.float()
+        n_new = x.shape[0]
+        new_sum = x.sum(0, dtype=torch.float64)
+        total = self.n_seen + n_new
+        batch_mean64 = new_sum / n_new
+        centred = x - batch_mean64
+        new_uvar = centred.square().sum(0, dtype=torch.float64) - centred.sum(0, dtype=torch.float64).square() / n_new
+        if self.mean is None:
+            mean = new_sum / total
+            var = new_uvar / total
+            z = (x - mean).float()
+        else:
+            last_sum = self.mean * self.n_seen
+            ratio = self.n_seen / n_new
+            var = (self.var * self.n_seen + new_uvar + ratio / total * (last_sum / ratio - new_sum).square()) / total
+            mean = (last_sum + new_sum) / total
+            batch_mean = x.mean(0)
+            correction = ((self.n_seen / total) * n_new) ** 0.5 * (self.mean - batch_mean)
+            # The fp64 mean correction promotes the stacked matrix (and so every later SVD) to fp64, as in PEFT.
+            z = torch.vstack([self.singular_values[:, None] * self.components, x - batch_mean, correction[None]])
+        s, vh = self._svd(z)
+        self.n_seen = total
+        self.mean, self.var = mean, var
+        self.components = vh[: self.n_components]
+        self.singular_values = s[: self.n_components]
+        self.explained_variance_ratio = (s.double().square() / torch.sum(var * total))[: self.n_components]
+
+
+def selected_token_mask(batch: Mapping, use_label_mask: bool, label_mask_value: int) -> torch.Tensor | None:
+    """(batch, seq) bool mask of the tokens EVA uses: attention_mask == 1 and (optionally) labels != -100."""
+    ids = batch.get("input_ids")
+    if not isinstance(ids, torch.Tensor):
+        return None
+    mask = batch.get("attention_mask", torch.ones_like(ids)).bool()
+    labels = batch.get("labels")
+    if use_label_mask and isinstance(labels, torch.Tensor) and labels.shape == ids.shape:
+        mask = mask & (labels != label_mask_value)
+    return mask
+
+
+def gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Rows from every process concatenated in rank order (padded all_gather); ``rows`` itself alone."""
+    if not distributed():
+        return rows
+    world = dist.get_world_size()
+    count = torch.tensor([rows.shape[0]], dtype=torch.long)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    longest = int(max(c.item() for c in counts))
+    padded = torch.zeros(longest, rows.shape[1], dtype=rows.dtype, device=rows.device)
+    padded[: rows.shape[0]] = rows
+    parts = [torch.zeros_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[: int(c.item())] for part, c in zip(parts, counts)], 0)
+
+
+def top_singular_triplets(stat: torch.Tensor | GradientSketch, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U (m, rank), S (rank,), Vh (rank, n)) of a gradient from ``gradient_statistics``, signed, fp32."""
+    if isinstance(stat, GradientSketch):
+        return sketch_svd(stat, rank)
+    u, s, vh = signed_svd(stat)
+    return u[:, :rank], s[:rank], vh[:rank]
+
+
+def check_double_rank(layers: dict[str, AdapterLayer], adapter_name: str, factor: int, option: str) -> None:
+    """ConfigError (before any forward) when factor·r exceeds min(out, in) of a layer."""
+    for name, layer in layers.items():
+        r = layer.ranks[adapter_name]
+        limit = min(layer.out_features, layer.in_features)
+        if factor * r > limit:
+            raise ConfigError(
+                f"r: {option} needs {factor}·r <= min(out, in); {name} ({layer.out_features}x{layer.in_features}) "
+                f"has r = {r}, the largest allowed r there is {limit // factor}; lower r or set rank_pattern for it"
+            )
+
+
+def adapter_name_of(model: nn.Module, config: Any) -> str:
+    """The name of the adapter an init is filling (the one whose config object is ``config``)."""
+    from .inject import state_of
+
+    return next(name for name, c in state_of(model).configs.items() if c is config)

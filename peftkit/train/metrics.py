@@ -1,0 +1,77 @@
+"""``metrics.jsonl`` (one JSON object per logged step, with ``step``) and the loss plot drawn from it."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+class MetricsLog:
+    """Appends records to ``<run_dir>/metrics.jsonl`` (main process only)."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool) -> None:
+        self.path = Path(run_dir) / METRICS_FILE
+        self.enabled = enabled
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop records newer than the checkpoint, which the resumed run writes again."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [r for r in read(self.path.parent) if r.get("step", 0) <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def read(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise ConfigError(f"plot: {path} not found; give the output_dir of a training run")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise ConfigError(f"plot: {path} line {number} is not JSON; the file is damaged") from None
+    return records
+
+
+def plot(run_dir: str | Path) -> Path:
+    """Draw train loss and eval loss against the step into ``<run_dir>/loss.png``; returns its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read(run_dir)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    figure, axes = plt.subplots(figsize=(7, 4))
+    if train:
+        axes.plot(*zip(*train), label="train loss")
+    if evals:
+        axes.plot(*zip(*evals), marker="o", label="eval loss")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_title(Path(run_dir).resolve().name)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    out = Path(run_dir) / PLOT_FILE
+    tmp = out.with_name("." + PLOT_FILE + ".tmp.png")
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    tmp.replace(out)
+    return out
