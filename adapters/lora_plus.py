@@ -31,7 +31,7 @@ class LoraPlusOptions:
     eps: float = 1e-8
 
 
-@registry.optimizer("lora-plus", options=LoraPlusOptions,
+@registry.optimizer("lora-plus", options=LoraPlusOptions, architectures=("lora",),
                     description="AdamW with lr(B) = λ·lr(A) (LoRA+)")
 def build_lora_plus(model: nn.Module, lr: float, config: Any, **options: Any) -> torch.optim.Optimizer:
     opts = {**LoraPlusOptions().__dict__, **config.axis_options("optimizer"), **options}

@@ -1,0 +1,230 @@
+"""LoRA-Pro (lora-pro.md, "Tests that must pass" 1-6, 8, 9; 7 is in test_optim_distributed.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import peftkit
+from peftkit.optim import factor_pairs
+
+from peftkit.adapters.lora_pro import adjusted_gradients, equivalent_gradient
+from optim_fixtures import (ShapeRecorder, effective_weight, quadratic_grad, quadratic_loss, quadratic_problem,
+                            single_linear)
+
+M, N, R = 7, 5, 2
+
+
+def random_case(seed: int = 0, m: int = M, n: int = N, r: int = R, zero_b: bool = False):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(r, n, generator=gen, dtype=torch.float64)
+    b = torch.zeros(m, r, dtype=torch.float64) if zero_b else torch.randn(m, r, generator=gen, dtype=torch.float64)
+    g = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    return a, b, g
+
+
+def closest_tangent(a, b, g):
+    """P_B G + (I − P_B) G P_A with explicit projectors (fine at test sizes)."""
+    p_b = b @ torch.linalg.pinv(b)
+    p_a = torch.linalg.pinv(a) @ a
+    return p_b @ g + (torch.eye(b.shape[0], dtype=g.dtype) - p_b) @ g @ p_a
+
+
+def rel(x, y) -> float:
+    return ((x - y).norm() / y.norm()).item()
+
+
+def test_equivalent_gradient_is_the_least_squares_optimum():
+    s = 1.7
+    a, b, g = random_case()
+    # The map (g^A, g^B) -> s(B g^A + g^B A) as a matrix on row-major vectors, solved by lstsq.
+    jac = s * torch.cat([torch.kron(b, torch.eye(N, dtype=torch.float64)),
+                         torch.kron(torch.eye(M, dtype=torch.float64), a.T.contiguous())], 1)
+    best = (jac @ torch.linalg.lstsq(jac, g.reshape(-1, 1)).solution).reshape(M, N)
+    tilde = equivalent_gradient(a, b, s * b.T @ g, s * g @ a.T, s)
+    assert rel(tilde, best) <= 1e-12
+    assert rel(tilde, closest_tangent(a, b, g)) <= 1e-12
+    # test 6: a wrong s breaks it
+    wrong = equivalent_gradient(a, b, s * b.T @ g, s * g @ a.T, 2 * s)
+    assert rel(wrong, best) > 0.1
+
+
+def test_x_invariance_sylvester_residual_and_minimality():
+    s = 0.8
+    a, b, g = random_case(1)
+    grad_a, grad_b = s * b.T @ g, s * g @ a.T
+    g_a, g_b, x = adjusted_gradients(a, b, grad_a, grad_b, s)
+    tilde = equivalent_gradient(a, b, grad_a, grad_b, s)
+    assert rel(s * (b @ g_a + g_b @ a), tilde) <= 1e-12
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(5):  # any X gives the same weight change
+        other = torch.randn(R, R, generator=gen, dtype=torch.float64)
+        moved = s * (b @ (g_a + (other - x) @ a) + (g_b - b @ (other - x)) @ a)
+        assert rel(moved, tilde) <= 1e-12
+    rhs = -(torch.linalg.inv(b.T @ b) @ grad_a @ a.T) / s**2
+    residual = (b.T @ b) @ x + x @ (a @ a.T) - rhs
+    assert residual.norm() / rhs.norm() <= 1e-12
+
+    def deviation(x_):
+        g_a0, g_b0 = g_a - x @ a, g_b + b @ x
+        return ((g_a0 + x_ @ a - grad_a) ** 2).sum() + ((g_b0 - b @ x_ - grad_b) ** 2).sum()
+
+    best = deviation(x)
+    for _ in range(20):
+        assert deviation(x + 1e-3 * torch.randn(R, R, generator=gen, dtype=torch.float64)) > best
+    zero_x = adjusted_gradients(a, b, grad_a, grad_b, s, x_mode="zero")[2]
+    assert zero_x.abs().max() == 0 and deviation(zero_x) > best
+
+
+def test_zero_b_gives_g_times_p_a():
+    a, b, g = random_case(2, zero_b=True)
+    tilde = equivalent_gradient(a, b, b.T @ g, g @ a.T, 1.0)
+    assert rel(tilde, g @ torch.linalg.pinv(a) @ a) <= 1e-12
+
+
+def one_full_step(lr: float):
+    model, layer = single_linear(M, N, R, alpha=3.0, method="lora-pro")
+    x, y = quadratic_problem(M, N)
+    w0 = effective_weight(layer)
+    pair = factor_pairs(model)[0]
+    a, b, s = pair.a.detach().clone(), pair.b.detach().clone(), pair.scaling
+    g = quadratic_grad(w0, x, y)
+    quadratic_loss(model, x, y).backward()
+    opt = peftkit.optimizer(model, lr, eps=1e-8)
+    opt.step()
+    tilde = equivalent_gradient(a, b, s * b.T @ g, s * g @ a.T, s)
+    direction = tilde / (tilde.abs() + 1e-8)  # bias-corrected Adam direction at step 1
+    expected = -lr * closest_tangent(a, b, direction)
+    return rel(effective_weight(layer) - w0, expected)
+
+
+def test_one_step_end_to_end_first_order():
+    errors = [one_full_step(lr) for lr in (1e-3, 5e-4, 2.5e-4)]
+    assert errors[0] < 1e-2
+    for big, small in zip(errors, errors[1:]):
+        assert 0.4 < small / big < 0.6, errors  # O(η): halves with η
+
+
+def full_rank_deviation(lr: float, steps: int = 5) -> float:
+    m, n = 8, 5
+    model, layer = single_linear(m, n, n, method="lora-pro")  # r = n: P_A = I, g̃ = G
+    x, y = quadratic_problem(m, n)
+    opt = peftkit.optimizer(model, lr)
+    w = effective_weight(layer).requires_grad_(True)
+    adamw = torch.optim.AdamW([w], lr=lr, weight_decay=0.0)
+    w_start = w.detach().clone()
+    for _ in range(steps):
+        quadratic_loss(model, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+        quadratic_loss(lambda inp: inp @ w.T, x, y).backward()
+        adamw.step()
+        adamw.zero_grad()
+    return rel(effective_weight(layer), w.detach()) * w.norm().item() / (w.detach() - w_start).norm().item()
+
+
+def test_full_rank_tracks_adamw_to_second_order():
+    big, small = full_rank_deviation(1e-3), full_rank_deviation(5e-4)
+    assert big < 1e-2 and 0.4 < small / big < 0.6  # relative to the displacement: O(η), i.e. O(η²) per step
+
+
+def test_per_layer_scaling_reaches_the_adjustment():
+    """rsLoRA + alpha_pattern + rank_pattern: each pair's s (from factor_pairs) makes g̃ the optimum."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 9, bias=False), nn.Tanh(), nn.Linear(9, 4, bias=False)).double()
+    model = peftkit.wrap(base, "lora-pro", r=2, alpha=5.0, rslora=True, targets=["0", "2"],
+                         alpha_pattern={"2": 1.5}, rank_pattern={"0": 3})
+    for pair in factor_pairs(model):
+        with torch.no_grad():
+            pair.b.normal_()
+        pair.layer.base_layer.weight.requires_grad_(True)  # autograd then gives G itself
+    x = torch.randn(11, 6, dtype=torch.float64)
+    (model(x) ** 2).sum().backward()
+    scalings = []
+    for pair in factor_pairs(model):
+        g = pair.layer.base_layer.weight.grad
+        tilde = equivalent_gradient(pair.a.detach(), pair.b.detach(), pair.a.grad, pair.b.grad, pair.scaling)
+        assert rel(tilde, closest_tangent(pair.a.detach(), pair.b.detach(), g)) <= 1e-12
+        scalings.append(pair.scaling)
+    assert scalings == pytest.approx([5.0 / 3**0.5, 1.5 / 2**0.5])
+
+
+@pytest.mark.parametrize("mode", ["full", "efficient"])
+def test_no_square_projector_and_state_shapes(mode):
+    m, n, r = 11, 7, 3  # 2r, r, m and n all differ, so an (m, m) or (n, n) shape can only be a projector
+    model, layer = single_linear(m, n, r, dtype=torch.float32, method="lora-pro", mode=mode,
+                                 moment_dtype="bfloat16")
+    x, y = quadratic_problem(m, n, dtype=torch.float32)
+    opt = peftkit.optimizer(model, 1e-3)
+    for _ in range(2):
+        quadratic_loss(model, x, y).backward()
+        with ShapeRecorder() as recorder:
+            opt.step()
+        opt.zero_grad()
+        assert (m, m) not in recorder.shapes and (n, n) not in recorder.shapes
+    state = opt.state[factor_pairs(model)[0].a]
+    if mode == "full":
+        assert state["exp_avg"].shape == (m, n) and state["exp_avg_sq"].shape == (m, n)
+        assert state["exp_avg"].dtype == torch.bfloat16
+    else:
+        assert state["exp_avg"].shape == (r, n)
+
+
+def test_efficient_mode_is_adamw_on_the_adjusted_gradients():
+    model, layer = single_linear(M, N, R, method="lora-pro", mode="efficient", alpha=4.0)
+    pair = factor_pairs(model)[0]
+    x, y = quadratic_problem(M, N)
+    quadratic_loss(model, x, y).backward()
+    g_a, g_b, _ = adjusted_gradients(pair.a.detach(), pair.b.detach(), pair.a.grad, pair.b.grad, pair.scaling)
+    copies = [pair.a.detach().clone().requires_grad_(True), pair.b.detach().clone().requires_grad_(True)]
+    copies[0].grad, copies[1].grad = g_a, g_b
+    reference = torch.optim.AdamW(copies, lr=1e-2, weight_decay=0.1)
+    reference.step()
+    peftkit.optimizer(model, 1e-2, weight_decay=0.1).step()
+    torch.testing.assert_close(pair.a.detach(), copies[0].detach(), atol=1e-14, rtol=0)
+    torch.testing.assert_close(pair.b.detach(), copies[1].detach(), atol=1e-14, rtol=0)
+
+
+def run_pro(scale: float | None, max_grad_norm: float | None = None):
+    """Three LoRA-Pro steps, plain or through a GradScaler with ``scale``; (W_eff, clip norms seen)."""
+    model, layer = single_linear(M, N, R, dtype=torch.float32, method="lora-pro", max_grad_norm=max_grad_norm)
+    x, y = quadratic_problem(M, N, dtype=torch.float32)
+    opt = peftkit.optimizer(model, 1e-2)
+    norms = []
+    for _ in range(3):
+        loss = quadratic_loss(model, x, y)
+        if scale is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            scaler.step(opt)
+        if opt.last_grad_norm is not None:
+            norms.append(opt.last_grad_norm.item())
+        opt.zero_grad()
+    return effective_weight(layer), norms
+
+
+def test_clipping_order_with_loss_scaling():
+    plain, _ = run_pro(None)
+    scaled, _ = run_pro(2.0**12)
+    torch.testing.assert_close(scaled, plain, atol=1e-6, rtol=1e-6)
+    # max_grad_norm clips the unscaled raw gradients by min(1, c/‖raw‖) before the adjustment.
+    clipped, norms = run_pro(2.0**12, max_grad_norm=0.5)
+    model, layer = single_linear(M, N, R, dtype=torch.float32, method="lora-pro")
+    x, y = quadratic_problem(M, N, dtype=torch.float32)
+    opt = peftkit.optimizer(model, 1e-2)
+    for step in range(3):
+        quadratic_loss(model, x, y).backward()
+        raw = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]).norm()
+        assert raw.item() == pytest.approx(norms[step], rel=1e-5)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(min(1.0, 0.5 / (raw.item() + 1e-6)))
+        opt.step()
+        opt.zero_grad()
+    assert max(norms) > 0.5  # the clip was active
+    torch.testing.assert_close(clipped, effective_weight(layer), atol=1e-6, rtol=1e-6)

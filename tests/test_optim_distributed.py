@@ -1,0 +1,83 @@
+"""Two CPU processes (gloo, DDP) with half the global batch each end where one process with the whole batch
+ends, for every pair optimizer (lora-pro.md test 7, loft.md pitfall 8, README §4.3): factors, the AdamW
+tensor and every optimizer state tensor (moments, LoFT's old factors), after 3 steps, ≤ 1e-6.
+
+In fp64: full-space Adam (LoRA-Pro full) normalises every element of the m×n direction, so an element of g̃
+near 0 turns the all-reduce's rounding (about 1e-7 of the largest gradient in fp32) into an update change of
+up to 1/ε times that rounding; measured 1.4e-5 on the factors in fp32, which is rounding, not a bug.
+
+One ``torchrun`` launch covers all optimizers; the one-process reference runs inside the test. Run as a
+script, this file is what each process executes.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+CONFIGS = {
+    "lora-pro-full": ("lora-pro", {}),
+    "lora-pro-efficient": ("lora-pro", {"mode": "efficient"}),
+    "loft": ("loft", {"max_grad_norm": 0.5}),
+    "preconditioner": ("lora-one-preconditioner", {"weight_decay": 0.01}),
+}
+STEPS = 3
+GLOBAL_BATCH = 4
+
+
+def run(rank: int, world: int) -> dict[str, dict[str, torch.Tensor]]:
+    """{config: {tensor name: value}} after STEPS steps on this process's share of each global batch."""
+    import peftkit
+    from helpers import make_batch, randomize_adapters, tiny_llama
+
+    results = {}
+    for key, (name, options) in CONFIGS.items():
+        model = tiny_llama(dtype=torch.float64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peftkit.wrap(model, "lora", r=4, alpha=8)
+        randomize_adapters(model)
+        model.model.norm.weight.requires_grad_(True)  # a non-pair tensor: AdamW inside the same optimizer
+        model.train()
+        opt = peftkit.optimizer(model, 1e-2, name=name, **options)
+        trained = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        for step in range(STEPS):
+            batch = make_batch(model, batch_size=GLOBAL_BATCH, seed=10 + step)
+            share = {k: v.chunk(world)[rank] for k, v in batch.items()}
+            trained(**share).loss.backward()  # DDP averages the gradients over the processes
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        out = {f"param/{n}": p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        for index, state in opt.state_dict()["state"].items():
+            for field, value in state.items():
+                out[f"state/{index}/{field}"] = value.detach().clone()
+        results[key] = out
+    return results
+
+
+def test_two_processes_equal_one(tmp_path):
+    from multiproc import REPO, run_distributed
+
+    run_distributed(REPO / "tests" / "test_optim_distributed.py", 2, tmp_path, timeout=240)
+    reference = run(0, 1)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got.keys() == reference.keys()
+        for key, tensors in reference.items():
+            assert got[key].keys() == tensors.keys(), key
+            assert any(name.endswith("/partner_old") for name in tensors) == (key == "loft")
+            for name, value in tensors.items():
+                torch.testing.assert_close(got[key][name], value, atol=1e-6, rtol=1e-6, msg=f"{key} {name} (rank {rank})")
+
+
+if __name__ == "__main__":
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    results = run(dist.get_rank(), dist.get_world_size())
+    torch.save(results, os.path.join(os.environ["PEFTKIT_TEST_OUT"], f"rank{dist.get_rank()}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
