@@ -1,0 +1,213 @@
+"""The training loop: LR schedule, batch order, data formats, resume == uninterrupted, signals, NaN stop,
+gradient accumulation, metrics and plot. Tiny config-built models and the byte tokenizer: no downloads."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+import peftkit
+from peftkit.errors import ConfigError
+from peftkit.inject import adapter_layers
+from peftkit.train import from_dict, train
+from peftkit.train import checkpointing
+from peftkit.train.data import IGNORE_INDEX, BatchPlan, byte_tokenizer, collate, tokenize, topics
+from peftkit.train.loop import lr_lambda
+from peftkit.train.recipe import DataSection
+
+from train_fixtures import adapter_tensors, llama_text_recipe, read_metrics
+
+
+def test_lr_schedule_warmup_then_cosine_and_linear(tmp_path):
+    recipe = from_dict(llama_text_recipe(tmp_path, training__max_steps=10, training__warmup=4))
+    factor = lr_lambda(recipe)
+    assert [factor(s) for s in range(4)] == pytest.approx([1 / 5, 2 / 5, 3 / 5, 4 / 5])
+    assert factor(4) == pytest.approx(1.0)
+    assert factor(7) == pytest.approx(0.5 * (1 + math.cos(math.pi * 3 / 6)))
+    assert factor(10) == pytest.approx(0.0, abs=1e-12)
+    linear = lr_lambda(from_dict(llama_text_recipe(tmp_path, training__max_steps=10, training__warmup=0.2,
+                                                   training__lr_schedule="linear")))
+    assert linear(2) == pytest.approx(1.0) and linear(6) == pytest.approx(0.5)
+
+
+def test_batch_plan_two_processes_read_what_one_process_reads_at_twice_the_batch():
+    one = BatchPlan(40, 6, world_size=1, rank=0, seed=5)
+    ranks = [BatchPlan(40, 3, world_size=2, rank=r, seed=5) for r in range(2)]
+    assert one.batches_per_epoch == 6 and ranks[0].batches_per_epoch == 6
+    for position in range(15):  # crosses two epoch boundaries
+        assert one.indices(position) == ranks[0].indices(position) + ranks[1].indices(position)
+    epoch = [i for p in range(6) for i in one.indices(p)]
+    assert len(set(epoch)) == 36 and one.indices(6) != one.indices(0)  # no repeats; a new order next epoch
+    assert BatchPlan(40, 6, seed=5).indices(7) == one.indices(7)  # a pure function of (seed, position)
+
+
+def test_instruction_labels_cover_only_the_response():
+    tokenizer = byte_tokenizer()
+    data = DataSection(train="x", format="instruction", max_length=64)
+    out = tokenize([{"prompt": "ab", "response": "xyz"}], tokenizer, data)
+    ids, labels = out.input_ids[0], out.labels[0]
+    prompt = tokenizer("ab\n")["input_ids"]
+    response = tokenizer("xyz", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert ids == prompt + response
+    assert labels == [IGNORE_INDEX] * len(prompt) + response
+
+    # With a chat template: the user turn is the prompt, the assistant turn is the only labelled part.
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    out = tokenize([{"prompt": "ab", "response": "xyz"}], tokenizer, data)
+    text = tokenizer.decode(out.input_ids[0])
+    assert text == "<user>ab<assistant>xyz"
+    labelled = [t for t, y in zip(out.input_ids[0], out.labels[0]) if y != IGNORE_INDEX]
+    assert tokenizer.decode(labelled) == "xyz"
+
+
+def test_text_packing_and_classification_pairs():
+    tokenizer = byte_tokenizer()
+    packed = tokenize([{"text": "abcdef"}, {"text": "ghij"}], tokenizer, DataSection(train="x", max_length=4))
+    eos = tokenizer.eos_token_id
+    stream = tokenizer("abcdef")["input_ids"] + [eos] + tokenizer("ghij")["input_ids"] + [eos]
+    assert packed.input_ids == [stream[0:4], stream[4:8], stream[8:12]] and packed.labels == packed.input_ids
+
+    data = DataSection(train="x", format="classification", text_pair_column="other", max_length=16)
+    rows = [{"text": "ab", "other": "cd", "label": "yes"}, {"text": "e", "other": "f", "label": "no"}]
+    out = tokenize(rows, tokenizer, data)
+    assert out.label_names == ["no", "yes"] and out.labels == [1, 0]
+    assert out.input_ids[0] == tokenizer("ab", "cd")["input_ids"]
+    batch = collate(out, [0, 1], tokenizer.pad_token_id, classification=True)
+    assert batch["labels"].tolist() == [1, 0]
+    assert batch["attention_mask"].sum(1).tolist() == [len(out.input_ids[0]), len(out.input_ids[1])]
+
+
+def test_generated_quickstart_task_is_deterministic_and_balanced():
+    train_rows, eval_rows = topics("train"), topics("validation")
+    assert train_rows == topics("train") and len(train_rows) == 512 and len(eval_rows) == 192
+    labels = [r["label"] for r in train_rows]
+    assert {labels.count(c) for c in set(labels)} == {128}
+    assert not {r["text"] for r in train_rows} & {r["text"] for r in eval_rows}
+
+
+def test_resume_after_sigint_gives_the_uninterrupted_adapter(tmp_path):
+    # Adapter dropout (RNG), grad accumulation, warmup + cosine and epoch boundaries (8 texts pack into ~22
+    # blocks of 16 tokens: 5 micro-batches of 4 per epoch, 16 micro-batches in the run) must all line up.
+    settings = dict(adapter__dropout=0.1, training__grad_accum=2, training__max_steps=8, data__max_train_samples=8)
+    reference = train(from_dict(llama_text_recipe(tmp_path / "a", **settings)))
+    assert reference.status == "done"
+
+    def interrupt(step, record):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    recipe = from_dict(llama_text_recipe(tmp_path / "b", **settings))
+    stopped = train(recipe, hooks=[interrupt])
+    assert (stopped.status, stopped.step, stopped.signal_number) == ("interrupted", 3, signal.SIGINT)
+    assert [p.name for p in checkpointing.checkpoint_dirs(recipe.training.output_dir)] == ["step-000003"]
+    assert not (tmp_path / "b" / "run" / "adapter").exists()
+    resumed = train(recipe, resume=True)
+    assert resumed.status == "done" and resumed.step == 8
+    assert read_metrics(tmp_path / "b" / "run")[-2]["epoch"] > 3  # crossed epoch boundaries
+
+    expected, got = adapter_tensors(tmp_path / "a" / "run"), adapter_tensors(tmp_path / "b" / "run")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    # metrics.jsonl: every step once, the same losses as the uninterrupted run
+    ref_losses = [r["loss"] for r in read_metrics(tmp_path / "a" / "run") if "loss" in r]
+    got_losses = [r["loss"] for r in read_metrics(tmp_path / "b" / "run") if "loss" in r]
+    assert got_losses == ref_losses and len(ref_losses) == 8
+    assert reference.eval_metrics == resumed.eval_metrics
+    assert (tmp_path / "b" / "run" / "loss.png").stat().st_size > 1000
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    recipe = from_dict(llama_text_recipe(tmp_path, training__save_every=2, training__max_steps=8))
+    model_holder = {}
+
+    def poison(step, record):
+        if step == 3:  # corrupt an adapter weight: the loss of step 4 is NaN
+            layer = next(iter(adapter_layers(model_holder["model"]).values()))
+            with torch.no_grad():
+                next(layer.adapters.parameters()).fill_(float("nan"))
+
+    from peftkit.train import loop
+
+    original = loop.prepare
+
+    def capture(recipe, accelerator=None):
+        run = original(recipe, accelerator)
+        model_holder["model"] = run.model
+        return run
+
+    loop.prepare = capture
+    try:
+        result = train(recipe, hooks=[poison])
+    finally:
+        loop.prepare = original
+    assert result.status == "nan" and result.step == 3
+    assert "the loss is nan at step 4" in capsys.readouterr().out
+    dirs = checkpointing.checkpoint_dirs(recipe.training.output_dir)
+    assert [p.name for p in dirs] == ["step-000002"] and result.checkpoint == dirs[0]
+    saved = checkpointing.adapter_io.read_tensors(dirs[0] / "trainable.safetensors")
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_grad_accumulation_equals_the_larger_batch(tmp_path):
+    # Packed text: every micro-batch has the same token count, so mean(mean of halves) == mean of the whole.
+    big = train(from_dict(llama_text_recipe(tmp_path / "big", training__batch_size=4, training__max_steps=4)))
+    accumulated = train(from_dict(llama_text_recipe(tmp_path / "acc", training__batch_size=2,
+                                                    training__grad_accum=2, training__max_steps=4)))
+    assert big.status == accumulated.status == "done"
+    a, b = adapter_tensors(tmp_path / "big" / "run"), adapter_tensors(tmp_path / "acc" / "run")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_B" in k)  # it trained
+
+
+def test_existing_run_needs_resume_and_resume_needs_a_run(tmp_path):
+    recipe = from_dict(llama_text_recipe(tmp_path, training__max_steps=1))
+    with pytest.raises(ConfigError, match="--resume: no checkpoint"):
+        train(recipe, resume=True)
+    train(recipe)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(recipe)
+    changed = from_dict(llama_text_recipe(tmp_path, training__max_steps=2, training__batch_size=2))
+    with pytest.raises(peftkit.CheckpointError, match="batch_size"):
+        train(changed, resume=True)
+
+
+@pytest.mark.parametrize("method,options", [
+    ("coto", {"initial_p": 0.3, "stage1_ratio": 0.75}),
+    ("elalora", {"r": 4, "t_init": 1, "t_final": 1, "delta_t": 1, "budget": 2, "k": 1}),
+])
+def test_resume_restores_schedule_state(tmp_path, method, options):
+    """Schedules with state (CoTo's gates, ElaLoRA's scores, masks and reallocations, which also reset
+    optimizer moments): interrupted at step 3 and resumed == uninterrupted, on a tiny BERT classifier."""
+    from train_fixtures import TINY_CONFIGS, classification_rows, write_jsonl
+
+    def recipe(folder):
+        train_file = write_jsonl(folder / "train.jsonl", classification_rows(32, seed=1, pair="pair"))
+        return from_dict({
+            "model": {"config": dict(TINY_CONFIGS["bert"]), "tokenizer": "bytes", "task": "sequence-classification"},
+            "data": {"train": train_file, "format": "classification", "text_pair_column": "pair", "max_length": 48},
+            "adapter": {"method": method, **options},
+            "optimizer": {"lr": 1e-2},
+            "training": {"max_steps": 7, "batch_size": 4, "log_every": 1, "warmup": 1,
+                         "output_dir": str(folder / "run"), "seed": 1},
+            "logging": {"progress_bar": False},
+        })
+
+    assert train(recipe(tmp_path / "a")).status == "done"
+    stopped = train(recipe(tmp_path / "b"), hooks=[lambda step, _: step == 3 and os.kill(os.getpid(), signal.SIGTERM)])
+    assert (stopped.status, stopped.step, stopped.signal_number) == ("interrupted", 3, signal.SIGTERM)
+    assert train(recipe(tmp_path / "b"), resume=True).status == "done"
+    expected, got = adapter_tensors(tmp_path / "a" / "run"), adapter_tensors(tmp_path / "b" / "run")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    if method == "elalora":  # the run really reallocated ranks (and the history survived the resume)
+        states = torch.load(checkpointing.latest(tmp_path / "b" / "run") / "optimizer.pt", weights_only=True)
+        assert states["schedule"]["history"]
