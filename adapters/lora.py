@@ -47,8 +47,10 @@ class LoraBranch(nn.Module):
         """Freeze (A0, B0) as the offset pair: A0 (r0, in), B0 (out, r0), in the branch dtype."""
         dtype = self.lora_A.weight.dtype
         device = self.lora_A.weight.device
-        self.offset_A = a0.detach().to(device, dtype).contiguous()
-        self.offset_B = b0.detach().to(device, dtype).contiguous()
+        # Always a copy: the offset must not move when the tensors it was built from (e.g. the live
+        # trainable factors at init) are updated.
+        self.offset_A = a0.detach().to(device, dtype).clone(memory_format=torch.contiguous_format)
+        self.offset_B = b0.detach().to(device, dtype).clone(memory_format=torch.contiguous_format)
 
     def effective_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A', B') with ΔW = s·B'·A': the trainable pair, stacked with the negated offset pair if any."""

@@ -1,0 +1,139 @@
+"""LoRA-GA (lora-ga.md): (A₀, B₀) from the SVD of the full-weight gradient G, function kept by a frozen offset.
+
+With G = U Σ Vᵀ and disjoint index sets I_A ∪ I_B = {0..2r−1} (``direction``): A₀ = c·V_{I_A}ᵀ, B₀ = c·U_{I_B},
+so that the first SGD step moves W by −η s² c² [G]_{2r} (the authors' semantics, cos = 1). The frozen offset pair
+(``LoraBranch.set_offset(A₀, B₀)``) gives ΔW = s(B·A − B₀A₀) = 0 at init on any base, quantized included,
+and the saved adapter is the exact rank-2r PEFT LoRA [A; A₀], [B, −B₀] valid on the original base.
+
+``peft_compat=True`` reproduces PEFT 0.21.2's variant instead (B·diag(σ_{I_B}), ``stable`` on B only with
+out = weight.shape[0] as stored, ``random`` with the same indices for A and B, ``weight_svd``, ``gd`` on both).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from peftkit import registry
+from peftkit.errors import ConfigError
+from peftkit.stats import (adapter_name_of, check_batches, check_double_rank, gradient_statistics,
+                           top_singular_triplets)
+
+DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
+SCALES = ("stable", "gd", "unit", "weightS", "weight_svd")
+
+
+@dataclass
+class LoraGAOptions:
+    direction: str = "ArB2r"  # which of the top-2r singular vectors go to A and to B (lora-ga.md table)
+    scale: str = "stable"  # stable: c = out^{1/4}/√γ; gd: 1/s; unit: 1; weightS: mean √(σᵢ(W)/s), i < r
+    stable_gamma: float = 16.0  # γ of the stable scale
+    norm_clip: bool = False  # shrink the init when max|s·B₀A₀| > max|W| (authors' option)
+    peft_compat: bool = False  # PEFT 0.21.2's variant (module docstring), for parity
+    gradient_sketch: int | None = None  # k: single-pass randomized SVD from sketches G·Ω, Gᵀ·Ψ (None: exact)
+
+
+def _split(direction: str, r: int, peft_compat: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(I_A, I_B): indices into the top-2r singular triplets."""
+    if direction == "ArB2r":
+        return torch.arange(r), torch.arange(r, 2 * r)
+    if direction == "A2rBr":
+        return torch.arange(r, 2 * r), torch.arange(r)
+    if direction == "ArBr":
+        return torch.arange(1, 2 * r, 2), torch.arange(0, 2 * r, 2)
+    perm = torch.randperm(2 * r)  # the wrap's seeded RNG: identical on every process
+    return (perm[:r], perm[:r]) if peft_compat else (perm[:r], perm[r:])
+
+
+def _check(options: dict) -> None:
+    if options["direction"] not in DIRECTIONS:
+        raise ConfigError(f"direction: expected one of {DIRECTIONS}, got {options['direction']!r}")
+    if options["scale"] not in SCALES:
+        raise ConfigError(f"scale: expected one of {SCALES}, got {options['scale']!r}")
+    if options["scale"] == "weight_svd" and not options["peft_compat"]:
+        raise ConfigError("scale: 'weight_svd' is PEFT's variant; pass peft_compat=True, or use scale='weightS'")
+    if not options["stable_gamma"] > 0:
+        raise ConfigError(f"stable_gamma: expected a positive number, got {options['stable_gamma']!r}")
+    sketch = options["gradient_sketch"]
+    if sketch is not None and (isinstance(sketch, bool) or not isinstance(sketch, int) or sketch <= 0):
+        raise ConfigError(f"gradient_sketch: expected None or a positive sketch size k, got {sketch!r}")
+
+
+def lora_ga_factors(grad_u: torch.Tensor, grad_s: torch.Tensor, grad_vh: torch.Tensor, r: int, s: float,
+                    layer, options: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A₀ (r, in), B₀ (out, r)) in fp32 from the top-2r signed triplets of G (out × in)."""
+    idx_a, idx_b = _split(options["direction"], r, options["peft_compat"])
+    a0 = grad_vh[idx_a]
+    b0 = grad_u[:, idx_b]
+    out_features = layer.out_features
+    scale = options["scale"]
+    if options["peft_compat"]:
+        b0 = b0 * grad_s[idx_b]
+        stored_out = layer.base_layer.weight.shape[0] if layer.kind == "conv1d" else out_features
+        if scale == "stable":
+            b0 = b0 * (stored_out ** 0.25 / math.sqrt(options["stable_gamma"]))
+        elif scale == "weight_svd":
+            sigma_w = torch.linalg.svdvals(layer.base_weight())[0]
+            if grad_s[idx_b][0] > 0:
+                b0 = b0 * (sigma_w / grad_s[idx_b][0])
+        elif scale == "gd":
+            a0, b0 = a0 / s, b0 / s
+        elif scale == "weightS":
+            raise ConfigError("scale: 'weightS' is the authors' option; PEFT's is 'weight_svd' (peft_compat=True)")
+        return a0, b0
+    if scale == "stable":
+        c = out_features ** 0.25 / math.sqrt(options["stable_gamma"])
+    elif scale == "gd":
+        c = 1.0 / s  # s²·c_A·c_B = 1: the first step is −η·[G]_2r (the full-FT step size)
+    elif scale == "unit":
+        c = 1.0
+    else:  # weightS
+        sigma_w = torch.linalg.svdvals(layer.base_weight())[:r]
+        c = float(torch.sqrt(sigma_w / s).mean())
+    return a0 * c, b0 * c
+
+
+@registry.init("lora-ga", options=LoraGAOptions, needs_data=True, architectures=("lora",),
+               description="A₀, B₀ from the SVD of the full-weight gradient, frozen offset keeps the function")
+def lora_ga_init(model, layers, config, data) -> None:
+    options = config.axis_options("init")
+    _check(options)
+    batches = check_batches(data, "lora-ga")
+    adapter = adapter_name_of(model, config)
+    check_double_rank(layers, adapter, 2, "LoRA-GA")
+    sketch = options["gradient_sketch"]
+    size = None if sketch is None else max(sketch, 2 * max(l.ranks[adapter] for l in layers.values()))
+    stats = gradient_statistics(model, layers, batches, sketch_size=size, seed=config.seed)
+    for name, layer in layers.items():
+        stat = stats.pop(name)  # freed after its layer: one full-size matrix at a time beyond the statistics
+        r = layer.ranks[adapter]
+        s = layer.scaling[adapter]
+        branch = layer.adapters[adapter]
+        u, sv, vh = top_singular_triplets(stat, 2 * r)
+        del stat
+        if not sv[0] > 0:
+            warnings.warn(f"lora-ga: {name} got a zero gradient on the given batches; it keeps the standard LoRA "
+                          "init (B = 0)", stacklevel=2)
+            continue
+        a0, b0 = lora_ga_factors(u, sv, vh, r, s, layer, options)
+        if options["norm_clip"] and not options["peft_compat"]:
+            ratio = float(layer.base_weight().abs().max() / (s * (b0 @ a0)).abs().max())
+            if ratio < 1.0:
+                a0, b0 = a0 * math.sqrt(ratio), b0 * math.sqrt(ratio)
+        dtype = branch.lora_A.weight.dtype
+        with torch.no_grad():
+            # Cast first, then offset from the cast values: ΔW = s(BA − B₀A₀) is zero in the adapter dtype.
+            branch.lora_A.weight.copy_(a0.to(dtype))
+            branch.lora_B.weight.copy_(b0.to(dtype))
+        # Copies: the frozen pair must not share storage with the trainable one.
+        branch.set_offset(branch.lora_A.weight.detach().clone(), branch.lora_B.weight.detach().clone())
+
+
+registry.register_method(
+    "lora-ga", architecture="lora", init="lora-ga", defaults={"rslora": True, "alpha": 16.0},
+    description="LoRA-GA (Wang et al. 2024): gradient-SVD init whose first step follows the rank-2r full-FT step; "
+                "rsLoRA, stable scale, function kept by a frozen offset; saved as an exact rank-2r PEFT LoRA",
+)

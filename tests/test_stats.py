@@ -1,0 +1,102 @@
+"""peftkit.stats: hook gradients equal autograd's, weighted means, the sketch SVD, the incremental PCA, the
+sign convention, and the data errors of the data-driven inits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import peftkit
+from peftkit.errors import ConfigError
+from peftkit.inject import adapter_layers
+from peftkit.stats import (GradientSketch, IncrementalPCA, gradient_statistics, signed_svd, sketch_svd,
+                           subspace_cosines)
+
+from helpers import make_batches, tiny_gpt2, tiny_llama
+
+
+def _autograd_weight_grads(model, batches, weights):
+    """Σ_b w_b ∂L_b/∂W / Σ w_b for every linear weight, via weight.grad on a plain model in train mode."""
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    total = sum(weights)
+    for batch, w in zip(batches, weights):
+        (model(**batch).loss * (w / total)).backward()
+    return model
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2-conv1d"])
+def test_hook_gradient_equals_autograd_weighted_by_samples(factory):
+    batches = make_batches(factory(dtype=torch.float64) if factory is tiny_llama else factory(), n=2) + \
+        make_batches(factory(), n=1, batch_size=5, seed=7)  # uneven batch sizes: weights 2, 2, 5
+    reference = _autograd_weight_grads(factory(dtype=torch.float64), batches, [2, 2, 5])
+    model = peftkit.wrap(factory(dtype=torch.float64), "lora", r=2)
+    layers = adapter_layers(model)
+    stats = gradient_statistics(model, layers, batches)
+    modules = dict(reference.named_modules())
+    assert len(stats) >= 7
+    for name, g in stats.items():
+        expected = modules[name].weight.grad
+        expected = expected.t() if factory is tiny_gpt2 else expected  # Conv1D stores (in, out)
+        # fp64 model, but Llama's softmax runs in fp32: the loss weighting before/after backward rounds apart.
+        torch.testing.assert_close(g, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+    assert not model.training  # modes restored
+
+
+def test_sketch_svd_recovers_low_rank_gradient_subspace():
+    gen = torch.Generator().manual_seed(0)
+    m, n, k = 60, 40, 12
+    g = torch.randn(m, 6, generator=gen, dtype=torch.float64) @ torch.randn(6, n, generator=gen, dtype=torch.float64)
+    g += 1e-6 * torch.randn(m, n, generator=gen, dtype=torch.float64)
+    omega, psi = torch.randn(n, k, generator=gen, dtype=torch.float64), torch.randn(m, 2 * k + 1, generator=gen, dtype=torch.float64)
+    u, s, vh = sketch_svd(GradientSketch(g @ omega, g.t() @ psi, omega, psi), 6)
+    ue, se, vhe = signed_svd(g)
+    assert subspace_cosines(u.double(), ue[:, :6]).min() > 1 - 1e-8
+    assert subspace_cosines(vh.double().t(), vhe[:6].t()).min() > 1 - 1e-8
+    torch.testing.assert_close(s.double(), se[:6], rtol=1e-5, atol=0)
+    # Same sign convention as the exact SVD: the factors agree, not only their spans.
+    torch.testing.assert_close(u.double(), ue[:, :6], atol=1e-4, rtol=0)
+
+
+def test_signed_svd_sign_convention():
+    gen = torch.Generator().manual_seed(1)
+    g = torch.randn(9, 7, generator=gen, dtype=torch.float64)
+    u, s, vh = signed_svd(g)
+    torch.testing.assert_close(u @ torch.diag(s) @ vh, g)
+    u2, _, vh2 = signed_svd(-g)  # −G flips each pair's sign choice consistently
+    picked = u.abs().argmax(0)
+    assert (u[picked, torch.arange(7)] > 0).all() and (u2[u2.abs().argmax(0), torch.arange(7)] > 0).all()
+
+
+def test_incremental_pca_equals_pca_of_all_rows():
+    gen = torch.Generator().manual_seed(2)
+    d = 10
+    basis = torch.linalg.qr(torch.randn(d, d, generator=gen))[0]
+    data = (torch.randn(600, d, generator=gen) * torch.linspace(3, 0.1, d)) @ basis.t() + 5.0
+    pca = IncrementalPCA(d)  # k = d: the incremental update is exact
+    for chunk in data.split(150):
+        pca.partial_fit(chunk)
+    centred = (data - data.mean(0)).double()
+    _, s, vh = torch.linalg.svd(centred, full_matrices=False)
+    torch.testing.assert_close(pca.singular_values.double(), s, rtol=1e-4, atol=1e-4)
+    cos = (pca.components.double() * vh).sum(1).abs()
+    assert cos[:8].min() > 1 - 1e-4
+    torch.testing.assert_close(pca.explained_variance_ratio, s ** 2 / (centred ** 2).sum(), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("method", ["lora-ga", "lora-one", "eva"])
+def test_data_errors_are_clear_and_leave_the_model_unwrapped(method):
+    model = tiny_llama()
+    batch = make_batches(model, n=1)[0]
+    cases = [(None, "pass data="), ([], "is empty"), (batch, "single batch"), (torch.ones(2, 3), "iterable of batches"),
+             ([torch.ones(2, 3)], "expected a dict of tensors")]
+    for data, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            peftkit.wrap(model, method, data=data)
+        assert not adapter_layers(model) and "peftkit" not in model.__dict__
+    if method != "eva":
+        no_labels = [{k: v for k, v in batch.items() if k != "labels"}]
+        with pytest.raises(ConfigError, match="no loss"):
+            peftkit.wrap(model, method, data=no_labels)
+        assert not adapter_layers(model)
