@@ -120,10 +120,7 @@ class ElaloraLayer(AdapterLayer):
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        for name in self.active_adapters:
-            if name in self.gated_off:
-                continue
-            branch = self.adapters[name]
+        for name, branch in self.live_branches():
             q = branch.lora_A
             x_a = x if x.dtype == q.dtype else x.to(q.dtype)
             if branch.dropout is not None:

@@ -134,10 +134,7 @@ class HydraLayer(AdapterLayer):
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        for name in self.active_adapters:
-            if name in self.gated_off:
-                continue
-            branch = self.adapters[name]
+        for name, branch in self.live_branches():
             dtype = branch.parallel_A.weight.dtype
             # The sequential branch reads the output before this adapter's own change (y₀ for the first one).
             previous = result.to(dtype)

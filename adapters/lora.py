@@ -100,10 +100,7 @@ class LoraLayer(AdapterLayer):
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        for name in self.active_adapters:
-            if name in self.gated_off:
-                continue
-            branch = self.adapters[name]
+        for name, branch in self.live_branches():
             a, b = branch.effective_factors()
             x_a = x if x.dtype == a.dtype else x.to(a.dtype)
             if branch.dropout is not None:
@@ -198,10 +195,7 @@ class LoraEmbeddingLayer(LoraLayer):
         result = base(x, *args, **kwargs)
         # A scaled embedding (e.g. Gemma's embed_scale) scales the adapter's output too, as PEFT does.
         embed_scale = getattr(base, "embed_scale", None)
-        for name in self.active_adapters:
-            if name in self.gated_off:
-                continue
-            branch = self.adapters[name]
+        for name, branch in self.live_branches():
             rows = F.embedding(x, branch.lora_embedding_A.t(), base.padding_idx, base.max_norm, base.norm_type,
                                base.scale_grad_by_freq, base.sparse)  # (..., r)
             delta = (rows @ branch.lora_embedding_B.t()) * self.scaling[name]
@@ -294,10 +288,7 @@ class LoraConvLayer(LoraLayer):
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        for name in self.active_adapters:
-            if name in self.gated_off:
-                continue
-            branch = self.adapters[name]
+        for name, branch in self.live_branches():
             x_a = x if x.dtype == branch.lora_A.weight.dtype else x.to(branch.lora_A.weight.dtype)
             if branch.dropout is not None:
                 x_a = branch.dropout(x_a)

@@ -214,6 +214,12 @@ class AdapterLayer(nn.Module):
     def branch_on(self, name: str) -> bool:
         return name not in self.gated_off
 
+    def live_branches(self) -> Iterator[tuple[str, nn.Module]]:
+        """(name, branch) of every active adapter whose gate is open, in activation order: what a forward adds."""
+        for name in self.active_adapters:
+            if name not in self.gated_off:
+                yield name, self.adapters[name]
+
     # --------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disabled or not self.active_adapters:
