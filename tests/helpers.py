@@ -5,8 +5,10 @@ Import as ``from helpers import tiny_llama, ...`` (pytest puts tests/ on sys.pat
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
 import tempfile
 import warnings
 
@@ -55,6 +57,7 @@ def tiny_bert(seed: int = 0, num_labels: int = 3, dtype: torch.dtype = torch.flo
 @functools.lru_cache(maxsize=None)
 def _saved_llama_dir(seed: int) -> str:
     folder = tempfile.mkdtemp(prefix="peftkit-llama-")
+    atexit.register(shutil.rmtree, folder, True)
     tiny_llama(seed).save_pretrained(folder)
     return folder
 
