@@ -21,7 +21,6 @@ ranks: lora_A = diag(E) Q and lora_B = P over the active slots, s kept through `
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 

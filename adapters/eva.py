@@ -68,7 +68,6 @@ def eva_components(model, layers, config, batches, adapter: str) -> tuple[dict[s
     options = config.axis_options("init")
     ranks = {name: layer.ranks[adapter] for name, layer in layers.items()}
     caps = {name: min(round(ranks[name] * options["rho"]), layer.in_features) for name, layer in layers.items()}
-    budget = sum(ranks.values())
     current: dict[str, torch.Tensor | None] = {"mask": None}
     device = next(model.parameters()).device
 

@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
 import warnings
 from collections import Counter
@@ -24,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from . import registry
-from .config import AdapterConfig, _name_matches, resolve_config
+from .config import AdapterConfig, _name_matches
 from .errors import CheckpointError, ConfigError
 from .inject import (adapter_layers, drop_adapter, inject, parameter_flags, remove, restore_parameter_flags,
                      saved_modules, state_of)

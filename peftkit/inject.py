@@ -25,8 +25,6 @@ class PeftkitState:
 
     configs: dict[str, AdapterConfig] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
-    # Whatever schedules/optimizers need to find again (e.g. init metadata); JSON-serialisable.
-    extras: dict[str, dict] = field(default_factory=dict)
 
 
 def state_of(model: nn.Module, *, required: bool = True) -> PeftkitState | None:

@@ -211,9 +211,6 @@ class AdapterLayer(nn.Module):
     def set_active(self, names: list[str]) -> None:
         self.active_adapters = [n for n in names if n in self.adapters]
 
-    def branch_on(self, name: str) -> bool:
-        return name not in self.gated_off
-
     def live_branches(self) -> Iterator[tuple[str, nn.Module]]:
         """(name, branch) of every active adapter whose gate is open, in activation order: what a forward adds."""
         for name in self.active_adapters:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -140,10 +140,7 @@ def default_init(model: nn.Module, layers: dict[str, AdapterLayer], config: Any,
     return None
 
 
-def iter_adapter_params(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            yield name, param
+
 
 
 # ------------------------------------------------------------------------------------------ pair optimizers

@@ -14,7 +14,7 @@ import torch.nn as nn
 import peftkit
 from peftkit.inject import adapter_layers
 
-from helpers import make_batch, make_batches, output, tiny_llama, tiny_llama_4bit
+from helpers import make_batch, output, tiny_llama, tiny_llama_4bit
 
 from adapters.elalora import _unit_orthogonal, budget_at, step_generator  # noqa: E402  (peftkit.adapters)
 

@@ -134,6 +134,7 @@ def test_orthogonality_singular_values_and_rank():
         q = dense_q(layer.adapters["default"].hra_u)
         v, t = layer.reflections("default")
         q_wy = torch.eye(24, dtype=torch.float64) - v @ t @ v.t()
+        torch.testing.assert_close(q_wy, q, atol=1e-12, rtol=0)  # the WY form is the explicit reflection product
         torch.testing.assert_close(q_wy.t() @ q_wy, torch.eye(24, dtype=torch.float64), atol=1e-12, rtol=0)
         assert abs(torch.linalg.det(q_wy).item() - (-1) ** r) < 1e-10
         weight = layer.base_layer.weight.detach()
@@ -368,7 +369,6 @@ def test_activation_side_is_fast_and_never_builds_an_in_by_in_matrix():
     n_in, n_out, r, tokens = 4096, 16, 8, 64
     layer = hra_layer(in_features=n_in, out_features=n_out, r=r, dtype=torch.float32, bias=False)
     randomize(layer)
-    u = layer.adapters["default"].hra_u
     weight = layer.base_layer.weight.detach()
     x = torch.randn(tokens, n_in, requires_grad=True)
 
