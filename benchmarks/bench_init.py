@@ -1,16 +1,26 @@
 """Init wall time and peak memory of the data-driven inits (LoRA-GA, EVA) against PEFT's, on the issue-2 model.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_init.py --rounds 3     # about 4 minutes on one CPU core
+    OMP_NUM_THREADS=1 python benchmarks/bench_init.py --rounds 3 --timeout 120
 
 Model: Llama config (hidden 512, intermediate 1408, 4 layers, 8 heads, vocab 8000; ``benchmarks/common.py``),
 fp32, adapters r=8 on every linear layer but the LM head; the same 4 batches of 4 x 128 tokens for everyone.
+
+Data: real text, not random ids (on random ids EVA's incremental PCA hardly converges). The batches are cut from
+tiny-shakespeare (``/work/shared/data/tinyshakespeare/input.txt``, or ``--text PATH``; read in place, never
+copied, nothing downloaded) with a byte-level tokenizer: token id = byte value (the file is ASCII, so every id is
+below 128 < vocab 8000). Batch b, row i is the 128 bytes starting at offset (4·b + i)·128, i.e. the first
+4·4·128 bytes of the file in order; labels = input_ids, attention_mask = 1. A missing file is an error (exit 2).
 Contenders:
 
 - ``peft-ga``: PEFT 0.21.2 ``preprocess_loraga`` (weight.grad of every target) + ``get_peft_model``;
 - ``ga-exact``: ``peftkit.wrap(model, "lora-ga", peft_compat=...)`` with the exact SVD of G (hook G = ΔᵀX);
 - ``ga-sketch``: the same with ``gradient_sketch=32`` (single-pass randomized SVD from G·Ω, Gᵀ·Ψ; never forms G);
 - ``peft-eva``: PEFT ``get_peft_model`` + ``initialize_lora_eva_weights``; ``eva``: ``peftkit.wrap(model, "eva")``
-  (both rho=2, tau=0.9; EVA's svd="lowrank" so that both run the same incremental PCA).
+  (both rho=2, tau=0.9, label mask on with value -100, no whitening; peftkit's svd="lowrank" so that both run
+  the same incremental PCA; PEFT's EVA has no cap on forward passes, so peftkit's max_batches is set out of reach).
+
+Every measurement runs under ``--timeout`` seconds; a contender past it is reported as timed out (its time as
+"> timeout", no ratio) and the other contenders are still measured.
 
 Each measurement is one fresh subprocess (model and batches built first, then the kernel's high-water mark is
 reset through /proc/self/clear_refs, then the init alone runs): the init's wall time and its peak resident
@@ -33,6 +43,8 @@ import warnings
 
 CONTENDERS = ["peft-ga", "ga-exact", "ga-sketch", "peft-eva", "eva"]
 RANK, SKETCH = 8, 32
+N_BATCHES, BATCH_SIZE, SEQ_LEN = 4, 4, 128
+DEFAULT_TEXT = "/work/shared/data/tinyshakespeare/input.txt"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -44,17 +56,30 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(field)
 
 
-def run_one(name: str) -> dict:
+def text_batches(path: str) -> list[dict]:
+    """``N_BATCHES`` causal-LM batches, each (BATCH_SIZE, SEQ_LEN) int64, of consecutive byte ids from ``path``."""
+    import torch
+
+    with open(path, "rb") as text:
+        data = text.read(N_BATCHES * BATCH_SIZE * SEQ_LEN)
+    if len(data) < N_BATCHES * BATCH_SIZE * SEQ_LEN:
+        raise SystemExit(f"{path}: {len(data)} bytes, need {N_BATCHES * BATCH_SIZE * SEQ_LEN}")
+    ids = torch.tensor(list(data), dtype=torch.int64).view(N_BATCHES, BATCH_SIZE, SEQ_LEN)
+    return [{"input_ids": b.clone(), "attention_mask": torch.ones_like(b), "labels": b.clone()} for b in ids]
+
+
+def run_one(name: str, text: str) -> dict:
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from common import llama_batch, llama_model
+    from common import LLAMA_BENCH, llama_model
 
     import peftkit
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     model = llama_model(0).eval()
-    batches = [llama_batch(4, 128, seed=i) for i in range(4)]
+    batches = text_batches(text)
+    assert max(int(b["input_ids"].max()) for b in batches) < LLAMA_BENCH["vocab_size"]
     peftkit.methods()  # registry discovery outside the measurement
     import peft  # noqa: F401  (imports outside the measurement, for everyone alike)
     from peft import EvaConfig, LoraConfig, LoraGAConfig, get_peft_model, initialize_lora_eva_weights
@@ -81,11 +106,13 @@ def run_one(name: str) -> dict:
                          gradient_sketch=SKETCH if name == "ga-sketch" else None)
         elif name == "peft-eva":
             config = LoraConfig(r=RANK, lora_alpha=16, target_modules=TARGETS, init_lora_weights="eva",
-                                eva_config=EvaConfig(rho=2.0, tau=0.9))
+                                eva_config=EvaConfig(rho=2.0, tau=0.9, use_label_mask=True, label_mask_value=-100,
+                                                     whiten=False))
             initialize_lora_eva_weights(get_peft_model(model, config), batches, show_progress_bar=False)
         else:
-            peftkit.wrap(model, "eva", r=RANK, alpha=16.0, targets=TARGETS, data=batches, tau=0.9, svd="lowrank",
-                         max_batches=10_000)
+            peftkit.wrap(model, "eva", r=RANK, alpha=16.0, targets=TARGETS, data=batches, rho=2.0, tau=0.9,
+                         use_label_mask=True, label_mask_value=-100, whiten=False, svd="lowrank",
+                         max_batches=1_000_000)
     seconds = time.perf_counter() - start
     result = {"seconds": seconds, "peak_mib": (_rss_kib("VmHWM:") - before) / 1024}
     if name == "ga-sketch":
@@ -111,36 +138,63 @@ def _sketch_error(model, batches) -> dict:
     return {"worst_cos": min(worst), "median_cos": statistics.median(worst)}
 
 
+def _median_ratio(results: dict[str, list[dict | None]], name: str, reference: str, key: str) -> str:
+    """Median over the rounds where both finished of ``name``'s ``key`` / ``reference``'s; "n/a" if none."""
+    pairs = [(a[key], b[key]) for a, b in zip(results[name], results[reference]) if a and b]
+    return f"{statistics.median(a / b for a, b in pairs):.2f}" if pairs else "n/a"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per measurement (whole subprocess)")
+    parser.add_argument("--text", default=DEFAULT_TEXT, help="plain-text corpus the batches are cut from")
+    parser.add_argument("--only", nargs="+", choices=CONTENDERS, default=CONTENDERS, help=argparse.SUPPRESS)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not os.path.isfile(args.text):
+        print(f"error: the text corpus {args.text} does not exist; the benchmark needs tiny-shakespeare "
+              "(plain ASCII) there, or pass --text PATH to another plain-text file", file=sys.stderr)
+        raise SystemExit(2)
     if args.one:
-        print(json.dumps(run_one(args.one)))
+        print(json.dumps(run_one(args.one, args.text)))
         return
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    results: dict[str, list[dict]] = {name: [] for name in CONTENDERS}
+    names = [name for name in CONTENDERS if name in args.only]
+    results: dict[str, list[dict | None]] = {name: [] for name in names}  # None: timed out
     for round_index in range(args.rounds):
-        order = CONTENDERS[round_index % len(CONTENDERS):] + CONTENDERS[:round_index % len(CONTENDERS)]
+        order = names[round_index % len(names):] + names[:round_index % len(names)]
         for name in order:
-            proc = subprocess.run([sys.executable, __file__, "--one", name], env=env, capture_output=True, text=True)
+            command = [sys.executable, __file__, "--one", name, "--text", args.text]
+            try:
+                proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                print(f"round {round_index + 1}: {name} timed out after {args.timeout:.0f} s", file=sys.stderr)
+                results[name].append(None)
+                continue
             if proc.returncode != 0:
                 raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
             results[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    print(f"rounds: {args.rounds}; threads: {env['OMP_NUM_THREADS']}; r={RANK}; 4 batches of 4x128 tokens\n")
-    print("| contender | init time (s, median) | time / PEFT (median of rounds) | peak memory above start (MiB, median) | memory / PEFT |")
-    print("|---|---|---|---|---|")
-    for name in CONTENDERS:
+            print(f"round {round_index + 1}: {name} {results[name][-1]['seconds']:.2f} s", file=sys.stderr)
+    print(f"rounds: {args.rounds}; threads: {env['OMP_NUM_THREADS']}; r={RANK}; {N_BATCHES} batches of "
+          f"{BATCH_SIZE}x{SEQ_LEN} byte tokens of {os.path.basename(args.text)}; timeout {args.timeout:.0f} s\n")
+    print("| contender | init time (s, median) | time / PEFT (median of rounds) | peak memory above start "
+          "(MiB, median) | memory / PEFT | timed out |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
         reference = "peft-ga" if "ga" in name else "peft-eva"
-        times = [r["seconds"] for r in results[name]]
-        peaks = [r["peak_mib"] for r in results[name]]
-        t_ratio = statistics.median(a["seconds"] / b["seconds"] for a, b in zip(results[name], results[reference]))
-        m_ratio = statistics.median(a["peak_mib"] / b["peak_mib"] for a, b in zip(results[name], results[reference]))
-        print(f"| {name} | {statistics.median(times):.2f} | {t_ratio:.2f} | {statistics.median(peaks):.0f} | {m_ratio:.2f} |")
-    sub = results["ga-sketch"][0]["subspace"]
-    print(f"\nga-sketch (k={SKETCH}) vs exact SVD, top-{2 * RANK} subspaces: smallest principal-angle cosine "
-          f"worst layer {sub['worst_cos']:.4f}, median layer {sub['median_cos']:.4f}")
+        done = [r for r in results[name] if r]
+        timed_out = len(results[name]) - len(done)
+        seconds = f"{statistics.median(r['seconds'] for r in done):.2f}" if done else f"> {args.timeout:.0f}"
+        peak = f"{statistics.median(r['peak_mib'] for r in done):.0f}" if done else "n/a"
+        t_ratio = _median_ratio(results, name, reference, "seconds") if reference in results else "n/a"
+        m_ratio = _median_ratio(results, name, reference, "peak_mib") if reference in results else "n/a"
+        print(f"| {name} | {seconds} | {t_ratio} | {peak} | {m_ratio} | {timed_out}/{len(results[name])} |")
+    sketches = [r for r in results.get("ga-sketch", []) if r]
+    if sketches:
+        sub = sketches[0]["subspace"]
+        print(f"\nga-sketch (k={SKETCH}) vs exact SVD, top-{2 * RANK} subspaces: smallest principal-angle cosine "
+              f"worst layer {sub['worst_cos']:.4f}, median layer {sub['median_cos']:.4f}")
 
 
 if __name__ == "__main__":
