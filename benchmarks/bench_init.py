@@ -1,19 +1,19 @@
 """Init wall time and peak memory of the data-driven inits (LoRA-GA, EVA) against PEFT's, on the issue-2 model.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_init.py --rounds 3 --timeout 120
+    OMP_NUM_THREADS=1 python benchmarks/bench_init.py --rounds 2 --timeout 150   # about 7 minutes on one CPU core
 
 Model: Llama config (hidden 512, intermediate 1408, 4 layers, 8 heads, vocab 8000; ``benchmarks/common.py``),
 fp32, adapters r=8 on every linear layer but the LM head; the same 4 batches of 4 x 128 tokens for everyone.
 
 Data: real text, not random ids (on random ids EVA's incremental PCA hardly converges). The batches are cut from
-tiny-shakespeare (``/work/shared/data/tinyshakespeare/input.txt``, or ``--text PATH``; read in place, never
+tiny-shakespeare (``../shared/data/tinyshakespeare/input.txt`` beside the checkout, or ``--text PATH``; read in place, never
 copied, nothing downloaded) with a byte-level tokenizer: token id = byte value (the file is ASCII, so every id is
 below 128 < vocab 8000). Batch b, row i is the 128 bytes starting at offset (4·b + i)·128, i.e. the first
 4·4·128 bytes of the file in order; labels = input_ids, attention_mask = 1. A missing file is an error (exit 2).
 Contenders:
 
 - ``peft-ga``: PEFT 0.21.2 ``preprocess_loraga`` (weight.grad of every target) + ``get_peft_model``;
-- ``ga-exact``: ``peftkit.wrap(model, "lora-ga", peft_compat=...)`` with the exact SVD of G (hook G = ΔᵀX);
+- ``ga-exact``: ``peftkit.wrap(model, "lora-ga")`` (default options) with the exact SVD of G (hook G = ΔᵀX);
 - ``ga-sketch``: the same with ``gradient_sketch=32`` (single-pass randomized SVD from G·Ω, Gᵀ·Ψ; never forms G);
 - ``peft-eva``: PEFT ``get_peft_model`` + ``initialize_lora_eva_weights``; ``eva``: ``peftkit.wrap(model, "eva")``
   (both rho=2, tau=0.9, label mask on with value -100, no whitening; peftkit's svd="lowrank" so that both run
@@ -25,9 +25,10 @@ Every measurement runs under ``--timeout`` seconds; a contender past it is repor
 Each measurement is one fresh subprocess (model and batches built first, then the kernel's high-water mark is
 reset through /proc/self/clear_refs, then the init alone runs): the init's wall time and its peak resident
 memory above what was resident before it. Rounds are interleaved (every contender once per round, rotated);
-the script prints medians and the medians of the per-round ratios to PEFT. ``ga-sketch`` also reports the
-subspace error of its top-2r singular vectors against the exact SVD (smallest principal-angle cosine per
-layer, worst and median over layers). Linux only.
+the script prints medians, the medians of the per-round ratios to PEFT, and the number of forward passes of the
+base model during the init (for EVA: how many batches its incremental PCA needed to converge). ``ga-sketch``
+also reports the subspace error of its top-2r singular vectors against the exact SVD (smallest principal-angle
+cosine per layer, worst and median over layers). Linux only.
 """
 
 from __future__ import annotations
@@ -40,11 +41,13 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 CONTENDERS = ["peft-ga", "ga-exact", "ga-sketch", "peft-eva", "eva"]
 RANK, SKETCH = 8, 32
 N_BATCHES, BATCH_SIZE, SEQ_LEN = 4, 4, 128
-DEFAULT_TEXT = "/work/shared/data/tinyshakespeare/input.txt"
+# The project's shared data folder sits beside the checkout (never inside the repository).
+DEFAULT_TEXT = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -85,6 +88,8 @@ def run_one(name: str, text: str) -> dict:
     from peft import EvaConfig, LoraConfig, LoraGAConfig, get_peft_model, initialize_lora_eva_weights
     from peft.tuners.lora.loraga import preprocess_loraga
 
+    forward_passes = [0]  # forwards of the base model during the init (EVA: how long its PCA took to converge)
+    model.register_forward_pre_hook(lambda module, args: forward_passes.__setitem__(0, forward_passes[0] + 1))
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")
     before = _rss_kib("VmRSS:")
@@ -114,7 +119,7 @@ def run_one(name: str, text: str) -> dict:
                          use_label_mask=True, label_mask_value=-100, whiten=False, svd="lowrank",
                          max_batches=1_000_000)
     seconds = time.perf_counter() - start
-    result = {"seconds": seconds, "peak_mib": (_rss_kib("VmHWM:") - before) / 1024}
+    result = {"seconds": seconds, "peak_mib": (_rss_kib("VmHWM:") - before) / 1024, "forwards": forward_passes[0]}
     if name == "ga-sketch":
         result["subspace"] = _sketch_error(model, batches)
     return result
@@ -122,7 +127,6 @@ def run_one(name: str, text: str) -> dict:
 
 def _sketch_error(model, batches) -> dict:
     """Smallest principal-angle cosine between the sketch's and the exact top-2r singular subspaces (U and V)."""
-    import peftkit
     from peftkit.inject import adapter_layers
     from peftkit.stats import gradient_statistics, signed_svd, sketch_svd, subspace_cosines
 
@@ -175,12 +179,13 @@ def main() -> None:
             if proc.returncode != 0:
                 raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
             results[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(f"round {round_index + 1}: {name} {results[name][-1]['seconds']:.2f} s", file=sys.stderr)
+            print(f"round {round_index + 1}: {name} {results[name][-1]['seconds']:.2f} s, "
+                  f"{results[name][-1]['forwards']} forward passes", file=sys.stderr)
     print(f"rounds: {args.rounds}; threads: {env['OMP_NUM_THREADS']}; r={RANK}; {N_BATCHES} batches of "
           f"{BATCH_SIZE}x{SEQ_LEN} byte tokens of {os.path.basename(args.text)}; timeout {args.timeout:.0f} s\n")
     print("| contender | init time (s, median) | time / PEFT (median of rounds) | peak memory above start "
-          "(MiB, median) | memory / PEFT | timed out |")
-    print("|---|---|---|---|---|---|")
+          "(MiB, median) | memory / PEFT | forward passes | timed out |")
+    print("|---|---|---|---|---|---|---|")
     for name in names:
         reference = "peft-ga" if "ga" in name else "peft-eva"
         done = [r for r in results[name] if r]
@@ -189,7 +194,9 @@ def main() -> None:
         peak = f"{statistics.median(r['peak_mib'] for r in done):.0f}" if done else "n/a"
         t_ratio = _median_ratio(results, name, reference, "seconds") if reference in results else "n/a"
         m_ratio = _median_ratio(results, name, reference, "peak_mib") if reference in results else "n/a"
-        print(f"| {name} | {seconds} | {t_ratio} | {peak} | {m_ratio} | {timed_out}/{len(results[name])} |")
+        forwards = "/".join(sorted({str(r["forwards"]) for r in done})) or "n/a"
+        print(f"| {name} | {seconds} | {t_ratio} | {peak} | {m_ratio} | {forwards} | "
+              f"{timed_out}/{len(results[name])} |")
     sketches = [r for r in results.get("ga-sketch", []) if r]
     if sketches:
         sub = sketches[0]["subspace"]
