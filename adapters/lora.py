@@ -15,8 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from peftkit import registry
-from peftkit.errors import ConfigError
-from peftkit.errors import StateError
+from peftkit.errors import ConfigError, StateError
 from peftkit.layer import AdapterLayer, adapter_dtype, linear_types
 
 
@@ -134,14 +133,15 @@ class LoraLayer(AdapterLayer):
     def load_saved_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         branch = self.adapters[name]
         if branch.offset_A is not None:
-            raise ValueError(f"{self.module_name}: cannot load saved tensors into an adapter with an offset pair")
+            raise StateError(f"{self.module_name}: cannot load saved tensors into an adapter with a frozen offset pair; "
+                             "load the checkpoint into a plain base model (peftkit.load) instead")
         with torch.no_grad():
             branch.lora_A.weight.copy_(tensors["lora_A.weight"])
             branch.lora_B.weight.copy_(tensors["lora_B.weight"])
 
     def saved_rank_alpha(self, name: str) -> tuple[int, float]:
         branch = self.adapters[name]
-        if branch.offset_A is None:
+        if getattr(branch, "offset_A", None) is None:  # embedding and conv branches have no offset pair
             return self.ranks[name], self.alphas[name]
         # Same scaling s at the saved rank r' = r + r0: α' = s·r' (s·√r' with rsLoRA).
         r_saved = self.ranks[name] + branch.offset_A.shape[0]
@@ -226,9 +226,6 @@ class LoraEmbeddingLayer(LoraLayer):
         with torch.no_grad():
             branch.lora_embedding_A.copy_(tensors["lora_embedding_A"])
             branch.lora_embedding_B.copy_(tensors["lora_embedding_B"])
-
-    def saved_rank_alpha(self, name: str) -> tuple[int, float]:
-        return self.ranks[name], self.alphas[name]
 
     def factor_pairs(self) -> Iterator[tuple[str, nn.Parameter, nn.Parameter, float]]:
         # Not offered as a LoRA pair: gradient-hook methods (G = Δᵀ X) and LoRA+'s λ do not apply to lookups.
@@ -321,9 +318,6 @@ class LoraConvLayer(LoraLayer):
         with torch.no_grad():
             branch.lora_A.weight.copy_(tensors["lora_A.weight"])
             branch.lora_B.weight.copy_(tensors["lora_B.weight"])
-
-    def saved_rank_alpha(self, name: str) -> tuple[int, float]:
-        return self.ranks[name], self.alphas[name]
 
     def factor_pairs(self) -> Iterator[tuple[str, nn.Parameter, nn.Parameter, float]]:
         # Conv factors are not (r, in) / (out, r) matrices; they get their A/B roles through tensor_roles.

@@ -23,13 +23,13 @@ from .api import (
     unwrap,
     wrap,
 )
-from .errors import CheckpointError, ConfigError, PeftkitError, StateError
+from .errors import CheckpointError, ConfigError, MergeError, PeftkitError, StateError
 from .regularization import regularization_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterConfig", "CheckpointError", "ConfigError", "PeftkitError", "StateError", "callbacks", "disabled",
+    "AdapterConfig", "CheckpointError", "ConfigError", "MergeError", "PeftkitError", "StateError", "callbacks", "disabled",
     "export", "load", "merge", "methods", "optimizer", "save", "set_adapter", "trainable_parameters", "unmerge",
     "unwrap", "wrap", "regularization_loss",
 ]

@@ -268,6 +268,8 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter_names: list[str
     """Save adapters (all by default): ``default`` into ``directory``, others into ``directory/<name>``."""
     state = state_of(model)
     names = adapter_names or list(state.configs)
+    if Path(directory).exists() and not Path(directory).is_dir():
+        raise CheckpointError(f"{directory}: exists and is not a folder; save the adapter into a folder (new or existing)")
     written = []
     staged = [(name, *adapter_state(model, name, export=export)) for name in names]
     files: list[tuple[str, Path]] = []  # (temporary file, final path)

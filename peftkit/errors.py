@@ -16,3 +16,7 @@ class CheckpointError(PeftkitError, ValueError):
 
 class StateError(PeftkitError, RuntimeError):
     """An operation that the model's current state does not allow (wrapping twice, merging twice...)."""
+
+
+class MergeError(StateError, ValueError):
+    """A merge that would write NaN or inf into the base weights (``safe=True``); nothing was changed."""

@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from .errors import StateError
+from .errors import MergeError, StateError
 
 try:  # transformers' GPT-2 style layer: weight stored as (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -303,36 +303,35 @@ class AdapterLayer(nn.Module):
             warnings.warn(
                 f"merging into the quantized {self.module_name} is lossy: the weight is dequantized, updated and "
                 "re-quantized, so outputs change by the quantization error", stacklevel=3)
-        weight = self.base_weight()
-        bias = self.bias.detach().to(weight.dtype) if self.bias is not None else None
-        with torch.no_grad():
-            for name in todo:
-                weight, bias = self.merge_weights(name, weight, bias)
-        if safe and (not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all())):
-            raise ValueError(
-                f"merge: NaN or inf in the merged weights of {self.module_name} (adapter {todo}); the adapter is "
-                "broken, the base weights were left unchanged"
-            )
+        weight, bias = self._merged(todo)
+        if safe:
+            self._check_finite(weight, bias, todo)
         self._store(weight, bias)
         self.merged_adapters.extend(todo)
         return todo
 
     def check_merge(self, names: list[str] | None = None) -> None:
-        """Raise ValueError if merging ``names`` (default: the active adapters) would put NaN or inf into the
+        """Raise MergeError if merging ``names`` (default: the active adapters) would put NaN or inf into the
         base weights; changes nothing. ``peftkit.merge(model, safe=True)`` checks every layer before merging
         any, so a failure leaves all base weights bit-identical (no merge-then-unmerge rounding)."""
         names = list(self.active_adapters if names is None else names)
         todo = [n for n in names if n in self.adapters and n not in self.merged_adapters]
-        if not todo:
-            return
+        if todo:
+            self._check_finite(*self._merged(todo), todo)
+
+    def _merged(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W', b'): the dense base weight (out, in) and bias with ``names`` folded in; the layer is unchanged."""
         weight = self.base_weight()
         bias = self.bias.detach().to(weight.dtype) if self.bias is not None else None
         with torch.no_grad():
-            for name in todo:
+            for name in names:
                 weight, bias = self.merge_weights(name, weight, bias)
+        return weight, bias
+
+    def _check_finite(self, weight: torch.Tensor, bias: torch.Tensor | None, names: list[str]) -> None:
         if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
-            raise ValueError(
-                f"merge: NaN or inf in the merged weights of {self.module_name} (adapter {todo}); the adapter is "
+            raise MergeError(
+                f"merge: NaN or inf in the merged weights of {self.module_name} (adapter {names}); the adapter is "
                 "broken, the base weights were left unchanged"
             )
 

@@ -275,3 +275,32 @@ def test_config_from_another_peftkit_is_one_checkpoint_error(saved):
     path.write_text(json.dumps(data))
     raises_unchanged(model, CheckpointError, "unreadable adapter config .*field_from_the_future", peftkit.load, model,
                      saved)
+
+
+def test_save_into_a_path_that_is_a_file(tmp_path):
+    from peftkit.errors import CheckpointError
+
+    model = tiny_llama()
+    peftkit.wrap(model, "lora", r=2)
+    target = tmp_path / "not-a-folder"
+    target.write_text("keep me")
+    with pytest.raises(CheckpointError, match="not a folder"):
+        peftkit.save(model, target)
+    assert target.read_text() == "keep me"
+
+
+def test_unsafe_adapter_merge_is_a_peftkit_error_and_changes_nothing():
+    from peftkit.errors import MergeError, PeftkitError
+    from peftkit.inject import adapter_layers
+
+    model = tiny_llama()
+    peftkit.wrap(model, "lora", r=2)
+    layer = next(iter(adapter_layers(model).values()))
+    with torch.no_grad():
+        layer.adapters["default"].lora_B.weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(MergeError, match="NaN or inf") as err:
+        peftkit.merge(model, safe=True)
+    assert isinstance(err.value, PeftkitError) and isinstance(err.value, ValueError)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) or (before[k].isnan() == after[k].isnan()).all() for k in before)
