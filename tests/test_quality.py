@@ -131,3 +131,30 @@ def test_elalora_phases_scale_with_the_budget():
     assert quality.schedule_options(contender, 100) == {"t_init": 26, "t_final": 35, "delta_t": 4}
     lora = next(c for c in quality.contenders_for(quality.TASKS["minilm-subj"]) if c.name == "lora")
     assert quality.schedule_options(lora, 100) == {}
+
+
+def test_switching_adapters_off_for_the_drop_checks_works_under_coto():
+    """The drop checks must switch adapters off even under CoTo, whose hook reopens its gates in eval mode."""
+    import peftkit
+    from helpers import make_batch, randomize_adapters, tiny_llama
+
+    model = tiny_llama()
+    batch = make_batch(model)
+    model.eval()
+    with torch.no_grad():
+        base = model(input_ids=batch["input_ids"]).logits
+    peftkit.wrap(model, "coto")
+    randomize_adapters(model)
+    optimizer = peftkit.optimizer(model, 1e-3)
+    peftkit.callbacks(model, optimizer=optimizer).on_train_begin_(10)
+    model.eval()
+    names = sorted(quality.adapter_layers(model))
+    with torch.no_grad():
+        adapted = model(input_ids=batch["input_ids"]).logits
+        saved = quality._gate(model, names)
+        switched_off = model(input_ids=batch["input_ids"]).logits
+        quality._ungate(model, saved)
+        restored = model(input_ids=batch["input_ids"]).logits
+    assert not torch.allclose(adapted, base)
+    torch.testing.assert_close(switched_off, base)
+    torch.testing.assert_close(restored, adapted)
