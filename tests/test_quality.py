@@ -135,8 +135,9 @@ def test_elalora_phases_scale_with_the_budget():
 
 def test_switching_adapters_off_for_the_drop_checks_works_under_coto():
     """The drop checks must switch adapters off even under CoTo, whose hook reopens its gates in eval mode."""
-    import peftkit
     from helpers import make_batch, randomize_adapters, tiny_llama
+
+    import peftkit
 
     model = tiny_llama()
     batch = make_batch(model)
