@@ -137,6 +137,12 @@ def contenders_for(task: Task) -> list[Contender]:
            for name in peftkit.methods()]
     out.append(Contender("full", "full fine-tuning", kind="full", note="lr / 10"))
     out += COMPOSITIONS
+    if task.kind == "instruction":
+        # EVA's default label mask keeps only the answer tokens: a few per batch here, fewer than the r·ρ
+        # components it estimates. Its authors' recipe keeps every token (use_label_mask false); so do we.
+        out = [Contender(c.name, c.label, c.kind, c.method, c.options + (("use_label_mask", False),),
+                         c.optimizer_options, "all tokens") if c.name in ("eva", "eva+coto+lora-pro") else c
+               for c in out]
     if task.kind == "classification":
         out.append(Contender("peft-lora", "PEFT 0.21.2 LoRA", kind="peft"))
     else:
@@ -448,9 +454,10 @@ def cell_path(out: Path, task: str, contender: str) -> Path:
 def run_grid(tasks: list[Task], names: list[str] | None, out: Path, cache: Path, quick: bool, force: bool,
              isolate: bool) -> None:
     for task in tasks:
-        for contender in contenders_for(task):
-            if names and contender.name not in names:
-                continue
+        candidates = contenders_for(task)
+        if names:  # in the order given
+            candidates = [c for name in names for c in candidates if c.name == name]
+        for contender in candidates:
             path = cell_path(out, task.name, contender.name)
             if path.is_file() and not force:
                 continue
