@@ -524,9 +524,9 @@ def _fmt_metric(task: Task, value: float) -> str:
 def task_table(task: Task, records: dict[str, dict]) -> str:
     lora = records.get("lora")
     unit = "" if task.metric == "perplexity" else " (%)"
-    lines = [f"| contender | architecture / init / optimizer / schedule | trainable | init (s) | s / step | "
-             f"step × LoRA | peak RSS (MiB) | eval {task.metric}{unit} at steps {', '.join(str(p['step']) for p in lora['curve'])}"
-             f" | train loss, last quarter |" if lora else "",
+    steps = ", ".join(str(p["step"]) for p in next(iter(records.values()))["curve"])
+    lines = [(f"| contender | architecture / init / optimizer / schedule | trainable | init (s) | s / step | "
+              f"step × LoRA | peak RSS (MiB) | eval {task.metric}{unit} at steps {steps} | train loss, last quarter |"),
              "|---|---|---|---|---|---|---|---|---|"]
     for record in records.values():
         axes = " / ".join(record["axes"].values())
@@ -776,8 +776,13 @@ def main(argv: list[str] | None = None) -> None:
     tasks = [TASKS[t] for t in args.tasks.split(",")]
     out = args.out or (DEFAULT_OUT if not args.quick else CACHE / "quick")
     if args.cell:
+        if args.cell[0] not in TASKS:
+            raise SystemExit(f"--cell: unknown task {args.cell[0]!r}; expected one of {list(TASKS)}")
         task = TASKS[args.cell[0]]
-        contender = next(c for c in contenders_for(task) if c.name == args.cell[1])
+        contender = next((c for c in contenders_for(task) if c.name == args.cell[1]), None)
+        if contender is None:
+            raise SystemExit(f"--cell: '{args.cell[1]}' is not a contender of {task.name}; expected one of "
+                             f"{[c.name for c in contenders_for(task)]}")
         write_cell(out, run_cell(task, contender, args.cache, args.quick))
         return
     names = [n for n in args.contenders.split(",") if n]
