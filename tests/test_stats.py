@@ -85,6 +85,35 @@ def test_incremental_pca_equals_pca_of_all_rows():
     torch.testing.assert_close(pca.explained_variance_ratio, s ** 2 / (centred ** 2).sum(), rtol=1e-4, atol=0)
 
 
+def test_short_wide_svd_matches_lapack():
+    from peftkit.stats import _short_wide_svd
+
+    gen = torch.Generator().manual_seed(3)
+    for m, d, dtype in ((40, 300, torch.float64), (273, 576, torch.float32), (17, 1536, torch.float64)):
+        z = torch.randn(m, d, generator=gen, dtype=torch.float64) * torch.linspace(4, 0.01, d, dtype=torch.float64)
+        z = z.to(dtype)
+        s, vh = _short_wide_svd(z, 12)
+        _, s_ref, vh_ref = torch.linalg.svd(z.double(), full_matrices=False)
+        assert s.dtype == vh.dtype == dtype and s.shape == (12,) and vh.shape == (12, d)
+        torch.testing.assert_close(s.double(), s_ref[:12], rtol=1e-5, atol=0)
+        cos = (vh.double() * vh_ref[:12]).sum(1).abs()  # a singular vector's sign is free
+        assert cos.min() > 1 - 1e-6
+
+
+def test_incremental_pca_short_wide_batches_equal_pca_of_all_rows():
+    # EVA's case: batches with fewer rows than features take the Gram-matrix path after the first.
+    gen = torch.Generator().manual_seed(4)
+    d, k = 64, 6
+    data = torch.randn(240, d, generator=gen) * torch.cat([torch.tensor([9.0, 7, 5, 4, 3, 2.5]), torch.full((d - 6,), 0.2)])
+    pca = IncrementalPCA(k)
+    for chunk in data.split(40):
+        pca.partial_fit(chunk)
+    _, s, vh = torch.linalg.svd((data - data.mean(0)).double(), full_matrices=False)
+    cos = (pca.components.double() * vh[:k]).sum(1).abs()
+    assert cos.min() > 0.99
+    torch.testing.assert_close(pca.singular_values.double(), s[:k], rtol=2e-2, atol=0)
+
+
 @pytest.mark.parametrize("method", ["lora-ga", "lora-one", "eva"])
 def test_data_errors_are_clear_and_leave_the_model_unwrapped(method):
     model = tiny_llama()

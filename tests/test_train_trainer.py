@@ -40,3 +40,31 @@ def test_trainer_trains_and_saves_a_peftkit_model(tmp_path):
     batch = make_batches(wrapped, n=1)[0]
     wrapped.eval()
     torch.testing.assert_close(output(reloaded, batch), output(wrapped, batch))
+
+
+def test_import_peftkit_leaves_the_trainer_and_peft_unimported():
+    # A schedule is a Trainer callback by duck typing: subclassing transformers.TrainerCallback imports
+    # transformers.trainer_utils and, through it, all of PEFT (two thirds of `import peftkit`'s time).
+    import subprocess
+    import sys
+
+    code = "import sys, peftkit; print(sorted(m for m in ('peft', 'transformers.trainer_utils') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_a_schedule_answers_every_trainer_event():
+    from transformers import TrainerCallback
+
+    schedule = peftkit.callbacks(peftkit.wrap(tiny_llama(), "lora", r=2))
+    events = [name for name in vars(TrainerCallback) if name.startswith("on_")]
+    assert len(events) >= 15
+    for name in events:
+        assert callable(getattr(schedule, name))
+    assert schedule.on_log(None, None, None, logs={}) is None and schedule.on_future_event() is None
+    try:
+        schedule.missing_attribute
+    except AttributeError as error:
+        assert "missing_attribute" in str(error)
+    else:
+        raise AssertionError("only on_* hooks default to no-ops")
