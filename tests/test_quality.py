@@ -197,3 +197,29 @@ def test_switching_adapters_off_for_the_drop_checks_works_under_coto():
     assert not torch.allclose(adapted, base)
     torch.testing.assert_close(switched_off, base)
     torch.testing.assert_close(restored, adapted)
+
+
+def _cell(metric: str, final: float, **analysis) -> dict:
+    return {"status": "done", "curve": [{"step": 0, metric: final}, {"step": 4, metric: final}], "trainable": 100,
+            "steps": 4, "step_seconds_all": [1.0] * 4, "train_loss": [1.0] * 4, "analysis": analysis}
+
+
+def test_claim_rules_hra_may_learn_more_and_coto_skips_a_zero_metric():
+    task = quality.TASKS["smollm2-trec-instruct"]  # exact match: higher is better
+    general = {"general_loss_before": 2.0}
+    cells = {task.name: {
+        # HRA forgets less and is better at the task than LoRA r = 4: that supports the claim.
+        "hra": _cell("exact_match", 0.30, general_loss_after=2.01, **general),
+        "lora-r4": _cell("exact_match", 0.10, general_loss_after=2.05, **general),
+        # CoTo ends at 0 exact match: nothing to keep, so no verdict either way.
+        "coto": _cell("exact_match", 0.0, drop_check="active_adapters", metric_half_adapters_dropped=0.0),
+        "lora": _cell("exact_match", 0.3, drop_check="active_adapters", metric_half_adapters_dropped=0.1),
+    }}
+    verdicts = {(v.method, v.claim.split()[0]): v for v in quality.claims([task], cells)}
+    hra = verdicts[("hra", "less")]
+    assert hra.passed == [True]
+    cells[task.name]["hra"] = _cell("exact_match", 0.04, general_loss_after=2.01, **general)  # learned less
+    hra = {v.method: v for v in quality.claims([task], cells)}["hra"]
+    assert hra.passed == [False]
+    coto = verdicts[("coto", "more")]
+    assert coto.passed == [] and "nothing to keep" in coto.evidence[0]
