@@ -27,11 +27,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 import os
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,6 +48,7 @@ import torch.nn.functional as F
 import transformers
 
 import peftkit
+import peftkit.adapters
 from peftkit import registry
 from peftkit.config import resolve_config
 from peftkit.inject import adapter_layers
@@ -55,6 +58,8 @@ from peftkit.train.loop import lr_lambda
 from peftkit.train.recipe import DataSection, Recipe, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
+# Where the warnings worth reporting come from (methods, machinery, this script), wherever they are installed.
+OWN_CODE = [Path(peftkit.__file__).resolve().parent, Path(peftkit.adapters.__file__).resolve().parent, REPO / "benchmarks"]
 RECIPES = REPO / "recipes" / "quality"
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "quality"
@@ -217,7 +222,6 @@ def prepare_data(data_dir: Path, cache: Path) -> None:
 def smollm2_folder(cache: Path) -> Path:
     """SmolLM2-135M-Instruct as a plain fp32 model folder, rebuilt once from the wheel's GGUF file (the GGUF
     load keeps a ``quantization_config`` that blocks saving and confuses adapter libraries)."""
-    import importlib.util
 
     folder = cache / "models" / SMOLLM2_FOLDER
     if (folder / "config.json").is_file():
@@ -239,9 +243,12 @@ def smollm2_folder(cache: Path) -> Path:
     plain = AutoModelForCausalLM.from_config(type(loaded.config).from_dict(config))
     plain.load_state_dict(loaded.state_dict())
     staging = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    plain.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    staging.replace(folder)
+    try:
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.replace(folder)  # the folder appears whole or not at all
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # 540 MB left behind by a failed rebuild otherwise
     return folder
 
 
@@ -304,6 +311,12 @@ def _base_general_loss(cache: Path, task: Task, recipe: Recipe, general: Tokeniz
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, json.dumps({"fingerprint": fingerprint, "loss": loss}))
     return loss
+
+
+def own_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    """The distinct messages raised from peftkit, its adapters or this script (not from torch or transformers)."""
+    return sorted({str(w.message) for w in caught
+                   if any(Path(w.filename).resolve().is_relative_to(root) for root in OWN_CODE)})
 
 
 def _answer_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[float, int]:
@@ -412,7 +425,7 @@ def run_cell(task: Task, contender: Contender, cache: Path, quick: bool) -> dict
         model, optimizer, schedule, axes = build_contender(contender, model, recipe, examples, pad_id, classification)
     init_seconds = time.perf_counter() - started
     # What the method itself warned at init (e.g. EVA's batch cap reached before convergence).
-    init_warnings = sorted({str(w.message) for w in caught if "site-packages" not in w.filename})
+    init_warnings = own_warnings(caught)
     counts = peftkit.trainable_parameters(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     regularized = contender.kind == "adapter" and any(
@@ -460,7 +473,7 @@ def run_cell(task: Task, contender: Contender, cache: Path, quick: bool) -> dict
     }
     if status == "done" and contender.kind == "adapter":
         record["analysis"] = analyse(task, contender, model, evaluation, pad_id, eval_batch, axes, schedule,
-                                     timed_evaluate)
+                                     measure=timed_evaluate)
     if general is not None and status == "done":
         record["analysis"]["general_loss_before"] = general_before
         record["analysis"]["general_loss_after"] = timed_evaluate(model, general, "text", pad_id, eval_batch)["loss"]
@@ -471,7 +484,7 @@ def run_cell(task: Task, contender: Contender, cache: Path, quick: bool) -> dict
 
 
 def analyse(task: Task, contender: Contender, model, evaluation, pad_id: int, eval_batch: int, axes, schedule,
-            evaluate=evaluate) -> dict:
+            measure=evaluate) -> dict:
     """What the headline claims need beyond the curves: ranks, and the metric with some adapters switched off."""
     out: dict[str, Any] = {}
     layers = adapter_layers(model)
@@ -481,7 +494,7 @@ def analyse(task: Task, contender: Contender, model, evaluation, pad_id: int, ev
     def metric_with(gated: list[str]) -> float:
         saved = _gate(model, gated)
         try:
-            return evaluate(model, evaluation, task.kind, pad_id, eval_batch)[metric]
+            return measure(model, evaluation, task.kind, pad_id, eval_batch)[metric]
         finally:
             _ungate(model, saved)
 
@@ -891,6 +904,10 @@ def main(argv: list[str] | None = None) -> None:
     known = {c.name for t in tasks for c in contenders_for(t)}
     if set(names) - known:
         raise SystemExit(f"--contenders: unknown {sorted(set(names) - known)}; expected some of {sorted(known)}")
+    selected = [c for t in tasks for c in contenders_for(t) if not names or c.name in names]
+    if not args.report_only and any(c.kind == "peft" for c in selected) and importlib.util.find_spec("peft") is None:
+        raise SystemExit("--contenders: peft-lora runs PEFT's LoRA, and PEFT is not installed; pip install "
+                         "peft==0.21.2 (or `pip install -e .[test]`), or leave it out with --contenders")
     if not args.report_only:
         prepare_data(args.data_dir, args.cache)
         if any(t.uses_smollm2 for t in tasks) and not args.quick:

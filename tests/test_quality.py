@@ -223,3 +223,31 @@ def test_claim_rules_hra_may_learn_more_and_coto_skips_a_zero_metric():
     assert hra.passed == [False]
     coto = verdicts[("coto", "more")]
     assert coto.passed == [] and "nothing to keep" in coto.evidence[0]
+
+
+def test_a_missing_peft_stops_the_grid_before_any_cell(tmp_path, monkeypatch):
+    real = quality.importlib.util.find_spec
+    monkeypatch.setattr(quality.importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    with pytest.raises(SystemExit, match="pip install peft==0.21.2"):
+        quality.main(["--tasks", "minilm-trec", "--contenders", "lora,peft-lora", "--out", str(tmp_path / "out"),
+                      "--data-dir", str(tmp_path / "absent")])
+    assert not (tmp_path / "out").exists()
+    # Without the PEFT contender the grid goes on (here to the data check).
+    with pytest.raises(SystemExit, match="--data-dir"):
+        quality.main(["--tasks", "minilm-trec", "--contenders", "lora", "--out", str(tmp_path / "out"),
+                      "--data-dir", str(tmp_path / "absent")])
+
+
+def test_init_warnings_keep_the_methods_own_and_drop_the_libraries():
+    import warnings
+
+    import peftkit
+    from helpers import make_batches, tiny_llama
+
+    model = tiny_llama()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peftkit.wrap(model, "eva", data=make_batches(model, n=2), max_batches=1, tau=0.999999)
+        warnings.warn_explicit("from a library", UserWarning, str(Path(torch.__file__)), 1)
+    kept = quality.own_warnings(caught)
+    assert len(kept) == 1 and kept[0].startswith("eva: max_batches=1 reached before convergence")
