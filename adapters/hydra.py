@@ -13,8 +13,8 @@ Several active adapters compose in order: adapter k's sequential branch reads th
 by adapters 1…k−1, which is what merging them one after the other gives.
 
 Save: native format (``parallel_A.weight`` …). ``peftkit.export`` writes the exact PEFT LoRA of rank r_p + r_s:
-lora_A = [A_p; A_s W₀], lora_B = [s_p B_p, s_s B_s], scaling 1, and ``lora_B.bias`` = the bias change when a
-branch bias is non-zero.
+lora_A = [A_p; A_s W₀], lora_B = [s_p B_p, s_s B_s], scaling 1, and ``lora_B.bias`` = the bias change c' = b' − b₀
+whenever it is non-zero (branch biases, or a biased base: the sequential branch reads y₀ = x W₀ᵀ + b₀).
 """
 
 from __future__ import annotations
@@ -192,7 +192,9 @@ class HydraLayer(AdapterLayer):
     def export_lora(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
         """(A (r_p + r_s, in), B (out, r_p + r_s), 1.0, bias (out,) or None): the exact PEFT LoRA of this adapter
         on the original base, y = base(x) + x Aᵀ Bᵀ (+ bias). W₀ is the weight the forward computes with
-        (dequantized on quantized bases); the bias is returned only when a branch bias is non-zero."""
+        (dequantized on quantized bases). The bias is c = s_p (B_p a_p + b_p) + s_s (B_s A_s b₀ + B_s a_s + b_s):
+        the sequential branch reads y₀ = x W₀ᵀ + b₀, so a biased base gives a constant even without branch
+        biases. It is returned whenever it is non-zero (None when it is exactly zero, so the LoRA has no bias)."""
         if self.merged_adapters:
             raise StateError(f"export: {self.module_name} is merged; call peftkit.unmerge(model) before exporting")
         branch = self.adapters[name]
@@ -203,13 +205,10 @@ class HydraLayer(AdapterLayer):
             lora_a = torch.cat([branch.parallel_A.weight.to(weight.dtype), a_s @ weight], 0)
             lora_b = torch.cat([branch.parallel_scale * branch.parallel_B.weight.to(weight.dtype),
                                 branch.sequential_scale * branch.sequential_B.weight.to(weight.dtype)], 1)
-            bias = None
-            has_branch_bias = branch.parallel_A.bias is not None and any(
-                bool(m.bias.abs().max() > 0) for m in (branch.parallel_A, branch.parallel_B,
-                                                       branch.sequential_A, branch.sequential_B))
-            if has_branch_bias:
-                base_bias = None if self.bias is None else self.bias.detach().to(weight.dtype)
-                bias = branch.bias_change(base_bias, weight.dtype)
+            base_bias = None if self.bias is None else self.bias.detach().to(weight.dtype)
+            bias = branch.bias_change(base_bias, weight.dtype)
+            if bias is not None and not bool(bias.abs().max() > 0):
+                bias = None  # zero biases and b₀ = 0 (or B_s = 0): a plain LoRA, which PEFT merges on any base
         return lora_a.to(dtype), lora_b.to(dtype), 1.0, None if bias is None else bias.to(dtype)
 
 

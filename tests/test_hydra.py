@@ -18,7 +18,7 @@ from peftkit.config import resolve_config
 from peftkit.errors import ConfigError, StateError
 from peftkit.inject import adapter_layers
 
-from helpers import make_batch, output, randomize_adapters, tiny_llama, tiny_llama_4bit
+from helpers import make_batch, output, randomize_adapters, tiny_gpt2, tiny_llama, tiny_llama_4bit
 
 PAIR_OPTIMIZERS = [name for name in ("lora-plus", "lora-pro", "loft", "lora-one-preconditioner")
                    if name in registry.components("optimizer")]
@@ -151,16 +151,104 @@ def test_export_loads_in_peft_with_equal_outputs(tmp_path, branch_bias):
     assert again.keys() == tensors.keys() and all(torch.allclose(again[k], tensors[k], atol=1e-7) for k in tensors)
 
 
-def test_export_lora_is_exact_fp64():
-    layer = hydra_layer(r=3, sequential_r=2, scale=0.5, sequential_scale=2.0, branch_bias=True)
+@pytest.mark.parametrize("branch_bias", [False, True])
+def test_export_lora_is_exact_fp64(branch_bias):
+    """On a biased base the export carries s_s·B_s·A_s·b₀ (and the branch biases' change) as its bias."""
+    layer = hydra_layer(r=3, sequential_r=2, scale=0.5, sequential_scale=2.0, branch_bias=branch_bias)
     randomize(layer)
     a, b, scale, bias = layer.export_lora("default")
-    assert a.shape == (5, 12) and b.shape == (8, 5) and scale == 1.0
+    assert a.shape == (5, 12) and b.shape == (8, 5) and scale == 1.0 and bias is not None
     x = torch.randn(7, 12, dtype=torch.float64)
     torch.testing.assert_close(layer.base_layer(x) + x @ a.t() @ b.t() + bias, hand_forward(layer, x), **F64)
+    # No bias anywhere (b₀ absent, no branch biases): a plain LoRA without lora_B.bias.
+    plain = hydra_layer(r=3, sequential_r=2, bias=False)
+    randomize(plain)
+    a, b, _, bias = plain.export_lora("default")
+    assert bias is None
+    torch.testing.assert_close(plain.base_layer(x) + x @ a.t() @ b.t(), hand_forward(plain, x), **F64)
     with pytest.raises(StateError, match="unmerge"):
         layer.merge()
         layer.export_lora("default")
+
+
+class OneLinear(nn.Module):
+    """A bare Linear(48→40) with a bias, as a model (peftkit and PEFT both wrap any nn.Module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(48, 40)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def biased_gpt2() -> nn.Module:
+    """The tiny GPT-2 (Conv1D) with non-zero biases everywhere, as pretrained GPT-2 has (HF's init zeroes them)."""
+    model = tiny_gpt2()
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return model
+
+
+def test_export_on_a_biased_linear_base_after_training(tmp_path):
+    """Default branch_bias=False on Linear(48→40) with b₀ ≠ 0: the exported LoRA (lora_B.bias = s_s·B_s·A_s·b₀)
+    loaded in PEFT gives the trained Hydra model's output, also after PEFT's merge_and_unload."""
+    from peft import PeftModel
+
+    def make() -> OneLinear:
+        torch.manual_seed(0)
+        return OneLinear()
+
+    model = make()
+    peftkit.wrap(model, "hydra", r=4, sequential_r=4, scale=0.9, targets=["proj"])
+    opt = peftkit.optimizer(model, lr=1e-2)
+    gen = torch.Generator().manual_seed(3)
+    x, target = torch.randn(16, 48, generator=gen), torch.randn(16, 40, generator=gen)
+    for _ in range(10):
+        ((model(x) - target) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        ours, base = model(x), make()(x)
+    assert (ours - base).norm() / base.norm() > 1e-2  # the branches are trained
+    peftkit.export(model, tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert config["lora_bias"] is True
+    ctx = quiet()
+    peft_model = PeftModel.from_pretrained(make(), str(tmp_path)).eval()
+    ctx.__exit__(None, None, None)
+    with torch.no_grad():
+        theirs = peft_model(x)
+        merged = peft_model.merge_and_unload()(x)
+    assert (theirs - ours).norm() / ours.norm() <= 1e-6
+    assert (merged - ours).norm() / ours.norm() <= 1e-6
+
+
+@pytest.mark.parametrize("branch_bias", [False, True])
+def test_export_on_gpt2_with_nonzero_biases(tmp_path, branch_bias):
+    """GPT-2's Conv1D layers with b₀ ≠ 0: PEFT's LoRA (fan_in_fan_out, lora_bias) equals the Hydra model."""
+    from peft import PeftModel
+
+    model = biased_gpt2()
+    batch = make_batch(model)
+    peftkit.wrap(model, "hydra", r=2, sequential_r=3, scale=0.8, branch_bias=branch_bias)
+    randomize_adapters(model, std=0.1)
+    ours = output(model, batch)
+    assert (ours - output(biased_gpt2(), batch)).abs().max() > 1e-3
+    peftkit.export(model, tmp_path)
+    config = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert config["lora_bias"] is True and config["fan_in_fan_out"] is True
+    ctx = quiet()
+    peft_model = PeftModel.from_pretrained(biased_gpt2(), str(tmp_path)).eval()
+    ctx.__exit__(None, None, None)
+    theirs = output(peft_model, batch)
+    assert (theirs - ours).norm() / ours.norm() <= 1e-6
+    merged = output(peft_model.merge_and_unload(), batch)
+    assert (merged - ours).norm() / ours.norm() <= 1e-6
 
 
 # ------------------------------------------------------------------------------------------ 4. sequential branch
