@@ -15,12 +15,19 @@ The schedule ``elalora`` (``ElaloraSchedule``) keeps AdaLoRA's importance EMAs a
 dynamic phase, prunes the b(t) weakest rank-1 triplets and grows b(t) new ones (cubic budget b(t)). It resets
 the optimizer moments of exactly the slots it touches, so it needs the optimizer (``attach_optimizer``).
 
+The optimizer ``elalora-adamw`` (``SlotAdamW``, the preset's) is torch's AdamW with one step count per slot
+for P, E, Q: Adam's bias correction 1 − βᵗ uses the slot's own t, so a slot the schedule just reset (grown)
+takes exactly the steps of a fresh Adam on that slot. With one count per tensor (torch's AdamW) the zeroed
+moments of a grown slot are corrected with the tensor's t instead: its first update is
+lr·(1 − β₁)/(1 − β₁ᵗ)·√((1 − β₂ᵗ)/(1 − β₂)), not fresh Adam's lr (0.48·lr at t = 10, 3.16·lr for large t).
+
 Save: native format (P, E, Q at capacity and the mask). ``peftkit.export`` writes a PEFT LoRA with per-layer
 ranks: lora_A = diag(E) Q and lora_B = P over the active slots, s kept through ``alpha_pattern``.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +40,7 @@ from peftkit.callbacks import Schedule
 from peftkit.errors import ConfigError, StateError
 from peftkit.inject import adapter_layers, state_of
 from peftkit.layer import AdapterLayer, adapter_dtype
+from peftkit.optim import AdamWOptions, adamw_update, check_betas_eps, param_groups
 
 SCALING_EPS = 1e-5  # the reference's s = α / (ranknum + 1e-5)
 INIT_STD = 0.02
@@ -175,6 +183,122 @@ class ElaloraLayer(AdapterLayer):
         return f"{self.architecture_name}[{ranks}] on {self.kind} ({self.out_features}x{self.in_features})"
 
 
+# ------------------------------------------------------------------------------------------ the optimizer
+# The axis of each ElaLoRA tensor along which its slots run: Q rows, E entries, P columns.
+SLOT_AXES = {"lora_A": 0, "lora_E": 0, "lora_B": 1}
+
+
+class SlotAdamW(torch.optim.Optimizer):
+    """torch's AdamW (decoupled decay p ← p(1 − lr·wd), bias-corrected moments, torch's formula) with one step
+    count per slot for ElaLoRA's Q (r_max, in), E (r_max,) and P (out, r_max).
+
+    The state of such a tensor holds ``slot_step`` (r_max,), fp64, besides torch's ``step``, ``exp_avg`` and
+    ``exp_avg_sq``; the bias corrections 1 − β₁ᵏ, 1 − β₂ᵏ use each slot's own k. :meth:`reset_slot` (the schedule
+    calls it on every slot it prunes or grows) zeroes the slot's moments and its count, so its next steps are
+    exactly those of a fresh AdamW on that slot. Every other slot, and every other tensor, steps exactly as
+    under torch's AdamW. A tensor without a gradient (a CoTo-gated branch) is skipped with its counts.
+    """
+
+    def __init__(self, groups: list[dict[str, Any]], slot_axes: dict[int, int], lr: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        betas, eps = check_betas_eps(betas, eps)
+        super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0))
+        self.slot_axes = dict(slot_axes)  # id(param) -> slot axis
+
+    def _slot_steps(self, param: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        if "slot_step" not in state:
+            # State from a per-tensor AdamW (or none yet): every slot has taken the tensor's steps.
+            steps = float(state["step"]) if "step" in state else 0.0
+            state["slot_step"] = torch.full((param.shape[self.slot_axes[id(param)]],), steps, dtype=torch.float64,
+                                            device=param.device)
+        return state["slot_step"]
+
+    def _per_slot(self, param: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+        """A (r_max,) vector shaped to broadcast over ``param`` along its slot axis, in the param's dtype."""
+        shape = [1] * param.ndim
+        shape[self.slot_axes[id(param)]] = -1
+        return vector.to(param.dtype).view(shape)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if id(param) not in self.slot_axes:
+                    adamw_update(param, param.grad, state, group)
+                    continue
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                slot_step = self._slot_steps(param, state)
+                beta1, beta2 = group["betas"]
+                lr = group["lr"]
+                state["step"] += 1
+                slot_step += 1
+                grad = param.grad
+                param.mul_(1 - lr * group["weight_decay"])
+                state["exp_avg"].lerp_(grad, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                # torch's ops in torch's order, with the step size lr/(1 − β₁ᵏ) and √(1 − β₂ᵏ) per slot (fp64).
+                step_size = self._per_slot(param, lr / (1 - beta1 ** slot_step))
+                bias2_sqrt = self._per_slot(param, (1 - beta2 ** slot_step).sqrt())
+                denom = (state["exp_avg_sq"].sqrt() / bias2_sqrt).add_(group["eps"])
+                param.sub_(state["exp_avg"] / denom * step_size)
+        return loss
+
+    @torch.no_grad()
+    def reset_slot(self, param: torch.Tensor, slot: int) -> None:
+        """Zero the moments of ``slot`` of an ElaLoRA tensor and restart its step count (a fresh AdamW there)."""
+        state = self.state.get(param)
+        if not state:
+            return
+        index = [slice(None)] * param.ndim
+        index[self.slot_axes[id(param)]] = slot
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key][tuple(index)] = 0
+        self._slot_steps(param, state)[slot] = 0
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch casts every loaded state tensor but ``step`` to its parameter's dtype; the slot counts stay fp64.
+        slot_steps = {index: entry["slot_step"] for index, entry in state_dict["state"].items() if "slot_step" in entry}
+        state = {index: {k: v for k, v in entry.items() if k != "slot_step"} for index, entry in state_dict["state"].items()}
+        super().load_state_dict({**state_dict, "state": state})
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, steps in slot_steps.items():
+            param = params[int(index)]
+            self.state[param]["slot_step"] = steps.to(dtype=torch.float64, device=param.device).clone()
+
+
+def slot_optimizer(optimizer: Any) -> SlotAdamW | None:
+    """The :class:`SlotAdamW` inside ``optimizer`` (itself, or wrapped by Accelerate and the like), or None."""
+    seen = 0
+    while optimizer is not None and not isinstance(optimizer, SlotAdamW) and seen < 8:
+        optimizer = getattr(optimizer, "optimizer", None)
+        seen += 1
+    return optimizer if isinstance(optimizer, SlotAdamW) else None
+
+
+@registry.optimizer("elalora-adamw", options=AdamWOptions, architectures=("elalora",),
+                    description="AdamW with one step count per ElaLoRA slot (a grown slot starts a fresh Adam)")
+def build_slot_adamw(model: nn.Module, lr: float, config: Any, **options: Any) -> SlotAdamW:
+    opts = {**AdamWOptions().__dict__, **config.axis_options("optimizer"), **options}
+    groups = param_groups(model, lr, opts["weight_decay"])
+    slot_axes = {}
+    for layer in adapter_layers(model).values():
+        if isinstance(layer, ElaloraLayer):
+            for branch in layer.adapters.values():
+                for key, axis in SLOT_AXES.items():
+                    slot_axes[id(getattr(branch, key))] = axis
+    return SlotAdamW(groups, slot_axes, lr, betas=tuple(opts["betas"]), eps=opts["eps"])
+
+
 # ------------------------------------------------------------------------------------------ the schedule
 @dataclass
 class ElaloraScheduleOptions:
@@ -263,6 +387,15 @@ class ElaloraSchedule(Schedule):
                 self.ema[f"{name}.{key}.unc"] = torch.zeros_like(param, requires_grad=False)
         self.step = 0
         self.history: list[dict[str, Any]] = []  # one record per reallocation (step, pruned, grown)
+
+    def attach_optimizer(self, optimizer: Any) -> None:
+        super().attach_optimizer(optimizer)
+        if optimizer is not None and slot_optimizer(optimizer) is None:
+            warnings.warn(
+                f"ElaLoRA schedule: the attached optimizer ({type(optimizer).__name__}) keeps one Adam step count "
+                "per tensor, so a grown slot's first updates are not fresh-Adam steps (its zeroed moments are "
+                "bias-corrected with the tensor's count: 0.48·lr at step 10, up to 3.16·lr later); use "
+                "peftkit.optimizer(model, lr) (the 'elalora-adamw' optimizer, one count per slot)", stacklevel=2)
 
     def branch(self, layer: AdapterLayer) -> ElaloraBranch:
         return layer.adapters[self.adapter_name]
@@ -383,12 +516,17 @@ class ElaloraSchedule(Schedule):
         branch.lora_mask[slot] = True
 
     def _reset_slot(self, name: str, branch: ElaloraBranch, slot: int) -> None:
-        """Zero the score EMAs and every optimizer-state tensor shaped like the parameter, at this slot only."""
+        """Zero the score EMAs and the optimizer state at this slot only: the moments and the slot's step count
+        with :class:`SlotAdamW`; with another optimizer, every state tensor shaped like the parameter."""
+        slots = slot_optimizer(self.optimizer)
         for key in ("lora_A", "lora_E", "lora_B"):
             param = getattr(branch, key)
             index = _slot_index(key, slot)
             for suffix in ("ipt", "unc"):
                 self.ema[f"{name}.{key}.{suffix}"][index] = 0.0
+            if slots is not None and id(param) in slots.slot_axes:
+                slots.reset_slot(param, slot)
+                continue
             for value in self.optimizer.state.get(param, {}).values():
                 if torch.is_tensor(value) and value.shape == param.shape:
                     value[index] = 0
@@ -434,6 +572,6 @@ def build_elalora_schedule(model: nn.Module, config: Any) -> ElaloraSchedule:
 
 
 registry.register_method(
-    "elalora", architecture="elalora", schedule="elalora", defaults={"r": 10, "alpha": 16},
+    "elalora", architecture="elalora", optimizer="elalora-adamw", schedule="elalora", defaults={"r": 10, "alpha": 16},
     description="ElaLoRA (Chang et al. 2025): SVD-form adapter, ranks pruned and grown at constant total rank",
 )

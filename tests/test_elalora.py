@@ -177,6 +177,9 @@ def test_one_reallocation_with_known_scores(capacity, ranks):
                     else:
                         assert torch.equal(new[index], old[index])
             assert torch.equal(opt.state[p]["step"], moments[id(p)]["step"])
+            for slot in range(branch.lora_E.numel()):  # the per-slot Adam counts restart at the touched slots
+                expected = 0 if slot in touched.get(name, ()) else moments[id(p)]["slot_step"][slot]
+                assert opt.state[p]["slot_step"][slot] == expected
     for n, p in model.named_parameters():
         if p.requires_grad and n.endswith("bias"):
             assert torch.equal(p, params[n])
@@ -190,6 +193,80 @@ def triplet(params, name, slot):
     prefix = f"{name}.adapters.default."
     p, e, q = params[prefix + "lora_B"][:, slot], params[prefix + "lora_E"][slot], params[prefix + "lora_A"][slot]
     return e * torch.outer(p, q)
+
+
+def test_grown_slot_steps_as_a_fresh_adamw_and_other_slots_as_torch_adamw():
+    """After a reallocation at optimizer step 10, each grown slot (its row of Q, entry of E, column of P) takes
+    exactly the steps of a fresh torch AdamW on that slot alone, for 4 steps; every other slot takes exactly the
+    step torch's AdamW takes from the same state and gradient (weight decay on)."""
+    lr, wd, steps = 2e-2, 0.1, 14
+    model = toy(r=3, capacity=5, t_init=3, t_final=0, delta_t=6, budget=2, k=1, budget_scheduler=False)
+    randomize(model, std=0.4)
+    gen = torch.Generator().manual_seed(2)
+    xs = torch.randn(16, 8, generator=gen, dtype=torch.float64)
+    ys = torch.randn(16, 6, generator=gen, dtype=torch.float64)
+    opt = peftkit.optimizer(model, lr=lr, weight_decay=wd)
+    schedule = peftkit.callbacks(model, optimizer=opt)
+    layers = adapter_layers(model)
+    fresh = {}  # (layer, slot) -> (torch AdamW on the slot alone, its q, e, p)
+    grown_e, first_moves = {}, []
+    checked_steps = 0
+    for step in range(1, steps + 1):
+        (model(xs) - ys).pow(2).mean().backward()
+        # torch's AdamW from this state and gradient, tensor by tensor: what every non-grown slot must do.
+        expected = {}
+        for name, layer in layers.items():
+            for key in ("lora_A", "lora_E", "lora_B"):
+                param = getattr(layer.adapters["default"], key)
+                copy = param.detach().clone().requires_grad_(True)
+                copy.grad = param.grad.clone()
+                reference = torch.optim.AdamW([copy], lr=lr, weight_decay=wd if param.ndim >= 2 else 0.0)
+                if param in opt.state:
+                    state = opt.state[param]
+                    reference.state[copy] = {"step": state["step"].clone(), "exp_avg": state["exp_avg"].clone(),
+                                             "exp_avg_sq": state["exp_avg_sq"].clone()}
+                reference.step()
+                expected[(name, key)] = copy.detach()
+        for (name, slot), (reference, q, e, p) in fresh.items():
+            branch = layers[name].adapters["default"]
+            q.grad = branch.lora_A.grad[slot].clone()
+            e.grad = branch.lora_E.grad[slot:slot + 1].clone()
+            p.grad = branch.lora_B.grad[:, slot].clone()
+            reference.step()
+        opt.step()
+        for name, layer in layers.items():
+            branch = layer.adapters["default"]
+            grown = {slot for (n, slot) in fresh if n == name}
+            keep = [i for i in range(branch.lora_E.numel()) if i not in grown]
+            for key, got in (("lora_A", branch.lora_A[keep]), ("lora_E", branch.lora_E[keep]),
+                             ("lora_B", branch.lora_B[:, keep])):
+                want = expected[(name, key)][:, keep] if key == "lora_B" else expected[(name, key)][keep]
+                torch.testing.assert_close(got.detach(), want, atol=1e-15, rtol=1e-12, msg=f"{name}.{key}")
+            for slot in grown:
+                _, q, e, p = fresh[(name, slot)]
+                if step == 11:
+                    first_moves.append(abs(float(e.detach()) - grown_e[(name, slot)]))
+                torch.testing.assert_close(branch.lora_A[slot].detach(), q.detach(), atol=1e-15, rtol=1e-12)
+                torch.testing.assert_close(branch.lora_E[slot:slot + 1].detach(), e.detach(), atol=1e-15, rtol=1e-12)
+                torch.testing.assert_close(branch.lora_B[:, slot].detach(), p.detach(), atol=1e-15, rtol=1e-12)
+                checked_steps += 1
+        schedule.on_step(step, steps)
+        if schedule.history and schedule.history[-1]["step"] == step:
+            assert step == 10 and len(schedule.history) == 1
+            for name, slot in schedule.history[-1]["grown"]:
+                branch = layers[name].adapters["default"]
+                q = branch.lora_A[slot].detach().clone().requires_grad_(True)
+                e = branch.lora_E[slot:slot + 1].detach().clone().requires_grad_(True)
+                p = branch.lora_B[:, slot].detach().clone().requires_grad_(True)
+                reference = torch.optim.AdamW([{"params": [q, p], "weight_decay": wd},
+                                               {"params": [e], "weight_decay": 0.0}], lr=lr)
+                fresh[(name, slot)] = (reference, q, e, p)
+                grown_e[(name, slot)] = float(e.detach())
+        opt.zero_grad(set_to_none=True)
+    assert len(fresh) == 2 and checked_steps == 2 * 4
+    # Fresh Adam's first step moves the grown e (|g| ≫ ε, no decay on E) by lr, not by 0.48·lr.
+    for move in first_moves:
+        assert move == pytest.approx(lr, rel=1e-5)
 
 
 def test_reallocation_without_an_optimizer_is_an_error():
@@ -266,6 +343,7 @@ def physical_run(masked_model, xs, ys, steps, lr, opts, seed, gamma, capacity):
     for lay in layers:
         lay["m"] = {k: torch.zeros_like(v) for k, v in lay["t"].items()}
         lay["v"] = {k: torch.zeros_like(v) for k, v in lay["t"].items()}
+        lay["n"] = {k: torch.zeros_like(v) for k, v in lay["t"].items()}  # Adam steps taken, per entry
         lay["ipt"] = {k: torch.zeros_like(v) for k, v in lay["t"].items()}
         lay["unc"] = {k: torch.zeros_like(v) for k, v in lay["t"].items()}
     b1, b2, eps = 0.9, 0.999, 1e-8
@@ -291,10 +369,11 @@ def physical_run(masked_model, xs, ys, steps, lr, opts, seed, gamma, capacity):
             for lay in layers:
                 for k, p in lay["t"].items():
                     g = p.grad
+                    n = lay["n"][k].add_(1)  # a grown triplet is a new tensor: its own fresh Adam
                     lay["m"][k].mul_(b1).add_(g, alpha=1 - b1)
                     lay["v"][k].mul_(b2).addcmul_(g, g, value=1 - b2)
-                    denom = (lay["v"][k].sqrt() / math.sqrt(1 - b2 ** step)).add_(eps)
-                    p.addcdiv_(lay["m"][k], denom, value=-lr / (1 - b1 ** step))
+                    denom = (lay["v"][k].sqrt() / (1 - b2 ** n).sqrt()).add_(eps)
+                    p.sub_(lr / (1 - b1 ** n) * lay["m"][k] / denom)
             t_ = step - 1
             if t_ < steps - opts["t_final"]:
                 for lay in layers:
@@ -325,7 +404,7 @@ def physical_reallocate(layers, budget, opts, gen, capacity):
     expand = [li for _, li, _ in sorted(pool, key=lambda c: (-c[0], c[1], c[2]))]
     for li in range(len(layers)):
         keep = [i for i in range(layers[li]["t"]["E"].numel()) if (li, i) not in {(c[1], c[2]) for c in prune}]
-        for table in ("t", "m", "v", "ipt", "unc"):
+        for table in ("t", "m", "v", "n", "ipt", "unc"):
             d = layers[li][table]
             d["Q"], d["E"], d["P"] = d["Q"][keep], d["E"][keep], d["P"][:, keep]
     grown = 0
@@ -342,7 +421,7 @@ def physical_reallocate(layers, budget, opts, gen, capacity):
         p = g2 - t["P"] @ (t["P"].t() @ g2)
         e = min(float(t["E"].abs().min()), 1e-13)
         new = {"Q": (q / q.norm())[None, :], "E": torch.tensor([e], dtype=torch.float64), "P": (p / p.norm())[:, None]}
-        for table in ("t", "m", "v", "ipt", "unc"):
+        for table in ("t", "m", "v", "n", "ipt", "unc"):
             d = lay[table]
             for k, dim in (("Q", 0), ("E", 0), ("P", 1)):
                 d[k] = torch.cat([d[k], new[k] if table == "t" else torch.zeros_like(new[k])], dim)
@@ -361,7 +440,7 @@ def test_masked_equals_physical_resize_reference():
     xs = torch.randn(16, 8, generator=gen, dtype=torch.float64)
     ys = torch.randn(16, 6, generator=gen, dtype=torch.float64)
     layers, ref_losses = physical_run(model, xs, ys, steps, lr, opts, 0, gamma, capacity)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    opt = peftkit.optimizer(model, lr=lr)  # the preset's AdamW, one step count per slot
     schedule = peftkit.callbacks(model, optimizer=opt)
     losses = []
     for step in range(1, steps + 1):
@@ -482,7 +561,7 @@ def test_resume_mid_run_equals_uninterrupted(tmp_path):
             opt.zero_grad(set_to_none=True)
 
     full = fresh()
-    opt = peftkit.optimizer(full, lr=3e-2)
+    full_opt = opt = peftkit.optimizer(full, lr=3e-2)
     sched, schedule = lr_sched(opt), peftkit.callbacks(full, optimizer=opt)
     run(full, opt, sched, schedule, 1, 6)
 
@@ -508,6 +587,12 @@ def test_resume_mid_run_equals_uninterrupted(tmp_path):
             torch.testing.assert_close(got[name], param, atol=1e-6, rtol=0, msg=name)
     for (name, layer), (_, other) in zip(adapter_layers(full).items(), adapter_layers(resumed).items()):
         assert torch.equal(layer.adapters["default"].lora_mask, other.adapters["default"].lora_mask), name
+        # The per-slot Adam counts went through the optimizer state dict (fp64, not cast to the param dtype).
+        for key in ("lora_A", "lora_E", "lora_B"):
+            ours, theirs = (o.state[getattr(l.adapters["default"], key)]["slot_step"]
+                            for o, l in ((full_opt, layer), (opt, other)))
+            assert theirs.dtype == torch.float64 and torch.equal(ours, theirs), (name, key)
+            assert bool((ours < 6).any())  # some slot was reset by a reallocation
 
 
 def test_four_bit_base_trains_and_reallocates():
