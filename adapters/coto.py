@@ -5,7 +5,8 @@ At every optimizer step each block's adapters are on with probability
 with at least one block on (all gates are redrawn until one is), no rescaling, and every adapter on in eval
 mode and after training. A gated-off adapter's branch is skipped (``AdapterLayer.gated_off``), so its parameters
 get grad None and a torch optimizer leaves them and their moments untouched that step. Blocks are grouped by
-the layer index parsed from the module name (modules without one form a group each). The gates come from a
+the module path up to the layer index (``encoder.block.0`` and ``decoder.block.0`` are two blocks; modules
+without an index form a group each). The gates come from a
 generator seeded by (seed, step): every process draws the same mask without communicating, and the global RNG
 is never consumed. Under DDP the skipped parameters need ``find_unused_parameters=True``.
 
@@ -51,11 +52,20 @@ def activation_probability(t: int, total_steps: int, initial_p: float, stage1_ra
 
 
 def block_groups(names: list[str]) -> list[list[str]]:
-    """Module names grouped by their first integer path segment (the block index), in block order."""
+    """Module names grouped by block: the path up to and including the first integer segment, so that
+    ``encoder.block.0`` and ``decoder.block.0`` (T5, BART, Whisper, CLIP's two towers) are two blocks. Groups
+    come stack by stack in the order the stacks first appear in ``names`` (``named_modules()`` order), blocks in
+    index order within a stack, then every module without an index as a group of its own: the consecutive
+    modules of one block form one group, as in the reference callback."""
+    stacks: dict[str, int] = {}
     groups: dict[Any, list[str]] = {}
     for name in names:
         match = _BLOCK_INDEX.search(name)
-        key = (0, int(match.group(1)), "") if match else (1, 0, name)
+        if match:
+            stack = stacks.setdefault(name[:match.start(1)], len(stacks))
+            key = (0, stack, int(match.group(1)), "")
+        else:
+            key = (1, 0, 0, name)
         groups.setdefault(key, []).append(name)
     return [groups[key] for key in sorted(groups)]
 

@@ -91,6 +91,42 @@ def test_groups_are_blocks_by_parsed_index():
     assert schedule.group_names == [[f"model.layers.{i}.{m}" for m in
                                      ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")] for i in range(3)]
     assert block_groups(["a.10.x", "a.2.x", "head"]) == [["a.2.x"], ["a.10.x"], ["head"]]
+    # Two stacks with the same indices are two sets of blocks, stack by stack in first-appearance order.
+    assert block_groups(["enc.block.1.x", "enc.block.0.x", "dec.block.0.y", "dec.block.0.z", "head"]) == \
+        [["enc.block.0.x"], ["enc.block.1.x"], ["dec.block.0.y", "dec.block.0.z"], ["head"]]
+
+
+def tiny_t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
+                      dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
+    return T5ForConditionalGeneration(config).eval()
+
+
+def test_t5_encoder_and_decoder_blocks_are_separate_groups():
+    """encoder.block.i and decoder.block.i are different blocks (one gate each), whose gates act apart."""
+    model = peftkit.wrap(tiny_t5(), "coto", targets=["q", "v"])
+    schedule = peftkit.callbacks(model)
+    encoder = [[f"encoder.block.{i}.layer.0.SelfAttention.{m}" for m in "qv"] for i in range(2)]
+    decoder = [[f"decoder.block.{i}.layer.{j}.{attention}.{m}" for j, attention in
+                ((0, "SelfAttention"), (1, "EncDecAttention")) for m in "qv"] for i in range(2)]
+    assert schedule.group_names == encoder + decoder
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in adapter_layers(model).values():
+            layer.adapters["default"].lora_B.weight.normal_(0, 0.1, generator=gen)
+    model.train()
+    gates = [True, False, False, True]  # encoder block 0 on, decoder block 0 off, and the reverse
+    schedule.set_gates(gates)
+    ids = torch.randint(1, 97, (2, 6), generator=gen)
+    model(input_ids=ids, labels=ids).loss.backward()
+    layers = adapter_layers(model)
+    for names, gate in zip(schedule.group_names, gates):
+        for name in names:
+            grad = layers[name].adapters["default"].lora_A.weight.grad
+            assert (grad is not None and grad.abs().sum() > 0) if gate else grad is None, name
 
 
 # ------------------------------------------------------------------------------------------ 3. gated-off layer
