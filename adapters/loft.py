@@ -14,7 +14,10 @@ Per pair, with B̃ = s·B (s folded into the preconditioner, so α does not matt
 
 ``reference_code=True`` reproduces the official code's conventions instead: the transposed second-moment
 reprojection (Rᵀ P R for A, R P Rᵀ for B), sequential processing (A's step first, then B's gradient rescaled
-with the updated A), weight decay p ← p − wd·p not scaled by lr, and s not in the preconditioner.
+with the updated A), weight decay p ← p − wd·p not scaled by lr, and s not in the preconditioner. Tensors
+outside the pairs (heads, biases, norms) then take the official optimizer's AdamW branch: p ← p − wd·p with
+the optimizer's weight_decay on every one of them (its callers pass ``model.parameters()`` as one group, so
+nothing is exempt from decay), then torch's bias-corrected Adam step.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch.nn as nn
 
 from peftkit import registry
 from peftkit.errors import ConfigError
-from peftkit.optim import FactorPair, PairOptimizer, loraplus_ratios, damped_inverse, work_dtype
+from peftkit.optim import FactorPair, PairOptimizer, adamw_update, loraplus_ratios, damped_inverse, work_dtype
 
 
 @dataclass
@@ -166,6 +169,15 @@ class LoftOptimizer(PairOptimizer):
     def _decay(self, param: torch.Tensor, group: dict[str, Any]) -> None:
         wd = group["weight_decay"]
         param.mul_(1 - (wd if self.reference_code else group["lr"] * wd))
+
+    def update_other(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+        if not self.reference_code:
+            super().update_other(param, group)
+            return
+        # The official LoFTAdamW's non-LoRA branch: p ← p − wd·p (the decay does not touch the moments, so
+        # applying it before them is the same), then Adam with no further decay.
+        param.add_(param, alpha=-self.defaults["weight_decay"])
+        adamw_update(param, param.grad, self.state[param], {**group, "weight_decay": 0.0})
 
     def _step_a(self, pair: FactorPair, inv_b: torch.Tensor, b_tilde: torch.Tensor, group: dict[str, Any]) -> None:
         state = self.state[pair.a]

@@ -278,8 +278,12 @@ class PairOptimizer(torch.optim.Optimizer):
         for pair, ga, gb in pairs:
             self.update_pair(pair, ga, gb, self._group_of[id(pair.a)], self._group_of[id(pair.b)])
         for p in others:
-            adamw_update(p, p.grad, self.state[p], self._group_of[id(p)])
+            self.update_other(p, self._group_of[id(p)])
         return loss
+
+    def update_other(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+        """One step on a trainable tensor outside the pairs (its gradient clipped): torch's AdamW by default."""
+        adamw_update(param, param.grad, self.state[param], group)
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:

@@ -146,3 +146,46 @@ def test_no_rmn_transient():
         largest = max(torch.Size(s).numel() for s in recorder.shapes)
         # the largest tensors are U, V (m×n) and P^B (m×r²); never an (n, r, m) one (r·m·n = 960)
         assert largest == max(m * n, m * r * r, n * r * r) < r * m * n
+
+
+def test_reference_code_decays_tensors_outside_the_pairs_as_the_authors():
+    """reference_code=True: a trainable bias and a trainable head (outside the (A, B) pairs) follow the official
+    LoFTAdamW's AdamW branch, p ← p − wd·p then the bias-corrected Adam step, written out by hand here; the
+    default keeps torch's AdamW (lr-scaled decay, none on the bias)."""
+    m, n, r, lr, wd, eps = 6, 5, 2, 1e-2, 0.1, 1e-4
+
+    def build():
+        model, layer = single_linear(m, n, r, method="loft")
+        head = torch.nn.Linear(m, 3, dtype=torch.float64)
+        model.append(head)
+        layer.base_layer.bias = torch.nn.Parameter(torch.randn(m, dtype=torch.float64,
+                                                               generator=torch.Generator().manual_seed(5)))
+        return model, layer, head
+
+    x, y = quadratic_problem(3, n)
+    for reference_code in (True, False):
+        model, layer, head = build()
+        others = [layer.base_layer.bias, head.weight, head.bias]
+        opt = peftkit.optimizer(model, lr, weight_decay=wd, reference_code=reference_code)
+        hand = [p.detach().clone() for p in others]
+        moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in hand]
+        start_bias = hand[0].clone()
+        for step in range(1, 11):
+            quadratic_loss(model, x, y).backward()
+            for i, p in enumerate(others):
+                g = p.grad
+                exp_avg, exp_avg_sq = moments[i]
+                exp_avg.mul_(0.9).add_(g, alpha=0.1)
+                exp_avg_sq.mul_(0.999).addcmul_(g, g, value=0.001)
+                denom = (exp_avg_sq.sqrt() / (1 - 0.999 ** step) ** 0.5).add_(eps)
+                if reference_code:
+                    hand[i] = hand[i] - wd * hand[i]
+                elif p.ndim >= 2:  # torch's AdamW; biases are exempt from decay in peftkit's groups
+                    hand[i] = hand[i] * (1 - lr * wd)
+                hand[i] = hand[i] - lr / (1 - 0.9 ** step) * exp_avg / denom
+            opt.step()
+            opt.zero_grad()
+            for p, want in zip(others, hand):
+                torch.testing.assert_close(p.detach(), want, rtol=1e-12, atol=1e-14)
+        if reference_code:  # the decay is not lr-scaled: the bias shrinks by about (1 − wd)¹⁰
+            assert (others[0].detach() - start_bias).norm() > 0.5 * start_bias.norm()
