@@ -15,6 +15,14 @@ Modes: ``full`` (the paper's algorithm: Adam moments M, V of the equivalent grad
 adjustment applied to the Adam direction D) and ``efficient`` (the adjustment applied to the raw gradients,
 then AdamW per factor: r×(m+n) moments). The frozen base is never touched; weight decay is decoupled, on the
 factors. s is each layer's own (rank_pattern, alpha_pattern, rsLoRA).
+
+``reference_code=True`` (full mode) reproduces the conventions of the official DeepSpeed code, so its curves
+can be reproduced: Adam's bias correction at t + 1 (its step counter is incremented before the adjustment,
+which then adds 1 again: the first direction is 0.744× the standard one), and clipping whose factor
+min(1, c/(‖raw gradients‖ + 1e-6)) comes from the raw gradients but scales the adjusted factor gradients
+(the moments see the unclipped g̃). Not reproduced: its hard-coded s = 2 and its bf16 moments
+(``moment_dtype="bfloat16"`` gives those); tensors outside the pairs keep AdamW (the official code would
+mis-pair them, lora-pro.md pitfall 3).
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ class LoraProOptions:
     loraplus_lr_ratio: float = 1.0  # lr(B) / lr(A), LoRA+ composition
     max_grad_norm: float | None = None  # clip the unscaled raw gradients before the adjustment
     moment_dtype: str | None = None  # full mode: dtype of M and V (None: fp32, fp64 for fp64 factors)
+    reference_code: bool = False  # full mode: the official code's bias correction (t + 1) and clipping order
 
 
 def solve_sylvester(gram_b: tuple[torch.Tensor, torch.Tensor], gram_a: tuple[torch.Tensor, torch.Tensor],
@@ -98,9 +107,14 @@ class LoraProOptimizer(PairOptimizer):
     optimizer_name = "lora-pro"
 
     def __init__(self, model: nn.Module, lr: float, *, mode: str = "full", x_mode: str = "sylvester",
-                 moment_dtype: str | None = None, **kwargs: Any) -> None:
+                 moment_dtype: str | None = None, reference_code: bool = False, **kwargs: Any) -> None:
         if mode not in MODES:
             raise ConfigError(f"mode: expected one of {list(MODES)} for LoRA-Pro, got {mode!r}")
+        if not isinstance(reference_code, bool):
+            raise ConfigError(f"reference_code: expected True or False, got {reference_code!r}")
+        if reference_code and mode != "full":
+            raise ConfigError(f"reference_code: the official code's conventions exist for mode='full' only, got "
+                              f"mode={mode!r}; set mode='full' or reference_code=False")
         if x_mode not in X_MODES:
             raise ConfigError(f"x_mode: expected one of {list(X_MODES)}, got {x_mode!r}")
         if moment_dtype is not None and moment_dtype not in MOMENT_DTYPES:
@@ -109,6 +123,38 @@ class LoraProOptimizer(PairOptimizer):
         self.mode = mode
         self.x_mode = x_mode
         self.moment_dtype = moment_dtype
+        self.reference_code = reference_code
+        # reference_code with clipping: this step's clip factor, applied to the adjusted factor gradients.
+        self._adjusted_clip: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        if not (self.reference_code and self.max_grad_norm is not None):
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # The official order: the norm of the raw gradients, the adjustment (moments) on the unclipped ones, and
+        # the factor applied to the adjusted pair gradients; tensors outside the pairs are clipped raw.
+        total = torch.zeros((), dtype=torch.float64)
+        for pair, grad_a, grad_b in self._pair_grads():
+            total = total + self.clip_norm_sq(pair, grad_a, grad_b)
+        others = [p for p in self._others if p.grad is not None]
+        for param in others:
+            total = total + param.grad.double().square().sum()
+        norm = total.sqrt()
+        coef = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+        for param in others:
+            param.grad.mul_(coef.to(param.grad.dtype))
+        max_grad_norm, self.max_grad_norm = self.max_grad_norm, None
+        self._adjusted_clip = coef
+        try:
+            super().step()
+        finally:
+            self.max_grad_norm, self._adjusted_clip = max_grad_norm, None
+        self.last_grad_norm = norm
+        return loss
 
     def update_pair(self, pair: FactorPair, grad_a: torch.Tensor, grad_b: torch.Tensor, group_a: dict[str, Any],
                     group_b: dict[str, Any]) -> None:
@@ -127,7 +173,8 @@ class LoraProOptimizer(PairOptimizer):
             state["exp_avg"] = torch.zeros(b.shape[0], a.shape[1], dtype=moment, device=a.device)
             state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
         state["step"] += 1
-        step = int(state["step"].item())
+        # The official code corrects the bias at t + 1 (lora-pro.md pitfall 4).
+        step = int(state["step"].item()) + (1 if self.reference_code else 0)
         beta1, beta2 = group_a["betas"]
         direction = equivalent_gradient(a_w, b_w, grad_a.to(dtype), grad_b.to(dtype), s)  # g̃, m×n
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
@@ -142,6 +189,8 @@ class LoraProOptimizer(PairOptimizer):
         direction.div_((1 - beta2 ** step) ** 0.5).add_(group_a["eps"])
         torch.div(exp_avg, direction, out=direction).div_(1 - beta1 ** step)
         g_a, g_b, _ = adjusted_gradients(a_w, b_w, (b_w.T @ direction) * s, (direction @ a_w.T) * s, s, self.x_mode)
+        if self._adjusted_clip is not None:
+            g_a, g_b = g_a * self._adjusted_clip.to(g_a.dtype), g_b * self._adjusted_clip.to(g_b.dtype)
         a.mul_(1 - group_a["lr"] * group_a["weight_decay"]).add_(g_a.to(a.dtype), alpha=-group_a["lr"])
         b.mul_(1 - group_b["lr"] * group_b["weight_decay"]).add_(g_b.to(b.dtype), alpha=-group_b["lr"])
 
