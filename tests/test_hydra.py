@@ -251,6 +251,36 @@ def test_export_on_gpt2_with_nonzero_biases(tmp_path, branch_bias):
     assert (merged - ours).norm() / ours.norm() <= 1e-6
 
 
+def test_export_on_a_base_with_some_biased_targets(tmp_path):
+    """Biased attention projections, bias-free MLP (a Qwen-like mix): PEFT's one lora_bias flag puts a zero
+    lora_B.bias on the MLP layers, and the loaded LoRA still equals the Hydra model."""
+    from peft import PeftModel
+
+    def make():
+        model = tiny_llama(attention_bias=True)
+        gen = torch.Generator().manual_seed(4)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".bias"):
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        return model
+
+    model = make()
+    batch = make_batch(model)
+    peftkit.wrap(model, "hydra", r=2, sequential_r=2)
+    randomize_adapters(model, std=0.1)
+    ours = output(model, batch)
+    peftkit.export(model, tmp_path)
+    tensors = read_tensors(tmp_path / WEIGHTS_NAME)
+    mlp_bias = tensors["base_model.model.model.layers.0.mlp.up_proj.lora_B.bias"]
+    assert torch.equal(mlp_bias, torch.zeros_like(mlp_bias))
+    assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias"].abs().max() > 0
+    ctx = quiet()
+    peft_model = PeftModel.from_pretrained(make(), str(tmp_path)).eval()
+    ctx.__exit__(None, None, None)
+    assert (output(peft_model, batch) - ours).norm() / ours.norm() <= 1e-6
+
+
 # ------------------------------------------------------------------------------------------ 4. sequential branch
 def test_sequential_branch_vanishes_on_the_null_space_of_w0():
     layer = hydra_layer(in_features=12, out_features=5, r=2, bias=False)
