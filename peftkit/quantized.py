@@ -14,8 +14,8 @@ Layouts of a 4-bit ``Linear4bit`` weight:
   non-nested absmax transposed in 0.50.
 
 ``track_layouts(model)`` (called by ``inject``) hooks every ``Linear4bit``: before bitsandbytes repacks a weight it
-remembers the standard-layout statistics (references, no copy), and a forward that needs a gradient through the
-layer, or a ``state_dict`` call, first puts the weight back in the standard layout, bit for bit. A weight packed
+remembers the standard-layout statistics (references, no copy), and a training forward (train mode, or a gradient
+through the layer) or a ``state_dict`` call first puts the weight back in the standard layout, bit for bit. A weight packed
 before peftkit saw it is read from its packed statistics (bf16 absmax: exactly what the packed kernel multiplies by).
 8-bit ``Linear8bitLt`` weights have one layout (int8 rows with one scale each).
 """
@@ -148,8 +148,9 @@ def _before_forward(module: nn.Module, args: tuple) -> None:
     if not isinstance(x, torch.Tensor):
         return
     if is_cpu_packed(module):
-        # The packed kernel's output has no graph: a gradient would silently stop at this layer.
-        if torch.is_grad_enabled() and x.requires_grad:
+        # The packed kernel is bitsandbytes' inference path: its output has no graph (a gradient would silently
+        # stop at this layer) and it computes in bf16. Training forwards take the standard path, as before eval.
+        if module.training or (torch.is_grad_enabled() and x.requires_grad):
             unpack_in_place(module)
     elif x.device.type == "cpu" and getattr(module, "support_avx512bf16_for_cpu", False):
         # bitsandbytes may repack in this forward, replacing absmax (and dropping nested stats) by a bf16
