@@ -15,8 +15,8 @@ Layouts of a 4-bit ``Linear4bit`` weight:
 
 ``track_layouts(model)`` (called by ``inject``) hooks every ``Linear4bit``: before bitsandbytes repacks a weight it
 remembers the standard-layout statistics (references, no copy), and a training forward (train mode, or a gradient
-through the layer) or a ``state_dict`` call first puts the weight back in the standard layout, bit for bit. A weight packed
-before peftkit saw it is read from its packed statistics (bf16 absmax: exactly what the packed kernel multiplies by).
+through the layer) or a ``state_dict`` call first puts the weight back in the standard layout, bit for bit. A weight
+packed before peftkit saw it is read from its packed statistics (bf16 absmax: what the packed kernel multiplies by).
 8-bit ``Linear8bitLt`` weights have one layout (int8 rows with one scale each).
 """
 
