@@ -67,10 +67,16 @@ def standard_layout(module: nn.Module) -> tuple[torch.Tensor, Any]:
     codes, unpacked = _convert_weight_packed_for_cpu_inverse(weight.data, unpacked)
     remembered = getattr(module, _STANDARD_STATS, None)
     if remembered is not None and remembered["state"] is state:
-        for key in ("absmax", "state2", "offset", "nested", "dtype"):
-            setattr(unpacked, key, remembered[key])
+        device = weight.device  # the layer may have moved since (Params4bit.to keeps the packed layout)
+        state2 = remembered["state2"]
+        if state2 is not None and state2.absmax.device != device:
+            state2 = copy.copy(state2)
+            state2.to(device)
+        offset = remembered["offset"]
+        unpacked.absmax = remembered["absmax"].to(device)
+        unpacked.state2, unpacked.nested, unpacked.dtype = state2, remembered["nested"], remembered["dtype"]
+        unpacked.offset = offset.to(device) if isinstance(offset, torch.Tensor) else offset
     else:
-        n_out, n_in = state.shape
         # Packed absmax is (in/blocksize, out) bf16; the standard layout's is one float per block, row-major.
         unpacked.absmax = state.absmax.t().reshape(-1).float().contiguous()
         unpacked.state2, unpacked.offset, unpacked.nested = None, None, False
@@ -149,8 +155,10 @@ def _before_forward(module: nn.Module, args: tuple) -> None:
         return
     if is_cpu_packed(module):
         # The packed kernel is bitsandbytes' inference path: its output has no graph (a gradient would silently
-        # stop at this layer) and it computes in bf16. Training forwards take the standard path, as before eval.
-        if module.training or (torch.is_grad_enabled() and x.requires_grad):
+        # stop at this layer) and it computes in bf16. Training forwards take the standard path, as before eval;
+        # so does a layer moved off the CPU (bitsandbytes' ``.to`` keeps the packed bytes, its GPU kernels do not
+        # read them).
+        if module.training or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
             unpack_in_place(module)
     elif x.device.type == "cpu" and getattr(module, "support_avx512bf16_for_cpu", False):
         # bitsandbytes may repack in this forward, replacing absmax (and dropping nested stats) by a bf16
