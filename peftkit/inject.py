@@ -11,7 +11,7 @@ from typing import Iterator
 
 import torch.nn as nn
 
-from . import registry
+from . import quantized, registry
 from .config import AdapterConfig, select_targets, _name_matches
 from .errors import ConfigError, StateError
 from .layer import AdapterLayer, ModulesToSave, linear_types
@@ -109,6 +109,9 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
             if adapter_name in layer.adapters:
                 layer.delete_adapter(adapter_name)
         raise
+    # bitsandbytes may repack 4-bit weights for its CPU kernel on an eval forward: keep reads, gradients and
+    # state dicts of every 4-bit layer (targeted or not) right on that layout.
+    quantized.track_layouts(model)
     if state is None:
         state = PeftkitState()
         model.__dict__[STATE_ATTR] = state

@@ -33,21 +33,13 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
+from . import quantized
 from .errors import MergeError, StateError
 
 try:  # transformers' GPT-2 style layer: weight stored as (in, out)
     from transformers.pytorch_utils import Conv1D
 except Exception:  # pragma: no cover
     Conv1D = None  # type: ignore[assignment]
-
-
-def _bnb():
-    try:
-        import bitsandbytes as bnb
-
-        return bnb
-    except Exception:  # pragma: no cover - bitsandbytes missing or broken
-        return None
 
 
 def linear_types() -> tuple[type, ...]:
@@ -238,13 +230,10 @@ class AdapterLayer(nn.Module):
         return getattr(self.base_layer, "bias", None)
 
     def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The base weight as a dense (out, in) tensor (dequantized for bnb), detached."""
+        """The base weight as a dense (out, in) tensor (dequantized for bnb, in any of its layouts), detached."""
         weight = self.base_layer.weight
-        if self.kind == "bnb4":
-            bnb = _bnb()
-            dense = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
-        elif self.kind == "bnb8":
-            dense = self._dequantize_int8()
+        if self.kind in ("bnb4", "bnb8"):
+            dense = quantized.dense_weight(self.base_layer)
         elif self.kind == "conv1d":
             dense = weight.detach().t()
         else:
@@ -252,42 +241,14 @@ class AdapterLayer(nn.Module):
         work = dtype or (torch.float64 if dense.dtype == torch.float64 else torch.float32)
         return dense.to(work)
 
-    def _dequantize_int8(self) -> torch.Tensor:
-        bnb = _bnb()
-        weight = self.base_layer.weight
-        state = self.base_layer.state
-        scb = state.SCB if state.SCB is not None else weight.SCB
-        if scb is None:  # not yet quantized (has_fp16_weights) - the stored data is dense
-            return weight.data.float()
-        if hasattr(bnb.functional, "int8_vectorwise_dequant"):
-            return bnb.functional.int8_vectorwise_dequant(weight.data, scb.to(weight.device))
-        return weight.data.float() * scb.to(weight.device).view(-1, 1) / 127.0
-
     def write_base_weight(self, dense: torch.Tensor) -> None:
         """Store an (out, in) dense weight back into the base layer (re-quantizing bnb weights)."""
+        if self.kind in ("bnb4", "bnb8"):
+            quantized.write_dense_weight(self.base_layer, dense)
+            return
         weight = self.base_layer.weight
         with torch.no_grad():
-            if self.kind == "bnb4":
-                bnb = _bnb()
-                kwargs = {k: v for k, v in weight.__dict__.items() if not k.startswith("_")}
-                kwargs.pop("data", None)
-                kwargs["bnb_quantized"] = False
-                kwargs["requires_grad"] = False
-                quant_dtype = getattr(weight.quant_state, "dtype", torch.float32) or torch.float32
-                param = bnb.nn.Params4bit(dense.to("cpu", quant_dtype).contiguous(), **kwargs)
-                self.base_layer.weight = param.to(weight.device)
-                if not getattr(self.base_layer.weight, "bnb_quantized", True):
-                    self.base_layer.weight._quantize(weight.device)
-            elif self.kind == "bnb8":
-                bnb = _bnb()
-                self.base_layer.weight = bnb.nn.Int8Params(
-                    dense.to("cpu", torch.float16).contiguous(), requires_grad=False,
-                    has_fp16_weights=weight.has_fp16_weights,
-                ).to(weight.device)
-                self.base_layer.state.SCB = None
-                self.base_layer.state.reset_grads()
-                self.base_layer.state.SCB = self.base_layer.weight.SCB
-            elif self.kind == "conv1d":
+            if self.kind == "conv1d":
                 weight.copy_(dense.t().to(weight.dtype))
             else:
                 weight.copy_(dense.to(weight.dtype))

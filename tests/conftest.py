@@ -13,3 +13,27 @@ warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _bnb_cpu_path():
+    """PEFTKIT_TEST_BNB_CPU_PATH=packed|unpacked runs every 4-bit test on that bitsandbytes CPU kernel path
+    (tests/bnb_paths.py); unset, each machine takes its own (packed where the CPU has AVX512-BF16)."""
+    path = os.environ.get("PEFTKIT_TEST_BNB_CPU_PATH")
+    if not path:
+        yield None
+        return
+    import bnb_paths
+
+    with pytest.MonkeyPatch.context() as patch:
+        bnb_paths.force(path, patch)
+        yield path
+
+
+@pytest.fixture(params=["unpacked", "packed"])
+def bnb_cpu_path(request, monkeypatch):
+    """Parametrizes a test over both bitsandbytes CPU kernel paths: 4-bit layers built inside the test take it."""
+    import bnb_paths
+
+    bnb_paths.force(request.param, monkeypatch)
+    return request.param

@@ -54,22 +54,29 @@ def tiny_bert(seed: int = 0, num_labels: int = 3, dtype: torch.dtype = torch.flo
     return BertForSequenceClassification(cfg).to(dtype).eval()
 
 
+# Widths of the quantized tiny Llama. bitsandbytes' AVX512-BF16 CPU path (tests/bnb_paths.py) repacks a 4-bit weight
+# in tiles of 32 output rows and one absmax per 64 inputs (its blocksize), so every in-width is a multiple of 64 and
+# every out-width of 32 (q/o 64, k/v 32, gate/up 128, down 64): both CPU kernel paths take these layers.
+QUANTIZED_LLAMA = (("hidden_size", 64), ("intermediate_size", 128))
+
+
 @functools.lru_cache(maxsize=None)
-def _saved_llama_dir(seed: int) -> str:
+def _saved_llama_dir(seed: int, overrides: tuple[tuple[str, int], ...] = ()) -> str:
     folder = tempfile.mkdtemp(prefix="peftkit-llama-")
     atexit.register(shutil.rmtree, folder, True)
-    tiny_llama(seed).save_pretrained(folder)
+    tiny_llama(seed, **dict(overrides)).save_pretrained(folder)
     return folder
 
 
 def tiny_llama_4bit(seed: int = 0) -> LlamaForCausalLM:
-    """The tiny Llama with every linear layer (but the head) as a bitsandbytes 4-bit NF4 layer, on CPU."""
+    """The tiny Llama (``QUANTIZED_LLAMA`` widths) with every linear layer but the head as a bitsandbytes 4-bit NF4
+    layer, on CPU. It takes whichever bitsandbytes CPU path the machine (or ``bnb_paths.force``) picks."""
     from transformers import BitsAndBytesConfig
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = LlamaForCausalLM.from_pretrained(
-            _saved_llama_dir(seed),
+            _saved_llama_dir(seed, QUANTIZED_LLAMA),
             quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                    bnb_4bit_compute_dtype=torch.float32),
         )

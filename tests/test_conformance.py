@@ -45,6 +45,7 @@ from peftkit import checkpoint, registry
 from peftkit.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from peftkit.inject import adapter_layers, saved_modules, state_of
 
+import bnb_paths
 from helpers import MODEL_FACTORIES, make_batch, make_batches, output, randomize_adapters
 
 METHODS = peftkit.methods()
@@ -153,7 +154,7 @@ def test_wrap_freezes_base_and_preserves_output(method, kind):
     if registry.get_method(method).changes_output_at_init:
         assert relative_gap(out, base_out) > 1e-6, f"{method} says its init changes the output, but it does not"
     else:
-        torch.testing.assert_close(out, base_out, atol=1e-6, rtol=1e-6)
+        bnb_paths.assert_close(out, base_out, model, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("method,kind", CASES)
@@ -219,7 +220,7 @@ def test_merge_unmerge_disable(method, kind):
         unmerged = {n: layer(probes[n]) for n, layer in layers.items()}
     for name in layers:
         w, b = expected_merged[name]
-        torch.testing.assert_close(unmerged[name], torch.nn.functional.linear(probes[name], w, b), **FP32_TOL)
+        bnb_paths.assert_linear(unmerged[name], probes[name], w, b, model, **FP32_TOL)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peftkit.merge(model)
@@ -277,7 +278,7 @@ def test_save_load_round_trip(method, kind, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert peftkit.load(fresh, tmp_path) is fresh
-    torch.testing.assert_close(output(fresh, batch), out, atol=1e-6, rtol=1e-6)
+    bnb_paths.assert_close(output(fresh, batch), out, model, atol=1e-6, rtol=1e-6)
     assert not any(p.requires_grad for p in fresh.parameters())
     # Loaded trainable, it trains the same tensors as the original wrap.
     retrain = build(kind)
@@ -315,7 +316,7 @@ def test_export_matches_peft(method, kind, tmp_path):
             warnings.simplefilter("ignore")
             peftkit.load(fresh, tmp_path)
         theirs = output(fresh, batch)
-    torch.testing.assert_close(theirs, out, **FP32_TOL)
+    bnb_paths.assert_close(theirs, out, model, **FP32_TOL)
 
 
 @pytest.mark.parametrize("method,kind", CASES)
@@ -334,7 +335,7 @@ def test_export_from_a_saved_folder(method, kind, tmp_path):
     ours, theirs = (checkpoint.read_tensors(tmp_path / d / WEIGHTS_NAME) for d in ("from-model", "from-folder"))
     assert ours.keys() == theirs.keys()
     for key in ours:
-        torch.testing.assert_close(theirs[key], ours[key], atol=1e-6, rtol=1e-6)
+        bnb_paths.assert_close(theirs[key], ours[key], model, atol=1e-6, rtol=1e-6)
     configs = [json.loads((tmp_path / d / CONFIG_NAME).read_text()) for d in ("from-model", "from-folder")]
     for field in ("peft_type", "r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules", "modules_to_save"):
         assert configs[0].get(field) == configs[1].get(field), field

@@ -13,6 +13,7 @@ import peftkit
 from peftkit.errors import ConfigError
 from peftkit.inject import adapter_layers
 
+import bnb_paths
 from helpers import make_batches, output, tiny_gpt2, tiny_llama, tiny_llama_4bit
 from inits_fixtures import LinearToy, full_gradient, linear_batches, sgd_step
 
@@ -32,6 +33,10 @@ def test_function_preserved_after_init(kind):
     ref = output(model, batches[0]).double()
     _wrap(model, batches, r=4)
     assert all(l.adapters["default"].lora_B.weight.abs().max() > 0 for l in adapter_layers(model).values())
+    if kind == "4bit" and bnb_paths.takes_packed_path(model):
+        # bitsandbytes' packed kernel computes in bf16: a bf16-level gap (bnb_paths.PACKED_GAP), not fp32's.
+        bnb_paths.assert_close(output(model, batches[0]).double(), ref, model)
+        return
     diff = (output(model, batches[0]).double() - ref).abs().max()
     bound = {"fp64": 1e-12, "fp32": 1e-5 * float(ref.abs().max()), "bf16": 1e-2, "gpt2": 1e-5 * float(ref.abs().max()),
              "4bit": 1e-5 * float(ref.abs().max())}[kind]

@@ -1,10 +1,12 @@
-"""README.md promises what .ci/run does: the same test command, and a three-line example that runs."""
+"""README.md promises what .ci/run does: the same test command, installs pinned by .ci/constraints.txt within
+pyproject's bounds, and a three-line example that runs."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 import peftkit
@@ -36,3 +38,33 @@ def test_three_line_example_shape():
     optimizer.step()
     assert peftkit.trainable_parameters(model).trainable > 0
     assert torch.isfinite(loss)
+
+
+def _constraints() -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    lines = [l.strip() for l in (REPO / ".ci" / "constraints.txt").read_text().splitlines()]
+    pins = [l for l in lines if l and not l.startswith("#")]
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+==[A-Za-z0-9.+!-]+", l) for l in pins), "one name==version per line"
+    names = [canonicalize_name(l.split("==")[0]) for l in pins]
+    assert names == sorted(names) and len(set(names)) == len(names), "constraints: sorted by name, each once"
+    return {name: l.split("==")[1] for name, l in zip(names, pins)}
+
+
+def test_ci_installs_within_the_constraints_that_pyproject_allows():
+    """.ci/run installs every package with -c .ci/constraints.txt, and each pin satisfies pyproject's bounds."""
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    installs = [l for l in (REPO / ".ci" / "run").read_text().splitlines()
+                if "pip install" in l and "--upgrade pip" not in l]
+    assert installs and all("-c .ci/constraints.txt" in l for l in installs), installs
+    pins = _constraints()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    requirements = project["dependencies"] + [r for extra in ("test", "demo") for r in extras[extra]]
+    for requirement in map(Requirement, requirements):
+        version = pins.get(canonicalize_name(requirement.name))
+        assert version is not None, f".ci/constraints.txt pins no version of {requirement.name}"
+        assert requirement.specifier.contains(version, prereleases=True), f"{requirement.name}=={version}"
