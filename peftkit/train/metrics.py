@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,10 @@ class MetricsLog:
         """On resume: drop records newer than the checkpoint, which the resumed run writes again."""
         if not self.enabled or not self.path.is_file():
             return
+        from ..checkpoint import atomic_write_bytes
+
         kept = [r for r in read(self.path.parent) if r.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -39,12 +42,19 @@ def read(run_dir: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise ConfigError(f"plot: {path} not found; give the output_dir of a training run")
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    lines = path.read_text(errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
-                raise ConfigError(f"plot: {path} line {number} is not JSON; the file is damaged") from None
+                if number == len(lines):
+                    # A run killed during an append leaves its last line torn: that record is lost, not the file.
+                    warnings.warn(f"{path}: the last line is incomplete (a run was killed while writing it); "
+                                  "it is ignored", stacklevel=2)
+                    continue
+                raise ConfigError(f"{path}: line {number} is not JSON; the file is damaged - fix or remove "
+                                  "that line") from None
     return records
 
 
