@@ -591,12 +591,17 @@ def _apply_class_names(model: nn.Module, section: dict[str, Any]) -> None:
 
 
 def model_labels(directory: str | os.PathLike) -> dict[str, Any]:
-    """``from_pretrained`` keyword arguments (num_labels, id2label, label2id) that give a base model the head
-    shape and class names the adapter in ``directory`` was trained with; {} when it records none."""
-    section = read_config(directory).get("peftkit")
+    """``from_pretrained`` keyword arguments (num_labels, id2label, label2id, and ignore_mismatched_sizes when the
+    adapter saves its own head) that give a base model the head shape and class names the adapter in
+    ``directory`` was trained with; {} when it records none."""
+    data = read_config(directory)
+    section = data.get("peftkit")
     if not isinstance(section, dict) or not section.get("num_labels"):
         return {}
     out: dict[str, Any] = {"num_labels": int(section["num_labels"])}
+    if data.get("modules_to_save"):
+        # The adapter brings its head: a base whose saved head has another class count gets a placeholder.
+        out["ignore_mismatched_sizes"] = True
     if section.get("id2label"):
         out["id2label"] = {int(k): v for k, v in section["id2label"].items()}
         out["label2id"] = {k: int(v) for k, v in (section.get("label2id") or {}).items()} or {

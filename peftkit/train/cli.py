@@ -16,6 +16,7 @@ training state; 3 a write failed (disk full, read-only or I/O error: one message
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import shutil
@@ -185,9 +186,11 @@ def _check_out(out: Path, source: Path, force: bool, command: str) -> None:
 def _publish(staging: Path, out: Path) -> None:
     """Move a complete staging folder to ``out``: a rename when ``out`` is new or empty, else file by file
     (each an atomic replace), keeping every file of ``out`` the output does not name."""
-    from ..checkpoint import dir_mode
+    from ..checkpoint import dir_mode, file_mode
 
-    os.chmod(staging, dir_mode())  # mkdtemp's 0700 would hide the folder from those the umask lets in
+    # The user's umask for everything written: mkdtemp gives 0700 and some writers 0600.
+    for path in [staging, *staging.rglob("*")]:
+        os.chmod(path, dir_mode() if path.is_dir() else file_mode())
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         os.replace(staging, out)  # rename(2) replaces an empty folder atomically
         return
@@ -200,7 +203,30 @@ def _publish(staging: Path, out: Path) -> None:
 
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No progress bars or load reports from transformers: a command's stderr is its own messages (an error is
+    one line). The head a classification adapter brings is reported as newly initialised, which it is not."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def cmd_merge(args) -> int:
+    with _quiet_transformers():
+        return _merge(args)
+
+
+def _merge(args) -> int:
     import peftkit
 
     from .. import checkpoint
@@ -242,6 +268,11 @@ def _copy_tokenizer(adapter: Path, base_path: str, out: Path) -> None:
 
 
 def cmd_export(args) -> int:
+    with _quiet_transformers():
+        return _export(args)
+
+
+def _export(args) -> int:
     import peftkit
 
     from .. import checkpoint
