@@ -232,7 +232,7 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
         if main:
             print(f"peftkit: resumed from {last} (step {state.step})", flush=True)
     metrics = MetricsLog(output_dir, enabled=main)
-    metrics.truncate_after(state.step)
+    metrics.truncate_after(state.step, evals_at_step=state.step < training.max_steps)
     if recipe.logging.report_to:
         accelerator.init_trackers("peftkit", config=_flat(recipe.to_dict()))
 

@@ -21,13 +21,16 @@ class MetricsLog:
         self.path = Path(run_dir) / METRICS_FILE
         self.enabled = enabled
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop records newer than the checkpoint, which the resumed run writes again."""
+    def truncate_after(self, step: int, evals_at_step: bool = True) -> None:
+        """On resume: drop records newer than the checkpoint, which the resumed run writes again (and the
+        evaluation records of ``step`` itself when ``evals_at_step`` is False: a resume at the last step
+        evaluates again)."""
         if not self.enabled or not self.path.is_file():
             return
         from ..checkpoint import atomic_write_bytes
 
-        kept = [r for r in read(self.path.parent) if r.get("step", 0) <= step]
+        kept = [r for r in read(self.path.parent) if r.get("step", 0) < step or r.get("step", 0) == step and (
+            evals_at_step or not any(k.startswith("eval_") for k in r))]
         atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def write(self, record: dict[str, Any]) -> None:
