@@ -228,15 +228,12 @@ class AdapterLayer(nn.Module):
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if self.merged_adapters:
-            if self.training and torch.is_grad_enabled() and any(
-                    p.requires_grad for n in self.merged_adapters for p in self.adapters[n].parameters()):
-                # A merged adapter is part of the base weight: it would get no gradient, and changing it would
-                # make unmerge subtract a delta that was never added.
-                raise StateError(
-                    f"{self.module_name}: adapters {self.merged_adapters} are merged into the base weights, so they "
-                    "cannot train; call peftkit.unmerge(model) before training (or model.eval() / torch.no_grad() "
-                    "for inference)")
-            return self.base_layer(x, *args, **kwargs)
+            out = self.base_layer(x, *args, **kwargs)
+            if torch.is_grad_enabled():
+                trainable = [p for n in self.merged_adapters for p in self.adapters[n].parameters() if p.requires_grad]
+                if trainable:  # a backward through this output means training merged adapters
+                    out = _MergedGuard.apply(out, self.module_name, list(self.merged_adapters), *trainable)
+            return out
         return self.adapted_forward(x, *args, **kwargs)
 
     # --------------------------------------------------------------- base weights
@@ -396,6 +393,23 @@ class AdapterLayer(nn.Module):
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={self.ranks[n]}" for n in self.adapters)
         return f"{self.architecture_name}[{ranks}] on {self.kind} ({self.out_features}x{self.in_features})"
+
+
+class _MergedGuard(torch.autograd.Function):
+    """The identity, whose backward raises: a merged adapter is part of the base weight, so it would get no
+    gradient (torch's own error then names no cause), and changing it would make unmerge subtract a delta that
+    was never added. Forward passes (inference without ``no_grad``) are unaffected."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, module_name: str, names: list[str], *params: torch.Tensor) -> torch.Tensor:
+        ctx.module_name, ctx.names = module_name, names
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        raise StateError(
+            f"{ctx.module_name}: adapters {ctx.names} are merged into the base weights, so they cannot train; call "
+            "peftkit.unmerge(model) before training")
 
 
 class ModulesToSave(nn.Module):

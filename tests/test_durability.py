@@ -427,10 +427,12 @@ def test_training_a_merged_model_is_one_state_error():
     model = peftkit.wrap(tiny_llama(), "lora", r=4)
     peftkit.merge(model)
     model.train()
+    loss = model(input_ids=IDS, labels=IDS).loss  # a forward (inference without no_grad) is fine
     with pytest.raises(StateError, match="merged into the base weights.*peftkit.unmerge"):
-        model(input_ids=IDS, labels=IDS).loss.backward()
-    with torch.no_grad():  # inference on the merged model is fine
-        model(input_ids=IDS)
+        loss.backward()
+    peftkit.unmerge(model)
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
 
 
 def test_set_adapter_while_merged_runs_the_chosen_adapter():
