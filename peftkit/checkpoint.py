@@ -38,7 +38,16 @@ VERSION = "0.1.0"
 
 # ------------------------------------------------------------------------------------------ atomic IO
 def _umask() -> int:
-    umask = os.umask(0)  # the only way to read it; set back at once
+    """The process umask: from /proc on Linux (reading it there changes nothing, so no other thread can create a
+    file under a wrong mask meanwhile), else set and reset at once."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0)
     os.umask(umask)
     return umask
 

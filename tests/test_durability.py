@@ -265,6 +265,21 @@ def test_merge_refuses_an_adapter_with_nan_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "merged").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged.")]
 
+    # a PEFT-style config (no peftkit section, no sha256) whose lora_alpha is "inf": refused, nothing written
+    peftkit.save(perturb_lora(base_dir), tmp_path / "inf-adapter")
+    config = json.loads((tmp_path / "inf-adapter" / "adapter_config.json").read_text())
+    del config["peftkit"]
+    config["lora_alpha"] = "inf"
+    (tmp_path / "inf-adapter" / "adapter_config.json").write_text(json.dumps(config))
+    one_error(capsys, ["merge", str(tmp_path / "inf-adapter"), "--out", str(tmp_path / "merged")])
+    assert not (tmp_path / "merged").exists()
+
+
+def perturb_lora(base_dir: Path) -> torch.nn.Module:
+    model = peftkit.wrap(AutoModelForCausalLM.from_pretrained(base_dir), "lora", r=4)
+    perturb(model)
+    return model
+
 
 # ------------------------------------------------------------------ the run lock
 def test_a_second_run_in_a_locked_folder_fails_at_once_with_the_holders_pid(tmp_path, capsys, monkeypatch):

@@ -65,7 +65,7 @@ class RunLock:
         self.path = self.folder / LOCK_FILE
         self.accelerator = accelerator
         self._fd: int | None = None
-        self._created_folder = False
+        self._created: list[Path] = []
 
     def __enter__(self) -> "RunLock":
         main = self.accelerator is None or self.accelerator.is_main_process
@@ -87,8 +87,9 @@ class RunLock:
         if self.folder.exists() and not self.folder.is_dir():
             return ConfigError(f"training.output_dir: {self.folder} is a file, not a folder; choose a folder")
         if not self.folder.exists():
+            missing = [self.folder, *(p for p in self.folder.parents if not p.exists())]
             self.folder.mkdir(parents=True)
-            self._created_folder = True
+            self._created = missing  # removed again on release if the run leaves them empty
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, adapter_io.file_mode())
             try:
@@ -125,11 +126,12 @@ class RunLock:
             pass
         os.close(self._fd)
         self._fd = None
-        if self._created_folder:
+        for folder in self._created:  # only folders this lock created that stayed empty (a run that failed early)
             try:
-                self.folder.rmdir()  # only when it stayed empty (a run that failed before writing anything)
+                folder.rmdir()
             except OSError:
-                pass
+                break
+        self._created = []
 
 
 def _read_holder(fd: int) -> str:

@@ -84,7 +84,10 @@ def plot(run_dir: str | Path) -> Path:
     figure.tight_layout()
     out = Path(run_dir) / PLOT_FILE
     tmp = out.with_name("." + PLOT_FILE + ".tmp.png")
-    figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-    tmp.replace(out)
+    try:
+        figure.savefig(tmp, dpi=100)
+        tmp.replace(out)
+    finally:
+        plt.close(figure)
+        tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves no temporary file
     return out
