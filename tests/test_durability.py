@@ -374,6 +374,19 @@ def test_resume_with_a_missing_rng_file_is_one_clear_error(tmp_path, capsys, mis
     one_error(capsys, ["train", recipe, "training.max_steps=4", "--resume"], missing, "missing", "incomplete")
 
 
+def test_a_kill_between_the_two_renames_of_a_checkpoint_swap_loses_nothing(tmp_path, capsys):
+    """Re-saving a step that exists renames it to .step-N.old, the new one into place, then removes the old:
+    a kill between the renames leaves only .step-N.old, which the next run puts back before resuming."""
+    recipe = write_recipe(tmp_path, training__max_steps=2, data__eval=None)
+    assert main(["train", recipe]) == 0
+    checkpoints = tmp_path / "run" / "checkpoints"
+    (checkpoints / "step-000002").rename(checkpoints / ".step-000002.old")
+    (checkpoints / ".step-000003.tmp").mkdir()  # and a half-written folder of a later step
+    assert main(["train", recipe, "training.max_steps=3", "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000002", "step-000003"]
+
+
 # ------------------------------------------------------------------ disk full
 def test_disk_full_during_a_checkpoint_is_one_message_and_leaves_no_temporary_files(tmp_path, capsys, monkeypatch):
     full = []
