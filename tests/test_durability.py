@@ -291,6 +291,12 @@ def test_a_second_run_in_a_locked_folder_fails_at_once_with_the_holders_pid(tmp_
     assert not built and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_an_output_dir_that_is_a_file_is_one_error(tmp_path, capsys):
+    (tmp_path / "run").write_text("my notes")
+    one_error(capsys, ["train", write_recipe(tmp_path)], "training.output_dir", "is a file")
+    assert (tmp_path / "run").read_text() == "my notes"
+
+
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
