@@ -10,9 +10,11 @@ sha256 of the weights file, so a config and weights from different saves are cau
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
+import sys
 import tempfile
 import warnings
 from collections import Counter
@@ -35,6 +37,32 @@ VERSION = "0.1.0"
 
 
 # ------------------------------------------------------------------------------------------ atomic IO
+def _umask() -> int:
+    """The process umask: from /proc on Linux (reading it there changes nothing, so no other thread can create a
+    file under a wrong mask meanwhile), else set and reset at once."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def file_mode() -> int:
+    """The mode ``open`` gives a new file under the process umask. mkstemp's 0600 would hide checkpoints from
+    the group and others that the user's umask lets read them."""
+    return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    """The mode ``mkdir`` gives a new folder under the process umask (mkdtemp's is 0700)."""
+    return 0o777 & ~_umask()
+
+
 def stage_bytes(path: str | os.PathLike, data: bytes) -> str:
     """Write ``data`` to a fsynced temporary file in ``path``'s folder; returns the temporary file's path.
 
@@ -45,6 +73,7 @@ def stage_bytes(path: str | os.PathLike, data: bytes) -> str:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), file_mode())
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -63,6 +92,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside ``path`` durable (the folder's entry, not only the file, reaches the disk)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on folders; the rename itself is still atomic
+        pass
+    finally:
+        os.close(fd)
 
 
 def json_bytes(obj: Any) -> bytes:
@@ -138,6 +181,65 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 # ------------------------------------------------------------------------------------------ saving
+BASE_REF_ATTR = "_peftkit_base_model_ref"
+PKG_PREFIX = "pkg:"
+
+
+def record_base_reference(model: nn.Module, reference: str | None) -> None:
+    """Remember how the user named ``model``'s weights (a hub id, a folder, ``pkg:<module>/<folder>``), so a
+    saved adapter records that name as ``base_model_name_or_path`` instead of the path it resolved to."""
+    if reference:
+        model.__dict__[BASE_REF_ATTR] = str(reference)
+
+
+def base_reference(model: nn.Module) -> str | None:
+    """The name a saved adapter records for its base: the user's reference when known; else the model's
+    ``name_or_path``, where a folder inside an installed package becomes ``pkg:<module>/<folder>`` (an
+    absolute site-packages path would not resolve on another machine)."""
+    recorded = model.__dict__.get(BASE_REF_ATTR)
+    if recorded:
+        return recorded
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return package_reference(name) if name else None
+
+
+def package_reference(path: str) -> str:
+    """``pkg:<module>/<sub folder>`` for a folder inside an installed regular package; ``path`` otherwise."""
+    folder = Path(path)
+    if not folder.is_absolute() or not folder.is_dir():
+        return path
+    folder = folder.resolve()
+    for entry in sys.path:
+        if not entry or not Path(entry).is_absolute():
+            continue  # the current folder is no installed location
+        try:
+            parts = folder.relative_to(Path(entry).resolve()).parts
+        except (ValueError, OSError):
+            continue
+        if len(parts) < 2 or not parts[0].isidentifier():
+            continue
+        try:
+            spec = importlib.util.find_spec(parts[0])
+        except (ImportError, ValueError):
+            continue
+        origin = getattr(spec, "origin", None) if spec is not None else None
+        # A regular package whose __init__ lies in this very folder (a namespace package would resolve anywhere).
+        if origin and Path(origin).resolve().parent == Path(entry).resolve() / parts[0]:
+            return f"{PKG_PREFIX}{parts[0]}/{'/'.join(parts[1:])}"
+    return path
+
+
+def label_fields(model: nn.Module) -> dict[str, Any]:
+    """``num_labels``, ``id2label`` and ``label2id`` of a classification model (its head's shape and class
+    names), so the base can be rebuilt with a head of the same shape for load / merge / export."""
+    config = getattr(model, "config", None)
+    if _task_type(model) not in ("SEQ_CLS", "TOKEN_CLS") or config is None or not getattr(config, "num_labels", None):
+        return {}
+    id2label = {str(int(k)): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
+    return {"num_labels": int(config.num_labels), "id2label": id2label, "label2id": label2id}
+
+
 def _task_type(model: nn.Module) -> str | None:
     name = type(model).__name__
     if name.endswith("ForCausalLM"):
@@ -213,7 +315,7 @@ def adapter_state(model: nn.Module, adapter_name: str, *, export: bool = False) 
     peft_type = peft_types.pop()
     r, alpha, rank_pattern, alpha_pattern = _patterns(config, per_layer)
     all_names = [n for n, _ in model.named_modules()]
-    base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    base_name = base_reference(model)
     saved_config = config.to_dict()
     # The saved config describes the saved tensors: they are final, so no init runs again on load (the
     # method that trained them stays in peftkit.method), and ranks/alphas are those of the saved form.
@@ -251,7 +353,7 @@ def adapter_state(model: nn.Module, adapter_name: str, *, export: bool = False) 
         "base_model_name_or_path": base_name,
         "revision": None,
         "inference_mode": True,
-        "peftkit": {"version": VERSION, "method": config.method, "config": saved_config},
+        "peftkit": {"version": VERSION, "method": config.method, "config": saved_config, **label_fields(model)},
     }
     if peft_type != "LORA":
         for key in ("lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout", "fan_in_fan_out",
@@ -387,6 +489,13 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
             f"{directory / WEIGHTS_NAME}: keys peftkit does not know for a '{arch_name}' adapter: {unknown[:4]}"
             f"{' ...' if len(unknown) > 4 else ''} (DoRA and trainable biases are not read)"
         )
+    if not per_module:
+        raise CheckpointError(
+            f"{directory / WEIGHTS_NAME}: holds no adapter weights ({len(tensors)} tensors"
+            f"{', only heads' if head_tensors else ''}; a '{arch_name}' adapter needs "
+            f"{'/'.join(layer_cls.saved_suffixes)} tensors): the file is empty or was replaced - save the adapter again"
+        )
+    _check_labels(model, section or {}, directory)
     modules = dict(model.named_modules())
     missing = [n for n in per_module if n not in modules and n.replace("base_layer.", "") not in modules]
     if missing:
@@ -447,6 +556,7 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
         drop_adapter(model, adapter_name)
         restore_parameter_flags(flags)
         raise
+    _apply_class_names(model, section or {})
     state = state_of(model)
     if had_state:
         # Loading one more adapter leaves the flags of everything already there as they were.
@@ -460,6 +570,52 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
             for p in wrapper.modules_to_save[adapter_name].parameters():
                 p.requires_grad_(train_new)
     return model
+
+
+def _check_labels(model: nn.Module, section: dict[str, Any], directory: Path) -> None:
+    """A classification adapter fits only a base whose head has as many classes as the one it trained."""
+    saved = section.get("num_labels")
+    have = getattr(getattr(model, "config", None), "num_labels", None)
+    if saved is None or have is None or _task_type(model) not in ("SEQ_CLS", "TOKEN_CLS") or int(saved) == int(have):
+        return
+    names = [name for _, name in sorted((section.get("id2label") or {}).items(), key=lambda kv: int(kv[0]))]
+    raise CheckpointError(
+        f"{directory / CONFIG_NAME}: the adapter was trained with num_labels={saved}"
+        f"{f' (classes {names})' if names else ''}, but this {type(model).__name__} has num_labels={have}; build "
+        f"the base with from_pretrained(..., num_labels={saved}, id2label=..., label2id=...) (peftkit merge and "
+        "export do this from the adapter's config)"
+    )
+
+
+def _apply_class_names(model: nn.Module, section: dict[str, Any]) -> None:
+    """Give the model the adapter's class names when it has transformers' placeholders (LABEL_0, ...)."""
+    config = getattr(model, "config", None)
+    id2label = section.get("id2label")
+    if not id2label or config is None or _task_type(model) not in ("SEQ_CLS", "TOKEN_CLS"):
+        return
+    current = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
+    if all(v == f"LABEL_{k}" for k, v in current.items()):
+        config.id2label = {int(k): v for k, v in id2label.items()}
+        config.label2id = {k: int(v) for k, v in (section.get("label2id") or {v: int(k) for k, v in id2label.items()}).items()}
+
+
+def model_labels(directory: str | os.PathLike) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments (num_labels, id2label, label2id, and ignore_mismatched_sizes when the
+    adapter saves its own head) that give a base model the head shape and class names the adapter in
+    ``directory`` was trained with; {} when it records none."""
+    data = read_config(directory)
+    section = data.get("peftkit")
+    if not isinstance(section, dict) or not section.get("num_labels"):
+        return {}
+    out: dict[str, Any] = {"num_labels": int(section["num_labels"])}
+    if data.get("modules_to_save"):
+        # The adapter brings its head: a base whose saved head has another class count gets a placeholder.
+        out["ignore_mismatched_sizes"] = True
+    if section.get("id2label"):
+        out["id2label"] = {int(k): v for k, v in section["id2label"].items()}
+        out["label2id"] = {k: int(v) for k, v in (section.get("label2id") or {}).items()} or {
+            v: int(k) for k, v in section["id2label"].items()}
+    return out
 
 
 def _warn_unmatched_patterns(config: AdapterConfig, names: list[str]) -> None:
@@ -490,6 +646,9 @@ def describe(directory: str | os.PathLike) -> dict[str, Any]:
     expected = section.get("weights_sha256")
     if expected and sha256_file(directory / WEIGHTS_NAME) != expected:
         raise CheckpointError(f"{directory}: {WEIGHTS_NAME} does not match the sha256 recorded in {CONFIG_NAME}")
+    if not tensors:
+        raise CheckpointError(f"{directory / WEIGHTS_NAME}: holds no tensors; the file is empty or was replaced - "
+                              "save the adapter again")
     ranks = {}
     for key, tensor in tensors.items():
         if key.endswith("lora_A.weight"):
@@ -505,6 +664,9 @@ def describe(directory: str | os.PathLike) -> dict[str, Any]:
         "parameters": int(sum(t.numel() for t in tensors.values())),
         "bytes": (directory / WEIGHTS_NAME).stat().st_size,
         "base_model": data.get("base_model_name_or_path"),
+        # True: the weights file is the one saved with this config; False: no sha256 was recorded (PEFT's own
+        # adapters), so only its readability was checked.
+        "sha256_verified": bool(expected),
     }
 
 
@@ -516,6 +678,9 @@ def export(model_or_dir: nn.Module | str | os.PathLike, directory: str | os.Path
     if isinstance(model_or_dir, nn.Module):
         return save(model_or_dir, directory, adapter_names=["default"], export=True)[0]
     source = Path(model_or_dir)
+    if Path(directory).resolve() == source.resolve():
+        raise ConfigError(f"export: the output folder {directory} is the adapter's own folder; exporting there would "
+                          "replace the adapter it reads. Choose another folder")
     data = read_config(source)
     arch = (data.get("peftkit") or {}).get("config", {}).get("architecture", "lora")
     if data.get("peft_type") in ("LORA", "HRA") and arch in ("lora", "hra"):

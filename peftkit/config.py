@@ -222,6 +222,11 @@ def _close_names(entry: str, names: list[str]) -> str:
     return ", ".join(sample)
 
 
+def _class_name(model) -> str:
+    """The user's model class, also through inject's view of a model (which is no model class of theirs)."""
+    return getattr(model, "model_class_name", None) or type(model).__name__
+
+
 def select_targets(model: nn.Module, config: AdapterConfig, supported: tuple[type, ...]) -> list[str]:
     """Names of the modules to adapt. Every requested entry (and the regex) must match something."""
     names = [n for n, _ in model.named_modules() if n]
@@ -232,7 +237,7 @@ def select_targets(model: nn.Module, config: AdapterConfig, supported: tuple[typ
     unmatched_heads = [e for e in config.modules_to_save or [] if not any(_name_matches(n, e) for n in names)]
     if unmatched_heads:
         raise ConfigError(
-            f"modules_to_save: {unmatched_heads} match no module of {type(model).__name__}. Close module names: "
+            f"modules_to_save: {unmatched_heads} match no module of {_class_name(model)}. Close module names: "
             f"{_close_names(unmatched_heads[0], names)}. Fix or remove the unmatched entries."
         )
     targets = _as_list(config.targets)
@@ -264,7 +269,7 @@ def select_targets(model: nn.Module, config: AdapterConfig, supported: tuple[typ
         unmatched = [e for e in targets if not any(_name_matches(n, e) for n in names)]
         if unmatched:
             raise ConfigError(
-                f"targets: {unmatched} match no module of {type(model).__name__}. Close module names: "
+                f"targets: {unmatched} match no module of {_class_name(model)}. Close module names: "
                 f"{_close_names(unmatched[0], names)}. Fix or remove the unmatched entries."
             )
         chosen = [n for n in names if any(_name_matches(n, e) for e in targets)]

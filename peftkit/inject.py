@@ -6,6 +6,7 @@ object, not a module, so it never enters the model's state dict).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -133,6 +134,7 @@ class _BaseView:
 
     def __init__(self, model: nn.Module) -> None:
         self._model = model
+        self.model_class_name = type(model).__name__  # what messages name (select_targets)
 
     def named_modules(self):
         for name, module in self._model.named_modules():
@@ -156,10 +158,14 @@ def set_active(model: nn.Module, names: list[str]) -> None:
     unknown = [n for n in names if n not in state.configs]
     if unknown:
         raise ConfigError(f"adapter_name: {unknown} not found; the model has {sorted(state.configs)}")
+    layers = adapter_layers(model).values()
+    if any(layer.merged_adapters and set(layer.merged_adapters) != set(names) for layer in layers):
+        warnings.warn(f"set_adapter: unmerging the merged adapters to activate {list(names)} (the base weights hold "
+                      "the merged ones); call peftkit.merge(model) again to merge the new selection", stacklevel=3)
     state.active = list(names)
     for p in model.parameters():
         p.requires_grad_(False)
-    for layer in adapter_layers(model).values():
+    for layer in layers:
         layer.set_active(names)
         for name in layer.active_adapters:
             for p in layer.adapters[name].parameters():

@@ -201,7 +201,11 @@ class AdapterLayer(nn.Module):
             param.requires_grad_(trainable)
 
     def set_active(self, names: list[str]) -> None:
-        self.active_adapters = [n for n in names if n in self.adapters]
+        active = [n for n in names if n in self.adapters]
+        if self.merged_adapters and set(self.merged_adapters) != set(active):
+            # The base weight holds the merged adapters: switching without unmerging would run them, not ``names``.
+            self.unmerge()
+        self.active_adapters = active
 
     def live_branches(self) -> Iterator[tuple[str, nn.Module]]:
         """(name, branch) of every active adapter whose gate is open, in activation order: what a forward adds."""
@@ -216,7 +220,12 @@ class AdapterLayer(nn.Module):
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if self.merged_adapters:
-            return self.base_layer(x, *args, **kwargs)
+            out = self.base_layer(x, *args, **kwargs)
+            if torch.is_grad_enabled():
+                trainable = [p for n in self.merged_adapters for p in self.adapters[n].parameters() if p.requires_grad]
+                if trainable:  # a backward through this output means training merged adapters
+                    out = _MergedGuard.apply(out, self.module_name, list(self.merged_adapters), *trainable)
+            return out
         return self.adapted_forward(x, *args, **kwargs)
 
     # --------------------------------------------------------------- base weights
@@ -268,8 +277,25 @@ class AdapterLayer(nn.Module):
         if safe:
             self._check_finite(weight, bias, todo)
         self._store(weight, bias)
+        for name in todo:
+            self._merged_state[name] = self._branch_state(name)
         self.merged_adapters.extend(todo)
         return todo
+
+    @property
+    def _merged_state(self) -> dict[str, tuple[list[int], dict[str, torch.Tensor]]]:
+        """Per merged adapter: its tensors' version counters and values when merged (see ``unmerge``)."""
+        if "_merged_snapshots" not in self.__dict__:
+            self.__dict__["_merged_snapshots"] = {}
+        return self.__dict__["_merged_snapshots"]
+
+    def _versions(self, name: str) -> list[int]:
+        """In-place writes (optimizer steps, loads) bump a tensor's version counter."""
+        return [t._version for t in self.adapters[name].state_dict(keep_vars=True).values()]
+
+    def _branch_state(self, name: str) -> tuple[list[int], dict[str, torch.Tensor]]:
+        values = {k: t.detach().clone() for k, t in self.adapters[name].state_dict().items()}
+        return self._versions(name), values
 
     def check_merge(self, names: list[str] | None = None) -> None:
         """Raise MergeError if merging ``names`` (default: the active adapters) would put NaN or inf into the
@@ -305,7 +331,16 @@ class AdapterLayer(nn.Module):
         with torch.no_grad():
             while self.merged_adapters:
                 name = self.merged_adapters.pop()
-                weight, bias = self.unmerge_weights(name, weight, bias)
+                versions, merged_values = self._merged_state.pop(name, (None, None))
+                branch = self.adapters[name]
+                if versions is not None and versions != self._versions(name):
+                    # The adapter changed while merged (a step, a load): subtract what was added, not what is there.
+                    current = {k: t.detach().clone() for k, t in branch.state_dict().items()}
+                    branch.load_state_dict(merged_values)
+                    weight, bias = self.unmerge_weights(name, weight, bias)
+                    branch.load_state_dict(current)
+                else:
+                    weight, bias = self.unmerge_weights(name, weight, bias)
                 undone.append(name)
         self._store(weight, bias)
         return undone
@@ -319,6 +354,23 @@ class AdapterLayer(nn.Module):
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={self.ranks[n]}" for n in self.adapters)
         return f"{self.architecture_name}[{ranks}] on {self.kind} ({self.out_features}x{self.in_features})"
+
+
+class _MergedGuard(torch.autograd.Function):
+    """The identity, whose backward raises: a merged adapter is part of the base weight, so it would get no
+    gradient (torch's own error then names no cause), and changing it would make unmerge subtract a delta that
+    was never added. Forward passes (inference without ``no_grad``) are unaffected."""
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, module_name: str, names: list[str], *params: torch.Tensor) -> torch.Tensor:
+        ctx.module_name, ctx.names = module_name, names
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        raise StateError(
+            f"{ctx.module_name}: adapters {ctx.names} are merged into the base weights, so they cannot train; call "
+            "peftkit.unmerge(model) before training")
 
 
 class ModulesToSave(nn.Module):

@@ -133,5 +133,9 @@ def load_model(model_section: ModelSection, tokenizer, *, labels: int | None = N
                               f"({_first_line(exc)}); check the hub id or folder") from None
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if model_section.name:
+        from ..checkpoint import record_base_reference
+
+        record_base_reference(model, model_section.name)  # adapters record "pkg:..." / the hub id, not a local path
     return model
 

@@ -10,15 +10,24 @@
 - ``trainer_state.json``: step, data position, tokens seen, and what must match on resume.
 
 The folder is written as ``.step-000050.tmp`` and renamed when complete, so a crash never leaves a
-half-written checkpoint; ``latest`` only ever sees complete ones.
+half-written checkpoint; ``latest`` only ever sees complete ones. A checkpoint is written only when every
+tensor in it is finite, so each one is a good one to resume from.
+
+``<output_dir>/.peftkit.lock`` (``RunLock``) keeps a second run out of a folder that a live run writes.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import io
 import json
+import os
 import random
 import re
 import shutil
+import socket
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,12 +37,145 @@ import torch
 import torch.nn as nn
 
 from .. import checkpoint as adapter_io
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError, StateError
 from ..inject import adapter_layers
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+LOCK_FILE = ".peftkit.lock"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_STAGING_DIR = re.compile(r"^\.step-(\d+)\.tmp$")
+_OLD_DIR = re.compile(r"^\.step-(\d+)\.old$")
+
+
+class NonFiniteStateError(StateError):
+    """The training state holds NaN or inf: no checkpoint was written (the previous ones stay good)."""
+
+
+class RunLock:
+    """An exclusive lock on a run folder, held by the main process while it trains.
+
+    ``flock`` on ``<output_dir>/.peftkit.lock``: the kernel drops it when its holder dies, so the lock file a
+    killed run leaves behind is simply taken over. The file holds the holder's pid, host and start time for the
+    message a second run gets. Under several processes only the main one locks; all agree on the outcome.
+    """
+
+    def __init__(self, output_dir: str | Path, accelerator=None) -> None:
+        self.folder = Path(output_dir)
+        self.path = self.folder / LOCK_FILE
+        self.accelerator = accelerator
+        self._fd: int | None = None
+        self._created: list[Path] = []
+
+    def __enter__(self) -> "RunLock":
+        main = self.accelerator is None or self.accelerator.is_main_process
+        error = self._acquire() if main else None
+        if self.accelerator is not None and self.accelerator.num_processes > 1:
+            flag = torch.tensor(float(error is not None), device=self.accelerator.device)
+            if self.accelerator.reduce(flag, reduction="sum").item() and error is None:
+                self.release()
+                error = ConfigError(f"training.output_dir: {self.folder} is in use by another run (see the main "
+                                    "process's message)")
+        if error is not None:
+            raise error
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _acquire(self) -> ConfigError | None:
+        if self.folder.exists() and not self.folder.is_dir():
+            return ConfigError(f"training.output_dir: {self.folder} is a file, not a folder; choose a folder")
+        if not self.folder.exists():
+            missing = [self.folder, *(p for p in self.folder.parents if not p.exists())]
+            self.folder.mkdir(parents=True)
+            self._created = missing  # removed again on release if the run leaves them empty
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, adapter_io.file_mode())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                    os.close(fd)
+                    raise
+                holder = _read_holder(fd)
+                os.close(fd)
+                return ConfigError(
+                    f"training.output_dir: {self.folder} is in use by another peftkit run ({holder}); two runs in one "
+                    "folder would mix their metrics and checkpoints. Wait for it to finish (or stop it), or choose "
+                    "another output_dir")
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the holder removed the file while we waited for it: lock the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode())
+        self._fd = fd
+        remove_stale_staging(self.folder)
+        return None
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.path)  # before unlocking: a waiter then sees a new file, never a removed one locked
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+        for folder in self._created:  # only folders this lock created that stayed empty (a run that failed early)
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self._created = []
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not info.get("pid"):
+        return "pid unknown: it is starting"
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"])) if info.get("since") else "?"
+    return f"pid {info['pid']} on {info.get('host', '?')}, since {since}"
+
+
+def remove_stale_staging(output_dir: str | Path) -> None:
+    """Clean up after a killed run (only under the run lock, so these folders are ours): remove its
+    ``checkpoints/.step-N.tmp`` folders, and put back a ``.step-N.old`` that a swap left without its successor."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return
+    for entry in root.iterdir():
+        if _STAGING_DIR.match(entry.name) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        elif (m := _OLD_DIR.match(entry.name)) and entry.is_dir():
+            final = root / f"step-{m.group(1)}"
+            if final.exists():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.rename(final)
+
+
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or inf."""
+    return [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def _state_tensors(tree: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The tensors inside a (nested) state dict, by dotted path."""
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    out: dict[str, torch.Tensor] = {}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    for key, value in items:
+        out.update(_state_tensors(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
 
 
 @dataclass
@@ -78,31 +220,64 @@ def save(accelerator, model: nn.Module, optimizer, lr_scheduler, schedule, state
     root = Path(output_dir) / CHECKPOINTS
     final = root / f"step-{state.step:06d}"
     staging = root / f".step-{state.step:06d}.tmp"
+    unwrapped = accelerator.unwrap_model(model)
+    bad: list[str] = []
     if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        unwrapped = accelerator.unwrap_model(model)
-        adapter_io.save(unwrapped, staging / "adapter")
-        adapter_io.atomic_save_tensors(staging / "trainable.safetensors", trainable_state(unwrapped))
-        torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                    "schedule": schedule.state_dict()}, staging / "optimizer.pt")
-    accelerator.wait_for_everyone()
-    _save_rng(staging, accelerator.process_index)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        adapter_io.atomic_write_json(staging / STATE_FILE, asdict(state))
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-        if keep is not None:
-            for old in checkpoint_dirs(output_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        tensors = trainable_state(unwrapped)
+        states = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                  "schedule": schedule.state_dict()}
+        bad = nonfinite_tensors(tensors) + [f"optimizer state {k}" for k in nonfinite_tensors(_state_tensors(states))]
+    if accelerator.num_processes > 1:  # every process must take the same branch
+        flag = accelerator.reduce(torch.tensor(float(bool(bad)), device=accelerator.device), reduction="sum")
+        bad = bad or (["(see the main process)"] if flag.item() else [])
+    if bad:
+        raise NonFiniteStateError(f"step {state.step}: NaN or inf in {bad[:3]}{' ...' if len(bad) > 3 else ''}; "
+                                  "no checkpoint was written")
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            adapter_io.save(unwrapped, staging / "adapter")
+            adapter_io.atomic_save_tensors(staging / "trainable.safetensors", tensors)
+            buffer = io.BytesIO()
+            torch.save(states, buffer)
+            adapter_io.atomic_write_bytes(staging / "optimizer.pt", buffer.getvalue())
+        accelerator.wait_for_everyone()
+        _save_rng(staging, accelerator.process_index)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            adapter_io.atomic_write_json(staging / STATE_FILE, asdict(state))
+            adapter_io.fsync_dir(staging)
+            if final.exists():  # the same step again (a resume at its last step): swap, never a gap
+                previous = root / f".step-{state.step:06d}.old"
+                shutil.rmtree(previous, ignore_errors=True)
+                final.rename(previous)
+                staging.rename(final)
+                shutil.rmtree(previous, ignore_errors=True)
+            else:
+                staging.rename(final)
+            adapter_io.fsync_dir(root)
+    except BaseException:
+        # A failed write (a full disk, an I/O error) leaves no temporary folder; the older checkpoints stay.
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if accelerator.is_main_process and keep is not None:
+        for old in checkpoint_dirs(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
 def load(path: Path, accelerator, model: nn.Module, optimizer, lr_scheduler, schedule, fingerprint: dict) -> TrainState:
     """Restore a checkpoint into the (already built and prepared) run; RNG states last, by the caller."""
+    required = ["trainable.safetensors", "optimizer.pt", f"rng-{accelerator.process_index}.safetensors",
+                f"rng-{accelerator.process_index}.json"]
+    missing = [name for name in required if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{path}: {', '.join(missing)} missing; this checkpoint is incomplete (files were "
+                              "removed or it was copied in part). Restore the files, or delete this step folder to "
+                              "resume from the one before")
     try:
         state = TrainState(**json.loads((path / STATE_FILE).read_text()))
     except (OSError, ValueError, TypeError) as exc:
@@ -145,8 +320,17 @@ def _save_rng(folder: Path, rank: int) -> None:
 
 def restore_rng(path: Path, rank: int) -> None:
     """Set this process's RNGs to what they were when the checkpoint was written."""
+    for name in (f"rng-{rank}.safetensors", f"rng-{rank}.json"):
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name}: file not found; the random-number state of process {rank} is "
+                                  "missing, so the resumed run could not continue the same trajectory. Restore the "
+                                  "file, or delete this step folder to resume from the one before")
     tensors = adapter_io.read_tensors(path / f"rng-{rank}.safetensors")
-    values = json.loads((path / f"rng-{rank}.json").read_text())
+    try:
+        values = json.loads((path / f"rng-{rank}.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path / f'rng-{rank}.json'}: unreadable ({exc}); restore the file or resume from "
+                              "an earlier checkpoint") from None
     torch.set_rng_state(tensors["torch"])
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([tensors[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in tensors])

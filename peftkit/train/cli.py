@@ -8,33 +8,42 @@
     peftkit methods
     peftkit plot RUN_DIR
 
-Exit codes: 0 done; 2 bad input (one message, no traceback, nothing written); 1 stopped on a non-finite loss;
+Exit codes: 0 done; 2 bad input (one message, no traceback, nothing written); 1 stopped on a non-finite loss or
+training state; 3 a write failed (disk full, read-only or I/O error: one message, temporary files removed);
 128 + the signal number after SIGINT/SIGTERM (a checkpoint was written first).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from ..errors import PeftkitError
+from ..errors import ConfigError, PeftkitError
 
 EXIT_BAD_INPUT = 2
 EXIT_NAN = 1
+EXIT_WRITE_FAILED = 3
+# OSErrors that mean "the file system refused a write", as opposed to a defect in peftkit.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse's usage errors also exit 2, in one line
-        self.exit(EXIT_BAD_INPUT, f"peftkit: error: {message} (see peftkit {self.prog.split()[-1]} --help)\n")
+        self.exit(EXIT_BAD_INPUT, f"peftkit: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     parser = _Parser(prog="peftkit", description="Parameter-efficient fine-tuning of Hugging Face models.")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.add_argument("--version", action="version", version=f"peftkit {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     train = commands.add_parser("train", help="train a recipe")
     train.add_argument("recipe", help="a YAML recipe (see recipes/)")
@@ -48,11 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     merge = commands.add_parser("merge", help="fold an adapter into its base model and save the full model")
     merge.add_argument("adapter", help="an adapter folder (adapter_config.json + adapter_model.safetensors)")
     merge.add_argument("--base", help="the base model (hub id, folder or pkg:...); default: the one the adapter records")
-    merge.add_argument("--out", required=True, help="the folder for the merged model (from_pretrained loads it)")
+    merge.add_argument("--out", required=True, help="the folder for the merged model (from_pretrained loads it); "
+                       "a new or empty folder")
+    merge.add_argument("--force", action="store_true", help="write into an existing non-empty --out: its files of "
+                       "the same names are replaced, every other file is kept")
 
     export = commands.add_parser("export", help="write an adapter as a standard PEFT checkpoint")
     export.add_argument("adapter")
-    export.add_argument("--out", required=True)
+    export.add_argument("--out", required=True, help="a new or empty folder (not the adapter's own)")
+    export.add_argument("--force", action="store_true", help="write into an existing non-empty --out (files of the "
+                        "same names are replaced, every other file is kept)")
     export.add_argument("--format", default="peft", choices=["peft"])
     export.add_argument("--base", help="the base model, needed to turn Hydra / ElaLoRA adapters into a LoRA")
 
@@ -67,13 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # a bare `peftkit`: what it can do
+        parser.print_help(sys.stderr)
+        return EXIT_BAD_INPUT
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return COMMANDS[args.command](args)
     except PeftkitError as exc:
         print(f"peftkit: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"peftkit: error: could not write: {where}{exc.strerror or exc} (errno {exc.errno}); the files being "
+              "written were removed and earlier checkpoints are intact. Free space or fix the folder's permissions, "
+              f"then run the command again{' with --resume' if args.command == 'train' else ''}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
     finally:
         _close_process_group()
 
@@ -118,7 +144,8 @@ def cmd_validate(args) -> int:
 
 def _model_for(adapter_dir: Path, base: str | None):
     """The base model an adapter belongs to, with the head class its recorded task type implies."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                              AutoModelForTokenClassification)
 
     from .. import checkpoint
     from ..errors import ConfigError
@@ -128,33 +155,101 @@ def _model_for(adapter_dir: Path, base: str | None):
     ref = base or config.get("base_model_name_or_path")
     if not ref:
         raise ConfigError(f"--base: {adapter_dir} records no base model; pass --base MODEL")
-    auto = {"CAUSAL_LM": AutoModelForCausalLM, "SEQ_CLS": AutoModelForSequenceClassification}.get(
-        config.get("task_type"), AutoModel)
+    auto = {"CAUSAL_LM": AutoModelForCausalLM, "SEQ_CLS": AutoModelForSequenceClassification,
+            "TOKEN_CLS": AutoModelForTokenClassification}.get(config.get("task_type"), AutoModel)
     path = resolve_model_ref(ref, "--base")
+    # A classification adapter's head has its own number of classes and class names: the base gets that head.
+    labels = checkpoint.model_labels(adapter_dir) if auto is not AutoModel else {}
     try:
-        return auto.from_pretrained(path), path
+        model = auto.from_pretrained(path, **labels)
     except Exception as exc:
         raise ConfigError(f"--base: could not load '{ref}' ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+    checkpoint.record_base_reference(model, ref)
+    return model, path
+
+
+def _check_out(out: Path, source: Path, force: bool, command: str) -> None:
+    """--out must not be the source adapter's folder, nor a file, nor (without --force) a non-empty folder."""
+    if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
+        where = "the adapter folder" if out.resolve() == source.resolve() else "inside the adapter folder"
+        raise ConfigError(f"--out: {out} is {where} that {command} reads; writing there would replace or mix with "
+                          "the adapter. Choose another folder")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: {out} is a file; give a folder (new or empty)")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        entries = sorted(p.name for p in out.iterdir())
+        raise ConfigError(f"--out: {out} exists and is not empty ({', '.join(entries[:4])}{' ...' if len(entries) > 4 else ''}); "
+                          f"choose a new folder, or pass --force to write the {command} output into it (files of the "
+                          "same names are replaced, every other file is kept)")
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move a complete staging folder to ``out``: a rename when ``out`` is new or empty, else file by file
+    (each an atomic replace), keeping every file of ``out`` the output does not name."""
+    from ..checkpoint import dir_mode, file_mode
+
+    # The user's umask for everything written: mkdtemp gives 0700 and some writers 0600.
+    for path in [staging, *staging.rglob("*")]:
+        os.chmod(path, dir_mode() if path.is_dir() else file_mode())
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        os.replace(staging, out)  # rename(2) replaces an empty folder atomically
+        return
+    for source in sorted(staging.rglob("*")):
+        target = out / source.relative_to(staging)
+        if source.is_dir():
+            target.mkdir(exist_ok=True)
+        else:
+            os.replace(source, target)
+
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No progress bars or load reports from transformers: a command's stderr is its own messages (an error is
+    one line). The head a classification adapter brings is reported as newly initialised, which it is not."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def cmd_merge(args) -> int:
+    with _quiet_transformers():
+        return _merge(args)
+
+
+def _merge(args) -> int:
     import peftkit
 
     from .. import checkpoint
 
     adapter = Path(args.adapter)
+    out = Path(args.out)
+    _check_out(out, adapter, args.force, "merge")
     checkpoint.describe(adapter)  # verify the files before loading anything big
     model, base_path = _model_for(adapter, args.base)
     peftkit.load(model, adapter)
+    peftkit.merge(model, safe=True)  # MergeError (nothing written) when a merged weight would be NaN or inf
     model = peftkit.unwrap(model, merge=True)
-    out = Path(args.out)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
+    if bad:  # e.g. a saved head (modules_to_save) with NaN in it
+        raise ConfigError(f"merge: {adapter} gives a model with NaN or inf in {bad[:4]}; the adapter is broken - "
+                          "nothing was written")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Staged beside --out (the same file system), so publishing it is a rename.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         model.save_pretrained(staging)
         _copy_tokenizer(adapter, base_path, staging)
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.move(str(staging), out)
+        _publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"peftkit: merged model written to {out}")
@@ -173,16 +268,29 @@ def _copy_tokenizer(adapter: Path, base_path: str, out: Path) -> None:
 
 
 def cmd_export(args) -> int:
+    with _quiet_transformers():
+        return _export(args)
+
+
+def _export(args) -> int:
     import peftkit
 
     from .. import checkpoint
 
     adapter = Path(args.adapter)
+    out = Path(args.out)
+    _check_out(out, adapter, args.force, "export")
     checkpoint.describe(adapter)
     base = None
     if args.base:
         base, _ = _model_for(adapter, args.base)
-    out = peftkit.export(adapter, args.out, format=args.format, base_model=base)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        peftkit.export(adapter, staging, format=args.format, base_model=base)
+        _publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"peftkit: {args.format} adapter written to {out}")
     return 0
 
@@ -199,7 +307,11 @@ def cmd_info(args) -> int:
     print(f"targets:    {', '.join(targets) if isinstance(targets, list) else targets} ({len(summary['ranks']) or summary['tensors']} modules)")
     print(f"size:       {summary['parameters']:,} parameters in {summary['tensors']} tensors, {summary['bytes']:,} bytes")
     print(f"base model: {summary['base_model'] or 'not recorded'}")
-    print("files:      verified (weights readable, sha256 matches the config)")
+    if summary["sha256_verified"]:
+        print("files:      verified (weights readable, sha256 matches the one the config recorded)")
+    else:
+        print("files:      weights readable; no sha256 recorded (not saved by peftkit), so not verified against the "
+              "config")
     return 0
 
 

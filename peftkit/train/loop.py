@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import peftkit
 
 from .. import registry
+from ..checkpoint import atomic_write_bytes
 from ..config import resolve_config
 from ..errors import ConfigError
 from ..inject import adapter_layers
@@ -149,14 +150,21 @@ def lr_lambda(recipe: Recipe) -> Callable[[int], float]:
 
 
 class StopSignals:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (then it checkpoints and exits)."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (then it checkpoints and exits).
 
-    def __init__(self) -> None:
+    Installed when the first step starts; with ``keep=True`` leaving the ``with`` block keeps it installed (the
+    final evaluation and saves run under it too) until ``restore()``.
+    """
+
+    def __init__(self, keep: bool = False) -> None:
         self.received: int | None = None
+        self.keep = keep
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopSignals":
         for number in (signal.SIGINT, signal.SIGTERM):
+            if number in self._previous:
+                continue
             try:
                 self._previous[number] = signal.signal(number, self._handle)
             except ValueError:  # not the main thread: signals stay with the host program
@@ -167,12 +175,31 @@ class StopSignals:
         self.received = number
 
     def __exit__(self, *exc) -> None:
+        if not self.keep:
+            self.restore()
+
+    def restore(self) -> None:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
+        self._previous.clear()
 
 
 def train(recipe: Recipe, resume: bool = False, hooks: list[StepHook] | None = None) -> RunResult:
-    """Run a recipe to ``training.max_steps`` (or to the first signal or non-finite loss)."""
+    """Run a recipe to ``training.max_steps`` (or to the first signal or non-finite loss).
+
+    The main process holds the run folder's lock (``checkpointing.RunLock``) for the whole run; SIGINT/SIGTERM
+    are handled from the first step until this function returns.
+    """
+    accelerator = make_accelerator(recipe)
+    signals = StopSignals(keep=True)
+    try:
+        with checkpointing.RunLock(recipe.training.output_dir, accelerator):
+            return _train(recipe, resume, hooks, accelerator, signals)
+    finally:
+        signals.restore()
+
+
+def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerator, signals: StopSignals) -> RunResult:
     started = time.perf_counter()
     training = recipe.training
     output_dir = Path(training.output_dir)
@@ -182,8 +209,7 @@ def train(recipe: Recipe, resume: bool = False, hooks: list[StepHook] | None = N
     if not resume and (last is not None or (output_dir / ADAPTER_DIR).exists()):
         raise ConfigError(f"training.output_dir: {output_dir} already holds a run; pass --resume to continue it, or "
                           "choose another output_dir")
-    run = prepare(recipe)
-    accelerator = run.accelerator
+    run = prepare(recipe, accelerator)
     main = accelerator.is_main_process
 
     if main:
@@ -191,7 +217,7 @@ def train(recipe: Recipe, resume: bool = False, hooks: list[StepHook] | None = N
               f"{peftkit.trainable_parameters(run.model)} | {accelerator.num_processes} process(es), "
               f"global batch {training.batch_size * training.grad_accum * accelerator.num_processes}", flush=True)
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "recipe.yaml").write_text(recipe.dump())
+        atomic_write_bytes(output_dir / "recipe.yaml", recipe.dump().encode())
     model, optimizer = accelerator.prepare(run.model, run.optimizer)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe))
     schedule = run.schedule
@@ -206,7 +232,7 @@ def train(recipe: Recipe, resume: bool = False, hooks: list[StepHook] | None = N
         if main:
             print(f"peftkit: resumed from {last} (step {state.step})", flush=True)
     metrics = MetricsLog(output_dir, enabled=main)
-    metrics.truncate_after(state.step)
+    metrics.truncate_after(state.step, evals_at_step=state.step < training.max_steps)
     if recipe.logging.report_to:
         accelerator.init_trackers("peftkit", config=_flat(recipe.to_dict()))
 
@@ -217,8 +243,19 @@ def train(recipe: Recipe, resume: bool = False, hooks: list[StepHook] | None = N
     progress = _progress_bar(main and recipe.logging.progress_bar, training.max_steps, state.step)
     window = {"loss": 0.0, "steps": 0, "time": time.perf_counter(), "tokens_at_start": state.tokens}
     result = None
+
+    def stop_nonfinite(what: str) -> RunResult:
+        # The weights and every checkpoint on disk stay finite: checkpoints are checked before they are written.
+        good = checkpointing.latest(output_dir)
+        if main:
+            progress.close()
+            print(f"peftkit: {what}; training stopped. The last good checkpoint is "
+                  f"{good or 'none (no checkpoint was saved yet)'}; lower optimizer.lr, set training.max_grad_norm, "
+                  f"or check the data, then train again{' with --resume' if good else ''}.", flush=True)
+        return RunResult("nan", state.step, output_dir, checkpoint=good)
+
     model.train()
-    with StopSignals() as signals:
+    with signals:
         while state.step < training.max_steps:
             # ---- one optimizer step: grad_accum micro-batches, each with its own backward
             step_loss = torch.zeros((), device=accelerator.device)
@@ -242,14 +279,7 @@ def train(recipe: Recipe, resume: bool = False, hooks: list[StepHook] | None = N
             loss_value = step_loss.item()
             if not math.isfinite(loss_value):
                 # Stop before the optimizer step: the weights and the last checkpoint stay good.
-                good = checkpointing.latest(output_dir)
-                if main:
-                    progress.close()
-                    print(f"peftkit: the loss is {loss_value} at step {state.step + 1}; training stopped. "
-                          f"The last good checkpoint is {good or 'none (no checkpoint was saved yet)'}; lower "
-                          "optimizer.lr, set training.max_grad_norm, or check the data, then train again"
-                          f"{' with --resume' if good else ''}.", flush=True)
-                result = RunResult("nan", state.step, output_dir, checkpoint=good)
+                result = stop_nonfinite(f"the loss is {loss_value} at step {state.step + 1}")
                 break
             grad_norm = None
             if training.max_grad_norm is not None:
@@ -275,14 +305,20 @@ def train(recipe: Recipe, resume: bool = False, hooks: list[StepHook] | None = N
             progress.update(1)
             if training.eval_every and state.step % training.eval_every == 0 and state.step < training.max_steps:
                 _write_eval(evaluate(run, model), state.step, metrics, accelerator, recipe, progress)
-            if training.save_every and state.step % training.save_every == 0:
-                checkpointing.save(accelerator, model, optimizer, lr_scheduler, schedule, _timed(state, started),
-                                   output_dir, training.keep_checkpoints)
-            for hook in hooks or []:
-                hook(state.step, record)
-            if _stop_requested(signals, accelerator) and state.step < training.max_steps:
-                path = checkpointing.save(accelerator, model, optimizer, lr_scheduler, schedule,
-                                          _timed(state, started), output_dir, training.keep_checkpoints)
+            try:
+                if training.save_every and state.step % training.save_every == 0:
+                    checkpointing.save(accelerator, model, optimizer, lr_scheduler, schedule, _timed(state, started),
+                                       output_dir, training.keep_checkpoints)
+                for hook in hooks or []:
+                    hook(state.step, record)
+                stop = _stop_requested(signals, accelerator) and state.step < training.max_steps
+                if stop:
+                    path = checkpointing.save(accelerator, model, optimizer, lr_scheduler, schedule,
+                                              _timed(state, started), output_dir, training.keep_checkpoints)
+            except checkpointing.NonFiniteStateError as exc:
+                result = stop_nonfinite(f"the training state is not finite ({exc})")
+                break
+            if stop:
                 if main:
                     progress.close()
                     print(f"peftkit: stopped by signal {signals.received} at step {state.step}; checkpoint {path}. "
@@ -297,14 +333,32 @@ def train(recipe: Recipe, resume: bool = False, hooks: list[StepHook] | None = N
 
     # ---- the end: final evaluation, final checkpoint, the adapter in PEFT's format, the plot
     progress.close()
-    eval_metrics = evaluate(run, model) if run.examples.eval is not None else {}
-    if eval_metrics:
-        _write_eval(eval_metrics, state.step, metrics, accelerator, recipe, None)
-    schedule.on_train_end_()
+    eval_metrics = evaluate(run, model, signals) if run.examples.eval is not None else {}
     final_checkpoint = None
-    if not (training.save_every and state.step % training.save_every == 0):
-        final_checkpoint = checkpointing.save(accelerator, model, optimizer, lr_scheduler, schedule,
-                                              _timed(state, started), output_dir, training.keep_checkpoints)
+    saved_here = bool(training.save_every and state.step % training.save_every == 0)
+    try:
+        if _stop_requested(signals, accelerator):
+            # Stopped during the final evaluation: the checkpoint of the last step lets --resume evaluate and finish.
+            path = checkpointing.latest(output_dir) if saved_here else checkpointing.save(
+                accelerator, model, optimizer, lr_scheduler, schedule, _timed(state, started), output_dir,
+                training.keep_checkpoints)
+            if main:
+                print(f"peftkit: stopped by signal {signals.received} during the final evaluation (step {state.step}); "
+                      f"checkpoint {path}. Finish with --resume.", flush=True)
+            accelerator.end_training()
+            return RunResult("interrupted", state.step, output_dir, signal_number=signals.received or signal.SIGTERM,
+                             checkpoint=path, seconds=time.perf_counter() - started)
+        if eval_metrics:
+            _write_eval(eval_metrics, state.step, metrics, accelerator, recipe, None)
+        schedule.on_train_end_()
+        if not saved_here:
+            final_checkpoint = checkpointing.save(accelerator, model, optimizer, lr_scheduler, schedule,
+                                                  _timed(state, started), output_dir, training.keep_checkpoints)
+    except checkpointing.NonFiniteStateError as exc:
+        result = stop_nonfinite(f"the training state is not finite ({exc})")
+        accelerator.end_training()
+        result.seconds = time.perf_counter() - started
+        return result
     if main:
         peftkit.save(accelerator.unwrap_model(model), output_dir / ADAPTER_DIR)
         run.tokenizer.save_pretrained(output_dir / ADAPTER_DIR)
@@ -364,9 +418,10 @@ def _write_eval(values: dict[str, float], step: int, metrics: MetricsLog, accele
 
 
 @torch.no_grad()
-def evaluate(run: Run, model) -> dict[str, float]:
+def evaluate(run: Run, model, signals: StopSignals | None = None) -> dict[str, float]:
     """Loss (mean over examples for classification, over target tokens for LM), accuracy for classification,
-    perplexity for LM; each process reads every num_processes-th example and the sums are all-reduced."""
+    perplexity for LM; each process reads every num_processes-th example and the sums are all-reduced.
+    On one process a received stop signal ends it early ({} is returned: the caller checkpoints and exits)."""
     examples: Tokenized | None = run.examples.eval
     if examples is None:
         return {}
@@ -378,6 +433,9 @@ def evaluate(run: Run, model) -> dict[str, float]:
     size = run.recipe.training.eval_batch_size or run.recipe.training.batch_size
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, count, correct
     for start in range(0, len(mine), size):
+        if signals is not None and signals.received is not None and accelerator.num_processes == 1:
+            unwrapped.train(was_training)
+            return {}
         batch = collate(examples, mine[start:start + size], run.tokenizer.pad_token_id, run.classification)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         labels = batch.pop("labels")

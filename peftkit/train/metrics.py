@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,17 @@ class MetricsLog:
         self.path = Path(run_dir) / METRICS_FILE
         self.enabled = enabled
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop records newer than the checkpoint, which the resumed run writes again."""
+    def truncate_after(self, step: int, evals_at_step: bool = True) -> None:
+        """On resume: drop records newer than the checkpoint, which the resumed run writes again (and the
+        evaluation records of ``step`` itself when ``evals_at_step`` is False: a resume at the last step
+        evaluates again)."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [r for r in read(self.path.parent) if r.get("step", 0) <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        from ..checkpoint import atomic_write_bytes
+
+        kept = [r for r in read(self.path.parent) if r.get("step", 0) < step or r.get("step", 0) == step and (
+            evals_at_step or not any(k.startswith("eval_") for k in r))]
+        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -39,12 +45,19 @@ def read(run_dir: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise ConfigError(f"plot: {path} not found; give the output_dir of a training run")
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    lines = path.read_text(errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
-                raise ConfigError(f"plot: {path} line {number} is not JSON; the file is damaged") from None
+                if number == len(lines):
+                    # A run killed during an append leaves its last line torn: that record is lost, not the file.
+                    warnings.warn(f"{path}: the last line is incomplete (a run was killed while writing it); "
+                                  "it is ignored", stacklevel=2)
+                    continue
+                raise ConfigError(f"{path}: line {number} is not JSON; the file is damaged - fix or remove "
+                                  "that line") from None
     return records
 
 
@@ -71,7 +84,10 @@ def plot(run_dir: str | Path) -> Path:
     figure.tight_layout()
     out = Path(run_dir) / PLOT_FILE
     tmp = out.with_name("." + PLOT_FILE + ".tmp.png")
-    figure.savefig(tmp, dpi=100)
-    plt.close(figure)
-    tmp.replace(out)
+    try:
+        figure.savefig(tmp, dpi=100)
+        tmp.replace(out)
+    finally:
+        plt.close(figure)
+        tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves no temporary file
     return out
