@@ -169,6 +169,8 @@ def make_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer):
 
     training = recipe.training
     name = training.lr_schedule
+    if name == "constant" and warmup_steps(training):
+        name = "constant_with_warmup"  # training.warmup applies to every schedule (transformers' constant has none)
     options = dict(training.lr_schedule_options)
     if training.min_lr is not None:
         keyword = MIN_LR_KEYWORDS.get(name)
