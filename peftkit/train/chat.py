@@ -201,7 +201,7 @@ def assistant_spans(template: str, tokenizer, turns, tools, where: str, index: i
     spans = []
     for i in positions:
         prefix = render(template, tokenizer, turns[:i], tools, where, index, generation_prompt=True)
-        through = render(template, tokenizer, turns[: i + 1], tools, where, index)
+        through = full if i == len(turns) - 1 else render(template, tokenizer, turns[: i + 1], tools, where, index)
         if not (through.startswith(prefix) and full.startswith(through)):
             raise row_error(where, index, "data.chat_template", f"the template does not render the conversation up to "
                            f"turn {i} as a prefix of the whole conversation, so the assistant tokens cannot be "

@@ -327,9 +327,7 @@ def _chat_function(tokenizer, data: DataSection, key: str):
             spans.append(labelled)
             references.append(reference)
         if texts:
-            encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-            for ids, offsets, labelled, reference in zip(encoded["input_ids"], encoded["offset_mapping"], spans,
-                                                         references):
+            for ids, offsets, labelled, reference in zip(*_encode_with_offsets(tokenizer, texts), spans, references):
                 starts = np.array([s for s, _ in offsets], dtype=np.int64)
                 keep = np.zeros(len(ids), dtype=bool)
                 for a, b in labelled:
@@ -340,6 +338,18 @@ def _chat_function(tokenizer, data: DataSection, key: str):
         return _cut(out, data, where, indices)
 
     return function
+
+
+def _encode_with_offsets(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """Token ids and character offsets of ``texts`` (no special tokens added). A fast tokenizer without
+    truncation or padding configured is called directly: the Python wrapper's per-text conversion costs
+    as much as the encoding itself."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encodings], [e.offsets for e in encodings]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return encoded["input_ids"], encoded["offset_mapping"]
 
 
 def _append(out: dict[str, list], ids: list[int], labels: list[int], prompt_length: int, reference: str) -> None:
