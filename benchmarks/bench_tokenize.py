@@ -143,6 +143,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--contenders", default="before,after,after-np2,after-cached,after-multi",
+                        help="comma-separated, in the order of the first repeat")
     parser.add_argument("--child")
     parser.add_argument("--file")
     parser.add_argument("--num-proc", type=int)
@@ -154,10 +156,12 @@ def main() -> None:
     try:
         single, multi = work / "chat-single.jsonl", work / "chat-multi.jsonl"
         write_chat_file(single, args.rows, pairs=1)
-        write_chat_file(multi, args.rows, pairs=3, seed=1)
+        contenders = args.contenders.split(",")
+        if "after-multi" in contenders:
+            write_chat_file(multi, args.rows, pairs=3, seed=1)
         results: dict[str, list[dict]] = {}
         for repeat in range(args.repeats):
-            order = ["before", "after", "after-np2", "after-cached", "after-multi"]
+            order = list(contenders)
             if repeat % 2:
                 order = order[1:] + order[:1]
             for name in order:
@@ -173,7 +177,8 @@ def main() -> None:
                 print(f"repeat {repeat} {name}: {result}", flush=True)
                 if name in ("after-np2", "after-multi"):
                     shutil.rmtree(cache, ignore_errors=True)
-        print(f"\n{args.rows} rows, max_length {args.max_length}, median of {args.repeats} (fresh process each)\n")
+        print(f"\n{args.rows} rows, max_length {args.max_length}, median of {args.repeats} (fresh process each); "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
         print("| contender | seconds | peak RSS MiB | RSS above imports MiB | tokens | time vs before | RSS above imports vs before |")
         print("|---|---|---|---|---|---|---|")
         median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731

@@ -131,7 +131,7 @@ def test_the_loop_steps_the_chosen_schedule(tmp_path):
     assert lrs == pytest.approx([1e-2 * factor(s) for s in range(4)])
 
 
-def test_unknown_or_missing_trackers_are_one_error(tmp_path, capsys, monkeypatch):
+def test_unknown_trackers_missing_packages_and_bad_schedules_are_one_error(tmp_path, capsys, monkeypatch):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(chat_recipe(tmp_path)))
     assert main(["train", str(path), "logging.report_to=[neptune]"]) == 2
@@ -139,6 +139,8 @@ def test_unknown_or_missing_trackers_are_one_error(tmp_path, capsys, monkeypatch
     monkeypatch.setitem(sys.modules, "mlflow", None)  # find_spec sees no package, installed or not
     assert main(["train", str(path), "logging.report_to=[mlflow]"]) == 2
     assert "logging.report_to: 'mlflow' needs the mlflow package" in capsys.readouterr().err
+    assert main(["train", str(path), "training.lr_schedule=linear", "training.min_lr=1e-3"]) == 2
+    assert "training.min_lr: the 'linear' schedule has no floor" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

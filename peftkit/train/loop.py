@@ -29,7 +29,7 @@ from ..errors import ConfigError
 from ..inject import adapter_layers
 from . import checkpointing, evaluation
 from .build import Examples, load_examples, load_model, load_tokenizer, num_labels
-from .data import BatchPlan, Tokenized, check_packed_attention, collate, count_tokens, packs
+from .data import BatchPlan, Tokenized, check_packed_attention, collate, count_tokens
 from .metrics import MetricsLog, plot
 from .recipe import Recipe, warmup_steps
 
@@ -97,6 +97,7 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
     """Build tokenizer, data, model, adapter, optimizer and schedule; checks everything short of training."""
     accelerator = accelerator or make_accelerator(recipe)
     training = recipe.training
+    lr_lambda(recipe)  # a schedule its options do not fit fails here, before anything is loaded or written
     tokenizer = load_tokenizer(recipe)
     examples = load_examples(recipe, tokenizer)
     classification = recipe.model.task == "sequence-classification"
