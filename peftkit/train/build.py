@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from .data import Tokenized, byte_tokenizer, check_columns, read_rows, tokenize
+from .chat import CHAT_FORMATS, resolve_template
+from .data import Tokenized, byte_tokenizer, check_columns, encode, finish, packs, read_rows, tokenize
 from .recipe import ModelSection, Recipe
 
 PKG_PREFIX = "pkg:"
@@ -49,6 +50,12 @@ def load_tokenizer(recipe: Recipe):
             tokenizer = AutoTokenizer.from_pretrained(path)
         except Exception as exc:
             raise ConfigError(f"model.tokenizer: could not load a tokenizer from '{ref}' ({_first_line(exc)})") from None
+    if recipe.data.format in CHAT_FORMATS:
+        # The template the data is rendered with travels with the tokenizer (saved next to the adapter), so
+        # `peftkit chat` and `peftkit eval` prompt the model the way it was trained.
+        template = resolve_template(tokenizer, recipe.data)
+        if template is not None:
+            tokenizer.chat_template = template
     if tokenizer.pad_token is None:
         # Decoder-only tokenizers often have no pad token; padded positions are masked and never in the loss.
         tokenizer.pad_token = tokenizer.eos_token
@@ -67,19 +74,61 @@ class Examples:
 
 
 def load_examples(recipe: Recipe, tokenizer) -> Examples:
-    """Read and tokenize data.train and data.eval (capped by max_train_samples / max_eval_samples)."""
+    """Read and tokenize data.train (or data.mix) and data.eval (capped by max_train_samples /
+    max_eval_samples). The main process tokenizes first, so the others read datasets' cache."""
+    from accelerate import PartialState
+
     data = recipe.data
-    rows = read_rows(data.train, data.train_split, data, "data.train")
-    check_columns(rows, data, "data.train", data.train)
-    rows = rows[: data.max_train_samples] if data.max_train_samples else rows
-    train = tokenize(rows, tokenizer, data)
-    evaluation = None
-    if data.eval:
-        eval_rows = read_rows(data.eval, data.eval_split, data, "data.eval")
-        check_columns(eval_rows, data, "data.eval", data.eval)
-        eval_rows = eval_rows[: data.max_eval_samples] if data.max_eval_samples else eval_rows
-        evaluation = tokenize(eval_rows, tokenizer, data, train.label_names)
+    with PartialState().main_process_first():
+        train = _train_examples(recipe, tokenizer)
+        evaluation = None
+        if data.eval:
+            eval_rows = read_rows(data.eval, data.eval_split, data, "data.eval")
+            check_columns(eval_rows, data, "data.eval", data.eval)
+            eval_rows = eval_rows.select(range(min(data.max_eval_samples, len(eval_rows)))) if data.max_eval_samples else eval_rows
+            evaluation = tokenize(eval_rows, tokenizer, data, train.label_names, key=f"data.eval {data.eval}", pack=False)
+    if train.stats and PartialState().is_main_process:
+        s = train.stats
+        print(f"peftkit: packed {s['examples']} examples ({s['tokens']} tokens) into {s['rows']} rows of <= "
+              f"{data.max_length} tokens; padding {s['padding_unpacked']} -> {s['padding_packed']} positions at batch "
+              f"size {recipe.training.batch_size} ({100 * s['padding_saved']:.0f} % saved)", flush=True)
     return Examples(train, evaluation)
+
+
+def _train_examples(recipe: Recipe, tokenizer) -> Tokenized:
+    """data.train, or data.mix: each dataset checked and tokenized on its own (errors name its file), then
+    interleaved by weight (seeded; it ends when the first dataset runs out) and packed."""
+    data = recipe.data
+    batch_size = recipe.training.batch_size
+    if data.mix is None:
+        rows = read_rows(data.train, data.train_split, data, "data.train")
+        check_columns(rows, data, "data.train", data.train)
+        rows = rows.select(range(min(data.max_train_samples, len(rows)))) if data.max_train_samples else rows
+        return tokenize(rows, tokenizer, data, key=f"data.train {data.train}", batch_size=batch_size)
+    import datasets
+
+    sources = {spec: weight for spec, weight in data.mix.items() if weight > 0}
+    tables = {}
+    for spec in sources:
+        rows = read_rows(str(spec), data.train_split, data, "data.mix")
+        check_columns(rows, data, "data.mix", str(spec))
+        tables[spec] = rows
+    label_names = None
+    if data.format == "classification":
+        label_names = _mixed_label_names(tables.values(), data)
+    encoded = [encode(table, tokenizer, data, label_names, key=f"data.mix {spec}") for spec, table in tables.items()]
+    total = sum(sources.values())
+    mixed = datasets.interleave_datasets(encoded, probabilities=[w / total for w in sources.values()],
+                                         seed=recipe.training.seed, stopping_strategy="first_exhausted")
+    mixed = mixed.select(range(min(data.max_train_samples, len(mixed)))) if data.max_train_samples else mixed
+    return finish(mixed, data, key="data.mix", pack=packs(data), batch_size=batch_size, label_names=label_names)
+
+
+def _mixed_label_names(tables, data) -> list[str] | None:
+    raw = [v for table in tables for v in table[data.label_column]]
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in raw):
+        return None
+    return sorted({str(v) for v in raw})
 
 
 def num_labels(recipe: Recipe, examples: Examples) -> int:

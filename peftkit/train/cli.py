@@ -7,6 +7,9 @@
     peftkit info ADAPTER
     peftkit methods
     peftkit plot RUN_DIR
+    peftkit chat ADAPTER_OR_RUN [--base MODEL] [--prompt TEXT] [--system TEXT]
+    peftkit eval RECIPE_OR_RUN [key=value ...] [--adapter DIR] [--no-generate]
+    peftkit --version
 
 Exit codes: 0 done; 2 bad input (one message, no traceback, nothing written); 1 stopped on a non-finite loss or
 training state; 3 a write failed (disk full, read-only or I/O error: one message, temporary files removed);
@@ -77,6 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     plot = commands.add_parser("plot", help="draw RUN_DIR/loss.png from RUN_DIR/metrics.jsonl")
     plot.add_argument("run_dir")
+
+    chat = commands.add_parser("chat", help="talk to a trained adapter with its chat template (streams tokens)")
+    chat.add_argument("adapter", help="a run folder (training.output_dir) or an adapter folder")
+    chat.add_argument("--base", help="the base model; default: the run's recipe, else the one the adapter records")
+    chat.add_argument("--prompt", help="one message: print the answer and exit (default: an interactive session)")
+    chat.add_argument("--system", help="a system prompt")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+
+    evaluate = commands.add_parser("eval", help="evaluate a run (or a recipe's base model) on the recipe's eval set")
+    evaluate.add_argument("recipe", help="a run folder (its recipe.yaml and adapter) or a YAML recipe")
+    evaluate.add_argument("overrides", nargs="*", help="section.key=value")
+    evaluate.add_argument("--adapter", help="an adapter folder to evaluate (default: the run's; none for a recipe)")
+    evaluate.add_argument("--no-generate", action="store_true", help="skip exact match on generated answers")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     return parser
 
 
@@ -332,9 +350,30 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    from .session import chat
+
+    return chat(args.adapter, base=args.base, prompt=args.prompt, system=args.system,
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from .session import evaluate_run
+
+    values = evaluate_run(args.recipe, args.overrides, adapter=args.adapter, generate=not args.no_generate)
+    if args.json:
+        print(json.dumps(values))
+    else:
+        for key, value in values.items():
+            print(f"{key:<20} {value:.4f}")
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train, "validate": cmd_validate, "merge": cmd_merge, "export": cmd_export, "info": cmd_info,
-    "methods": cmd_methods, "plot": cmd_plot,
+    "methods": cmd_methods, "plot": cmd_plot, "chat": cmd_chat, "eval": cmd_eval,
 }
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,9 +3,16 @@
 Formats (``data.format``):
 - ``text``: causal LM on raw text; with ``packing`` the documents are joined (EOS between them) and cut into
   blocks of exactly ``max_length`` tokens, so no token is padding.
-- ``instruction``: prompt/response pairs; the loss is only on the response tokens (prompt labels are -100).
-  With a tokenizer that has a chat template, the pair is rendered as a user turn and an assistant turn.
+- ``instruction``, ``alpaca``, ``messages``, ``sharegpt``: conversations (see ``chat.py``) rendered with a chat
+  template; the loss is on the assistant turns only (every one, or the last with ``data.assistant_turns``).
+  Single-turn data on a tokenizer without a template is laid out as ``prompt\\n`` + ``response`` + EOS. With
+  ``packing`` whole conversations are packed into rows of at most ``max_length`` tokens, each with its own
+  position ids, so attention (transformers' packed-sequence masks) and the loss see them apart.
 - ``classification``: a text, an optional text pair, and a label (an integer or a class name).
+
+Tokenizing runs through ``datasets.Dataset.map`` (batched, ``data.num_proc`` workers); the result is an Arrow
+table (memory-mapped from datasets' cache for files and hub sets, keyed by the tokenizer and the data
+section), so no process holds the examples as Python lists.
 
 The batch order is a pure function of (seed, position), so a resumed run reads exactly the batches the
 uninterrupted run would have read, and 2 processes at batch B read the same examples as 1 process at 2B.
@@ -13,30 +20,39 @@ uninterrupted run would have read, and 2 processes at batch B read the same exam
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import random
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import ConfigError
+from . import chat
 from .recipe import DataSection
 
 LOCAL_EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 GENERATED_PREFIX = "generated:"
-IGNORE_INDEX = -100
+IGNORE_INDEX = chat.IGNORE_INDEX
+MAP_BATCH = 1000  # rows per datasets.map call: conversations are packed within one such batch
+CACHE_VERSION = "peftkit-data-1"  # bump when tokenization changes, so old cache files are not reused
 
 
 # ------------------------------------------------------------------------------------------ reading rows
-def read_rows(spec: str, split: str, data: DataSection, key: str) -> list[dict[str, Any]]:
-    """The examples of one dataset as a list of dicts. ``key`` (``data.train``/``data.eval``) names errors."""
+def read_rows(spec: str, split: str, data: DataSection, key: str):
+    """The examples of one dataset as a ``datasets.Dataset`` (memory-mapped for files and hub sets).
+    ``key`` (``data.train``/``data.eval``/``data.mix``) names errors."""
+    import datasets
+
     if spec.startswith(GENERATED_PREFIX):
         name = spec[len(GENERATED_PREFIX):]
         if name not in GENERATED:
             raise ConfigError(f"{key}: unknown generated dataset '{name}'; available: {', '.join(sorted(GENERATED))}")
-        return GENERATED[name](split)
-    import datasets
+        return datasets.Dataset.from_list(GENERATED[name](split))
 
     path = Path(spec)
     is_local = path.suffix.lower() in LOCAL_EXTENSIONS or path.exists() or spec.startswith((".", "/", "~"))
@@ -60,7 +76,7 @@ def read_rows(spec: str, split: str, data: DataSection, key: str) -> list[dict[s
                 f"{key}: could not load the hub dataset '{spec}' (subset {data.subset!r}, split '{split}'): "
                 f"{_first_line(exc)}. Check the id, data.subset and the split, or give a local file"
             ) from None
-    return table.to_list()
+    return table
 
 
 def _first_line(exc: BaseException) -> str:
@@ -72,19 +88,20 @@ def required_columns(data: DataSection) -> dict[str, str]:
     """Column -> the recipe key that names it, for the chosen format."""
     if data.format == "text":
         return {data.text_column: "data.text_column"}
-    if data.format == "instruction":
-        return {data.prompt_column: "data.prompt_column", data.response_column: "data.response_column"}
+    if data.format in chat.CHAT_FORMATS:
+        return chat.required_columns(data)
     columns = {data.text_column: "data.text_column", data.label_column: "data.label_column"}
     if data.text_pair_column:
         columns[data.text_pair_column] = "data.text_pair_column"
     return columns
 
 
-def check_columns(rows: list[dict[str, Any]], data: DataSection, key: str, spec: str) -> None:
-    if not rows:
+def check_columns(rows, data: DataSection, key: str, spec: str) -> None:
+    """``rows``: a ``datasets.Dataset`` or a list of dicts."""
+    if len(rows) == 0:
         raise ConfigError(f"{key}: {spec} has no examples")
     needed = required_columns(data)
-    found = list(rows[0])
+    found = list(rows.column_names) if hasattr(rows, "column_names") else list(rows[0])
     missing = [c for c in needed if c not in found]
     if missing:
         raise ConfigError(
@@ -96,87 +113,342 @@ def check_columns(rows: list[dict[str, Any]], data: DataSection, key: str, spec:
 # ------------------------------------------------------------------------------------------ tokenizing
 @dataclass
 class Tokenized:
-    """Tokenized examples: ``input_ids`` (list of int lists), ``labels`` (int lists for LM, ints for
-    classification), and for classification the class names (index = label id)."""
+    """Tokenized examples: ``input_ids`` (int lists), ``labels`` (int lists for LM, ints for classification),
+    for classification the class names (index = label id). Each column is a Python list or an Arrow-backed
+    ``datasets`` column (indexing reads one row). Packed chat rows add ``position_ids`` (restarting at 0 for
+    every conversation); unpacked chat rows add ``prompt_lengths`` (tokens before the last assistant answer)
+    and ``references`` (that answer's text), which generation-based metrics use."""
 
-    input_ids: list[list[int]]
-    labels: list[Any]
-    token_type_ids: list[list[int]] | None = None
+    input_ids: Any
+    labels: Any
+    token_type_ids: Any = None
     label_names: list[str] | None = None
+    position_ids: Any = None
+    prompt_lengths: Any = None
+    references: Any = None
+    stats: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
 
-def tokenize(rows: list[dict[str, Any]], tokenizer, data: DataSection, label_names: list[str] | None = None) -> Tokenized:
+def packs(data: DataSection) -> bool:
+    """Whether data.train is packed: ``data.packing`` true, or null (the default) for the text format."""
+    return data.packing is True or (data.packing is None and data.format == "text")
+
+
+def tokenize(rows, tokenizer, data: DataSection, label_names: list[str] | None = None, *, key: str = "data.train",
+             pack: bool | None = None, batch_size: int | None = None) -> Tokenized:
+    """Tokenize ``rows`` (a ``datasets.Dataset`` or a list of dicts) by ``data.format``. ``pack`` (default:
+    ``packs(data)``) packs chat data; ``batch_size`` only sizes the padding report of packing."""
+    table = encode(rows, tokenizer, data, label_names, key=key)
+    return finish(table, data, key=key, pack=packs(data) if pack is None else pack, batch_size=batch_size,
+                  label_names=_label_names(rows, data, label_names) if data.format == "classification" else None)
+
+
+def encode(rows, tokenizer, data: DataSection, label_names: list[str] | None = None, *, key: str = "data.train"):
+    """The tokenized rows as a ``datasets.Dataset`` (columns by format, unpacked), through a batched,
+    cached ``map``. Chat rows are checked here: a bad one is one ConfigError naming file, row and field."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    table = rows if isinstance(rows, datasets.Dataset) else datasets.Dataset.from_list(list(rows))
     if data.format == "text":
-        return _tokenize_text(rows, tokenizer, data)
-    if data.format == "instruction":
-        return _tokenize_instructions(rows, tokenizer, data)
-    return _tokenize_classification(rows, tokenizer, data, label_names)
-
-
-def _tokenize_text(rows, tokenizer, data: DataSection) -> Tokenized:
-    texts = [str(r[data.text_column]) for r in rows if r[data.text_column]]
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if data.packing:
-        stream = [t for ids in encoded for t in ids + eos]
-        n = data.max_length
-        blocks = [stream[i:i + n] for i in range(0, len(stream) - n + 1, n)]
-        if not blocks:
-            raise ConfigError(f"data.max_length: the text has only {len(stream)} tokens, fewer than one block of "
-                              f"{n}; lower data.max_length or add text")
-        return Tokenized(blocks, [list(b) for b in blocks])
-    ids = [(x + eos)[: data.max_length] for x in encoded]
-    return Tokenized(ids, [list(x) for x in ids])
-
-
-def _tokenize_instructions(rows, tokenizer, data: DataSection) -> Tokenized:
-    inputs, labels = [], []
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for row in rows:
-        prompt, response = str(row[data.prompt_column]), str(row[data.response_column])
-        if getattr(tokenizer, "chat_template", None):
-            user = [{"role": "user", "content": prompt}]
-            prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
-            full_text = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
-            if not full_text.startswith(prompt_text):
-                raise ConfigError("model.tokenizer: its chat template does not render the prompt as a prefix of the "
-                                  "conversation, so the response tokens cannot be isolated; use a tokenizer without it")
-            prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-            response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
-        else:
-            prompt_ids = tokenizer(prompt + "\n", add_special_tokens=True)["input_ids"]
-            response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + eos
-        ids = (prompt_ids + response_ids)[: data.max_length]
-        label = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[: data.max_length]
-        if all(t == IGNORE_INDEX for t in label):
-            continue  # the prompt fills max_length: nothing left to learn from this example
-        inputs.append(ids)
-        labels.append(label)
-    if not inputs:
-        raise ConfigError(f"data.max_length: every prompt is {data.max_length} tokens or longer, so no response "
-                          "token is left to train on; raise data.max_length")
-    return Tokenized(inputs, labels)
-
-
-def _tokenize_classification(rows, tokenizer, data: DataSection, label_names: list[str] | None) -> Tokenized:
-    raw = [r[data.label_column] for r in rows]
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in raw):
-        labels = list(raw)
+        function = _text_function(tokenizer, data)
+    elif data.format == "classification":
+        function = _classification_function(tokenizer, data, _label_names(table, data, label_names), key)
     else:
-        if label_names is None:
-            label_names = sorted({str(v) for v in raw})
-        index = {name: i for i, name in enumerate(label_names)}
-        unknown = sorted({str(v) for v in raw} - set(index))
-        if unknown:
-            raise ConfigError(f"data.eval: labels {unknown[:5]} do not occur in data.train (classes {label_names})")
-        labels = [index[str(v)] for v in raw]
-    texts = [str(r[data.text_column]) for r in rows]
-    pairs = [str(r[data.text_pair_column]) for r in rows] if data.text_pair_column else None
-    encoded = tokenizer(texts, pairs, truncation=True, max_length=data.max_length)
-    return Tokenized(encoded["input_ids"], labels, encoded.get("token_type_ids"), label_names)
+        function = _chat_function(tokenizer, data, key)
+    fingerprint = _fingerprint(table, tokenizer, data, key, label_names)
+    return table.map(function, batched=True, batch_size=MAP_BATCH, with_indices=True, num_proc=data.num_proc,
+                     remove_columns=table.column_names, new_fingerprint=fingerprint, desc=f"tokenizing {key}")
+
+
+def finish(table, data: DataSection, *, key: str = "data.train", pack: bool = False, batch_size: int | None = None,
+           label_names: list[str] | None = None) -> Tokenized:
+    """``encode``'s table as Tokenized: overlong examples counted and handled, chat rows packed if asked."""
+    if data.format == "text":
+        return _finish_text(table, data, pack)
+    if data.format == "classification":
+        return Tokenized(table["input_ids"], table["labels"],
+                         table["token_type_ids"] if "token_type_ids" in table.column_names else None, label_names)
+    table = _apply_overlong(table, data, key)
+    if not pack:
+        return Tokenized(table["input_ids"], table["labels"], prompt_lengths=table["prompt_length"],
+                         references=table["reference"])
+    lengths = _lengths(table)
+    packed = table.map(_pack_function(data.max_length), batched=True, batch_size=MAP_BATCH,
+                       remove_columns=table.column_names, num_proc=data.num_proc,
+                       new_fingerprint=_hash(table._fingerprint, "pack", data.max_length), desc=f"packing {key}")
+    rows = _lengths(packed)
+    stats = packing_report(lengths, rows, data.max_length, batch_size or 1)
+    return Tokenized(packed["input_ids"], packed["labels"], position_ids=packed["position_ids"], stats=stats)
+
+
+def _lengths(table) -> list[int]:
+    """Token counts of a table's rows, read from the Arrow offsets (no row is materialised)."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(table.data.column("input_ids")).to_pylist()
+
+
+def packing_report(lengths: list[int], rows: list[int], max_length: int, batch_size: int) -> dict[str, Any]:
+    """Padded positions with and without packing, with batches of ``batch_size`` padded to their longest
+    member taken in order (an estimate of what random batches pad: the same distribution of lengths)."""
+
+    def padding(sizes: list[int]) -> int:
+        return sum(len(chunk) * max(chunk) - sum(chunk)
+                   for chunk in (sizes[i:i + batch_size] for i in range(0, len(sizes), batch_size)))
+
+    before, after = padding(lengths), padding(rows)
+    return {"examples": len(lengths), "rows": len(rows), "tokens": sum(lengths), "padding_unpacked": before,
+            "padding_packed": after, "padding_saved": 1.0 - after / before if before else 0.0}
+
+
+def _label_names(rows, data: DataSection, label_names: list[str] | None) -> list[str] | None:
+    if data.format != "classification":
+        return None
+    raw = rows[data.label_column] if hasattr(rows, "column_names") else [r[data.label_column] for r in rows]
+    raw = list(raw)
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in raw):
+        return label_names
+    if label_names is None:
+        label_names = sorted({str(v) for v in raw})
+    unknown = sorted({str(v) for v in raw} - set(label_names))
+    if unknown:
+        raise ConfigError(f"data.eval: labels {unknown[:5]} do not occur in data.train (classes {label_names})")
+    return label_names
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """What identifies a tokenizer's output: its vocabulary and rules, special tokens and chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        body = backend.to_str()
+    else:
+        from datasets.fingerprint import Hasher
+
+        body = Hasher.hash(tokenizer)
+    extra = json.dumps([type(tokenizer).__name__, tokenizer.special_tokens_map, str(tokenizer.chat_template)],
+                       sort_keys=True, default=str)
+    return _hash(body, extra)
+
+
+def _fingerprint(table, tokenizer, data: DataSection, key: str, label_names) -> str:
+    settings = json.dumps(dataclasses.asdict(data), sort_keys=True, default=str)
+    return _hash(CACHE_VERSION, table._fingerprint, tokenizer_hash(tokenizer), settings, key, str(label_names))
+
+
+def _hash(*parts: Any) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(str(part).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:32]
+
+
+def _text_function(tokenizer, data: DataSection):
+    column, eos = data.text_column, ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+
+    def function(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        texts = [str(t) for t in batch[column] if t]
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        return {"input_ids": [ids + eos for ids in encoded]}
+
+    return function
+
+
+def _finish_text(table, data: DataSection, pack: bool) -> Tokenized:
+    import datasets
+    import numpy as np
+    import pyarrow as pa
+
+    n = data.max_length
+    if not pack:
+        ids = table.map(lambda b: {"input_ids": [x[:n] for x in b["input_ids"]]}, batched=True,
+                        new_fingerprint=_hash(table._fingerprint, "cut", n))
+        return Tokenized(ids["input_ids"], ids["input_ids"])
+    # Joined documents cut into blocks, without Python lists: the flattened Arrow column as one int array.
+    column = table.data.column("input_ids").combine_chunks()
+    stream = np.asarray(column.flatten()) if len(column) else np.zeros(0, dtype=np.int64)
+    blocks = len(stream) // n
+    if not blocks:
+        raise ConfigError(f"data.max_length: the text has only {len(stream)} tokens, fewer than one block of "
+                          f"{n}; lower data.max_length or add text")
+    flat = pa.array(stream[: blocks * n].astype(np.int64))
+    ids = pa.FixedSizeListArray.from_arrays(flat, n).cast(pa.list_(pa.int64()))
+    packed = datasets.Dataset(pa.table({"input_ids": ids}))
+    return Tokenized(packed["input_ids"], packed["input_ids"])
+
+
+def _classification_function(tokenizer, data: DataSection, label_names: list[str] | None, key: str):
+    index = {name: i for i, name in enumerate(label_names)} if label_names else None
+
+    def function(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        texts = [str(t) for t in batch[data.text_column]]
+        pairs = [str(t) for t in batch[data.text_pair_column]] if data.text_pair_column else None
+        encoded = tokenizer(texts, pairs, truncation=True, max_length=data.max_length)
+        raw = batch[data.label_column]
+        out = {"input_ids": encoded["input_ids"], "labels": [index[str(v)] for v in raw] if index else list(raw)}
+        if "token_type_ids" in encoded:
+            out["token_type_ids"] = encoded["token_type_ids"]
+        return out
+
+    return function
+
+
+def _chat_function(tokenizer, data: DataSection, key: str):
+    """The batched map function of the chat formats: rows -> input_ids, labels, prompt_length (tokens before
+    the last answer), reference (its text) and length (tokens before any truncation)."""
+    import numpy as np
+
+    template = chat.resolve_template(tokenizer, data)
+    last_only = data.assistant_turns == "last"
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    where = key
+
+    def function(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        names = list(batch)
+        out: dict[str, list] = {"input_ids": [], "labels": [], "prompt_length": [], "reference": [], "length": []}
+        texts, spans, references = [], [], []
+        for index, values in zip(indices, zip(*(batch[c] for c in names))):
+            row = dict(zip(names, values))
+            turns, tools = chat.conversation(row, data, where, index)
+            if template is None:
+                # Plain single-turn layout: the prompt with BOS and a newline, then the response and EOS.
+                prompt = "\n\n".join(t["content"] for t in turns[:-1])
+                prompt_ids = tokenizer(prompt + "\n", add_special_tokens=True)["input_ids"]
+                response_ids = tokenizer(turns[-1]["content"], add_special_tokens=False)["input_ids"] + eos
+                _append(out, prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids,
+                        len(prompt_ids), turns[-1]["content"])
+                continue
+            full, labelled, reference = chat.assistant_spans(template, tokenizer, turns, tools, where, index, last_only)
+            texts.append(full)
+            spans.append(labelled)
+            references.append(reference)
+        if texts:
+            for ids, offsets, labelled, reference in zip(*_encode_with_offsets(tokenizer, texts), spans, references):
+                starts = np.array([s for s, _ in offsets], dtype=np.int64)
+                keep = np.zeros(len(ids), dtype=bool)
+                for a, b in labelled:
+                    keep |= (starts >= a) & (starts < b)
+                labels = np.where(keep, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
+                prompt_length = int(np.searchsorted(starts, labelled[-1][0], side="left"))
+                _append(out, list(ids), labels, prompt_length, reference)
+        return _cut(out, data, where, indices)
+
+    return function
+
+
+def _encode_with_offsets(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """Token ids and character offsets of ``texts`` (no special tokens added). A fast tokenizer without
+    truncation or padding configured is called directly: the Python wrapper's per-text conversion costs
+    as much as the encoding itself."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        encodings = backend.encode_batch(texts, add_special_tokens=False)
+        return [e.ids for e in encodings], [e.offsets for e in encodings]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return encoded["input_ids"], encoded["offset_mapping"]
+
+
+def _append(out: dict[str, list], ids: list[int], labels: list[int], prompt_length: int, reference: str) -> None:
+    out["input_ids"].append(ids)
+    out["labels"].append(labels)
+    out["prompt_length"].append(prompt_length)
+    out["reference"].append(reference)
+    out["length"].append(len(ids))
+
+
+def _cut(out: dict[str, list], data: DataSection, where: str, indices: list[int]) -> dict[str, list]:
+    """Examples longer than max_length, by ``data.overlong``: ``error`` stops naming the row; ``truncate_left``
+    keeps the last max_length tokens (the answer's end and EOS stay); ``drop`` empties the example (removed,
+    and counted, afterwards)."""
+    n = data.max_length
+    for i, ids in enumerate(out["input_ids"]):
+        if len(ids) <= n:
+            continue
+        if data.overlong == "error":
+            raise chat.row_error(where, indices[i], "data.max_length", f"the example has {len(ids)} tokens, more "
+                                 f"than data.max_length={n}; raise data.max_length, or set data.overlong to "
+                                 "drop or truncate_left")
+        if data.overlong == "drop":
+            out["input_ids"][i], out["labels"][i] = [], []
+            continue
+        cut = len(ids) - n
+        out["input_ids"][i], out["labels"][i] = ids[cut:], out["labels"][i][cut:]
+        out["prompt_length"][i] = max(0, out["prompt_length"][i] - cut)
+        if all(y == IGNORE_INDEX for y in out["labels"][i]):
+            out["input_ids"][i], out["labels"][i] = [], []  # nothing labelled is left: dropped, and counted
+    return out
+
+
+def _apply_overlong(table, data: DataSection, key: str):
+    """Count the overlong examples, warn with the numbers, remove the emptied ones."""
+    lengths = table.data.column("length").to_pylist()
+    overlong = [x for x in lengths if x > data.max_length]
+    if not overlong:
+        return table
+    kept = table.filter(lambda ids: len(ids) > 0, input_columns="input_ids",
+                        new_fingerprint=_hash(table._fingerprint, "kept"))
+    dropped = len(table) - len(kept)
+    if not len(kept):
+        raise ConfigError(f"{key}: all {len(table)} examples are longer than data.max_length={data.max_length} "
+                          f"tokens (longest {max(overlong)}) and none is left to train on; raise data.max_length")
+    action = {"drop": "dropped them",
+              "truncate_left": "cut them from the left (the answer's end stays)"}[data.overlong]
+    lost = f"; {dropped} lost every labelled token and were dropped" if data.overlong != "drop" and dropped else ""
+    warnings.warn(f"{key}: {len(overlong)} of {len(table)} examples are longer than data.max_length="
+                  f"{data.max_length} tokens (longest {max(overlong)}); data.overlong={data.overlong} {action}{lost}. "
+                  "Raise data.max_length, or set data.overlong (drop, truncate_left, error)", stacklevel=2)
+    return kept
+
+
+def _pack_function(max_length: int):
+    """Next-fit packing of whole conversations into rows of at most max_length tokens. Each conversation's
+    positions restart at 0, and its first label is ignored: unpacked, no token predicts it either."""
+
+    def function(batch: dict[str, list]) -> dict[str, list]:
+        out: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for example_ids, example_labels in zip(batch["input_ids"], batch["labels"]):
+            if ids and len(ids) + len(example_ids) > max_length:
+                out["input_ids"].append(ids)
+                out["labels"].append(labels)
+                out["position_ids"].append(positions)
+                ids, labels, positions = [], [], []
+            ids = ids + list(example_ids)
+            labels = labels + [IGNORE_INDEX] + list(example_labels[1:])
+            positions = positions + list(range(len(example_ids)))
+        if ids:
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["position_ids"].append(positions)
+        return out
+
+    return function
+
+
+def check_packed_attention(model, max_positions: int = 8) -> bool:
+    """Whether ``model`` keeps packed documents apart: the logits of two short documents packed into one
+    row with restarting position ids equal those of each document alone (transformers builds a block mask
+    from the position ids when no attention mask is given, for the models on its shared masking code)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(0, vocab, (1, n), generator=generator) for n in (max_positions // 2, max_positions))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            alone = model(second.to(device), use_cache=False).logits
+            positions = torch.cat([torch.arange(first.shape[1]), torch.arange(second.shape[1])])[None].to(device)
+            packed = model(torch.cat([first, second], 1).to(device), position_ids=positions, use_cache=False).logits
+    finally:
+        model.train(was_training)
+    return torch.allclose(packed[:, first.shape[1]:].float(), alone.float(), atol=1e-3, rtol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------ batches
@@ -217,11 +489,20 @@ class BatchPlan:
 
 
 def collate(examples: Tokenized, indices: list[int], pad_id: int, classification: bool) -> dict[str, torch.Tensor]:
-    """Pad the chosen examples to the longest one: input_ids, attention_mask, labels (-100 on padding)."""
+    """Pad the chosen examples to the longest one: input_ids, attention_mask, labels (-100 on padding).
+
+    Packed rows get ``position_ids`` instead of an attention mask (transformers then keeps the packed
+    conversations apart); the padding at a row's end is one more segment of its own, labelled -100."""
     length = max(len(examples.input_ids[i]) for i in indices)
     ids = torch.full((len(indices), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(indices), length), dtype=torch.long)
-    batch: dict[str, torch.Tensor] = {"input_ids": ids, "attention_mask": mask}
+    packed = examples.position_ids is not None
+    batch: dict[str, torch.Tensor] = {"input_ids": ids}
+    if packed:
+        positions = torch.arange(length).repeat(len(indices), 1)
+        batch["position_ids"] = positions
+    else:
+        batch["attention_mask"] = mask
     if examples.token_type_ids is not None:
         batch["token_type_ids"] = torch.zeros((len(indices), length), dtype=torch.long)
     labels = torch.full((len(indices), length), IGNORE_INDEX, dtype=torch.long) if not classification else None
@@ -229,12 +510,22 @@ def collate(examples: Tokenized, indices: list[int], pad_id: int, classification
         n = len(examples.input_ids[i])
         ids[row, :n] = torch.tensor(examples.input_ids[i])
         mask[row, :n] = 1
+        if packed:
+            positions[row, :n] = torch.tensor(examples.position_ids[i])
+            positions[row, n:] = torch.arange(length - n)
         if examples.token_type_ids is not None:
             batch["token_type_ids"][row, :n] = torch.tensor(examples.token_type_ids[i])
         if labels is not None:
             labels[row, :n] = torch.tensor(examples.labels[i])
     batch["labels"] = torch.tensor([examples.labels[i] for i in indices]) if classification else labels
     return batch
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens in a batch: attended positions, or every position of packed rows (whose tail padding is
+    small: less than one conversation per row)."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
 # ------------------------------------------------------------------------------------------ tokenizers

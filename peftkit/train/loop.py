@@ -8,10 +8,12 @@ gradient clipping, ``optimizer.step()``, the LR scheduler step, the method's ``s
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -26,9 +28,9 @@ from ..checkpoint import atomic_write_bytes
 from ..config import resolve_config
 from ..errors import ConfigError
 from ..inject import adapter_layers
-from . import checkpointing
+from . import checkpointing, evaluation
 from .build import Examples, load_examples, load_model, load_tokenizer, num_labels
-from .data import BatchPlan, Tokenized, collate
+from .data import BatchPlan, Tokenized, check_packed_attention, collate, count_tokens
 from .metrics import MetricsLog, plot
 from .recipe import Recipe, warmup_steps
 
@@ -67,6 +69,10 @@ class Run:
     classification: bool
 
 
+# The packages each of Accelerate's trackers imports (any one of them will do)
+TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "comet_ml": ("comet_ml",)}
+
+
 def make_accelerator(recipe: Recipe):
     """The Accelerator: mixed precision, trackers, and DDP told about schedules that skip adapters."""
     from accelerate import Accelerator
@@ -76,12 +82,12 @@ def make_accelerator(recipe: Recipe):
     # A schedule may switch adapters off for a step (their parameters get no gradient); DDP must allow that.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=adapter.schedule != "none")
     trackers = list(recipe.logging.report_to)
-    if "tensorboard" in trackers:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise ConfigError("logging.report_to: 'tensorboard' needs the tensorboard package; "
-                              "pip install 'peftkit[tensorboard]' or remove it from logging.report_to") from None
+    for tracker in trackers:
+        modules = TRACKER_MODULES.get(tracker, (tracker,))
+        if not any(importlib.util.find_spec(module) for module in modules):
+            raise ConfigError(f"logging.report_to: '{tracker}' needs the {modules[0]} package; pip install "
+                              f"{'peftkit[tensorboard]' if tracker == 'tensorboard' else modules[0]} or remove it from "
+                              "logging.report_to")
     # Under torchrun on a machine without GPUs, Accelerate only forms the gloo process group when told cpu=True.
     cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     return Accelerator(mixed_precision=recipe.training.mixed_precision, log_with=trackers or None,
@@ -92,6 +98,7 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
     """Build tokenizer, data, model, adapter, optimizer and schedule; checks everything short of training."""
     accelerator = accelerator or make_accelerator(recipe)
     training = recipe.training
+    lr_lambda(recipe)  # a schedule its options do not fit fails here, before anything is loaded or written
     tokenizer = load_tokenizer(recipe)
     examples = load_examples(recipe, tokenizer)
     classification = recipe.model.task == "sequence-classification"
@@ -99,6 +106,15 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
                        label_names=examples.train.label_names, seed=training.seed)
     if classification:
         _check_labels(examples, model.config.num_labels)
+    if examples.train.position_ids is not None:
+        _check_packing(model)
+    if training.gradient_checkpointing:
+        # Non-reentrant checkpointing: gradients reach the adapters though the frozen base's inputs need none.
+        model.config.use_cache = False
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     plan = BatchPlan(len(examples.train), training.batch_size, accelerator.num_processes,
                      accelerator.process_index, training.seed)
 
@@ -126,27 +142,60 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
     return Run(recipe, accelerator, tokenizer, model, optimizer, schedule, examples, plan, classification)
 
 
+def _check_packing(model) -> None:
+    """Packed rows are kept apart by transformers' masks built from position ids, which it skips when a KV
+    cache exists: training needs none. A model that ignores them is warned about, once."""
+    model.config.use_cache = False
+    if not check_packed_attention(model):
+        warnings.warn(f"data.packing: {type(model).__name__} lets packed conversations attend to each other (its "
+                      "attention ignores per-conversation position ids); losses differ from unpacked training. Set "
+                      "data.packing=false for exact losses", stacklevel=2)
+
+
 def _check_labels(examples: Examples, labels: int) -> None:
     for key, split in (("data.train", examples.train), ("data.eval", examples.eval)):
         if split is not None and any(not 0 <= y < labels for y in split.labels):
             raise ConfigError(f"{key}: labels must lie in [0, {labels}) (model.num_labels); found {sorted(set(split.labels))[:8]}")
 
 
+# Where training.min_lr goes: the keyword each of transformers' schedules takes its floor as (a rate: min_lr / lr).
+MIN_LR_KEYWORDS = {"cosine_with_min_lr": "min_lr_rate", "cosine_warmup_with_min_lr": "min_lr_rate",
+                   "warmup_stable_decay": "min_lr_ratio", "polynomial": "lr_end"}
+
+
+def make_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer):
+    """``training.lr_schedule`` through ``transformers.get_scheduler``: warmup (``training.warmup``), the
+    schedule over ``max_steps``, the floor ``training.min_lr`` where the schedule has one, and
+    ``training.lr_schedule_options`` (num_cycles, power, num_decay_steps ...) as its other arguments."""
+    from transformers import get_scheduler
+
+    training = recipe.training
+    name = training.lr_schedule
+    if name == "constant" and warmup_steps(training):
+        name = "constant_with_warmup"  # training.warmup applies to every schedule (transformers' constant has none)
+    options = dict(training.lr_schedule_options)
+    if training.min_lr is not None:
+        keyword = MIN_LR_KEYWORDS.get(name)
+        if keyword is None:
+            raise ConfigError(f"training.min_lr: the '{name}' schedule has no floor; use one of {sorted(MIN_LR_KEYWORDS)} "
+                              "or set training.min_lr=null")
+        options[keyword] = training.min_lr if keyword == "lr_end" else training.min_lr / recipe.optimizer.lr
+    elif name in ("cosine_with_min_lr", "cosine_warmup_with_min_lr"):
+        raise ConfigError(f"training.min_lr: the '{name}' schedule needs its floor; set training.min_lr (e.g. 1e-5)")
+    if name == "warmup_stable_decay":
+        options.setdefault("num_decay_steps", max(1, round(0.1 * training.max_steps)))  # the last 10 %
+    try:
+        return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps(training),
+                             num_training_steps=training.max_steps, scheduler_specific_kwargs=options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"training.lr_schedule_options: the '{name}' schedule rejects {options} ({exc}); see "
+                          "transformers.get_scheduler's schedules for their arguments") from None
+
+
 def lr_lambda(recipe: Recipe) -> Callable[[int], float]:
-    """The LR multiplier after ``step`` optimizer steps: linear warmup, then constant / linear / cosine to 0."""
-    total = recipe.training.max_steps
-    warmup = warmup_steps(recipe.training)
-    kind = recipe.training.lr_schedule
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
+    """The LR multiplier after ``step`` optimizer steps, as ``make_scheduler`` applies it."""
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=recipe.optimizer.lr)
+    return make_scheduler(recipe, probe).lr_lambdas[0]
 
 
 class StopSignals:
@@ -219,7 +268,7 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
         output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(output_dir / "recipe.yaml", recipe.dump().encode())
     model, optimizer = accelerator.prepare(run.model, run.optimizer)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe))
+    lr_scheduler = make_scheduler(recipe, optimizer)
     schedule = run.schedule
     schedule.on_train_begin_(training.max_steps)
     fingerprint = {"method": recipe.adapter.method, "seed": training.seed, "batch_size": training.batch_size,
@@ -263,7 +312,7 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
                 batch = collate(run.examples.train, run.plan.indices(state.position), pad_id, run.classification)
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 state.position += 1
-                state.tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+                state.tokens += count_tokens(batch) * accelerator.num_processes
                 # Gradients are all-reduced once per step, on the last micro-batch.
                 sync = contextlib.nullcontext() if micro == training.grad_accum - 1 else accelerator.no_sync(model)
                 with sync:
@@ -418,9 +467,10 @@ def _write_eval(values: dict[str, float], step: int, metrics: MetricsLog, accele
 
 
 @torch.no_grad()
-def evaluate(run: Run, model, signals: StopSignals | None = None) -> dict[str, float]:
+def evaluate(run: Run, model, signals: StopSignals | None = None, metrics: list[str] | None = None) -> dict[str, float]:
     """Loss (mean over examples for classification, over target tokens for LM), accuracy for classification,
     perplexity for LM; each process reads every num_processes-th example and the sums are all-reduced.
+    ``metrics`` (default ``training.eval_metrics``) adds F1, exact match on generated answers and hooks.
     On one process a received stop signal ends it early ({} is returned: the caller checkpoints and exits)."""
     examples: Tokenized | None = run.examples.eval
     if examples is None:
@@ -432,6 +482,8 @@ def evaluate(run: Run, model, signals: StopSignals | None = None) -> dict[str, f
     mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
     size = run.recipe.training.eval_batch_size or run.recipe.training.batch_size
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, count, correct
+    metrics = list(run.recipe.training.eval_metrics if metrics is None else metrics)
+    predictions: list = []
     for start in range(0, len(mine), size):
         if signals is not None and signals.received is not None and accelerator.num_processes == 1:
             unwrapped.train(was_training)
@@ -445,6 +497,7 @@ def evaluate(run: Run, model, signals: StopSignals | None = None) -> dict[str, f
             totals[0] += F.cross_entropy(logits, labels, reduction="sum")
             totals[1] += labels.numel()
             totals[2] += (logits.argmax(-1) == labels).sum()
+            predictions.extend(zip(logits.argmax(-1).tolist(), labels.tolist()))
         else:
             shifted = labels[:, 1:]
             totals[0] += F.cross_entropy(logits[:, :-1].flatten(0, 1), shifted.flatten(), ignore_index=-100, reduction="sum")
@@ -455,8 +508,30 @@ def evaluate(run: Run, model, signals: StopSignals | None = None) -> dict[str, f
         unwrapped.train()
     loss = (totals[0] / totals[1].clamp(min=1)).item()
     if run.classification:
-        return {"eval_loss": loss, "eval_accuracy": (totals[2] / totals[1].clamp(min=1)).item()}
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
+        values = {"eval_loss": loss, "eval_accuracy": (totals[2] / totals[1].clamp(min=1)).item()}
+    else:
+        values = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
+    extra = [m for m in metrics if m != "accuracy"]
+    if run.classification and extra:
+        pairs = _gathered(accelerator, predictions)
+        values.update(evaluation.compute(extra, [p for p, _ in pairs], [r for _, r in pairs]))
+    elif evaluation.needs_generation(extra, run.recipe.data.format):
+        answers = evaluation.generate_answers(unwrapped, run.tokenizer, examples, mine,
+                                              max_new_tokens=run.recipe.training.eval_max_new_tokens,
+                                              batch_size=size, autocast=accelerator.autocast)
+        pairs = _gathered(accelerator, list(zip(*answers)))
+        values.update(evaluation.compute(extra, [p for p, _ in pairs], [r for _, r in pairs]))
+        unwrapped.train(was_training)
+    return values
+
+
+def _gathered(accelerator, items: list) -> list:
+    """Every process's items, concatenated (a no-op on one process)."""
+    if accelerator.num_processes == 1:
+        return items
+    from accelerate.utils import gather_object
+
+    return gather_object(items)
 
 
 def _progress_bar(enabled: bool, total: int, initial: int):
