@@ -281,7 +281,7 @@ def test_version_and_usage(capsys):
         main(["--version"])
     assert info.value.code == 0 and capsys.readouterr().out.strip() == f"peftkit {peftkit.__version__}"
     assert main([]) == 2
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # a bare `peftkit` is a usage error (exit 2): its usage goes to stderr
     assert out.startswith("usage: peftkit") and "chat" in out and "eval" in out
 
 
