@@ -5,6 +5,7 @@
     peftkit merge ADAPTER --base MODEL --out DIR
     peftkit export ADAPTER --out DIR [--format peft] [--base MODEL]
     peftkit info ADAPTER
+    peftkit push RUN_OR_ADAPTER REPO [--private] [--message TEXT]
     peftkit methods
     peftkit plot RUN_DIR
 
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("overrides", nargs="*")
 
     merge = commands.add_parser("merge", help="fold an adapter into its base model and save the full model")
-    merge.add_argument("adapter", help="an adapter folder (adapter_config.json + adapter_model.safetensors)")
+    merge.add_argument("adapter", help="an adapter folder (adapter_config.json + adapter_model.safetensors) or a Hub id")
     merge.add_argument("--base", help="the base model (hub id, folder or pkg:...); default: the one the adapter records")
     merge.add_argument("--out", required=True, help="the folder for the merged model (from_pretrained loads it)")
 
@@ -57,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--base", help="the base model, needed to turn Hydra / ElaLoRA adapters into a LoRA")
 
     info = commands.add_parser("info", help="verify an adapter folder and describe it")
-    info.add_argument("adapter")
+    info.add_argument("adapter", help="an adapter folder or a Hub id")
+
+    push = commands.add_parser("push", help="upload an adapter (or a run's adapter/) to the Hugging Face Hub")
+    push.add_argument("source", help="an adapter folder, or a `peftkit train` output folder holding adapter/")
+    push.add_argument("repo", help="the Hub repository, e.g. me/my-adapter (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--message", help="the commit message")
 
     commands.add_parser("methods", help="list the registered methods")
 
@@ -142,7 +149,7 @@ def cmd_merge(args) -> int:
 
     from .. import checkpoint
 
-    adapter = Path(args.adapter)
+    adapter = _adapter_folder(args.adapter)
     checkpoint.describe(adapter)  # verify the files before loading anything big
     model, base_path = _model_for(adapter, args.base)
     peftkit.load(model, adapter)
@@ -177,7 +184,7 @@ def cmd_export(args) -> int:
 
     from .. import checkpoint
 
-    adapter = Path(args.adapter)
+    adapter = _adapter_folder(args.adapter)
     checkpoint.describe(adapter)
     base = None
     if args.base:
@@ -190,9 +197,10 @@ def cmd_export(args) -> int:
 def cmd_info(args) -> int:
     from .. import checkpoint
 
-    summary = checkpoint.describe(args.adapter)
+    adapter = _adapter_folder(args.adapter)
+    summary = checkpoint.describe(adapter)
     ranks = sorted(set(summary["ranks"].values()))
-    print(f"adapter:    {Path(args.adapter).resolve()}")
+    print(f"adapter:    {args.adapter if adapter != Path(args.adapter) else adapter.resolve()}")
     print(f"method:     {summary['method']} (format {summary['peft_type']})")
     print(f"rank:       r={summary['r']} alpha={summary['alpha']}; per-layer ranks {ranks or 'n/a'}")
     targets = summary["targets"]
@@ -200,6 +208,29 @@ def cmd_info(args) -> int:
     print(f"size:       {summary['parameters']:,} parameters in {summary['tensors']} tensors, {summary['bytes']:,} bytes")
     print(f"base model: {summary['base_model'] or 'not recorded'}")
     print("files:      verified (weights readable, sha256 matches the config)")
+    return 0
+
+
+def _adapter_folder(ref: str) -> Path:
+    """An adapter folder as given, or a Hub id resolved to its local snapshot (offline: the cache only)."""
+    from ..hub import resolve_folder
+
+    return resolve_folder(ref, "adapter")
+
+
+def cmd_push(args) -> int:
+    from .. import checkpoint, hub
+    from ..errors import ConfigError
+    from .loop import ADAPTER_DIR
+
+    source = Path(args.source)
+    if not (source / checkpoint.CONFIG_NAME).is_file() and (source / ADAPTER_DIR / checkpoint.CONFIG_NAME).is_file():
+        source = source / ADAPTER_DIR  # a run folder: its final adapter
+    if not (source / checkpoint.CONFIG_NAME).is_file():
+        raise ConfigError(f"push: {args.source} holds no {checkpoint.CONFIG_NAME} (nor {ADAPTER_DIR}/{checkpoint.CONFIG_NAME}); "
+                          "pass an adapter folder or a `peftkit train` output folder")
+    url = hub.push_folder(source, args.repo, private=args.private or None, commit_message=args.message)
+    print(f"peftkit: pushed {source} to {args.repo} ({url})")
     return 0
 
 
@@ -222,7 +253,7 @@ def cmd_plot(args) -> int:
 
 COMMANDS = {
     "train": cmd_train, "validate": cmd_validate, "merge": cmd_merge, "export": cmd_export, "info": cmd_info,
-    "methods": cmd_methods, "plot": cmd_plot,
+    "methods": cmd_methods, "plot": cmd_plot, "push": cmd_push,
 }
 
 if __name__ == "__main__":  # pragma: no cover

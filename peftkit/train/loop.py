@@ -24,7 +24,7 @@ import peftkit
 from .. import registry
 from ..config import resolve_config
 from ..errors import ConfigError
-from ..inject import adapter_layers
+from ..inject import adapter_layers, state_of
 from . import checkpointing
 from .build import Examples, load_examples, load_model, load_tokenizer, num_labels
 from .data import BatchPlan, Tokenized, collate
@@ -306,6 +306,9 @@ def train(recipe: Recipe, resume: bool = False, hooks: list[StepHook] | None = N
         final_checkpoint = checkpointing.save(accelerator, model, optimizer, lr_scheduler, schedule,
                                               _timed(state, started), output_dir, training.keep_checkpoints)
     if main:
+        # What the adapter folder's model card reports about the run.
+        state_of(accelerator.unwrap_model(model)).training.update(
+            data=recipe.data.train, recipe=recipe.dump(), metrics=dict(eval_metrics))
         peftkit.save(accelerator.unwrap_model(model), output_dir / ADAPTER_DIR)
         run.tokenizer.save_pretrained(output_dir / ADAPTER_DIR)
         plot(output_dir)
