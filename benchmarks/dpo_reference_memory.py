@@ -1,7 +1,7 @@
 """DPO's reference model: TRL's own copy vs peftkit.reference_model (the policy with adapters off).
 
 Each contender runs in its own process (so peak RSS is its own): a tiny-but-not-trivial Llama (hidden 512,
-4 layers, ~11 M parameters, fp32) wrapped with peftkit LoRA r=8, 2 DPOTrainer steps on CPU.
+4 layers, ~9.7 M parameters, fp32) wrapped with peftkit LoRA r=8, 2 DPOTrainer steps on CPU.
 - "trl copy": ref_model=None; TRL loads a second copy of the base from the model's path (what it does for any
   model that is not a peft.PeftModel).
 - "peftkit": ref_model=peftkit.reference_model(model).
