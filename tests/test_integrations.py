@@ -60,11 +60,12 @@ def adapter_tensors(model):
 
 
 # --------------------------------------------------------------------------- 1. the model's own save path
-def test_trainer_checkpoints_are_peft_adapters_and_resume_exactly(base_dir, tmp_path):
+@pytest.mark.parametrize("method", ["lora-pro", pytest.param("coto", marks=pytest.mark.slow)])
+def test_trainer_checkpoints_are_peft_adapters_and_resume_exactly(method, base_dir, tmp_path):
     from peft import PeftModel
 
     def run(resume=None):
-        model = peftkit.wrap(base(base_dir), "lora-pro", r=4, alpha=8)
+        model = peftkit.wrap(base(base_dir), method, r=4, alpha=8)
         trainer = Trainer(model=model, args=trainer_args(tmp_path), train_dataset=examples(model),
                           optimizers=(peftkit.optimizer(model, 1e-2), None), callbacks=[peftkit.callbacks(model)])
         peftkit.attach(trainer).train(resume_from_checkpoint=resume)
@@ -88,8 +89,8 @@ def test_trainer_checkpoints_are_peft_adapters_and_resume_exactly(base_dir, tmp_
                                    else via_peft(**batch).logits.detach(), reference, atol=0, rtol=0)
     assert (reference - logits(base(base_dir), batch)).abs().max() > 1e-4  # the adapter is not a no-op
 
-    # Resumed from step 2 (adapter, LoRA-Pro's optimizer state, RNG, data position), the run ends where the
-    # uninterrupted one did.
+    # Resumed from step 2 (adapter, LoRA-Pro's optimizer state, CoTo's schedule state, RNG, data position), the
+    # run ends where the uninterrupted one did.
     final = adapter_tensors(model)
     resumed, _ = run(resume=str(ckpt))
     for key, value in adapter_tensors(resumed).items():
