@@ -10,6 +10,7 @@ from __future__ import annotations
 from .api import (
     AdapterConfig,
     callbacks,
+    delete_adapter,
     disabled,
     export,
     load,
@@ -24,6 +25,8 @@ from .api import (
     wrap,
 )
 from .errors import CheckpointError, ConfigError, MergeError, PeftkitError, StateError
+from .combine import add_weighted_adapter
+from .integrations import attach, reference_model
 from .regularization import regularization_loss
 
 __version__ = "0.1.0"
@@ -31,5 +34,5 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterConfig", "CheckpointError", "ConfigError", "MergeError", "PeftkitError", "StateError", "callbacks", "disabled",
     "export", "load", "merge", "methods", "optimizer", "save", "set_adapter", "trainable_parameters", "unmerge",
-    "unwrap", "wrap", "regularization_loss",
+    "unwrap", "wrap", "regularization_loss", "delete_adapter", "add_weighted_adapter", "attach", "reference_model",
 ]

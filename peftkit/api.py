@@ -28,13 +28,20 @@ def wrap(model: nn.Module, method_or_config: str | AdapterConfig = "lora", *, da
          adapter_name: str = "default", **options: Any) -> nn.Module:
     """Inject adapters into ``model`` in place, freeze the base, run the init; returns the same model.
 
+    ``method_or_config`` is a method name, an ``AdapterConfig``, or PEFT's ``LoraConfig`` / ``HRAConfig``.
     ``options`` are the common options (``r``, ``alpha``, ``targets``, ``exclude``, ``dropout``, ``rslora``,
-    ``rank_pattern``, ``alpha_pattern``, ``modules_to_save``, ``seed``), an axis override (``init=``,
+    ``rank_pattern``, ``alpha_pattern``, ``modules_to_save``, ``seed``; PEFT's names ``lora_alpha``,
+    ``target_modules``, ``lora_dropout``, ``use_rslora``, ``exclude_modules`` too), an axis override (``init=``,
     ``optimizer=``, ``schedule=``, ``architecture=``) or an option of one of the selected components.
     ``data`` (an iterable of batches, dicts of tensors as the model takes them) is needed by data-driven inits.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"wrap: expected a torch.nn.Module (a Hugging Face model), got {type(model).__name__}")
+    from .aliases import apply_aliases, from_peft_config, is_peft_config
+
+    if is_peft_config(method_or_config):  # PEFT's LoraConfig / HRAConfig: the adapter get_peft_model builds
+        method_or_config = from_peft_config(method_or_config)
+    options = apply_aliases(options)  # PEFT's option names (target_modules, lora_alpha ...) are ours too
     config = resolve_config(method_or_config, **options)
     if config.modules_to_save is None and "modules_to_save" not in options:
         # A classification model's head is new and random: it must train in full (PEFT does this for
@@ -123,13 +130,18 @@ def callbacks(model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
 
 
 def save(model: nn.Module, directory: str | os.PathLike, adapter_names: list[str] | None = None) -> None:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's format where the method allows)."""
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's format where the method allows),
+    peftkit's sidecar ``peftkit.json`` and a model card ``README.md`` (kept as it is if the user wrote it)."""
+    from .hub import write_model_card
+
     checkpoint.save(model, directory, adapter_names)
+    write_model_card(model, directory)
 
 
 def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
          trainable: bool = False) -> nn.Module:
-    """Inject and fill the adapter saved in ``directory`` (by peftkit or by PEFT) into a plain base model."""
+    """Inject and fill the adapter saved in ``directory`` (by peftkit or by PEFT; a folder or a Hub id) into a
+    plain base model."""
     return checkpoint.load(model, directory, adapter_name=adapter_name, trainable=trainable)
 
 
@@ -171,6 +183,27 @@ def unmerge(model: nn.Module) -> nn.Module:
 def unwrap(model: nn.Module, merge: bool = True) -> nn.Module:
     """Remove the adapter layers (merging them first unless ``merge=False``); returns the plain model."""
     return remove(model, merge=merge)
+
+
+def delete_adapter(model: nn.Module, names: str | list[str]) -> None:
+    """Remove adapters by name everywhere (PEFT's ``delete_adapter``). The active set loses them; deleting the
+    last active adapter activates the first one left (PEFT does the same); deleting the last adapter leaves the
+    plain model (it then saves as a full model)."""
+    state = state_of(model)
+    names = [names] if isinstance(names, str) else list(names)
+    unknown = [n for n in names if n not in state.configs]
+    if unknown:
+        raise ConfigError(f"delete_adapter: {unknown} not found; the model has {sorted(state.configs)}")
+    merged = [n for layer in adapter_layers(model).values() for n in layer.merged_adapters if n in names]
+    if merged:
+        raise StateError(f"delete_adapter: {sorted(set(merged))} is merged into the base weights; call "
+                         "peftkit.unmerge(model) first")
+    remaining_active = [n for n in state.active if n not in names]
+    for name in names:
+        drop_adapter(model, name)
+    left = state_of(model, required=False)
+    if left is not None:
+        set_active(model, remaining_active or [next(iter(left.configs))])
 
 
 def set_adapter(model: nn.Module, names: str | list[str]) -> None:

@@ -79,6 +79,31 @@ class Schedule:
     def on_train_end(self, args, state, control, **kwargs):
         self.on_train_end_()
 
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        # The architecture's regulariser (HRA's, ElaLoRA's orthogonality terms) is part of the objective the
+        # Trainer and TRL optimise: its gradient joins the final, accumulated gradients before the step.
+        from .integrations import add_regularization_gradient
+
+        add_regularization_gradient(self.model, kwargs.get("optimizer") or self.optimizer)
+
+    def on_save(self, args, state, control, **kwargs):
+        # Next to the PEFT adapter the Trainer wrote through model.save_pretrained: what resume needs exactly.
+        import os
+
+        from .integrations import save_training_state
+
+        if getattr(args, "should_save", True):
+            save_training_state(self.model, self, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # The last logged metrics go into the model card of the next save.
+        from .inject import state_of
+
+        peftkit_state = state_of(self.model, required=False)
+        if peftkit_state is not None and logs:
+            peftkit_state.training.setdefault("metrics", {}).update(
+                {k: v for k, v in logs.items() if isinstance(v, (int, float))})
+
 
 @registry.schedule("none", description="nothing changes during training")
 def build_no_schedule(model: nn.Module, config: Any) -> Schedule:

@@ -3,8 +3,10 @@ architecture has one, with atomic writes and verified reads.
 
 Keys are PEFT's: ``base_model.model.<module path>.<suffix>`` (e.g. ``…q_proj.lora_A.weight``), with the
 adapter name stripped; the adapter ``default`` goes to ``dir/`` and any other to ``dir/<name>/``. The config
-holds PEFT's fields plus a ``peftkit`` section (the full peftkit config, the method that trained it, and the
-sha256 of the weights file, so a config and weights from different saves are caught on load).
+holds PEFT's fields only, so PEFT reads it without a warning; peftkit's own metadata (the full peftkit config,
+the method that trained it, and the sha256 of the weights and config files, so files from different saves are
+caught on load) is the sidecar ``peftkit.json`` beside it. Files written before the sidecar carry that section
+under the config's ``peftkit`` key, which is still read.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .inject import (adapter_layers, drop_adapter, inject, parameter_flags, remo
                      saved_modules, state_of)
 
 CONFIG_NAME = "adapter_config.json"
+METADATA_NAME = "peftkit.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 VERSION = "0.1.0"
@@ -379,13 +382,17 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter_names: list[str
         for name, tensors, peft in staged:
             folder = Path(directory) if name == "default" else Path(directory) / name
             data = serialize_tensors(tensors, metadata={"format": "pt"})
-            peft["peftkit"]["weights_sha256"] = hashlib.sha256(data).hexdigest()
+            metadata = peft.pop("peftkit")  # PEFT warns on keys it does not know: peftkit's go to the sidecar
+            config_bytes = json_bytes(peft)
+            metadata["weights_sha256"] = hashlib.sha256(data).hexdigest()
+            metadata["config_sha256"] = hashlib.sha256(config_bytes).hexdigest()
             files.append((stage_bytes(folder / WEIGHTS_NAME, data), folder / WEIGHTS_NAME))
-            files.append((stage_bytes(folder / CONFIG_NAME, json_bytes(peft)), folder / CONFIG_NAME))
+            files.append((stage_bytes(folder / METADATA_NAME, json_bytes(metadata)), folder / METADATA_NAME))
+            files.append((stage_bytes(folder / CONFIG_NAME, config_bytes), folder / CONFIG_NAME))
             written.append(folder)
         # Every file is complete on disk before the first rename, so a failure up to here leaves the previous
-        # checkpoint as it was. The renames follow back to back; a crash between two of them leaves a config
-        # whose recorded sha256 does not match the weights beside it, which load refuses.
+        # checkpoint as it was. The renames follow back to back; a crash between two of them leaves a sidecar
+        # whose recorded sha256s do not match the files beside it, which load refuses.
         for tmp, path in files:
             os.replace(tmp, path)
     finally:
@@ -396,8 +403,39 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter_names: list[str
 
 
 # ------------------------------------------------------------------------------------------ loading
-def _config_from_peft(data: dict[str, Any], module_names: list[str]) -> AdapterConfig:
+def read_metadata(directory: str | os.PathLike, data: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """peftkit's section of an adapter folder: the sidecar ``peftkit.json``, or the ``peftkit`` key of an
+    ``adapter_config.json`` written before the sidecar (``data``); None for a plain PEFT adapter."""
+    path = Path(directory) / METADATA_NAME
+    if path.is_file():
+        try:
+            section = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: not valid JSON ({exc}); the file is corrupt - save the adapter again") from None
+        if not isinstance(section, dict):
+            raise CheckpointError(f"{path}: expected a JSON object, got {type(section).__name__}")
+        expected = section.get("config_sha256")
+        if expected and sha256_file(Path(directory) / CONFIG_NAME) != expected:
+            raise CheckpointError(
+                f"{directory}: {CONFIG_NAME} is not the file saved with this {METADATA_NAME} (its sha256 differs from "
+                "the one recorded at save time): the folder mixes two saves - save the adapter again")
+        return section
+    if data is None:
+        data = read_config(directory)
     section = data.get("peftkit")
+    return section if isinstance(section, dict) else None
+
+
+def _resolve(directory: str | os.PathLike, what: str = "adapter") -> Path:
+    """A folder, or a Hub id resolved to its local snapshot (offline: the cache)."""
+    from .hub import resolve_folder
+
+    return resolve_folder(directory, what)
+
+
+def _config_from_peft(data: dict[str, Any], module_names: list[str], section: dict[str, Any] | None = None) -> AdapterConfig:
+    if section is None:
+        section = data.get("peftkit")
     if isinstance(section, dict) and isinstance(section.get("config"), dict):
         config = AdapterConfig.from_dict(section["config"])
     else:
@@ -445,14 +483,14 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
     A non-default ``adapter_name`` is read from ``directory/<adapter_name>/`` when that folder exists (where
     ``save`` and PEFT's ``save_pretrained`` put it). On any error the model is left as it was.
     """
-    directory = Path(directory)
+    directory = _resolve(directory)
     if adapter_name != "default" and (directory / adapter_name / CONFIG_NAME).is_file():
         # A non-default adapter lives in dir/<name>/ (save's layout and PEFT's save_pretrained's); dir/ itself
         # may hold the adapter "default" of the same save.
         directory = directory / adapter_name
     data = read_config(directory)
     peft_type = data.get("peft_type")
-    section = data.get("peftkit") if isinstance(data.get("peftkit"), dict) else None
+    section = read_metadata(directory, data)
     if section is not None and section.get("config", {}).get("architecture"):
         arch_name = section["config"]["architecture"]
     else:
@@ -504,7 +542,7 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
             f"base model it was trained on ({data.get('base_model_name_or_path')})"
         )
     try:
-        config = _config_from_peft(data, list(per_module))
+        config = _config_from_peft(data, list(per_module), section)
     except (ConfigError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{directory / CONFIG_NAME}: unreadable adapter config ({exc})") from None
     if config.modules_to_save:
@@ -604,7 +642,7 @@ def model_labels(directory: str | os.PathLike) -> dict[str, Any]:
     adapter saves its own head) that give a base model the head shape and class names the adapter in
     ``directory`` was trained with; {} when it records none."""
     data = read_config(directory)
-    section = data.get("peftkit")
+    section = read_metadata(directory, data)
     if not isinstance(section, dict) or not section.get("num_labels"):
         return {}
     out: dict[str, Any] = {"num_labels": int(section["num_labels"])}
@@ -639,10 +677,10 @@ def _strip_patterns(config: AdapterConfig, names: list[str]) -> AdapterConfig:
 
 def describe(directory: str | os.PathLike) -> dict[str, Any]:
     """Verify an adapter folder and summarise it (method, ranks, targets, size, base model)."""
-    directory = Path(directory)
+    directory = _resolve(directory)
     data = read_config(directory)
     tensors = read_tensors(directory / WEIGHTS_NAME)
-    section = data.get("peftkit") if isinstance(data.get("peftkit"), dict) else {}
+    section = read_metadata(directory, data) or {}
     expected = section.get("weights_sha256")
     if expected and sha256_file(directory / WEIGHTS_NAME) != expected:
         raise CheckpointError(f"{directory}: {WEIGHTS_NAME} does not match the sha256 recorded in {CONFIG_NAME}")
@@ -677,18 +715,20 @@ def export(model_or_dir: nn.Module | str | os.PathLike, directory: str | os.Path
         raise ConfigError(f"format: expected 'peft', got {format!r}")
     if isinstance(model_or_dir, nn.Module):
         return save(model_or_dir, directory, adapter_names=["default"], export=True)[0]
-    source = Path(model_or_dir)
+    source = _resolve(model_or_dir)
     if Path(directory).resolve() == source.resolve():
         raise ConfigError(f"export: the output folder {directory} is the adapter's own folder; exporting there would "
                           "replace the adapter it reads. Choose another folder")
     data = read_config(source)
-    arch = (data.get("peftkit") or {}).get("config", {}).get("architecture", "lora")
+    arch = (read_metadata(source, data) or {}).get("config", {}).get("architecture", "lora")
     if data.get("peft_type") in ("LORA", "HRA") and arch in ("lora", "hra"):
         read_tensors(source / WEIGHTS_NAME)
         target = Path(directory)
         target.mkdir(parents=True, exist_ok=True)
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            atomic_write_bytes(target / name, (source / name).read_bytes())
+        # The export is a plain PEFT adapter: PEFT's fields only (an old file's peftkit key is dropped).
+        config = {k: v for k, v in data.items() if k != "peftkit"}
+        atomic_write_bytes(target / WEIGHTS_NAME, (source / WEIGHTS_NAME).read_bytes())
+        atomic_write_bytes(target / CONFIG_NAME, json_bytes(config))
         return target
     if base_model is None:
         raise ConfigError(

@@ -145,7 +145,9 @@ def resolve_config(method_or_config: str | AdapterConfig, **options: Any) -> Ada
         if from_preset:  # a preset default for a component the user swapped out
             return
         valid = sorted(set(COMMON_FIELDS) | {n for c in comps.values() for n in c.option_names()})
-        close = difflib.get_close_matches(key, valid, n=1)
+        from .aliases import suggestion  # 'rank' -> 'r': too short for difflib to propose
+
+        close = [suggestion(key)] if suggestion(key) in valid else difflib.get_close_matches(key, valid, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(
             f"unknown option '{key}' for method '{base.method}' "

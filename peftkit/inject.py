@@ -26,6 +26,8 @@ class PeftkitState:
 
     configs: dict[str, AdapterConfig] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
+    # What the model card reports about training: "data", "recipe", "metrics" (set by the loop or the Trainer callback).
+    training: dict = field(default_factory=dict)
 
 
 def state_of(model: nn.Module, *, required: bool = True) -> PeftkitState | None:
@@ -116,6 +118,9 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
     if state is None:
         state = PeftkitState()
         model.__dict__[STATE_ATTR] = state
+        from .integrations import install
+
+        install(model)
     state.configs[adapter_name] = config
     if not state.active:
         state.active = [adapter_name]
@@ -194,7 +199,7 @@ def remove(model: nn.Module, merge: bool) -> nn.Module:
     for name, wrapper in saved_modules(model).items():
         keep = wrapper.modules_to_save[state.active[0]] if merge and wrapper.active_adapters else wrapper.original_module
         _set_child(model, name, keep)
-    del model.__dict__[STATE_ATTR]
+    _forget(model)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -228,4 +233,12 @@ def drop_adapter(model: nn.Module, adapter_name: str) -> None:
     if adapter_name in state.active:
         state.active.remove(adapter_name)
     if not state.configs:
-        del model.__dict__[STATE_ATTR]
+        _forget(model)
+
+
+def _forget(model: nn.Module) -> None:
+    """The model has no peftkit adapters any more: drop the state and the methods ``install`` put on it."""
+    from .integrations import uninstall
+
+    del model.__dict__[STATE_ATTR]
+    uninstall(model)

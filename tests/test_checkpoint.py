@@ -243,7 +243,7 @@ def saved_lora(tmp_path):
     model = peftkit.wrap(tiny_llama(), "lora", r=4, targets=["q_proj"])
     randomize_adapters(model, seed=1)
     peftkit.save(model, tmp_path)
-    snapshot = {name: (tmp_path / name).read_bytes() for name in (CONFIG_NAME, WEIGHTS_NAME)}
+    snapshot = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}  # the sidecar and card too
     randomize_adapters(model, seed=2)  # the next save would write different bytes
     return model, snapshot
 

@@ -264,14 +264,14 @@ def test_unmatched_modules_to_save_entry_is_named():
 
 
 def test_config_from_another_peftkit_is_one_checkpoint_error(saved):
-    path = saved / CONFIG_NAME
+    path = saved / "peftkit.json"  # peftkit's metadata sidecar
     data = json.loads(path.read_text())
-    data["peftkit"]["config"]["architecture"] = "lora-from-a-plugin"
+    data["config"]["architecture"] = "lora-from-a-plugin"
     path.write_text(json.dumps(data))
     model = tiny_llama()
     raises_unchanged(model, CheckpointError, "architecture is not registered here .*unknown architecture "
                      "'lora-from-a-plugin'", peftkit.load, model, saved)
-    data["peftkit"]["config"].update(architecture="lora", field_from_the_future=1)
+    data["config"].update(architecture="lora", field_from_the_future=1)
     path.write_text(json.dumps(data))
     raises_unchanged(model, CheckpointError, "unreadable adapter config .*field_from_the_future", peftkit.load, model,
                      saved)

@@ -37,3 +37,28 @@ def test_trainer_example_trains_and_saves_a_peft_adapter(tmp_path):
 
     summary = checkpoint.describe(adapter)
     assert summary["peft_type"] == "LORA" and summary["parameters"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora-pro", "hra"])
+def test_trl_sft_example_trains_and_reloads(method, tmp_path):
+    out = _run_args("trl_sft.py", tmp_path, method)
+    assert f"{method}: loss" in out and "the reloaded adapter equals the trained one: True" in out
+    first, last = map(float, re.search(r"loss ([0-9.]+) -> ([0-9.]+)", out).groups())
+    assert last < first
+    assert (tmp_path / "runs" / "trl-sft" / "checkpoint-6" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_trl_dpo_example_uses_no_reference_copy(tmp_path):
+    out = _run_args("trl_dpo.py", tmp_path, "lora")
+    assert "reference model's own parameter bytes: 0 " in out
+    assert (tmp_path / "runs" / "trl-dpo" / "adapter" / "adapter_config.json").is_file()
+
+
+def _run_args(script: str, tmp_path: Path, *args: str) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / script), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout

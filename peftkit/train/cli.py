@@ -5,6 +5,7 @@
     peftkit merge ADAPTER --base MODEL --out DIR
     peftkit export ADAPTER --out DIR [--format peft] [--base MODEL]
     peftkit info ADAPTER
+    peftkit push RUN_OR_ADAPTER REPO [--private] [--message TEXT]
     peftkit methods
     peftkit plot RUN_DIR
     peftkit chat ADAPTER_OR_RUN [--base MODEL] [--prompt TEXT] [--system TEXT]
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("overrides", nargs="*")
 
     merge = commands.add_parser("merge", help="fold an adapter into its base model and save the full model")
-    merge.add_argument("adapter", help="an adapter folder (adapter_config.json + adapter_model.safetensors)")
+    merge.add_argument("adapter", help="an adapter folder (adapter_config.json + adapter_model.safetensors) or a Hub id")
     merge.add_argument("--base", help="the base model (hub id, folder or pkg:...); default: the one the adapter records")
     merge.add_argument("--out", required=True, help="the folder for the merged model (from_pretrained loads it); "
                        "a new or empty folder")
@@ -74,7 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--base", help="the base model, needed to turn Hydra / ElaLoRA adapters into a LoRA")
 
     info = commands.add_parser("info", help="verify an adapter folder and describe it")
-    info.add_argument("adapter")
+    info.add_argument("adapter", help="an adapter folder or a Hub id")
+
+    push = commands.add_parser("push", help="upload an adapter (or a run's adapter/) to the Hugging Face Hub")
+    push.add_argument("source", help="an adapter folder, or a `peftkit train` output folder holding adapter/")
+    push.add_argument("repo", help="the Hub repository, e.g. me/my-adapter (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--message", help="the commit message")
 
     commands.add_parser("methods", help="list the registered methods")
 
@@ -249,7 +256,7 @@ def _merge(args) -> int:
 
     from .. import checkpoint
 
-    adapter = Path(args.adapter)
+    adapter = _adapter_folder(args.adapter)
     out = Path(args.out)
     _check_out(out, adapter, args.force, "merge")
     checkpoint.describe(adapter)  # verify the files before loading anything big
@@ -295,7 +302,7 @@ def _export(args) -> int:
 
     from .. import checkpoint
 
-    adapter = Path(args.adapter)
+    adapter = _adapter_folder(args.adapter)
     out = Path(args.out)
     _check_out(out, adapter, args.force, "export")
     checkpoint.describe(adapter)
@@ -316,9 +323,10 @@ def _export(args) -> int:
 def cmd_info(args) -> int:
     from .. import checkpoint
 
-    summary = checkpoint.describe(args.adapter)
+    adapter = _adapter_folder(args.adapter)
+    summary = checkpoint.describe(adapter)
     ranks = sorted(set(summary["ranks"].values()))
-    print(f"adapter:    {Path(args.adapter).resolve()}")
+    print(f"adapter:    {args.adapter if adapter != Path(args.adapter) else adapter.resolve()}")
     print(f"method:     {summary['method']} (format {summary['peft_type']})")
     print(f"rank:       r={summary['r']} alpha={summary['alpha']}; per-layer ranks {ranks or 'n/a'}")
     targets = summary["targets"]
@@ -330,6 +338,29 @@ def cmd_info(args) -> int:
     else:
         print("files:      weights readable; no sha256 recorded (not saved by peftkit), so not verified against the "
               "config")
+    return 0
+
+
+def _adapter_folder(ref: str) -> Path:
+    """An adapter folder as given, or a Hub id resolved to its local snapshot (offline: the cache only)."""
+    from ..hub import resolve_folder
+
+    return resolve_folder(ref, "adapter")
+
+
+def cmd_push(args) -> int:
+    from .. import checkpoint, hub
+    from ..errors import ConfigError
+    from .loop import ADAPTER_DIR
+
+    source = Path(args.source)
+    if not (source / checkpoint.CONFIG_NAME).is_file() and (source / ADAPTER_DIR / checkpoint.CONFIG_NAME).is_file():
+        source = source / ADAPTER_DIR  # a run folder: its final adapter
+    if not (source / checkpoint.CONFIG_NAME).is_file():
+        raise ConfigError(f"push: {args.source} holds no {checkpoint.CONFIG_NAME} (nor {ADAPTER_DIR}/{checkpoint.CONFIG_NAME}); "
+                          "pass an adapter folder or a `peftkit train` output folder")
+    url = hub.push_folder(source, args.repo, private=args.private or None, commit_message=args.message)
+    print(f"peftkit: pushed {source} to {args.repo} ({url})")
     return 0
 
 
@@ -373,7 +404,7 @@ def cmd_eval(args) -> int:
 
 COMMANDS = {
     "train": cmd_train, "validate": cmd_validate, "merge": cmd_merge, "export": cmd_export, "info": cmd_info,
-    "methods": cmd_methods, "plot": cmd_plot, "chat": cmd_chat, "eval": cmd_eval,
+    "methods": cmd_methods, "plot": cmd_plot, "chat": cmd_chat, "eval": cmd_eval, "push": cmd_push,
 }
 
 if __name__ == "__main__":  # pragma: no cover

@@ -27,7 +27,7 @@ from .. import registry
 from ..checkpoint import atomic_write_bytes
 from ..config import resolve_config
 from ..errors import ConfigError
-from ..inject import adapter_layers
+from ..inject import adapter_layers, state_of
 from . import checkpointing, evaluation
 from .build import Examples, load_examples, load_model, load_tokenizer, num_labels
 from .data import BatchPlan, Tokenized, check_packed_attention, collate, count_tokens
@@ -409,6 +409,9 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
         result.seconds = time.perf_counter() - started
         return result
     if main:
+        # What the adapter folder's model card reports about the run.
+        state_of(accelerator.unwrap_model(model)).training.update(
+            data=recipe.data.train, recipe=recipe.dump(), metrics=dict(eval_metrics))
         peftkit.save(accelerator.unwrap_model(model), output_dir / ADAPTER_DIR)
         run.tokenizer.save_pretrained(output_dir / ADAPTER_DIR)
         plot(output_dir)

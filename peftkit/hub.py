@@ -1,0 +1,162 @@
+"""The Hugging Face Hub: adapter ids resolved to local folders, uploads, and the adapter folder's model card.
+
+Everything goes through ``huggingface_hub``. Offline (``HF_HUB_OFFLINE=1``) a Hub id resolves from the local
+cache only (``HF_HUB_CACHE``, read at call time); a Hub id that is not cached is one clear error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from .errors import CheckpointError, ConfigError
+
+# The files of an adapter folder (peftkit's and PEFT's); a download fetches nothing else (no full models).
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "peftkit.json", "README.md", "*/adapter_config.json",
+                 "*/adapter_model.safetensors", "*/peftkit.json"]
+CARD_NAME = "README.md"
+CARD_TAG = "peftkit"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _cache_dir() -> str | None:
+    return os.environ.get("HF_HUB_CACHE") or None
+
+
+def is_hub_id(ref: str | os.PathLike) -> bool:
+    """A string that is not an existing path and looks like ``name`` or ``namespace/name``."""
+    text = os.fspath(ref)
+    return not os.path.exists(text) and bool(_REPO_ID.match(text)) and not text.startswith((".", "~"))
+
+
+def resolve_folder(ref: str | os.PathLike, what: str = "adapter", allow_patterns: list[str] | None = ADAPTER_FILES) -> Path:
+    """An existing folder as given; a Hub id becomes its snapshot folder (the local cache when offline).
+
+    ``what`` names the argument in errors. A path that exists is never looked up on the Hub.
+    """
+    text = os.fspath(ref)
+    if os.path.exists(text) or not is_hub_id(text):
+        return Path(text)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    offline = _offline()
+    try:
+        folder = snapshot_download(text, cache_dir=_cache_dir(), local_files_only=offline, allow_patterns=allow_patterns)
+    except LocalEntryNotFoundError:
+        where = _cache_dir() or "the default Hugging Face cache"
+        raise CheckpointError(
+            f"{what}: '{text}' is not a local folder, and the Hub repo '{text}' is not in the local cache ({where}) "
+            + ("while offline (HF_HUB_OFFLINE=1); download it once with network access (hf download "
+               f"{text}) or pass a local folder" if offline else "and could not be downloaded; check the id and the network")
+        ) from None
+    except Exception as exc:  # repository not found, gated, network errors: one message
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{what}: '{text}' is not a local folder, and the Hub repo could not be fetched ({first})") from None
+    return Path(folder)
+
+
+# ---------------------------------------------------------------------------------------------- uploads
+def HfApi(*args: Any, **kwargs: Any):  # noqa: N802 - looked up at call time, so tests can replace it
+    from huggingface_hub import HfApi as _HfApi
+
+    return _HfApi(*args, **kwargs)
+
+
+def require_token(token: bool | str | None, what: str = "push") -> None:
+    """Fail before anything is uploaded when there are no credentials (or the Hub is switched off)."""
+    if _offline():
+        raise ConfigError(f"{what}: HF_HUB_OFFLINE=1 is set, and an upload needs the network; unset it to push")
+    if isinstance(token, str) and token:
+        return
+    from huggingface_hub import get_token
+
+    if token is False or get_token() is None:
+        raise ConfigError(f"{what}: no Hugging Face token; log in with `hf auth login`, set HF_TOKEN, or pass token=...")
+
+
+def push_folder(folder: str | os.PathLike, repo_id: str, *, token: bool | str | None = None,
+                commit_message: str | None = None, private: bool | None = None, revision: str | None = None,
+                create_pr: bool = False) -> str:
+    """Upload an adapter folder to ``repo_id`` as one commit (created if missing); returns the commit's URL."""
+    from . import checkpoint
+
+    require_token(token, "push")
+    folder = Path(folder)
+    checkpoint.describe(folder)  # a complete, verified adapter, or nothing is uploaded
+    token_arg = token if isinstance(token, str) else None
+    api = HfApi(token=token_arg)
+    repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    info = api.upload_folder(folder_path=str(folder), repo_id=getattr(repo, "repo_id", repo_id), repo_type="model",
+                             commit_message=commit_message or "Upload peftkit adapter", revision=revision,
+                             create_pr=create_pr)
+    return str(getattr(info, "commit_url", info))
+
+
+# ------------------------------------------------------------------------------------------ model card
+def write_model_card(model: nn.Module, directory: str | os.PathLike) -> Path | None:
+    """Write ``README.md`` (huggingface_hub's ModelCard) beside the default adapter: base model, method, ranks,
+    targets, and what the run recorded (data, recipe, final metrics). A README.md that peftkit did not write
+    is the user's and stays as it is (returns None then)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from .checkpoint import atomic_write_bytes
+    from .inject import adapter_layers, state_of
+
+    path = Path(directory) / CARD_NAME
+    if path.is_file():
+        try:
+            existing = ModelCard.load(path)
+            ours = CARD_TAG in (existing.data.tags or [])
+        except Exception:
+            ours = False
+        if not ours:
+            return None
+    state = state_of(model)
+    name = "default" if "default" in state.configs else next(iter(state.configs))
+    config = state.configs[name]
+    layers = {n: layer for n, layer in adapter_layers(model).items() if name in layer.adapters}
+    ranks = sorted({layer.ranks.get(name) for layer in layers.values() if layer.ranks.get(name) is not None})
+    base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    training = dict(state.training)
+    data = ModelCardData(
+        base_model=base if base and not os.path.isabs(base) else None, library_name="peft",
+        tags=[CARD_TAG, config.method, config.architecture, "peft"],
+        datasets=[training["data"]] if isinstance(training.get("data"), str) and is_hub_id(training["data"]) else None,
+    )
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in layers})
+    lines = [
+        f"# {config.method} adapter for {base or 'its base model'}", "",
+        f"Trained with peftkit (method `{config.method}`: architecture `{config.architecture}`, "
+        f"init `{config.init}`, optimizer `{config.optimizer}`, schedule `{config.schedule}`).", "",
+        "| | |", "|---|---|",
+        f"| base model | `{base or 'not recorded'}` |",
+        f"| method | `{config.method}` |",
+        f"| rank r | {', '.join(map(str, ranks)) or config.r} (alpha {config.alpha}{', rsLoRA' if config.rslora else ''}) |",
+        f"| targets | {', '.join(f'`{leaf}`' for leaf in leaves)} ({len(layers)} modules) |",
+        f"| data | {training.get('data') or 'not recorded'} |",
+        "",
+    ]
+    metrics = training.get("metrics") or {}
+    if metrics:
+        lines += ["## Final metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {key} | {value:.6g} |" if isinstance(value, float) else f"| {key} | {value} |"
+                  for key, value in sorted(metrics.items())]
+        lines.append("")
+    if training.get("recipe"):
+        lines += ["## Recipe", "", "```yaml", str(training["recipe"]).rstrip(), "```", ""]
+    lines += ["## Use", "", "```python", "import peftkit", "from transformers import AutoModelForCausalLM", "",
+              f"model = AutoModelForCausalLM.from_pretrained({base!r})" if base else "model = ...  # the base model",
+              "model = peftkit.load(model, '<this folder or repo id>')  # PEFT's PeftModel.from_pretrained reads it too",
+              "```", ""]
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+    atomic_write_bytes(path, str(card).encode())
+    return path

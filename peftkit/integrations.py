@@ -1,0 +1,388 @@
+"""peftkit inside the tools users already train with: transformers' ``Trainer`` and adapter API, TRL, the Hub.
+
+transformers and TRL recognise a PEFT model by ``isinstance(model, peft.PeftModel)`` and otherwise treat it as
+a full model; a peftkit model keeps its own class, so nothing global is patched. Instead ``wrap`` / ``load``
+install a few methods on the wrapped *instance* (removed again when the last adapter goes):
+
+- ``save_pretrained`` / ``push_to_hub`` write the adapter (what ``peftkit.save`` writes, plus a model card),
+  which is also what every ``Trainer.save_model`` and ``checkpoint-N`` write (the Trainer calls
+  ``model.save_pretrained``);
+- every method of transformers' ``PeftAdapterMixin`` acts on peftkit's adapters with PEFT's semantics, or raises
+  one error naming the peftkit call to use; ``disable_adapter()`` is PeftModel's context manager;
+- ``_hf_peft_config_loaded`` is True, transformers' own flag for "adapters are attached" (the Trainer then
+  accepts a quantized base, and gradient checkpointing keeps the inputs' gradients).
+
+What needs the Trainer object itself (restoring the adapters on ``resume_from_checkpoint``) is ``attach(trainer)``;
+the per-step work (regulariser gradient, schedule, training state in each checkpoint) is the callback
+``peftkit.callbacks(model)``. TRL's DPO reference is ``reference_model(model)``: the same model with its
+adapters off, no copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import types
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from .errors import CheckpointError, ConfigError, StateError
+
+# The training state peftkit adds to every Trainer checkpoint-N: every live adapter tensor by state-dict key
+# (offset pairs, masks and buffers included, which the PEFT-format adapter beside it does not hold) and the
+# schedule's state.
+TRAINING_STATE_NAME = "peftkit_training_state.safetensors"
+SCHEDULE_STATE_NAME = "peftkit_schedule.pt"
+HF_FLAG = "_hf_peft_config_loaded"
+
+
+# ---------------------------------------------------------------------------------------------- install
+def install(model: nn.Module) -> None:
+    """Put peftkit's save / adapter-API methods on ``model`` (an instance attribute each; the class is untouched)."""
+    for name, function in INSTANCE_METHODS.items():
+        model.__dict__[name] = types.MethodType(function, model)
+    if hasattr(type(model), HF_FLAG):
+        model.__dict__[HF_FLAG] = True
+
+
+def uninstall(model: nn.Module) -> None:
+    """Give ``model`` its class's methods back (it has no peftkit adapters any more)."""
+    for name in list(INSTANCE_METHODS) + [HF_FLAG]:
+        model.__dict__.pop(name, None)
+
+
+def _state(model: nn.Module, call: str):
+    from .inject import state_of
+
+    state = state_of(model, required=False)
+    if state is None:  # pragma: no cover - the methods are removed together with the state
+        raise StateError(f"{call}: {type(model).__name__} has no peftkit adapters; call peftkit.wrap or peftkit.load first")
+    return state
+
+
+# ------------------------------------------------------------------------------------ saving and the Hub
+def save_pretrained(self: nn.Module, save_directory: str | os.PathLike, is_main_process: bool = True,
+                    state_dict: dict | None = None, push_to_hub: bool = False,
+                    selected_adapters: list[str] | None = None, **kwargs: Any) -> None:
+    """Write the adapters (``peftkit.save``'s PEFT-format files and a model card), as PEFT's ``save_pretrained``.
+
+    ``state_dict`` (which the Trainer passes under DeepSpeed / FSDP) is not used: the adapter is read from the
+    live layers. ``push_to_hub=True`` then uploads the folder (``repo_id=`` or the folder's name).
+    """
+    from . import hub
+
+    _state(self, "save_pretrained")
+    if not is_main_process:
+        return
+    if Path(save_directory).is_file():
+        raise CheckpointError(f"{save_directory}: exists and is a file; save_pretrained writes a folder")
+    from .api import save
+
+    save(self, save_directory, selected_adapters)
+    if push_to_hub:
+        repo_id = kwargs.get("repo_id") or Path(save_directory).resolve().name
+        hub.push_folder(save_directory, repo_id, token=kwargs.get("token"),
+                        commit_message=kwargs.get("commit_message"), private=kwargs.get("private"))
+
+
+def push_to_hub(self: nn.Module, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                token: bool | str | None = None, revision: str | None = None, create_pr: bool = False,
+                **kwargs: Any) -> str:
+    """Upload the adapter folder (as ``save_pretrained`` writes it, model card included) to ``repo_id``."""
+    import tempfile
+
+    from . import hub
+
+    _state(self, "push_to_hub")
+    hub.require_token(token, "push_to_hub")
+    with tempfile.TemporaryDirectory(prefix="peftkit-push-") as folder:
+        save_pretrained(self, folder)
+        return hub.push_folder(folder, repo_id, token=token, commit_message=commit_message, private=private,
+                               revision=revision, create_pr=create_pr)
+
+
+# ------------------------------------------------------------------------ transformers' PeftAdapterMixin
+def load_adapter(self: nn.Module, peft_model_id: str | os.PathLike | None = None, adapter_name: str | None = None,
+                 peft_config: dict | None = None, adapter_state_dict: dict | None = None,
+                 low_cpu_mem_usage: bool = False, is_trainable: bool = False, hotswap: bool | str = "auto",
+                 local_files_only: bool = False, adapter_kwargs: dict | None = None, **kwargs: Any) -> None:
+    """Load a saved adapter (a folder or a Hub id, peftkit's or PEFT's LoRA/HRA) next to the ones there."""
+    from . import checkpoint
+
+    _state(self, "load_adapter")
+    if peft_model_id is None or peft_config is not None or adapter_state_dict is not None:
+        raise ConfigError(
+            "load_adapter: a peftkit model loads adapters from a folder or Hub id only (peft_model_id=...); to build "
+            "one from a config call peftkit.wrap(model, config, adapter_name=...)")
+    if hotswap is True:
+        raise ConfigError(
+            "load_adapter: hotswap=True is not supported on a peftkit model; delete the adapter "
+            "(model.delete_adapter(name)) and load the new one with peftkit.load(model, dir, adapter_name=name)")
+    checkpoint.load(self, peft_model_id, adapter_name=adapter_name or "default", trainable=is_trainable)
+
+
+def add_adapter(self: nn.Module, adapter_config: Any, adapter_name: str | None = None) -> None:
+    """Add a new adapter (a PEFT ``LoraConfig`` / ``HraConfig`` or a peftkit ``AdapterConfig``) and make it the
+    active one, as transformers' ``add_adapter`` does."""
+    from .aliases import from_peft_config
+    from .api import set_adapter as activate
+    from .api import wrap
+    from .config import AdapterConfig
+
+    name = adapter_name or "default"
+    if not isinstance(adapter_config, AdapterConfig):
+        adapter_config = from_peft_config(adapter_config)
+    wrap(self, adapter_config, adapter_name=name)
+    activate(self, name)
+
+
+def set_adapter(self: nn.Module, adapter_name: str | list[str]) -> None:
+    """Make ``adapter_name`` (or several) the active, trainable adapters."""
+    from .api import set_adapter as activate
+
+    _state(self, "set_adapter")
+    activate(self, adapter_name)
+
+
+def disable_adapters(self: nn.Module) -> None:
+    """Run the base model (every adapter off) until ``enable_adapters()``."""
+    from .inject import set_enabled
+
+    _state(self, "disable_adapters")
+    set_enabled(self, False)
+
+
+def enable_adapters(self: nn.Module) -> None:
+    """Switch the active adapters back on after ``disable_adapters()``."""
+    from .inject import set_enabled
+
+    _state(self, "enable_adapters")
+    set_enabled(self, True)
+
+
+def active_adapters(self: nn.Module) -> list[str]:
+    """The names of the active adapters."""
+    return list(_state(self, "active_adapters").active)
+
+
+def get_adapter_state_dict(self: nn.Module, adapter_name: str | None = None, state_dict: dict | None = None) -> dict:
+    """The adapter's tensors with PEFT's keys as transformers returns them (``model.layers.0…lora_A.weight``)."""
+    from .checkpoint import PREFIX, adapter_state
+
+    state = _state(self, "get_adapter_state_dict")
+    if state_dict is not None:
+        raise ConfigError("get_adapter_state_dict: state_dict= is not supported on a peftkit model; the adapter is "
+                          "read from its layers (omit state_dict)")
+    tensors, _ = adapter_state(self, adapter_name or state.active[0])
+    return {key[len(PREFIX):] if key.startswith(PREFIX) else key: value for key, value in tensors.items()}
+
+
+def delete_adapter(self: nn.Module, adapter_names: str | list[str]) -> None:
+    """Remove adapters by name (``peftkit.delete_adapter``)."""
+    from .api import delete_adapter as delete
+
+    _state(self, "delete_adapter")
+    delete(self, adapter_names)
+
+
+def enable_peft_hotswap(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+    raise ConfigError(
+        "enable_peft_hotswap: a peftkit model does not hotswap adapters; load each adapter under its own name "
+        "(peftkit.load(model, dir, adapter_name=...)) and switch with peftkit.set_adapter(model, name)")
+
+
+@contextlib.contextmanager
+def disable_adapter(self: nn.Module) -> Iterator[None]:
+    """PeftModel's ``with model.disable_adapter():`` (the base model inside the block)."""
+    from .api import disabled
+
+    _state(self, "disable_adapter")
+    with disabled(self):
+        yield
+
+
+INSTANCE_METHODS = {
+    "save_pretrained": save_pretrained, "push_to_hub": push_to_hub, "load_adapter": load_adapter,
+    "add_adapter": add_adapter, "set_adapter": set_adapter, "disable_adapters": disable_adapters,
+    "enable_adapters": enable_adapters, "active_adapters": active_adapters,
+    "get_adapter_state_dict": get_adapter_state_dict, "delete_adapter": delete_adapter,
+    "enable_peft_hotswap": enable_peft_hotswap, "disable_adapter": disable_adapter,
+}
+
+
+# ----------------------------------------------------------------------------------- TRL's DPO reference
+class ReferenceModel(nn.Module):
+    """The policy with every adapter off, as the separate object TRL's ``DPOTrainer(ref_model=...)`` wants.
+
+    It holds no parameters of its own (the policy is not registered as a submodule, so preparing, moving or
+    evaluating the reference leaves the policy alone): the reference costs no memory. Every call runs the policy
+    inside ``peftkit.disabled``; attributes (``config``, ``base_model``, ``get_output_embeddings`` ...) are the
+    policy's, so TRL can patch this object's ``forward`` the way it patches a model's.
+    """
+
+    def __init__(self, policy: nn.Module) -> None:
+        super().__init__()
+        self.__dict__["policy"] = policy
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from .api import disabled
+
+        with disabled(self.policy):
+            return super().__call__(*args, **kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.policy(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["policy"], name)
+
+
+def reference_model(model: nn.Module) -> ReferenceModel:
+    """``DPOTrainer(model=wrapped, ref_model=peftkit.reference_model(wrapped), ...)``: the base model as the
+    reference, computed by the policy with its adapters off (PEFT's ``disable_adapter`` path in TRL), no copy."""
+    from .inject import state_of
+
+    state_of(model)
+    return ReferenceModel(model)
+
+
+# ------------------------------------------------------------------------------------ the Trainer object
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every adapter tensor and trainable parameter by state-dict key (cloned, contiguous)."""
+    from .inject import adapter_layers
+
+    keys = {name for name, p in model.named_parameters() if p.requires_grad}
+    for layer_name, layer in adapter_layers(model).items():
+        keys |= {f"{layer_name}.adapters.{k}" for k in layer.adapters.state_dict()}
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if k in keys}
+
+
+def save_training_state(model: nn.Module, schedule: Any, folder: str | os.PathLike) -> None:
+    """Write the live adapter tensors and the schedule state into a Trainer ``checkpoint-N`` folder."""
+    import io
+
+    from .checkpoint import atomic_write_bytes, serialize_tensors
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return  # this process wrote no checkpoint (not the main process, or save_strategy="no")
+    atomic_write_bytes(folder / TRAINING_STATE_NAME, serialize_tensors(trainable_state(model), {"format": "pt"}))
+    buffer = io.BytesIO()
+    torch.save(schedule.state_dict() if schedule is not None else {}, buffer)
+    atomic_write_bytes(folder / SCHEDULE_STATE_NAME, buffer.getvalue())
+
+
+def restore_training_state(model: nn.Module, folder: str | os.PathLike, schedule: Any = None) -> None:
+    """Fill the model's adapters (in place, so the optimizer keeps its parameters) from a ``checkpoint-N``."""
+    from .checkpoint import CONFIG_NAME, read_tensors
+
+    folder = Path(folder)
+    path = folder / TRAINING_STATE_NAME
+    if not path.is_file():
+        hint = (" (it holds a PEFT adapter: it was saved without peftkit.callbacks(model) among the Trainer's "
+                "callbacks)") if (folder / CONFIG_NAME).is_file() else ""
+        raise CheckpointError(f"{path}: file not found; peftkit resumes a Trainer run from this file{hint}. Resume from a "
+                              "checkpoint saved with callbacks=[peftkit.callbacks(model)], or start the run again")
+    tensors = read_tensors(path)
+    expected = trainable_state(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = [k for k in expected if k in tensors and tuple(tensors[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{path}: does not fit this model's adapters (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"wrong shapes {wrong[:3]}); resume with the same model and peftkit.wrap options as the saved run")
+    model.load_state_dict(tensors, strict=False)
+    schedule_path = folder / SCHEDULE_STATE_NAME
+    if schedule is not None and schedule_path.is_file():
+        schedule.load_state_dict(torch.load(schedule_path, map_location="cpu", weights_only=True))
+
+
+def _find_schedule(trainer: Any):
+    from .callbacks import Schedule
+
+    return next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, Schedule)), None)
+
+
+def attach(trainer: Any) -> Any:
+    """Make a transformers ``Trainer`` (or a TRL trainer) resume peftkit runs; returns the trainer.
+
+    Adds ``peftkit.callbacks(model)`` if none is among its callbacks, and makes ``resume_from_checkpoint`` and
+    ``load_best_model_at_end`` restore the adapters (in place: the optimizer, whose state the Trainer restores
+    next, keeps its parameters) and the schedule state from the checkpoint. Only this trainer object changes.
+    """
+    from .api import callbacks as build_callbacks
+    from .inject import state_of
+
+    model = getattr(trainer, "model", None)
+    if model is None or not hasattr(trainer, "_load_from_checkpoint") or not hasattr(trainer, "callback_handler"):
+        raise ConfigError(f"attach: expected a transformers Trainer (or a TRL trainer), got {type(trainer).__name__}")
+    state_of(model)
+    if _find_schedule(trainer) is None:
+        trainer.add_callback(build_callbacks(model))
+    load_checkpoint = trainer._load_from_checkpoint
+    load_best = getattr(trainer, "_load_best_model", None)
+
+    def _load_from_checkpoint(resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        target = trainer.accelerator.unwrap_model(model if model is not None else trainer.model)
+        if state_of(target, required=False) is None:
+            return load_checkpoint(resume_from_checkpoint, model)
+        restore_training_state(target, resume_from_checkpoint, _find_schedule(trainer))
+
+    def _load_best_model() -> None:
+        target = trainer.accelerator.unwrap_model(trainer.model)
+        if state_of(target, required=False) is None or load_best is None:
+            return load_best() if load_best is not None else None
+        restore_training_state(target, trainer.state.best_model_checkpoint, _find_schedule(trainer))
+
+    trainer._load_from_checkpoint = _load_from_checkpoint
+    if load_best is not None:
+        trainer._load_best_model = _load_best_model
+    return trainer
+
+
+# ------------------------------------------------------------------------------ the regulariser's gradient
+def add_regularization_gradient(model: nn.Module, optimizer: Any = None) -> bool:
+    """Add ∇ of ``peftkit.regularization_loss(model)`` to the adapters' ``.grad`` (once per optimizer step).
+
+    Under the Trainer this runs just before ``optimizer.step()``: the gradients are then final (accumulated over
+    the micro-batches, all-reduced, clipped), so the step minimises loss + regulariser exactly as a loop that
+    adds the term to its loss, except that the term's gradient is not clipped. Returns whether a term existed.
+    """
+    from .regularization import regularization_loss
+
+    with torch.enable_grad():
+        term = regularization_loss(model)
+    if not term.requires_grad:
+        return False
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(term, params, allow_unused=True)
+    scale = _loss_scale(optimizer)
+    with torch.no_grad():
+        for param, grad in zip(params, grads):
+            if grad is None:
+                continue
+            grad = grad * scale if scale != 1.0 else grad
+            if param.grad is None:
+                param.grad = grad.to(param.dtype)
+            else:
+                param.grad.add_(grad.to(param.grad.dtype))
+    return True
+
+
+def _loss_scale(optimizer: Any) -> float:
+    """The fp16 GradScaler's scale when the gradients are still scaled at this point (1.0 otherwise)."""
+    scaler = getattr(optimizer, "scaler", None)
+    if scaler is None or not getattr(scaler, "is_enabled", lambda: False)():
+        return 1.0
+    inner = getattr(optimizer, "optimizer", optimizer)
+    stage = getattr(scaler, "_per_optimizer_states", {}).get(id(inner), {}).get("stage")
+    if stage is not None and getattr(stage, "name", "") == "UNSCALED":
+        return 1.0
+    return float(scaler.get_scale())
