@@ -7,7 +7,6 @@ gradient clipping, ``optimizer.step()``, the LR scheduler step, the method's ``s
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import signal
@@ -25,7 +24,7 @@ from .. import registry
 from ..config import resolve_config
 from ..errors import ConfigError
 from ..inject import adapter_layers
-from . import checkpointing
+from . import checkpointing, engines
 from .build import Examples, load_examples, load_model, load_tokenizer, num_labels
 from .data import BatchPlan, Tokenized, collate
 from .metrics import MetricsLog, plot
@@ -64,6 +63,7 @@ class Run:
     examples: Examples
     plan: BatchPlan
     classification: bool
+    engine: engines.Engine | None = None
 
 
 def make_accelerator(recipe: Recipe):
@@ -89,6 +89,7 @@ def make_accelerator(recipe: Recipe):
 
 def prepare(recipe: Recipe, accelerator=None) -> Run:
     """Build tokenizer, data, model, adapter, optimizer and schedule; checks everything short of training."""
+    engine_name = engines.select(recipe)  # an unsupported engine stops here, before anything is built
     accelerator = accelerator or make_accelerator(recipe)
     training = recipe.training
     tokenizer = load_tokenizer(recipe)
@@ -122,7 +123,8 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
         options["name"] = recipe.optimizer.name
     optimizer = peftkit.optimizer(model, recipe.optimizer.lr, **options)
     schedule = peftkit.callbacks(model, optimizer=optimizer)
-    return Run(recipe, accelerator, tokenizer, model, optimizer, schedule, examples, plan, classification)
+    return Run(recipe, accelerator, tokenizer, model, optimizer, schedule, examples, plan, classification,
+               engines.make(engine_name, accelerator))
 
 
 def _check_labels(examples: Examples, labels: int) -> None:
@@ -192,7 +194,8 @@ def train(recipe: Recipe, resume: bool = False, hooks: list[StepHook] | None = N
               f"global batch {training.batch_size * training.grad_accum * accelerator.num_processes}", flush=True)
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "recipe.yaml").write_text(recipe.dump())
-    model, optimizer = accelerator.prepare(run.model, run.optimizer)
+    engine = run.engine
+    model, optimizer = engine.prepare(run.model, run.optimizer)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe))
     schedule = run.schedule
     schedule.on_train_begin_(training.max_steps)
@@ -228,8 +231,7 @@ def train(recipe: Recipe, resume: bool = False, hooks: list[StepHook] | None = N
                 state.position += 1
                 state.tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
                 # Gradients are all-reduced once per step, on the last micro-batch.
-                sync = contextlib.nullcontext() if micro == training.grad_accum - 1 else accelerator.no_sync(model)
-                with sync:
+                with engine.no_sync(model, micro == training.grad_accum - 1):
                     with accelerator.autocast():
                         loss = model(**batch).loss
                         if regularized:
@@ -237,6 +239,7 @@ def train(recipe: Recipe, resume: bool = False, hooks: list[StepHook] | None = N
                         loss = loss / training.grad_accum
                     accelerator.backward(loss)
                 step_loss += loss.detach()
+            engine.reduce_gradients(trainable)
             if accelerator.num_processes > 1:
                 step_loss = accelerator.reduce(step_loss, reduction="mean")
             loss_value = step_loss.item()
@@ -253,7 +256,7 @@ def train(recipe: Recipe, resume: bool = False, hooks: list[StepHook] | None = N
                 break
             grad_norm = None
             if training.max_grad_norm is not None:
-                grad_norm = accelerator.clip_grad_norm_(trainable, training.max_grad_norm)
+                grad_norm = engine.clip_grad_norm_(trainable, training.max_grad_norm)
             lr_used = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_ratio", 1.0)
             optimizer.step()
             lr_scheduler.step()
@@ -371,18 +374,28 @@ def evaluate(run: Run, model) -> dict[str, float]:
     if examples is None:
         return {}
     accelerator = run.accelerator
-    unwrapped = accelerator.unwrap_model(model)
+    engine = run.engine or engines.make("ddp", accelerator)
+    unwrapped = engine.eval_model(model)  # under a sharded engine: the prepared model, which gathers the base
     was_training = unwrapped.training
     unwrapped.eval()
     mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
     size = run.recipe.training.eval_batch_size or run.recipe.training.batch_size
+    starts = list(range(0, len(mine), size))
+    if engine.collective_forward:
+        # Every forward all-gathers shards: every process runs as many batches as the busiest one; the
+        # extra batches repeat example 0 and count for nothing.
+        busiest = math.ceil(math.ceil(len(examples) / accelerator.num_processes) / size)
+        starts += [None] * (busiest - len(starts))
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, count, correct
-    for start in range(0, len(mine), size):
-        batch = collate(examples, mine[start:start + size], run.tokenizer.pad_token_id, run.classification)
+    for start in starts:
+        indices = [0] if start is None else mine[start:start + size]
+        batch = collate(examples, indices, run.tokenizer.pad_token_id, run.classification)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         labels = batch.pop("labels")
         with accelerator.autocast():
             logits = unwrapped(**batch).logits.float()
+        if start is None:
+            continue
         if run.classification:
             totals[0] += F.cross_entropy(logits, labels, reduction="sum")
             totals[1] += labels.numel()

@@ -21,11 +21,12 @@ import yaml
 from ..errors import ConfigError
 
 TASKS = ("causal-lm", "sequence-classification")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: exactness checks
 QUANTIZE = (None, "nf4", "int8")
 FORMATS = ("text", "instruction", "classification")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 MIXED_PRECISION = ("no", "bf16", "fp16")
+DISTRIBUTED = ("ddp", "fsdp2", "zero2", "zero3")  # the engine under torchrun / accelerate launch
 TRACKERS = ("tensorboard",)
 
 
@@ -105,6 +106,7 @@ class TrainingSection:
     seed: int = 0
     output_dir: str = "runs/peftkit"
     mixed_precision: str = "no"
+    distributed: str = "ddp"  # ddp | fsdp2 | zero2 | zero3 (peftkit.train.engines)
 
 
 @dataclass
@@ -342,6 +344,7 @@ def check(recipe: Recipe) -> None:
     _positive("training.warmup", t.warmup, zero=True)
     _positive("training.max_grad_norm", t.max_grad_norm, allow_none=True)
     _one_of("training.mixed_precision", t.mixed_precision, MIXED_PRECISION)
+    _one_of("training.distributed", t.distributed, DISTRIBUTED)
     for tracker in lg.report_to:
         _one_of("logging.report_to", tracker, TRACKERS)
 
