@@ -44,6 +44,9 @@ class LoraProOptions:
     loraplus_lr_ratio: float = 1.0  # lr(B) / lr(A), LoRA+ composition
     max_grad_norm: float | None = None  # clip the unscaled raw gradients before the adjustment
     moment_dtype: str | None = None  # full mode: dtype of M and V (None: fp32, fp64 for fp64 factors)
+    # full mode under torch.distributed: each process keeps the moments of the whole pairs it owns (~1/N of
+    # them), updates those pairs and broadcasts their factors (PairOptimizer.pair_owners)
+    shard_moments: bool = True
 
 
 def solve_sylvester(gram_b: tuple[torch.Tensor, torch.Tensor], gram_a: tuple[torch.Tensor, torch.Tensor],
@@ -98,7 +101,7 @@ class LoraProOptimizer(PairOptimizer):
     optimizer_name = "lora-pro"
 
     def __init__(self, model: nn.Module, lr: float, *, mode: str = "full", x_mode: str = "sylvester",
-                 moment_dtype: str | None = None, **kwargs: Any) -> None:
+                 moment_dtype: str | None = None, shard_moments: bool = True, **kwargs: Any) -> None:
         if mode not in MODES:
             raise ConfigError(f"mode: expected one of {list(MODES)} for LoRA-Pro, got {mode!r}")
         if x_mode not in X_MODES:
@@ -109,6 +112,10 @@ class LoraProOptimizer(PairOptimizer):
         self.mode = mode
         self.x_mode = x_mode
         self.moment_dtype = moment_dtype
+        self.shard_pairs = mode == "full" and bool(shard_moments)
+
+    def pair_state_size(self, pair: FactorPair) -> int:
+        return pair.b.shape[0] * pair.a.shape[1] if self.mode == "full" else pair.a.numel() + pair.b.numel()
 
     def update_pair(self, pair: FactorPair, grad_a: torch.Tensor, grad_b: torch.Tensor, group_a: dict[str, Any],
                     group_b: dict[str, Any]) -> None:

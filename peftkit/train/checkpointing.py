@@ -91,13 +91,15 @@ def save(accelerator, model: nn.Module, optimizer, lr_scheduler, schedule, state
     root = Path(output_dir) / CHECKPOINTS
     final = root / f"step-{state.step:06d}"
     staging = root / f".step-{state.step:06d}.tmp"
+    # Every process: an optimizer that shards its state across processes gathers it here onto rank 0.
+    optimizer_state = optimizer.state_dict()
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         unwrapped = accelerator.unwrap_model(model)
         adapter_io.save(unwrapped, staging / "adapter")
         adapter_io.atomic_save_tensors(staging / "trainable.safetensors", trainable_state(unwrapped))
-        torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+        torch.save({"optimizer": optimizer_state, "lr_scheduler": lr_scheduler.state_dict(),
                     "schedule": schedule.state_dict()}, staging / "optimizer.pt")
     accelerator.wait_for_everyone()
     _save_rng(staging, accelerator.process_index)
