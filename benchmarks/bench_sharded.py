@@ -8,7 +8,9 @@ resident memory belongs to one cell; the cells run in rounds (every contender on
 the step time is the median over rounds of each cell's median step. Memory per process, measured on rank 0:
 - ``weights MB``: the model's parameters this process stores (a DTensor counts its local shard);
 - ``pair state MB``: the optimizer state of the (A, B) pairs (LoRA-Pro full: its m×n moments);
-- ``peak RSS MB``: the process's peak resident memory (``ru_maxrss``; CUDA: ``max_memory_allocated``).
+- ``peak RSS MB``: the process's peak resident memory (``ru_maxrss``), which includes building the whole model
+  before it is sharded (CUDA: ``max_memory_allocated`` over the training steps only);
+- ``RSS after MB``: the resident memory after the steps (what the process keeps while training).
 DeepSpeed ZeRO-3 has no column: peftkit refuses it (see README, "Many processes").
 """
 
@@ -60,6 +62,8 @@ def cell(method: str, engine: str, steps: int, layers: int) -> dict:
         trained = torch.nn.parallel.DistributedDataParallel(model)
     elif world > 1 and engine == "fsdp2":
         shard_frozen_base(model, torch.device("cpu"))
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     gen = torch.Generator().manual_seed(distributed.rank())
     times = []
     for step in range(steps + 1):
@@ -86,8 +90,13 @@ def cell(method: str, engine: str, steps: int, layers: int) -> dict:
                          if isinstance(v, torch.Tensor) and v.dim() > 0)
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    import gc
+
+    gc.collect()
+    rss = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     row = {"method": method, "engine": engine, "processes": world, "step_s": statistics.median(times),
-           "weights_mb": weights / 2**20, "pair_state_mb": pair_state / 2**20, "peak_mb": peak / 2**20}
+           "weights_mb": weights / 2**20, "pair_state_mb": pair_state / 2**20, "peak_mb": peak / 2**20,
+           "rss_mb": rss / 2**20}
     if world > 1:
         dist.destroy_process_group()
     return row
@@ -128,18 +137,18 @@ def main() -> None:
                     rows.setdefault((method, engine, processes), []).append(row)
     print(f"Llama hidden {CONFIG['hidden_size']}, {args.layers} layers, all-linear r=8, batch {BATCH}x{SEQ} per "
           f"process, fp32, CPU gloo; median of {args.rounds} rounds x {args.steps} steps\n")
-    print("| method | N | engine | weights MB/proc | pair state MB/proc | peak RSS MB/proc | step s | "
-          "weights / ddp | state / ddp | peak / ddp | time / ddp |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| method | N | engine | weights MB/proc | pair state MB/proc | peak RSS MB/proc | RSS after MB/proc | "
+          "step s | weights / ddp | peak / ddp | RSS after / ddp | time / ddp |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for processes in (1, 2):
         for method in METHODS:
             ddp = _median_row(rows[(method, "ddp", processes)])
             for engine in ENGINES:
                 r = _median_row(rows[(method, engine, processes)])
                 print(f"| {method} | {processes} | {engine} | {r['weights_mb']:.0f} | {r['pair_state_mb']:.1f} | "
-                      f"{r['peak_mb']:.0f} | {r['step_s']:.2f} | {r['weights_mb'] / ddp['weights_mb']:.2f} | "
-                      f"{r['pair_state_mb'] / max(ddp['pair_state_mb'], 1e-9):.2f} | {r['peak_mb'] / ddp['peak_mb']:.2f} | "
-                      f"{r['step_s'] / ddp['step_s']:.2f} |")
+                      f"{r['peak_mb']:.0f} | {r['rss_mb']:.0f} | {r['step_s']:.2f} | "
+                      f"{r['weights_mb'] / ddp['weights_mb']:.2f} | {r['peak_mb'] / ddp['peak_mb']:.2f} | "
+                      f"{r['rss_mb'] / ddp['rss_mb']:.2f} | {r['step_s'] / ddp['step_s']:.2f} |")
 
 
 def _median_row(rows: list[dict]) -> dict:

@@ -6,6 +6,9 @@ In fp64: full-space Adam (LoRA-Pro full) normalises every element of the m×n di
 near 0 turns the all-reduce's rounding (about 1e-7 of the largest gradient in fp32) into an update change of
 up to 1/ε times that rounding; measured 1.4e-5 on the factors in fp32, which is rounding, not a bug.
 
+LoRA-Pro full shards its m×n moments by whole pairs across the processes: each of the 2 keeps exactly half of
+the one-process moment bytes, and ``state_dict()`` gathers the whole state onto rank 0.
+
 One ``torchrun`` launch covers all optimizers; the one-process reference runs inside the test. Run as a
 script, this file is what each process executes.
 """

@@ -13,9 +13,19 @@ whole (A, B) pairs and whole gradients, and the update is the single-process one
   :func:`peftkit.distributed.average_gradients` (one flat all-reduce per step, on the last micro-batch), so
   clipping, NaN checks and the optimizer run on identical, global gradients on every process and the optimizer
   state is whole and identical everywhere (rank 0's checkpoint is the one-process checkpoint).
-- ``zero2`` / ``zero3``: refused before step 1 (see :func:`refusal`): DeepSpeed's ZeRO optimizers replace the
-  param groups with flat fp32 partitions and free ``p.grad``, which every pair optimizer and ElaLoRA's scores
-  read, and they turn a gated-off adapter's missing gradient into zeros that still move AdamW's moments.
+- ``zero2`` / ``zero3``: refused before step 1 (see :func:`refusal`). What blocks them (DeepSpeed 0.19.8):
+  its ZeRO-1/2 optimizer hands the client optimizer flat fp32 partitions
+  (``runtime/zero/stage_1_and_2.py``: ``param_group['params'] = [self.single_partition_of_fp32_groups[i]]``)
+  and sets ``p.grad = None``; ZeRO-3 empties the param groups (``stage3.py``: ``param_group['params'] = []``).
+  A pair optimizer then finds no (A, B) gradient and skips every pair (LoRA-Pro after 3 ZeRO-2 steps equals its
+  init), ElaLoRA's scores read no gradient, and a CoTo-gated adapter's None gradient becomes a zero that still
+  moves AdamW's moments. The exact alternative, DeepSpeed sharding only the frozen base while peftkit's optimizer
+  runs on whole adapters kept outside it, is refused by DeepSpeed itself: an engine without its own optimizer
+  partitions and gathers the base for the forward (measured: 512 of 1024 elements of a q_proj weight per
+  process), but ``engine.backward`` asserts "must provide optimizer during init in order to use backward" and
+  ``loss.backward()`` raises "Direct calls to tensor.backward() are not supported in this configuration". Making
+  it run needs a fork of DeepSpeed's ZeRO optimizers (what the LoRA-Pro authors did for 0.15.1); ``fsdp2`` shards
+  the base as ZeRO-3 does and runs every method exactly.
 
 The engine is picked once, in :func:`select`; an unsupported combination (FSDP1, a DeepSpeed config, a
 recipe and a launcher that disagree) is one ``ConfigError`` naming it and the supported alternative.
@@ -98,9 +108,10 @@ def refusal(engine: str) -> str | None:
     if engine in ("zero2", "zero3"):
         return (f"training.distributed: '{engine}' (DeepSpeed ZeRO) is refused: its ZeRO optimizer replaces the param "
                 "groups with flat fp32 partitions and frees p.grad, so LoRA-Pro, LoFT, the LoRA-One preconditioner and "
-                "ElaLoRA's scores would silently see no gradient, and a CoTo-gated adapter's missing gradient becomes "
-                "a zero that still moves AdamW. Use training.distributed: fsdp2, which shards the frozen base like "
-                "ZeRO-3 and runs every method exactly")
+                "ElaLoRA's scores would silently see no gradient and a CoTo-gated adapter's missing gradient would "
+                "become a zero that still moves AdamW; DeepSpeed refuses to train without its own optimizer. Use "
+                "training.distributed: fsdp2 (FSDP2 shards the frozen base as ZeRO-3 does and runs every method "
+                "exactly), or ddp")
     return (f"training.distributed: '{engine}' is not an engine peftkit runs; expected one of {list(DISTRIBUTED)} "
             "(FSDP2 or DeepSpeed ZeRO stage 2/3 in an accelerate config)")
 
@@ -196,6 +207,8 @@ def shard_frozen_base(model: nn.Module, device: torch.device, *, offload: bool =
 
     mesh = init_device_mesh(device.type, (distributed.world_size(),))
     ignored = whole_parameters(model)
+    # Packed quantized weights (bitsandbytes' uint8 storage) cannot become DTensors: they stay whole, unsharded.
+    ignored |= {p for p in model.parameters() if not (p.is_floating_point() or p.is_complex())}
     options = dict(mesh=mesh, ignored_params=ignored, offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
     block_classes = set(getattr(model, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in block_classes]
