@@ -45,8 +45,9 @@ class LoraProOptions:
     max_grad_norm: float | None = None  # clip the unscaled raw gradients before the adjustment
     moment_dtype: str | None = None  # full mode: dtype of M and V (None: fp32, fp64 for fp64 factors)
     # full mode under torch.distributed: each process keeps the moments of the whole pairs it owns (~1/N of
-    # them), updates those pairs and broadcasts their factors (PairOptimizer.pair_owners)
-    shard_moments: bool = True
+    # them), updates those pairs and broadcasts their factors (PairOptimizer.pair_owners). None: off, unless a
+    # loop whose checkpoints call state_dict() on every process turns it on (peftkit's CLI does); True: on.
+    shard_moments: bool | None = None
 
 
 def solve_sylvester(gram_b: tuple[torch.Tensor, torch.Tensor], gram_a: tuple[torch.Tensor, torch.Tensor],
@@ -101,7 +102,7 @@ class LoraProOptimizer(PairOptimizer):
     optimizer_name = "lora-pro"
 
     def __init__(self, model: nn.Module, lr: float, *, mode: str = "full", x_mode: str = "sylvester",
-                 moment_dtype: str | None = None, shard_moments: bool = True, **kwargs: Any) -> None:
+                 moment_dtype: str | None = None, shard_moments: bool | None = None, **kwargs: Any) -> None:
         if mode not in MODES:
             raise ConfigError(f"mode: expected one of {list(MODES)} for LoRA-Pro, got {mode!r}")
         if x_mode not in X_MODES:
@@ -113,6 +114,7 @@ class LoraProOptimizer(PairOptimizer):
         self.x_mode = x_mode
         self.moment_dtype = moment_dtype
         self.shard_pairs = mode == "full" and bool(shard_moments)
+        self.can_shard_pairs = mode == "full" and shard_moments is not False
 
     def pair_state_size(self, pair: FactorPair) -> int:
         return pair.b.shape[0] * pair.a.shape[1] if self.mode == "full" else pair.a.numel() + pair.b.numel()

@@ -32,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=16,
               vocab_size=4096, max_position_embeddings=256, tie_word_embeddings=False)
-METHODS = {"lora": {}, "lora-pro": {"mode": "full"}}
+METHODS = {"lora": {}, "lora-pro": {"mode": "full", "shard_moments": True}}
 ENGINES = ("ddp", "fsdp2")
 BATCH, SEQ = 2, 64  # per process
 

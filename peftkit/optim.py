@@ -229,8 +229,10 @@ class PairOptimizer(torch.optim.Optimizer):
         self._group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         paired = {id(pair.a) for pair in self.pairs} | {id(pair.b) for pair in self.pairs}
         self._others = [p for group in self.param_groups for p in group["params"] if id(p) not in paired]
-        # A subclass whose per-pair state is large sets this: see :meth:`pair_owners`.
+        # A subclass whose per-pair state is large sets these: see :meth:`pair_owners`. ``can_shard_pairs``: the
+        # state may be sharded once the caller promises to call state_dict() on every process.
         self.shard_pairs = False
+        self.can_shard_pairs = False
         self._owners: dict[str, int] | None = None
 
     # ------------------------------------------------------------------ subclass API
@@ -268,6 +270,16 @@ class PairOptimizer(torch.optim.Optimizer):
                     self._owners[self.pair_key(pair)] = owner
                     load[owner] += self.pair_state_size(pair)
         return self._owners
+
+    def enable_pair_sharding(self) -> bool:
+        """Called by a loop whose checkpoints call ``state_dict()`` on every process (a collective under
+        sharding; a loop that saves from rank 0 alone would wait forever): shard the pairs' state if this
+        optimizer can. Before the first step and before a resume's ``load_state_dict``. Returns whether it does."""
+        if self.can_shard_pairs and not self.shard_pairs:
+            if self.state:
+                raise StateError("enable_pair_sharding: call it before the first optimizer step")
+            self.shard_pairs, self._owners = True, None
+        return self.shard_pairs
 
     def _owns(self, pair: FactorPair) -> bool:
         owners = self.pair_owners()

@@ -66,6 +66,15 @@ def recipe(root: Path, config: str, engine: str, batch: int, run: str = "run") -
     return out
 
 
+LAST: dict = {}
+
+
+def pair_state_bytes(optimizer) -> int:
+    """Bytes of optimizer state this process keeps for the (A, B) pairs (LoRA-Pro full: the m×n moments)."""
+    return sum(v.numel() * v.element_size() for pair in getattr(optimizer, "pairs", []) for t in (pair.a, pair.b)
+               for v in optimizer.state.get(t, {}).values() if isinstance(v, torch.Tensor))
+
+
 def capture_init(root: Path) -> None:
     """Record each run's trainable tensors right after ``prepare`` (rank 0), for the moved check."""
     import peftkit.train.loop as loop
@@ -76,6 +85,7 @@ def capture_init(root: Path) -> None:
 
     def prepare(recipe, accelerator=None):
         run = original(recipe, accelerator)
+        LAST["optimizer"] = run.optimizer
         folder = Path(recipe.training.output_dir).parent
         if run.accelerator.is_main_process and not (folder / "init.safetensors").exists():
             atomic_save_tensors(folder / "init.safetensors", trainable_state(run.model))
@@ -99,6 +109,10 @@ def main(engine: str, batch: int, root: Path, resume: bool) -> None:
     for config in only or CONFIGS:
         result = train(from_dict(recipe(root, config, engine, batch)))
         assert result.status == "done", (config, result)
+        from peftkit import distributed
+
+        (root / config / f"pair_state_rank{distributed.rank()}.json").write_text(
+            json.dumps(pair_state_bytes(LAST["optimizer"])))
     if engine != "ddp":
         for config in ALSO_DDP:
             assert train(from_dict(recipe(root, config, "ddp", batch, run="ddp"))).status == "done"

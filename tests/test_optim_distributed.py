@@ -21,7 +21,7 @@ import warnings
 import torch
 
 CONFIGS = {
-    "lora-pro-full": ("lora-pro", {}),
+    "lora-pro-full": ("lora-pro", {"shard_moments": True}),
     "lora-pro-efficient": ("lora-pro", {"mode": "efficient"}),
     "loft": ("loft", {"max_grad_norm": 0.5}),
     "preconditioner": ("lora-one-preconditioner", {"weight_decay": 0.01}),

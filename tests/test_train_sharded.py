@@ -1,6 +1,7 @@
 """Sharded engines (``training.distributed``): FSDP2 with 2 processes (torchrun, gloo, CPU) at batch B equals one
 process at batch 2B for every registered method and the method guide's three compositions: adapter tensors,
-losses, eval losses, the checkpoints' trainable tensors and optimizer state; every trainable tensor has moved
+losses, eval losses, the checkpoints' trainable tensors and optimizer state; LoRA-Pro full's per-process moment
+memory is half of one process's; every trainable tensor has moved
 after 2 steps; SIGTERM + resume reproduces the uninterrupted run; the saved adapter loads into PEFT with the
 outputs peftkit gives. DeepSpeed ZeRO, FSDP1 and a DeepSpeed config with its own optimizer stop before step 1.
 
@@ -100,6 +101,16 @@ def test_fsdp2_every_trainable_tensor_moves_in_two_steps(fsdp2_grid, config):
     assert trains
     unmoved = [name for name in trains if torch.equal(init[name], after[name])]
     assert not unmoved, f"{config}: unchanged after 2 fsdp2 steps: {unmoved}"
+
+
+@pytest.mark.slow
+def test_lora_pro_full_moment_memory_halves_at_two_processes(fsdp2_grid):
+    """The CLI shards LoRA-Pro full's m×n moments by whole pairs: each process keeps half of them."""
+    one, two = fsdp2_grid
+    for config in ("lora-pro-full", "eva+coto+lora-pro"):
+        whole = json.loads((one / config / "pair_state_rank0.json").read_text())
+        per_rank = [json.loads((two / config / f"pair_state_rank{r}.json").read_text()) for r in (0, 1)]
+        assert whole > 0 and per_rank == [whole // 2, whole // 2], (config, whole, per_rank)
 
 
 @pytest.mark.slow

@@ -116,6 +116,14 @@ def refusal(engine: str) -> str | None:
             "(FSDP2 or DeepSpeed ZeRO stage 2/3 in an accelerate config)")
 
 
+def share_optimizer_state(optimizer: Any) -> None:
+    """The loop's checkpoints call ``optimizer.state_dict()`` on every process, so an optimizer that can shard
+    its state across processes (LoRA-Pro full's m×n moments, by whole pairs) does so."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's AcceleratedOptimizer wraps it
+    if hasattr(inner, "enable_pair_sharding"):
+        inner.enable_pair_sharding()
+
+
 class Engine:
     """DDP through Accelerate: ``accelerator.prepare`` wraps the model; the loop's hooks are Accelerate's."""
 
@@ -128,6 +136,7 @@ class Engine:
         self.accelerator = accelerator
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
+        share_optimizer_state(optimizer)
         return self.accelerator.prepare(model, optimizer)
 
     def no_sync(self, model: nn.Module, last_micro_batch: bool):
@@ -151,6 +160,7 @@ class FSDP2Engine(Engine):
     collective_forward = True
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
+        share_optimizer_state(optimizer)
         model = model.to(self.accelerator.device)
         if distributed.world_size() == 1:  # one process: nothing to shard across, the same numbers
             return model, self.accelerator.prepare_optimizer(optimizer)
