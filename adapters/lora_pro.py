@@ -53,6 +53,10 @@ class LoraProOptions:
     max_grad_norm: float | None = None  # clip the unscaled raw gradients before the adjustment
     moment_dtype: str | None = None  # full mode: dtype of M and V (None: fp32, fp64 for fp64 factors)
     reference_code: bool = False  # full mode: the official code's bias correction (t + 1) and clipping order
+    # full mode under torch.distributed: each process keeps the moments of the whole pairs it owns (~1/N of
+    # them), updates those pairs and broadcasts their factors (PairOptimizer.pair_owners). None: off, unless a
+    # loop whose checkpoints call state_dict() on every process turns it on (peftkit's CLI does); True: on.
+    shard_moments: bool | None = None
 
 
 def solve_sylvester(gram_b: tuple[torch.Tensor, torch.Tensor], gram_a: tuple[torch.Tensor, torch.Tensor],
@@ -107,7 +111,8 @@ class LoraProOptimizer(PairOptimizer):
     optimizer_name = "lora-pro"
 
     def __init__(self, model: nn.Module, lr: float, *, mode: str = "full", x_mode: str = "sylvester",
-                 moment_dtype: str | None = None, reference_code: bool = False, **kwargs: Any) -> None:
+                 moment_dtype: str | None = None, reference_code: bool = False,
+                 shard_moments: bool | None = None, **kwargs: Any) -> None:
         if mode not in MODES:
             raise ConfigError(f"mode: expected one of {list(MODES)} for LoRA-Pro, got {mode!r}")
         if not isinstance(reference_code, bool):
@@ -124,6 +129,8 @@ class LoraProOptimizer(PairOptimizer):
         self.x_mode = x_mode
         self.moment_dtype = moment_dtype
         self.reference_code = reference_code
+        self.shard_pairs = mode == "full" and bool(shard_moments)
+        self.can_shard_pairs = mode == "full" and shard_moments is not False
         # reference_code with clipping: this step's clip factor, applied to the adjusted factor gradients.
         self._adjusted_clip: torch.Tensor | None = None
 
@@ -155,6 +162,9 @@ class LoraProOptimizer(PairOptimizer):
             self.max_grad_norm, self._adjusted_clip = max_grad_norm, None
         self.last_grad_norm = norm
         return loss
+
+    def pair_state_size(self, pair: FactorPair) -> int:
+        return pair.b.shape[0] * pair.a.shape[1] if self.mode == "full" else pair.a.numel() + pair.b.numel()
 
     def update_pair(self, pair: FactorPair, grad_a: torch.Tensor, grad_b: torch.Tensor, group_a: dict[str, Any],
                     group_b: dict[str, Any]) -> None:

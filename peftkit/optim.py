@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import registry
+from . import distributed, registry
 from .errors import ConfigError, StateError
 from .layer import AdapterLayer
 
@@ -229,6 +229,11 @@ class PairOptimizer(torch.optim.Optimizer):
         self._group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         paired = {id(pair.a) for pair in self.pairs} | {id(pair.b) for pair in self.pairs}
         self._others = [p for group in self.param_groups for p in group["params"] if id(p) not in paired]
+        # A subclass whose per-pair state is large sets these: see :meth:`pair_owners`. ``can_shard_pairs``: the
+        # state may be sharded once the caller promises to call state_dict() on every process.
+        self.shard_pairs = False
+        self.can_shard_pairs = False
+        self._owners: dict[str, int] | None = None
 
     # ------------------------------------------------------------------ subclass API
     def clip_norm_sq(self, pair: FactorPair, grad_a: torch.Tensor, grad_b: torch.Tensor) -> torch.Tensor:
@@ -240,9 +245,45 @@ class PairOptimizer(torch.optim.Optimizer):
         """Transform the pair's (already clipped) gradients and update A and B in place."""
         raise NotImplementedError
 
+    def pair_state_size(self, pair: FactorPair) -> int:
+        """Elements of state this pair keeps (balances :meth:`pair_owners`); by default its factors'."""
+        return pair.a.numel() + pair.b.numel()
+
     # ------------------------------------------------------------------ the step
     def pair_key(self, pair: FactorPair) -> str:
         return f"{pair.module_name}:{pair.adapter_name}"
+
+    def pair_owners(self) -> dict[str, int]:
+        """Pair key -> the process that owns it, when ``shard_pairs`` and torch.distributed runs several
+        processes (else empty). Whole pairs are dealt largest first to the least-loaded process, the same on every
+        process. The owner alone keeps the pair's state and computes its update; the new factors are then
+        broadcast, so every process ends the step with the same factors and per-process state memory is ~1/N.
+        This needs the gradients to be identical on every process at ``step()`` (DDP, or peftkit's engines,
+        which average them first)."""
+        if self._owners is None:
+            world = distributed.world_size()
+            self._owners = {}
+            if self.shard_pairs and world > 1:
+                load = [0] * world
+                for pair in sorted(self.pairs, key=lambda p: -self.pair_state_size(p)):  # stable: same order
+                    owner = min(range(world), key=lambda r: load[r])
+                    self._owners[self.pair_key(pair)] = owner
+                    load[owner] += self.pair_state_size(pair)
+        return self._owners
+
+    def enable_pair_sharding(self) -> bool:
+        """Called by a loop whose checkpoints call ``state_dict()`` on every process (a collective under
+        sharding; a loop that saves from rank 0 alone would wait forever): shard the pairs' state if this
+        optimizer can. Before the first step and before a resume's ``load_state_dict``. Returns whether it does."""
+        if self.can_shard_pairs and not self.shard_pairs:
+            if self.state:
+                raise StateError("enable_pair_sharding: call it before the first optimizer step")
+            self.shard_pairs, self._owners = True, None
+        return self.shard_pairs
+
+    def _owns(self, pair: FactorPair) -> bool:
+        owners = self.pair_owners()
+        return not owners or owners[self.pair_key(pair)] == distributed.rank()
 
     def _pair_grads(self) -> list[tuple[FactorPair, torch.Tensor, torch.Tensor]]:
         out = []
@@ -276,7 +317,13 @@ class PairOptimizer(torch.optim.Optimizer):
             for p in others:
                 p.grad.mul_(coef.to(p.grad.dtype))
         for pair, ga, gb in pairs:
-            self.update_pair(pair, ga, gb, self._group_of[id(pair.a)], self._group_of[id(pair.b)])
+            if self._owns(pair):
+                self.update_pair(pair, ga, gb, self._group_of[id(pair.a)], self._group_of[id(pair.b)])
+        owners = self.pair_owners()
+        if owners:
+            for source in range(distributed.world_size()):
+                distributed.broadcast_tensors([t for pair, _, _ in pairs if owners[self.pair_key(pair)] == source
+                                               for t in (pair.a, pair.b)], source)
         for p in others:
             self.update_other(p, self._group_of[id(p)])
         return loss
@@ -287,7 +334,11 @@ class PairOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict[str, Any]:
+        """Under pair sharding a collective (every process calls it): rank 0 gets the whole state, as one
+        process would have it; the other processes get their own part."""
         state = super().state_dict()
+        if self.pair_owners():
+            state["state"] = self._gather_pair_states(state["state"])
         state["peftkit"] = {"optimizer": self.optimizer_name, "global_step": self.global_step,
                             "pairs": [self.pair_key(pair) for pair in self.pairs]}
         return state
@@ -318,6 +369,29 @@ class PairOptimizer(torch.optim.Optimizer):
             for key, dtype in dtypes.items():
                 entry[key] = entry[key].to(dtype)
         self.global_step = int(extra["global_step"])
+        for pair in self.pairs:  # every process read the whole state; it keeps the pairs it owns
+            if not self._owns(pair):
+                self.state.pop(pair.a, None)
+                self.state.pop(pair.b, None)
+
+    def _gather_pair_states(self, states: dict[int, Any]) -> dict[int, Any]:
+        """The state entries of every process's pairs, merged on rank 0 (moved through the CPU)."""
+        import torch.distributed as dist
+
+        index = {id(p): i for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
+        foreign = {index[id(t)] for pair in self.pairs if not self._owns(pair) for t in (pair.a, pair.b)}
+        owned = {index[id(t)] for pair in self.pairs if self._owns(pair) for t in (pair.a, pair.b)}
+        mine = {i: {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in entry.items()}
+                for i, entry in states.items() if i in owned}
+        gathered: list[Any] | None = [None] * distributed.world_size() if distributed.rank() == 0 else None
+        dist.gather_object(mine, gathered, dst=0)
+        if gathered is None:
+            return states
+        merged = {i: entry for i, entry in states.items() if i not in foreign}
+        for part in gathered:
+            for i, entry in part.items():
+                merged.setdefault(i, entry)
+        return dict(sorted(merged.items()))
 
 
 def adamw_update(param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:

@@ -198,7 +198,8 @@ def gradient_statistics(model: nn.Module, layers: dict[str, AdapterLayer], batch
     finally:
         for handle in handles:
             handle.remove()
-    count = torch.tensor([total], dtype=torch.float64)
+    # On the statistics' device: NCCL rejects a CPU tensor, gloo takes the CPU tensors a CPU model has.
+    count = torch.tensor([total], dtype=torch.float64, device=device)
     if distributed():
         dist.all_reduce(count)
         for value in stats.values():
@@ -312,7 +313,7 @@ def gather_rows(rows: torch.Tensor) -> torch.Tensor:
     if not distributed():
         return rows
     world = dist.get_world_size()
-    count = torch.tensor([rows.shape[0]], dtype=torch.long)
+    count = torch.tensor([rows.shape[0]], dtype=torch.long, device=rows.device)  # NCCL: no CPU tensors
     counts = [torch.zeros_like(count) for _ in range(world)]
     dist.all_gather(counts, count)
     longest = int(max(c.item() for c in counts))

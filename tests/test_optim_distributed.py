@@ -6,6 +6,9 @@ In fp64: full-space Adam (LoRA-Pro full) normalises every element of the m×n di
 near 0 turns the all-reduce's rounding (about 1e-7 of the largest gradient in fp32) into an update change of
 up to 1/ε times that rounding; measured 1.4e-5 on the factors in fp32, which is rounding, not a bug.
 
+LoRA-Pro full shards its m×n moments by whole pairs across the processes: each of the 2 keeps exactly half of
+the one-process moment bytes, and ``state_dict()`` gathers the whole state onto rank 0.
+
 One ``torchrun`` launch covers all optimizers; the one-process reference runs inside the test. Run as a
 script, this file is what each process executes.
 """
@@ -18,7 +21,7 @@ import warnings
 import torch
 
 CONFIGS = {
-    "lora-pro-full": ("lora-pro", {}),
+    "lora-pro-full": ("lora-pro", {"shard_moments": True}),
     "lora-pro-efficient": ("lora-pro", {"mode": "efficient"}),
     "loft": ("loft", {"max_grad_norm": 0.5}),
     "preconditioner": ("lora-one-preconditioner", {"weight_decay": 0.01}),
@@ -33,6 +36,7 @@ def run(rank: int, world: int) -> dict[str, dict[str, torch.Tensor]]:
     from helpers import make_batch, randomize_adapters, tiny_llama
 
     results = {}
+    memory: dict[str, int] = {}
     for key, (name, options) in CONFIGS.items():
         model = tiny_llama(dtype=torch.float64)
         with warnings.catch_warnings():
@@ -50,10 +54,14 @@ def run(rank: int, world: int) -> dict[str, dict[str, torch.Tensor]]:
             opt.step()
             opt.zero_grad(set_to_none=True)
         out = {f"param/{n}": p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        # Bytes of state this process keeps for the (A, B) pairs (LoRA-Pro full: the m×n moments).
+        memory[key] = sum(v.numel() * v.element_size() for pair in opt.pairs for t in (pair.a, pair.b)
+                          for v in opt.state.get(t, {}).values() if isinstance(v, torch.Tensor))
         for index, state in opt.state_dict()["state"].items():
             for field, value in state.items():
                 out[f"state/{index}/{field}"] = value.detach().clone()
         results[key] = out
+    results["memory"] = {key: torch.tensor(value) for key, value in memory.items()}
     return results
 
 
@@ -62,14 +70,27 @@ def test_two_processes_equal_one(tmp_path):
 
     run_distributed(REPO / "tests" / "test_optim_distributed.py", 2, tmp_path, timeout=240)
     reference = run(0, 1)
+    reference_memory = reference.pop("memory")
+    memory = []
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        memory.append(got.pop("memory"))
         assert got.keys() == reference.keys()
         for key, tensors in reference.items():
+            if rank == 1 and key == "lora-pro-full":
+                # Sharded moments: state_dict() gathers the whole state onto rank 0 only; rank 1 holds its pairs.
+                tensors = {name: value for name, value in tensors.items() if name.startswith("param/")}
+                got[key] = {name: value for name, value in got[key].items() if name.startswith("param/")}
             assert got[key].keys() == tensors.keys(), key
             assert any(name.endswith("/partner_old") for name in tensors) == (key == "loft")
             for name, value in tensors.items():
                 torch.testing.assert_close(got[key][name], value, atol=1e-6, rtol=1e-6, msg=f"{key} {name} (rank {rank})")
+    # LoRA-Pro full's moments are sharded by whole pairs: each of 2 processes holds half of them (the tiny
+    # Llama's pairs split evenly); the other pair optimizers keep small state and are not sharded.
+    full = int(reference_memory["lora-pro-full"])
+    assert [int(m["lora-pro-full"]) for m in memory] == [full // 2, full // 2]
+    for key in ("lora-pro-efficient", "loft", "preconditioner"):
+        assert [int(m[key]) for m in memory] == [int(reference_memory[key])] * 2
 
 
 if __name__ == "__main__":

@@ -193,10 +193,23 @@ class TrainState:
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every adapter tensor (parameters and buffers of each AdapterLayer's branches) and every other
     trainable parameter, by state-dict key, cloned (safetensors refuses shared storage)."""
-    keys = {name for name, p in model.named_parameters() if p.requires_grad}
+    # Read from the modules that hold them, never through the whole model's state_dict: under FSDP2 that
+    # reshards the root on the calling process only, and the processes' next all-gathers would disagree.
+    tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
     for layer_name, layer in adapter_layers(model).items():
-        keys |= {f"{layer_name}.adapters.{k}" for k in layer.adapters.state_dict()}
-    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items() if k in keys}
+        tensors.update({f"{layer_name}.adapters.{k}": v for k, v in layer.adapters.state_dict().items()})
+    return {k: v.detach().clone().contiguous() for k, v in sorted(tensors.items())}
+
+
+@torch.no_grad()
+def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy :func:`trainable_state` tensors back into the model's own parameters and buffers, in place."""
+    targets = dict(model.named_parameters())
+    targets.update(model.named_buffers())
+    for layer_name, layer in adapter_layers(model).items():
+        targets.update({f"{layer_name}.adapters.{k}": v for k, v in layer.adapters.state_dict(keep_vars=True).items()})
+    for key, value in tensors.items():
+        targets[key].copy_(value)
 
 
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
@@ -222,9 +235,11 @@ def save(accelerator, model: nn.Module, optimizer, lr_scheduler, schedule, state
     staging = root / f".step-{state.step:06d}.tmp"
     unwrapped = accelerator.unwrap_model(model)
     bad: list[str] = []
+    # Every process: an optimizer that shards its state across processes gathers it here onto rank 0.
+    optimizer_state = optimizer.state_dict()
     if accelerator.is_main_process:
         tensors = trainable_state(unwrapped)
-        states = {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+        states = {"optimizer": optimizer_state, "lr_scheduler": lr_scheduler.state_dict(),
                   "schedule": schedule.state_dict()}
         bad = nonfinite_tensors(tensors) + [f"optimizer state {k}" for k in nonfinite_tensors(_state_tensors(states))]
     if accelerator.num_processes > 1:  # every process must take the same branch
@@ -293,7 +308,7 @@ def load(path: Path, accelerator, model: nn.Module, optimizer, lr_scheduler, sch
     if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
         raise CheckpointError(f"{path}: its adapter tensors do not fit the model this recipe builds; resume with the "
                               "recipe that wrote it")
-    unwrapped.load_state_dict(tensors, strict=False)
+    load_trainable_state(unwrapped, tensors)
     try:
         states = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     except Exception as exc:

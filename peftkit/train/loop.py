@@ -28,7 +28,7 @@ from ..checkpoint import atomic_write_bytes
 from ..config import resolve_config
 from ..errors import ConfigError
 from ..inject import adapter_layers, state_of
-from . import checkpointing, evaluation
+from . import checkpointing, engines, evaluation
 from .build import Examples, load_examples, load_model, load_tokenizer, num_labels
 from .data import BatchPlan, Tokenized, check_packed_attention, collate, count_tokens
 from .metrics import MetricsLog, plot
@@ -67,6 +67,7 @@ class Run:
     examples: Examples
     plan: BatchPlan
     classification: bool
+    engine: engines.Engine | None = None
 
 
 # The packages each of Accelerate's trackers imports (any one of them will do)
@@ -96,6 +97,7 @@ def make_accelerator(recipe: Recipe):
 
 def prepare(recipe: Recipe, accelerator=None) -> Run:
     """Build tokenizer, data, model, adapter, optimizer and schedule; checks everything short of training."""
+    engine_name = engines.select(recipe)  # an unsupported engine stops here, before anything is built
     accelerator = accelerator or make_accelerator(recipe)
     training = recipe.training
     lr_lambda(recipe)  # a schedule its options do not fit fails here, before anything is loaded or written
@@ -139,7 +141,8 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
         options["name"] = recipe.optimizer.name
     optimizer = peftkit.optimizer(model, recipe.optimizer.lr, **options)
     schedule = peftkit.callbacks(model, optimizer=optimizer)
-    return Run(recipe, accelerator, tokenizer, model, optimizer, schedule, examples, plan, classification)
+    return Run(recipe, accelerator, tokenizer, model, optimizer, schedule, examples, plan, classification,
+               engines.make(engine_name, accelerator))
 
 
 def _check_packing(model) -> None:
@@ -267,7 +270,8 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
               f"global batch {training.batch_size * training.grad_accum * accelerator.num_processes}", flush=True)
         output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(output_dir / "recipe.yaml", recipe.dump().encode())
-    model, optimizer = accelerator.prepare(run.model, run.optimizer)
+    engine = run.engine
+    model, optimizer = engine.prepare(run.model, run.optimizer)
     lr_scheduler = make_scheduler(recipe, optimizer)
     schedule = run.schedule
     schedule.on_train_begin_(training.max_steps)
@@ -314,8 +318,7 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
                 state.position += 1
                 state.tokens += count_tokens(batch) * accelerator.num_processes
                 # Gradients are all-reduced once per step, on the last micro-batch.
-                sync = contextlib.nullcontext() if micro == training.grad_accum - 1 else accelerator.no_sync(model)
-                with sync:
+                with engine.no_sync(model, micro == training.grad_accum - 1):
                     with accelerator.autocast():
                         loss = model(**batch).loss
                         if regularized:
@@ -323,6 +326,7 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
                         loss = loss / training.grad_accum
                     accelerator.backward(loss)
                 step_loss += loss.detach()
+            engine.reduce_gradients(trainable)
             if accelerator.num_processes > 1:
                 step_loss = accelerator.reduce(step_loss, reduction="mean")
             loss_value = step_loss.item()
@@ -332,7 +336,7 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
                 break
             grad_norm = None
             if training.max_grad_norm is not None:
-                grad_norm = accelerator.clip_grad_norm_(trainable, training.max_grad_norm)
+                grad_norm = engine.clip_grad_norm_(trainable, training.max_grad_norm)
             lr_used = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_ratio", 1.0)
             optimizer.step()
             lr_scheduler.step()
@@ -479,23 +483,33 @@ def evaluate(run: Run, model, signals: StopSignals | None = None, metrics: list[
     if examples is None:
         return {}
     accelerator = run.accelerator
-    unwrapped = accelerator.unwrap_model(model)
+    engine = run.engine or engines.make("ddp", accelerator)
+    unwrapped = engine.eval_model(model)  # under a sharded engine: the prepared model, which gathers the base
     was_training = unwrapped.training
     unwrapped.eval()
     mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
     size = run.recipe.training.eval_batch_size or run.recipe.training.batch_size
+    starts = list(range(0, len(mine), size))
+    if engine.collective_forward:
+        # Every forward all-gathers shards: every process runs as many batches as the busiest one; the
+        # extra batches repeat example 0 and count for nothing.
+        busiest = math.ceil(math.ceil(len(examples) / accelerator.num_processes) / size)
+        starts += [None] * (busiest - len(starts))
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, count, correct
     metrics = list(run.recipe.training.eval_metrics if metrics is None else metrics)
     predictions: list = []
-    for start in range(0, len(mine), size):
+    for start in starts:
         if signals is not None and signals.received is not None and accelerator.num_processes == 1:
             unwrapped.train(was_training)
             return {}
-        batch = collate(examples, mine[start:start + size], run.tokenizer.pad_token_id, run.classification)
+        indices = [0] if start is None else mine[start:start + size]
+        batch = collate(examples, indices, run.tokenizer.pad_token_id, run.classification)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         labels = batch.pop("labels")
         with accelerator.autocast():
             logits = unwrapped(**batch).logits.float()
+        if start is None:
+            continue
         if run.classification:
             totals[0] += F.cross_entropy(logits, labels, reduction="sum")
             totals[1] += labels.numel()

@@ -21,7 +21,7 @@ import yaml
 from ..errors import ConfigError
 
 TASKS = ("causal-lm", "sequence-classification")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: exactness checks
 QUANTIZE = (None, "nf4", "int8")
 FORMATS = ("text", "instruction", "classification", "messages", "sharegpt", "alpaca")
 CHAT_FORMATS = ("instruction", "messages", "sharegpt", "alpaca")
@@ -32,6 +32,7 @@ LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_
                 "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
 EVAL_METRICS = ("accuracy", "f1", "exact_match")  # f1: macro F1 of classification; exact_match: generated answers
 MIXED_PRECISION = ("no", "bf16", "fp16")
+DISTRIBUTED = ("ddp", "fsdp2", "zero2", "zero3")  # the engine under torchrun / accelerate launch
 # Accelerate's trackers (accelerate.utils.LoggerType), each needing its package
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
 
@@ -133,6 +134,7 @@ class TrainingSection:
     lr_schedule_options: dict = field(default_factory=dict)  # other get_scheduler kwargs (num_cycles, power ...)
     eval_metrics: list[str] = field(default_factory=list)  # exact_match, f1, or module:function hooks
     eval_max_new_tokens: int = 64  # generation-based metrics: the longest generated answer
+    distributed: str = "ddp"  # ddp | fsdp2 | zero2 | zero3 (peftkit.train.engines)
 
 
 @dataclass
@@ -388,6 +390,7 @@ def check(recipe: Recipe) -> None:
         if metric not in EVAL_METRICS and ":" not in metric:
             raise ConfigError(f"training.eval_metrics: unknown metric '{metric}'; expected one of {list(EVAL_METRICS)} "
                               "or a hook 'module:function' (called with predictions and references)")
+    _one_of("training.distributed", t.distributed, DISTRIBUTED)
     for tracker in lg.report_to:
         _one_of("logging.report_to", tracker, TRACKERS)
 

@@ -1,0 +1,135 @@
+"""The sharded-engine grid: every registered method and the method guide's three compositions, trained by the
+CLI's loop (``peftkit.train.train``) one after another in ONE launch (a launch costs more than a run).
+
+    torchrun --nproc-per-node 2 tests/sharded_grid.py ENGINE BATCH ROOT [resume]
+
+Each config writes ``ROOT/<config>/run`` (adapter, metrics, checkpoints at every step) and rank 0 writes
+``ROOT/<config>/init.safetensors`` (the trainable tensors before step 1, for the "every tensor moved" check)
+and ``init.json`` (which of them train). With ``resume``, the SIGTERM configs are also run twice more: stopped by
+SIGTERM after step 2 (each process signals itself, as a scheduler's kill does), then ``--resume``d to the end.
+The test (tests/test_train_sharded.py) runs the same configs in one process at batch 2·BATCH as the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+STEPS = 3
+# name: (adapter section, optimizer section); small settings that still exercise each method's machinery
+# (ElaLoRA prunes and grows at every step from step 1; CoTo with p₀ = 0.6 and seed 3 has both blocks on for
+# steps 1-2, so every tensor has moved after 2 steps, and switches block 1 off at step 3).
+CONFIGS: dict[str, tuple[dict, dict]] = {
+    "lora": ({"method": "lora"}, {}),
+    "lora-plus": ({"method": "lora-plus"}, {}),
+    "lora-ga": ({"method": "lora-ga"}, {}),
+    "lora-one": ({"method": "lora-one"}, {}),
+    "lora-pro-full": ({"method": "lora-pro"}, {}),
+    "lora-pro-efficient": ({"method": "lora-pro"}, {"mode": "efficient"}),
+    "eva": ({"method": "eva"}, {}),
+    "hra": ({"method": "hra"}, {}),
+    "elalora": ({"method": "elalora", "capacity": 8, "t_init": 1, "t_final": 1, "delta_t": 1, "budget": 2, "k": 2}, {}),
+    "coto": ({"method": "coto", "initial_p": 0.6, "seed": 3}, {}),
+    "loft": ({"method": "loft"}, {}),
+    "hydra": ({"method": "hydra"}, {}),
+    "eva+coto+lora-pro": ({"method": "lora", "init": "eva", "schedule": "coto", "optimizer": "lora-pro",
+                           "initial_p": 0.6, "seed": 3}, {}),
+    "lora-ga+lora-plus": ({"method": "lora-ga", "optimizer": "lora-plus"}, {}),
+    "lora-one+preconditioner": ({"method": "lora-one", "optimizer": "lora-one-preconditioner"}, {}),
+}
+RESUMED = ["eva+coto+lora-pro", "elalora"]
+# LoRA-Pro efficient is also run under DDP in the same launch: one process and two differ by up to 5e-5 under
+# DDP as well (measured, fp64), from the pseudo-inverse cutoff on BᵀB after AdamW's first sign step (B's
+# columns are ±lr, exactly rank-deficient, so round-off decides an eigenvalue's fate); fsdp2 must equal ddp.
+ALSO_DDP = ["lora-pro-efficient"]
+
+
+def recipe(root: Path, config: str, engine: str, batch: int, run: str = "run") -> dict:
+    from train_fixtures import llama_text_recipe
+
+    adapter, optimizer = CONFIGS[config]
+    out = llama_text_recipe(root / config, training__batch_size=batch, training__max_steps=STEPS,
+                            training__save_every=1, training__keep_checkpoints=None, training__eval_every=2,
+                            training__eval_batch_size=3, training__distributed=engine)
+    # fp64: Adam divides by √v, so an fp32 all-reduce's rounding on a near-zero gradient entry becomes an
+    # update difference of up to lr (measured 1e-5 on EVA's factors after 3 steps); fp64 keeps it at 1e-12.
+    out["model"]["dtype"] = "float64"
+    out["adapter"] = {"r": 4, "alpha": 8, "targets": TARGETS, **adapter}
+    out["optimizer"] = {"lr": 1e-2, **optimizer}
+    out["training"]["output_dir"] = str(root / config / run)
+    return out
+
+
+LAST: dict = {}
+
+
+def pair_state_bytes(optimizer) -> int:
+    """Bytes of optimizer state this process keeps for the (A, B) pairs (LoRA-Pro full: the m×n moments)."""
+    return sum(v.numel() * v.element_size() for pair in getattr(optimizer, "pairs", []) for t in (pair.a, pair.b)
+               for v in optimizer.state.get(t, {}).values() if isinstance(v, torch.Tensor))
+
+
+def capture_init(root: Path) -> None:
+    """Record each run's trainable tensors right after ``prepare`` (rank 0), for the moved check."""
+    import peftkit.train.loop as loop
+    from peftkit.checkpoint import atomic_save_tensors
+    from peftkit.train.checkpointing import trainable_state
+
+    original = loop.prepare
+
+    def prepare(recipe, accelerator=None):
+        run = original(recipe, accelerator)
+        LAST["optimizer"] = run.optimizer
+        folder = Path(recipe.training.output_dir).parent
+        if run.accelerator.is_main_process and not (folder / "init.safetensors").exists():
+            atomic_save_tensors(folder / "init.safetensors", trainable_state(run.model))
+            trains = [n for n, p in run.model.named_parameters() if p.requires_grad]
+            (folder / "init.json").write_text(json.dumps(trains))
+        return run
+
+    loop.prepare = prepare
+
+
+def main(engine: str, batch: int, root: Path, resume: bool) -> None:
+    from peftkit.train import from_dict, train
+
+    from accelerate import Accelerator
+
+    torch.set_num_threads(1)
+    capture_init(root)
+    # Many runs share this launch's process group; Accelerate's end_training would destroy it after the first.
+    Accelerator.end_training = lambda self: [tracker.finish() for tracker in self.trackers] and None
+    only = [c for c in os.environ.get("PEFTKIT_GRID_ONLY", "").split(",") if c]
+    for config in only or CONFIGS:
+        result = train(from_dict(recipe(root, config, engine, batch)))
+        assert result.status == "done", (config, result)
+        from peftkit import distributed
+
+        (root / config / f"pair_state_rank{distributed.rank()}.json").write_text(
+            json.dumps(pair_state_bytes(LAST["optimizer"])))
+    if engine != "ddp":
+        for config in ALSO_DDP:
+            assert train(from_dict(recipe(root, config, "ddp", batch, run="ddp"))).status == "done"
+    if not resume:
+        return
+
+    def stop_after_two(step, record):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    for config in RESUMED:
+        spec = from_dict(recipe(root, config, engine, batch, run="resumed"))
+        first = train(spec, hooks=[stop_after_two])
+        assert first.status == "interrupted" and first.step == 2, (config, first)
+        second = train(spec, resume=True)
+        assert second.status == "done" and second.step == STEPS, (config, second)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), len(sys.argv) > 4 and sys.argv[4] == "resume")
