@@ -56,7 +56,8 @@ def recipe(root: Path, config: str, engine: str, batch: int, run: str = "run") -
     adapter, optimizer = CONFIGS[config]
     out = llama_text_recipe(root / config, training__batch_size=batch, training__max_steps=STEPS,
                             training__save_every=1, training__keep_checkpoints=None, training__eval_every=2,
-                            training__eval_batch_size=3, training__distributed=engine)
+                            training__eval_batch_size=3, training__distributed=engine,
+                            training__warmup=0)  # warmup ramps from lr 0 (transformers): every step must move
     # fp64: Adam divides by √v, so an fp32 all-reduce's rounding on a near-zero gradient entry becomes an
     # update difference of up to lr (measured 1e-5 on EVA's factors after 3 steps); fp64 keeps it at 1e-12.
     out["model"]["dtype"] = "float64"
