@@ -9,7 +9,7 @@
     peftkit plot RUN_DIR
 
 Exit codes: 0 done; 2 bad input (one message, no traceback, nothing written); 1 stopped on a non-finite loss;
-128 + the signal number after SIGINT/SIGTERM (a checkpoint was written first).
+3 stopped by the divergence guard (training.divergence_guard); 128 + the signal number after SIGINT/SIGTERM (a checkpoint was written first).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ..errors import PeftkitError
 
 EXIT_BAD_INPUT = 2
 EXIT_NAN = 1
+EXIT_DIVERGED = 3  # = guard.EXIT_DIVERGED
 
 
 class _Parser(argparse.ArgumentParser):
@@ -94,6 +95,8 @@ def cmd_train(args) -> int:
     result = train(load_recipe(args.recipe, args.overrides), resume=args.resume)
     if result.status == "nan":
         return EXIT_NAN
+    if result.status == "diverged":
+        return EXIT_DIVERGED
     if result.status == "interrupted":
         return 128 + int(result.signal_number)
     return 0
