@@ -7,12 +7,14 @@ After each step's loss, before the optimizer step, the guard compares the mean l
 steps with the lowest such mean seen so far. When it exceeds ``factor`` times that best mean, the run has
 diverged: ``stop`` ends it (``RunResult.status == "diverged"``, CLI exit code 3); ``halve`` halves the lr of
 every parameter group (and the LR schedule's base rates, so a resume keeps the halved rate) and restarts from
-the newest checkpoint saved no later than the best window's end (so set ``training.save_every``); after
-``max_halvings`` halvings, or when there is no such checkpoint, it stops as ``stop`` does.
+the newest checkpoint saved before the best window's end (so set ``training.save_every``); after
+``max_halvings`` halvings, or when there is no such checkpoint, it stops as ``stop`` does. A non-finite loss
+counts as diverged for ``halve``; otherwise the loop's non-finite stop (exit code 1) handles it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,10 +84,12 @@ class DivergenceGuard:
         return mean > self.settings.factor * self.best_mean
 
     def restart_point(self, output_dir: Path) -> Path | None:
-        """The newest checkpoint at or before the best window's end, or None (then the guard stops)."""
+        """The newest checkpoint before the best window's end, or None (then the guard stops). The loss of
+        step k is measured on the weights after step k − 1, so checkpoint k is vouched for only by a later loss:
+        the best window's last loss vouches for checkpoint best_step − 1, no later one."""
         if self.settings.action != "halve" or self.halvings >= self.settings.max_halvings:
             return None
-        good = [path for path in checkpointing.checkpoint_dirs(output_dir) if _step_of(path) <= self.best_step]
+        good = [path for path in checkpointing.checkpoint_dirs(output_dir) if _step_of(path) < self.best_step]
         return good[-1] if good else None
 
     def halve(self, optimizer, lr_scheduler, restored_step: int) -> None:
@@ -112,11 +116,19 @@ class DivergenceGuard:
         """The loop's hook, called with each step's loss before the optimizer step. Returns (verdict, state):
         "ok"; "restarted" (the state of the restored checkpoint, lr halved); "stop" (diverged, nothing more to
         try). ``run_parts``: accelerator, model, optimizer, lr_scheduler, schedule, fingerprint."""
-        if not self.observe(state.step + 1, loss):
-            return "ok", state
-        restart = self.restart_point(output_dir)
-        if restart is None:
-            return "stop", state
+        if not math.isfinite(loss):
+            # A non-finite loss is an infinite rise: ``halve`` restarts from it; otherwise (or with nothing to
+            # restart from) the loop's own non-finite stop (exit code 1) handles it.
+            self.last_rise = math.inf
+            restart = self.restart_point(output_dir)
+            if restart is None:
+                return "ok", state
+        else:
+            if not self.observe(state.step + 1, loss):
+                return "ok", state
+            restart = self.restart_point(output_dir)
+            if restart is None:
+                return "stop", state
         parts = run_parts
         if self.start_base_lrs is None:
             self.start_base_lrs = list(parts["lr_scheduler"].base_lrs)

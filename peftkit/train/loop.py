@@ -245,17 +245,6 @@ def train(recipe: Recipe, resume: bool = False, hooks: list[StepHook] | None = N
             if accelerator.num_processes > 1:
                 step_loss = accelerator.reduce(step_loss, reduction="mean")
             loss_value = step_loss.item()
-            if not math.isfinite(loss_value):
-                # Stop before the optimizer step: the weights and the last checkpoint stay good.
-                good = checkpointing.latest(output_dir)
-                if main:
-                    progress.close()
-                    print(f"peftkit: the loss is {loss_value} at step {state.step + 1}; training stopped. "
-                          f"The last good checkpoint is {good or 'none (no checkpoint was saved yet)'}; lower "
-                          "optimizer.lr, set training.max_grad_norm, or check the data, then train again"
-                          f"{' with --resume' if good else ''}.", flush=True)
-                result = RunResult("nan", state.step, output_dir, checkpoint=good)
-                break
             if guard is not None:
                 verdict, state = guard.check(state, loss_value, dict(
                     accelerator=accelerator, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
@@ -271,6 +260,17 @@ def train(recipe: Recipe, resume: bool = False, hooks: list[StepHook] | None = N
                         print(guard.message(state.step + 1, good), flush=True)
                     result = RunResult("diverged", state.step, output_dir, checkpoint=good)
                     break
+            if not math.isfinite(loss_value):
+                # Stop before the optimizer step: the weights and the last checkpoint stay good.
+                good = checkpointing.latest(output_dir)
+                if main:
+                    progress.close()
+                    print(f"peftkit: the loss is {loss_value} at step {state.step + 1}; training stopped. "
+                          f"The last good checkpoint is {good or 'none (no checkpoint was saved yet)'}; lower "
+                          "optimizer.lr, set training.max_grad_norm, or check the data, then train again"
+                          f"{' with --resume' if good else ''}.", flush=True)
+                result = RunResult("nan", state.step, output_dir, checkpoint=good)
+                break
             grad_norm = None
             if training.max_grad_norm is not None:
                 grad_norm = accelerator.clip_grad_norm_(trainable, training.max_grad_norm)
