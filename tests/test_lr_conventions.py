@@ -191,3 +191,19 @@ def test_divergence_guard_on_the_diverging_composition(tmp_path, capsys):
     plain_tail = losses(plain)[-4:]
     # Recovered: the last steps are below 3× chance (0.69), a third of the unguarded run (5-35).
     assert sum(tail) / 4 < 3 * 0.6931 and sum(tail) < sum(plain_tail) / 3, (tail, plain_tail)
+
+
+@pytest.mark.slow
+def test_cli_warns_before_step_1_and_exits_3_when_the_guard_stops(tmp_path, capsys):
+    import yaml
+
+    from peftkit.train.cli import EXIT_DIVERGED, main
+
+    recipe = tmp_path / "diverging.yaml"
+    recipe.write_text(yaml.safe_dump(_diverging_recipe(
+        tmp_path, "cli", divergence_guard={"action": "stop", "factor": 3.0, "window": 2})))
+    with pytest.warns(LRConventionWarning, match=r"lr 1 is 8.45e\+04× above the convention of .lora-ga.*step cap 0.592\); use lr=1.2e-05"):
+        code = main(["train", str(recipe)])
+    assert code == EXIT_DIVERGED == 3
+    out = capsys.readouterr().out
+    assert "the loss diverged at step 3" in out and "13.7× the best (1.362, at step 2)" in out
