@@ -181,5 +181,6 @@ def build_coto_schedule(model: nn.Module, config: Any) -> CotoSchedule:
 
 registry.register_method(
     "coto", architecture="lora", schedule="coto",
+    lr_convention=registry.LRConvention("lora", 1.0, "the spec gives no rate; CoTo trains a plain LoRA: LoRA-like assumed"),
     description="LoRA with CoTo (Zhuang et al. 2025): adapters switched on by blocks with probability rising to 1",
 )

@@ -573,5 +573,6 @@ def build_elalora_schedule(model: nn.Module, config: Any) -> ElaloraSchedule:
 
 registry.register_method(
     "elalora", architecture="elalora", optimizer="elalora-adamw", schedule="elalora", defaults={"r": 10, "alpha": 16},
+    lr_convention=registry.LRConvention("lora", 1.0, "authors' settings: lr 1e-3 / 8e-4 / 5e-4 (AdaLoRA-style LoRA rates; elalora.md, Defaults)"),
     description="ElaLoRA (Chang et al. 2025): SVD-form adapter, ranks pruned and grown at constant total rank",
 )

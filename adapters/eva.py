@@ -236,6 +236,7 @@ def eva_init(model, layers, config, data) -> None:
 
 registry.register_method(
     "eva", architecture="lora", init="eva",
+    lr_convention=registry.LRConvention("lora", 1.0, "authors' README: lr 5e-4, a LoRA rate (eva.md, Defaults)"),
     description="EVA (Paischer et al. 2024): A from the centred incremental PCA of layer inputs, B = 0, ranks "
                 "redistributed by explained variance (rho, tau); PEFT LoRA format with rank/alpha patterns",
 )

@@ -198,5 +198,6 @@ class HraLayer(AdapterLayer):
 
 registry.register_method(
     "hra", architecture="hra",
+    lr_convention=registry.LRConvention("lora", 1.0, "the spec gives no rate relative to LoRA's (the authors' LLaMA path, a different code path, uses 1e-5); LoRA-like assumed"),
     description="HRA (Yuan et al. 2024): W·H₁⋯H_r, orthogonal input-side reflections; PEFT's HRA semantics and format",
 )

@@ -224,5 +224,6 @@ def build_loft(model: nn.Module, lr: float, config: Any, **options: Any) -> torc
 
 registry.register_method(
     "loft", architecture="lora", optimizer="loft",
+    lr_convention=registry.LRConvention("full-ft", 0.1, "behaves like full FT (full-space AdamW moments); the spec gives no ratio (demo lr 1e-4-3e-4): LoRA-Pro's 0.1 assumed, as measured in issue 19"),
     description="LoFT (Tastan et al. 2026): LoRA whose updates follow full-space AdamW",
 )

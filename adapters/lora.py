@@ -331,5 +331,6 @@ class LoraConvLayer(LoraLayer):
 
 registry.register_method(
     "lora", architecture="lora",
+    lr_convention=registry.LRConvention("lora", 1.0, "the reference rate: base_lr is LoRA's"),
     description="LoRA (Hu et al. 2021): trainable low-rank update s·B·A, PEFT's semantics and format",
 )

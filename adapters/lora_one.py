@@ -64,6 +64,7 @@ def lora_one_init(model, layers, config, data) -> None:
 
 registry.register_method(
     "lora-one", architecture="lora", init="lora-one", defaults={"rslora": True, "alpha": 16.0},
+    lr_convention=registry.LRConvention("lora", 1.0, "authors' configs: lr 2e-4 (math), 5e-5 (commonsense), LoRA's rates (lora-one.md, Defaults)"),
     changes_output_at_init=True,
     description="LoRA-One (Zhang et al. 2025): init = one normalised rank-r step along −G (rsLoRA, γ = 128); "
                 "AdamW by default, optimizer='lora-one-preconditioner' for the preconditioned form",

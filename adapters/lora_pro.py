@@ -215,5 +215,6 @@ def build_lora_pro(model: nn.Module, lr: float, config: Any, **options: Any) -> 
 
 registry.register_method(
     "lora-pro", architecture="lora", optimizer="lora-pro",
+    lr_convention=registry.LRConvention("full-ft", 0.1, "official scripts: lr 2e-5, the full-FT lr, since the update is full-space Adam; LoRA's 2e-4 (lora-pro.md, Defaults)"),
     description="LoRA-Pro (Wang et al. 2025): LoRA with gradients adjusted towards full fine-tuning",
 )

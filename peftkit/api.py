@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint, registry
+from . import lr as lr_rules
 # Load the submodule peftkit.callbacks now, while peftkit/__init__ is still importing this module: a first
 # import later (registry.discover) would rebind the package attribute ``peftkit.callbacks`` from the public
 # function to the submodule.
@@ -87,13 +88,26 @@ def _active_config(model: nn.Module) -> AdapterConfig:
     return state.configs[state.active[0]]
 
 
-def optimizer(model: nn.Module, lr: float, **options: Any) -> torch.optim.Optimizer:
+def optimizer(model: nn.Module, lr: float | str | None = None, *, base_lr: float | None = None,
+              **options: Any) -> torch.optim.Optimizer:
     """The adapter-aware optimizer of the model's method (a ``torch.optim.Optimizer``).
 
+    ``lr`` left out (or ``"auto"``): the method's convention times ``base_lr``, the rate you would give plain
+    LoRA (default ``peftkit.lr.DEFAULT_BASE_LR`` = 2e-4); compositions are capped so the first step stays
+    bounded (peftkit/lr.py). An explicit ``lr`` far from that convention warns (``LRConventionWarning``).
+    The choice is kept on the optimizer as ``optimizer.peftkit_lr`` (a ``peftkit.lr.LRChoice``).
     ``options`` override the optimizer's own options (e.g. ``weight_decay``, ``loraplus_lr_ratio``);
     ``name=`` picks another registered optimizer for this call.
     """
-    check_lr(lr)
+    auto = lr is None or lr == "auto"
+    if not auto:
+        check_lr(lr)
+    if base_lr is not None:
+        try:
+            check_lr(base_lr)
+        except ConfigError:
+            raise ConfigError(f"base_lr: expected a positive learning rate (the rate you would give plain LoRA), "
+                              f"got {base_lr!r}; e.g. base_lr=2e-4") from None
     config = _active_config(model)
     name = options.pop("name", None) or config.optimizer
     component = registry.get_component("optimizer", name)
@@ -113,7 +127,17 @@ def optimizer(model: nn.Module, lr: float, **options: Any) -> torch.optim.Optimi
     if name != config.optimizer:
         config = AdapterConfig.from_dict({**config.to_dict(), "optimizer": name,
                                           "options": {**config.options, "optimizer": component.default_options()}})
-    return component.obj(model, lr, config, **options)
+    def build(rate: float) -> torch.optim.Optimizer:
+        return component.obj(model, rate, config, **options)
+
+    if auto:
+        built, choice = lr_rules.auto_lr(model, config, build, base_lr)
+    else:
+        built = build(lr)
+        choice = lr_rules.check_convention(model, config, built, float(lr), base_lr)
+        choice.explicit = float(lr)
+    built.peftkit_lr = choice
+    return built
 
 
 def callbacks(model: nn.Module, optimizer: torch.optim.Optimizer | None = None):

@@ -58,6 +58,26 @@ class Component:
 
 
 @dataclass(frozen=True)
+class LRConvention:
+    """A preset's learning-rate convention, as a ratio to the rate one would give plain LoRA.
+
+    ``kind`` is ``"lora"`` (tuned like LoRA) or ``"full-ft"`` (its first steps move like full fine-tuning, so it
+    runs at about the full fine-tuning rate); ``ratio`` is lr / lr_LoRA from its paper or authors' settings
+    (unitless); ``source`` says where the number comes from (or that the spec is silent).
+    """
+
+    kind: str = "lora"
+    ratio: float = 1.0
+    source: str = "the spec gives no rate relative to LoRA's; LoRA-like assumed"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("lora", "full-ft"):
+            raise ConfigError(f"lr_convention.kind: expected 'lora' or 'full-ft', got {self.kind!r}")
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not self.ratio > 0:
+            raise ConfigError(f"lr_convention.ratio: expected a positive number (lr / LoRA's lr), got {self.ratio!r}")
+
+
+@dataclass(frozen=True)
 class Method:
     """A preset: a component per axis and default values for common or component options."""
 
@@ -71,6 +91,7 @@ class Method:
     # True for methods whose init is itself a step (LoRA-One): the conformance suite then does not expect
     # the wrapped model to reproduce the base model's output at init.
     changes_output_at_init: bool = False
+    lr_convention: LRConvention = field(default_factory=LRConvention)
 
 
 _components: dict[str, dict[str, Component]] = {axis: {} for axis in AXES}
@@ -137,10 +158,12 @@ def schedule(name: str, *, options: type | None = None, description: str = "",
 
 def register_method(name: str, *, architecture: str, init: str = "default", optimizer: str = "adamw",
                     schedule: str = "none", defaults: dict[str, Any] | None = None,
-                    description: str = "", changes_output_at_init: bool = False) -> Method:
-    """Register a preset (a registered method name)."""
+                    description: str = "", changes_output_at_init: bool = False,
+                    lr_convention: LRConvention | None = None) -> Method:
+    """Register a preset (a registered method name); ``lr_convention`` (default: LoRA-like) is what
+    ``peftkit.optimizer(model)`` without ``lr`` uses."""
     method = Method(name, architecture, init, optimizer, schedule, dict(defaults or {}), description,
-                    changes_output_at_init)
+                    changes_output_at_init, lr_convention or LRConvention())
     if name in _methods and _methods[name] != method:
         raise ConfigError(f"method '{name}' is already registered; choose another name")
     _methods[name] = method

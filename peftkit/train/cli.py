@@ -13,7 +13,7 @@
     peftkit --version
 
 Exit codes: 0 done; 2 bad input (one message, no traceback, nothing written); 1 stopped on a non-finite loss or
-training state; 3 a write failed (disk full, read-only or I/O error: one message, temporary files removed);
+training state; 4 stopped by the divergence guard (training.divergence_guard); 3 a write failed (disk full, read-only or I/O error: one message, temporary files removed);
 128 + the signal number after SIGINT/SIGTERM (a checkpoint was written first).
 """
 
@@ -35,6 +35,7 @@ EXIT_NAN = 1
 EXIT_WRITE_FAILED = 3
 # OSErrors that mean "the file system refused a write", as opposed to a defect in peftkit.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
+EXIT_DIVERGED = 4  # = guard.EXIT_DIVERGED
 
 
 class _Parser(argparse.ArgumentParser):
@@ -145,6 +146,8 @@ def cmd_train(args) -> int:
     result = train(load_recipe(args.recipe, args.overrides), resume=args.resume)
     if result.status == "nan":
         return EXIT_NAN
+    if result.status == "diverged":
+        return EXIT_DIVERGED
     if result.status == "interrupted":
         return 128 + int(result.signal_number)
     return 0

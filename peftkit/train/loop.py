@@ -31,6 +31,7 @@ from ..inject import adapter_layers, state_of
 from . import checkpointing, engines, evaluation
 from .build import Examples, load_examples, load_model, load_tokenizer, num_labels
 from .data import BatchPlan, Tokenized, check_packed_attention, collate, count_tokens
+from .guard import DivergenceGuard, GuardSettings
 from .metrics import MetricsLog, plot
 from .recipe import Recipe, warmup_steps
 
@@ -42,8 +43,8 @@ StepHook = Callable[[int, dict[str, Any]], None]
 
 @dataclass
 class RunResult:
-    """How a run ended: ``status`` is "done", "interrupted" (SIGINT/SIGTERM: a checkpoint was written) or
-    "nan" (a non-finite loss: nothing was written for the bad step)."""
+    """How a run ended: ``status`` is "done", "interrupted" (SIGINT/SIGTERM: a checkpoint was written),
+    "nan" (a non-finite loss: nothing was written for the bad step) or "diverged" (training.divergence_guard)."""
 
     status: str
     step: int
@@ -139,7 +140,7 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
         raise ConfigError(f"optimizer.weight_decay: the '{name}' optimizer has no weight decay; set it to 0")
     if recipe.optimizer.name:
         options["name"] = recipe.optimizer.name
-    optimizer = peftkit.optimizer(model, recipe.optimizer.lr, **options)
+    optimizer = peftkit.optimizer(model, recipe.optimizer.lr, base_lr=recipe.optimizer.base_lr, **options)
     schedule = peftkit.callbacks(model, optimizer=optimizer)
     return Run(recipe, accelerator, tokenizer, model, optimizer, schedule, examples, plan, classification,
                engines.make(engine_name, accelerator))
@@ -264,7 +265,11 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
     run = prepare(recipe, accelerator)
     main = accelerator.is_main_process
 
-    if main:
+    guard_settings = GuardSettings.from_recipe(training.divergence_guard)
+    guard = DivergenceGuard(guard_settings) if guard_settings else None
+    choice = getattr(run.optimizer, "peftkit_lr", None)
+    if main and choice is not None:
+        print(f"peftkit: {choice.describe()}", flush=True)
         print(f"peftkit: {recipe.adapter.method} on {recipe.model.name or recipe.model.config.get('model_type')} | "
               f"{peftkit.trainable_parameters(run.model)} | {accelerator.num_processes} process(es), "
               f"global batch {training.batch_size * training.grad_accum * accelerator.num_processes}", flush=True)
@@ -330,6 +335,21 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
             if accelerator.num_processes > 1:
                 step_loss = accelerator.reduce(step_loss, reduction="mean")
             loss_value = step_loss.item()
+            if guard is not None:
+                verdict, state = guard.check(state, loss_value, dict(
+                    accelerator=accelerator, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                    schedule=schedule, fingerprint=fingerprint), output_dir)
+                if verdict == "restarted":
+                    optimizer.zero_grad(set_to_none=True)
+                    metrics.truncate_after(state.step)
+                    continue
+                if verdict == "stop":
+                    good = checkpointing.latest(output_dir)
+                    if main:
+                        progress.close()
+                        print(guard.message(state.step + 1, good), flush=True)
+                    result = RunResult("diverged", state.step, output_dir, checkpoint=good)
+                    break
             if not math.isfinite(loss_value):
                 # Stop before the optimizer step: the weights and the last checkpoint stay good.
                 result = stop_nonfinite(f"the loss is {loss_value} at step {state.step + 1}")

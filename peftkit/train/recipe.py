@@ -105,7 +105,8 @@ class OptimizerSection:
     """The optimizer (default: the method's own); every other key is passed to ``peftkit.optimizer``."""
 
     name: str | None = None
-    lr: float = 2e-4
+    lr: float | None = None  # None or "auto": base_lr × the method's convention (peftkit.optimizer without lr)
+    base_lr: float = 2e-4  # the rate you would give plain LoRA; only used when lr is auto
     weight_decay: float = 0.0
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -135,6 +136,7 @@ class TrainingSection:
     eval_metrics: list[str] = field(default_factory=list)  # exact_match, f1, or module:function hooks
     eval_max_new_tokens: int = 64  # generation-based metrics: the longest generated answer
     distributed: str = "ddp"  # ddp | fsdp2 | zero2 | zero3 (peftkit.train.engines)
+    divergence_guard: dict | None = None  # {action: stop|halve, factor: 3.0, window: 10, max_halvings: 3} (train/guard.py)
 
 
 @dataclass
@@ -253,6 +255,8 @@ def _build_section(section: str, cls: type, values: dict[str, Any]):
     kwargs: dict[str, Any] = {}
     options: dict[str, Any] = {}
     for key, value in values.items():
+        if (section, key) == ("optimizer", "lr") and isinstance(value, str):
+            value = None if value == "auto" else _number_or_auto(value)
         if key in fixed:
             kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
         elif section in OPEN_SECTIONS:
@@ -262,6 +266,14 @@ def _build_section(section: str, cls: type, values: dict[str, Any]):
     if section in OPEN_SECTIONS:
         kwargs["options"] = options
     return cls(**kwargs)
+
+
+def _number_or_auto(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"optimizer.lr: expected a positive learning rate or auto, got {text!r}; "
+                          "e.g. optimizer.lr=2e-4 or optimizer.lr=auto") from None
 
 
 def _unknown_key(key: str, valid: list[str], kind: str) -> str:
@@ -373,8 +385,10 @@ def check(recipe: Recipe) -> None:
     _positive("data.max_train_samples", d.max_train_samples, allow_none=True)
     _positive("data.max_eval_samples", d.max_eval_samples, allow_none=True)
     _positive("adapter.init_batches", a.init_batches)
-    if isinstance(o.lr, bool) or not o.lr > 0:
-        raise ConfigError(f"optimizer.lr: expected a positive learning rate, got {o.lr!r}; e.g. optimizer.lr=2e-4")
+    if o.lr is not None and (isinstance(o.lr, bool) or not o.lr > 0):
+        raise ConfigError(f"optimizer.lr: expected a positive learning rate or auto, got {o.lr!r}; e.g. optimizer.lr=2e-4")
+    if isinstance(o.base_lr, bool) or not o.base_lr > 0:
+        raise ConfigError(f"optimizer.base_lr: expected a positive learning rate (your LoRA rate), got {o.base_lr!r}")
     _positive("optimizer.weight_decay", o.weight_decay, zero=True)
     for key in ("max_steps", "batch_size", "grad_accum", "log_every"):
         _positive(f"training.{key}", getattr(t, key))
@@ -391,6 +405,9 @@ def check(recipe: Recipe) -> None:
             raise ConfigError(f"training.eval_metrics: unknown metric '{metric}'; expected one of {list(EVAL_METRICS)} "
                               "or a hook 'module:function' (called with predictions and references)")
     _one_of("training.distributed", t.distributed, DISTRIBUTED)
+    from .guard import GuardSettings  # here, not at the top: guard imports checkpointing
+
+    GuardSettings.from_recipe(t.divergence_guard)
     for tracker in lg.report_to:
         _one_of("logging.report_to", tracker, TRACKERS)
 
