@@ -183,7 +183,11 @@ def make_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer):
         if keyword is None:
             raise ConfigError(f"training.min_lr: the '{name}' schedule has no floor; use one of {sorted(MIN_LR_KEYWORDS)} "
                               "or set training.min_lr=null")
-        options[keyword] = training.min_lr if keyword == "lr_end" else training.min_lr / recipe.optimizer.lr
+        # optimizer.lr: auto resolves per method: the floor is relative to the rate the optimizer was built with
+        choice = getattr(optimizer, "peftkit_lr", None)
+        peak = recipe.optimizer.lr if recipe.optimizer.lr is not None else (
+            choice.lr if choice is not None else optimizer.param_groups[0]["lr"])
+        options[keyword] = training.min_lr if keyword == "lr_end" else training.min_lr / peak
     elif name in ("cosine_with_min_lr", "cosine_warmup_with_min_lr"):
         raise ConfigError(f"training.min_lr: the '{name}' schedule needs its floor; set training.min_lr (e.g. 1e-5)")
     if name == "warmup_stable_decay":
@@ -198,7 +202,7 @@ def make_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer):
 
 def lr_lambda(recipe: Recipe) -> Callable[[int], float]:
     """The LR multiplier after ``step`` optimizer steps, as ``make_scheduler`` applies it."""
-    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=recipe.optimizer.lr)
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=recipe.optimizer.lr or recipe.optimizer.base_lr)
     return make_scheduler(recipe, probe).lr_lambdas[0]
 
 
