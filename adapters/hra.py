@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from peftkit import registry
 from peftkit.errors import ConfigError, StateError
 from peftkit.layer import AdapterLayer, adapter_dtype
+from peftkit.validation import option
 
 
 @dataclass
@@ -36,7 +37,7 @@ class HraOptions:
     # True: paired init U = [h₁, h₁, h₂, h₂, …] (Q = I; needs an even r and no GS); False: Kaiming-uniform columns.
     init_weights: bool = True
     # λ of the orthogonality regulariser λ·Σ_layers ‖I − ÛᵀÛ‖_F; 0 (PEFT's behaviour) switches it off.
-    orth_reg_weight: float = 0.0
+    orth_reg_weight: float = option(0.0, ge=0)
 
 
 def _check_options(options: dict[str, Any]) -> None:

@@ -16,12 +16,13 @@ import torch
 from peftkit import registry
 from peftkit.errors import ConfigError
 from peftkit.stats import adapter_name_of, check_batches, gradient_statistics, top_singular_triplets
+from peftkit.validation import option
 
 
 @dataclass
 class LoraOneOptions:
-    gamma: float = 128.0  # γ: the init step has spectral norm s/γ
-    gradient_sketch: int | None = None  # k: single-pass randomized SVD from sketches (None: exact SVD)
+    gamma: float = option(128.0, gt=0)  # γ: the init step has spectral norm s/γ
+    gradient_sketch: int | None = option(None, gt=0)  # k: single-pass randomized SVD from sketches (None: exact SVD)
 
 
 def lora_one_factors(u: torch.Tensor, sv: torch.Tensor, vh: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,17 +18,18 @@ import torch.nn as nn
 from peftkit import registry
 from peftkit.errors import ConfigError
 from peftkit.optim import param_groups
+from peftkit.validation import option
 
 
 @dataclass
 class LoraPlusOptions:
-    loraplus_lr_ratio: float = 16.0
+    loraplus_lr_ratio: float = option(16.0, ge=1)
     # Embedding LoRA factors (role "embedding"): an absolute lr, not scaled by λ nor by the base lr, as in the
     # authors' code and PEFT (PEFT inits embedding LoRA reversed, so "which factor gets λ" is ill-defined).
-    loraplus_lr_embedding: float = 1e-6
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    loraplus_lr_embedding: float = option(1e-6, gt=0)
+    weight_decay: float = option(0.0, ge=0)
+    betas: tuple[float, float] = option((0.9, 0.999), ge=0, lt=1)
+    eps: float = option(1e-8, ge=0)
 
 
 @registry.optimizer("lora-plus", options=LoraPlusOptions, architectures=("lora",),

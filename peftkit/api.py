@@ -17,7 +17,7 @@ from . import checkpoint, registry
 # import later (registry.discover) would rebind the package attribute ``peftkit.callbacks`` from the public
 # function to the submodule.
 from . import callbacks as _schedules  # noqa: F401
-from .config import AdapterConfig, resolve_config
+from .config import AdapterConfig, check_component_options, resolve_config
 from .errors import ConfigError, StateError
 from .inject import (adapter_layers, drop_adapter, inject, parameter_flags, remove, restore_parameter_flags,
                      set_active, set_enabled, state_of)
@@ -86,7 +86,7 @@ def optimizer(model: nn.Module, lr: float, **options: Any) -> torch.optim.Optimi
     ``options`` override the optimizer's own options (e.g. ``weight_decay``, ``loraplus_lr_ratio``);
     ``name=`` picks another registered optimizer for this call.
     """
-    check_lr(lr)
+    lr = check_lr(lr)
     config = _active_config(model)
     name = options.pop("name", None) or config.optimizer
     component = registry.get_component("optimizer", name)
@@ -99,6 +99,8 @@ def optimizer(model: nn.Module, lr: float, **options: Any) -> torch.optim.Optimi
             f"optimizer: unknown option '{unknown[0]}' for the '{name}' optimizer.{hint} "
             f"Valid options: {', '.join(sorted(valid)) or 'none'}."
         )
+    # Types, ranges and finiteness, before the optimizer allocates any state.
+    options = check_component_options(component, options)
     if component.architectures is not None and config.architecture not in component.architectures:
         raise ConfigError(
             f"optimizer '{name}' is defined for {list(component.architectures)} adapters, not '{config.architecture}'"
