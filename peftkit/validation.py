@@ -27,6 +27,7 @@ import re
 import types
 import typing
 from dataclasses import MISSING, dataclass
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import yaml
@@ -305,6 +306,15 @@ def check_instance(obj: Any, *, prefix: str = "", error: type[PeftkitError] = Co
     values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
     for key, value in check_fields(type(obj), values, prefix=prefix, error=error).items():
         setattr(obj, key, value)
+
+
+def check_output_dir(path: str | Path, name: str) -> None:
+    """An output folder (new or existing) must not be, or lie below, a file; else one ConfigError naming ``name``."""
+    output = Path(path).expanduser()
+    blocker = next((p for p in (output, *output.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        where = "is a file" if blocker == output else f"lies below the file {blocker}"
+        raise ConfigError(f"{name}: {output} {where}, not a folder; give a new or existing folder")
 
 
 # ------------------------------------------------------------------------------------------ YAML

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from .data import Tokenized, byte_tokenizer, check_columns, read_rows, tokenize
+from .data import Tokenized, byte_tokenizer, check_columns, check_rows, read_rows, tokenize
 from .recipe import ModelSection, Recipe
 
 PKG_PREFIX = "pkg:"
@@ -71,12 +71,14 @@ def load_examples(recipe: Recipe, tokenizer) -> Examples:
     data = recipe.data
     rows = read_rows(data.train, data.train_split, data, "data.train")
     check_columns(rows, data, "data.train", data.train)
+    check_rows(rows, data, "data.train", data.train)
     rows = rows[: data.max_train_samples] if data.max_train_samples else rows
     train = tokenize(rows, tokenizer, data)
     evaluation = None
     if data.eval:
         eval_rows = read_rows(data.eval, data.eval_split, data, "data.eval")
         check_columns(eval_rows, data, "data.eval", data.eval)
+        check_rows(eval_rows, data, "data.eval", data.eval, train_rows=rows)
         eval_rows = eval_rows[: data.max_eval_samples] if data.max_eval_samples else eval_rows
         evaluation = tokenize(eval_rows, tokenizer, data, train.label_names)
     return Examples(train, evaluation)

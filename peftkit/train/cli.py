@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import PeftkitError
+from ..validation import check_output_dir
 
 EXIT_BAD_INPUT = 2
 EXIT_NAN = 1
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except PeftkitError as exc:
-        print(f"peftkit: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split("\n"))  # one line, whatever the message holds
+        print(f"peftkit: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     finally:
         _close_process_group()
@@ -143,6 +145,7 @@ def cmd_merge(args) -> int:
     from .. import checkpoint
 
     adapter = Path(args.adapter)
+    check_output_dir(args.out, "--out")
     checkpoint.describe(adapter)  # verify the files before loading anything big
     model, base_path = _model_for(adapter, args.base)
     peftkit.load(model, adapter)
@@ -178,6 +181,7 @@ def cmd_export(args) -> int:
     from .. import checkpoint
 
     adapter = Path(args.adapter)
+    check_output_dir(args.out, "--out")
     checkpoint.describe(adapter)
     base = None
     if args.base:

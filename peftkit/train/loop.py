@@ -27,7 +27,7 @@ from ..errors import ConfigError
 from ..inject import adapter_layers
 from . import checkpointing
 from .build import Examples, load_examples, load_model, load_tokenizer, num_labels
-from .data import BatchPlan, Tokenized, collate
+from .data import BatchPlan, Tokenized, check_lengths, collate
 from .metrics import MetricsLog, plot
 from .recipe import Recipe, warmup_steps
 
@@ -98,6 +98,7 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
                        label_names=examples.train.label_names, seed=training.seed)
     if classification:
         _check_labels(examples, model.config.num_labels)
+    check_lengths(examples, model.config, recipe.data)
     plan = BatchPlan(len(examples.train), training.batch_size, accelerator.num_processes,
                      accelerator.process_index, training.seed)
 

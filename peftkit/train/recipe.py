@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from ..validation import check_fields, check_value, option, unknown_key, yaml_load
+from ..validation import check_fields, check_output_dir, check_value, option, unknown_key, yaml_load
 
 TASKS = ("causal-lm", "sequence-classification")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -274,11 +274,7 @@ def check(recipe: Recipe) -> None:
         raise ConfigError("data.format: 'classification' needs model.task: sequence-classification")
     for tracker in lg.report_to:
         _one_of("logging.report_to", tracker, TRACKERS)
-    output = Path(t.output_dir).expanduser()
-    blocker = next((p for p in (output, *output.parents) if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise ConfigError(f"training.output_dir: {blocker} is a file, not a folder; set training.output_dir to a "
-                          "new or existing folder")
+    check_output_dir(t.output_dir, "training.output_dir")
     _check_method_options(recipe)
 
 
