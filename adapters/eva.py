@@ -51,19 +51,6 @@ def allocate(ratios: dict[str, torch.Tensor], caps: dict[str, int], budget: int)
     return {name: counts.get(name, 0) for name in ratios}
 
 
-def _check(options: dict) -> None:
-    if not isinstance(options["rho"], (int, float)) or isinstance(options["rho"], bool) or options["rho"] < 1:
-        raise ConfigError(f"rho: expected a number >= 1, got {options['rho']!r}")
-    if not isinstance(options["tau"], (int, float)) or not 0 < options["tau"] <= 1:
-        raise ConfigError(f"tau: expected a number in (0, 1], got {options['tau']!r}")
-    if options["alpha_rule"] not in ALPHA_RULES:
-        raise ConfigError(f"alpha_rule: expected one of {ALPHA_RULES}, got {options['alpha_rule']!r}")
-    if options["svd"] not in ("exact", "lowrank"):
-        raise ConfigError(f"svd: expected 'exact' or 'lowrank', got {options['svd']!r}")
-    if isinstance(options["max_batches"], bool) or not isinstance(options["max_batches"], int) or options["max_batches"] < 1:
-        raise ConfigError(f"max_batches: expected a positive integer, got {options['max_batches']!r}")
-
-
 def eva_components(model, layers, config, batches, adapter: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """({layer: A (r_new, in)}, {layer: r_new}) from the incremental PCA of every target layer's inputs."""
     options = config.axis_options("init")
@@ -195,7 +182,6 @@ def eva_components(model, layers, config, batches, adapter: str) -> tuple[dict[s
                description="A = top principal directions of each layer's inputs, B = 0, ranks by explained variance")
 def eva_init(model, layers, config, data) -> None:
     options = config.axis_options("init")
-    _check(options)
     batches = check_batches(data, "eva")
     adapter = adapter_name_of(model, config)
     components, allocation = eva_components(model, layers, config, batches, adapter)

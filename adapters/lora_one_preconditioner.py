@@ -21,7 +21,7 @@ import torch.nn as nn
 from peftkit import registry
 from peftkit.errors import ConfigError
 from peftkit.optim import FactorPair, PairOptimizer, loraplus_ratios, adamw_update, damped_inverse, work_dtype
-from peftkit.validation import option
+from peftkit.validation import check_fields, option
 
 UPDATES = ("adamw", "sgd")
 
@@ -73,10 +73,8 @@ class PreconditionedOptimizer(PairOptimizer):
 
     def __init__(self, model: nn.Module, lr: float, *, damping: float = 1e-6, update: str = "adamw",
                  reference_code: bool = False, **kwargs: Any) -> None:
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or damping < 0:
-            raise ConfigError(f"damping: expected a number >= 0 (λ of (BᵀB + λI)⁻¹), got {damping!r}")
-        if update not in UPDATES:
-            raise ConfigError(f"update: expected one of {list(UPDATES)}, got {update!r}")
+        fields = check_fields(PreconditionerOptions, {"damping": damping, "update": update})
+        damping, update = fields["damping"], fields["update"]
         if reference_code and update != "adamw":
             raise ConfigError("update: reference_code=True reproduces the authors' AdamWr; use update='adamw' with it")
         super().__init__(model, lr, **kwargs)

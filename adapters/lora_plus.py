@@ -36,12 +36,8 @@ class LoraPlusOptions:
                     description="AdamW with lr(B) = λ·lr(A) (LoRA+)")
 def build_lora_plus(model: nn.Module, lr: float, config: Any, **options: Any) -> torch.optim.Optimizer:
     opts = {**LoraPlusOptions().__dict__, **config.axis_options("optimizer"), **options}
-    ratio = opts["loraplus_lr_ratio"]
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio < 1:
-        raise ConfigError(f"loraplus_lr_ratio: expected a number >= 1 (λ = lr_B / lr_A), got {ratio!r}")
+    ratio = opts["loraplus_lr_ratio"]  # types and ranges: LoraPlusOptions
     lr_embedding = opts["loraplus_lr_embedding"]
-    if isinstance(lr_embedding, bool) or not isinstance(lr_embedding, (int, float)) or not lr_embedding > 0:
-        raise ConfigError(f"loraplus_lr_embedding: expected a positive learning rate, got {lr_embedding!r}")
     # The embedding group's lr_ratio makes its lr the absolute value; the LR scheduler scales it like the rest.
     groups = param_groups(model, lr, opts["weight_decay"],
                           lr_ratios={"B": float(ratio), "embedding": float(lr_embedding) / lr})

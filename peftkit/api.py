@@ -22,6 +22,7 @@ from .errors import ConfigError, StateError
 from .inject import (adapter_layers, drop_adapter, inject, parameter_flags, remove, restore_parameter_flags,
                      set_active, set_enabled, state_of)
 from .optim import check_lr
+from .validation import Rule, check_value
 
 
 def wrap(model: nn.Module, method_or_config: str | AdapterConfig = "lora", *, data: Iterable | None = None,
@@ -88,7 +89,8 @@ def optimizer(model: nn.Module, lr: float, **options: Any) -> torch.optim.Optimi
     """
     lr = check_lr(lr)
     config = _active_config(model)
-    name = options.pop("name", None) or config.optimizer
+    name = check_value("name", options.pop("name", None), str | None,
+                       Rule(expect="a registered optimizer name or None")) or config.optimizer
     component = registry.get_component("optimizer", name)
     valid = set(component.option_names())
     unknown = [k for k in options if k not in valid]

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from . import registry
 from .errors import ConfigError
-from .validation import check_fields, check_instance, option, unknown_key
+from .validation import Rule, check_fields, check_instance, check_value, option, unknown_key
 
 ALL_LINEAR = "all-linear"
 # Classification heads that "all-linear" never adapts (they are new, randomly initialised layers).
@@ -152,6 +152,7 @@ def resolve_options(method_or_config: str | AdapterConfig, options: dict[str, An
             value = options.pop(axis)
             value = "none" if value is None and axis == "schedule" else value
             value = "default" if value is None and axis == "init" else value
+            value = check_value(f"{prefix}{axis}", value, str, Rule(expect=f"a registered {axis} name"))
             if value != selected[axis]:
                 component_values[axis] = {}
             selected[axis] = value

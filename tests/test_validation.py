@@ -45,6 +45,7 @@ def one_error(capsys, argv: list[str], *needles: str) -> str:
     ({"rslora": 1}, "rslora"),
     ({"rank_pattern": {"q_proj": math.nan}}, "rank_pattern"),
     ({"seed": "0"}, "seed"),
+    ({"init": ["eva"]}, "init"),  # was a TypeError (unhashable list) from the registry lookup
 ])
 def test_wrap_refuses_strings_for_booleans_and_numbers_and_non_finite_values(options, field):
     model = tiny_llama()

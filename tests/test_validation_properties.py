@@ -24,7 +24,6 @@ from peftkit import registry  # noqa: E402
 from peftkit.checkpoint import PeftFields  # noqa: E402
 from peftkit.config import AdapterConfig  # noqa: E402
 from peftkit.errors import PeftkitError  # noqa: E402
-from peftkit.optim import AdamWOptions  # noqa: E402
 from peftkit.train.cli import main  # noqa: E402
 from peftkit.train.recipe import SECTIONS  # noqa: E402
 from peftkit.validation import schema  # noqa: E402

@@ -260,7 +260,7 @@ def _check_method_options(recipe: Recipe) -> None:
 def check(recipe: Recipe) -> None:
     """Checks across keys that need no model or data (each key's own type, range and choices were checked by
     :mod:`peftkit.validation` when the section was built); one ConfigError naming the key."""
-    m, d, a, o, t, lg = (recipe.model, recipe.data, recipe.adapter, recipe.optimizer, recipe.training, recipe.logging)
+    m, d, t, lg = recipe.model, recipe.data, recipe.training, recipe.logging
     if (m.name is None) == (m.config is None):
         raise ConfigError("model: give exactly one of model.name (hub id, folder or pkg:...) and model.config "
                           "(a dict with model_type, to build a model from a config)")
