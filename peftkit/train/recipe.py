@@ -254,6 +254,11 @@ def _check_method_options(recipe: Recipe) -> None:
     config = resolve_options(recipe.adapter.method, recipe.adapter.options, prefix="adapter.")
     name = recipe.optimizer.name or config.optimizer
     component = registry.get_component("optimizer", name)
+    fixed = [f.name for f in dataclasses.fields(OptimizerSection) if f.name != "options"]
+    unknown = [k for k in recipe.optimizer.options if k not in component.option_names()]
+    if unknown:  # the closest of the section's keys and the optimizer's options
+        raise ConfigError(unknown_key(f"optimizer.{unknown[0]}", [f"optimizer.{k}" for k in fixed + component.option_names()],
+                                      "key", f" for the optimizer '{name}'"))
     check_component_options(component, recipe.optimizer.options, prefix="optimizer.")
 
 
