@@ -171,6 +171,9 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     if data.get("peftkit") is not None:
         data["peftkit"] = check_fields(PeftkitFields, data["peftkit"], prefix=f"{path}: peftkit.", unknown="ignore",
                                        error=CheckpointError)
+        # Its config's field types now, because the architecture name is read before the config is built.
+        data["peftkit"]["config"] = check_fields(AdapterConfig, data["peftkit"]["config"], prefix=f"{path}: peftkit.config.",
+                                                 unknown="ignore", error=CheckpointError)
     return data
 
 

@@ -269,3 +269,15 @@ def test_an_absurd_rank_is_refused_before_anything_is_allocated(peft_lora_dir, m
         peftkit.load(model, peft_lora_dir)
     assert created and all(device == "meta" for r, device in created if r == absurd), created
     assert not any(isinstance(m, peftkit.layer.AdapterLayer) for m in model.modules())
+
+
+def test_peftkit_config_fields_are_typed_before_use(tmp_path, capsys):
+    """Found by the property test: a list as the architecture name was a TypeError from the registry lookup."""
+    model = peftkit.wrap(tiny_llama(), "lora", r=2, targets=["q_proj"])
+    peftkit.save(model, tmp_path / "a")
+    data = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    data["peftkit"]["config"]["architecture"] = ["lora"]
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"peftkit.config.architecture: expected a string, got list"):
+        peftkit.load(tiny_llama(), tmp_path / "a")
+    one_error(capsys, ["info", str(tmp_path / "a")], "peftkit.config.architecture")

@@ -30,7 +30,9 @@ from peftkit.validation import schema  # noqa: E402
 
 from train_fixtures import llama_text_recipe  # noqa: E402
 
-PROPERTY = settings(max_examples=25, deadline=None, derandomize=True,
+# PEFTKIT_PROPERTY_EXAMPLES=500 runs a longer, randomised soak (the suite runs 30 fixed examples per test).
+SOAK = int(os.environ.get("PEFTKIT_PROPERTY_EXAMPLES", "0"))
+PROPERTY = settings(max_examples=SOAK or 30, deadline=None, derandomize=not SOAK,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 # Keys that name files, folders, models or hub ids: a mutation there tests the file system or the hub, not the
@@ -155,19 +157,25 @@ def test_validate_on_mutated_recipes_is_ok_or_one_error_and_writes_nothing(recip
 
 
 # ------------------------------------------------------------------------------------------ adapter folders
+SOURCE_METHODS = ("lora", "hydra")  # PEFT's LoRA format, and a peftkit-only format
+
+
 @pytest.fixture(scope="module")
-def adapter_source(tmp_path_factory) -> tuple[Path, Path]:
-    """(base model folder, adapter folder saved from it: LoRA r=2 on q_proj / v_proj, with its sha256)."""
+def adapter_source(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    """(base model folder, {method: adapter folder saved from it, r=2 on q_proj / v_proj, with its sha256})."""
     from transformers import LlamaForCausalLM
 
     from helpers import tiny_llama
 
     root = tmp_path_factory.mktemp("prop-adapter")
     tiny_llama(0).save_pretrained(root / "base")
-    model = LlamaForCausalLM.from_pretrained(root / "base")
-    peftkit.wrap(model, "lora", r=2, targets=["q_proj", "v_proj"])
-    peftkit.save(model, root / "adapter")
-    return root / "base", root / "adapter"
+    folders = {}
+    for method in SOURCE_METHODS:
+        model = LlamaForCausalLM.from_pretrained(root / "base")
+        peftkit.wrap(model, method, r=2, targets=["q_proj", "v_proj"])
+        peftkit.save(model, root / method)
+        folders[method] = root / method
+    return root / "base", folders
 
 
 JSON_VALUES = st.one_of(
@@ -206,8 +214,10 @@ def damage(folder: Path, kind: str, a, b) -> None:
     elif kind == "shape":
         tensors = load_file(str(weights_path))
         key = sorted(tensors)[a % len(tensors)]
-        rows, cols = tensors[key].shape
-        tensors[key] = torch.zeros(max(rows + b[0], 1), max(cols + b[1], 1))
+        shape = list(tensors[key].shape)
+        shape[0] = max(shape[0] + b[0], 1)
+        shape[-1] = max(shape[-1] + b[1], 1)
+        tensors[key] = torch.zeros(shape)
         save_file(tensors, str(weights_path))
         config["peftkit"].pop("weights_sha256")  # as a plain PEFT adapter, so the shapes themselves are checked
     else:
@@ -229,13 +239,16 @@ def scratch(tmp_path_factory) -> Path:
 
 
 @PROPERTY
-@given(hurt=folder_damage(), command=st.sampled_from(["info", "merge", "export", "load"]))
-def test_commands_on_mutated_adapter_folders_are_ok_or_one_error(adapter_source, scratch, capsys, hurt, command):
+@given(hurt=folder_damage(), command=st.sampled_from(["info", "merge", "export", "load"]),
+       method=st.sampled_from(SOURCE_METHODS))
+def test_commands_on_mutated_adapter_folders_are_ok_or_one_error(adapter_source, scratch, capsys, hurt, command,
+                                                                 method):
     import shutil
 
     from transformers import LlamaForCausalLM
 
-    base, source = adapter_source
+    base, sources = adapter_source
+    source = sources[method]
     work = scratch / f"case{len(os.listdir(scratch))}"
     shutil.copytree(source, work / "adapter")
     damage(work / "adapter", *hurt)
@@ -251,7 +264,7 @@ def test_commands_on_mutated_adapter_folders_are_ok_or_one_error(adapter_source,
         return
     argv = {"info": ["info", str(work / "adapter")],
             "merge": ["merge", str(work / "adapter"), "--base", str(base), "--out", str(out)],
-            "export": ["export", str(work / "adapter"), "--out", str(out)]}[command]
+            "export": ["export", str(work / "adapter"), "--out", str(out), "--base", str(base)]}[command]
     before = tree(work)
     code = assert_exit_0_or_one_error(argv, capsys)
     hypothesis.event(f"{command} {hurt[0]}: exit {code}")
