@@ -9,7 +9,6 @@ sha256 of the weights file, so a config and weights from different saves are cau
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -26,9 +25,9 @@ import torch.nn as nn
 
 from . import registry
 from .config import AdapterConfig, _name_matches
-from .errors import CheckpointError, ConfigError, PeftkitError
-from .inject import (adapter_layers, drop_adapter, inject, parameter_flags, remove, restore_parameter_flags,
-                     saved_modules, state_of)
+from .errors import CheckpointError, ConfigError
+from .inject import (adapter_layers, drop_adapter, inject, parameter_flags, probe_adapter, remove,
+                     restore_parameter_flags, saved_modules, state_of)
 from .layer import AdapterLayer
 from .validation import check_fields, check_output_dir, option
 
@@ -504,25 +503,11 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
     return model
 
 
-def _meta_shadow(base: nn.Module) -> nn.Module:
-    """A shallow copy of a base layer whose parameters and buffers are meta tensors of the same shapes and
-    dtypes: an adapter built on it allocates nothing."""
-    shadow = copy.copy(base)
-    shadow._parameters = {k: None if p is None else nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
-                                                                  requires_grad=False)
-                          for k, p in base._parameters.items()}
-    shadow._buffers = {k: None if b is None else torch.empty(b.shape, dtype=b.dtype, device="meta")
-                       for k, b in base._buffers.items()}
-    shadow._modules = dict(base._modules)
-    return shadow
-
-
 def _expected_shapes(model: nn.Module, layer_cls: type, config: AdapterConfig, names: list[str],
                      adapter_name: str) -> dict[str, dict[str, tuple[int, ...]]]:
     """Module -> {suffix: shape} of the tensors ``config`` gives each module, built on the meta device.
 
-    A base the meta copy cannot stand in for (a quantized layer whose init reads its values) is left out: the
-    same shapes are checked again after inject, against the real layers."""
+    A base the meta copy cannot stand in for is left out: the same shapes are checked again after inject."""
     modules = dict(model.named_modules())
     out = {}
     for name in names:
@@ -530,16 +515,14 @@ def _expected_shapes(model: nn.Module, layer_cls: type, config: AdapterConfig, n
         if module is None:
             continue
         base = module.base_layer if isinstance(module, AdapterLayer) else module
+        r, alpha = config.rank_alpha(name)
+        probe = probe_adapter(layer_cls, base, name, adapter_name, r, alpha, config)
+        if probe is None:
+            continue
         try:
-            shadow = _meta_shadow(base)
             with torch.device("meta"):
-                layer = layer_cls.for_base(shadow)(shadow, name)
-                r, alpha = config.rank_alpha(name)
-                layer.add_adapter(adapter_name, r, alpha, config)
-                out[name] = {k: tuple(v.shape) for k, v in layer.saved_tensors(adapter_name).items()}
-        except PeftkitError:
-            raise
-        except Exception:  # noqa: BLE001 - the post-inject check covers this module
+                out[name] = {k: tuple(v.shape) for k, v in probe.saved_tensors(adapter_name).items()}
+        except Exception:  # noqa: BLE001 - checked again after inject
             continue
     return out
 

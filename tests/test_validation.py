@@ -247,7 +247,7 @@ def test_peftkit_section_fields_are_checked(tmp_path):
     data = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     data["peftkit"]["config"]["alpha"] = "inf"
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(data))
-    with pytest.raises(CheckpointError, match=r"adapter_config.json: unreadable adapter config \(alpha: expected"):
+    with pytest.raises(CheckpointError, match=r"adapter_config.json: peftkit.config.alpha: expected a positive number"):
         peftkit.load(tiny_llama(), tmp_path / "a")
 
 
@@ -281,3 +281,13 @@ def test_peftkit_config_fields_are_typed_before_use(tmp_path, capsys):
     with pytest.raises(CheckpointError, match=r"peftkit.config.architecture: expected a string, got list"):
         peftkit.load(tiny_llama(), tmp_path / "a")
     one_error(capsys, ["info", str(tmp_path / "a")], "peftkit.config.architecture")
+
+
+@pytest.mark.parametrize("method,options", [("elalora", {"capacity": 10 ** 12})])
+def test_absurd_size_options_are_refused_before_allocation(method, options):
+    """Found by the property test: ElaLoRA's capacity=1e12 tried to allocate 128 TB. Sizes are measured on the
+    meta device against the layer's own weight before anything is allocated."""
+    model = tiny_llama()
+    with pytest.raises(ConfigError, match=r"adapter would hold .* values, more than 8x the layer's own"):
+        peftkit.wrap(model, method, r=2, **options)
+    assert not any(isinstance(m, peftkit.layer.AdapterLayer) for m in model.modules())
