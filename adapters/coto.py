@@ -29,6 +29,7 @@ from peftkit import registry
 from peftkit.callbacks import Schedule
 from peftkit.errors import ConfigError, StateError
 from peftkit.inject import adapter_layers, state_of
+from peftkit.validation import option
 
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 # The schedule currently gating each model: a new one replaces (and unhooks) the previous one.
@@ -38,9 +39,9 @@ _LIVE: "weakref.WeakKeyDictionary[nn.Module, CotoSchedule]" = weakref.WeakKeyDic
 @dataclass
 class CotoOptions:
     # p₀, the activation probability at step 0 (the reference README's 0.1; the paper's summaries say 0).
-    initial_p: float = 0.1
+    initial_p: float = option(0.1, ge=0, le=1)
     # ρ₁: p reaches 1 after ⌈ρ₁ T⌉ steps; the rest of training is plain training.
-    stage1_ratio: float = 0.75
+    stage1_ratio: float = option(0.75, ge=0, le=1)
 
 
 def activation_probability(t: int, total_steps: int, initial_p: float, stage1_ratio: float) -> float:

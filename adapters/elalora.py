@@ -41,6 +41,7 @@ from peftkit.errors import ConfigError, StateError
 from peftkit.inject import adapter_layers, state_of
 from peftkit.layer import AdapterLayer, adapter_dtype
 from peftkit.optim import AdamWOptions, adamw_update, check_betas_eps, param_groups
+from peftkit.validation import option
 
 SCALING_EPS = 1e-5  # the reference's s = α / (ranknum + 1e-5)
 INIT_STD = 0.02
@@ -50,9 +51,9 @@ NEW_E_CAP = 1e-13  # a grown triplet starts at e = min(min|E|, 1e-13): the outpu
 @dataclass
 class ElaloraOptions:
     # r_max per layer, the fixed capacity the ranks can grow into; None: 2·r_0, capped at min(in, out).
-    capacity: int | None = None
+    capacity: int | None = option(None, gt=0)
     # γ of the orthogonality regulariser (0 switches it off).
-    orth_reg_weight: float = 0.1
+    orth_reg_weight: float = option(0.1, ge=0)
 
 
 def _arch_options(config: Any) -> dict[str, Any]:
@@ -304,17 +305,17 @@ def build_slot_adamw(model: nn.Module, lr: float, config: Any, **options: Any) -
 class ElaloraScheduleOptions:
     # Phases in optimizer steps (t = completed steps − 1): scores only while t <= t_init; no score update and
     # no change once t >= T − t_final; a reallocation when (t − t_init) % delta_t == 0 in between.
-    t_init: int = 300
-    t_final: int = 400
-    delta_t: int = 50
+    t_init: int = option(300, ge=0)
+    t_final: int = option(400, ge=0)
+    delta_t: int = option(50, gt=0)
     # b_0, the moves per reallocation (decaying as b_0·(1 − p³) with the scheduler), and k, the per-layer cap.
-    budget: int = 4
-    k: int = 2
+    budget: int = option(4, ge=0)
+    k: int = option(2, ge=0)
     budget_scheduler: bool = True
-    beta1: float = 0.85
-    beta2: float = 0.85
+    beta1: float = option(0.85, ge=0, lt=1)
+    beta2: float = option(0.85, ge=0, lt=1)
     # New vectors: "reference" (g − Qᵀ(Qg), the official rule) or "qr" (exactly orthogonal to the active rows).
-    new_vectors: str = "reference"
+    new_vectors: str = option("reference", choices=("reference", "qr"))
 
 
 def budget_at(t: int, total_steps: int, options: dict[str, Any]) -> int:

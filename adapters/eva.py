@@ -23,22 +23,23 @@ from peftkit import registry
 from peftkit.errors import ConfigError
 from peftkit.inject import _set_child, set_active, state_of
 from peftkit.stats import IncrementalPCA, adapter_name_of, base_model, check_batches, gather_rows, selected_token_mask
+from peftkit.validation import option
 
 ALPHA_RULES = ("peft", "keep_scaling", "constant")
 
 
 @dataclass
 class EvaOptions:
-    rho: float = 2.0  # per-layer cap: at most round(r·ρ) components (ρ = 1: no redistribution)
-    tau: float = 0.99  # convergence: cos(component, previous component) ≥ τ
+    rho: float = option(2.0, ge=1)  # per-layer cap: at most round(r·ρ) components (ρ = 1: no redistribution)
+    tau: float = option(0.99, gt=0, le=1)  # convergence: cos(component, previous component) ≥ τ
     use_label_mask: bool = True  # only tokens with labels != label_mask_value (and attention_mask == 1)
     label_mask_value: int = -100
     whiten: bool = False  # A rows divided by √σᵢ
     # peft: α_l = α·r_new/r (s = α/r kept without rsLoRA); keep_scaling: the α that keeps s under either rule
     # (α·√(r_new/r) with rsLoRA); constant: α unchanged (the authors' repo).
-    alpha_rule: str = "peft"
-    max_batches: int = 100  # cap on forward passes (the reference loops have none)
-    svd: str = "exact"  # "exact" (LAPACK) or "lowrank" (seeded svd_lowrank, q = 2k: PEFT's EVA, for parity)
+    alpha_rule: str = option("peft", choices=ALPHA_RULES)
+    max_batches: int = option(100, gt=0)  # cap on forward passes (the reference loops have none)
+    svd: str = option("exact", choices=("exact", "lowrank"))  # "exact" (LAPACK) or "lowrank" (seeded svd_lowrank, q = 2k: PEFT's EVA, for parity)
 
 
 def allocate(ratios: dict[str, torch.Tensor], caps: dict[str, int], budget: int) -> dict[str, int]:
@@ -48,19 +49,6 @@ def allocate(ratios: dict[str, torch.Tensor], caps: dict[str, int], budget: int)
     order = torch.argsort(values, descending=True, stable=True)
     counts = Counter(keys[i] for i in order[:budget].tolist())
     return {name: counts.get(name, 0) for name in ratios}
-
-
-def _check(options: dict) -> None:
-    if not isinstance(options["rho"], (int, float)) or isinstance(options["rho"], bool) or options["rho"] < 1:
-        raise ConfigError(f"rho: expected a number >= 1, got {options['rho']!r}")
-    if not isinstance(options["tau"], (int, float)) or not 0 < options["tau"] <= 1:
-        raise ConfigError(f"tau: expected a number in (0, 1], got {options['tau']!r}")
-    if options["alpha_rule"] not in ALPHA_RULES:
-        raise ConfigError(f"alpha_rule: expected one of {ALPHA_RULES}, got {options['alpha_rule']!r}")
-    if options["svd"] not in ("exact", "lowrank"):
-        raise ConfigError(f"svd: expected 'exact' or 'lowrank', got {options['svd']!r}")
-    if isinstance(options["max_batches"], bool) or not isinstance(options["max_batches"], int) or options["max_batches"] < 1:
-        raise ConfigError(f"max_batches: expected a positive integer, got {options['max_batches']!r}")
 
 
 def eva_components(model, layers, config, batches, adapter: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
@@ -194,7 +182,6 @@ def eva_components(model, layers, config, batches, adapter: str) -> tuple[dict[s
                description="A = top principal directions of each layer's inputs, B = 0, ranks by explained variance")
 def eva_init(model, layers, config, data) -> None:
     options = config.axis_options("init")
-    _check(options)
     batches = check_batches(data, "eva")
     adapter = adapter_name_of(model, config)
     components, allocation = eva_components(model, layers, config, batches, adapter)

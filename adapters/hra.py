@@ -25,8 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from peftkit import registry
-from peftkit.errors import ConfigError, StateError
+from peftkit.errors import StateError
 from peftkit.layer import AdapterLayer, adapter_dtype
+from peftkit.validation import option
 
 
 @dataclass
@@ -36,16 +37,7 @@ class HraOptions:
     # True: paired init U = [h₁, h₁, h₂, h₂, …] (Q = I; needs an even r and no GS); False: Kaiming-uniform columns.
     init_weights: bool = True
     # λ of the orthogonality regulariser λ·Σ_layers ‖I − ÛᵀÛ‖_F; 0 (PEFT's behaviour) switches it off.
-    orth_reg_weight: float = 0.0
-
-
-def _check_options(options: dict[str, Any]) -> None:
-    for key in ("apply_GS", "init_weights"):
-        if not isinstance(options[key], bool):
-            raise ConfigError(f"{key}: expected True or False, got {options[key]!r}")
-    weight = options["orth_reg_weight"]
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-        raise ConfigError(f"orth_reg_weight: expected a number >= 0 (λ of the HRA regulariser), got {weight!r}")
+    orth_reg_weight: float = option(0.0, ge=0)
 
 
 class HraBranch(nn.Module):
@@ -92,7 +84,6 @@ class HraLayer(AdapterLayer):
 
     def make_branch(self, name: str, r: int, alpha: float, config: Any) -> nn.Module:
         options = {**HraOptions().__dict__, **config.axis_options("architecture")}
-        _check_options(options)
         # The paired init is the identity only for even r without Gram-Schmidt: GS turns a pair into an arbitrary
         # (or NaN, for an exactly zero residual) second direction, and I − 2VVᵀ is never I. Otherwise the
         # columns are Kaiming-uniform and the adapter changes the output at init.

@@ -29,6 +29,7 @@ import torch.nn as nn
 from peftkit import registry
 from peftkit.errors import ConfigError, StateError
 from peftkit.layer import AdapterLayer, adapter_dtype
+from peftkit.validation import option
 
 DOWN_INITS = ("kaiming", "xavier", "normal")
 
@@ -36,14 +37,14 @@ DOWN_INITS = ("kaiming", "xavier", "normal")
 @dataclass
 class HydraOptions:
     # r_s, the rank of the sequential branch; None: the layer's r (r is r_p, rank_pattern applies to it).
-    sequential_r: int | None = None
+    sequential_r: int | None = option(None, gt=0)
     # s_p (the reference code's ``scale``) and s_s (None: equal to s_p, as the code).
     scale: float = 1.0
     sequential_scale: float | None = None
     # The down/up projection biases a_p, b_p, a_s, b_s (zero-initialised), as the vtab code.
     branch_bias: bool = False
     # Init of A_p, A_s: "kaiming" (uniform, a = √5; nlu code), "xavier" (uniform; vtab), "normal" (std 0.02; elevater).
-    down_init: str = "kaiming"
+    down_init: str = option("kaiming", choices=DOWN_INITS)
 
 
 def _options(config: Any) -> dict[str, Any]:

@@ -31,19 +31,20 @@ import torch.nn as nn
 from peftkit import registry
 from peftkit.errors import ConfigError
 from peftkit.optim import FactorPair, PairOptimizer, adamw_update, loraplus_ratios, damped_inverse, work_dtype
+from peftkit.validation import option
 
 
 @dataclass
 class LoftOptions:
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-4  # the official default; LoFT's U is a full-space Adam direction, 1e-8 is too small
-    damping_a: float = 1e-6  # δ_A in (B̃ᵀB̃ + δ_A I)⁻¹
-    damping_b: float = 1e-8  # δ_B in (AAᵀ + δ_B I)⁻¹
+    weight_decay: float = option(0.0, ge=0)
+    betas: tuple[float, float] = option((0.9, 0.999), ge=0, lt=1)
+    eps: float = option(1e-4, ge=0)  # the official default; LoFT's U is a full-space Adam direction, 1e-8 is too small
+    damping_a: float = option(1e-6, ge=0)  # δ_A in (B̃ᵀB̃ + δ_A I)⁻¹
+    damping_b: float = option(1e-8, ge=0)  # δ_B in (AAᵀ + δ_B I)⁻¹
     alternate: bool = True  # False: update both factors every step (an ablation)
     reference_code: bool = False  # the official code's conventions (see the module docstring)
-    loraplus_lr_ratio: float = 1.0  # lr(B) / lr(A)
-    max_grad_norm: float | None = None  # clip on the norm of the projected gradients (loft.md (f))
+    loraplus_lr_ratio: float = option(1.0, gt=0)  # lr(B) / lr(A)
+    max_grad_norm: float | None = option(None, gt=0)  # clip on the norm of the projected gradients (loft.md (f))
 
 
 def row_outer(rows: torch.Tensor) -> torch.Tensor:

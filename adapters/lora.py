@@ -17,13 +17,14 @@ import torch.nn.functional as F
 from peftkit import registry
 from peftkit.errors import ConfigError, StateError
 from peftkit.layer import AdapterLayer, adapter_dtype, linear_types
+from peftkit.validation import option
 
 
 @dataclass
 class LoraOptions:
     # PEFT's init_lora_weights: True (A Kaiming-uniform, B = 0), "gaussian" (A ~ N(0, 1/r)), False (debug:
     # B random too, so the model changes at init).
-    init_lora_weights: bool | str = True
+    init_lora_weights: bool | str = option(True, choices=(True, False, "gaussian"))
 
 
 class LoraBranch(nn.Module):

@@ -21,6 +21,7 @@ from peftkit import registry
 from peftkit.errors import ConfigError
 from peftkit.stats import (adapter_name_of, check_batches, check_double_rank, gradient_statistics,
                            top_singular_triplets)
+from peftkit.validation import option
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 SCALES = ("stable", "gd", "unit", "weightS", "weight_svd")
@@ -28,12 +29,12 @@ SCALES = ("stable", "gd", "unit", "weightS", "weight_svd")
 
 @dataclass
 class LoraGAOptions:
-    direction: str = "ArB2r"  # which of the top-2r singular vectors go to A and to B (lora-ga.md table)
-    scale: str = "stable"  # stable: c = out^{1/4}/√γ; gd: 1/s; unit: 1; weightS: mean √(σᵢ(W)/s), i < r
-    stable_gamma: float = 16.0  # γ of the stable scale
+    direction: str = option("ArB2r", choices=DIRECTIONS)  # which of the top-2r singular vectors go to A and to B (lora-ga.md table)
+    scale: str = option("stable", choices=SCALES)  # stable: c = out^{1/4}/√γ; gd: 1/s; unit: 1; weightS: mean √(σᵢ(W)/s), i < r
+    stable_gamma: float = option(16.0, gt=0)  # γ of the stable scale
     norm_clip: bool = False  # shrink the init when max|s·B₀A₀| > max|W| (authors' option)
     peft_compat: bool = False  # PEFT 0.21.2's variant (module docstring), for parity
-    gradient_sketch: int | None = None  # k: single-pass randomized SVD from sketches G·Ω, Gᵀ·Ψ (None: exact)
+    gradient_sketch: int | None = option(None, gt=0)  # k: single-pass randomized SVD from sketches G·Ω, Gᵀ·Ψ (None: exact)
 
 
 def _split(direction: str, r: int, peft_compat: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,17 +50,9 @@ def _split(direction: str, r: int, peft_compat: bool) -> tuple[torch.Tensor, tor
 
 
 def _check(options: dict) -> None:
-    if options["direction"] not in DIRECTIONS:
-        raise ConfigError(f"direction: expected one of {DIRECTIONS}, got {options['direction']!r}")
-    if options["scale"] not in SCALES:
-        raise ConfigError(f"scale: expected one of {SCALES}, got {options['scale']!r}")
+    """Across options (each option's own type and range is declared on LoraGAOptions)."""
     if options["scale"] == "weight_svd" and not options["peft_compat"]:
         raise ConfigError("scale: 'weight_svd' is PEFT's variant; pass peft_compat=True, or use scale='weightS'")
-    if not options["stable_gamma"] > 0:
-        raise ConfigError(f"stable_gamma: expected a positive number, got {options['stable_gamma']!r}")
-    sketch = options["gradient_sketch"]
-    if sketch is not None and (isinstance(sketch, bool) or not isinstance(sketch, int) or sketch <= 0):
-        raise ConfigError(f"gradient_sketch: expected None or a positive sketch size k, got {sketch!r}")
 
 
 def lora_ga_factors(grad_u: torch.Tensor, grad_s: torch.Tensor, grad_vh: torch.Tensor, r: int, s: float,

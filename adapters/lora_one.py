@@ -14,14 +14,14 @@ from dataclasses import dataclass
 import torch
 
 from peftkit import registry
-from peftkit.errors import ConfigError
 from peftkit.stats import adapter_name_of, check_batches, gradient_statistics, top_singular_triplets
+from peftkit.validation import option
 
 
 @dataclass
 class LoraOneOptions:
-    gamma: float = 128.0  # γ: the init step has spectral norm s/γ
-    gradient_sketch: int | None = None  # k: single-pass randomized SVD from sketches (None: exact SVD)
+    gamma: float = option(128.0, gt=0)  # γ: the init step has spectral norm s/γ
+    gradient_sketch: int | None = option(None, gt=0)  # k: single-pass randomized SVD from sketches (None: exact SVD)
 
 
 def lora_one_factors(u: torch.Tensor, sv: torch.Tensor, vh: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,12 +34,8 @@ def lora_one_factors(u: torch.Tensor, sv: torch.Tensor, vh: torch.Tensor, gamma:
                description="A₀, B₀ from the top-r SVD of −G with √σ weights and 1/√(γσ₁): one normalised step")
 def lora_one_init(model, layers, config, data) -> None:
     options = config.axis_options("init")
-    gamma = options["gamma"]
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
-        raise ConfigError(f"gamma: expected a positive number, got {gamma!r}; the authors use gamma=128")
+    gamma = options["gamma"]  # types and ranges: LoraOneOptions
     sketch = options["gradient_sketch"]
-    if sketch is not None and (isinstance(sketch, bool) or not isinstance(sketch, int) or sketch <= 0):
-        raise ConfigError(f"gradient_sketch: expected None or a positive sketch size k, got {sketch!r}")
     batches = check_batches(data, "lora-one")
     adapter = adapter_name_of(model, config)
     size = None if sketch is None else max(sketch, max(l.ranks[adapter] for l in layers.values()))

@@ -21,20 +21,21 @@ import torch.nn as nn
 from peftkit import registry
 from peftkit.errors import ConfigError
 from peftkit.optim import FactorPair, PairOptimizer, loraplus_ratios, adamw_update, damped_inverse, work_dtype
+from peftkit.validation import check_fields, option
 
 UPDATES = ("adamw", "sgd")
 
 
 @dataclass
 class PreconditionerOptions:
-    damping: float = 1e-6  # λ in (BᵀB + λI)⁻¹ and (AAᵀ + λI)⁻¹
-    update: str = "adamw"  # the base update on the preconditioned gradients: "adamw" or "sgd"
+    damping: float = option(1e-6, ge=0)  # λ in (BᵀB + λI)⁻¹ and (AAᵀ + λI)⁻¹
+    update: str = option("adamw", choices=UPDATES)  # the base update on the preconditioned gradients: "adamw" or "sgd"
     reference_code: bool = False  # the authors' AdamWr conventions (module docstring)
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    loraplus_lr_ratio: float = 1.0  # lr(B) / lr(A)
-    max_grad_norm: float | None = None  # clip the unscaled raw gradients before preconditioning
+    weight_decay: float = option(0.0, ge=0)
+    betas: tuple[float, float] = option((0.9, 0.999), ge=0, lt=1)
+    eps: float = option(1e-8, ge=0)
+    loraplus_lr_ratio: float = option(1.0, gt=0)  # lr(B) / lr(A)
+    max_grad_norm: float | None = option(None, gt=0)  # clip the unscaled raw gradients before preconditioning
 
 
 def preconditioned_gradients(a: torch.Tensor, b: torch.Tensor, grad_a: torch.Tensor, grad_b: torch.Tensor,
@@ -72,10 +73,8 @@ class PreconditionedOptimizer(PairOptimizer):
 
     def __init__(self, model: nn.Module, lr: float, *, damping: float = 1e-6, update: str = "adamw",
                  reference_code: bool = False, **kwargs: Any) -> None:
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or damping < 0:
-            raise ConfigError(f"damping: expected a number >= 0 (λ of (BᵀB + λI)⁻¹), got {damping!r}")
-        if update not in UPDATES:
-            raise ConfigError(f"update: expected one of {list(UPDATES)}, got {update!r}")
+        fields = check_fields(PreconditionerOptions, {"damping": damping, "update": update})
+        damping, update = fields["damping"], fields["update"]
         if reference_code and update != "adamw":
             raise ConfigError("update: reference_code=True reproduces the authors' AdamWr; use update='adamw' with it")
         super().__init__(model, lr, **kwargs)

@@ -18,29 +18,26 @@ import torch.nn as nn
 from peftkit import registry
 from peftkit.errors import ConfigError
 from peftkit.optim import param_groups
+from peftkit.validation import option
 
 
 @dataclass
 class LoraPlusOptions:
-    loraplus_lr_ratio: float = 16.0
+    loraplus_lr_ratio: float = option(16.0, ge=1)
     # Embedding LoRA factors (role "embedding"): an absolute lr, not scaled by λ nor by the base lr, as in the
     # authors' code and PEFT (PEFT inits embedding LoRA reversed, so "which factor gets λ" is ill-defined).
-    loraplus_lr_embedding: float = 1e-6
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    loraplus_lr_embedding: float = option(1e-6, gt=0)
+    weight_decay: float = option(0.0, ge=0)
+    betas: tuple[float, float] = option((0.9, 0.999), ge=0, lt=1)
+    eps: float = option(1e-8, ge=0)
 
 
 @registry.optimizer("lora-plus", options=LoraPlusOptions, architectures=("lora",),
                     description="AdamW with lr(B) = λ·lr(A) (LoRA+)")
 def build_lora_plus(model: nn.Module, lr: float, config: Any, **options: Any) -> torch.optim.Optimizer:
     opts = {**LoraPlusOptions().__dict__, **config.axis_options("optimizer"), **options}
-    ratio = opts["loraplus_lr_ratio"]
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio < 1:
-        raise ConfigError(f"loraplus_lr_ratio: expected a number >= 1 (λ = lr_B / lr_A), got {ratio!r}")
+    ratio = opts["loraplus_lr_ratio"]  # types and ranges: LoraPlusOptions
     lr_embedding = opts["loraplus_lr_embedding"]
-    if isinstance(lr_embedding, bool) or not isinstance(lr_embedding, (int, float)) or not lr_embedding > 0:
-        raise ConfigError(f"loraplus_lr_embedding: expected a positive learning rate, got {lr_embedding!r}")
     # The embedding group's lr_ratio makes its lr the absolute value; the LR scheduler scales it like the rest.
     groups = param_groups(model, lr, opts["weight_decay"],
                           lr_ratios={"B": float(ratio), "embedding": float(lr_embedding) / lr})

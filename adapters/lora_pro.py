@@ -36,6 +36,7 @@ import torch.nn as nn
 from peftkit import registry
 from peftkit.errors import ConfigError
 from peftkit.optim import FactorPair, PairOptimizer, loraplus_ratios, adamw_update, pinv_from_eig, sym_eig, work_dtype
+from peftkit.validation import option
 
 MODES = ("full", "efficient")
 X_MODES = ("sylvester", "zero", "symmetry")
@@ -44,19 +45,19 @@ MOMENT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64"
 
 @dataclass
 class LoraProOptions:
-    mode: str = "full"  # "full": m×n Adam moments (paper); "efficient": per-factor moments
-    x_mode: str = "sylvester"  # the free r×r matrix: "sylvester" (default), "zero", "symmetry"
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    loraplus_lr_ratio: float = 1.0  # lr(B) / lr(A), LoRA+ composition
-    max_grad_norm: float | None = None  # clip the unscaled raw gradients before the adjustment
-    moment_dtype: str | None = None  # full mode: dtype of M and V (None: fp32, fp64 for fp64 factors)
-    reference_code: bool = False  # full mode: the official code's bias correction (t + 1) and clipping order
+    mode: str = option("full", choices=MODES)  # "full": m×n Adam moments (paper); "efficient": per-factor moments
+    x_mode: str = option("sylvester", choices=X_MODES)  # the free r×r matrix: "sylvester" (default), "zero", "symmetry"
+    weight_decay: float = option(0.0, ge=0)
+    betas: tuple[float, float] = option((0.9, 0.999), ge=0, lt=1)
+    eps: float = option(1e-8, ge=0)
+    loraplus_lr_ratio: float = option(1.0, gt=0)  # lr(B) / lr(A), LoRA+ composition
+    max_grad_norm: float | None = option(None, gt=0)  # clip the unscaled raw gradients before the adjustment
+    moment_dtype: str | None = option(None, choices=(None, *MOMENT_DTYPES))  # full mode: dtype of M and V (None: fp32, fp64 for fp64 factors)
+    reference_code: bool = option(False)  # full mode: the official code's bias correction (t + 1) and clipping order
     # full mode under torch.distributed: each process keeps the moments of the whole pairs it owns (~1/N of
     # them), updates those pairs and broadcasts their factors (PairOptimizer.pair_owners). None: off, unless a
     # loop whose checkpoints call state_dict() on every process turns it on (peftkit's CLI does); True: on.
-    shard_moments: bool | None = None
+    shard_moments: bool | None = option(None)
 
 
 def solve_sylvester(gram_b: tuple[torch.Tensor, torch.Tensor], gram_a: tuple[torch.Tensor, torch.Tensor],

@@ -18,11 +18,12 @@ from . import lr as lr_rules
 # import later (registry.discover) would rebind the package attribute ``peftkit.callbacks`` from the public
 # function to the submodule.
 from . import callbacks as _schedules  # noqa: F401
-from .config import AdapterConfig, resolve_config
+from .config import AdapterConfig, check_component_options, resolve_config
 from .errors import ConfigError, StateError
 from .inject import (adapter_layers, drop_adapter, inject, parameter_flags, remove, restore_parameter_flags,
                      set_active, set_enabled, state_of)
 from .optim import check_lr
+from .validation import Rule, check_value
 
 
 def wrap(model: nn.Module, method_or_config: str | AdapterConfig = "lora", *, data: Iterable | None = None,
@@ -101,7 +102,7 @@ def optimizer(model: nn.Module, lr: float | str | None = None, *, base_lr: float
     """
     auto = lr is None or lr == "auto"
     if not auto:
-        check_lr(lr)
+        lr = check_lr(lr)
     if base_lr is not None:
         try:
             check_lr(base_lr)
@@ -109,7 +110,8 @@ def optimizer(model: nn.Module, lr: float | str | None = None, *, base_lr: float
             raise ConfigError(f"base_lr: expected a positive learning rate (the rate you would give plain LoRA), "
                               f"got {base_lr!r}; e.g. base_lr=2e-4") from None
     config = _active_config(model)
-    name = options.pop("name", None) or config.optimizer
+    name = check_value("name", options.pop("name", None), str | None,
+                       Rule(expect="a registered optimizer name or None")) or config.optimizer
     component = registry.get_component("optimizer", name)
     valid = set(component.option_names())
     unknown = [k for k in options if k not in valid]
@@ -120,6 +122,8 @@ def optimizer(model: nn.Module, lr: float | str | None = None, *, base_lr: float
             f"optimizer: unknown option '{unknown[0]}' for the '{name}' optimizer.{hint} "
             f"Valid options: {', '.join(sorted(valid)) or 'none'}."
         )
+    # Types, ranges and finiteness, before the optimizer allocates any state.
+    options = check_component_options(component, options)
     if component.architectures is not None and config.architecture not in component.architectures:
         raise ConfigError(
             f"optimizer '{name}' is defined for {list(component.architectures)} adapters, not '{config.architecture}'"

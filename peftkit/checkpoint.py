@@ -20,6 +20,7 @@ import sys
 import tempfile
 import warnings
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,10 @@ import torch.nn as nn
 from . import registry
 from .config import AdapterConfig, _name_matches
 from .errors import CheckpointError, ConfigError
-from .inject import (adapter_layers, drop_adapter, inject, parameter_flags, remove, restore_parameter_flags,
-                     saved_modules, state_of)
+from .inject import (adapter_layers, drop_adapter, inject, parameter_flags, probe_adapter, remove,
+                     restore_parameter_flags, saved_modules, state_of)
+from .layer import AdapterLayer
+from .validation import check_fields, check_output_dir, option
 
 CONFIG_NAME = "adapter_config.json"
 METADATA_NAME = "peftkit.json"
@@ -162,16 +165,60 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         ) from None
 
 
+@dataclass
+class PeftFields:
+    """The fields of ``adapter_config.json`` that peftkit reads, with their JSON types and ranges. Other PEFT
+    fields are kept and not read (PEFT adds fields between versions)."""
+
+    peft_type: str = "LORA"
+    r: int = option(8, gt=0)
+    lora_alpha: float = option(8.0, gt=0)
+    use_rslora: bool = False
+    lora_dropout: float | None = option(0.0, ge=0, lt=1)
+    rank_pattern: dict[str, int] | None = option(None, gt=0)
+    alpha_pattern: dict[str, float] | None = option(None, gt=0)
+    target_modules: str | list[str] | None = None
+    modules_to_save: list[str] | None = None
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    use_dora: bool = False
+    lora_bias: bool = False
+    bias: str = "none"
+    apply_GS: bool = False  # HRA
+    init_weights: bool = True  # HRA
+    peftkit: dict[str, Any] | None = None
+
+
+@dataclass
+class PeftkitFields:
+    """The ``peftkit`` section of ``adapter_config.json`` (its ``config`` is an AdapterConfig, checked by
+    ``AdapterConfig.from_dict``)."""
+
+    version: str | None = None
+    method: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    weights_sha256: str | None = option(None, expect="a hex sha256 string")
+
+
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """``adapter_config.json`` of an adapter folder, every field peftkit reads checked for its JSON type and
+    range (:mod:`peftkit.validation`); a bad field is one CheckpointError naming the file and the field."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found; expected an adapter folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc}); the file is corrupt - save the adapter again") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    data = check_fields(PeftFields, data, prefix=f"{path}: ", unknown="ignore", error=CheckpointError)
+    if data.get("peftkit") is not None:
+        data["peftkit"] = check_fields(PeftkitFields, data["peftkit"], prefix=f"{path}: peftkit.", unknown="ignore",
+                                       error=CheckpointError)
+        # Its config's field types now, because the architecture name is read before the config is built.
+        data["peftkit"]["config"] = check_fields(AdapterConfig, data["peftkit"]["config"], prefix=f"{path}: peftkit.config.",
+                                                 unknown="ignore", error=CheckpointError)
     return data
 
 
@@ -557,6 +604,13 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
         warnings.simplefilter("default")
         _warn_unmatched_patterns(config, list(per_module))
         config_for_inject = _strip_patterns(config, list(per_module))
+    try:
+        # The shapes the config implies, against the saved tensors, before inject allocates anything (a crafted
+        # config with an absurd rank is refused here, not after allocating it).
+        _raise_on_mismatch(directory, per_module, _expected_shapes(model, layer_cls, config_for_inject,
+                                                                   list(per_module), adapter_name))
+    except ConfigError as exc:
+        raise CheckpointError(f"{directory}: the adapter does not fit this model: {exc}") from None
     had_state = state_of(model, required=False) is not None
     flags = parameter_flags(model)
     try:
@@ -565,22 +619,9 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
         raise CheckpointError(f"{directory}: the adapter does not fit this model: {exc}") from None
     state_of(model).configs[adapter_name] = config
     try:
-        mismatches = []
-        for name, layer in touched.items():
-            got = per_module[name]
-            want = layer.saved_tensors(adapter_name)
-            if set(got) != set(want):
-                mismatches.append(f"{name}: keys {sorted(got)} != expected {sorted(want)}")
-                continue
-            for key in want:
-                if tuple(got[key].shape) != tuple(want[key].shape):
-                    mismatches.append(f"{name}.{key}: saved {tuple(got[key].shape)}, model needs {tuple(want[key].shape)}")
-        if mismatches:
-            raise CheckpointError(
-                f"{directory}: the adapter's shapes do not fit this model ({len(mismatches)} mismatches): "
-                + "; ".join(mismatches[:6]) + (" ..." if len(mismatches) > 6 else "")
-                + ". Load it into the base model it was trained on."
-            )
+        _raise_on_mismatch(directory, per_module, {
+            name: {k: tuple(v.shape) for k, v in layer.saved_tensors(adapter_name).items()}
+            for name, layer in touched.items()})
         for name, layer in touched.items():
             layer.load_saved_tensors(adapter_name, per_module[name])
         for name, wrapper in saved_modules(model).items():
@@ -656,6 +697,49 @@ def model_labels(directory: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
+def _expected_shapes(model: nn.Module, layer_cls: type, config: AdapterConfig, names: list[str],
+                     adapter_name: str) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Module -> {suffix: shape} of the tensors ``config`` gives each module, built on the meta device.
+
+    A base the meta copy cannot stand in for is left out: the same shapes are checked again after inject."""
+    modules = dict(model.named_modules())
+    out = {}
+    for name in names:
+        module = modules.get(name, modules.get(name.replace("base_layer.", "")))
+        if module is None:
+            continue
+        base = module.base_layer if isinstance(module, AdapterLayer) else module
+        r, alpha = config.rank_alpha(name)
+        probe = probe_adapter(layer_cls, base, name, adapter_name, r, alpha, config)
+        if probe is None:
+            continue
+        try:
+            with torch.device("meta"):
+                out[name] = {k: tuple(v.shape) for k, v in probe.saved_tensors(adapter_name).items()}
+        except Exception:  # noqa: BLE001 - checked again after inject
+            continue
+    return out
+
+
+def _raise_on_mismatch(directory: Path, per_module: dict[str, dict[str, torch.Tensor]],
+                       expected: dict[str, dict[str, tuple[int, ...]]]) -> None:
+    mismatches = []
+    for name, want in expected.items():
+        got = per_module[name]
+        if set(got) != set(want):
+            mismatches.append(f"{name}: keys {sorted(got)} != expected {sorted(want)}")
+            continue
+        for key, shape in want.items():
+            if tuple(got[key].shape) != tuple(shape):
+                mismatches.append(f"{name}.{key}: saved {tuple(got[key].shape)}, model needs {tuple(shape)}")
+    if mismatches:
+        raise CheckpointError(
+            f"{directory}: the adapter's shapes do not fit this model ({len(mismatches)} mismatches): "
+            + "; ".join(mismatches[:6]) + (" ..." if len(mismatches) > 6 else "")
+            + ". Load it into the base model it was trained on."
+        )
+
+
 def _warn_unmatched_patterns(config: AdapterConfig, names: list[str]) -> None:
     for field_name in ("rank_pattern", "alpha_pattern"):
         for key in getattr(config, field_name):
@@ -713,6 +797,7 @@ def export(model_or_dir: nn.Module | str | os.PathLike, directory: str | os.Path
     """Write the adapter as a standard PEFT checkpoint (LoRA, or HRA for HRA)."""
     if format != "peft":
         raise ConfigError(f"format: expected 'peft', got {format!r}")
+    check_output_dir(directory, "directory")
     if isinstance(model_or_dir, nn.Module):
         return save(model_or_dir, directory, adapter_names=["default"], export=True)[0]
     source = _resolve(model_or_dir)

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from . import registry
 from .errors import ConfigError
+from .validation import Rule, check_fields, check_instance, check_value, option, unknown_key
 
 ALL_LINEAR = "all-linear"
 # Classification heads that "all-linear" never adapts (they are new, randomly initialised layers).
@@ -38,16 +39,16 @@ class AdapterConfig:
     init: str = "default"
     optimizer: str = "adamw"
     schedule: str = "none"
-    r: int = 8
-    alpha: float = 8.0
-    targets: str | list[str] = ALL_LINEAR
+    r: int = option(8, gt=0, expect="a positive integer rank", example=8)
+    alpha: float = option(8.0, gt=0, expect="a positive number (finite)", example=16)
+    targets: str | list[str] = option(ALL_LINEAR, expect="'all-linear', a regex string or a list of module names")
     exclude: str | list[str] | None = None
-    dropout: float = 0.0
+    dropout: float = option(0.0, ge=0, lt=1, expect="a probability in [0, 1)", example=0.05)
     rslora: bool = False
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-    modules_to_save: list[str] | None = None
-    seed: int = 0
+    rank_pattern: dict[str, int] = option(default_factory=dict, gt=0, expect="a mapping {module regex: positive integer rank}")
+    alpha_pattern: dict[str, float] = option(default_factory=dict, gt=0, expect="a mapping {module regex: positive number}")
+    modules_to_save: list[str] | None = option(None, expect="a list of module names such as ['classifier'], or null")
+    seed: int = option(0, ge=0)
     # Per axis: {"architecture": {...}, "init": {...}, "optimizer": {...}, "schedule": {...}}
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -67,11 +68,17 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"adapter config: unknown field(s) {unknown}; expected a subset of {sorted(known)}")
-        return cls(**copy.deepcopy(data))
+        """A config from its JSON form; every field is type- and range-checked, component options included."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"adapter config: expected a JSON object of fields, got {type(data).__name__}")
+        values = check_fields(cls, copy.deepcopy(data), kind="adapter config field")
+        config = cls(**values)
+        for axis, opts in config.options.items():
+            if axis not in registry.AXES:
+                raise ConfigError(unknown_key(f"options.{axis}", [f"options.{a}" for a in registry.AXES], "axis"))
+            component = registry.get_component(axis, getattr(config, axis))
+            config.options[axis] = check_component_options(component, opts, prefix=f"options.{axis}.")
+        return config
 
     def scaling(self, r: int, alpha: float) -> float:
         return alpha / math.sqrt(r) if self.rslora else alpha / r
@@ -100,8 +107,28 @@ def pattern_key(pattern: dict[str, Any], module_name: str) -> str | None:
     return None
 
 
+def check_component_options(component: registry.Component, values: dict[str, Any], *, prefix: str = "") -> dict[str, Any]:
+    """A component's options checked against its options dataclass (types, ranges, choices); normalised copy."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or component.axis}: expected a mapping of {component.axis} options, "
+                          f"got {type(values).__name__}")
+    if component.options is None:
+        if values:
+            raise ConfigError(unknown_key(f"{prefix}{next(iter(values))}", [], f"{component.axis} option",
+                                          f" (the {component.axis} '{component.name}' takes no options)"))
+        return {}
+    return check_fields(component.options, values, prefix=prefix, kind=f"{component.axis} option",
+                        context=f" for the {component.axis} '{component.name}'")
+
+
 def resolve_config(method_or_config: str | AdapterConfig, **options: Any) -> AdapterConfig:
     """Build a validated config from a method name (or a config) and keyword overrides."""
+    return resolve_options(method_or_config, options)
+
+
+def resolve_options(method_or_config: str | AdapterConfig, options: dict[str, Any], *, prefix: str = "") -> AdapterConfig:
+    """:func:`resolve_config` with the options as a dict; ``prefix`` (e.g. ``"adapter."``) goes in front of the
+    option names in error messages (a recipe's section)."""
     if isinstance(method_or_config, AdapterConfig):
         base = copy.deepcopy(method_or_config)
         preset_defaults: dict[str, Any] = {}
@@ -125,6 +152,7 @@ def resolve_config(method_or_config: str | AdapterConfig, **options: Any) -> Ada
             value = options.pop(axis)
             value = "none" if value is None and axis == "schedule" else value
             value = "default" if value is None and axis == "init" else value
+            value = check_value(f"{prefix}{axis}", value, str, Rule(expect=f"a registered {axis} name"))
             if value != selected[axis]:
                 component_values[axis] = {}
             selected[axis] = value
@@ -150,7 +178,7 @@ def resolve_config(method_or_config: str | AdapterConfig, **options: Any) -> Ada
         close = [suggestion(key)] if suggestion(key) in valid else difflib.get_close_matches(key, valid, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(
-            f"unknown option '{key}' for method '{base.method}' "
+            f"{prefix.rstrip('.') + ': ' if prefix else ''}unknown option '{key}' for method '{base.method}' "
             f"({', '.join(f'{a}={selected[a]}' for a in registry.AXES)}).{hint} Valid options: {', '.join(valid)}."
         )
 
@@ -159,37 +187,27 @@ def resolve_config(method_or_config: str | AdapterConfig, **options: Any) -> Ada
     for key, value in options.items():
         route(key, value, from_preset=False)
     base.options = {axis: component_values[axis] for axis in registry.AXES if component_values[axis]}
-    validate(base, comps)
+    validate(base, comps, prefix=prefix)
     return base
 
 
-def validate(config: AdapterConfig, comps: dict[str, registry.Component] | None = None) -> None:
-    """Check the common options and axis compatibility; raise one ConfigError naming the field."""
+def validate(config: AdapterConfig, comps: dict[str, registry.Component] | None = None, *, prefix: str = "") -> None:
+    """Check every field (types, ranges, finiteness: :mod:`peftkit.validation`), each selected component's
+    options, and axis compatibility; raise one ConfigError naming the field. Normalises ``config`` in place."""
     comps = comps or {axis: registry.get_component(axis, getattr(config, axis)) for axis in registry.AXES}
-    if isinstance(config.r, bool) or not isinstance(config.r, int) or config.r <= 0:
-        raise ConfigError(f"r: expected a positive integer rank, got {config.r!r}; pass e.g. r=8")
-    if isinstance(config.alpha, bool) or not isinstance(config.alpha, (int, float)) or not config.alpha > 0:
-        raise ConfigError(f"alpha: expected a positive number, got {config.alpha!r}; pass e.g. alpha=16")
-    if not isinstance(config.dropout, (int, float)) or not 0.0 <= config.dropout < 1.0:
-        raise ConfigError(f"dropout: expected a probability in [0, 1), got {config.dropout!r}")
-    for name, pattern, kind in (("rank_pattern", config.rank_pattern, int), ("alpha_pattern", config.alpha_pattern, float)):
-        if not isinstance(pattern, dict):
-            raise ConfigError(f"{name}: expected a dict {{module regex: value}}, got {type(pattern).__name__}")
-        for key, value in pattern.items():
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-            if kind is int:
-                ok = ok and float(value).is_integer()
-            if not ok:
-                raise ConfigError(f"{name}['{key}']: expected a positive {'integer' if kind is int else 'number'}, got {value!r}")
+    check_instance(config, prefix=prefix)
+    for axis in registry.AXES:
+        if config.options.get(axis):
+            config.options[axis] = check_component_options(comps[axis], config.options[axis], prefix=prefix)
+    for name in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(config, name):
             try:
                 re.compile(key)
             except re.error as exc:
-                raise ConfigError(f"{name}: key '{key}' is not a valid regex ({exc})") from None
-    if not isinstance(config.targets, (str, list, tuple)) or (not isinstance(config.targets, str) and not config.targets):
-        raise ConfigError(f"targets: expected 'all-linear', a regex string or a non-empty list of module names, got {config.targets!r}")
-    heads = config.modules_to_save
-    if heads is not None and (not isinstance(heads, (list, tuple)) or not all(isinstance(h, str) for h in heads)):
-        raise ConfigError(f"modules_to_save: expected a list of module names such as ['classifier'], got {heads!r}")
+                raise ConfigError(f"{prefix}{name}: key '{key}' is not a valid regex ({exc})") from None
+    if not isinstance(config.targets, str) and not config.targets:
+        raise ConfigError(f"{prefix}targets: expected 'all-linear', a regex string or a non-empty list of module "
+                          "names, got an empty list")
     arch = config.architecture
     for axis in ("init", "optimizer", "schedule"):
         allowed = comps[axis].architectures

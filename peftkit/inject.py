@@ -6,15 +6,17 @@ object, not a module, so it never enters the model's state dict).
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
+import torch
 import torch.nn as nn
 
 from . import quantized, registry
 from .config import AdapterConfig, select_targets, _name_matches
-from .errors import ConfigError, StateError
+from .errors import ConfigError, PeftkitError, StateError
 from .layer import AdapterLayer, ModulesToSave, linear_types
 
 STATE_ATTR = "peftkit"
@@ -89,6 +91,8 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
                     f"layer must use the same architecture, not '{config.architecture}'"
                 )
             r, alpha = config.rank_alpha(name)
+            if not getattr(config, "_allow_large_rank", False):  # load checks shapes against the file instead
+                _check_size(layer_cls, layer.base_layer, name, adapter_name, r, alpha, config)
             layer.add_adapter(adapter_name, r, alpha, config)
             touched[name] = layer
         layer_cls.after_inject(touched, adapter_name)
@@ -126,6 +130,55 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
         state.active = [adapter_name]
     set_active(model, state.active)
     return touched
+
+
+# An adapter holding more than this many times its layer's own weight is a mistake (an absurd rank or capacity),
+# refused before it is allocated; the largest legitimate adapters (full-rank factors) hold about 2x.
+MAX_SIZE_RATIO = 8
+
+
+def meta_shadow(base: nn.Module) -> nn.Module:
+    """A shallow copy of a base layer whose parameters and buffers are meta tensors of the same shapes and
+    dtypes: an adapter built on it (under ``torch.device("meta")``) allocates nothing."""
+    shadow = copy.copy(base)
+    shadow._parameters = {k: None if p is None else nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                                                  requires_grad=False)
+                          for k, p in base._parameters.items()}
+    shadow._buffers = {k: None if b is None else torch.empty(b.shape, dtype=b.dtype, device="meta")
+                       for k, b in base._buffers.items()}
+    shadow._modules = dict(base._modules)
+    return shadow
+
+
+def probe_adapter(layer_cls: type, base: nn.Module, name: str, adapter_name: str, r: int, alpha: float,
+                  config: Any) -> AdapterLayer | None:
+    """The adapter layer ``config`` gives ``base``, built on the meta device (shapes only, nothing allocated);
+    None for a base the meta copy cannot stand in for (a quantized layer whose init reads its values)."""
+    try:
+        shadow = meta_shadow(base)
+        with torch.device("meta"):
+            layer = layer_cls.for_base(shadow)(shadow, name)
+            layer.add_adapter(adapter_name, r, alpha, config)
+        return layer
+    except PeftkitError:
+        raise
+    except Exception:  # noqa: BLE001 - only a pre-check: the real build below raises whatever is wrong
+        return None
+
+
+def _check_size(layer_cls: type, base: nn.Module, name: str, adapter_name: str, r: int, alpha: float,
+                config: Any) -> None:
+    probe = probe_adapter(layer_cls, base, name, adapter_name, r, alpha, config)
+    if probe is None:
+        return
+    size = sum(t.numel() for t in probe.adapters[adapter_name].state_dict().values())
+    weight = probe.out_features * probe.in_features + probe.out_features + probe.in_features
+    if size > MAX_SIZE_RATIO * weight:
+        raise ConfigError(
+            f"{name}: the '{config.architecture}' adapter would hold {size:,} values, more than {MAX_SIZE_RATIO}x the "
+            f"layer's own {probe.out_features}x{probe.in_features} weight; lower r (or rank_pattern) or the method's "
+            "size options (e.g. capacity, sequential_r)"
+        )
 
 
 def _parents(model: nn.Module, name: str) -> Iterator[nn.Module]:

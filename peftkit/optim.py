@@ -25,6 +25,7 @@ import torch.nn as nn
 from . import distributed, registry
 from .errors import ConfigError, StateError
 from .layer import AdapterLayer
+from .validation import Rule, check_fields, check_value, option
 
 
 @dataclass
@@ -92,9 +93,8 @@ def parameter_roles(model: nn.Module) -> dict[str, tuple[str, bool]]:
 def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
                  lr_ratios: dict[str, float] | None = None) -> list[dict[str, Any]]:
     """Groups by (role, decays); group lr = lr · lr_ratios[role] (default 1)."""
-    check_lr(lr)
-    if weight_decay < 0:
-        raise ConfigError(f"weight_decay: expected >= 0, got {weight_decay}")
+    lr = check_lr(lr)
+    weight_decay = check_fields(AdamWOptions, {"weight_decay": weight_decay})["weight_decay"]
     lr_ratios = lr_ratios or {}
     named = dict(model.named_parameters())
     buckets: dict[tuple[str, bool], list[str]] = {}
@@ -116,16 +116,16 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
     return groups
 
 
-def check_lr(lr: float) -> None:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-        raise ConfigError(f"lr: expected a positive learning rate, got {lr!r}")
+def check_lr(lr: float, name: str = "lr") -> float:
+    """The learning rate as a float: a finite number > 0, else one ConfigError naming ``name``."""
+    return check_value(name, lr, float, Rule(gt=0, expect="a positive learning rate (finite)", example=2e-4))
 
 
 @dataclass
 class AdamWOptions:
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    weight_decay: float = option(0.0, ge=0)
+    betas: tuple[float, float] = option((0.9, 0.999), ge=0, lt=1)
+    eps: float = option(1e-8, ge=0)
 
 
 @registry.optimizer("adamw", options=AdamWOptions, description="torch AdamW; no decay on biases and norms")
@@ -173,17 +173,13 @@ def damped_inverse(gram: torch.Tensor, damping: float) -> torch.Tensor:
 
 def loraplus_ratios(ratio: Any) -> dict[str, float]:
     """The ``lr_ratios`` of a pair optimizer's ``loraplus_lr_ratio`` option (LoRA+ composition: lr_B = ratio·lr)."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
-        raise ConfigError(f"loraplus_lr_ratio: expected a positive number (lr_B / lr_A, 1 = plain), got {ratio!r}")
-    return {"B": float(ratio)}
+    ratio = check_value("loraplus_lr_ratio", ratio, float, Rule(gt=0, expect="a positive number (lr_B / lr_A, 1 = plain)"))
+    return {"B": ratio}
 
 
 def check_betas_eps(betas: Any, eps: Any) -> tuple[tuple[float, float], float]:
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0.0 <= float(b) < 1.0 for b in betas)):
-        raise ConfigError(f"betas: expected two numbers in [0, 1) such as (0.9, 0.999), got {betas!r}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
-        raise ConfigError(f"eps: expected a number >= 0 such as 1e-8, got {eps!r}")
-    return (float(betas[0]), float(betas[1])), float(eps)
+    fields = check_fields(AdamWOptions, {"betas": betas, "eps": eps})
+    return fields["betas"], fields["eps"]
 
 
 class PairOptimizer(torch.optim.Optimizer):
@@ -211,9 +207,8 @@ class PairOptimizer(torch.optim.Optimizer):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  lr_ratios: dict[str, float] | None = None, max_grad_norm: float | None = None) -> None:
         betas, eps = check_betas_eps(betas, eps)
-        if max_grad_norm is not None and (isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float))
-                                          or not max_grad_norm > 0):
-            raise ConfigError(f"max_grad_norm: expected a positive number or None (no clipping), got {max_grad_norm!r}")
+        max_grad_norm = check_value("max_grad_norm", max_grad_norm, float | None,
+                                    Rule(gt=0, expect="a positive finite number or None (no clipping)"))
         groups = param_groups(model, lr, weight_decay, lr_ratios)
         self.pairs = factor_pairs(model)
         if not self.pairs:

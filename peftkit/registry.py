@@ -209,7 +209,7 @@ def method_descriptions() -> dict[str, str]:
 
 def get_method(name: str) -> Method:
     discover()
-    if name not in _methods:
+    if not isinstance(name, str) or name not in _methods:
         raise ConfigError(_unknown("method", name, list(_methods)))
     return _methods[name]
 
@@ -217,7 +217,7 @@ def get_method(name: str) -> Method:
 def get_component(axis: str, name: str) -> Component:
     discover()
     table = _components[axis]
-    if name not in table:
+    if not isinstance(name, str) or name not in table:
         raise ConfigError(_unknown(axis, name, list(table)))
     return table[name]
 

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import ConfigError
 from .chat import CHAT_FORMATS, resolve_template
-from .data import Tokenized, byte_tokenizer, check_columns, encode, finish, packs, read_rows, tokenize
+from .data import Tokenized, byte_tokenizer, check_columns, check_rows, encode, finish, packs, read_rows, tokenize
 from .recipe import ModelSection, Recipe
 
 PKG_PREFIX = "pkg:"
@@ -80,11 +80,12 @@ def load_examples(recipe: Recipe, tokenizer) -> Examples:
 
     data = recipe.data
     with PartialState().main_process_first():
-        train = _train_examples(recipe, tokenizer)
+        train, train_rows = _train_examples(recipe, tokenizer)
         evaluation = None
         if data.eval:
             eval_rows = read_rows(data.eval, data.eval_split, data, "data.eval")
             check_columns(eval_rows, data, "data.eval", data.eval)
+            check_rows(eval_rows, data, "data.eval", data.eval, train_rows=train_rows)
             eval_rows = eval_rows.select(range(min(data.max_eval_samples, len(eval_rows)))) if data.max_eval_samples else eval_rows
             evaluation = tokenize(eval_rows, tokenizer, data, train.label_names, key=f"data.eval {data.eval}", pack=False)
     if train.stats and PartialState().is_main_process:
@@ -95,16 +96,18 @@ def load_examples(recipe: Recipe, tokenizer) -> Examples:
     return Examples(train, evaluation)
 
 
-def _train_examples(recipe: Recipe, tokenizer) -> Tokenized:
+def _train_examples(recipe: Recipe, tokenizer):
     """data.train, or data.mix: each dataset checked and tokenized on its own (errors name its file), then
-    interleaved by weight (seeded; it ends when the first dataset runs out) and packed."""
+    interleaved by weight (seeded; it ends when the first dataset runs out) and packed. Returns the Tokenized
+    examples and the (first) training table, against which data.eval's label kind is checked."""
     data = recipe.data
     batch_size = recipe.training.batch_size
     if data.mix is None:
         rows = read_rows(data.train, data.train_split, data, "data.train")
         check_columns(rows, data, "data.train", data.train)
+        check_rows(rows, data, "data.train", data.train)
         rows = rows.select(range(min(data.max_train_samples, len(rows)))) if data.max_train_samples else rows
-        return tokenize(rows, tokenizer, data, key=f"data.train {data.train}", batch_size=batch_size)
+        return tokenize(rows, tokenizer, data, key=f"data.train {data.train}", batch_size=batch_size), rows
     import datasets
 
     sources = {spec: weight for spec, weight in data.mix.items() if weight > 0}
@@ -112,6 +115,7 @@ def _train_examples(recipe: Recipe, tokenizer) -> Tokenized:
     for spec in sources:
         rows = read_rows(str(spec), data.train_split, data, "data.mix")
         check_columns(rows, data, "data.mix", str(spec))
+        check_rows(rows, data, "data.mix", str(spec), train_rows=next(iter(tables.values()), None))
         tables[spec] = rows
     label_names = None
     if data.format == "classification":
@@ -121,7 +125,8 @@ def _train_examples(recipe: Recipe, tokenizer) -> Tokenized:
     mixed = datasets.interleave_datasets(encoded, probabilities=[w / total for w in sources.values()],
                                          seed=recipe.training.seed, stopping_strategy="first_exhausted")
     mixed = mixed.select(range(min(data.max_train_samples, len(mixed)))) if data.max_train_samples else mixed
-    return finish(mixed, data, key="data.mix", pack=packs(data), batch_size=batch_size, label_names=label_names)
+    return (finish(mixed, data, key="data.mix", pack=packs(data), batch_size=batch_size, label_names=label_names),
+            next(iter(tables.values())))
 
 
 def _mixed_label_names(tables, data) -> list[str] | None:

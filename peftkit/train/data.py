@@ -20,6 +20,7 @@ uninterrupted run would have read, and 2 processes at batch B read the same exam
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import hashlib
 import json
@@ -64,6 +65,8 @@ def read_rows(spec: str, split: str, data: DataSection, key: str):
         builder = LOCAL_EXTENSIONS.get(path.suffix.lower())
         if builder is None:
             raise ConfigError(f"{key}: {path} has an unsupported extension; expected one of {sorted(LOCAL_EXTENSIONS)}")
+        if builder != "parquet":
+            check_utf8(path, key)
         try:
             table = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as exc:
@@ -108,6 +111,100 @@ def check_columns(rows, data: DataSection, key: str, spec: str) -> None:
             f"{key}: {spec} lacks the column(s) {missing} that format '{data.format}' needs; expected columns "
             f"{list(needed)} (rename them with {', '.join(needed[c] for c in missing)}). Found: {found}"
         )
+
+
+# ------------------------------------------------------------------------------------------ row validation
+# Checks on the rows as read, before tokenizing: nothing is silently turned into the string "None", dropped,
+# or given another label id than the one it has in data.train.
+def check_utf8(path: Path, key: str) -> None:
+    """A text data file (.json/.jsonl/.csv/.txt) must be UTF-8; else one ConfigError naming file and offset."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                raise ConfigError(
+                    f"{key}: {path} is not UTF-8 text (byte {offset + exc.start}: {exc.reason}); peftkit reads data "
+                    "files as UTF-8: convert it (e.g. iconv -f latin1 -t utf-8 IN > OUT) and point the recipe at it"
+                ) from None
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{key}: {path} is not UTF-8 text (it ends inside a multi-byte character); convert it "
+                          "to UTF-8") from None
+
+
+def _label_kind(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, str):
+        return "string"
+    return None
+
+
+def check_rows(rows: list[dict[str, Any]], data: DataSection, key: str, spec: str,
+               train_rows: list[dict[str, Any]] | None = None) -> None:
+    """Every row has a value (not null, not missing) in each column the format reads, and classification
+    labels are all integers (class ids) or all strings (class names), of the same kind as data.train's
+    (``train_rows``, given for data.eval). One ConfigError naming the file, the first bad row and the column."""
+    for column, recipe_key in required_columns(data).items():
+        bad = [i for i, row in enumerate(rows) if row.get(column) is None]
+        if bad:
+            raise ConfigError(
+                f"{key}: {spec} row {bad[0] + 1} has no value (null or missing) in the column '{column}' "
+                f"({recipe_key}), and {len(bad) - 1} more rows neither; fill them in or remove those rows"
+            )
+    if data.format == "text":
+        empty = sum(1 for row in rows if row[data.text_column] == "")
+        if empty:
+            warnings.warn(f"{key}: {spec}: skipping {empty} of {len(rows)} rows whose '{data.text_column}' is an "
+                          "empty string", stacklevel=2)
+    if data.format != "classification":
+        return
+    column = data.label_column
+    kinds = {}
+    for i, row in enumerate(rows):
+        kind = _label_kind(row[column])
+        if kind is None:
+            raise ConfigError(f"{key}: {spec} row {i + 1}: label {row[column]!r} in '{column}' is neither an integer "
+                              "class id nor a string class name; fix that row")
+        kinds.setdefault(kind, i)
+    if len(kinds) > 1:
+        raise ConfigError(
+            f"{key}: {spec} mixes integer and string labels in '{column}' (row {kinds['integer'] + 1}: "
+            f"{rows[kinds['integer']][column]!r}, row {kinds['string'] + 1}: {rows[kinds['string']][column]!r}); "
+            "use integer class ids everywhere or class names everywhere"
+        )
+    if train_rows:
+        train_kind = _label_kind(train_rows[0][column])
+        (kind,) = kinds
+        if kind != train_kind:
+            raise ConfigError(
+                f"{key}: {spec} has {kind} labels but data.train has {train_kind} labels; eval labels must use the "
+                "same kind (class ids or class names) as data.train so that each class keeps its id"
+            )
+
+
+def check_lengths(examples: Any, model_config: Any, data: DataSection) -> None:
+    """The longest tokenized example must fit the model's positions (``max_position_embeddings`` or
+    ``n_positions``), so a run fails before step 1 instead of mid-training."""
+    positions = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    if not isinstance(positions, int):
+        return
+    for split_key, split in (("data.train", examples.train), ("data.eval", examples.eval)):
+        if split is None or not len(split):
+            continue
+        longest = max(len(ids) for ids in split.input_ids)
+        if longest > positions:
+            raise ConfigError(
+                f"data.max_length: {split_key} has examples of {longest} tokens, more than the model's {positions} "
+                f"positions (max_position_embeddings); set data.max_length to at most {positions}"
+            )
 
 
 # ------------------------------------------------------------------------------------------ tokenizing

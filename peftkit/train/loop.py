@@ -7,7 +7,6 @@ gradient clipping, ``optimizer.step()``, the LR scheduler step, the method's ``s
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import math
 import os
@@ -30,7 +29,7 @@ from ..errors import ConfigError
 from ..inject import adapter_layers, state_of
 from . import checkpointing, engines, evaluation
 from .build import Examples, load_examples, load_model, load_tokenizer, num_labels
-from .data import BatchPlan, Tokenized, check_packed_attention, collate, count_tokens
+from .data import BatchPlan, Tokenized, check_lengths, check_packed_attention, collate, count_tokens
 from .guard import DivergenceGuard, GuardSettings
 from .metrics import MetricsLog, plot
 from .recipe import Recipe, warmup_steps
@@ -109,6 +108,7 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
                        label_names=examples.train.label_names, seed=training.seed)
     if classification:
         _check_labels(examples, model.config.num_labels)
+    check_lengths(examples, model.config, recipe.data)
     if examples.train.position_ids is not None:
         _check_packing(model)
     if training.gradient_checkpointing:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import difflib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from ..validation import check_fields, check_output_dir, check_value, option, unknown_key, yaml_load
 
 TASKS = ("causal-lm", "sequence-classification")
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: exactness checks
@@ -45,10 +46,10 @@ class ModelSection:
 
     name: str | None = None
     config: dict | None = None
-    task: str = "causal-lm"
-    dtype: str = "float32"
-    quantize: str | None = None
-    num_labels: int | None = None  # classification: default is the number of distinct labels in data.train
+    task: str = option("causal-lm", choices=TASKS)
+    dtype: str = option("float32", choices=DTYPES)
+    quantize: str | None = option(None, choices=QUANTIZE)
+    num_labels: int | None = option(None, gt=0)  # classification: default is the number of distinct labels in data.train
     tokenizer: str | None = None  # default: model.name; "bytes" is a built-in byte-level tokenizer (offline)
 
 
@@ -66,14 +67,14 @@ class DataSection:
     subset: str | None = None  # the hub dataset's configuration name (e.g. "mrpc" of "nyu-mll/glue")
     train_split: str = "train"
     eval_split: str = "validation"
-    format: str = "text"
-    max_length: int = 512
+    format: str = option("text", choices=FORMATS)
+    max_length: int = option(512, gt=0)
     packing: bool | None = None  # null: text packs (blocks of max_length), other formats do not; true: chat
     # data packs whole conversations into rows of <= max_length tokens with per-conversation position ids
-    overlong: str = "truncate_left"  # chat/instruction examples over max_length: truncate_left, drop or error
-    num_proc: int | None = None  # processes datasets.map tokenizes with
+    overlong: str = option("truncate_left", choices=OVERLONG)  # chat/instruction examples over max_length: truncate_left, drop or error
+    num_proc: int | None = option(None, gt=0)  # processes datasets.map tokenizes with
     chat_template: str | None = None  # null/"tokenizer": the tokenizer's; chatml, zephyr, llama3; or Jinja
-    assistant_turns: str = "all"  # the loss on every assistant turn ("all") or the last one ("last")
+    assistant_turns: str = option("all", choices=ASSISTANT_TURNS)  # the loss on every assistant turn ("all") or the last one ("last")
     system_prompt: str | None = None  # a system turn for conversations that have none
     conversation_column: str | None = None  # messages / sharegpt: default "messages" / "conversations"
     role_key: str | None = None  # a turn's role: default "role" (messages) / "from" (sharegpt)
@@ -87,8 +88,8 @@ class DataSection:
     prompt_column: str = "prompt"
     response_column: str = "response"
     label_column: str = "label"
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
+    max_train_samples: int | None = option(None, gt=0)
+    max_eval_samples: int | None = option(None, gt=0)
 
 
 @dataclass
@@ -96,7 +97,7 @@ class AdapterSection:
     """The method and its options (every other key of this section is passed to ``peftkit.wrap``)."""
 
     method: str = "lora"
-    init_batches: int = 8  # data-driven inits (LoRA-GA, LoRA-One, EVA): global batches of data.train they read
+    init_batches: int = option(8, gt=0)  # data-driven inits (LoRA-GA, LoRA-One, EVA): global batches of data.train they read
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -105,9 +106,9 @@ class OptimizerSection:
     """The optimizer (default: the method's own); every other key is passed to ``peftkit.optimizer``."""
 
     name: str | None = None
-    lr: float | None = None  # None or "auto": base_lr × the method's convention (peftkit.optimizer without lr)
-    base_lr: float = 2e-4  # the rate you would give plain LoRA; only used when lr is auto
-    weight_decay: float = 0.0
+    lr: float | None = option(None, gt=0, expect="a positive learning rate (finite) or auto")  # None or "auto": base_lr × the method's convention
+    base_lr: float = option(2e-4, gt=0, expect="a positive learning rate (finite): the rate you would give plain LoRA")  # only used when lr is auto
+    weight_decay: float = option(0.0, ge=0)
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -115,27 +116,27 @@ class OptimizerSection:
 class TrainingSection:
     """The loop. One step is one optimizer step over ``batch_size · grad_accum · processes`` examples."""
 
-    max_steps: int = 100
-    batch_size: int = 8  # per process, per micro-batch
-    grad_accum: int = 1
-    lr_schedule: str = "cosine"
-    warmup: float = 0.0  # < 1: a fraction of max_steps; >= 1: a number of steps
-    max_grad_norm: float | None = 1.0
-    log_every: int = 10
-    eval_every: int | None = None  # default: only at the end
-    eval_batch_size: int | None = None  # default: batch_size
-    save_every: int | None = None  # default: only at the end
-    keep_checkpoints: int | None = 2  # the newest N step checkpoints stay (null: all)
-    seed: int = 0
+    max_steps: int = option(100, gt=0)
+    batch_size: int = option(8, gt=0)  # per process, per micro-batch
+    grad_accum: int = option(1, gt=0)
+    lr_schedule: str = option("cosine", choices=LR_SCHEDULES)
+    warmup: float = option(0.0, ge=0)  # < 1: a fraction of max_steps; >= 1: a number of steps
+    max_grad_norm: float | None = option(1.0, gt=0)  # null: no clipping
+    log_every: int = option(10, gt=0)
+    eval_every: int | None = option(None, gt=0)  # default: only at the end
+    eval_batch_size: int | None = option(None, gt=0)  # default: batch_size
+    save_every: int | None = option(None, gt=0)  # default: only at the end
+    keep_checkpoints: int | None = option(2, gt=0)  # the newest N step checkpoints stay (null: all)
+    seed: int = option(0, ge=0)
     output_dir: str = "runs/peftkit"
-    mixed_precision: str = "no"
+    mixed_precision: str = option("no", choices=MIXED_PRECISION)
     gradient_checkpointing: bool = False  # recompute activations in the backward (non-reentrant)
-    min_lr: float | None = None  # the floor of cosine_with_min_lr, cosine_warmup_with_min_lr,
+    min_lr: float | None = option(None, ge=0)  # the floor of cosine_with_min_lr, cosine_warmup_with_min_lr,
     # warmup_stable_decay (as min_lr_ratio) and polynomial (as lr_end)
     lr_schedule_options: dict = field(default_factory=dict)  # other get_scheduler kwargs (num_cycles, power ...)
     eval_metrics: list[str] = field(default_factory=list)  # exact_match, f1, or module:function hooks
-    eval_max_new_tokens: int = 64  # generation-based metrics: the longest generated answer
-    distributed: str = "ddp"  # ddp | fsdp2 | zero2 | zero3 (peftkit.train.engines)
+    eval_max_new_tokens: int = option(64, gt=0)  # generation-based metrics: the longest generated answer
+    distributed: str = option("ddp", choices=DISTRIBUTED)  # ddp | fsdp2 | zero2 | zero3 (peftkit.train.engines)
     divergence_guard: dict | None = None  # {action: stop|halve, factor: 3.0, window: 10, max_halvings: 3} (train/guard.py)
 
 
@@ -187,7 +188,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"recipe: file not found: {path}; pass the path of a YAML recipe (see recipes/)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"recipe {path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the file as "
+                          "UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -206,7 +210,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}': expected section.key=value, e.g. training.max_steps=200")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw  # an unquoted string YAML cannot parse is still a string
     return key.split("."), value
@@ -238,8 +242,9 @@ def from_dict(data: dict[str, Any]) -> Recipe:
     """Build a typed Recipe from nested dicts; raises one ConfigError naming the first bad key."""
     unknown = [k for k in data if k not in SECTIONS and k != "description"]
     if unknown:
-        raise ConfigError(_unknown_key(unknown[0], [*SECTIONS, "description"], "recipe section"))
-    recipe = Recipe(description=str(data.get("description") or ""))
+        raise ConfigError(unknown_key(unknown[0], [*SECTIONS, "description"], "recipe section"))
+    description = check_value("description", data.get("description") or "", str)
+    recipe = Recipe(description=description)
     for section, cls in SECTIONS.items():
         values = data.get(section) or {}
         if not isinstance(values, dict):
@@ -250,90 +255,22 @@ def from_dict(data: dict[str, Any]) -> Recipe:
 
 
 def _build_section(section: str, cls: type, values: dict[str, Any]):
-    hints = typing.get_type_hints(cls)
+    """One section: its fixed keys checked by :mod:`peftkit.validation`; an open section's other keys are kept
+    as method options (checked in :func:`check` against the method's components)."""
     fixed = {f.name for f in dataclasses.fields(cls) if f.name != "options"}
-    kwargs: dict[str, Any] = {}
-    options: dict[str, Any] = {}
-    for key, value in values.items():
-        if (section, key) == ("optimizer", "lr") and isinstance(value, str):
-            value = None if value == "auto" else _number_or_auto(value)
-        if key in fixed:
-            kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
-        elif section in OPEN_SECTIONS:
-            options[key] = value
-        else:
-            raise ConfigError(_unknown_key(f"{section}.{key}", [f"{section}.{k}" for k in sorted(fixed)], "key"))
+    options = {k: v for k, v in values.items() if k not in fixed}
+    if options and section not in OPEN_SECTIONS:
+        key = next(iter(options))
+        raise ConfigError(unknown_key(f"{section}.{key}", [f"{section}.{k}" for k in sorted(fixed)], "key"))
+    given = {k: v for k, v in values.items() if k in fixed}
+    if section == "optimizer" and given.get("lr") == "auto":
+        given["lr"] = None  # auto: base_lr × the method's convention (peftkit.lr)
+    if section == "logging" and isinstance(given.get("report_to"), str):
+        given["report_to"] = [given["report_to"]]  # report_to: tensorboard is a one-tracker list
+    kwargs = check_fields(cls, given, prefix=f"{section}.", kind="key")
     if section in OPEN_SECTIONS:
         kwargs["options"] = options
     return cls(**kwargs)
-
-
-def _number_or_auto(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ConfigError(f"optimizer.lr: expected a positive learning rate or auto, got {text!r}; "
-                          "e.g. optimizer.lr=2e-4 or optimizer.lr=auto") from None
-
-
-def _unknown_key(key: str, valid: list[str], kind: str) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return f"unknown {kind} '{key}'.{hint} Valid: {', '.join(valid)}."
-
-
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """Check ``value`` against a field's type hint; ints become floats where floats are expected, and
-    numeric strings (YAML reads ``1e-4`` as a string) become numbers."""
-    args = typing.get_args(hint)
-    optional = type(None) in args
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{name}: expected {_type_name(hint)}, got null")
-    base = next((a for a in args if a is not type(None)), hint) if args and typing.get_origin(hint) is not list else hint
-    origin = typing.get_origin(base)
-    if base is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif base is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif base is bool:
-        if isinstance(value, bool):
-            return value
-    elif base is str:
-        if isinstance(value, bool):  # YAML 1.1 reads a bare no / yes as a boolean (mixed_precision: no)
-            return "yes" if value else "no"
-        if isinstance(value, (str, int, float)):
-            return str(value)
-    elif base is dict:
-        if isinstance(value, dict):
-            return value
-    elif origin is list:
-        if isinstance(value, str):
-            value = [value]
-        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-            return list(value)
-    raise ConfigError(f"{name}: expected {_type_name(hint)}, got {type(value).__name__} {value!r}")
-
-
-def _type_name(hint: Any) -> str:
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) is list:
-        return "a list of strings"
-    base = args[0] if args else hint
-    if typing.get_origin(base) is list:
-        return "a list of strings"
-    return names.get(base, str(base)) + (" or null" if type(None) in typing.get_args(hint) else "")
 
 
 def _one_of(name: str, value: Any, allowed: tuple) -> None:
@@ -343,73 +280,59 @@ def _one_of(name: str, value: Any, allowed: tuple) -> None:
         raise ConfigError(f"{name}: expected one of {[a for a in allowed]}, got {value!r}.{hint}")
 
 
-def _positive(name: str, value: Any, *, allow_none: bool = False, zero: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if value is None or value < 0 or (value == 0 and not zero):
-        raise ConfigError(f"{name}: expected a {'non-negative' if zero else 'positive'} number, got {value!r}")
+def _check_method_options(recipe: Recipe) -> None:
+    """The adapter and optimizer sections' method options against the method's components, with the same
+    rules as ``peftkit.wrap`` / ``peftkit.optimizer`` (and the recipe key in each message)."""
+    from .. import registry
+    from ..config import check_component_options, resolve_options
+
+    config = resolve_options(recipe.adapter.method, recipe.adapter.options, prefix="adapter.")
+    name = recipe.optimizer.name or config.optimizer
+    component = registry.get_component("optimizer", name)
+    fixed = [f.name for f in dataclasses.fields(OptimizerSection) if f.name != "options"]
+    unknown = [k for k in recipe.optimizer.options if k not in component.option_names()]
+    if unknown:  # the closest of the section's keys and the optimizer's options
+        raise ConfigError(unknown_key(f"optimizer.{unknown[0]}", [f"optimizer.{k}" for k in fixed + component.option_names()],
+                                      "key", f" for the optimizer '{name}'"))
+    check_component_options(component, recipe.optimizer.options, prefix="optimizer.")
 
 
 def check(recipe: Recipe) -> None:
-    """Value checks that need no model or data (ranges and choices); one ConfigError naming the key."""
-    m, d, a, o, t, lg = (recipe.model, recipe.data, recipe.adapter, recipe.optimizer, recipe.training, recipe.logging)
+    """Checks across keys that need no model or data (each key's own type, range and choices were checked by
+    :mod:`peftkit.validation` when the section was built); one ConfigError naming the key."""
+    m, d, t, lg = recipe.model, recipe.data, recipe.training, recipe.logging
     if (m.name is None) == (m.config is None):
         raise ConfigError("model: give exactly one of model.name (hub id, folder or pkg:...) and model.config "
                           "(a dict with model_type, to build a model from a config)")
     if m.config is not None and "model_type" not in m.config:
         raise ConfigError("model.config: expected a 'model_type' key (e.g. llama, gpt2, bert) and that model's config fields")
-    _one_of("model.task", m.task, TASKS)
-    _one_of("model.dtype", m.dtype, DTYPES)
-    _one_of("model.quantize", m.quantize, QUANTIZE)
-    _positive("model.num_labels", m.num_labels, allow_none=True)
     if d.train is None and d.mix is None:
         raise ConfigError("data.train: expected a dataset (a local file, a hub dataset id or generated:<name>)")
     if d.train is not None and d.mix is not None:
         raise ConfigError("data.mix: give either data.train or data.mix ({dataset: weight}), not both")
     if d.mix is not None:
-        bad = {k: v for k, v in d.mix.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0}
+        bad = {k: v for k, v in d.mix.items()
+               if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0}
         if bad or not d.mix or sum(d.mix.values()) <= 0:
             raise ConfigError(f"data.mix: expected {{dataset: weight}} with non-negative weights summing to a "
                               f"positive number, got {d.mix!r}")
-    _one_of("data.format", d.format, FORMATS)
-    _one_of("data.overlong", d.overlong, OVERLONG)
-    _one_of("data.assistant_turns", d.assistant_turns, ASSISTANT_TURNS)
-    _positive("data.num_proc", d.num_proc, allow_none=True)
     if d.packing and d.format == "classification":
         raise ConfigError("data.packing: classification examples cannot be packed; set data.packing=false")
     if m.task == "sequence-classification" and d.format != "classification":
         raise ConfigError(f"data.format: model.task sequence-classification needs format 'classification', got '{d.format}'")
     if m.task == "causal-lm" and d.format == "classification":
         raise ConfigError("data.format: 'classification' needs model.task: sequence-classification")
-    _positive("data.max_length", d.max_length)
-    _positive("data.max_train_samples", d.max_train_samples, allow_none=True)
-    _positive("data.max_eval_samples", d.max_eval_samples, allow_none=True)
-    _positive("adapter.init_batches", a.init_batches)
-    if o.lr is not None and (isinstance(o.lr, bool) or not o.lr > 0):
-        raise ConfigError(f"optimizer.lr: expected a positive learning rate or auto, got {o.lr!r}; e.g. optimizer.lr=2e-4")
-    if isinstance(o.base_lr, bool) or not o.base_lr > 0:
-        raise ConfigError(f"optimizer.base_lr: expected a positive learning rate (your LoRA rate), got {o.base_lr!r}")
-    _positive("optimizer.weight_decay", o.weight_decay, zero=True)
-    for key in ("max_steps", "batch_size", "grad_accum", "log_every"):
-        _positive(f"training.{key}", getattr(t, key))
-    for key in ("eval_every", "save_every", "eval_batch_size", "keep_checkpoints"):
-        _positive(f"training.{key}", getattr(t, key), allow_none=True)
-    _one_of("training.lr_schedule", t.lr_schedule, LR_SCHEDULES)
-    _positive("training.warmup", t.warmup, zero=True)
-    _positive("training.max_grad_norm", t.max_grad_norm, allow_none=True)
-    _one_of("training.mixed_precision", t.mixed_precision, MIXED_PRECISION)
-    _positive("training.min_lr", t.min_lr, allow_none=True, zero=True)
-    _positive("training.eval_max_new_tokens", t.eval_max_new_tokens)
     for metric in t.eval_metrics:
         if metric not in EVAL_METRICS and ":" not in metric:
             raise ConfigError(f"training.eval_metrics: unknown metric '{metric}'; expected one of {list(EVAL_METRICS)} "
                               "or a hook 'module:function' (called with predictions and references)")
-    _one_of("training.distributed", t.distributed, DISTRIBUTED)
     from .guard import GuardSettings  # here, not at the top: guard imports checkpointing
 
     GuardSettings.from_recipe(t.divergence_guard)
     for tracker in lg.report_to:
         _one_of("logging.report_to", tracker, TRACKERS)
+    check_output_dir(t.output_dir, "training.output_dir")
+    _check_method_options(recipe)
 
 
 def warmup_steps(training: TrainingSection) -> int:
