@@ -19,8 +19,7 @@ import torch
 
 from peftkit import registry
 from peftkit.errors import ConfigError
-from peftkit.stats import (adapter_name_of, check_batches, check_double_rank, gradient_statistics,
-                           top_singular_triplets)
+from peftkit.stats import adapter_name_of, check_batches, check_double_rank, check_gradient_options, gradient_triplets
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
 SCALES = ("stable", "gd", "unit", "weightS", "weight_svd")
@@ -34,6 +33,12 @@ class LoraGAOptions:
     norm_clip: bool = False  # shrink the init when max|s·B₀A₀| > max|W| (authors' option)
     peft_compat: bool = False  # PEFT 0.21.2's variant (module docstring), for parity
     gradient_sketch: int | None = None  # k: single-pass randomized SVD from sketches G·Ω, Gᵀ·Ψ (None: exact)
+    # Bounded memory (peftkit.stats.gradient_triplets): layers in groups, one pass over the batches each.
+    gradient_groups: int | None = None  # k groups (None: from gradient_memory)
+    gradient_memory: float | str | None = "auto"  # MiB of G held at once; auto: 1/4 of the free memory
+    gradient_device: str = "model"  # or "cpu": G accumulated in host memory
+    svd: str = "auto"  # auto / exact / randomized (top-2r triplets by subspace iteration)
+    svd_iterations: int = 4  # power iterations of the randomized solver
 
 
 def _split(direction: str, r: int, peft_compat: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +65,7 @@ def _check(options: dict) -> None:
     sketch = options["gradient_sketch"]
     if sketch is not None and (isinstance(sketch, bool) or not isinstance(sketch, int) or sketch <= 0):
         raise ConfigError(f"gradient_sketch: expected None or a positive sketch size k, got {sketch!r}")
+    check_gradient_options(options)
 
 
 def lora_ga_factors(grad_u: torch.Tensor, grad_s: torch.Tensor, grad_vh: torch.Tensor, r: int, s: float,
@@ -104,16 +110,12 @@ def lora_ga_init(model, layers, config, data) -> None:
     batches = check_batches(data, "lora-ga")
     adapter = adapter_name_of(model, config)
     check_double_rank(layers, adapter, 2, "LoRA-GA")
-    sketch = options["gradient_sketch"]
-    size = None if sketch is None else max(sketch, 2 * max(l.ranks[adapter] for l in layers.values()))
-    stats = gradient_statistics(model, layers, batches, sketch_size=size, seed=config.seed)
-    for name, layer in layers.items():
-        stat = stats.pop(name)  # freed after its layer: one full-size matrix at a time beyond the statistics
+    ranks = {name: 2 * layer.ranks[adapter] for name, layer in layers.items()}
+    for name, u, sv, vh in gradient_triplets(model, layers, batches, ranks, options, seed=config.seed):
+        layer = layers[name]
         r = layer.ranks[adapter]
         s = layer.scaling[adapter]
         branch = layer.adapters[adapter]
-        u, sv, vh = top_singular_triplets(stat, 2 * r)
-        del stat
         if not sv[0] > 0:
             warnings.warn(f"lora-ga: {name} got a zero gradient on the given batches; it keeps the standard LoRA "
                           "init (B = 0)", stacklevel=2)

@@ -15,13 +15,19 @@ import torch
 
 from peftkit import registry
 from peftkit.errors import ConfigError
-from peftkit.stats import adapter_name_of, check_batches, gradient_statistics, top_singular_triplets
+from peftkit.stats import adapter_name_of, check_batches, check_gradient_options, gradient_triplets
 
 
 @dataclass
 class LoraOneOptions:
     gamma: float = 128.0  # γ: the init step has spectral norm s/γ
     gradient_sketch: int | None = None  # k: single-pass randomized SVD from sketches (None: exact SVD)
+    # Bounded memory and the truncated solver: as LoRA-GA's options (peftkit.stats.gradient_triplets).
+    gradient_groups: int | None = None
+    gradient_memory: float | str | None = "auto"
+    gradient_device: str = "model"
+    svd: str = "auto"
+    svd_iterations: int = 4
 
 
 def lora_one_factors(u: torch.Tensor, sv: torch.Tensor, vh: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,18 +46,12 @@ def lora_one_init(model, layers, config, data) -> None:
     sketch = options["gradient_sketch"]
     if sketch is not None and (isinstance(sketch, bool) or not isinstance(sketch, int) or sketch <= 0):
         raise ConfigError(f"gradient_sketch: expected None or a positive sketch size k, got {sketch!r}")
+    check_gradient_options(options)
     batches = check_batches(data, "lora-one")
     adapter = adapter_name_of(model, config)
-    size = None if sketch is None else max(sketch, max(l.ranks[adapter] for l in layers.values()))
-    stats = gradient_statistics(model, layers, batches, sketch_size=size, seed=config.seed)
-    for name, layer in layers.items():
-        stat = stats.pop(name)
-        for tensor in ([stat] if isinstance(stat, torch.Tensor) else stat.tensors()):
-            tensor.neg_()  # the SVD of −G (its sketches are linear in G)
-        r = layer.ranks[adapter]
-        u, sv, vh = top_singular_triplets(stat, r)
-        del stat
-        branch = layer.adapters[adapter]
+    ranks = {name: layer.ranks[adapter] for name, layer in layers.items()}
+    for name, u, sv, vh in gradient_triplets(model, layers, batches, ranks, options, seed=config.seed, negate=True):
+        branch = layers[name].adapters[adapter]
         if not sv[0] > 0:
             warnings.warn(f"lora-one: {name} got a zero gradient on the given batches; it keeps the standard LoRA "
                           "init (B = 0)", stacklevel=2)

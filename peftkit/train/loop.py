@@ -216,6 +216,7 @@ def train(recipe: Recipe, resume: bool = False, hooks: list[StepHook] | None = N
     pad_id = run.tokenizer.pad_token_id
     progress = _progress_bar(main and recipe.logging.progress_bar, training.max_steps, state.step)
     window = {"loss": 0.0, "steps": 0, "time": time.perf_counter(), "tokens_at_start": state.tokens}
+    pending_losses: list[torch.Tensor] = []  # per-step losses on the device, not read yet
     result = None
     model.train()
     with StopSignals() as signals:
@@ -223,10 +224,12 @@ def train(recipe: Recipe, resume: bool = False, hooks: list[StepHook] | None = N
             # ---- one optimizer step: grad_accum micro-batches, each with its own backward
             step_loss = torch.zeros((), device=accelerator.device)
             for micro in range(training.grad_accum):
-                batch = collate(run.examples.train, run.plan.indices(state.position), pad_id, run.classification)
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                indices = run.plan.indices(state.position)
+                batch = collate(run.examples.train, indices, pad_id, run.classification)
+                # Counted on the host, from the examples themselves: no read of a device tensor.
+                state.tokens += sum(len(run.examples.train.input_ids[i]) for i in indices) * accelerator.num_processes
+                batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
                 state.position += 1
-                state.tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
                 # Gradients are all-reduced once per step, on the last micro-batch.
                 sync = contextlib.nullcontext() if micro == training.grad_accum - 1 else accelerator.no_sync(model)
                 with sync:
@@ -237,20 +240,26 @@ def train(recipe: Recipe, resume: bool = False, hooks: list[StepHook] | None = N
                         loss = loss / training.grad_accum
                     accelerator.backward(loss)
                 step_loss += loss.detach()
-            if accelerator.num_processes > 1:
-                step_loss = accelerator.reduce(step_loss, reduction="mean")
-            loss_value = step_loss.item()
-            if not math.isfinite(loss_value):
-                # Stop before the optimizer step: the weights and the last checkpoint stay good.
-                good = checkpointing.latest(output_dir)
-                if main:
-                    progress.close()
-                    print(f"peftkit: the loss is {loss_value} at step {state.step + 1}; training stopped. "
-                          f"The last good checkpoint is {good or 'none (no checkpoint was saved yet)'}; lower "
-                          "optimizer.lr, set training.max_grad_norm, or check the data, then train again"
-                          f"{' with --resume' if good else ''}.", flush=True)
-                result = RunResult("nan", state.step, output_dir, checkpoint=good)
-                break
+            # The losses stay on the device until a step that needs them (logging, evaluation, saving, the last
+            # step, a received signal): one host sync (and one collective) there, none on the steps between.
+            pending_losses.append(step_loss)
+            losses = None
+            if _reads_losses(state.step + 1, training) or (accelerator.num_processes == 1 and signals.received):
+                losses = _read_losses(pending_losses, accelerator)
+                bad = next((i for i, value in enumerate(losses) if not math.isfinite(value)), None)
+                if bad is not None:
+                    # Stop before this optimizer step; an earlier bad step (since the last read) was applied, but
+                    # nothing has been saved since: every checkpoint step reads first.
+                    bad_step = state.step + 1 - len(losses) + 1 + bad
+                    good = checkpointing.latest(output_dir)
+                    if main:
+                        progress.close()
+                        print(f"peftkit: the loss is {losses[bad]} at step {bad_step}; training stopped. "
+                              f"The last good checkpoint is {good or 'none (no checkpoint was saved yet)'}; lower "
+                              "optimizer.lr, set training.max_grad_norm, or check the data, then train again"
+                              f"{' with --resume' if good else ''}.", flush=True)
+                    result = RunResult("nan", bad_step - 1, output_dir, checkpoint=good)
+                    break
             grad_norm = None
             if training.max_grad_norm is not None:
                 grad_norm = accelerator.clip_grad_norm_(trainable, training.max_grad_norm)
@@ -262,9 +271,11 @@ def train(recipe: Recipe, resume: bool = False, hooks: list[StepHook] | None = N
             optimizer.zero_grad(set_to_none=True)
 
             # ---- bookkeeping: log, evaluate, checkpoint, hooks, signals
-            window["loss"] += loss_value
-            window["steps"] += 1
-            record: dict[str, Any] = {"step": state.step, "loss": loss_value}
+            record: dict[str, Any] = {"step": state.step}  # "loss" only where it was read
+            if losses is not None:
+                window["loss"] += sum(losses)
+                window["steps"] += len(losses)
+                record["loss"] = losses[-1]
             if state.step % training.log_every == 0 or state.step == training.max_steps:
                 record = _log_record(state, window, lr_used, grad_norm, run.plan)
                 metrics.write(record)
@@ -280,7 +291,7 @@ def train(recipe: Recipe, resume: bool = False, hooks: list[StepHook] | None = N
                                    output_dir, training.keep_checkpoints)
             for hook in hooks or []:
                 hook(state.step, record)
-            if _stop_requested(signals, accelerator) and state.step < training.max_steps:
+            if _stop_requested(signals, accelerator, collective=losses is not None) and state.step < training.max_steps:
                 path = checkpointing.save(accelerator, model, optimizer, lr_scheduler, schedule,
                                           _timed(state, started), output_dir, training.keep_checkpoints)
                 if main:
@@ -325,10 +336,30 @@ def _timed(state: checkpointing.TrainState, started: float) -> checkpointing.Tra
     return state
 
 
-def _stop_requested(signals: StopSignals, accelerator) -> bool:
-    """Every process must stop at the same step: under several processes the flag is all-reduced."""
+def _reads_losses(step: int, training) -> bool:
+    """Whether optimizer step ``step`` (1-based) reads the losses to the host: it logs, evaluates, saves, or is last."""
+    return (step % training.log_every == 0 or step == training.max_steps
+            or bool(training.eval_every and step % training.eval_every == 0)
+            or bool(training.save_every and step % training.save_every == 0))
+
+
+def _read_losses(pending: list[torch.Tensor], accelerator) -> list[float]:
+    """The per-step losses since the last read (mean over processes), in one host sync; ``pending`` is emptied."""
+    values = torch.stack(pending)
+    pending.clear()
+    if accelerator.num_processes > 1:
+        values = accelerator.reduce(values, reduction="mean")
+    return values.tolist()
+
+
+def _stop_requested(signals: StopSignals, accelerator, collective: bool = True) -> bool:
+    """Every process must stop at the same step: under several processes the flag is all-reduced, on the steps
+    that read the losses (``collective``) only, so that no other step waits on a collective; one process checks
+    its flag every step."""
     if accelerator.num_processes == 1:
         return signals.received is not None
+    if not collective:
+        return False
     flag = torch.tensor(float(signals.received or 0), device=accelerator.device)
     flag = accelerator.reduce(flag, reduction="sum")
     if flag.item() and signals.received is None:
