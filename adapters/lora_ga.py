@@ -38,7 +38,7 @@ class LoraGAOptions:
     gradient_memory: float | str | None = "auto"  # MiB of G held at once; auto: 1/4 of the free memory
     gradient_device: str = "model"  # or "cpu": G accumulated in host memory
     svd: str = "auto"  # auto / exact / randomized (top-2r triplets by subspace iteration)
-    svd_iterations: int = 6  # power iterations of the randomized solver
+    svd_iterations: int = 8  # power iterations of the randomized solver
 
 
 def _split(direction: str, r: int, peft_compat: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,7 @@ class LoraOneOptions:
     gradient_memory: float | str | None = "auto"
     gradient_device: str = "model"
     svd: str = "auto"
-    svd_iterations: int = 6
+    svd_iterations: int = 8
 
 
 def lora_one_factors(u: torch.Tensor, sv: torch.Tensor, vh: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -136,7 +136,7 @@ def subspace_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 SOLVERS = ("auto", "exact", "randomized")
 
 
-def randomized_svd(matrix: torch.Tensor, rank: int, *, iterations: int = 6, oversample: int | None = None,
+def randomized_svd(matrix: torch.Tensor, rank: int, *, iterations: int = 8, oversample: int | None = None,
                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` triplets (U (m, rank), S (rank,), Vh (rank, n)) of ``matrix`` (m, n), signed, in its dtype.
 
@@ -371,7 +371,7 @@ def gather_rows(rows: torch.Tensor) -> torch.Tensor:
 
 
 def top_singular_triplets(stat: torch.Tensor | GradientSketch, rank: int, solver: str = "exact", *,
-                          iterations: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          iterations: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U (m, rank), S (rank,), Vh (rank, n)) of a gradient from ``gradient_statistics``, signed, in G's dtype.
 
     ``solver``: ``"exact"`` (LAPACK's full thin SVD), ``"randomized"`` (``randomized_svd`` with ``iterations``
