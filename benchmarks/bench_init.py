@@ -270,7 +270,6 @@ def main() -> None:
     parser.add_argument("--accuracy-models", nargs="+", default=["minilm", "smollm2"], help=argparse.SUPPRESS)
     parser.add_argument("--only", nargs="+", choices=sorted(set(CONTENDERS + WIDE_CONTENDERS)), help=argparse.SUPPRESS)
     parser.add_argument("--one", help=argparse.SUPPRESS)
-    parser.add_argument("--dry-run", action="store_true", help="tiny sizes, one round: checks the script runs")
     args = parser.parse_args()
     if args.accuracy:
         accuracy_report(args.accuracy_models, args.text)
