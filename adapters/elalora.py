@@ -149,11 +149,14 @@ class ElaloraLayer(AdapterLayer):
             branch = self.adapters[name]
             if name in self.gated_off or branch.orth_weight == 0:
                 continue
-            active = branch.lora_mask
-            q = branch.lora_A[active]
-            p = branch.lora_B[:, active]
+            # The [m, m] block as a product with the mask's outer product, not by boolean indexing: the same norm
+            # and gradient (zero on inactive slots), no data-dependent shape, so no host sync in the step.
+            q, p = branch.lora_A, branch.lora_B
+            active = branch.lora_mask.to(q.dtype)
+            block = active[:, None] * active[None, :]
             eye = torch.eye(q.shape[0], dtype=q.dtype, device=q.device)
-            term = torch.linalg.matrix_norm(q @ q.t() - eye) + torch.linalg.matrix_norm(p.t() @ p - eye)
+            term = (torch.linalg.matrix_norm((q @ q.t() - eye) * block)
+                    + torch.linalg.matrix_norm((p.t() @ p - eye) * block))
             term = term * (branch.orth_weight / (2 * branch.num_layers))
             total = term if total is None else total + term
         return total

@@ -19,8 +19,7 @@ import torch
 
 from peftkit import registry
 from peftkit.errors import ConfigError
-from peftkit.stats import (adapter_name_of, check_batches, check_double_rank, gradient_statistics,
-                           top_singular_triplets)
+from peftkit.stats import adapter_name_of, check_batches, check_double_rank, check_gradient_options, gradient_triplets
 from peftkit.validation import option
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
@@ -35,6 +34,12 @@ class LoraGAOptions:
     norm_clip: bool = False  # shrink the init when max|s·B₀A₀| > max|W| (authors' option)
     peft_compat: bool = False  # PEFT 0.21.2's variant (module docstring), for parity
     gradient_sketch: int | None = option(None, gt=0)  # k: single-pass randomized SVD from sketches G·Ω, Gᵀ·Ψ (None: exact)
+    # Bounded memory (peftkit.stats.gradient_triplets): layers in groups, one pass over the batches each.
+    gradient_groups: int | None = option(None, gt=0)  # k groups (None: from gradient_memory)
+    gradient_memory: float | str | None = "auto"  # MiB of G held at once; auto: 1/4 of the free memory
+    gradient_device: str = option("model", choices=("model", "cpu"))  # "cpu": G accumulated in host memory
+    svd: str = option("auto", choices=("auto", "exact", "randomized"))  # randomized: top-2r triplets by subspace iteration
+    svd_iterations: int = option(8, ge=0)  # power iterations of the randomized solver
 
 
 def _split(direction: str, r: int, peft_compat: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,6 +58,7 @@ def _check(options: dict) -> None:
     """Across options (each option's own type and range is declared on LoraGAOptions)."""
     if options["scale"] == "weight_svd" and not options["peft_compat"]:
         raise ConfigError("scale: 'weight_svd' is PEFT's variant; pass peft_compat=True, or use scale='weightS'")
+    check_gradient_options(options)
 
 
 def lora_ga_factors(grad_u: torch.Tensor, grad_s: torch.Tensor, grad_vh: torch.Tensor, r: int, s: float,
@@ -97,16 +103,12 @@ def lora_ga_init(model, layers, config, data) -> None:
     batches = check_batches(data, "lora-ga")
     adapter = adapter_name_of(model, config)
     check_double_rank(layers, adapter, 2, "LoRA-GA")
-    sketch = options["gradient_sketch"]
-    size = None if sketch is None else max(sketch, 2 * max(l.ranks[adapter] for l in layers.values()))
-    stats = gradient_statistics(model, layers, batches, sketch_size=size, seed=config.seed)
-    for name, layer in layers.items():
-        stat = stats.pop(name)  # freed after its layer: one full-size matrix at a time beyond the statistics
+    ranks = {name: 2 * layer.ranks[adapter] for name, layer in layers.items()}
+    for name, u, sv, vh in gradient_triplets(model, layers, batches, ranks, options, seed=config.seed):
+        layer = layers[name]
         r = layer.ranks[adapter]
         s = layer.scaling[adapter]
         branch = layer.adapters[adapter]
-        u, sv, vh = top_singular_triplets(stat, 2 * r)
-        del stat
         if not sv[0] > 0:
             warnings.warn(f"lora-ga: {name} got a zero gradient on the given batches; it keeps the standard LoRA "
                           "init (B = 0)", stacklevel=2)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from peftkit import registry
-from peftkit.stats import adapter_name_of, check_batches, gradient_statistics, top_singular_triplets
+from peftkit.stats import adapter_name_of, check_batches, check_gradient_options, gradient_triplets
 from peftkit.validation import option
 
 
@@ -22,6 +22,12 @@ from peftkit.validation import option
 class LoraOneOptions:
     gamma: float = option(128.0, gt=0)  # γ: the init step has spectral norm s/γ
     gradient_sketch: int | None = option(None, gt=0)  # k: single-pass randomized SVD from sketches (None: exact SVD)
+    # Bounded memory and the truncated solver: as LoRA-GA's options (peftkit.stats.gradient_triplets).
+    gradient_groups: int | None = option(None, gt=0)  # k groups (None: from gradient_memory)
+    gradient_memory: float | str | None = "auto"  # MiB of G held at once; auto: 1/4 of the free memory
+    gradient_device: str = option("model", choices=("model", "cpu"))  # "cpu": G accumulated in host memory
+    svd: str = option("auto", choices=("auto", "exact", "randomized"))  # randomized: top-2r triplets by subspace iteration
+    svd_iterations: int = option(8, ge=0)  # power iterations of the randomized solver
 
 
 def lora_one_factors(u: torch.Tensor, sv: torch.Tensor, vh: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,19 +41,12 @@ def lora_one_factors(u: torch.Tensor, sv: torch.Tensor, vh: torch.Tensor, gamma:
 def lora_one_init(model, layers, config, data) -> None:
     options = config.axis_options("init")
     gamma = options["gamma"]  # types and ranges: LoraOneOptions
-    sketch = options["gradient_sketch"]
+    check_gradient_options(options)
     batches = check_batches(data, "lora-one")
     adapter = adapter_name_of(model, config)
-    size = None if sketch is None else max(sketch, max(l.ranks[adapter] for l in layers.values()))
-    stats = gradient_statistics(model, layers, batches, sketch_size=size, seed=config.seed)
-    for name, layer in layers.items():
-        stat = stats.pop(name)
-        for tensor in ([stat] if isinstance(stat, torch.Tensor) else stat.tensors()):
-            tensor.neg_()  # the SVD of −G (its sketches are linear in G)
-        r = layer.ranks[adapter]
-        u, sv, vh = top_singular_triplets(stat, r)
-        del stat
-        branch = layer.adapters[adapter]
+    ranks = {name: layer.ranks[adapter] for name, layer in layers.items()}
+    for name, u, sv, vh in gradient_triplets(model, layers, batches, ranks, options, seed=config.seed, negate=True):
+        branch = layers[name].adapters[adapter]
         if not sv[0] > 0:
             warnings.warn(f"lora-one: {name} got a zero gradient on the given batches; it keeps the standard LoRA "
                           "init (B = 0)", stacklevel=2)

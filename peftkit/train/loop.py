@@ -29,7 +29,7 @@ from ..errors import ConfigError
 from ..inject import adapter_layers, state_of
 from . import checkpointing, engines, evaluation
 from .build import Examples, load_examples, load_model, load_tokenizer, num_labels
-from .data import BatchPlan, Tokenized, check_lengths, check_packed_attention, collate, count_tokens
+from .data import BatchPlan, Tokenized, check_lengths, check_packed_attention, collate
 from .guard import DivergenceGuard, GuardSettings
 from .metrics import MetricsLog, plot
 from .recipe import Recipe, warmup_steps
@@ -304,6 +304,7 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
     pad_id = run.tokenizer.pad_token_id
     progress = _progress_bar(main and recipe.logging.progress_bar, training.max_steps, state.step)
     window = {"loss": 0.0, "steps": 0, "time": time.perf_counter(), "tokens_at_start": state.tokens}
+    pending_losses: list[torch.Tensor] = []  # per-step losses on the device, not read yet
     result = None
 
     def stop_nonfinite(what: str) -> RunResult:
@@ -322,10 +323,12 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
             # ---- one optimizer step: grad_accum micro-batches, each with its own backward
             step_loss = torch.zeros((), device=accelerator.device)
             for micro in range(training.grad_accum):
-                batch = collate(run.examples.train, run.plan.indices(state.position), pad_id, run.classification)
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                indices = run.plan.indices(state.position)
+                batch = collate(run.examples.train, indices, pad_id, run.classification)
+                # Counted on the host, from the examples themselves: no read of a device tensor.
+                state.tokens += sum(len(run.examples.train.input_ids[i]) for i in indices) * accelerator.num_processes
+                batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
                 state.position += 1
-                state.tokens += count_tokens(batch) * accelerator.num_processes
                 # Gradients are all-reduced once per step, on the last micro-batch.
                 with engine.no_sync(model, micro == training.grad_accum - 1):
                     with accelerator.autocast():
@@ -336,28 +339,38 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
                     accelerator.backward(loss)
                 step_loss += loss.detach()
             engine.reduce_gradients(trainable)
-            if accelerator.num_processes > 1:
-                step_loss = accelerator.reduce(step_loss, reduction="mean")
-            loss_value = step_loss.item()
-            if guard is not None:
-                verdict, state = guard.check(state, loss_value, dict(
-                    accelerator=accelerator, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                    schedule=schedule, fingerprint=fingerprint), output_dir)
-                if verdict == "restarted":
-                    optimizer.zero_grad(set_to_none=True)
-                    metrics.truncate_after(state.step)
-                    continue
-                if verdict == "stop":
-                    good = checkpointing.latest(output_dir)
-                    if main:
-                        progress.close()
-                        print(guard.message(state.step + 1, good), flush=True)
-                    result = RunResult("diverged", state.step, output_dir, checkpoint=good)
+            # The losses stay on the device until a step that needs them (logging, evaluation, saving, the last
+            # step, a received signal, the divergence guard): one host sync (and one collective) there, none on the
+            # steps between. The guard judges every step's loss, so a run with it on reads every step.
+            pending_losses.append(step_loss)
+            losses = None
+            if (guard is not None or _reads_losses(state.step + 1, training)
+                    or (accelerator.num_processes == 1 and signals.received)):
+                losses = _read_losses(pending_losses, accelerator)
+                bad = next((i for i, value in enumerate(losses) if not math.isfinite(value)), None)
+                if bad is None and guard is not None:
+                    verdict, state = guard.check(state, losses[-1], dict(
+                        accelerator=accelerator, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                        schedule=schedule, fingerprint=fingerprint), output_dir)
+                    if verdict == "restarted":
+                        optimizer.zero_grad(set_to_none=True)
+                        metrics.truncate_after(state.step)
+                        continue
+                    if verdict == "stop":
+                        good = checkpointing.latest(output_dir)
+                        if main:
+                            progress.close()
+                            print(guard.message(state.step + 1, good), flush=True)
+                        result = RunResult("diverged", state.step, output_dir, checkpoint=good)
+                        break
+                if bad is not None:
+                    # Stop before this optimizer step; an earlier bad step (since the last read) was applied, but
+                    # nothing has been saved since: every checkpoint step reads first, and checkpoints are checked
+                    # finite before they are written.
+                    bad_step = state.step + 1 - len(losses) + 1 + bad
+                    result = stop_nonfinite(f"the loss is {losses[bad]} at step {bad_step}")
+                    result.step = bad_step - 1
                     break
-            if not math.isfinite(loss_value):
-                # Stop before the optimizer step: the weights and the last checkpoint stay good.
-                result = stop_nonfinite(f"the loss is {loss_value} at step {state.step + 1}")
-                break
             grad_norm = None
             if training.max_grad_norm is not None:
                 grad_norm = engine.clip_grad_norm_(trainable, training.max_grad_norm)
@@ -369,9 +382,11 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
             optimizer.zero_grad(set_to_none=True)
 
             # ---- bookkeeping: log, evaluate, checkpoint, hooks, signals
-            window["loss"] += loss_value
-            window["steps"] += 1
-            record: dict[str, Any] = {"step": state.step, "loss": loss_value}
+            record: dict[str, Any] = {"step": state.step}  # "loss" only where it was read
+            if losses is not None:
+                window["loss"] += sum(losses)
+                window["steps"] += len(losses)
+                record["loss"] = losses[-1]
             if state.step % training.log_every == 0 or state.step == training.max_steps:
                 record = _log_record(state, window, lr_used, grad_norm, run.plan)
                 metrics.write(record)
@@ -388,7 +403,8 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
                                        output_dir, training.keep_checkpoints)
                 for hook in hooks or []:
                     hook(state.step, record)
-                stop = _stop_requested(signals, accelerator) and state.step < training.max_steps
+                stop = (_stop_requested(signals, accelerator, collective=losses is not None)
+                        and state.step < training.max_steps)
                 if stop:
                     path = checkpointing.save(accelerator, model, optimizer, lr_scheduler, schedule,
                                               _timed(state, started), output_dir, training.keep_checkpoints)
@@ -459,10 +475,30 @@ def _timed(state: checkpointing.TrainState, started: float) -> checkpointing.Tra
     return state
 
 
-def _stop_requested(signals: StopSignals, accelerator) -> bool:
-    """Every process must stop at the same step: under several processes the flag is all-reduced."""
+def _reads_losses(step: int, training) -> bool:
+    """Whether optimizer step ``step`` (1-based) reads the losses to the host: it logs, evaluates, saves, or is last."""
+    return (step % training.log_every == 0 or step == training.max_steps
+            or bool(training.eval_every and step % training.eval_every == 0)
+            or bool(training.save_every and step % training.save_every == 0))
+
+
+def _read_losses(pending: list[torch.Tensor], accelerator) -> list[float]:
+    """The per-step losses since the last read (mean over processes), in one host sync; ``pending`` is emptied."""
+    values = torch.stack(pending)
+    pending.clear()
+    if accelerator.num_processes > 1:
+        values = accelerator.reduce(values, reduction="mean")
+    return values.tolist()
+
+
+def _stop_requested(signals: StopSignals, accelerator, collective: bool = True) -> bool:
+    """Every process must stop at the same step: under several processes the flag is all-reduced, on the steps
+    that read the losses (``collective``) only, so that no other step waits on a collective; one process checks
+    its flag every step."""
     if accelerator.num_processes == 1:
         return signals.received is not None
+    if not collective:
+        return False
     flag = torch.tensor(float(signals.received or 0), device=accelerator.device)
     flag = accelerator.reduce(flag, reduction="sum")
     if flag.item() and signals.received is None:
