@@ -213,13 +213,18 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
     data = check_fields(PeftFields, data, prefix=f"{path}: ", unknown="ignore", error=CheckpointError)
-    if data.get("peftkit") is not None:
-        data["peftkit"] = check_fields(PeftkitFields, data["peftkit"], prefix=f"{path}: peftkit.", unknown="ignore",
-                                       error=CheckpointError)
-        # Its config's field types now, because the architecture name is read before the config is built.
-        data["peftkit"]["config"] = check_fields(AdapterConfig, data["peftkit"]["config"], prefix=f"{path}: peftkit.config.",
-                                                 unknown="ignore", error=CheckpointError)
+    if data.get("peftkit") is not None:  # a folder saved before the peftkit.json sidecar
+        data["peftkit"] = _check_section(data["peftkit"], f"{path}: peftkit.")
     return data
+
+
+def _check_section(section: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """peftkit's metadata (the sidecar, or an old config's ``peftkit`` key) with its field types checked, its
+    config's too: the architecture name is read before the config is built."""
+    section = check_fields(PeftkitFields, section, prefix=prefix, unknown="ignore", error=CheckpointError)
+    section["config"] = check_fields(AdapterConfig, section["config"], prefix=f"{prefix}config.", unknown="ignore",
+                                     error=CheckpointError)
+    return section
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -466,7 +471,7 @@ def read_metadata(directory: str | os.PathLike, data: dict[str, Any] | None = No
             raise CheckpointError(
                 f"{directory}: {CONFIG_NAME} is not the file saved with this {METADATA_NAME} (its sha256 differs from "
                 "the one recorded at save time): the folder mixes two saves - save the adapter again")
-        return section
+        return _check_section(section, f"{path}: ")
     if data is None:
         data = read_config(directory)
     section = data.get("peftkit")

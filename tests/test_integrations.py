@@ -518,6 +518,6 @@ def test_peft_option_names_are_aliases_in_wrap_and_recipes(base_dir, tmp_path):
     recipe.write_text(f"model: {{name: {base_dir}}}\ndata: {{train: generated:topics}}\n"
                       "adapter: {method: lora, r: 2, target_modules: [q_proj], lora_alpha: 4}\n")
     options = load_recipe(recipe, []).adapter.options
-    assert options["target_modules"] == ["q_proj"]
+    assert options["targets"] == ["q_proj"] and "target_modules" not in options  # normalised to peftkit's names
     wrapped = peftkit.wrap(base(base_dir), "lora", **options)
     assert wrapped.peftkit.configs["default"].targets == ["q_proj"] and wrapped.peftkit.configs["default"].alpha == 4

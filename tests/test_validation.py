@@ -88,7 +88,7 @@ def test_pair_optimizer_refuses_a_nan_clip_norm():
     ("optimizer", "weight_decay", math.nan, "optimizer.weight_decay: expected a finite number >= 0"),
     ("training", "max_grad_norm", math.nan, "training.max_grad_norm: expected a finite number > 0 or null"),
     ("training", "warmup", math.inf, "training.warmup"),
-    ("data", "packing", "false", "data.packing: expected true or false, got the string 'false'"),
+    ("data", "packing", "false", "data.packing: expected true or false or null, got the string 'false'"),
     ("adapter", "alpha", math.inf, "adapter.alpha: expected a positive number"),
     ("adapter", "rslora", "false", "adapter.rslora: expected true or false"),
     ("optimizer", "betas", [0.9, 1.0], "optimizer.betas: expected 2 finite numbers in [0, 1)"),
@@ -212,9 +212,7 @@ def peft_lora_dir(tmp_path) -> Path:
     model = peftkit.wrap(tiny_llama(), "lora", r=2, targets=["q_proj"])
     folder = tmp_path / "adapter"
     peftkit.save(model, folder)
-    data = json.loads((folder / "adapter_config.json").read_text())
-    data.pop("peftkit")
-    (folder / "adapter_config.json").write_text(json.dumps(data))
+    (folder / "peftkit.json").unlink()  # peftkit's metadata sidecar
     return folder
 
 
@@ -244,10 +242,10 @@ def test_adapter_config_fields_of_the_wrong_json_type(peft_lora_dir, fields, nee
 def test_peftkit_section_fields_are_checked(tmp_path):
     model = peftkit.wrap(tiny_llama(), "lora", r=2, targets=["q_proj"])
     peftkit.save(model, tmp_path / "a")
-    data = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    data["peftkit"]["config"]["alpha"] = "inf"
-    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(data))
-    with pytest.raises(CheckpointError, match=r"adapter_config.json: peftkit.config.alpha: expected a positive number"):
+    data = json.loads((tmp_path / "a" / "peftkit.json").read_text())
+    data["config"]["alpha"] = "inf"
+    (tmp_path / "a" / "peftkit.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"peftkit.json: config.alpha: expected a positive number"):
         peftkit.load(tiny_llama(), tmp_path / "a")
 
 
@@ -275,12 +273,12 @@ def test_peftkit_config_fields_are_typed_before_use(tmp_path, capsys):
     """Found by the property test: a list as the architecture name was a TypeError from the registry lookup."""
     model = peftkit.wrap(tiny_llama(), "lora", r=2, targets=["q_proj"])
     peftkit.save(model, tmp_path / "a")
-    data = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    data["peftkit"]["config"]["architecture"] = ["lora"]
-    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(data))
-    with pytest.raises(CheckpointError, match=r"peftkit.config.architecture: expected a string, got list"):
+    data = json.loads((tmp_path / "a" / "peftkit.json").read_text())
+    data["config"]["architecture"] = ["lora"]
+    (tmp_path / "a" / "peftkit.json").write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"config.architecture: expected a string, got list"):
         peftkit.load(tiny_llama(), tmp_path / "a")
-    one_error(capsys, ["info", str(tmp_path / "a")], "peftkit.config.architecture")
+    one_error(capsys, ["info", str(tmp_path / "a")], "config.architecture")
 
 
 @pytest.mark.parametrize("method,options", [("elalora", {"capacity": 10 ** 12})])

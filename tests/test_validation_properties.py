@@ -207,10 +207,13 @@ def damage(folder: Path, kind: str, a, b) -> None:
 
     config_path, weights_path = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     config = json.loads(config_path.read_text())
+    meta_path = folder / "peftkit.json"  # peftkit's metadata sidecar
+    meta = json.loads(meta_path.read_text())
     if kind == "peft_field":
         config[a] = b
+        meta.pop("config_sha256", None)  # else the edit is caught as a mixed save before the field is read
     elif kind == "peftkit_field":
-        config["peftkit"]["config"][a] = b
+        meta["config"][a] = b
     elif kind == "shape":
         tensors = load_file(str(weights_path))
         key = sorted(tensors)[a % len(tensors)]
@@ -219,7 +222,7 @@ def damage(folder: Path, kind: str, a, b) -> None:
         shape[-1] = max(shape[-1] + b[1], 1)
         tensors[key] = torch.zeros(shape)
         save_file(tensors, str(weights_path))
-        config["peftkit"].pop("weights_sha256")  # as a plain PEFT adapter, so the shapes themselves are checked
+        meta.pop("weights_sha256")  # as a plain PEFT adapter, so the shapes themselves are checked
     else:
         data = bytearray(weights_path.read_bytes())
         position = int(a * len(data))
@@ -228,9 +231,10 @@ def damage(folder: Path, kind: str, a, b) -> None:
         else:
             data[position] ^= 1 << b
             if kind == "bitflip_no_sha":
-                config["peftkit"].pop("weights_sha256")
+                meta.pop("weights_sha256")
         weights_path.write_bytes(bytes(data))
     config_path.write_text(json.dumps(config))
+    meta_path.write_text(json.dumps(meta))
 
 
 @pytest.fixture()

@@ -284,8 +284,11 @@ def _check_method_options(recipe: Recipe) -> None:
     """The adapter and optimizer sections' method options against the method's components, with the same
     rules as ``peftkit.wrap`` / ``peftkit.optimizer`` (and the recipe key in each message)."""
     from .. import registry
+    from ..aliases import apply_aliases
     from ..config import check_component_options, resolve_options
 
+    # PEFT's option names (target_modules, lora_alpha ...) are ours too, as in peftkit.wrap
+    recipe.adapter.options = apply_aliases(recipe.adapter.options, where="adapter")
     config = resolve_options(recipe.adapter.method, recipe.adapter.options, prefix="adapter.")
     name = recipe.optimizer.name or config.optimizer
     component = registry.get_component("optimizer", name)
