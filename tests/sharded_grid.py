@@ -98,6 +98,20 @@ def capture_init(root: Path) -> None:
 
 
 def main(engine: str, batch: int, root: Path, resume: bool) -> None:
+    """The grid. The one-process side runs inside a pytest worker: every patch is undone before returning, so the
+    tests that run after it in that process see the real loop (and their own thread count)."""
+    import peftkit.train.loop as loop
+    from accelerate import Accelerator
+
+    saved = (torch.get_num_threads(), loop.prepare, Accelerator.end_training)
+    try:
+        _grid(engine, batch, root, resume)
+    finally:
+        torch.set_num_threads(saved[0])
+        loop.prepare, Accelerator.end_training = saved[1], saved[2]
+
+
+def _grid(engine: str, batch: int, root: Path, resume: bool) -> None:
     from peftkit.train import from_dict, train
 
     from accelerate import Accelerator
