@@ -38,7 +38,7 @@ class LoraGAOptions:
     gradient_groups: int | None = option(None, gt=0)  # k groups (None: from gradient_memory)
     gradient_memory: float | str | None = "auto"  # MiB of G held at once; auto: 1/4 of the free memory
     gradient_device: str = option("model", choices=("model", "cpu"))  # "cpu": G accumulated in host memory
-    svd: str = option("auto", choices=("auto", "exact", "randomized"))  # randomized: top-2r triplets by subspace iteration
+    svd: str = option("exact", choices=("exact", "randomized", "auto"))  # exact (LAPACK); randomized / auto: opt-in truncated solver
     svd_iterations: int = option(8, ge=0)  # power iterations of the randomized solver
 
 
@@ -59,6 +59,8 @@ def _check(options: dict) -> None:
     if options["scale"] == "weight_svd" and not options["peft_compat"]:
         raise ConfigError("scale: 'weight_svd' is PEFT's variant; pass peft_compat=True, or use scale='weightS'")
     check_gradient_options(options)
+    if options["peft_compat"] and options["svd"] != "exact":
+        raise ConfigError(f"svd: peft_compat=True reproduces PEFT's exact SVD; got svd={options['svd']!r}, use svd='exact'")
 
 
 def lora_ga_factors(grad_u: torch.Tensor, grad_s: torch.Tensor, grad_vh: torch.Tensor, r: int, s: float,

@@ -26,7 +26,7 @@ class LoraOneOptions:
     gradient_groups: int | None = option(None, gt=0)  # k groups (None: from gradient_memory)
     gradient_memory: float | str | None = "auto"  # MiB of G held at once; auto: 1/4 of the free memory
     gradient_device: str = option("model", choices=("model", "cpu"))  # "cpu": G accumulated in host memory
-    svd: str = option("auto", choices=("auto", "exact", "randomized"))  # randomized: top-2r triplets by subspace iteration
+    svd: str = option("exact", choices=("exact", "randomized", "auto"))  # exact (LAPACK); randomized / auto: opt-in truncated solver
     svd_iterations: int = option(8, ge=0)  # power iterations of the randomized solver
 
 

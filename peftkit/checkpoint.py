@@ -429,6 +429,13 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter_names: list[str
         raise CheckpointError(f"{directory}: exists and is not a folder; save the adapter into a folder (new or existing)")
     written = []
     staged = [(name, *adapter_state(model, name, export=export)) for name in names]
+    for name, tensors, _ in staged:
+        empty = [key for key, tensor in tensors.items() if tensor.numel() == 0]
+        if empty:  # a sharded engine's placeholder (ZeRO-3, FSDP) read where the full tensor was meant
+            raise CheckpointError(
+                f"save: adapter '{name}' has {len(empty)} empty tensors ({empty[:3]}): its parameters are sharded or "
+                "released placeholders, not the trained values; save through peftkit's loop (training.distributed) or "
+                "gather the adapter's parameters first. Nothing was written")
     files: list[tuple[str, Path]] = []  # (temporary file, final path)
     try:
         for name, tensors, peft in staged:
@@ -817,8 +824,16 @@ def export(model_or_dir: nn.Module | str | os.PathLike, directory: str | os.Path
         target.mkdir(parents=True, exist_ok=True)
         # The export is a plain PEFT adapter: PEFT's fields only (an old file's peftkit key is dropped).
         config = {k: v for k, v in data.items() if k != "peftkit"}
-        atomic_write_bytes(target / WEIGHTS_NAME, (source / WEIGHTS_NAME).read_bytes())
-        atomic_write_bytes(target / CONFIG_NAME, json_bytes(config))
+        weights, config_bytes = (source / WEIGHTS_NAME).read_bytes(), json_bytes(config)
+        metadata = read_metadata(source, data)
+        atomic_write_bytes(target / WEIGHTS_NAME, weights)
+        if metadata is not None:  # the sidecar follows the files it describes (a stale one would refuse to load)
+            metadata = {**metadata, "weights_sha256": hashlib.sha256(weights).hexdigest(),
+                        "config_sha256": hashlib.sha256(config_bytes).hexdigest()}
+            atomic_write_bytes(target / METADATA_NAME, json_bytes(metadata))
+        elif (target / METADATA_NAME).is_file():
+            (target / METADATA_NAME).unlink()  # an earlier peftkit save's sidecar: it describes other files
+        atomic_write_bytes(target / CONFIG_NAME, config_bytes)
         return target
     if base_model is None:
         raise ConfigError(

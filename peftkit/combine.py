@@ -102,6 +102,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     config.method = config.method if config.architecture == "lora" else "lora"
     config.architecture, config.init, config.schedule = "lora", "default", "none"
     config.r, config.alpha, config.rank_pattern, config.alpha_pattern = new_rank, float(new_rank), {}, {}
+    config.rslora = False  # the weights above already carry each source's scaling: the new one's must be 1
     config.targets, config.exclude, config.modules_to_save = sorted(layers), None, None
     config.options = {}
     object.__setattr__(config, "_allow_large_rank", True)  # a concatenation may exceed min(in, out), as in PEFT

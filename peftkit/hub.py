@@ -34,7 +34,10 @@ def _cache_dir() -> str | None:
 def is_hub_id(ref: str | os.PathLike) -> bool:
     """A string that is not an existing path and looks like ``name`` or ``namespace/name``."""
     text = os.fspath(ref)
-    return not os.path.exists(text) and bool(_REPO_ID.match(text)) and not text.startswith((".", "~"))
+    # "outputs/run1" whose "outputs" is a local folder is a mistyped path, never a repo to download
+    parent_is_local = "/" in text and os.path.isdir(text.split("/", 1)[0])
+    return (not os.path.exists(text) and not parent_is_local and bool(_REPO_ID.match(text))
+            and not text.startswith((".", "~")))
 
 
 def resolve_folder(ref: str | os.PathLike, what: str = "adapter", allow_patterns: list[str] | None = ADAPTER_FILES) -> Path:
@@ -97,6 +100,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, token: bool | str | 
     repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     info = api.upload_folder(folder_path=str(folder), repo_id=getattr(repo, "repo_id", repo_id), repo_type="model",
                              commit_message=commit_message or "Upload peftkit adapter", revision=revision,
+                             allow_patterns=ADAPTER_FILES,
                              create_pr=create_pr)
     return str(getattr(info, "commit_url", info))
 
@@ -125,10 +129,13 @@ def write_model_card(model: nn.Module, directory: str | os.PathLike) -> Path | N
     config = state.configs[name]
     layers = {n: layer for n, layer in adapter_layers(model).items() if name in layer.adapters}
     ranks = sorted({layer.ranks.get(name) for layer in layers.values() if layer.ranks.get(name) is not None})
-    base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    from .checkpoint import base_reference
+
+    base = base_reference(model)  # what adapter_config.json records (a hub id, a folder or pkg:...)
+    loadable = base if base and is_hub_id(base) else None  # only a hub id means the same thing elsewhere
     training = dict(state.training)
     data = ModelCardData(
-        base_model=base if base and not os.path.isabs(base) else None, library_name="peft",
+        base_model=loadable, library_name="peft",
         tags=[CARD_TAG, config.method, config.architecture, "peft"],
         datasets=[training["data"]] if isinstance(training.get("data"), str) and is_hub_id(training["data"]) else None,
     )
@@ -154,7 +161,8 @@ def write_model_card(model: nn.Module, directory: str | os.PathLike) -> Path | N
     if training.get("recipe"):
         lines += ["## Recipe", "", "```yaml", str(training["recipe"]).rstrip(), "```", ""]
     lines += ["## Use", "", "```python", "import peftkit", "from transformers import AutoModelForCausalLM", "",
-              f"model = AutoModelForCausalLM.from_pretrained({base!r})" if base else "model = ...  # the base model",
+              f"model = AutoModelForCausalLM.from_pretrained({loadable!r})" if loadable
+              else f"model = ...  # the base model ({base or 'not recorded'})",
               "model = peftkit.load(model, '<this folder or repo id>')  # PEFT's PeftModel.from_pretrained reads it too",
               "```", ""]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))

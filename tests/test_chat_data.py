@@ -290,3 +290,16 @@ def test_two_map_processes_give_the_same_examples(tmp_path):
     one = tokenize(rows, byte_tokenizer(), DataSection(train="x", format="messages"))
     two = tokenize(rows, byte_tokenizer(), DataSection(train="x", format="messages", num_proc=2))
     assert list(two.input_ids) == list(one.input_ids) and list(two.labels) == list(one.labels)
+
+
+def test_text_eval_is_cut_into_the_blocks_training_uses(tmp_path):
+    """A long eval document is evaluated whole, in max_length blocks, not cut to its first max_length tokens."""
+    from peftkit.train.build import load_examples
+    from peftkit.train.data import byte_tokenizer
+    from peftkit.train.recipe import from_dict
+    from train_fixtures import llama_text_recipe, write_jsonl
+
+    recipe = llama_text_recipe(tmp_path)
+    recipe["data"]["eval"] = write_jsonl(tmp_path / "long.jsonl", [{"text": "abcdefgh " * 40}])  # 360 bytes
+    examples = load_examples(from_dict(recipe), byte_tokenizer())
+    assert len(examples.eval) >= 360 // 16 - 1  # blocks of data.max_length = 16 tokens

@@ -521,3 +521,71 @@ def test_peft_option_names_are_aliases_in_wrap_and_recipes(base_dir, tmp_path):
     assert options["targets"] == ["q_proj"] and "target_modules" not in options  # normalised to peftkit's names
     wrapped = peftkit.wrap(base(base_dir), "lora", **options)
     assert wrapped.peftkit.configs["default"].targets == ["q_proj"] and wrapped.peftkit.configs["default"].alpha == 4
+
+
+# ------------------------------------------------------------------------- review fixes
+def test_push_uploads_only_the_adapter_files(base_dir, tmp_path, monkeypatch):
+    """A folder that also holds a run's checkpoints or the user's files uploads the adapter alone."""
+    seen = {}
+
+    class Recording(FakeHfApi):
+        def upload_folder(self, folder_path, repo_id, **kwargs):
+            seen.update(kwargs)
+            return super().upload_folder(folder_path, repo_id, **kwargs)
+
+    monkeypatch.setattr("peftkit.hub.HfApi", Recording)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_TOKEN", "hf_fake")
+    model = peftkit.wrap(base(base_dir), "lora", r=2)
+    peftkit.save(model, tmp_path / "out")
+    (tmp_path / "out" / "optimizer.pt").write_bytes(b"private")
+    peftkit.hub.push_folder(tmp_path / "out", "me/tiny3")
+    assert seen["allow_patterns"] == peftkit.hub.ADAPTER_FILES
+    assert not any(p in ("*", "optimizer.pt") for p in seen["allow_patterns"])
+
+
+def test_weighted_adapter_of_an_rslora_adapter_keeps_its_delta(base_dir):
+    """cat of one adapter with weight 1 is that adapter: the new adapter's scaling is 1, never alpha / sqrt(r)."""
+    model = peftkit.wrap(base(base_dir), "lora", r=4, alpha=8, rslora=True)
+    randomize_adapters(model, seed=3)
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    peftkit.add_weighted_adapter(model, ["default"], [1.0], "copy", combination_type="cat")
+    peftkit.set_adapter(model, "copy")
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+def test_export_of_a_folder_into_an_earlier_save_loads(base_dir, tmp_path):
+    """The target's sidecar describes the exported files, not an earlier save's (which load would refuse)."""
+    first = peftkit.wrap(base(base_dir), "lora", r=8)
+    peftkit.save(first, tmp_path / "target")
+    second = peftkit.wrap(base(base_dir), "lora", r=2)
+    randomize_adapters(second, seed=1)
+    peftkit.save(second, tmp_path / "source")
+    peftkit.export(tmp_path / "source", tmp_path / "target")
+    loaded = peftkit.load(base(base_dir), tmp_path / "target")
+    ids = torch.tensor([[1, 5, 9]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, second(input_ids=ids).logits, atol=1e-6)
+
+
+def test_saving_empty_adapter_tensors_is_refused(base_dir, tmp_path):
+    """A sharded engine's placeholders (ZeRO-3 leaves 0-element tensors) are never written as an adapter."""
+    model = peftkit.wrap(base(base_dir), "lora", r=2, targets=["q_proj"])
+    layer = next(iter(peftkit.inject.adapter_layers(model).values()))
+    layer.adapters["default"].lora_A.weight.data = torch.empty(0)
+    with pytest.raises(CheckpointError, match="empty tensors"):
+        peftkit.save(model, tmp_path / "empty")
+    assert not (tmp_path / "empty" / "adapter_model.safetensors").exists()
+
+
+def test_a_missing_local_path_is_not_a_hub_id(tmp_path, monkeypatch):
+    from peftkit.hub import is_hub_id
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    assert not is_hub_id("outputs/run1")  # a mistyped local path: never downloaded
+    assert is_hub_id("someone/adapter")

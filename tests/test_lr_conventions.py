@@ -207,3 +207,27 @@ def test_cli_warns_before_step_1_and_exits_3_when_the_guard_stops(tmp_path, caps
     assert code == EXIT_DIVERGED == 4
     out = capsys.readouterr().out
     assert "the loss diverged at step 3" in out and "13.7× the best (1.362, at step 2)" in out
+
+
+def test_guard_settings_go_through_the_validation_layer(tmp_path):
+    from peftkit.train.recipe import from_dict
+    from train_fixtures import llama_text_recipe
+
+    for bad, needle in (({"factor": float("inf")}, "divergence_guard.factor"),
+                        ({"window": "10"}, "divergence_guard.window"),
+                        ({"wndow": 10}, "Did you mean 'training.divergence_guard.window'"),
+                        ({"action": "halve"}, "set training.save_every")):
+        with pytest.raises(ConfigError, match=needle):
+            from_dict(llama_text_recipe(tmp_path, training__divergence_guard=bad))
+    ok = from_dict(llama_text_recipe(tmp_path, training__divergence_guard={"action": "halve"}, training__save_every=2))
+    assert ok.training.divergence_guard == {"action": "halve"}
+
+
+def test_fsdp2_refuses_generation_metrics_before_anything_runs(tmp_path):
+    from peftkit.train.recipe import from_dict
+    from train_fixtures import llama_text_recipe
+
+    recipe = llama_text_recipe(tmp_path, training__distributed="fsdp2", training__eval_metrics=["exact_match"])
+    recipe["data"]["format"] = "instruction"
+    with pytest.raises(ConfigError, match="fsdp2 does not support"):
+        from_dict(recipe)

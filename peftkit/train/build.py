@@ -85,9 +85,11 @@ def load_examples(recipe: Recipe, tokenizer) -> Examples:
         if data.eval:
             eval_rows = read_rows(data.eval, data.eval_split, data, "data.eval")
             check_columns(eval_rows, data, "data.eval", data.eval)
-            check_rows(eval_rows, data, "data.eval", data.eval, train_rows=train_rows)
             eval_rows = eval_rows.select(range(min(data.max_eval_samples, len(eval_rows)))) if data.max_eval_samples else eval_rows
-            evaluation = tokenize(eval_rows, tokenizer, data, train.label_names, key=f"data.eval {data.eval}", pack=False)
+            check_rows(eval_rows, data, "data.eval", data.eval, train_rows=train_rows)
+            # Text is evaluated in the blocks it trains on; chat/instruction eval rows stay whole (no packing)
+            evaluation = tokenize(eval_rows, tokenizer, data, train.label_names, key=f"data.eval {data.eval}",
+                                  pack=packs(data) if data.format == "text" else False)
     if train.stats and PartialState().is_main_process:
         s = train.stats
         print(f"peftkit: packed {s['examples']} examples ({s['tokens']} tokens) into {s['rows']} rows of <= "
@@ -105,8 +107,8 @@ def _train_examples(recipe: Recipe, tokenizer):
     if data.mix is None:
         rows = read_rows(data.train, data.train_split, data, "data.train")
         check_columns(rows, data, "data.train", data.train)
-        check_rows(rows, data, "data.train", data.train)
         rows = rows.select(range(min(data.max_train_samples, len(rows)))) if data.max_train_samples else rows
+        check_rows(rows, data, "data.train", data.train)
         return tokenize(rows, tokenizer, data, key=f"data.train {data.train}", batch_size=batch_size), rows
     import datasets
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..validation import check_fields, option
 from . import checkpointing
 
 ACTIONS = ("stop", "halve")
@@ -28,10 +29,10 @@ EXIT_DIVERGED = 4
 
 @dataclass
 class GuardSettings:
-    action: str = "stop"
-    factor: float = 3.0  # the window mean may rise to factor × the best window mean (unitless, > 1)
-    window: int = 10  # steps per window mean
-    max_halvings: int = 3
+    action: str = option("stop", choices=ACTIONS)
+    factor: float = option(3.0, gt=1)  # the window mean may rise to factor × the best window mean (unitless, finite)
+    window: int = option(10, gt=0)  # steps per window mean
+    max_halvings: int = option(3, ge=0)
 
     @classmethod
     def from_recipe(cls, value: dict[str, Any] | None) -> "GuardSettings | None":
@@ -42,21 +43,7 @@ class GuardSettings:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping such as {{action: stop, factor: 3.0, window: 10}}, "
                               f"got {value!r}")
-        valid = ("action", "factor", "window", "max_halvings")
-        unknown = [k for k in value if k not in valid]
-        if unknown:
-            raise ConfigError(f"{key}.{unknown[0]}: unknown key; valid: {', '.join(valid)}")
-        settings = cls(**value)
-        if settings.action not in ACTIONS:
-            raise ConfigError(f"{key}.action: expected one of {list(ACTIONS)}, got {settings.action!r}")
-        if isinstance(settings.factor, bool) or not isinstance(settings.factor, (int, float)) or not settings.factor > 1:
-            raise ConfigError(f"{key}.factor: expected a number > 1 (the allowed rise of the loss), got {settings.factor!r}")
-        for name in ("window", "max_halvings"):
-            number = getattr(settings, name)
-            if isinstance(number, bool) or not isinstance(number, int) or number < (1 if name == "window" else 0):
-                raise ConfigError(f"{key}.{name}: expected a {'positive' if name == 'window' else 'non-negative'} "
-                                  f"integer, got {number!r}")
-        return settings
+        return cls(**check_fields(cls, value, prefix=f"{key}.", kind="key"))  # the one validation layer
 
 
 @dataclass

@@ -348,13 +348,16 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
                     or (accelerator.num_processes == 1 and signals.received)):
                 losses = _read_losses(pending_losses, accelerator)
                 bad = next((i for i, value in enumerate(losses) if not math.isfinite(value)), None)
-                if bad is None and guard is not None:
-                    verdict, state = guard.check(state, losses[-1], dict(
+                if guard is not None:  # halve: a non-finite loss restarts too (guard.check); else the stop below
+                    verdict, state = guard.check(state, losses[-1] if bad is None else losses[bad], dict(
                         accelerator=accelerator, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
                         schedule=schedule, fingerprint=fingerprint), output_dir)
                     if verdict == "restarted":
                         optimizer.zero_grad(set_to_none=True)
                         metrics.truncate_after(state.step)
+                        # The abandoned steps leave the logging window and the progress bar.
+                        window.update(loss=0.0, steps=0, time=time.perf_counter(), tokens_at_start=state.tokens)
+                        progress.n = state.step
                         continue
                     if verdict == "stop":
                         good = checkpointing.latest(output_dir)
