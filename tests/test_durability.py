@@ -445,7 +445,8 @@ def test_an_unreadable_input_file_is_bad_input_not_a_write_failure(tmp_path, cap
 
     monkeypatch.setattr("builtins.open", guarded_open)
     monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if os.fspath(path) == train_file else real_access(path, mode, **kw))
-    err = one_error(capsys, ["train", recipe], "could not read", train_file, "Permission denied", code=2)
+    err = one_error(capsys, ["train", recipe], "could not read", train_file, "Permission denied",
+                    "nothing was written", code=2)
     assert "could not write" not in err
     assert not (tmp_path / "run").exists()
 
