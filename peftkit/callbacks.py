@@ -66,6 +66,9 @@ class Schedule:
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: D401 - Trainer API
         if kwargs.get("optimizer") is not None:
+            from .integrations import check_trainer_optimizer
+
+            check_trainer_optimizer(self.config, kwargs["optimizer"])
             self.attach_optimizer(kwargs["optimizer"])
         self.on_train_begin_(state.max_steps)
 

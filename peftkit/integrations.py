@@ -39,6 +39,26 @@ SCHEDULE_STATE_NAME = "peftkit_schedule.pt"
 HF_FLAG = "_hf_peft_config_loaded"
 
 
+# ---------------------------------------------------------------------------------------------- trainer optimizer
+def check_trainer_optimizer(config: Any, optimizer: Any) -> None:
+    """Refuse, at the Trainer's ``on_train_begin``, a method whose optimizer *is* part of the method (LoRA+'s
+    ratio, LoRA-Pro's and LoFT's projections, ElaLoRA's per-slot steps, the LoRA-One preconditioner) trained by
+    an optimizer peftkit did not build: the Trainer's default AdamW would silently train another method."""
+    from .registry import PLAIN_OPTIMIZER
+
+    if config is None or config.optimizer == PLAIN_OPTIMIZER:
+        return
+    inner = optimizer
+    while not hasattr(inner, "peftkit_lr") and hasattr(inner, "optimizer"):  # Accelerate's AcceleratedOptimizer
+        inner = inner.optimizer
+    if not hasattr(inner, "peftkit_lr"):
+        raise ConfigError(
+            f"Trainer: the method trains with its optimizer '{config.optimizer}', and this Trainer runs "
+            f"{type(inner).__name__}, which peftkit did not build (the Trainer's default when optimizers= is not "
+            f"given): it would silently train another method. Pass optimizers=(peftkit.optimizer(model), None) "
+            "to the Trainer (TRL's trainers take the same argument)")
+
+
 # ---------------------------------------------------------------------------------------------- install
 def install(model: nn.Module) -> None:
     """Put peftkit's save / adapter-API methods on ``model`` (an instance attribute each; the class is untouched)."""

@@ -156,7 +156,12 @@ def schedule(name: str, *, options: type | None = None, description: str = "",
     return deco
 
 
-def register_method(name: str, *, architecture: str, init: str = "default", optimizer: str = "adamw",
+# The optimizer a method gets when it names none: AdamW on every trainable tensor, which is also what an outside
+# loop (transformers' Trainer) builds when it is given no optimizer.
+PLAIN_OPTIMIZER = "adamw"
+
+
+def register_method(name: str, *, architecture: str, init: str = "default", optimizer: str = PLAIN_OPTIMIZER,
                     schedule: str = "none", defaults: dict[str, Any] | None = None,
                     description: str = "", changes_output_at_init: bool = False,
                     lr_convention: LRConvention | None = None) -> Method:

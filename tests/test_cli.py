@@ -175,3 +175,36 @@ def test_report_to_tensorboard_without_the_package_names_the_extra(tmp_path, cap
     recipe = write_recipe(tmp_path / "r.yaml", llama_text_recipe(tmp_path, training__max_steps=2))
     one_error(capsys, ["train", recipe, "logging.report_to=[tensorboard]"], "peftkit[tensorboard]")
     assert not (tmp_path / "run").exists()
+
+
+# Recipes whose every key is valid on its own but whose combination would silently do nothing or the wrong thing.
+INCOHERENT = [
+    (["training.eval_metrics=[accuracy]"], ["training.eval_metrics", "'accuracy'", "data.format", "'text'"]),
+    (["training.eval_metrics=[exact_match]"], ["training.eval_metrics", "'exact_match'", "'text'"]),
+    (["training.eval_metrics=[my_module:fn]", "data.eval=null"], ["training.eval_metrics", "set data.eval"]),
+    (["training.lr_schedule=cosine_with_min_lr", "training.min_lr=0.5", "optimizer.lr=1e-3"],
+     ["training.min_lr", "above the peak", "0.001"]),
+    (["training.lr_schedule=polynomial", "training.min_lr=2e-3", "optimizer.lr=1e-3"], ["training.min_lr", "min_lr <= lr"]),
+]
+
+
+@pytest.mark.parametrize("overrides,needles", INCOHERENT, ids=[" ".join(o) for o, _ in INCOHERENT])
+def test_incoherent_combinations_exit_2_before_step_1(tmp_path, capsys, overrides, needles):
+    recipe = write_recipe(tmp_path / "r.yaml", llama_text_recipe(tmp_path))
+    one_error(capsys, ["train", recipe, *overrides], *needles)
+    assert not (tmp_path / "run").exists()
+
+
+def test_min_lr_under_auto_lr_is_checked_against_the_resolved_rate(tmp_path, capsys):
+    """optimizer.lr: auto resolves per method (plain LoRA: base_lr itself); the floor is checked against that."""
+    recipe = write_recipe(tmp_path / "r.yaml", llama_text_recipe(tmp_path))
+    one_error(capsys, ["train", recipe, "optimizer.lr=auto", "optimizer.base_lr=1e-4",
+                       "training.lr_schedule=cosine_with_min_lr", "training.min_lr=1e-3"], "training.min_lr", "0.0001")
+
+
+@pytest.mark.parametrize("spelling", ["null", "none", "None", "[]"])
+def test_report_to_none_means_no_tracker(tmp_path, spelling):
+    from peftkit.train.recipe import load_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", llama_text_recipe(tmp_path))
+    assert load_recipe(recipe, [f"logging.report_to={spelling}"]).logging.report_to == []

@@ -430,6 +430,27 @@ def test_disk_full_during_merge_removes_the_staging_folder(lm_adapter, tmp_path,
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged.")]
 
 
+# ------------------------------------------------------------------ unreadable input
+def test_an_unreadable_input_file_is_bad_input_not_a_write_failure(tmp_path, capsys, monkeypatch):
+    """EACCES on a file being read (a dataset this user may not read) is exit 2 "could not read", not exit 3
+    "could not write". (The tests run as root, whom permission bits do not stop: the refusal is simulated.)"""
+    recipe = write_recipe(tmp_path, training__max_steps=2, data__eval=None)
+    train_file = yaml.safe_load(Path(recipe).read_text())["data"]["train"]
+    real_open, real_access = open, os.access
+
+    def guarded_open(file, *args, **kwargs):
+        if os.fspath(file) == train_file:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), train_file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", guarded_open)
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if os.fspath(path) == train_file else real_access(path, mode, **kw))
+    err = one_error(capsys, ["train", recipe], "could not read", train_file, "Permission denied",
+                    "nothing was written", code=2)
+    assert "could not write" not in err
+    assert not (tmp_path / "run").exists()
+
+
 # ------------------------------------------------------------------ umask
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_files_are_written_with_the_users_umask(lm_adapter, tmp_path, umask):

@@ -68,3 +68,37 @@ def test_a_schedule_answers_every_trainer_event():
         assert "missing_attribute" in str(error)
     else:
         raise AssertionError("only on_* hooks default to no-ops")
+
+
+def _trainer(tmp_path, wrapped, **kwargs):
+    examples = [{k: v[i] for k, v in batch.items()} for batch in make_batches(wrapped, n=2, batch_size=2)
+                for i in range(2)]
+    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=1, per_device_train_batch_size=2,
+                             learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    return Trainer(model=wrapped, args=args, train_dataset=examples, **kwargs)
+
+
+def test_a_method_optimizer_replaced_by_the_trainers_default_is_refused_before_step_1(tmp_path):
+    """LoRA+ under the Trainer's default AdamW would be plain LoRA, silently: refused at on_train_begin, nothing moved."""
+    import pytest
+
+    from peftkit.errors import ConfigError
+
+    wrapped = peftkit.wrap(tiny_llama(), "lora-plus", r=4)
+    before = {k: v.clone() for k, v in wrapped.state_dict().items()}
+    trainer = peftkit.attach(_trainer(tmp_path, wrapped))
+    with pytest.raises(ConfigError, match=r"optimizer 'lora-plus'.*optimizers=\(peftkit.optimizer\(model\), None\)"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(v, before[k]) for k, v in wrapped.state_dict().items())
+    # the method's own optimizer is accepted, and it is LoRA+'s: B's rate is ratio × A's
+    optimizer = peftkit.optimizer(wrapped, 1e-3)
+    _trainer(tmp_path, wrapped, optimizers=(optimizer, None), callbacks=[peftkit.callbacks(wrapped)]).train()
+    rates = sorted({group["initial_lr"] for group in optimizer.param_groups})  # the peak rates (the schedule decays to 0)
+    assert len(rates) == 2 and rates[1] / rates[0] > 1
+
+
+def test_plain_lora_keeps_the_trainers_default_optimizer(tmp_path):
+    wrapped = peftkit.wrap(tiny_llama(), "lora", r=4)
+    trainer = _trainer(tmp_path, wrapped, callbacks=[peftkit.callbacks(wrapped)])
+    assert trainer.train().global_step == 1

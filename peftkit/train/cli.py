@@ -120,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"peftkit: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as exc:
+        if _is_read_refusal(exc):
+            print(f"peftkit: error: could not read {exc.filename}: {exc.strerror or exc} (errno {exc.errno}); nothing "
+                  "was written. Make the file readable for this user (or point the recipe at a copy you can read), "
+                  "then run the command again", file=sys.stderr)
+            return EXIT_BAD_INPUT
         if exc.errno not in WRITE_ERRNOS:
             raise
         where = f"{exc.filename}: " if exc.filename else ""
@@ -129,6 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_WRITE_FAILED
     finally:
         _close_process_group()
+
+
+def _is_read_refusal(exc: OSError) -> bool:
+    """An EACCES/EPERM on a file that exists and this user may not read: an input the user must fix (exit 2), not
+    a refused write (exit 3). A refused write names a file being created or a folder that is readable."""
+    name = exc.filename
+    return (exc.errno in (errno.EACCES, errno.EPERM) and isinstance(name, (str, bytes, os.PathLike))
+            and os.path.isfile(name) and not os.access(name, os.R_OK))
 
 
 def _close_process_group() -> None:

@@ -187,6 +187,11 @@ def make_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer):
         choice = getattr(optimizer, "peftkit_lr", None)
         peak = recipe.optimizer.lr if recipe.optimizer.lr is not None else (
             choice.lr if choice is not None else optimizer.param_groups[0]["lr"])
+        if training.min_lr > peak:
+            # A floor above the peak would make the schedule rise as it "decays" (a rate ratio above 1).
+            raise ConfigError(f"training.min_lr: the floor {training.min_lr:g} is above the peak learning rate "
+                              f"{peak:g} (optimizer.lr); expected min_lr <= lr: lower training.min_lr (e.g. "
+                              f"{peak / 10:g}) or raise optimizer.lr")
         options[keyword] = training.min_lr if keyword == "lr_end" else training.min_lr / peak
     elif name in ("cosine_with_min_lr", "cosine_warmup_with_min_lr"):
         raise ConfigError(f"training.min_lr: the '{name}' schedule needs its floor; set training.min_lr (e.g. 1e-5)")

@@ -265,8 +265,12 @@ def _build_section(section: str, cls: type, values: dict[str, Any]):
     given = {k: v for k, v in values.items() if k in fixed}
     if section == "optimizer" and given.get("lr") == "auto":
         given["lr"] = None  # auto: base_lr × the method's convention (peftkit.lr)
-    if section == "logging" and isinstance(given.get("report_to"), str):
-        given["report_to"] = [given["report_to"]]  # report_to: tensorboard is a one-tracker list
+    if section == "logging" and "report_to" in given:
+        trackers = given["report_to"]
+        if trackers is None or (isinstance(trackers, str) and trackers.lower() == "none"):
+            given["report_to"] = []  # null / "none": no tracker (transformers' TrainingArguments spelling)
+        elif isinstance(trackers, str):
+            given["report_to"] = [trackers]  # report_to: tensorboard is a one-tracker list
     kwargs = check_fields(cls, given, prefix=f"{section}.", kind="key")
     if section in OPEN_SECTIONS:
         kwargs["options"] = options
@@ -325,10 +329,24 @@ def check(recipe: Recipe) -> None:
         raise ConfigError(f"data.format: model.task sequence-classification needs format 'classification', got '{d.format}'")
     if m.task == "causal-lm" and d.format == "classification":
         raise ConfigError("data.format: 'classification' needs model.task: sequence-classification")
+    from .chat import CHAT_FORMATS
+    from .evaluation import CLASSIFICATION_METRICS, GENERATION_METRICS
+
+    metric_formats = {**{m: ("classification",) for m in CLASSIFICATION_METRICS},
+                      **{m: CHAT_FORMATS for m in GENERATION_METRICS}}  # hooks (module:function) take any format
     for metric in t.eval_metrics:
         if metric not in EVAL_METRICS and ":" not in metric:
             raise ConfigError(f"training.eval_metrics: unknown metric '{metric}'; expected one of {list(EVAL_METRICS)} "
                               "or a hook 'module:function' (called with predictions and references)")
+        fits = metric_formats.get(metric)
+        if fits is not None and d.format not in fits:
+            # A metric the data cannot give would otherwise be silently absent from every eval record.
+            raise ConfigError(f"training.eval_metrics: '{metric}' needs data.format one of {list(fits)}, and this "
+                              f"recipe's data.format is '{d.format}'; drop '{metric}' (the eval loss is always "
+                              "reported) or use a metric of that format")
+    if t.eval_metrics and d.eval is None:
+        raise ConfigError(f"training.eval_metrics: {t.eval_metrics} need evaluation data, and this recipe has none; "
+                          "set data.eval (a file or dataset) or drop training.eval_metrics")
     from .guard import GuardSettings  # here, not at the top: guard imports checkpointing
 
     guard = GuardSettings.from_recipe(t.divergence_guard)
