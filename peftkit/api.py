@@ -167,10 +167,11 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter_names: list[str
 
 
 def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
-         trainable: bool = False) -> nn.Module:
-    """Inject and fill the adapter saved in ``directory`` (by peftkit or by PEFT; a folder or a Hub id) into a
-    plain base model."""
-    return checkpoint.load(model, directory, adapter_name=adapter_name, trainable=trainable)
+         trainable: bool = False, *, revision: str | None = None, token: bool | str | None = None) -> nn.Module:
+    """Inject and fill the adapter saved in ``directory`` (by peftkit or by PEFT; a folder or a Hub id, read at
+    ``revision`` with ``token``) into a plain base model."""
+    return checkpoint.load(model, directory, adapter_name=adapter_name, trainable=trainable, revision=revision,
+                           token=token)
 
 
 def export(model_or_dir: nn.Module | str | os.PathLike, directory: str | os.PathLike, format: str = "peft",

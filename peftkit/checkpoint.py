@@ -485,11 +485,12 @@ def read_metadata(directory: str | os.PathLike, data: dict[str, Any] | None = No
     return section if isinstance(section, dict) else None
 
 
-def _resolve(directory: str | os.PathLike, what: str = "adapter") -> Path:
-    """A folder, or a Hub id resolved to its local snapshot (offline: the cache)."""
+def _resolve(directory: str | os.PathLike, what: str = "adapter", **hub: Any) -> Path:
+    """A folder, or a Hub id resolved to its local snapshot (offline: the cache); ``hub``: revision, token,
+    local_files_only (``peftkit.hub.resolve_folder``)."""
     from .hub import resolve_folder
 
-    return resolve_folder(directory, what)
+    return resolve_folder(directory, what, **hub)
 
 
 def _config_from_peft(data: dict[str, Any], module_names: list[str], section: dict[str, Any] | None = None) -> AdapterConfig:
@@ -536,13 +537,15 @@ def _split_keys(tensors: dict[str, torch.Tensor], suffixes: tuple[str, ...], hea
 
 
 def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
-         trainable: bool = False) -> nn.Module:
+         trainable: bool = False, *, revision: str | None = None, token: bool | str | None = None,
+         local_files_only: bool = False) -> nn.Module:
     """Inject the adapter saved in ``directory`` into ``model`` and fill it (peftkit or PEFT checkpoints).
 
+    ``directory`` may be a Hub id, read at ``revision`` (branch, tag or commit) with ``token``.
     A non-default ``adapter_name`` is read from ``directory/<adapter_name>/`` when that folder exists (where
     ``save`` and PEFT's ``save_pretrained`` put it). On any error the model is left as it was.
     """
-    directory = _resolve(directory)
+    directory = _resolve(directory, revision=revision, token=token, local_files_only=local_files_only)
     if adapter_name != "default" and (directory / adapter_name / CONFIG_NAME).is_file():
         # A non-default adapter lives in dir/<name>/ (save's layout and PEFT's save_pretrained's); dir/ itself
         # may hold the adapter "default" of the same save.

@@ -40,24 +40,34 @@ def is_hub_id(ref: str | os.PathLike) -> bool:
             and not text.startswith((".", "~")))
 
 
-def resolve_folder(ref: str | os.PathLike, what: str = "adapter", allow_patterns: list[str] | None = ADAPTER_FILES) -> Path:
-    """An existing folder as given; a Hub id becomes its snapshot folder (the local cache when offline).
+def resolve_folder(ref: str | os.PathLike, what: str = "adapter", allow_patterns: list[str] | None = ADAPTER_FILES,
+                   revision: str | None = None, token: bool | str | None = None,
+                   local_files_only: bool = False) -> Path:
+    """An existing folder as given; a Hub id becomes its snapshot folder at ``revision`` (a branch, tag or
+    commit; default the repo's main), downloaded with ``token`` (the local cache when offline or
+    ``local_files_only``).
 
-    ``what`` names the argument in errors. A path that exists is never looked up on the Hub.
+    ``what`` names the argument in errors. A path that exists is never looked up on the Hub, so a ``revision``
+    given with one is an error rather than ignored.
     """
     text = os.fspath(ref)
     if os.path.exists(text) or not is_hub_id(text):
+        if revision is not None:
+            raise ConfigError(f"{what}: revision={revision!r} applies to a Hub id, and '{text}' is a local path; "
+                              "drop revision= or give the Hub id")
         return Path(text)
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    offline = _offline()
+    offline = _offline() or local_files_only
     try:
-        folder = snapshot_download(text, cache_dir=_cache_dir(), local_files_only=offline, allow_patterns=allow_patterns)
+        folder = snapshot_download(text, cache_dir=_cache_dir(), local_files_only=offline, allow_patterns=allow_patterns,
+                                   revision=revision, token=token)
     except LocalEntryNotFoundError:
         where = _cache_dir() or "the default Hugging Face cache"
+        at = f" at revision '{revision}'" if revision else ""
         raise CheckpointError(
-            f"{what}: '{text}' is not a local folder, and the Hub repo '{text}' is not in the local cache ({where}) "
+            f"{what}: '{text}' is not a local folder, and the Hub repo '{text}'{at} is not in the local cache ({where}) "
             + ("while offline (HF_HUB_OFFLINE=1); download it once with network access (hf download "
                f"{text}) or pass a local folder" if offline else "and could not be downloaded; check the id and the network")
         ) from None

@@ -128,8 +128,13 @@ def push_to_hub(self: nn.Module, repo_id: str, *, commit_message: str | None = N
 def load_adapter(self: nn.Module, peft_model_id: str | os.PathLike | None = None, adapter_name: str | None = None,
                  peft_config: dict | None = None, adapter_state_dict: dict | None = None,
                  low_cpu_mem_usage: bool = False, is_trainable: bool = False, hotswap: bool | str = "auto",
-                 local_files_only: bool = False, adapter_kwargs: dict | None = None, **kwargs: Any) -> None:
-    """Load a saved adapter (a folder or a Hub id, peftkit's or PEFT's LoRA/HRA) next to the ones there."""
+                 local_files_only: bool = False, adapter_kwargs: dict | None = None, load_config: Any = None,
+                 **kwargs: Any) -> None:
+    """Load a saved adapter (a folder or a Hub id, peftkit's or PEFT's LoRA/HRA) next to the ones there.
+
+    transformers' signature: ``revision`` and ``token`` come as keywords, in ``adapter_kwargs`` or in
+    ``load_config.download_kwargs``; any other loading keyword (``device_map``, ``subfolder``, ``cache_dir`` ...)
+    is refused rather than ignored."""
     from . import checkpoint
 
     _state(self, "load_adapter")
@@ -141,7 +146,15 @@ def load_adapter(self: nn.Module, peft_model_id: str | os.PathLike | None = None
         raise ConfigError(
             "load_adapter: hotswap=True is not supported on a peftkit model; delete the adapter "
             "(model.delete_adapter(name)) and load the new one with peftkit.load(model, dir, adapter_name=name)")
-    checkpoint.load(self, peft_model_id, adapter_name=adapter_name or "default", trainable=is_trainable)
+    given = {**(getattr(load_config, "download_kwargs", None) or {}), **(adapter_kwargs or {}), **kwargs}
+    given = {k: v for k, v in given.items() if v is not None}
+    revision, token = given.pop("revision", None), given.pop("token", None)
+    ignored = sorted(given)
+    if ignored:  # taken silently, these would load something other than what was asked for
+        raise ConfigError(f"load_adapter: {ignored} are not supported on a peftkit model (the adapter loads onto "
+                          "the device and dtype of the layers it wraps); drop them, or move the model first")
+    checkpoint.load(self, peft_model_id, adapter_name=adapter_name or "default", trainable=is_trainable,
+                    revision=revision, token=token, local_files_only=local_files_only)
 
 
 def add_adapter(self: nn.Module, adapter_config: Any, adapter_name: str | None = None) -> None:

@@ -589,3 +589,42 @@ def test_a_missing_local_path_is_not_a_hub_id(tmp_path, monkeypatch):
     (tmp_path / "outputs").mkdir()
     assert not is_hub_id("outputs/run1")  # a mistyped local path: never downloaded
     assert is_hub_id("someone/adapter")
+
+
+def test_load_adapter_reads_the_revision_it_is_given(base_dir, tmp_path, monkeypatch):
+    """transformers' ``load_adapter(id, revision=..., token=...)``: the revision is the one loaded (a tag here),
+    never silently main; other loading keywords are refused rather than ignored."""
+    first = peftkit.wrap(base(base_dir), "lora", r=4)
+    randomize_adapters(first, seed=1)
+    peftkit.save(first, tmp_path / "v1")
+    second = peftkit.wrap(base(base_dir), "lora", r=4)
+    randomize_adapters(second, seed=2)
+    peftkit.save(second, tmp_path / "v2")
+    cache = tmp_path / "hub"
+    populate_cache(cache, "someone/tiny-lora", tmp_path / "v1")  # main
+    repo = cache / "models--someone--tiny-lora"
+    tagged = "fedcba9876543210fedcba9876543210fedcba98"
+    (repo / "snapshots" / tagged).mkdir()
+    for path in (tmp_path / "v2").iterdir():
+        (repo / "snapshots" / tagged / path.name).write_bytes(path.read_bytes())
+    (repo / "refs" / "v2").write_text(tagged)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    batch = make_batches(first, n=1)[0]
+    model = peftkit.wrap(base(base_dir), "lora", r=4)
+    model.load_adapter("someone/tiny-lora", adapter_name="tagged", revision="v2")
+    model.load_adapter("someone/tiny-lora", adapter_name="main", adapter_kwargs={"token": "hf_unused_offline"})
+    model.set_adapter("tagged")
+    torch.testing.assert_close(logits(model, batch), logits(second, batch))
+    model.set_adapter("main")
+    torch.testing.assert_close(logits(model, batch), logits(first, batch))
+    assert not torch.allclose(logits(first, batch), logits(second, batch))
+    loaded = peftkit.load(base(base_dir), "someone/tiny-lora", revision="v2")
+    torch.testing.assert_close(logits(loaded, batch), logits(second, batch))
+    with pytest.raises(CheckpointError, match="at revision 'v9'"):
+        peftkit.load(base(base_dir), "someone/tiny-lora", revision="v9")
+    with pytest.raises(ConfigError, match=r"load_adapter: \['subfolder'\] are not supported"):
+        model.load_adapter("someone/tiny-lora", adapter_name="x", subfolder="sub")
+    with pytest.raises(ConfigError, match="revision='v2' applies to a Hub id"):
+        peftkit.load(base(base_dir), tmp_path / "v1", revision="v2")
