@@ -1,8 +1,10 @@
 """peftkit: parameter-efficient fine-tuning for Hugging Face models.
 
-    import peftkit
-    model = peftkit.wrap(model, "lora", r=16)
-    opt = peftkit.optimizer(model, lr=2e-4)
+```python
+import peftkit
+model = peftkit.wrap(model, "lora", r=16)
+opt = peftkit.optimizer(model, lr=2e-4)
+```
 """
 
 from __future__ import annotations

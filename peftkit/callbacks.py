@@ -4,6 +4,9 @@ Order (../shared/methods/README.md §4.1): ``on_step(step, total_steps)`` runs a
 (and the LR scheduler step) and before ``zero_grad``, once per optimizer step, ``step`` counting from 1.
 Schedule state goes through ``state_dict`` / ``load_state_dict`` so a resumed run continues the same
 trajectory.
+
+The base class ``Schedule`` lives here; it registers nothing and does not know the registry (the schedule
+``none`` is registered in ``peftkit/components.py``, method schedules in ``adapters/``).
 """
 
 from __future__ import annotations
@@ -11,8 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch.nn as nn
-
-from . import registry
 
 
 def _no_event(*args: Any, **kwargs: Any) -> None:
@@ -51,9 +52,11 @@ class Schedule:
         """Called once after the last step."""
 
     def state_dict(self) -> dict[str, Any]:
+        """The schedule's state for a training checkpoint (empty for a stateless schedule)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned, so a resumed run continues the same trajectory."""
         return None
 
     # ---- transformers.TrainerCallback hooks
@@ -65,6 +68,7 @@ class Schedule:
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: D401 - Trainer API
+        """Trainer hook: take the Trainer's optimizer, then ``on_train_begin_(max_steps)``."""
         if kwargs.get("optimizer") is not None:
             from .integrations import check_trainer_optimizer
 
@@ -73,6 +77,7 @@ class Schedule:
         self.on_train_begin_(state.max_steps)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
+        """Trainer hook, after ``optimizer.step()`` and before ``zero_grad``: ``on_step(global_step + 1, max_steps)``."""
         if kwargs.get("optimizer") is not None and self.optimizer is None:
             self.attach_optimizer(kwargs["optimizer"])
         # The Trainer calls this after optimizer.step() and before zero_grad; global_step is the number of
@@ -80,9 +85,11 @@ class Schedule:
         self.on_step(state.global_step + 1, state.max_steps)
 
     def on_train_end(self, args, state, control, **kwargs):
+        """Trainer hook: ``on_train_end_()``."""
         self.on_train_end_()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        """Trainer hook: add the architecture's regulariser gradient to the accumulated gradients before the step."""
         # The architecture's regulariser (HRA's, ElaLoRA's orthogonality terms) is part of the objective the
         # Trainer and TRL optimise: its gradient joins the final, accumulated gradients before the step.
         from .integrations import add_regularization_gradient
@@ -90,6 +97,7 @@ class Schedule:
         add_regularization_gradient(self.model, kwargs.get("optimizer") or self.optimizer)
 
     def on_save(self, args, state, control, **kwargs):
+        """Trainer hook: write the exact training tensors and this schedule's state into ``checkpoint-N``."""
         # Next to the PEFT adapter the Trainer wrote through model.save_pretrained: what resume needs exactly.
         import os
 
@@ -99,6 +107,7 @@ class Schedule:
             save_training_state(self.model, self, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        """Trainer hook: keep the last logged metrics for the model card of the next save."""
         # The last logged metrics go into the model card of the next save.
         from .inject import state_of
 
@@ -106,8 +115,3 @@ class Schedule:
         if peftkit_state is not None and logs:
             peftkit_state.training.setdefault("metrics", {}).update(
                 {k: v for k, v in logs.items() if isinstance(v, (int, float))})
-
-
-@registry.schedule("none", description="nothing changes during training")
-def build_no_schedule(model: nn.Module, config: Any) -> Schedule:
-    return Schedule(model, config)

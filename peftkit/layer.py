@@ -116,9 +116,11 @@ class AdapterLayer(nn.Module):
         return iter(())
 
     def make_branch(self, name: str, r: int, alpha: float, config: Any) -> nn.Module:
+        """The adapter ``name``'s tensors as a module, already initialised (rank ``r``, ``alpha``); subclasses provide it."""
         raise NotImplementedError
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base layer's output plus every live (active, gated-on) adapter's contribution; subclasses provide it."""
         raise NotImplementedError
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -130,6 +132,7 @@ class AdapterLayer(nn.Module):
         return weight + self.delta_weight(name).to(weight.dtype), bias
 
     def unmerge_weights(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None):
+        """(W', b') -> (W, b): the inverse of ``merge_weights`` (here: subtract ΔW); W is (out, in) in fp32 or fp64."""
         return weight - self.delta_weight(name).to(weight.dtype), bias
 
     def factor_pairs(self) -> Iterator[tuple[str, nn.Parameter, nn.Parameter, float]]:
@@ -150,6 +153,7 @@ class AdapterLayer(nn.Module):
         return {k: v for k, v in self.adapters[name].state_dict().items()}
 
     def load_saved_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy a saved form (``saved_tensors``' keys) into adapter ``name``'s tensors, in their dtypes."""
         branch = self.adapters[name]
         expected = branch.state_dict()
         with torch.no_grad():
@@ -162,6 +166,7 @@ class AdapterLayer(nn.Module):
 
     # --------------------------------------------------------------- adapters
     def add_adapter(self, name: str, r: int, alpha: float, config: Any) -> None:
+        """Build adapter ``name`` (rank ``r``, ``alpha``, scaling from ``config``) inactive; r ≤ min(in, out) unless allowed."""
         if name in self.adapters:
             raise StateError(f"adapter '{name}' already exists in {self.module_name}; pick another adapter name")
         max_rank = min(self.in_features, self.out_features)
@@ -180,6 +185,7 @@ class AdapterLayer(nn.Module):
         self.adapters[name].train(self.training)
 
     def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` and its rank, alpha, scaling and gate; a merged adapter is a StateError."""
         if name in self.merged_adapters:
             raise StateError(f"adapter '{name}' is merged into {self.module_name}; unmerge it before deleting it")
         del self.adapters[name]
@@ -201,6 +207,7 @@ class AdapterLayer(nn.Module):
             param.requires_grad_(trainable)
 
     def set_active(self, names: list[str]) -> None:
+        """Make ``names`` (those this layer holds) the active adapters, unmerging first if other adapters are merged."""
         active = [n for n in names if n in self.adapters]
         if self.merged_adapters and set(self.merged_adapters) != set(active):
             # The base weight holds the merged adapters: switching without unmerging would run them, not ``names``.
@@ -215,6 +222,7 @@ class AdapterLayer(nn.Module):
 
     # --------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base output when disabled or merged (guarded against training through a merge), else ``adapted_forward``."""
         if self.disabled or not self.active_adapters:
             if self.merged_adapters:
                 self.unmerge()
@@ -323,6 +331,7 @@ class AdapterLayer(nn.Module):
             )
 
     def unmerge(self) -> list[str]:
+        """Subtract exactly what ``merge`` added to the base weight; returns the names unmerged (empty if none)."""
         if not self.merged_adapters:
             return []
         weight = self.base_weight()
@@ -352,6 +361,7 @@ class AdapterLayer(nn.Module):
                 self.bias.copy_(bias.to(self.bias.dtype))
 
     def extra_repr(self) -> str:
+        """The architecture, each adapter's rank and the base layer's kind and shape, for ``print(model)``."""
         ranks = ", ".join(f"{n}: r={self.ranks[n]}" for n in self.adapters)
         return f"{self.architecture_name}[{ranks}] on {self.kind} ({self.out_features}x{self.in_features})"
 

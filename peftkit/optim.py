@@ -10,7 +10,9 @@ Every trainable parameter of a wrapped model gets a role:
 and a decay flag: weight decay applies to tensors of 2 or more dimensions that are not biases and not
 norm weights. Param groups carry ``role``, ``names`` and ``lr_ratio`` so that a resume can check them.
 
-The plain optimizer ``adamw`` is registered here; method optimizers live in ``adapters/``.
+The shared pieces of every pair optimizer (``PairOptimizer``, ``adamw_update``, the Gram inverses) live here; this
+module registers nothing and does not know the registry: the plain ``adamw`` is registered in
+``peftkit/components.py``, method optimizers in ``adapters/``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import distributed, registry
+from . import distributed
 from .errors import ConfigError, StateError
 from .layer import AdapterLayer
 from .validation import Rule, check_fields, check_value, option
@@ -123,27 +125,15 @@ def check_lr(lr: float, name: str = "lr") -> float:
 
 @dataclass
 class AdamWOptions:
+    """The options of torch's AdamW as peftkit's ``adamw`` takes them (also ElaLoRA's optimizer's)."""
+
     weight_decay: float = option(0.0, ge=0)
     betas: tuple[float, float] = option((0.9, 0.999), ge=0, lt=1)
     eps: float = option(1e-8, ge=0)
 
 
-@registry.optimizer("adamw", options=AdamWOptions, description="torch AdamW; no decay on biases and norms")
-def build_adamw(model: nn.Module, lr: float, config: Any, **options: Any) -> torch.optim.Optimizer:
-    opts = {**AdamWOptions().__dict__, **config.axis_options("optimizer"), **options}
-    groups = param_groups(model, lr, opts["weight_decay"])
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(opts["betas"]), eps=opts["eps"])
-
-
-@registry.init("default", description="the architecture's own initialisation (no data)")
-def default_init(model: nn.Module, layers: dict[str, AdapterLayer], config: Any, data: Any) -> None:
-    return None
-
-
-
-
-
 # ------------------------------------------------------------------------------------------ pair optimizers
+
 def work_dtype(tensor: torch.Tensor) -> torch.dtype:
     """The dtype the r×r algebra runs in: fp64 for fp64 factors, fp32 otherwise (bf16 factors included)."""
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32

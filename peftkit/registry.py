@@ -181,9 +181,9 @@ def discover() -> None:
     if _discovered:
         return
     _discovered = True
-    # The generic components (adamw, the default init, no schedule) live in the machinery.
-    import peftkit.callbacks  # noqa: F401
-    import peftkit.optim  # noqa: F401
+    # The generic components (adamw, the default init, no schedule) are registered by peftkit/components.py,
+    # which ``import peftkit`` (and so any import of this module) has already run: the registry imports neither
+    # the optimizer nor the schedule machinery.
     import peftkit.adapters as package
 
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
@@ -208,11 +208,13 @@ def methods() -> list[str]:
 
 
 def method_descriptions() -> dict[str, str]:
+    """Each registered method's one-line description (what ``peftkit methods`` prints), by name."""
     discover()
     return {name: _methods[name].description for name in sorted(_methods)}
 
 
 def get_method(name: str) -> Method:
+    """The preset registered as ``name``; an unknown name is a ConfigError with a did-you-mean."""
     discover()
     if not isinstance(name, str) or name not in _methods:
         raise ConfigError(_unknown("method", name, list(_methods)))
@@ -220,6 +222,7 @@ def get_method(name: str) -> Method:
 
 
 def get_component(axis: str, name: str) -> Component:
+    """The component ``name`` on ``axis`` (one of ``AXES``); an unknown name is a ConfigError with a did-you-mean."""
     discover()
     table = _components[axis]
     if not isinstance(name, str) or name not in table:
@@ -228,6 +231,7 @@ def get_component(axis: str, name: str) -> Component:
 
 
 def components(axis: str) -> dict[str, Component]:
+    """Every component registered on ``axis``, by name (a copy)."""
     discover()
     return dict(_components[axis])
 

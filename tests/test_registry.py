@@ -104,3 +104,32 @@ def test_wheel_ships_adapters_as_a_subpackage(tmp_path):
         assert f"peftkit/adapters/{path.name}" in names
     assert not any(n.startswith("adapters/") for n in names)
     assert any(n.endswith("entry_points.txt") for n in names)
+
+
+def _imported_peftkit_modules(path) -> set[str]:
+    """Every peftkit module a file imports, top-level and function-local ``import`` / ``from`` statements alike."""
+    import ast
+
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = "peftkit." + node.module if node.level and node.module else ("peftkit" if node.level else node.module or "")
+            names.add(base)
+            names |= {f"{base}.{alias.name}" for alias in node.names}
+    return {name.removeprefix("peftkit.") for name in names if name.startswith("peftkit")}
+
+
+def test_no_import_circle_between_registry_optim_and_callbacks():
+    """The registry knows neither the optimizer machinery nor the schedules, and they do not import the registry
+    (the generic adamw / default / none components register in peftkit/components.py)."""
+    from pathlib import Path
+
+    package = Path(peftkit.__file__).parent
+    imports = {name: _imported_peftkit_modules(package / f"{name}.py") for name in ("registry", "optim", "callbacks")}
+    assert not imports["registry"] & {"optim", "callbacks"}, imports["registry"]
+    assert "registry" not in imports["optim"] and "registry" not in imports["callbacks"], imports
+    assert "optim" not in imports["callbacks"] and "callbacks" not in imports["optim"], imports
+    assert {"adamw", "default", "none"} <= {name for axis in ("optimizer", "init", "schedule")
+                                            for name in registry.components(axis)}
