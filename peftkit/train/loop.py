@@ -336,7 +336,7 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
                         if regularized:
                             loss = loss + peftkit.regularization_loss(run.model)
                         loss = loss / training.grad_accum
-                    accelerator.backward(loss)
+                    engine.backward(loss)
                 step_loss += loss.detach()
             engine.reduce_gradients(trainable)
             # The losses stay on the device until a step that needs them (logging, evaluation, saving, the last
