@@ -78,6 +78,26 @@ def pair_state_bytes(optimizer) -> int:
                for v in optimizer.state.get(t, {}).values() if isinstance(v, torch.Tensor))
 
 
+def frozen_base_elements(model) -> list[int]:
+    """[elements this process holds, elements in full] of the frozen base weights after training: FSDP2's
+    DTensor shards, ZeRO-3's partitions (``ds_tensor``; between forwards the weight itself has 0 elements)."""
+    from torch.distributed.tensor import DTensor
+
+    if hasattr(model, "reshard"):  # FSDP2 keeps the root's weights gathered after a forward (the final eval)
+        model.reshard()
+    held = full = 0
+    for param in model.parameters():
+        if param.requires_grad:
+            continue
+        if isinstance(param, DTensor):
+            held, full = held + param.to_local().numel(), full + param.numel()
+        elif hasattr(param, "ds_tensor"):
+            held, full = held + param.ds_tensor.numel(), full + param.ds_numel
+        else:
+            held, full = held + param.numel(), full + param.numel()
+    return [held, full]
+
+
 def capture_init() -> None:
     """Record each run's trainable tensors right after ``prepare`` (rank 0), for the moved check."""
     import peftkit.train.loop as loop
@@ -88,7 +108,7 @@ def capture_init() -> None:
 
     def prepare(recipe, accelerator=None):
         run = original(recipe, accelerator)
-        LAST["optimizer"] = run.optimizer
+        LAST["optimizer"], LAST["model"] = run.optimizer, run.model
         folder = Path(recipe.training.output_dir).parent
         if run.accelerator.is_main_process and not (folder / "init.safetensors").exists():
             atomic_save_tensors(folder / "init.safetensors", trainable_state(run.model))
@@ -133,6 +153,8 @@ def _grid(engine: str, batch: int, root: Path, resume: bool) -> None:
 
         (root / config / f"pair_state_rank{distributed.rank()}.json").write_text(
             json.dumps(pair_state_bytes(LAST["optimizer"])))
+        (root / config / f"base_elements_rank{distributed.rank()}.json").write_text(
+            json.dumps(frozen_base_elements(LAST["model"])))
     if engine != "ddp":
         for config in ALSO_DDP if not only or set(only) & set(ALSO_DDP) else []:
             assert train(from_dict(recipe(root, config, "ddp", batch, run="ddp"))).status == "done"
