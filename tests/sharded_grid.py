@@ -131,9 +131,35 @@ def main(engine: str, batch: int, root: Path, resume: bool) -> None:
     try:
         for name in engines:
             _grid(name, batch, root / name if len(engines) > 1 else root, resume)
+        if len(engines) > 1:
+            write_failure(root, batch)
     finally:
         torch.set_num_threads(saved[0])
         loop.prepare, Accelerator.end_training = saved[1], saved[2]
+
+
+def write_failure(root: Path, batch: int) -> None:
+    """Rank 0 cannot write its checkpoint (a full disk): every process must raise, none may wait in a barrier.
+    Each writes ``root/write_failure_rank<r>.json``: [error class, message]."""
+    from peftkit import checkpoint, distributed
+    from peftkit.train import from_dict, train
+
+    original = checkpoint.atomic_write_bytes
+
+    def full_disk(*args, **kwargs):
+        if distributed.rank() == 0:
+            raise OSError(28, "No space left on device (simulated)")
+        return original(*args, **kwargs)
+
+    checkpoint.atomic_write_bytes = full_disk
+    try:
+        train(from_dict(recipe(root / "write-failure", "lora", "ddp", batch)))
+        outcome = ["none", "training finished"]
+    except Exception as exc:  # noqa: BLE001 - recorded for the test
+        outcome = [type(exc).__name__, str(exc)]
+    finally:
+        checkpoint.atomic_write_bytes = original
+    (root / f"write_failure_rank{distributed.rank()}.json").write_text(json.dumps(outcome))
 
 
 def _grid(engine: str, batch: int, root: Path, resume: bool) -> None:

@@ -182,6 +182,18 @@ def test_adapter_loads_in_peft_with_the_same_outputs(sharded_grid, config, engin
 
 
 @pytest.mark.slow
+def test_a_checkpoint_write_failure_on_one_process_stops_every_process(sharded_grid):
+    """Rank 0's disk is full at the first checkpoint: it raises its OSError, rank 1 a CheckpointWriteError that
+    points at it (before, rank 1 waited in a barrier until the process group's timeout); nothing is published."""
+    _, two = sharded_grid
+    outcomes = [json.loads((two / f"write_failure_rank{r}.json").read_text()) for r in (0, 1)]
+    assert outcomes[0][0] == "OSError" and "No space left" in outcomes[0][1], outcomes
+    assert outcomes[1][0] == "CheckpointWriteError" and "other process(es) failed" in outcomes[1][1], outcomes
+    checkpoints = two / "write-failure" / "lora" / "run" / "checkpoints"
+    assert not checkpoints.exists() or not list(checkpoints.iterdir())
+
+
+@pytest.mark.slow
 def test_accelerate_launch_with_a_users_deepspeed_zero3_config(sharded_grid, tmp_path):
     """``accelerate launch --config_file F -m peftkit train R`` where F names the user's own DeepSpeed file (stage 3,
     Accelerate's "auto" values, no optimizer): the recipe keeps training.distributed at its default, the launcher's
