@@ -21,18 +21,21 @@ whole (A, B) pairs and whole gradients, and the update is the single-process one
   optimizer: 0 elements of a weight held between uses, gathered by its module hooks for the forward and the
   backward, released after). Under ``zero2`` DeepSpeed's ZeRO-2 optimizer owns only a 1-element placeholder
   (the frozen base is replicated under ZeRO-1/2 anyway: they partition optimizer state and gradients, and
-  those are the adapters'). The forward runs the hooked module itself and the backward is ``loss.backward()``
-  (not ``engine.backward``: DeepSpeed's own backward only drives its ZeRO optimizer, which owns nothing of
-  ours), so adapter gradients accumulate in ``p.grad`` and everything after is the ``fsdp2`` path: one flat
-  all-reduce, global clipping, peftkit's optimizer on whole pairs, whole checkpoints. DeepSpeed's
-  ``step``/``zero_grad``/clipping are never called. What does not work and why (DeepSpeed 0.19.8): handing
-  peftkit's optimizer to DeepSpeed (its ZeRO-1/2 optimizer replaces the param groups with flat fp32
-  partitions and sets ``p.grad = None``: ``stage_1_and_2.py``; ZeRO-3 empties them: ``stage3.py``; a pair
-  optimizer then skips every pair), and ``engine.backward`` without an optimizer ("must provide optimizer
-  during init in order to use backward").
+  those are the adapters'). The forward calls the model itself, not ``engine(...)``: DeepSpeed's gather and
+  release hooks sit on the modules, while ``engine.forward`` only adds hooks on its output that route the
+  backward into its ZeRO optimizer (and, with none, refuse ``loss.backward()``: "Direct calls to
+  tensor.backward() are not supported in this configuration"). The backward is a plain ``loss.backward()``,
+  so adapter gradients accumulate in ``p.grad`` and everything after is the ``fsdp2`` path: one flat
+  all-reduce, global clipping, peftkit's optimizer on whole pairs, whole checkpoints, evaluation through the
+  hooked model. DeepSpeed's ``backward``/``step``/``zero_grad``/clipping are never called. What does not work
+  and why (DeepSpeed 0.19.8): handing peftkit's optimizer to DeepSpeed (its ZeRO-1/2 optimizer replaces the
+  param groups with flat fp32 partitions and sets ``p.grad = None``: ``stage_1_and_2.py``; ZeRO-3 empties
+  them: ``stage3.py``; a pair optimizer then skips every pair), and ``engine.backward`` without an optimizer
+  ("must provide optimizer during init in order to use backward").
 
-The engine is picked once, in :func:`select`; an unsupported combination (FSDP1, a DeepSpeed config, a
-recipe and a launcher that disagree) is one ``ConfigError`` naming it and the supported alternative.
+The engine is picked once, in :func:`select`; an unsupported combination (FSDP1; a DeepSpeed config that
+brings its own optimizer, scheduler or clipping; DeepSpeed not installed; a recipe and a launcher that
+disagree) is one ``ConfigError`` naming it and the supported alternative, before anything is built.
 """
 
 from __future__ import annotations
