@@ -38,6 +38,7 @@ CONFIG = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, 
 METHODS = {"lora": {}, "lora-pro": {"mode": "full", "shard_moments": True}}
 ENGINES = ("ddp", "fsdp2", "zero2", "zero3")
 BATCH, SEQ = 2, 64  # per process
+_ALIVE: list = []
 
 
 def cell(method: str, engine: str, steps: int, layers: int) -> dict:
@@ -66,7 +67,7 @@ def cell(method: str, engine: str, steps: int, layers: int) -> dict:
     elif world > 1 and engine == "fsdp2":
         shard_frozen_base(model, torch.device("cpu"))
     elif world > 1 and engine in ("zero2", "zero3"):
-        ds_engine = wrap_deepspeed(model, int(engine[-1]))  # noqa: F841 - kept alive: its hooks refer to it
+        _ALIVE.append(wrap_deepspeed(model, int(engine[-1])))  # DeepSpeed's engine: its module hooks refer to it
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     gen = torch.Generator().manual_seed(distributed.rank())

@@ -4,11 +4,13 @@ CLI's loop (``peftkit.train.train``) one after another in ONE launch (a launch c
     torchrun --nproc-per-node 2 tests/sharded_grid.py ENGINE[,ENGINE...] BATCH ROOT [resume]
 
 With several engines (``fsdp2,zero2,zero3``: one launch for all of them, the imports are paid once), each
-engine's runs go under ``ROOT/<engine>``; with one, under ``ROOT``. Each config writes ``ROOT/<config>/run`` (adapter, metrics, checkpoints at every step) and rank 0 writes
+engine's runs go under ``ROOT/<engine>``; with one, under ``ROOT``. Each config writes ``ROOT/<config>/run``
+(adapter, metrics, checkpoints at every step) and rank 0 writes
 ``ROOT/<config>/init.safetensors`` (the trainable tensors before step 1, for the "every tensor moved" check)
 and ``init.json`` (which of them train). With ``resume``, the SIGTERM configs are also run twice more: stopped by
 SIGTERM after step 2 (each process signals itself, as a scheduler's kill does), then ``--resume``d to the end.
 The test (tests/test_train_sharded.py) runs the same configs in one process at batch 2·BATCH as the reference.
+With several engines the launch ends with :func:`write_failure` (rank 0 cannot write a checkpoint).
 """
 
 from __future__ import annotations

@@ -216,14 +216,16 @@ def test_accelerate_launch_with_a_users_deepspeed_zero3_config(sharded_grid, tmp
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                            str(tmp_path / "accelerate.yaml"), "-m", "peftkit", "train", str(tmp_path / "recipe.yaml"),
-                           "logging.progress_bar=false"], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+                           "logging.progress_bar=false"], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "2 process(es), global batch 4, engine zero3" in proc.stdout
     run = Path(spec["training"]["output_dir"])
     _close(adapter_tensors(one / "lora" / "run"), adapter_tensors(run), "accelerate launch zero3")
     ref_metrics, metrics = read_metrics(one / "lora" / "run"), read_metrics(run)
     evals = [r["eval_loss"] for r in metrics if "eval_loss" in r]
-    assert len(evals) == 2 and evals == pytest.approx([r["eval_loss"] for r in ref_metrics if "eval_loss" in r], rel=1e-6)
+    expected = [r["eval_loss"] for r in ref_metrics if "eval_loss" in r]
+    assert len(evals) == 2 and evals == pytest.approx(expected, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------- refusals, no launch

@@ -331,7 +331,8 @@ def _import_deepspeed():
 
         import deepspeed
 
-        # importlib, not ``import deepspeed.comm.torch as``: that name resolves to the torch module deepspeed.comm imports.
+        # importlib, not ``import deepspeed.comm.torch as``: that name resolves to the torch module that
+        # deepspeed.comm imports.
         ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
     except ImportError as exc:  # pragma: no cover - refusal() checks first
         raise ConfigError(f"training.distributed: zero2/zero3 need DeepSpeed ({exc}); pip install 'peftkit[deepspeed]'")
@@ -359,8 +360,8 @@ def hidden_modules(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
             if mixed and len(mixed) < len(own):
                 raise ConfigError(
                     f"training.distributed: DeepSpeed ZeRO cannot keep {path}.{mixed[0]} whole: its module also holds "
-                    "frozen weights that ZeRO shards. Freeze it, or use training.distributed: fsdp2 (FSDP2 keeps single "
-                    "tensors out of its shards)")
+                    "frozen weights that ZeRO shards. Freeze it, or use training.distributed: fsdp2 (FSDP2 keeps "
+                    "single tensors out of its shards)")
             visit(child, path)
 
     visit(model, "")
