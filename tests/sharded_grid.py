@@ -10,7 +10,7 @@ engine's runs go under ``ROOT/<engine>``; with one, under ``ROOT``. Each config 
 and ``init.json`` (which of them train). With ``resume``, the SIGTERM configs are also run twice more: stopped by
 SIGTERM after step 2 (each process signals itself, as a scheduler's kill does), then ``--resume``d to the end.
 The test (tests/test_train_sharded.py) runs the same configs in one process at batch 2·BATCH as the reference.
-With several engines the launch ends with :func:`write_failure` (rank 0 cannot write a checkpoint).
+With several engines the launch starts with :func:`write_failure` (rank 0 cannot write a checkpoint).
 """
 
 from __future__ import annotations
@@ -131,10 +131,10 @@ def main(engine: str, batch: int, root: Path, resume: bool) -> None:
     saved = (torch.get_num_threads(), loop.prepare, Accelerator.end_training)
     engines = engine.split(",")
     try:
+        if len(engines) > 1:  # first: run after the DeepSpeed runs it hung once (rank 1 in an unmatched collective)
+            write_failure(root, batch)
         for name in engines:
             _grid(name, batch, root / name if len(engines) > 1 else root, resume)
-        if len(engines) > 1:
-            write_failure(root, batch)
     finally:
         torch.set_num_threads(saved[0])
         loop.prepare, Accelerator.end_training = saved[1], saved[2]
@@ -162,6 +162,11 @@ def write_failure(root: Path, batch: int) -> None:
     finally:
         checkpoint.atomic_write_bytes = original
     (root / f"write_failure_rank{distributed.rank()}.json").write_text(json.dumps(outcome))
+    # Both processes finish the failure before either exits: a process that exits while its peer is still
+    # reading the last all-reduce's bytes makes gloo report "connection closed by peer" there instead.
+    import torch.distributed as dist
+
+    dist.barrier()
 
 
 def _grid(engine: str, batch: int, root: Path, resume: bool) -> None:
