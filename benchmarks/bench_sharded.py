@@ -1,17 +1,20 @@
-"""Per-process memory and step time of the sharded engines, side by side: LoRA and LoRA-Pro (full) under ddp and
-fsdp2 at N = 1 and 2 processes, on a Llama built from a config (hidden 1024), as ratios to ddp at the same N.
+"""Per-process memory and step time of the sharded engines, side by side: LoRA and LoRA-Pro (full) under ddp,
+fsdp2, zero2 and zero3 (DeepSpeed) at N = 1 and 2 processes, on a Llama built from a config (hidden 1024), as
+ratios to ddp at the same N.
 
     python benchmarks/bench_sharded.py [--steps 3] [--layers 2] [--rounds 2]
 
 Each cell is its own launch (``torchrun --nproc-per-node N`` of this file with ``--cell``), so a process's peak
 resident memory belongs to one cell; the cells run in rounds (every contender once per round, interleaved) and
 the step time is the median over rounds of each cell's median step. Memory per process, measured on rank 0:
-- ``weights MB``: the model's parameters this process stores (a DTensor counts its local shard);
+- ``weights MB``: the model's parameters this process stores (a DTensor counts its local shard, a ZeRO-3
+  parameter its partition ``ds_tensor``: between uses the weight itself holds 0 elements);
 - ``pair state MB``: the optimizer state of the (A, B) pairs (LoRA-Pro full: its m×n moments);
 - ``peak RSS MB``: the process's peak resident memory (``ru_maxrss``), which includes building the whole model
   before it is sharded (CUDA: ``max_memory_allocated`` over the training steps only);
 - ``RSS after MB``: the resident memory after the steps (what the process keeps while training).
-DeepSpeed ZeRO-3 has no column: peftkit refuses it (see README, "Many processes").
+- ``time / ddp``: the median over rounds of the step-time ratio, with its range over the rounds.
+At N = 1 every engine runs the one-process path (nothing to shard across), as the CLI does.
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=16,
               vocab_size=4096, max_position_embeddings=256, tie_word_embeddings=False)
 METHODS = {"lora": {}, "lora-pro": {"mode": "full", "shard_moments": True}}
-ENGINES = ("ddp", "fsdp2")
+ENGINES = ("ddp", "fsdp2", "zero2", "zero3")
 BATCH, SEQ = 2, 64  # per process
+_ALIVE: list = []
 
 
 def cell(method: str, engine: str, steps: int, layers: int) -> dict:
@@ -44,7 +48,7 @@ def cell(method: str, engine: str, steps: int, layers: int) -> dict:
 
     import peftkit
     from peftkit import distributed
-    from peftkit.train.engines import shard_frozen_base
+    from peftkit.train.engines import shard_frozen_base, wrap_deepspeed
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -62,6 +66,8 @@ def cell(method: str, engine: str, steps: int, layers: int) -> dict:
         trained = torch.nn.parallel.DistributedDataParallel(model)
     elif world > 1 and engine == "fsdp2":
         shard_frozen_base(model, torch.device("cpu"))
+    elif world > 1 and engine in ("zero2", "zero3"):
+        _ALIVE.append(wrap_deepspeed(model, int(engine[-1])))  # DeepSpeed's engine: its module hooks refer to it
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     gen = torch.Generator().manual_seed(distributed.rank())
@@ -70,7 +76,7 @@ def cell(method: str, engine: str, steps: int, layers: int) -> dict:
         ids = torch.randint(0, CONFIG["vocab_size"], (BATCH, SEQ), generator=gen)
         start = time.perf_counter()
         trained(input_ids=ids, labels=ids).loss.backward()
-        if engine == "fsdp2":
+        if engine != "ddp":
             distributed.average_gradients(trainable)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -80,6 +86,8 @@ def cell(method: str, engine: str, steps: int, layers: int) -> dict:
             times.append(time.perf_counter() - start)
 
     def local_numel(p) -> int:
+        if hasattr(p, "ds_tensor"):
+            return p.ds_tensor.numel()
         return p.to_local().numel() if hasattr(p, "to_local") else p.numel()
 
     weights = sum(local_numel(p) * p.element_size() for p in model.parameters())
@@ -108,7 +116,9 @@ def launch(method: str, engine: str, processes: int, steps: int, layers: int) ->
     args = [str(Path(__file__).resolve()), "--cell", method, engine, str(steps), str(layers), str(out)]
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes)] if processes > 1
            else [sys.executable]) + args
-    subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{method} {engine} N={processes} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     row = json.loads(out.read_text())
     out.unlink()
     return row
@@ -138,17 +148,20 @@ def main() -> None:
     print(f"Llama hidden {CONFIG['hidden_size']}, {args.layers} layers, all-linear r=8, batch {BATCH}x{SEQ} per "
           f"process, fp32, CPU gloo; median of {args.rounds} rounds x {args.steps} steps\n")
     print("| method | N | engine | weights MB/proc | pair state MB/proc | peak RSS MB/proc | RSS after MB/proc | "
-          "step s | weights / ddp | peak / ddp | RSS after / ddp | time / ddp |")
+          "step s | weights / ddp | peak / ddp | RSS after / ddp | time / ddp (range over rounds) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for processes in (1, 2):
         for method in METHODS:
             ddp = _median_row(rows[(method, "ddp", processes)])
             for engine in ENGINES:
                 r = _median_row(rows[(method, engine, processes)])
+                ratios = [mine["step_s"] / base["step_s"]
+                          for mine, base in zip(rows[(method, engine, processes)], rows[(method, "ddp", processes)])]
                 print(f"| {method} | {processes} | {engine} | {r['weights_mb']:.0f} | {r['pair_state_mb']:.1f} | "
                       f"{r['peak_mb']:.0f} | {r['rss_mb']:.0f} | {r['step_s']:.2f} | "
                       f"{r['weights_mb'] / ddp['weights_mb']:.2f} | {r['peak_mb'] / ddp['peak_mb']:.2f} | "
-                      f"{r['rss_mb'] / ddp['rss_mb']:.2f} | {r['step_s'] / ddp['step_s']:.2f} |")
+                      f"{r['rss_mb'] / ddp['rss_mb']:.2f} | {statistics.median(ratios):.2f} "
+                      f"({min(ratios):.2f}-{max(ratios):.2f}) |")
 
 
 def _median_row(rows: list[dict]) -> dict:

@@ -10,6 +10,7 @@ checks of one test file into one launch.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,21 @@ def run_distributed(script: str | os.PathLike, nproc: int, out_dir: str | os.Pat
     full_env.update(env or {})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-port", str(_free_port()), str(script), *args]
-    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    # On a timeout torchrun gets SIGTERM, which it passes on to its workers (each runs in a session of its own, so
+    # killing torchrun alone would leave them running and holding the output pipes open).
+    with subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
+        try:
+            stdout, stderr = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            child.send_signal(signal.SIGTERM)
+            try:
+                stdout, stderr = child.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                stdout, stderr = "", "(torchrun did not stop within 60 s of SIGTERM; killed)"
+            raise AssertionError(f"{' '.join(cmd)} timed out after {timeout} s:\n{stdout[-4000:]}\n"
+                                 f"{stderr[-8000:]}") from None
+    proc = subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc

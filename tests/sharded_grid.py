@@ -1,13 +1,16 @@
 """The sharded-engine grid: every registered method and the method guide's three compositions, trained by the
 CLI's loop (``peftkit.train.train``) one after another in ONE launch (a launch costs more than a run).
 
-    torchrun --nproc-per-node 2 tests/sharded_grid.py ENGINE BATCH ROOT [resume]
+    torchrun --nproc-per-node 2 tests/sharded_grid.py ENGINE[,ENGINE...] BATCH ROOT [resume]
 
-Each config writes ``ROOT/<config>/run`` (adapter, metrics, checkpoints at every step) and rank 0 writes
+With several engines (``fsdp2,zero2,zero3``: one launch for all of them, the imports are paid once), each
+engine's runs go under ``ROOT/<engine>``; with one, under ``ROOT``. Each config writes ``ROOT/<config>/run``
+(adapter, metrics, checkpoints at every step) and rank 0 writes
 ``ROOT/<config>/init.safetensors`` (the trainable tensors before step 1, for the "every tensor moved" check)
 and ``init.json`` (which of them train). With ``resume``, the SIGTERM configs are also run twice more: stopped by
 SIGTERM after step 2 (each process signals itself, as a scheduler's kill does), then ``--resume``d to the end.
 The test (tests/test_train_sharded.py) runs the same configs in one process at batch 2·BATCH as the reference.
+With several engines the launch starts with :func:`write_failure` (rank 0 cannot write a checkpoint).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ CONFIGS: dict[str, tuple[dict, dict]] = {
     "lora-one+preconditioner": ({"method": "lora-one", "optimizer": "lora-one-preconditioner"}, {}),
 }
 RESUMED = ["eva+coto+lora-pro", "elalora"]
+RESUMED_ENGINES = {"fsdp2": True, "zero3": True}  # SIGTERM + --resume runs under these (zero2 shares zero3's path)
 # LoRA-Pro efficient is also run under DDP in the same launch: one process and two differ by up to 5e-5 under
 # DDP as well (measured, fp64), from the pseudo-inverse cutoff on BᵀB after AdamW's first sign step (B's
 # columns are ±lr, exactly rank-deficient, so round-off decides an eigenvalue's fate); fsdp2 must equal ddp.
@@ -76,17 +80,37 @@ def pair_state_bytes(optimizer) -> int:
                for v in optimizer.state.get(t, {}).values() if isinstance(v, torch.Tensor))
 
 
-def capture_init(root: Path) -> None:
+def frozen_base_elements(model) -> list[int]:
+    """[elements this process holds, elements in full] of the frozen base weights after training: FSDP2's
+    DTensor shards, ZeRO-3's partitions (``ds_tensor``; between forwards the weight itself has 0 elements)."""
+    from torch.distributed.tensor import DTensor
+
+    if hasattr(model, "reshard"):  # FSDP2 keeps the root's weights gathered after a forward (the final eval)
+        model.reshard()
+    held = full = 0
+    for param in model.parameters():
+        if param.requires_grad:
+            continue
+        if isinstance(param, DTensor):
+            held, full = held + param.to_local().numel(), full + param.numel()
+        elif hasattr(param, "ds_tensor"):
+            held, full = held + param.ds_tensor.numel(), full + param.ds_numel
+        else:
+            held, full = held + param.numel(), full + param.numel()
+    return [held, full]
+
+
+def capture_init() -> None:
     """Record each run's trainable tensors right after ``prepare`` (rank 0), for the moved check."""
     import peftkit.train.loop as loop
     from peftkit.checkpoint import atomic_save_tensors
     from peftkit.train.checkpointing import trainable_state
 
-    original = loop.prepare
+    original = getattr(loop.prepare, "unpatched", loop.prepare)
 
     def prepare(recipe, accelerator=None):
         run = original(recipe, accelerator)
-        LAST["optimizer"] = run.optimizer
+        LAST["optimizer"], LAST["model"] = run.optimizer, run.model
         folder = Path(recipe.training.output_dir).parent
         if run.accelerator.is_main_process and not (folder / "init.safetensors").exists():
             atomic_save_tensors(folder / "init.safetensors", trainable_state(run.model))
@@ -94,6 +118,7 @@ def capture_init(root: Path) -> None:
             (folder / "init.json").write_text(json.dumps(trains))
         return run
 
+    prepare.unpatched = original
     loop.prepare = prepare
 
 
@@ -104,11 +129,44 @@ def main(engine: str, batch: int, root: Path, resume: bool) -> None:
     from accelerate import Accelerator
 
     saved = (torch.get_num_threads(), loop.prepare, Accelerator.end_training)
+    engines = engine.split(",")
     try:
-        _grid(engine, batch, root, resume)
+        if len(engines) > 1:  # first: run after the DeepSpeed runs it hung once (rank 1 in an unmatched collective)
+            write_failure(root, batch)
+        for name in engines:
+            _grid(name, batch, root / name if len(engines) > 1 else root, resume)
     finally:
         torch.set_num_threads(saved[0])
         loop.prepare, Accelerator.end_training = saved[1], saved[2]
+
+
+def write_failure(root: Path, batch: int) -> None:
+    """Rank 0 cannot write its checkpoint (a full disk): every process must raise, none may wait in a barrier.
+    Each writes ``root/write_failure_rank<r>.json``: [error class, message]."""
+    from peftkit import checkpoint, distributed
+    from peftkit.train import from_dict, train
+
+    original = checkpoint.atomic_write_bytes
+
+    def full_disk(*args, **kwargs):
+        if distributed.rank() == 0:
+            raise OSError(28, "No space left on device (simulated)")
+        return original(*args, **kwargs)
+
+    checkpoint.atomic_write_bytes = full_disk
+    try:
+        train(from_dict(recipe(root / "write-failure", "lora", "ddp", batch)))
+        outcome = ["none", "training finished"]
+    except Exception as exc:  # noqa: BLE001 - recorded for the test
+        outcome = [type(exc).__name__, str(exc)]
+    finally:
+        checkpoint.atomic_write_bytes = original
+    (root / f"write_failure_rank{distributed.rank()}.json").write_text(json.dumps(outcome))
+    # Both processes finish the failure before either exits: a process that exits while its peer is still
+    # reading the last all-reduce's bytes makes gloo report "connection closed by peer" there instead.
+    import torch.distributed as dist
+
+    dist.barrier()
 
 
 def _grid(engine: str, batch: int, root: Path, resume: bool) -> None:
@@ -117,7 +175,7 @@ def _grid(engine: str, batch: int, root: Path, resume: bool) -> None:
     from accelerate import Accelerator
 
     torch.set_num_threads(1)
-    capture_init(root)
+    capture_init()
     # Many runs share this launch's process group; Accelerate's end_training would destroy it after the first.
     Accelerator.end_training = lambda self: [tracker.finish() for tracker in self.trackers] and None
     only = [c for c in os.environ.get("PEFTKIT_GRID_ONLY", "").split(",") if c]
@@ -128,8 +186,10 @@ def _grid(engine: str, batch: int, root: Path, resume: bool) -> None:
 
         (root / config / f"pair_state_rank{distributed.rank()}.json").write_text(
             json.dumps(pair_state_bytes(LAST["optimizer"])))
+        (root / config / f"base_elements_rank{distributed.rank()}.json").write_text(
+            json.dumps(frozen_base_elements(LAST["model"])))
     if engine != "ddp":
-        for config in ALSO_DDP:
+        for config in ALSO_DDP if not only or set(only) & set(ALSO_DDP) else []:
             assert train(from_dict(recipe(root, config, "ddp", batch, run="ddp"))).status == "done"
     if not resume:
         return
@@ -138,7 +198,7 @@ def _grid(engine: str, batch: int, root: Path, resume: bool) -> None:
         if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    for config in RESUMED:
+    for config in RESUMED if RESUMED_ENGINES.get(engine) else []:
         spec = from_dict(recipe(root, config, engine, batch, run="resumed"))
         first = train(spec, hooks=[stop_after_two])
         assert first.status == "interrupted" and first.step == 2, (config, first)

@@ -223,11 +223,13 @@ def test_guard_settings_go_through_the_validation_layer(tmp_path):
     assert ok.training.divergence_guard == {"action": "halve"}
 
 
-def test_fsdp2_refuses_generation_metrics_before_anything_runs(tmp_path):
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_sharded_engines_refuse_generation_metrics_before_anything_runs(tmp_path, engine):
+    """Both all-gather the base in every forward: processes generating different lengths would wait forever."""
     from peftkit.train.recipe import from_dict
     from train_fixtures import llama_text_recipe
 
-    recipe = llama_text_recipe(tmp_path, training__distributed="fsdp2", training__eval_metrics=["exact_match"])
+    recipe = llama_text_recipe(tmp_path, training__distributed=engine, training__eval_metrics=["exact_match"])
     recipe["data"]["format"] = "instruction"
-    with pytest.raises(ConfigError, match="fsdp2 does not support"):
+    with pytest.raises(ConfigError, match=f"{engine} does not support"):
         from_dict(recipe)

@@ -1,12 +1,13 @@
-"""Sharded engines (``training.distributed``): FSDP2 with 2 processes (torchrun, gloo, CPU) at batch B equals one
-process at batch 2B for every registered method and the method guide's three compositions: adapter tensors,
-losses, eval losses, the checkpoints' trainable tensors and optimizer state; LoRA-Pro full's per-process moment
-memory is half of one process's; every trainable tensor has moved
-after 2 steps; SIGTERM + resume reproduces the uninterrupted run; the saved adapter loads into PEFT with the
-outputs peftkit gives. DeepSpeed ZeRO, FSDP1 and a DeepSpeed config with its own optimizer stop before step 1.
+"""Sharded engines (``training.distributed``): FSDP2, DeepSpeed ZeRO-2 and ZeRO-3 with 2 processes (torchrun, gloo,
+CPU) at batch B equal one process at batch 2B for every registered method and the method guide's three
+compositions: adapter tensors, losses, eval losses, the checkpoints' trainable tensors and optimizer state;
+LoRA-Pro full's per-process moment memory is half of one process's; the frozen base is really sharded (FSDP2,
+ZeRO-3: half of it per process) and the adapters not; every trainable tensor has moved after 2 steps; SIGTERM +
+resume reproduces the uninterrupted run (fsdp2, zero3); the saved adapter loads into PEFT with the outputs
+peftkit gives. FSDP1 and a DeepSpeed config with its own optimizer, scheduler or clipping stop before step 1.
 
-The grid is one launch (tests/sharded_grid.py loops over the configs); the one-process reference runs in this
-process at the same time, in a thread, so the two overlap on the machine's cores.
+The grid is one launch for the three engines (tests/sharded_grid.py loops over engines and configs); the
+one-process reference runs in this process at the same time, in a thread, so the two overlap on the cores.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import torch
 from safetensors.torch import load_file
 
 from multiproc import REPO, run_distributed
-from sharded_grid import CONFIGS, RESUMED, STEPS, main as run_grid, recipe
+from sharded_grid import CONFIGS, RESUMED, RESUMED_ENGINES, STEPS, main as run_grid, recipe
 from train_fixtures import adapter_tensors, llama_text_recipe, read_metrics
 
 RTOL, ATOL = 1e-4, 1e-6  # tests/test_train_multiproc.py's tolerance (the models here are fp64)
+ENGINES = ["fsdp2", "zero2", "zero3"]
 
 
 def _close(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], what: str, rtol=RTOL, atol=ATOL) -> None:
@@ -42,15 +44,15 @@ def _optimizer_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def fsdp2_grid(tmp_path_factory):
-    """(one-process root, two-process fsdp2 root), both holding every config's run."""
+def sharded_grid(tmp_path_factory):
+    """(one-process root, two-process root): ``two/<engine>`` holds every config's run under that engine."""
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
     failure: list[BaseException] = []
 
     def launch():
         try:
-            run_distributed(REPO / "tests" / "sharded_grid.py", 2, two / "out", "fsdp2", "2", str(two), "resume",
-                            timeout=420)
+            run_distributed(REPO / "tests" / "sharded_grid.py", 2, two / "out", ",".join(ENGINES), "2", str(two),
+                            "resume", timeout=540)
         except BaseException as exc:  # re-raised below, in the test's thread
             failure.append(exc)
 
@@ -66,13 +68,16 @@ def fsdp2_grid(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_fsdp2_two_processes_equal_one(fsdp2_grid, config):
-    one, two = fsdp2_grid
+def test_two_processes_equal_one(sharded_grid, config, engine):
+    one, two = sharded_grid
+    two = two / engine
     reference, sharded = one / config / "run", two / config / "run"
     if config == "lora-pro-efficient":
         # Against DDP with the same two processes: identical; against one process: DDP's own deviation.
-        _close(adapter_tensors(two / config / "ddp"), adapter_tensors(sharded), f"{config} fsdp2 vs ddp", 1e-12, 1e-14)
+        _close(adapter_tensors(two / config / "ddp"), adapter_tensors(sharded), f"{config} {engine} vs ddp", 1e-12,
+               1e-14)
         _close(adapter_tensors(reference), adapter_tensors(sharded), config, rtol=1e-2, atol=1e-4)
     else:
         _close(adapter_tensors(reference), adapter_tensors(sharded), config)
@@ -92,21 +97,25 @@ def test_fsdp2_two_processes_equal_one(fsdp2_grid, config):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_fsdp2_every_trainable_tensor_moves_in_two_steps(fsdp2_grid, config):
-    _, two = fsdp2_grid
+def test_every_trainable_tensor_moves_in_two_steps(sharded_grid, config, engine):
+    _, two = sharded_grid
+    two = two / engine
     init = load_file(two / config / "init.safetensors")
     after = load_file(two / config / "run" / "checkpoints" / "step-000002" / "trainable.safetensors")
     trains = json.loads((two / config / "init.json").read_text())
     assert trains
     unmoved = [name for name in trains if torch.equal(init[name], after[name])]
-    assert not unmoved, f"{config}: unchanged after 2 fsdp2 steps: {unmoved}"
+    assert not unmoved, f"{config}: unchanged after 2 {engine} steps: {unmoved}"
 
 
 @pytest.mark.slow
-def test_lora_pro_full_moment_memory_halves_at_two_processes(fsdp2_grid):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_lora_pro_full_moment_memory_halves_at_two_processes(sharded_grid, engine):
     """The CLI shards LoRA-Pro full's m×n moments by whole pairs: each process keeps half of them."""
-    one, two = fsdp2_grid
+    one, two = sharded_grid
+    two = two / engine
     for config in ("lora-pro-full", "eva+coto+lora-pro"):
         whole = json.loads((one / config / "pair_state_rank0.json").read_text())
         per_rank = [json.loads((two / config / f"pair_state_rank{r}.json").read_text()) for r in (0, 1)]
@@ -114,9 +123,27 @@ def test_lora_pro_full_moment_memory_halves_at_two_processes(fsdp2_grid):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_frozen_base_is_sharded_and_the_adapters_are_not(sharded_grid, engine):
+    """Per process after training: FSDP2 and ZeRO-3 hold half of the frozen base (ZeRO-3 pads each partition to
+    the process count), ZeRO-2 all of it (it partitions optimizer state and gradients, which are the adapters')."""
+    one, two = sharded_grid
+    held = [json.loads((two / engine / "lora" / f"base_elements_rank{r}.json").read_text()) for r in (0, 1)]
+    whole = json.loads((one / "lora" / "base_elements_rank0.json").read_text())
+    assert whole[0] == whole[1] and [h[1] for h in held] == [whole[1]] * 2, (whole, held)
+    if engine == "zero2":
+        assert [h[0] for h in held] == [whole[1]] * 2, held
+    else:
+        assert sum(h[0] for h in held) - whole[1] in range(0, 64), held  # each tensor's shards: at most 1 pad
+        assert all(abs(h[0] - whole[1] / 2) <= 32 for h in held), held
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", [e for e in ENGINES if RESUMED_ENGINES.get(e)])
 @pytest.mark.parametrize("config", RESUMED)
-def test_fsdp2_sigterm_and_resume_reproduce_the_run(fsdp2_grid, config):
-    _, two = fsdp2_grid
+def test_sigterm_and_resume_reproduce_the_run(sharded_grid, config, engine):
+    _, two = sharded_grid
+    two = two / engine
     whole, resumed = two / config / "run", two / config / "resumed"
     _close(adapter_tensors(whole), adapter_tensors(resumed), f"{config} resumed", rtol=0, atol=0)
     last = f"checkpoints/step-{STEPS:06d}"
@@ -129,8 +156,9 @@ def test_fsdp2_sigterm_and_resume_reproduce_the_run(fsdp2_grid, config):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("config", ["lora", "lora-ga", "eva"])
-def test_fsdp2_adapter_loads_in_peft_with_the_same_outputs(fsdp2_grid, config):
+def test_adapter_loads_in_peft_with_the_same_outputs(sharded_grid, config, engine):
     """LoRA-GA's is the exact rank-2r form against the original base, EVA's has per-layer ranks."""
     from peft import PeftModel
 
@@ -138,8 +166,9 @@ def test_fsdp2_adapter_loads_in_peft_with_the_same_outputs(fsdp2_grid, config):
     from peftkit.train import from_dict
     from peftkit.train.build import load_model
 
-    _, two = fsdp2_grid
-    spec = from_dict(recipe(two, config, "fsdp2", 2))
+    _, two = sharded_grid
+    two = two / engine
+    spec = from_dict(recipe(two, config, engine, 2))
     adapter_dir = two / config / "run" / "adapter"
     ids = torch.randint(0, 200, (2, 12), generator=torch.Generator().manual_seed(0))
     ours = peftkit.load(load_model(spec.model, None, seed=spec.training.seed), adapter_dir)
@@ -152,6 +181,53 @@ def test_fsdp2_adapter_loads_in_peft_with_the_same_outputs(fsdp2_grid, config):
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.slow
+def test_a_checkpoint_write_failure_on_one_process_stops_every_process(sharded_grid):
+    """Rank 0's disk is full at the first checkpoint: it raises its OSError, rank 1 a CheckpointWriteError that
+    points at it (before, rank 1 waited in a barrier until the process group's timeout); nothing is published."""
+    _, two = sharded_grid
+    outcomes = [json.loads((two / f"write_failure_rank{r}.json").read_text()) for r in (0, 1)]
+    assert outcomes[0][0] == "OSError" and "No space left" in outcomes[0][1], outcomes
+    assert outcomes[1][0] == "CheckpointWriteError" and "other process(es) failed" in outcomes[1][1], outcomes
+    checkpoints = two / "write-failure" / "lora" / "run" / "checkpoints"
+    assert not checkpoints.exists() or not list(checkpoints.iterdir())
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_a_users_deepspeed_zero3_config(sharded_grid, tmp_path):
+    """``accelerate launch --config_file F -m peftkit train R`` where F names the user's own DeepSpeed file (stage 3,
+    Accelerate's "auto" values, no optimizer): the recipe keeps training.distributed at its default, the launcher's
+    ZeRO-3 is followed, and two processes at batch B equal one process at 2B."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    one, _ = sharded_grid
+    (tmp_path / "ds.json").write_text(json.dumps({
+        "zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "bf16": {"enabled": "auto"}}))
+    (tmp_path / "accelerate.yaml").write_text(yaml.safe_dump({
+        "compute_environment": "LOCAL_MACHINE", "distributed_type": "DEEPSPEED", "num_processes": 2,
+        "num_machines": 1, "machine_rank": 0, "use_cpu": True,
+        "deepspeed_config": {"deepspeed_config_file": str(tmp_path / "ds.json"), "zero3_init_flag": False}}))
+    spec = recipe(tmp_path, "lora", "ddp", 2)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(spec))
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(tmp_path / "accelerate.yaml"), "-m", "peftkit", "train", str(tmp_path / "recipe.yaml"),
+                           "logging.progress_bar=false"], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "2 process(es), global batch 4, engine zero3" in proc.stdout
+    run = Path(spec["training"]["output_dir"])
+    _close(adapter_tensors(one / "lora" / "run"), adapter_tensors(run), "accelerate launch zero3")
+    ref_metrics, metrics = read_metrics(one / "lora" / "run"), read_metrics(run)
+    evals = [r["eval_loss"] for r in metrics if "eval_loss" in r]
+    expected = [r["eval_loss"] for r in ref_metrics if "eval_loss" in r]
+    assert len(evals) == 2 and evals == pytest.approx(expected, rel=1e-6)
+
+
 # ---------------------------------------------------------------------------------------- refusals, no launch
 def _recipe(tmp_path, **training):
     from peftkit.train import from_dict
@@ -159,13 +235,17 @@ def _recipe(tmp_path, **training):
     return from_dict(llama_text_recipe(tmp_path, **{f"training__{k}": v for k, v in training.items()}))
 
 
-@pytest.mark.parametrize("engine", ["zero2", "zero3"])
-def test_deepspeed_engines_are_refused_before_anything_is_built(tmp_path, engine):
+def test_deepspeed_engines_without_deepspeed_installed_name_the_extra(tmp_path, monkeypatch):
+    import importlib.util
+
     from peftkit.errors import ConfigError
     from peftkit.train.loop import prepare
 
-    with pytest.raises(ConfigError, match=rf"'{engine}'.*fsdp2"):
-        prepare(_recipe(tmp_path, distributed=engine))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    for engine in ("zero2", "zero3"):
+        with pytest.raises(ConfigError, match=rf"'{engine}' needs DeepSpeed.*peftkit\[deepspeed\].*fsdp2"):
+            prepare(_recipe(tmp_path, distributed=engine))
 
 
 def test_fsdp1_from_an_accelerate_config_is_refused(tmp_path, monkeypatch):
@@ -182,19 +262,59 @@ def test_fsdp1_from_an_accelerate_config_is_refused(tmp_path, monkeypatch):
         engines.select(_recipe(tmp_path, distributed="zero3"))
 
 
-def test_a_deepspeed_config_with_its_own_optimizer_is_refused(tmp_path, monkeypatch):
+@pytest.mark.parametrize("section, match", [
+    ({"optimizer": {"type": "AdamW"}}, "brings its own optimizer \\(AdamW\\).*optimizer\\.\\* in the recipe"),
+    ({"scheduler": {"type": "WarmupLR"}}, "brings its own scheduler \\(WarmupLR\\).*training.lr_scheduler"),
+    ({"gradient_clipping": 1.0}, "gradient_clipping: 1.0.*training.max_grad_norm"),
+])
+def test_a_deepspeed_config_with_its_own_optimizer_scheduler_or_clipping_is_refused(tmp_path, monkeypatch, section,
+                                                                                      match):
     from peftkit.errors import ConfigError
     from peftkit.train import engines
 
     config = tmp_path / "ds.json"
-    config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}))
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2}, **section}))
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))
-    with pytest.raises(ConfigError, match="brings its own optimizer.*fsdp2"):
+    with pytest.raises(ConfigError, match=match):
         engines.select(_recipe(tmp_path))
-    config.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
-    with pytest.raises(ConfigError, match="'zero3'.*fsdp2"):
-        engines.select(_recipe(tmp_path))
+
+
+def test_a_users_deepspeed_config_picks_the_stage_and_keeps_peftkits_settings(tmp_path, monkeypatch):
+    """The launcher's stage is followed; DeepSpeed gets the user's ZeRO settings with accumulation, clipping and
+    the batch sizes that peftkit owns forced ("auto" everywhere in an accelerate-generated config)."""
+    from peftkit.train import engines
+
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": 123},
+                                  "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                                  "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+                                  "bf16": {"enabled": "auto"}}))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))
+    assert engines.select(_recipe(tmp_path)) == "zero3"
+    with pytest.raises(Exception, match="recipe asks for 'zero2'.*launches 'zero3'"):
+        engines.select(_recipe(tmp_path, distributed="zero2"))
+    built = engines._deepspeed_config(3)
+    assert built["zero_optimization"] == {"stage": 3, "stage3_prefetch_bucket_size": 123}
+    assert (built["train_micro_batch_size_per_gpu"], built["gradient_accumulation_steps"], built["gradient_clipping"],
+            built["bf16"]) == (1, 1, 0.0, {"enabled": False})
+    assert "train_batch_size" not in built
+
+
+def test_a_module_holding_frozen_and_trained_tensors_is_refused_under_zero(tmp_path):
+    """ZeRO converts whole modules; a trained bias next to a frozen weight cannot stay out of it."""
+    from peftkit.errors import ConfigError
+    from peftkit.train import engines
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model[1].requires_grad_(True)  # a whole trained module: hidden from DeepSpeed
+    assert [(name, type(m)) for _, name, m in engines.hidden_modules(model)] == [("1", torch.nn.Linear)]
+    model[0].bias.requires_grad_(True)
+    with pytest.raises(ConfigError, match=r"cannot keep 0\.bias whole.*fsdp2"):
+        engines.hidden_modules(model)
 
 
 def test_an_unknown_engine_names_the_choices(tmp_path):

@@ -248,7 +248,7 @@ def save(accelerator, model: nn.Module, optimizer, lr_scheduler, schedule, state
     if bad:
         raise NonFiniteStateError(f"step {state.step}: NaN or inf in {bad[:3]}{' ...' if len(bad) > 3 else ''}; "
                                   "no checkpoint was written")
-    try:
+    def write_shared() -> None:
         if accelerator.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
@@ -257,9 +257,8 @@ def save(accelerator, model: nn.Module, optimizer, lr_scheduler, schedule, state
             buffer = io.BytesIO()
             torch.save(states, buffer)
             adapter_io.atomic_write_bytes(staging / "optimizer.pt", buffer.getvalue())
-        accelerator.wait_for_everyone()
-        _save_rng(staging, accelerator.process_index)
-        accelerator.wait_for_everyone()
+
+    def publish() -> None:
         if accelerator.is_main_process:
             adapter_io.atomic_write_json(staging / STATE_FILE, asdict(state))
             adapter_io.fsync_dir(staging)
@@ -272,8 +271,14 @@ def save(accelerator, model: nn.Module, optimizer, lr_scheduler, schedule, state
             else:
                 staging.rename(final)
             adapter_io.fsync_dir(root)
+
+    try:
+        # Each phase ends in a collective that tells every process whether any failed, so a process that cannot
+        # write (a full disk, an I/O error) makes all of them raise instead of leaving the others in a barrier.
+        for phase in (write_shared, lambda: _save_rng(staging, accelerator.process_index), publish):
+            _all_succeed(accelerator, phase, state.step)
     except BaseException:
-        # A failed write (a full disk, an I/O error) leaves no temporary folder; the older checkpoints stay.
+        # A failed write leaves no temporary folder; the older checkpoints stay.
         if accelerator.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -282,6 +287,27 @@ def save(accelerator, model: nn.Module, optimizer, lr_scheduler, schedule, state
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+class CheckpointWriteError(RuntimeError):
+    """Another process failed to write its part of a checkpoint (its own error is in its output)."""
+
+
+def _all_succeed(accelerator, phase, step: int) -> None:
+    """Run ``phase`` on this process, then agree with every process on whether all succeeded (one all-reduce):
+    this process's own error is re-raised; a failure elsewhere raises :class:`CheckpointWriteError` here."""
+    error: Exception | None = None
+    try:
+        phase()
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after the others have heard of it
+        error = exc
+    if accelerator.num_processes > 1:
+        failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), reduction="sum")
+        if error is None and failed.item():
+            raise CheckpointWriteError(f"step {step}: {int(failed.item())} other process(es) failed to write the "
+                                       "checkpoint (see their output); no checkpoint was written")
+    if error is not None:
+        raise error
 
 
 def load(path: Path, accelerator, model: nn.Module, optimizer, lr_scheduler, schedule, fingerprint: dict) -> TrainState:

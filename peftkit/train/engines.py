@@ -13,22 +13,29 @@ whole (A, B) pairs and whole gradients, and the update is the single-process one
   :func:`peftkit.distributed.average_gradients` (one flat all-reduce per step, on the last micro-batch), so
   clipping, NaN checks and the optimizer run on identical, global gradients on every process and the optimizer
   state is whole and identical everywhere (rank 0's checkpoint is the one-process checkpoint).
-- ``zero2`` / ``zero3``: refused before step 1 (see :func:`refusal`). What blocks them (DeepSpeed 0.19.8):
-  its ZeRO-1/2 optimizer hands the client optimizer flat fp32 partitions
-  (``runtime/zero/stage_1_and_2.py``: ``param_group['params'] = [self.single_partition_of_fp32_groups[i]]``)
-  and sets ``p.grad = None``; ZeRO-3 empties the param groups (``stage3.py``: ``param_group['params'] = []``).
-  A pair optimizer then finds no (A, B) gradient and skips every pair (LoRA-Pro after 3 ZeRO-2 steps equals its
-  init), ElaLoRA's scores read no gradient, and a CoTo-gated adapter's None gradient becomes a zero that still
-  moves AdamW's moments. The exact alternative, DeepSpeed sharding only the frozen base while peftkit's optimizer
-  runs on whole adapters kept outside it, is refused by DeepSpeed itself: an engine without its own optimizer
-  partitions and gathers the base for the forward (measured: 512 of 1024 elements of a q_proj weight per
-  process), but ``engine.backward`` asserts "must provide optimizer during init in order to use backward" and
-  ``loss.backward()`` raises "Direct calls to tensor.backward() are not supported in this configuration". Making
-  it run needs a fork of DeepSpeed's ZeRO optimizers (what the LoRA-Pro authors did for 0.15.1); ``fsdp2`` shards
-  the base as ZeRO-3 does and runs every method exactly.
+- ``zero2`` / ``zero3``: DeepSpeed's engine (``deepspeed.initialize``) over the model with every whole tensor
+  hidden from it while it is built: each module whose own parameters are all whole (an adapter layer's
+  ``adapters`` dict, a trained head) is swapped for an empty module during ``initialize`` and put back after,
+  so DeepSpeed never converts, partitions, flattens or hooks an adapter tensor. Under ``zero3`` it partitions
+  every frozen base weight (``DeepSpeedZeRoOffload``, what DeepSpeed builds for a stage-3 engine without an
+  optimizer: 0 elements of a weight held between uses, gathered by its module hooks for the forward and the
+  backward, released after). Under ``zero2`` DeepSpeed's ZeRO-2 optimizer owns only a 1-element placeholder
+  (the frozen base is replicated under ZeRO-1/2 anyway: they partition optimizer state and gradients, and
+  those are the adapters'). The forward calls the model itself, not ``engine(...)``: DeepSpeed's gather and
+  release hooks sit on the modules, while ``engine.forward`` only adds hooks on its output that route the
+  backward into its ZeRO optimizer (and, with none, refuse ``loss.backward()``: "Direct calls to
+  tensor.backward() are not supported in this configuration"). The backward is a plain ``loss.backward()``,
+  so adapter gradients accumulate in ``p.grad`` and everything after is the ``fsdp2`` path: one flat
+  all-reduce, global clipping, peftkit's optimizer on whole pairs, whole checkpoints, evaluation through the
+  hooked model. DeepSpeed's ``backward``/``step``/``zero_grad``/clipping are never called. What does not work
+  and why (DeepSpeed 0.19.8): handing peftkit's optimizer to DeepSpeed (its ZeRO-1/2 optimizer replaces the
+  param groups with flat fp32 partitions and sets ``p.grad = None``: ``stage_1_and_2.py``; ZeRO-3 empties
+  them: ``stage3.py``; a pair optimizer then skips every pair), and ``engine.backward`` without an optimizer
+  ("must provide optimizer during init in order to use backward").
 
-The engine is picked once, in :func:`select`; an unsupported combination (FSDP1, a DeepSpeed config, a
-recipe and a launcher that disagree) is one ``ConfigError`` naming it and the supported alternative.
+The engine is picked once, in :func:`select`; an unsupported combination (FSDP1; a DeepSpeed config that
+brings its own optimizer, scheduler or clipping; DeepSpeed not installed; a recipe and a launcher that
+disagree) is one ``ConfigError`` naming it and the supported alternative, before anything is built.
 """
 
 from __future__ import annotations
@@ -72,18 +79,31 @@ def launcher_engine() -> str | None:
 
 
 def _deepspeed_file_stage(path: str) -> int | str:
+    return user_deepspeed_config(path).get("zero_optimization", {}).get("stage", "?")
+
+
+def user_deepspeed_config(path: str) -> dict:
+    """A user's DeepSpeed config (``deepspeed_config_file`` of an accelerate config), checked: peftkit builds the
+    method's optimizer and schedule and clips itself, so a config that brings an optimizer, a scheduler or its own
+    clipping is refused here, before anything is built."""
     import json
 
     try:
         config = json.loads(open(path).read())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"accelerate config: deepspeed_config_file {path} is unreadable ({exc})") from None
-    if "optimizer" in config:
-        raise ConfigError(
-            f"accelerate config: the DeepSpeed config {path} brings its own optimizer ({config['optimizer'].get('type')}); "
-            "peftkit builds the method's adapter-aware optimizer itself. Remove the 'optimizer' section and set "
-            "optimizer.* in the recipe, and train with training.distributed: fsdp2")
-    return config.get("zero_optimization", {}).get("stage", "?")
+    for section, field in (("optimizer", "optimizer.*"), ("scheduler", "training.lr_scheduler / training.warmup")):
+        if section in config:
+            kind = config[section].get("type") if isinstance(config[section], dict) else config[section]
+            raise ConfigError(
+                f"accelerate config: the DeepSpeed config {path} brings its own {section} ({kind}); peftkit builds "
+                f"the method's adapter-aware {section} itself (LoRA-Pro, LoFT, LoRA+ and the schedules need it). "
+                f"Remove the '{section}' section and set {field} in the recipe")
+    clip = config.get("gradient_clipping", 0)
+    if clip not in (0, 0.0, "auto", None):
+        raise ConfigError(f"accelerate config: the DeepSpeed config {path} sets gradient_clipping: {clip}; peftkit "
+                          "clips the adapters' global gradient norm itself. Remove it and set training.max_grad_norm")
+    return config
 
 
 def select(recipe: Recipe) -> str:
@@ -106,12 +126,13 @@ def refusal(engine: str) -> str | None:
     if engine in ("ddp", "fsdp2"):
         return None
     if engine in ("zero2", "zero3"):
-        return (f"training.distributed: '{engine}' (DeepSpeed ZeRO) is refused: its ZeRO optimizer replaces the param "
-                "groups with flat fp32 partitions and frees p.grad, so LoRA-Pro, LoFT, the LoRA-One preconditioner and "
-                "ElaLoRA's scores would silently see no gradient and a CoTo-gated adapter's missing gradient would "
-                "become a zero that still moves AdamW; DeepSpeed refuses to train without its own optimizer. Use "
-                "training.distributed: fsdp2 (FSDP2 shards the frozen base as ZeRO-3 does and runs every method "
-                "exactly), or ddp")
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            return (f"training.distributed: '{engine}' needs DeepSpeed, which is not installed; install it with "
+                    "pip install 'peftkit[deepspeed]', or use training.distributed: fsdp2 (FSDP2 shards the frozen "
+                    "base as ZeRO-3 does, with no extra package)")
+        return None
     return (f"training.distributed: '{engine}' is not an engine peftkit runs; expected one of {list(DISTRIBUTED)} "
             "(FSDP2 or DeepSpeed ZeRO stage 2/3 in an accelerate config)")
 
@@ -152,6 +173,9 @@ class Engine:
     def eval_model(self, model: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(model)
 
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
 
 class FSDP2Engine(Engine):
     """FSDP2 over the frozen base; adapters and other trainable tensors whole on every process."""
@@ -191,7 +215,51 @@ class FSDP2Engine(Engine):
         return model  # the sharded model: its forward all-gathers the base
 
 
-ENGINES = {"ddp": Engine, "fsdp2": FSDP2Engine}
+class DeepSpeedZeroEngine(Engine):
+    """DeepSpeed ZeRO-2/3 over the frozen base; adapters and other trainable tensors whole on every process,
+    hidden from DeepSpeed (module docstring)."""
+
+    name = "zero3"
+
+    def __init__(self, accelerator: Any, stage: int) -> None:
+        super().__init__(accelerator)
+        self.stage = stage
+        self.name = f"zero{stage}"
+        # Under ZeRO-3 every forward gathers partitioned weights: a collective, as under FSDP2.
+        self.collective_forward = stage == 3
+        self.deepspeed_engine = None  # kept alive: its module hooks refer to it
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
+        share_optimizer_state(optimizer)
+        model = model.to(self.accelerator.device)
+        if distributed.world_size() == 1:  # one process: nothing to shard across, the same numbers
+            return model, self.accelerator.prepare_optimizer(optimizer)
+        self.deepspeed_engine = wrap_deepspeed(model, self.stage)
+        sharded = [p for group in optimizer.param_groups for p in group["params"] if hasattr(p, "ds_id")]
+        if sharded:  # pragma: no cover - a guard for the invariant of wrap_deepspeed
+            raise RuntimeError(f"{self.name}: {len(sharded)} optimizer tensors were taken by DeepSpeed; adapters must "
+                               "stay whole")
+        return model, self.accelerator.prepare_optimizer(optimizer)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()  # the adapters' gradients land in p.grad (DeepSpeed's own backward drives only its optimizer)
+
+    def no_sync(self, model: nn.Module, last_micro_batch: bool):
+        return contextlib.nullcontext()
+
+    def reduce_gradients(self, params: list[torch.Tensor]) -> None:
+        distributed.average_gradients(params)
+
+    def clip_grad_norm_(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        self.accelerator.unscale_gradients()
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        return model  # the hooked model: under ZeRO-3 its forward gathers the base
+
+
+ENGINES = {"ddp": Engine, "fsdp2": FSDP2Engine, "zero2": lambda acc: DeepSpeedZeroEngine(acc, 2),
+           "zero3": lambda acc: DeepSpeedZeroEngine(acc, 3)}
 
 
 def make(name: str, accelerator: Any) -> Engine:
@@ -227,3 +295,104 @@ def shard_frozen_base(model: nn.Module, device: torch.device, *, offload: bool =
             fully_shard(block, reshard_after_forward=reshard_after_forward, **options)
     fully_shard(model, **options)
     return model
+
+
+def _deepspeed_config(stage: int) -> dict:
+    """DeepSpeed's config for a ``zero2``/``zero3`` engine: the user's own (an accelerate ``deepspeed_config_file``,
+    checked by :func:`user_deepspeed_config`) or the defaults, with what peftkit owns forced: gradient
+    accumulation (the loop's), clipping (peftkit's global norm), the batch sizes (the loop feeds the batches, so
+    DeepSpeed's micro-batch size is only bookkeeping: 1)."""
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "").strip()
+    config = dict(user_deepspeed_config(path)) if path else {}
+    zero = dict(config.get("zero_optimization", {}))
+    zero["stage"] = stage
+    if not path:
+        offload = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none").strip().lower()
+        if stage == 3 and offload in ("cpu", "nvme"):
+            zero["offload_param"] = {"device": offload}
+    # Persistence would keep small frozen weights gathered; the default is kept, a user's setting too.
+    config.update(zero_optimization=zero, train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1,
+                  gradient_clipping=0.0, steps_per_print=2 ** 62, zero_allow_untested_optimizer=True)
+    config.pop("train_batch_size", None)
+    for key in ("bf16", "fp16"):  # "auto" (Accelerate's default) means: follow the recipe, i.e. peftkit's autocast
+        if isinstance(config.get(key), dict) and config[key].get("enabled") == "auto":
+            config[key] = {**config[key], "enabled": False}
+    return config
+
+
+def _import_deepspeed():
+    """``import deepspeed`` set up for this machine: its CPU accelerator where there is no GPU (it falls back to
+    gloo when oneCCL is absent), and without JIT-building its shared-memory all-reduce kernel, which only its
+    inference all-reduce uses and which costs minutes of compilation on the first run of every machine."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import importlib
+
+        import deepspeed
+
+        # importlib, not ``import deepspeed.comm.torch as``: that name resolves to the torch module that
+        # deepspeed.comm imports.
+        ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    except ImportError as exc:  # pragma: no cover - refusal() checks first
+        raise ConfigError(f"training.distributed: zero2/zero3 need DeepSpeed ({exc}); pip install 'peftkit[deepspeed]'")
+    if not torch.cuda.is_available():
+        ds_torch_comm.build_shm_op = lambda: None
+    return deepspeed
+
+
+def hidden_modules(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, name, module) of the outermost modules whose own parameters are all :func:`whole_parameters`:
+    what DeepSpeed must not see. A module holding both (a frozen weight and a trained bias) cannot be split
+    between DeepSpeed and peftkit: ConfigError."""
+    whole = whole_parameters(model)
+    found: list[tuple[nn.Module, str, nn.Module]] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            own = list(child.parameters(recurse=False))
+            inside = list(child.parameters())
+            if inside and all(p in whole for p in inside):
+                found.append((module, name, child))
+                continue
+            mixed = [n for n, p in child.named_parameters(recurse=False) if p in whole]
+            if mixed and len(mixed) < len(own):
+                raise ConfigError(
+                    f"training.distributed: DeepSpeed ZeRO cannot keep {path}.{mixed[0]} whole: its module also holds "
+                    "frozen weights that ZeRO shards. Freeze it, or use training.distributed: fsdp2 (FSDP2 keeps "
+                    "single tensors out of its shards)")
+            visit(child, path)
+
+    visit(model, "")
+    return found
+
+
+def wrap_deepspeed(model: nn.Module, stage: int) -> Any:
+    """``deepspeed.initialize`` over ``model`` in place with every whole tensor hidden (module docstring); returns
+    DeepSpeed's engine. The forward runs ``model`` itself (DeepSpeed's hooks are on its modules)."""
+    deepspeed = _import_deepspeed()
+    import torch.distributed as dist
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else None,
+                               verbose=False, dist_init_required=not dist.is_initialized())
+    hidden = hidden_modules(model)
+    for parent, name, _ in hidden:  # an empty stand-in, so code that looks the attribute up keeps working
+        parent._modules[name] = nn.ModuleDict() if isinstance(parent._modules[name], nn.ModuleDict) else nn.Module()
+    placeholder = None
+    kwargs: dict[str, Any] = {}
+    if stage < 3:
+        # ZeRO-1/2 need an optimizer over a module parameter; this 1-element one never gets a gradient and
+        # DeepSpeed's step is never called.
+        placeholder = nn.Parameter(torch.zeros(1, device=next(model.parameters()).device))
+        model.register_parameter("_peftkit_zero_placeholder", placeholder)
+        optimizer = torch.optim.AdamW([placeholder], lr=0.0)
+        kwargs = dict(optimizer=optimizer, model_parameters=[placeholder])
+    try:
+        engine, *_ = deepspeed.initialize(model=model, config=_deepspeed_config(stage), **kwargs)
+    finally:
+        if placeholder is not None:
+            del model._parameters["_peftkit_zero_placeholder"]
+        for parent, name, module in hidden:
+            parent._modules[name] = module
+    return engine

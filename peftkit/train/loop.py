@@ -281,7 +281,8 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
         print(f"peftkit: {choice.describe()}", flush=True)
         print(f"peftkit: {recipe.adapter.method} on {recipe.model.name or recipe.model.config.get('model_type')} | "
               f"{peftkit.trainable_parameters(run.model)} | {accelerator.num_processes} process(es), "
-              f"global batch {training.batch_size * training.grad_accum * accelerator.num_processes}", flush=True)
+              f"global batch {training.batch_size * training.grad_accum * accelerator.num_processes}"
+              f"{'' if accelerator.num_processes == 1 else ', engine ' + run.engine.name}", flush=True)
         output_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(output_dir / "recipe.yaml", recipe.dump().encode())
     engine = run.engine
@@ -341,7 +342,7 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
                         if regularized:
                             loss = loss + peftkit.regularization_loss(run.model)
                         loss = loss / training.grad_accum
-                    accelerator.backward(loss)
+                    engine.backward(loss)
                 step_loss += loss.detach()
             engine.reduce_gradients(trainable)
             # The losses stay on the device until a step that needs them (logging, evaluation, saving, the last

@@ -355,11 +355,12 @@ def check(recipe: Recipe) -> None:
                           "recipe saves none during training; set training.save_every (e.g. 10) or use action: stop")
     from .evaluation import needs_generation
 
-    if t.distributed == "fsdp2" and needs_generation(t.eval_metrics, d.format):
+    if t.distributed in ("fsdp2", "zero3") and needs_generation(t.eval_metrics, d.format):
         # Each process would generate its own number of tokens while every decode step all-gathers the base.
         raise ConfigError(f"training.eval_metrics: {t.eval_metrics} generate answers, which training.distributed: "
-                          "fsdp2 does not support (processes would wait on each other's all-gathers); evaluate "
-                          "with `peftkit eval RUN` on one process, or drop the generation metrics under fsdp2")
+                          f"{t.distributed} does not support (processes would wait on each other's all-gathers); "
+                          f"evaluate with `peftkit eval RUN` on one process, or drop the generation metrics under "
+                          f"{t.distributed}")
     for tracker in lg.report_to:
         _one_of("logging.report_to", tracker, TRACKERS)
     check_output_dir(t.output_dir, "training.output_dir")
