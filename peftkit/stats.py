@@ -6,8 +6,9 @@
   by sample count and all-reduced across processes. Optionally a sketch (Y = G·Ω, Z = Gᵀ·Ψ) instead of G:
   O((m + n)·k) memory per layer, never forming G.
 - ``IncrementalPCA``: centred incremental PCA of layer inputs (activations fp32, mean/variance sums fp64).
-- ``signed_svd`` / ``sketch_svd`` / ``randomized_svd``: deterministic SVDs (full, from sketches, truncated with
-  power iterations) with the sign convention (largest-|·| entry of each uᵢ positive, vᵢ flipped with it), so
+- ``signed_svd`` / ``sketch_svd`` / ``randomized_svd`` / ``checked_svd``: deterministic SVDs (full, from
+  sketches, truncated with fixed power iterations, truncated with a certified a-posteriori error bound or
+  None) with the sign convention (largest-|·| entry of each uᵢ positive, vᵢ flipped with it), so
   every process computes the same factors.
 - ``gradient_triplets``: the top-r triplets of every layer's G, one group of layers per pass over the batches,
   so that at most one group's G is held (groups from a memory budget or a count).
