@@ -38,8 +38,11 @@ class LoraGAOptions:
     gradient_groups: int | None = option(None, gt=0)  # k groups (None: from gradient_memory)
     gradient_memory: float | str | None = "auto"  # MiB of G held at once; auto: 1/4 of the free memory
     gradient_device: str = option("model", choices=("model", "cpu"))  # "cpu": G accumulated in host memory
-    svd: str = option("exact", choices=("exact", "randomized", "auto"))  # exact (LAPACK); randomized / auto: opt-in truncated solver
-    svd_iterations: int = option(8, ge=0)  # power iterations of the randomized solver
+    # auto: exact SVD on small layers, on wide ones the certified truncated solver (peftkit.stats.checked_svd), the
+    # exact SVD wherever it cannot certify sin θ ≤ svd_tolerance; exact: LAPACK; randomized: fixed iterations, unchecked
+    svd: str = option("auto", choices=("exact", "randomized", "auto"))
+    svd_iterations: int = option(8, ge=0)  # power iterations of svd="randomized"
+    svd_tolerance: float = option(3e-2, gt=0, lt=1)  # svd="auto": largest certified sin of the principal angles
 
 
 def _split(direction: str, r: int, peft_compat: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,8 +62,17 @@ def _check(options: dict) -> None:
     if options["scale"] == "weight_svd" and not options["peft_compat"]:
         raise ConfigError("scale: 'weight_svd' is PEFT's variant; pass peft_compat=True, or use scale='weightS'")
     check_gradient_options(options)
-    if options["peft_compat"] and options["svd"] != "exact":
-        raise ConfigError(f"svd: peft_compat=True reproduces PEFT's exact SVD; got svd={options['svd']!r}, use svd='exact'")
+    if options["peft_compat"] and options["svd"] == "randomized":
+        raise ConfigError("svd: peft_compat=True reproduces PEFT's exact SVD; got svd='randomized', use svd='exact' "
+                          "(or 'auto', which is exact under peft_compat)")
+
+
+def _boundaries(direction: str):
+    """The j whose top-j singular subspaces LoRA-GA uses separately, for ``rank`` = 2r triplets: the halves for
+    ArB2r / A2rBr, every single vector for the interleaved and random splits."""
+    if direction in ("ArB2r", "A2rBr"):
+        return lambda rank: (rank // 2, rank)
+    return lambda rank: range(1, rank + 1)
 
 
 def lora_ga_factors(grad_u: torch.Tensor, grad_s: torch.Tensor, grad_vh: torch.Tensor, r: int, s: float,
@@ -100,13 +112,16 @@ def lora_ga_factors(grad_u: torch.Tensor, grad_s: torch.Tensor, grad_vh: torch.T
 @registry.init("lora-ga", options=LoraGAOptions, needs_data=True, architectures=("lora",),
                description="A₀, B₀ from the SVD of the full-weight gradient, frozen offset keeps the function")
 def lora_ga_init(model, layers, config, data) -> None:
-    options = config.axis_options("init")
+    options = dict(config.axis_options("init"))
     _check(options)
+    if options["peft_compat"]:
+        options["svd"] = "exact"  # PEFT's parity: its (effectively exact) SVD, whatever "auto" would pick
     batches = check_batches(data, "lora-ga")
     adapter = adapter_name_of(model, config)
     check_double_rank(layers, adapter, 2, "LoRA-GA")
     ranks = {name: 2 * layer.ranks[adapter] for name, layer in layers.items()}
-    for name, u, sv, vh in gradient_triplets(model, layers, batches, ranks, options, seed=config.seed):
+    for name, u, sv, vh in gradient_triplets(model, layers, batches, ranks, options, seed=config.seed,
+                                             boundaries=_boundaries(options["direction"])):
         layer = layers[name]
         r = layer.ranks[adapter]
         s = layer.scaling[adapter]

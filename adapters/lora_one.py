@@ -26,8 +26,11 @@ class LoraOneOptions:
     gradient_groups: int | None = option(None, gt=0)  # k groups (None: from gradient_memory)
     gradient_memory: float | str | None = "auto"  # MiB of G held at once; auto: 1/4 of the free memory
     gradient_device: str = option("model", choices=("model", "cpu"))  # "cpu": G accumulated in host memory
-    svd: str = option("exact", choices=("exact", "randomized", "auto"))  # exact (LAPACK); randomized / auto: opt-in truncated solver
-    svd_iterations: int = option(8, ge=0)  # power iterations of the randomized solver
+    # auto: exact SVD on small layers, on wide ones the certified truncated solver (peftkit.stats.checked_svd), the
+    # exact SVD wherever it cannot certify sin θ ≤ svd_tolerance; exact: LAPACK; randomized: fixed iterations, unchecked
+    svd: str = option("auto", choices=("exact", "randomized", "auto"))
+    svd_iterations: int = option(8, ge=0)  # power iterations of svd="randomized"
+    svd_tolerance: float = option(3e-2, gt=0, lt=1)  # svd="auto": largest certified sin of the principal angles
 
 
 def lora_one_factors(u: torch.Tensor, sv: torch.Tensor, vh: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:

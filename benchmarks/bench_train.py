@@ -150,6 +150,11 @@ def run_trainer(task: str, args) -> dict:
         row = {"input_ids": ids, "attention_mask": [1] * len(ids)}
         if examples.token_type_ids is not None:
             row["token_type_ids"] = examples.token_type_ids[i]
+        if examples.position_ids is not None and args.trainer_packing == "position_ids":
+            # peftkit's packed rows restart the positions per document (transformers then masks attention
+            # between the packed documents): the same work on the Trainer side, without an attention mask
+            row["position_ids"] = examples.position_ids[i]
+            del row["attention_mask"]
         row["labels"] = examples.labels[i]
         rows.append(row)
     torch.manual_seed(0)
@@ -212,6 +217,9 @@ def main() -> None:
     parser.add_argument("--methods", action="store_true", help="also LoRA-Pro (efficient), LoFT and HRA through peftkit")
     parser.add_argument("--data-dir", default=None, help="the shared data folder (tinyshakespeare/, subj/)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement")
+    parser.add_argument("--trainer-packing", choices=["position_ids", "plain"], default="position_ids",
+                        help="smollm2: the Trainer's packed rows get peftkit's restarting position ids (the same "
+                             "work: attention kept within each document) or only an all-ones attention mask (plain)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -230,7 +238,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {name: [] for name in names}
     passthrough = ["--task", args.task, "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch",
                    str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads), "--device", args.device,
-                   "--precision", args.precision]
+                   "--precision", args.precision, "--trainer-packing", args.trainer_packing]
     for index in range(args.rounds):
         shift = index % len(names)
         for name in names[shift:] + names[:shift]:

@@ -6,8 +6,9 @@
   by sample count and all-reduced across processes. Optionally a sketch (Y = G·Ω, Z = Gᵀ·Ψ) instead of G:
   O((m + n)·k) memory per layer, never forming G.
 - ``IncrementalPCA``: centred incremental PCA of layer inputs (activations fp32, mean/variance sums fp64).
-- ``signed_svd`` / ``sketch_svd`` / ``randomized_svd``: deterministic SVDs (full, from sketches, truncated with
-  power iterations) with the sign convention (largest-|·| entry of each uᵢ positive, vᵢ flipped with it), so
+- ``signed_svd`` / ``sketch_svd`` / ``randomized_svd`` / ``checked_svd``: deterministic SVDs (full, from
+  sketches, truncated with fixed power iterations, truncated with a certified a-posteriori error bound or
+  None) with the sign convention (largest-|·| entry of each uᵢ positive, vᵢ flipped with it), so
   every process computes the same factors.
 - ``gradient_triplets``: the top-r triplets of every layer's G, one group of layers per pass over the batches,
   so that at most one group's G is held (groups from a memory budget or a count).
@@ -18,7 +19,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -162,13 +163,85 @@ def randomized_svd(matrix: torch.Tensor, rank: int, *, iterations: int = 8, over
     return u, s[:rank], vh
 
 
+def _exact_flops(m: int, n: int) -> float:
+    """FLOPs of LAPACK's thin SVD with vectors of an (m, n) matrix (Golub & Van Loan's R-SVD count)."""
+    short, long = min(m, n), max(m, n)
+    return 4.0 * short * short * long + 22.0 * short ** 3
+
+
+def checked_svd(matrix: torch.Tensor, rank: int, *, tolerance: float = 3e-2, boundaries: Iterable[int] | None = None,
+                oversample: int | None = None, max_iterations: int | None = None, seed: int = 0,
+                report: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Top-``rank`` triplets (U (m, rank), S (rank,), Vh (rank, n)) of ``matrix`` (m, n), signed, or None when their
+    accuracy could not be certified (the caller then takes the exact SVD).
+
+    Subspace iteration with a Rayleigh–Ritz step after every half-iteration pair (Halko, Martinsson & Tropp 2011,
+    alg. 4.4 + 5.1): Q = orth(G·Ω), Gaussian Ω (n, l), l = rank + oversample (default oversample = max(rank, 10));
+    per iteration Z = GᵀQ (n, l), the thin SVD Z = V·Σ·Wᵀ gives the Ritz triplets (U = Q·W, Σ, V) of QᵀG, and
+    Y = G·V (m, l) is both the next power step (Q ← orth(Y)) and the residual R = Y − U·Σ (the other residual,
+    GᵀU − VΣ, is zero by construction). Only (m, l) and (n, l) blocks are formed, never G·Gᵀ.
+
+    The a-posteriori check (Wedin's sin Θ theorem): for each boundary j (the top-j subspaces that must be right;
+    default: only j = rank) the largest principal angle θ_j between the computed and the exact top-j singular
+    subspaces (left and right) satisfies sin θ_j ≤ ‖R_{:, :j}‖_F / (σ̃_j − σ̂_{j+1}), with σ̂_{j+1} = max_{i>j}
+    (σ̃_i + ‖r_i‖) as the estimate of σ_{j+1} (each Ritz value lies within its residual of a singular value;
+    the oversampled Ritz values give the tail). It returns once every bound is ≤ ``tolerance`` (default 3e-2:
+    cos θ ≥ 0.99955; on real gradients the bound overstates sin θ about 10×), and gives up (None) when a gap closes (a flat spectrum: the top-j subspace is then
+    ill-determined and only the exact SVD reproduces LAPACK's choice; a gap below the rounding level of G·v
+    counts as closed) or after ``max_iterations`` (default: as many as cost the FLOPs of the exact SVD,
+    ``_exact_flops``; LAPACK runs below its FLOP count on CPUs, so a fallback costs at most about twice the
+    exact SVD). Ω comes from a CPU generator seeded by
+    ``seed``: every process gets the same factors. ``report`` (a dict) receives ``iterations``, ``bound`` (the
+    largest sin θ bound at the end) and ``certified``.
+    """
+    m, n = matrix.shape
+    short = min(m, n)
+    width = min(rank + (max(rank, 10) if oversample is None else oversample), short)
+    cuts = sorted({rank} if boundaries is None else {int(j) for j in boundaries} | {rank})
+    if width <= rank or cuts[0] < 1 or cuts[-1] > rank:
+        return None  # no oversampled tail to estimate σ_{rank+1} from (or nonsense boundaries): exact
+    work = matrix if matrix.dtype in (torch.float32, torch.float64) else matrix.float()
+    if max_iterations is None:
+        per_iteration = 4.0 * m * n * width + 6.0 * (m + n) * width * width
+        max_iterations = max(2, int(_exact_flops(m, n) / per_iteration))
+    omega = torch.randn(n, width, generator=torch.Generator().manual_seed(seed), dtype=work.dtype).to(work.device)
+    q, _ = torch.linalg.qr(work @ omega)
+    # The rounding level of G·v relative to σ̃₁: a gap below it is noise (LAPACK's vectors there are noise too,
+    # and only the exact SVD reproduces them).
+    eps = torch.finfo(work.dtype).eps * max(m, n) ** 0.5
+    bound = float("inf")
+    for iteration in range(1, max_iterations + 1):
+        v, s, wh = torch.linalg.svd(work.mT @ q, full_matrices=False)  # Z = V Σ Wᵀ, Z = GᵀQ (n, l)
+        u = q @ wh.mT  # left Ritz vectors (m, l)
+        y = work @ v  # G·V (m, l): next power step and residual
+        residual = torch.linalg.vector_norm(y - u * s, dim=0)  # ‖G vᵢ − σ̃ᵢ uᵢ‖ (l,)
+        upper = (s + residual).flip(0).cummax(0).values.flip(0)  # upper[i] = max_{i' ≥ i} (σ̃ᵢ' + ‖rᵢ'‖)
+        floor = eps * s[0]
+        sq = (residual ** 2).cumsum(0)
+        bounds = []
+        for j in cuts:
+            gap = s[j - 1] - upper[j]
+            bounds.append(float(sq[j - 1].sqrt() / gap) if gap > floor else float("inf"))
+        bound = max(bounds)
+        if bound <= tolerance:
+            if report is not None:
+                report.update(iterations=iteration, bound=bound, certified=True)
+            uu, vh = sign_fix(u[:, :rank], v[:, :rank].mT)
+            return uu, s[:rank], vh
+        q, _ = torch.linalg.qr(y)
+    if report is not None:
+        report.update(iterations=max_iterations, bound=bound, certified=False)
+    return None
+
+
 def solver_for(solver: str, shape: tuple[int, int], rank: int) -> str:
-    """The solver ``"auto"`` picks for an (m, n) matrix and ``rank`` triplets: ``"randomized"`` once the matrix is
-    wide enough that a truncated solve pays (min(m, n) ≥ 256 and ≥ 4·l, l = rank + max(rank, 8)), else ``"exact"``."""
+    """The solver ``"auto"`` picks for an (m, n) matrix and ``rank`` triplets: ``"checked"`` (``checked_svd``, the
+    exact SVD where it cannot certify its answer) once the matrix is wide enough that a truncated solve pays
+    (min(m, n) ≥ 256 and ≥ 4·l, l = rank + max(rank, 8)), else ``"exact"``; other solvers as given."""
     if solver != "auto":
         return solver
     short = min(shape)
-    return "randomized" if short >= 256 and short >= 4 * (rank + max(rank, 8)) else "exact"
+    return "checked" if short >= 256 and short >= 4 * (rank + max(rank, 8)) else "exact"
 
 
 # ------------------------------------------------------------------------------------- gradients
@@ -372,15 +445,29 @@ def gather_rows(rows: torch.Tensor) -> torch.Tensor:
 
 
 def top_singular_triplets(stat: torch.Tensor | GradientSketch, rank: int, solver: str = "exact", *,
-                          iterations: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          iterations: int = 8, seed: int = 0, tolerance: float = 3e-2,
+                          boundaries: Iterable[int] | None = None,
+                          report: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U (m, rank), S (rank,), Vh (rank, n)) of a gradient from ``gradient_statistics``, signed, in G's dtype.
 
     ``solver``: ``"exact"`` (LAPACK's full thin SVD), ``"randomized"`` (``randomized_svd`` with ``iterations``
-    power iterations) or ``"auto"`` (``solver_for``); a sketch always takes ``sketch_svd``."""
+    power iterations, unchecked) or ``"auto"`` (``solver_for``: on wide layers ``checked_svd`` to ``tolerance``
+    at ``boundaries``, the exact SVD wherever that cannot certify its answer); a sketch always takes
+    ``sketch_svd``. ``report`` (a dict) receives ``solver`` (what ran) and, for the checked solver, its
+    ``iterations``, ``bound`` and ``certified``."""
     if isinstance(stat, GradientSketch):
         return sketch_svd(stat, rank)
-    if solver_for(solver, tuple(stat.shape), rank) == "randomized":
+    chosen = solver_for(solver, tuple(stat.shape), rank)
+    if report is not None:
+        report["solver"] = chosen
+    if chosen == "randomized":
         return randomized_svd(stat, rank, iterations=iterations, seed=seed)
+    if chosen == "checked":
+        found = checked_svd(stat, rank, tolerance=tolerance, boundaries=boundaries, seed=seed, report=report)
+        if found is not None:
+            return found
+        if report is not None:
+            report["solver"] = "exact (fallback)"
     u, s, vh = signed_svd(stat)
     return u[:, :rank], s[:rank], vh[:rank]
 
@@ -393,6 +480,7 @@ GRADIENT_OPTION_HELP = {
     "gradient_device": "'model' (G on the model's device) or 'cpu' (G offloaded to host memory)",
     "svd": f"one of {SOLVERS}",
     "svd_iterations": "a non-negative integer (power iterations of the randomized solver)",
+    "svd_tolerance": "a number in (0, 1) (the largest sin of the principal angle svd='auto' certifies)",
 }
 
 
@@ -417,6 +505,9 @@ def check_gradient_options(options: Mapping[str, Any]) -> None:
     iterations = options["svd_iterations"]
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
         raise bad("svd_iterations")
+    tolerance = options.get("svd_tolerance", 3e-2)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
+        raise bad("svd_tolerance")
 
 
 def gradient_bytes(layer: AdapterLayer) -> int:
@@ -512,7 +603,8 @@ def _set_rng_states(states: tuple[torch.Tensor, list[torch.Tensor] | None]) -> N
 
 def gradient_triplets(model: nn.Module, layers: dict[str, AdapterLayer], batches: list[Mapping],
                       ranks: Mapping[str, int], options: Mapping[str, Any], *, seed: int = 0,
-                      negate: bool = False) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+                      negate: bool = False, boundaries: Callable[[int], Iterable[int]] | None = None,
+                      ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(name, U (m, r), S (r,), Vh (r, n)) of every layer's full-weight gradient G (−G with ``negate``), r = ranks[name],
     in G's dtype (fp32; fp64 on fp64 bases), in the order of ``layers``' groups.
 
@@ -521,6 +613,7 @@ def gradient_triplets(model: nn.Module, layers: dict[str, AdapterLayer], batches
     pass. So at most one group's G is held, and the factors are the same as with one group (G of a layer does
     not depend on which other layers are measured: bit-equal in fp64). The backward of a pass stops at the
     group's first layer. ``options["gradient_sketch"]`` = k instead streams sketches of all layers in one pass.
+    ``boundaries(rank)``: the j whose top-j subspaces the method uses separately (``checked_svd``; default: rank).
     """
     sketch = options.get("gradient_sketch")
     store_on = "cpu" if options["gradient_device"] == "cpu" else None
@@ -548,8 +641,10 @@ def gradient_triplets(model: nn.Module, layers: dict[str, AdapterLayer], batches
             if negate:
                 for tensor in ([stat] if isinstance(stat, torch.Tensor) else stat.tensors()):
                     tensor.neg_()  # the SVD of −G (its sketches are linear in G)
-            u, s, vh = top_singular_triplets(stat, ranks[name], options["svd"], iterations=options["svd_iterations"],
-                                             seed=seed)
+            rank = ranks[name]
+            u, s, vh = top_singular_triplets(stat, rank, options["svd"], iterations=options["svd_iterations"],
+                                             seed=seed, tolerance=options.get("svd_tolerance", 3e-2),
+                                             boundaries=None if boundaries is None else boundaries(rank))
             del stat
             yield name, u, s, vh
 
