@@ -87,9 +87,10 @@ SWEEP = (1 / 3, 1.0, 3.0)
 # Full fine-tuning's own convention: a tenth of the LoRA rate, the ratio the registry's full-FT-like presets
 # carry (LoRA-Pro's 2e-5 against LoRA's 2e-4).
 FULL_FT_RATIO = 0.1
-# The order the grid runs in (an interrupted run has the most telling cells first): the contenders whose
-# verdict issue 19 questions, then the references, then the rest; within a contender its sweep.
-PRIORITY = ("lora-pro", "lora-ga", "lora-ga+lora-plus", "loft", "lora", "peft-lora", "full")
+# The order the grid runs in (an interrupted run has the most telling cells first): the two methods issue 19
+# questions most, then the references their claims are checked against (LoRA, full FT), then the other
+# questioned ones and PEFT's LoRA, then the rest; within a contender its sweep.
+PRIORITY = ("lora-pro", "lora-ga", "lora", "full", "lora-ga+lora-plus", "loft", "peft-lora")
 CACHE = Path("runs/quality")  # the recipes' data and model paths are relative to the working directory
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_FOLDER = "SmolLM2-135M-Instruct"
@@ -590,8 +591,9 @@ def grid_order(tasks: list[Task], names: list[str] | None) -> list[tuple[Task, C
     """Every (task, contender, lr multiplier) cell, in the order the grid runs them.
 
     ``names`` given: those contenders in that order, task by task. Otherwise the MiniLM tasks come before the
-    SmolLM2 ones (minutes against tens of minutes per cell), and within each group the contenders of
-    ``PRIORITY`` first, each on every task of the group before the next; within a contender its sweep."""
+    SmolLM2 ones (minutes against tens of minutes per cell), task by task, and within a task the contenders of
+    ``PRIORITY`` first; within a contender its sweep. Task by task: a partial run then holds complete
+    comparisons (a method, LoRA and full FT, each swept) on its first task rather than halves on two."""
     cells = []
     for task in tasks:
         candidates = contenders_for(task)
@@ -607,7 +609,7 @@ def grid_order(tasks: list[Task], names: list[str] | None) -> list[tuple[Task, C
     def key(cell):
         task, contender, _, position, index = cell
         rank = PRIORITY.index(contender.name) if contender.name in PRIORITY else len(PRIORITY) + position
-        return (task.uses_smollm2, rank, order[task.name], index)
+        return (task.uses_smollm2, order[task.name], rank, index)
 
     return [(t, c, f) for t, c, f, _, _ in sorted(cells, key=key)]
 

@@ -390,13 +390,15 @@ def test_the_grid_runs_the_questioned_contenders_first_and_the_minilm_tasks_befo
     order = [(t.name, c.name, f) for t, c, f in quality.grid_order(tasks, None)]
     assert len(order) == len(set(order)) == sum(len(quality.contenders_for(t)) for t in tasks) * len(quality.SWEEP)
     assert order[:6] == [("minilm-subj", "lora-pro", f) for f in quality.SWEEP] + \
-        [("minilm-trec", "lora-pro", f) for f in quality.SWEEP]
-    first_smollm2 = next(i for i, cell in enumerate(order) if cell[0].startswith("smollm2"))
-    assert all(cell[0].startswith("minilm") for cell in order[:first_smollm2])
-    assert not any(cell[0].startswith("minilm") for cell in order[first_smollm2:])
-    minilm = [name for task, name, _ in order[:first_smollm2]]
-    seen = list(dict.fromkeys(minilm))
-    assert seen[:len(quality.PRIORITY)] == list(quality.PRIORITY)
+        [("minilm-subj", "lora-ga", f) for f in quality.SWEEP]
+    # Task by task, the MiniLM ones first (in the order given), and in each task the PRIORITY contenders first.
+    assert list(dict.fromkeys(task for task, _, _ in order)) == ["minilm-subj", "minilm-trec", "smollm2-shakespeare"]
+    for task in tasks:
+        names = list(dict.fromkeys(name for t, name, _ in order if t == task.name))
+        assert names[:len(quality.PRIORITY)] == list(quality.PRIORITY)[:len(names)] or task.kind != "classification"
+        assert sorted(names) == sorted(c.name for c in quality.contenders_for(task))
+    lm = [name for t, name, _ in order if t == "smollm2-shakespeare"]
+    assert list(dict.fromkeys(lm))[:6] == [n for n in quality.PRIORITY if n != "peft-lora"]
     # Contenders named on the command line run in that order.
     named = quality.grid_order(tasks[1:2], ["hra", "lora"])
     assert [(c.name, f) for _, c, f in named] == [("hra", f) for f in quality.SWEEP] + [("lora", f) for f in quality.SWEEP]
