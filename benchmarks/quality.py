@@ -784,7 +784,7 @@ def task_table(task: Task, contenders: list[Contender], sweeps: dict[str, dict[f
         sweep = sweeps.get(contender.name, {})
         note = f" ({contender.note})" if contender.note else ""
         if not sweep:
-            lines.append(f"| {contender.label}{note} | not run yet |" + " |" * (len(SWEEP) + 12))
+            lines.append(f"| {contender.label}{note} | not run yet |" + " |" * (len(SWEEP) + 11))
             continue
         record = best[contender.name]
         any_cell = record or next(iter(sweep.values()))
@@ -828,7 +828,8 @@ def grid_time(tasks: list[Task], cells: dict[str, dict[str, dict[float, dict]]])
     records = {t.name: [r for sweep in cells[t.name].values() for r in sweep.values()] for t in tasks}
     walls = {name: [r["wall_seconds"] for r in rs if r.get("wall_seconds") is not None] for name, rs in records.items()}
     total = sum(sum(v) for v in walls.values())
-    parts = ", ".join(f"{name} {sum(v) / 60:.1f} min for {len(v)} cells" for name, v in walls.items())
+    parts = ", ".join(f"{name} {sum(v) / 60:.1f} min for {len(v)} cell{'' if len(v) == 1 else 's'}"
+                      for name, v in walls.items())
     threads = sorted({r.get("threads") for rs in records.values() for r in rs if r.get("threads")})
     on = f"{'/'.join(map(str, threads))} thread{'s' if threads != [1] else ''} per cell" if threads else "threads unknown"
     text = (f"The finished cells took {total / 60:.1f} min of wall time in all ({parts}), one process each, "
@@ -1039,6 +1040,7 @@ def retained(task: Task, record: dict) -> float:
 
 
 def plot(tasks: list[Task], cells: dict[str, dict[str, dict]], path: Path) -> None:
+    """Eval metric against the step, one line per contender (``cells``: its best cell), one panel per task."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1046,7 +1048,7 @@ def plot(tasks: list[Task], cells: dict[str, dict[str, dict]], path: Path) -> No
 
     columns = 2 if len(tasks) > 1 else 1
     rows = math.ceil(len(tasks) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(7 * columns, 4.5 * rows), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(7 * columns, 5.5 * rows), squeeze=False)
     colours = plt.get_cmap("tab20")
     names = sorted({n for t in tasks for n in cells[t.name]})
     for index, task in enumerate(tasks):
@@ -1071,16 +1073,12 @@ def plot(tasks: list[Task], cells: dict[str, dict[str, dict]], path: Path) -> No
                 ax.text(0.98, 0.98, "off the scale: " + ", ".join(off), transform=ax.transAxes, ha="right",
                         va="top", fontsize=8)
         ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    for ax in axes.flat[1:]:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
+        # One legend per panel: each line is a contender's best cell, whose lr differs from task to task.
+        ax.legend(fontsize=6, ncol=2, loc="best")
     for ax in axes.flat[len(tasks):]:
         ax.axis("off")
-    figure.legend(handles, labels, loc="lower center", ncol=6, fontsize=8)
-    figure.tight_layout(rect=(0, 0.1, 1, 1))
+    figure.suptitle("the best cell of each contender's learning-rate sweep", fontsize=10)
+    figure.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
     figure.savefig(tmp, dpi=90)
     plt.close(figure)

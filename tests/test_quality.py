@@ -379,6 +379,7 @@ def test_partial_grids_report_their_missing_cells_and_an_estimate(tmp_path):
     lora_row = next(line for line in table.splitlines() if line.startswith("| lora |"))
     assert "| missing |" in lora_row and "0.003 (3×) |" in lora_row and "(edge" not in lora_row  # 2 of 3: no edge yet
     assert "| lora-pro | not run yet |" in table
+    assert {line.count("|") for line in table.splitlines()} == {len(table.splitlines()[0].split("|"))  - 1}
     summary = quality.summary_table([task], cells)
     assert "| lora | 80.0 (0.003; 20.0 pts; 2/3 lrs) |" in summary and "| hra | 60.0 (0.001; —; 1/3 lrs) |" in summary
     listed = quality.missing_table([task], cells)
