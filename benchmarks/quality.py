@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -435,6 +436,17 @@ def build_contender(contender: Contender, model, recipe: Recipe, examples, pad_i
             choice.lr, choice.describe())
 
 
+@functools.lru_cache(maxsize=None)
+def task_data(task: Task, cache: Path, quick: bool) -> tuple[Recipe, Any, Any]:
+    """(recipe, tokenizer, tokenized examples) of a task: the same for all its cells, so a process that runs
+    several (``--in-process``, ``--quick``) reads and tokenizes them once. Read-only for the cells."""
+    recipe = task_recipe(task, cache, quick)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tokenizer = load_tokenizer(recipe)
+        return recipe, tokenizer, load_examples(recipe, tokenizer)
+
+
 def run_cell(task: Task, contender: Contender, cache: Path, quick: bool, factor: float = 1.0) -> dict[str, Any]:
     """Fine-tune one contender on one task at ``factor`` × its conventional lr; the record of the run (curves,
     costs, the claim checks' data)."""
@@ -449,14 +461,12 @@ def run_cell(task: Task, contender: Contender, cache: Path, quick: bool, factor:
         finally:
             eval_seconds += time.perf_counter() - tick
 
-    recipe = task_recipe(task, cache, quick)
+    recipe, tokenizer, examples = task_data(task, cache, quick)
     training = recipe.training
     classification = task.kind == "classification"
     torch.manual_seed(training.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tokenizer = load_tokenizer(recipe)
-        examples = load_examples(recipe, tokenizer)
         model = load_model(recipe.model, tokenizer, labels=len(examples.train.label_names) if classification else None,
                            label_names=examples.train.label_names, seed=training.seed)
     load_seconds = time.perf_counter() - cell_started
@@ -579,7 +589,13 @@ def recipe_fingerprint(task: Task, quick: bool) -> str:
     """What a cell's numbers depend on besides the code: the task's recipe as parsed (its paths are relative,
     so the same on every machine) and the quick flag. A cell made under another recipe (another budget) is
     stale: it is run again and never reported."""
-    recipe = dataclasses.asdict(load_recipe(task.recipe_path))
+    return _fingerprint(task.recipe_path.read_text(), task.recipe_path, quick)
+
+
+@functools.lru_cache(maxsize=None)
+def _fingerprint(text: str, path: Path, quick: bool) -> str:
+    # Keyed by the file's text, so an edited recipe is parsed again; parsing it is the costly part.
+    recipe = dataclasses.asdict(load_recipe(path))
     return hashlib.sha256(json.dumps([recipe, quick], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
