@@ -1134,7 +1134,9 @@ def report(tasks: list[Task], out: Path, command: str, quick: bool = False, docs
              f"Each contender ran at {sweep} its conventional learning rate (the task's base LoRA rate times the "
              "method's `LRConvention` ratio, capped for compositions by `peftkit.lr`; full fine-tuning a tenth of "
              "the base; PEFT's LoRA the base); it is reported at its best cell (final eval metric), with the spread "
-             "over the sweep: best − worst in points, or worst / best for perplexity.", "",
+             "over the sweep: best − worst in points, or worst / best for perplexity. The cells of one run are "
+             "not timed side by side: on a shared machine a cell's step time reflects the load while it ran, so "
+             "the cost columns (s / step, step × LoRA) are indicative only.", "",
              "### Final eval metric, each contender at its best learning rate", "", summary_table(tasks, cells), ""]
     if docs:
         parts += [f"![eval metric against the optimizer step, the best cell of each contender, one panel per task]"
