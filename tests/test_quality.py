@@ -51,28 +51,58 @@ def write_fixture(folder: Path) -> None:
 
 
 @pytest.mark.slow
-def test_quick_mode_runs_every_contender_and_writes_the_report(tmp_path):
-    data, cache, out = tmp_path / "data", tmp_path / "cache", tmp_path / "out"
+def test_quick_mode_sweeps_every_contender_picks_its_best_cell_and_resumes(tmp_path):
+    """The whole pipeline on tiny models: every contender at the sweep's three lrs, the best cells in the
+    report, the docs page's block and plot, and a resumed run that reruns only what is missing or stale.
+    (About 35 s of CPU on one thread: tiny config-built BERT and Llama, 4 steps a cell.)"""
+    data, cache, out, docs = tmp_path / "data", tmp_path / "cache", tmp_path / "out", tmp_path / "docs" / "guide.md"
     write_fixture(data)
     tasks = ["minilm-trec", "smollm2-shakespeare", "smollm2-trec-instruct"]
-    arguments = ["--quick", "--tasks", ",".join(tasks), "--data-dir", str(data), "--cache", str(cache), "--out", str(out)]
+    arguments = ["--quick", "--tasks", ",".join(tasks), "--data-dir", str(data), "--cache", str(cache), "--out", str(out),
+                 "--docs", str(docs)]
     quality.main(arguments)
 
     results = json.loads((out / "results.json").read_text())
     assert set(results) == set(tasks)
+    tags = {"x0.333", "x1", "x3"}
     for task in tasks:
-        expected = {c.name for c in quality.contenders_for(quality.TASKS[task])}
+        spec = quality.TASKS[task]
+        expected = {c.name for c in quality.contenders_for(spec)}
         assert set(results[task]) == expected
         # Every registered method, full fine-tuning, LoRA, and at least two cross-axis compositions.
         assert set(__import__("peftkit").methods()) | {"full"} <= expected
         assert sum("+" in name for name in expected) >= 2
-        for name, record in results[task].items():
-            assert record["status"] == "done", (task, name)
-            assert all(math.isfinite(x) for x in record["train_loss"]) and len(record["train_loss"]) == 4
-            assert [p["step"] for p in record["curve"]] == [0, 2, 4]
-            assert record["trainable"] > 0 and record["peak_rss_mib"] > 0 and record["step_seconds"] > 0
+        for name, summary in results[task].items():
+            cells = summary["cells"]
+            assert set(cells) == tags, (task, name)
+            for tag, record in cells.items():
+                assert record["status"] == "done", (task, name, tag)
+                assert all(math.isfinite(x) for x in record["train_loss"]) and len(record["train_loss"]) == 4
+                assert [p["step"] for p in record["curve"]] == [0, 2, 4]
+                assert record["trainable"] > 0 and record["peak_rss_mib"] > 0 and record["step_seconds"] > 0
+                # The sweep's lr is the multiplier times the contender's conventional lr.
+                assert record["lr"] == pytest.approx(record["lr_factor"] * record["lr_conventional"], rel=1e-12)
+            # The best cell is the best final metric of the three (recomputed here), and the spread best − worst.
+            finals = {tag: r["curve"][-1][spec.metric] for tag, r in cells.items()}
+            pick = max if spec.higher_is_better else min
+            assert summary["best_metric"] == pick(finals.values())
+            assert finals[summary["best"]] == summary["best_metric"]
+            assert summary["best_lr"] == cells[summary["best"]]["lr"]
+            spread = max(finals.values()) / min(finals.values()) if spec.metric == "perplexity" else \
+                max(finals.values()) - min(finals.values())
+            assert summary["spread"] == pytest.approx(spread)
+        # Each contender around its own convention (the task's base rate is plain LoRA's).
+        base = quality.task_recipe(spec, cache, True).optimizer.lr
+        conventional = {n: s["cells"]["x1"]["lr_conventional"] for n, s in results[task].items()}
+        assert conventional["lora"] == conventional["hra"] == base
+        assert conventional["lora-pro"] == conventional["lora-ga"] == conventional["loft"] == pytest.approx(0.1 * base)
+        assert conventional["full"] == pytest.approx(0.1 * base) and conventional["lora-plus"] == pytest.approx(0.5 * base)
+        # LoRA-GA's scaled factors with LoRA+'s ratio: at most LoRA-GA's rate (the first-step cap may lower it).
+        assert conventional["lora-ga+lora-plus"] <= 0.1 * base * (1 + 1e-12)
+        if spec.kind == "classification":
+            assert conventional["peft-lora"] == base
     # Each method ran with its own axes (not plain LoRA under another name).
-    cells = results["minilm-trec"]
+    cells = {n: s["cells"]["x1"] for n, s in results["minilm-trec"].items()}
     assert cells["hra"]["axes"]["architecture"] == "hra"
     assert cells["lora-pro"]["axes"]["optimizer"] == "lora-pro"
     assert cells["eva+coto+lora-pro"]["axes"] == {"architecture": "lora", "init": "eva", "optimizer": "lora-pro",
@@ -80,19 +110,30 @@ def test_quick_mode_runs_every_contender_and_writes_the_report(tmp_path):
     assert cells["full"]["trainable"] == cells["full"]["total"]
     assert cells["hydra"]["trainable"] > cells["lora"]["trainable"] * 0.9  # r_p + r_s = LoRA's r
     assert "ranks" in cells["eva"]["analysis"] and "ranks" in cells["elalora"]["analysis"]
-    assert "general_loss_after" in results["smollm2-shakespeare"]["lora"]["analysis"]
+    assert "general_loss_after" in results["smollm2-shakespeare"]["lora"]["cells"]["x1"]["analysis"]
 
     report = (out / "results.md").read_text()
     for method in __import__("peftkit").methods():
         assert f"| {method} |" in report  # a row in the tables and a headline-claim verdict
-    assert "### Headline claims at this scale" in report
-    assert (out / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "### Headline claims at this scale (best cells)" in report and "Cells not run yet" not in report
+    page = docs.read_text()
+    begin, end = quality.MARKERS
+    assert page.count(begin) == page.count(end) == 1 and "(assets/quality.png)" in page
+    assert page.split(begin)[1].split(end)[0].strip() in report  # the same tables, plus the plot's link
+    assert (docs.parent / "assets" / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # A finished cell is not run again (an interrupted grid resumes where it stopped).
-    cell = out / "cells" / "minilm-trec" / "lora.json"
-    before = cell.read_text()
+    # Resume: finished cells are not run again; a deleted cell and a stale one (another recipe) are.
+    folder = out / "cells" / "minilm-trec"
+    kept, deleted, stale = folder / "lora@x1.json", folder / "lora@x3.json", folder / "lora@x0.333.json"
+    before = kept.read_text()
+    deleted.unlink()
+    record = json.loads(stale.read_text())
+    stale.write_text(json.dumps({**record, "recipe_fingerprint": "another recipe", "lr": -1.0}))
     quality.main(arguments + ["--contenders", "lora"])
-    assert cell.read_text() == before
+    assert kept.read_text() == before
+    assert json.loads(deleted.read_text())["lr_factor"] == 3.0
+    base = quality.task_recipe(quality.TASKS["minilm-trec"], cache, True).optimizer.lr
+    assert json.loads(stale.read_text())["lr"] == pytest.approx(base / 3)
 
 
 def test_labelled_lines_split_on_newlines_only(tmp_path):
@@ -251,3 +292,138 @@ def test_init_warnings_keep_the_methods_own_and_drop_the_libraries():
         warnings.warn_explicit("from a library", UserWarning, str(Path(torch.__file__)), 1)
     kept = quality.own_warnings(caught)
     assert len(kept) == 1 and kept[0].startswith("eva: max_batches=1 reached before convergence")
+
+
+def _swept(metric: str, final: float, factor: float, late: float = 1.0, status: str = "done", **extra) -> dict:
+    """A synthetic sweep cell: final eval ``metric`` value, ``late`` train loss, at ``factor`` × 1e-3."""
+    return {"status": status, "curve": [{"step": 0, metric: 0.5}, {"step": 8, metric: final}], "train_loss": [late] * 8,
+            "lr_factor": factor, "lr": factor * 1e-3, "lr_conventional": 1e-3, "label": "x", "kind": "adapter",
+            "axes": {"architecture": "lora", "init": "default", "optimizer": "adamw", "schedule": "none"},
+            "trainable": 10, "total": 100, "init_seconds": 0.0, "step_seconds": 0.1, "peak_rss_mib": 1.0, **extra}
+
+
+def test_best_cell_is_the_best_final_metric_then_the_lower_loss_then_the_nearer_convention():
+    third, one, three = quality.SWEEP
+    accuracy, perplexity = quality.TASKS["minilm-trec"], quality.TASKS["smollm2-shakespeare"]
+    sweep = {third: _swept("accuracy", 0.6, third), one: _swept("accuracy", 0.8, one), three: _swept("accuracy", 0.7, three)}
+    assert quality.best_cell(accuracy, sweep)["lr_factor"] == one
+    assert quality.sensitivity(accuracy, sweep) == (pytest.approx(0.2), [])
+    # Perplexity: lower is better, and the spread is worst / best.
+    sweep = {third: _swept("perplexity", 20.0, third), one: _swept("perplexity", 15.0, one),
+             three: _swept("perplexity", 10.0, three)}
+    assert quality.best_cell(perplexity, sweep)["lr_factor"] == three
+    assert quality.sensitivity(perplexity, sweep) == (pytest.approx(2.0), [])
+    # A tie on the metric goes to the lower late train loss, then to the multiplier nearer 1×.
+    sweep = {third: _swept("accuracy", 0.8, third, late=0.5), one: _swept("accuracy", 0.8, one, late=0.6),
+             three: _swept("accuracy", 0.8, three, late=0.5)}
+    assert quality.best_cell(accuracy, sweep)["lr_factor"] == third
+    sweep[third] = _swept("accuracy", 0.8, third, late=0.6)
+    assert quality.best_cell(accuracy, sweep)["lr_factor"] == three  # lower loss beats nearer convention
+    sweep[three] = _swept("accuracy", 0.8, three, late=0.6)
+    assert quality.best_cell(accuracy, sweep)["lr_factor"] == one
+    # A diverged cell is never best; it is listed apart from the spread of the finished ones.
+    sweep = {third: _swept("accuracy", 0.9, third, status="diverged at step 3"), one: _swept("accuracy", 0.5, one),
+             three: _swept("accuracy", 0.75, three)}
+    assert quality.best_cell(accuracy, sweep)["lr_factor"] == three
+    assert quality.sensitivity(accuracy, sweep) == (pytest.approx(0.25), [third])
+    assert quality._fmt_spread(accuracy, sweep) == "25.0 pts; diverged at 1/3×"
+    # One finished cell: a best but no spread; none: no best.
+    only = {one: _swept("accuracy", 0.5, one)}
+    assert quality.best_cell(accuracy, only)["lr_factor"] == one and math.isnan(quality.sensitivity(accuracy, only)[0])
+    assert quality.best_cell(accuracy, {one: _swept("accuracy", 0.5, one, status="diverged at step 1")}) is None
+
+
+def test_the_claims_compare_the_best_cells():
+    # LoRA-GA's claim (faster early convergence than LoRA): false at LoRA-GA's 3× cell, true at its best (1×).
+    task = quality.TASKS["minilm-trec"]
+    third, one, three = quality.SWEEP
+
+    def cell(final: float, factor: float, early: float) -> dict:
+        return {**_swept("accuracy", final, factor), "train_loss": [early, early, 1.0, 1.0]}
+
+    cells = {task.name: {
+        "lora-ga": {one: cell(0.9, one, early=0.5), three: cell(0.2, three, early=3.0)},
+        "lora": {third: cell(0.4, third, early=2.0), one: cell(0.7, one, early=1.0), three: cell(0.6, three, early=0.1)},
+        "full": {one: cell(0.8, one, early=0.7)},
+    }}
+    best = quality.best_cells([task], cells)
+    assert {n: r["lr_factor"] for n, r in best[task.name].items()} == {"lora-ga": one, "lora": one, "full": one}
+    verdict = next(v for v in quality.claims([task], best) if v.method == "lora-ga")
+    assert verdict.passed == [True] and "0.5000 vs LoRA 1.0000" in verdict.evidence[0]
+
+
+def test_partial_grids_report_their_missing_cells_and_an_estimate(tmp_path):
+    task = quality.TASKS["minilm-trec"]
+    third, one, three = quality.SWEEP
+    fingerprint = quality.recipe_fingerprint(task, False)
+    for name, factor, wall in (("lora", one, 100.0), ("lora", three, 300.0), ("hra", one, 200.0)):
+        record = {**_swept("accuracy", 0.5 + factor / 10, factor), "task": task.name, "contender": name,
+                  "recipe_fingerprint": fingerprint, "wall_seconds": wall, "threads": 1}
+        quality.write_cell(tmp_path, record)
+    # A stale cell (another recipe) and a stray file are not read.
+    quality.write_cell(tmp_path, {**_swept("accuracy", 0.99, third), "task": task.name, "contender": "lora",
+                                  "recipe_fingerprint": "old budget"})
+    (tmp_path / "cells" / task.name / "lora.json").write_text("{}")
+    cells = quality.read_cells(tmp_path, [task])
+    assert {n: sorted(s) for n, s in cells[task.name].items()} == {"hra": [one], "lora": [one, three]}
+    missing = quality.missing_cells([task], cells)
+    total = len(quality.contenders_for(task)) * len(quality.SWEEP)
+    assert len(missing) == total - 3 and (task, next(c for c in quality.contenders_for(task) if c.name == "lora"),
+                                          third) in missing
+    text = quality.grid_time([task], cells)
+    assert "took 10.0 min" in text and "1 thread per cell" in text
+    # Each missing cell at the task's mean finished-cell time (200 s).
+    assert f"{total - 3} of {total} cells are not run yet" in text
+    assert f"about {(total - 3) * 200 / 3600:.1f} h more" in text
+    table = quality.task_table(task, quality.contenders_for(task), cells[task.name])
+    lora_row = next(line for line in table.splitlines() if line.startswith("| lora |"))
+    assert "| missing |" in lora_row and "0.003 (3×) |" in lora_row and "(edge" not in lora_row  # 2 of 3: no edge yet
+    assert "| lora-pro | not run yet |" in table
+    assert {line.count("|") for line in table.splitlines()} == {len(table.splitlines()[0].split("|"))  - 1}
+    summary = quality.summary_table([task], cells)
+    assert "| lora | 80.0 (0.003; 20.0 pts; 2/3 lrs) |" in summary and "| hra | 60.0 (0.001; —; 1/3 lrs) |" in summary
+    listed = quality.missing_table([task], cells)
+    assert "| minilm-trec | lora | 1/3× |" in listed and "| minilm-trec | hra | 1/3×, 3× |" in listed
+
+
+def test_the_grid_runs_the_questioned_contenders_first_and_the_minilm_tasks_before_smollm2():
+    tasks = [quality.TASKS[t] for t in ("smollm2-shakespeare", "minilm-subj", "minilm-trec")]
+    order = [(t.name, c.name, f) for t, c, f in quality.grid_order(tasks, None)]
+    assert len(order) == len(set(order)) == sum(len(quality.contenders_for(t)) for t in tasks) * len(quality.SWEEP)
+    assert order[:6] == [("minilm-subj", "lora-pro", f) for f in quality.SWEEP] + \
+        [("minilm-subj", "lora-ga", f) for f in quality.SWEEP]
+    # Task by task, the MiniLM ones first (in the order given), and in each task the PRIORITY contenders first.
+    assert list(dict.fromkeys(task for task, _, _ in order)) == ["minilm-subj", "minilm-trec", "smollm2-shakespeare"]
+    for task in tasks:
+        names = list(dict.fromkeys(name for t, name, _ in order if t == task.name))
+        assert names[:len(quality.PRIORITY)] == list(quality.PRIORITY)[:len(names)] or task.kind != "classification"
+        assert sorted(names) == sorted(c.name for c in quality.contenders_for(task))
+    lm = [name for t, name, _ in order if t == "smollm2-shakespeare"]
+    assert list(dict.fromkeys(lm))[:6] == [n for n in quality.PRIORITY if n != "peft-lora"]
+    # Contenders named on the command line run in that order.
+    named = quality.grid_order(tasks[1:2], ["hra", "lora"])
+    assert [(c.name, f) for _, c, f in named] == [("hra", f) for f in quality.SWEEP] + [("lora", f) for f in quality.SWEEP]
+
+
+def test_the_docs_block_goes_between_the_markers_and_nowhere_else(tmp_path):
+    begin, end = quality.MARKERS
+    page = tmp_path / "docs" / "method-guide.md"
+    quality.write_docs(page, "first tables\n")  # no page yet: created with the markers
+    assert page.read_text().count(begin) == 1 and f"{begin}\nfirst tables\n{end}" in page.read_text()
+    page.write_text(f"# Guide\n\nprose before\n\n{begin}\nold\n{end}\n\nprose after\n")
+    quality.write_docs(page, "new tables")
+    quality.write_docs(page, "new tables")  # idempotent
+    assert page.read_text() == f"# Guide\n\nprose before\n\n{begin}\nnew tables\n{end}\n\nprose after\n"
+    page.write_text("no markers here\n")
+    with pytest.raises(SystemExit, match="--docs: .* lacks the markers"):
+        quality.write_docs(page, "tables")
+    assert page.read_text() == "no markers here\n"
+
+
+def test_cell_arguments_are_checked(tmp_path):
+    with pytest.raises(SystemExit, match="--cell: lr multiplier 2 is not one of the sweep's"):
+        quality.main(["--cell", "minilm-trec", "lora", "2", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--stop-at: expected a UTC time HH:MM"):
+        quality.main(["--stop-at", "soon", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--threads: expected a positive thread count"):
+        quality.main(["--threads", "0", "--out", str(tmp_path)])
