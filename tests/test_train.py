@@ -211,3 +211,17 @@ def test_resume_restores_schedule_state(tmp_path, method, options):
     if method == "elalora":  # the run really reallocated ranks (and the history survived the resume)
         states = torch.load(checkpointing.latest(tmp_path / "b" / "run") / "optimizer.pt", weights_only=True)
         assert states["schedule"]["history"]
+
+
+def test_two_runs_with_different_mixed_precision_in_one_process(tmp_path):
+    """Accelerate's process-wide state would refuse the second run ("restart your runtime completely"): a notebook
+    that trains in bf16 and then in fp32 gets both runs, each with its own precision."""
+    from accelerate.state import AcceleratorState
+
+    first = train(from_dict(llama_text_recipe(tmp_path / "a", training__max_steps=1, training__mixed_precision="bf16")))
+    assert AcceleratorState().mixed_precision == "bf16"
+    second = train(from_dict(llama_text_recipe(tmp_path / "b", training__max_steps=1)))
+    assert AcceleratorState().mixed_precision == "no"
+    assert (first.status, first.step, second.status, second.step) == ("done", 1, "done", 1)
+    losses = [r["loss"] for run in (first, second) for r in read_metrics(run.output_dir) if "loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)

@@ -91,8 +91,20 @@ def make_accelerator(recipe: Recipe):
                               "logging.report_to")
     # Under torchrun on a machine without GPUs, Accelerate only forms the gloo process group when told cpu=True.
     cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    _forget_earlier_accelerator_settings(recipe.training.mixed_precision)
     return Accelerator(mixed_precision=recipe.training.mixed_precision, log_with=trackers or None,
                        project_dir=recipe.training.output_dir, kwargs_handlers=[ddp], cpu=cpu_processes or None)
+
+
+def _forget_earlier_accelerator_settings(mixed_precision: str) -> None:
+    """Accelerate keeps one process-wide ``AcceleratorState`` and refuses a second ``Accelerator`` with another
+    mixed precision ("restart your runtime completely"). A run is one ``train()``, so a notebook that trains in
+    bf16 and then in fp32 gets a fresh state; the ``PartialState`` (the process group) is kept."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def prepare(recipe: Recipe, accelerator=None) -> Run:
