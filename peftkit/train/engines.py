@@ -177,7 +177,27 @@ class Engine:
         self.accelerator.backward(loss)
 
 
-class FSDP2Engine(Engine):
+class WholeAdaptersEngine(Engine):
+    """What every engine that shards only the frozen base shares: the trainable tensors stay whole and outside
+    the engine, their gradients are averaged by peftkit (one flat all-reduce per step, after the last
+    micro-batch), and evaluation runs through the model the engine hooked (its forward gathers the base)."""
+
+    def no_sync(self, model: nn.Module, last_micro_batch: bool):
+        return contextlib.nullcontext()  # our own all-reduce runs once per step, after the last micro-batch
+
+    def reduce_gradients(self, params: list[torch.Tensor]) -> None:
+        distributed.average_gradients(params)
+
+    def clip_grad_norm_(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        # The gradients are already global and identical on every process: the local norm is the global norm.
+        self.accelerator.unscale_gradients()
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def eval_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+
+class FSDP2Engine(WholeAdaptersEngine):
     """FSDP2 over the frozen base; adapters and other trainable tensors whole on every process."""
 
     name = "fsdp2"
@@ -200,22 +220,9 @@ class FSDP2Engine(Engine):
             raise RuntimeError(f"fsdp2: {len(sharded)} optimizer tensors were sharded; adapters must stay whole")
         return model, self.accelerator.prepare_optimizer(optimizer)
 
-    def no_sync(self, model: nn.Module, last_micro_batch: bool):
-        return contextlib.nullcontext()  # our own all-reduce runs once per step, after the last micro-batch
-
-    def reduce_gradients(self, params: list[torch.Tensor]) -> None:
-        distributed.average_gradients(params)
-
-    def clip_grad_norm_(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-        # The gradients are already global and identical on every process: the local norm is the global norm.
-        self.accelerator.unscale_gradients()
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-    def eval_model(self, model: nn.Module) -> nn.Module:
-        return model  # the sharded model: its forward all-gathers the base
 
 
-class DeepSpeedZeroEngine(Engine):
+class DeepSpeedZeroEngine(WholeAdaptersEngine):
     """DeepSpeed ZeRO-2/3 over the frozen base; adapters and other trainable tensors whole on every process,
     hidden from DeepSpeed (module docstring)."""
 
@@ -244,18 +251,6 @@ class DeepSpeedZeroEngine(Engine):
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()  # the adapters' gradients land in p.grad (DeepSpeed's own backward drives only its optimizer)
 
-    def no_sync(self, model: nn.Module, last_micro_batch: bool):
-        return contextlib.nullcontext()
-
-    def reduce_gradients(self, params: list[torch.Tensor]) -> None:
-        distributed.average_gradients(params)
-
-    def clip_grad_norm_(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-        self.accelerator.unscale_gradients()
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-    def eval_model(self, model: nn.Module) -> nn.Module:
-        return model  # the hooked model: under ZeRO-3 its forward gathers the base
 
 
 ENGINES = {"ddp": Engine, "fsdp2": FSDP2Engine, "zero2": lambda acc: DeepSpeedZeroEngine(acc, 2),
