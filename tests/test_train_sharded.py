@@ -26,9 +26,6 @@ from train_fixtures import adapter_tensors, llama_text_recipe, read_metrics
 
 RTOL, ATOL = 1e-4, 1e-6  # tests/test_train_multiproc.py's tolerance (the models here are fp64)
 ENGINES = ["fsdp2", "zero2", "zero3"]
-# Every test here reads the one module-scoped grid launch: under pytest-xdist they must share a worker, or each
-# worker launches the whole grid again (85 s each, measured). pyproject's addopts sets --dist loadgroup.
-pytestmark = pytest.mark.xdist_group("sharded_grid")
 
 
 def _close(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor], what: str, rtol=RTOL, atol=ATOL) -> None:
