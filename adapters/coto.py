@@ -32,7 +32,7 @@ from peftkit.inject import adapter_layers, state_of
 from peftkit.validation import option
 
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
-# The schedule currently gating each model: a new one replaces (and unhooks) the previous one.
+# The schedule currently gating each model: a new one replaces (and switches every adapter back on for) the previous one.
 _LIVE: "weakref.WeakKeyDictionary[nn.Module, CotoSchedule]" = weakref.WeakKeyDictionary()
 
 
@@ -106,30 +106,22 @@ class CotoSchedule(Schedule):
         self.groups = [[layers[n] for n in group] for group in block_groups(list(layers))]
         self.group_names = [[l.module_name for l in group] for group in self.groups]
         self.gates: list[bool] = [True] * len(self.groups)
-        self._gate_by_layer: dict[int, bool] = {}
         self.step = 0
         self.total_steps = 0
         self.p = 1.0
         previous = _LIVE.get(model)
         if previous is not None:
             previous.remove()
-        self._hooks = [layer.register_forward_pre_hook(self._apply_gate) for layer in layers.values()]
         _LIVE[model] = self
 
-    def _apply_gate(self, layer: nn.Module, args: Any) -> None:
-        # Gates belong to training: in eval mode every adapter runs (the reference layer forgets this).
-        on = not layer.training or self._gate_by_layer.get(id(layer), True)
-        if on:
-            layer.gated_off.discard(self.adapter_name)
-        else:
-            layer.gated_off.add(self.adapter_name)
-
     def set_gates(self, gates: list[bool]) -> None:
+        # Written here, between steps, and read by the layers' forward only in training mode (``AdapterLayer.gated``:
+        # in eval mode every adapter runs; the reference layer forgets this). No forward hook: a hook would be traced
+        # by torch.compile and specialise each block's graph on its layers' identity.
         self.gates = list(gates)
         for group, gate in zip(self.groups, self.gates):
             for layer in group:
-                self._gate_by_layer[id(layer)] = gate
-                if gate or not layer.training:
+                if gate:
                     layer.gated_off.discard(self.adapter_name)
                 else:
                     layer.gated_off.add(self.adapter_name)
@@ -167,11 +159,8 @@ class CotoSchedule(Schedule):
         self.set_gates([bool(g) for g in state["gates"]])
 
     def remove(self) -> None:
-        """Detach from the model: every adapter on, the forward hooks removed."""
+        """Detach from the model: every adapter on."""
         self.on_train_end_()
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
 
 
 @registry.schedule("coto", options=CotoOptions,

@@ -147,7 +147,7 @@ class ElaloraLayer(AdapterLayer):
         total = None
         for name in self.active_adapters:
             branch = self.adapters[name]
-            if name in self.gated_off or branch.orth_weight == 0:
+            if self.gated(name) or branch.orth_weight == 0:
                 continue
             # The [m, m] block as a product with the mask's outer product, not by boolean indexing: the same norm
             # and gradient (zero on inactive slots), no data-dependent shape, so no host sync in the step.

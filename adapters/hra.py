@@ -129,7 +129,7 @@ class HraLayer(AdapterLayer):
         z = x
         # W' = W Q_{a1} Q_{a2} ⋯ ⇒ x W'ᵀ = x ⋯ Q_{a2}ᵀ Q_{a1}ᵀ Wᵀ: the last active adapter acts first.
         for name in reversed(self.active_adapters):
-            if name not in self.gated_off:
+            if not self.gated(name):
                 z = self.transform_input(name, z)
         return self.base_layer(z.to(x.dtype), *args, **kwargs)
 
@@ -159,7 +159,7 @@ class HraLayer(AdapterLayer):
         total = None
         for name in self.active_adapters:
             weight = self.hra_options[name]["orth_reg_weight"]
-            if name in self.gated_off or weight == 0:
+            if self.gated(name) or weight == 0:
                 continue
             u = self.adapters[name].hra_u
             u_hat = u / u.norm(dim=0)

@@ -16,8 +16,9 @@ Parts (``--only`` picks some):
   LoRA r=16, PEFT HRA r=8, peftkit HRA r=8 and Hydra on the step-benchmark Llama (hidden 512, 4 layers) with batch
   8 x 512 in bf16, interleaved rounds timed by CUDA events; medians and per-round ratios.
 - ``compile``: ``torch.compile`` of the wrapped model (inductor on CUDA, the eager backend on CPU) for LoRA, HRA,
-  Hydra and CoTo: graph breaks (``torch._dynamo.explain``) and, for CoTo, the number of compilations over a forward
-  + backward at 4 different gate patterns (1 means no recompilation per pattern).
+  Hydra and CoTo: graph breaks (``torch._dynamo.explain``) and, for CoTo under Accelerate's regional compilation
+  (``compile_regions``), the graphs compiled over 24 forward + backward runs and the gate patterns they drew (a
+  bounded count, not one per pattern, means no recompilation per pattern; tests/test_coto.py checks it on CPU).
 - ``train``: ``bench_train.py --task smollm2 --device cuda --precision bf16`` (one round; skipped when SmolLM2's
   wheel is not installed).
 """
@@ -237,6 +238,7 @@ def part_step(device: torch.device, dtype: torch.dtype, dry: bool) -> list[dict]
 # ------------------------------------------------------------------------------------------------ compile
 def part_compile(device: torch.device, dtype: torch.dtype, dry: bool) -> list[dict]:
     import torch._dynamo as dynamo
+    from accelerate.utils import compile_regions
 
     sizes = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4, vocab_size=300)
@@ -244,12 +246,14 @@ def part_compile(device: torch.device, dtype: torch.dtype, dry: bool) -> list[di
     rows = []
     for method, options in [("lora", {"r": 4}), ("hra", {"r": 4}), ("hydra", {"r": 2, "sequential_r": 2}),
                             ("coto", {"r": 4})]:
-        model = llama_model(0, dtype=dtype, **sizes).to(device)
+        # CoTo on 6 blocks: 63 possible gate patterns, so the run draws many
+        layers = {"num_hidden_layers": 6} if method == "coto" else {}
+        model = llama_model(0, dtype=dtype, **{**sizes, **layers}).to(device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             peftkit.wrap(model, method, **options)
         dynamo.reset()
-        explained = dynamo.explain(model)(**batch)
+        explained = dynamo.explain(model)(**batch, use_cache=False)
         row = {"part": "compile", "method": method, "graph_breaks": explained.graph_break_count,
                "break_reasons": [str(b.reason)[:120] for b in explained.break_reasons][:3]}
         compilations = [0]
@@ -263,18 +267,25 @@ def part_compile(device: torch.device, dtype: torch.dtype, dry: bool) -> list[di
             return gm.forward
 
         dynamo.reset()
-        compiled = torch.compile(model, backend=counting)
+        # CoTo: regional compilation (Accelerate's compile_regions: the repeated blocks share one graph), so
+        # a gate pattern costs no new graph once each block kind (gate on/off, input needing grad or not) is seen.
+        compiled = compile_regions(model, backend=counting) if method == "coto" else torch.compile(model, backend=counting)
         schedule = peftkit.callbacks(model)
-        patterns = 4 if method == "coto" else 1
-        for step in range(patterns):
+        runs = 24 if method == "coto" else 1
+        patterns = set()
+        for step in range(runs):
             if method == "coto":
                 if step == 0:
                     schedule.on_train_begin_(100)
                 else:
-                    schedule.on_step(step * 30, 100)  # a later step: another probability, another gate pattern
-            compiled(**batch).loss.backward()
+                    schedule.on_step(step * 3, 100)  # a later step: another probability, another gate pattern
+                patterns.add(tuple(schedule.gates))
+            compiled(**batch, use_cache=False).loss.backward()
         row["compilations"] = compilations[0]
-        row["forward_backward_runs"] = patterns
+        row["forward_backward_runs"] = runs
+        if method == "coto":
+            row["gate_patterns"] = len(patterns)
+            row["compile"] = "accelerate.utils.compile_regions"
         rows.append(row)
         dynamo.reset()
     return rows

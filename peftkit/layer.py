@@ -90,8 +90,10 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
-        # Gates belong to schedules (CoTo): a gated-off adapter's branch is skipped in the forward, so its
-        # parameters get no gradient and the optimizer leaves them (and their moments) untouched.
+        # Gates belong to schedules (CoTo): a gated-off adapter's branch is skipped in the training forward, so
+        # its parameters get no gradient and the optimizer leaves them (and their moments) untouched. The set is
+        # written between steps, never from a forward hook: torch.compile then guards on its contents only, and
+        # blocks with the same gate share one compiled graph (see ``gated``).
         self.gated_off: set[str] = set()
         self.ranks: dict[str, int] = {}
         self.alphas: dict[str, float] = {}
@@ -214,10 +216,15 @@ class AdapterLayer(nn.Module):
             self.unmerge()
         self.active_adapters = active
 
+    def gated(self, name: str) -> bool:
+        """Whether a schedule's gate skips adapter ``name`` in this forward: gates hold in training mode only (in
+        eval mode every active adapter runs)."""
+        return self.training and name in self.gated_off
+
     def live_branches(self) -> Iterator[tuple[str, nn.Module]]:
         """(name, branch) of every active adapter whose gate is open, in activation order: what a forward adds."""
         for name in self.active_adapters:
-            if name not in self.gated_off:
+            if not self.gated(name):
                 yield name, self.adapters[name]
 
     # --------------------------------------------------------------- forward

@@ -343,3 +343,50 @@ def test_trainer_drives_the_gates(tmp_path):
     assert schedule.optimizer is trainer.optimizer  # the Trainer handed its optimizer over
     assert all(schedule.gates) and not any(l.gated_off for l in adapter_layers(model).values() if l.training)
     assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+# ------------------------------------------------------------------------------------------ torch.compile
+def test_regional_compile_does_not_recompile_per_gate_pattern():
+    """Under Accelerate's regional compilation (``compile_regions``: one compiled graph shared by the repeated
+    blocks) CoTo's gates cost a bounded number of graphs (gate on/off × whether the block's input needs grad),
+    however many gate patterns the run draws; each compiled step equals the eager one (loss and every adapter
+    gradient), so the skipped branches are really skipped (grad None) and the others trained."""
+    import torch._dynamo as dynamo
+    from accelerate.utils import compile_regions
+
+    eager, compiled_model = coto_llama(layers=6), coto_llama(layers=6)
+    compiled_model.load_state_dict(eager.state_dict())
+    schedules = peftkit.callbacks(eager), peftkit.callbacks(compiled_model)
+    graphs = [0]
+
+    def counting_backend(graph_module, example_inputs):  # no inductor on CPU CI: count dynamo's graphs, run them as traced
+        graphs[0] += 1
+        return graph_module.forward
+
+    dynamo.reset()
+    compiled = compile_regions(compiled_model, backend=counting_backend)
+    batch = make_batch(eager, seq_len=8, seed=3)
+    patterns = set()
+    try:
+        for step in range(24):
+            for schedule in schedules:
+                schedule.on_train_begin_(100) if step == 0 else schedule.on_step(step * 3, 100)
+            patterns.add(tuple(schedules[0].gates))
+            assert schedules[0].gates == schedules[1].gates
+            for model in (eager, compiled_model):
+                model.train()
+                model.zero_grad(set_to_none=True)
+            want = eager(**batch, use_cache=False).loss
+            want.backward()
+            got = compiled(**batch, use_cache=False).loss
+            got.backward()
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+            for (name, a), (_, b) in zip(eager.named_parameters(), compiled_model.named_parameters()):
+                if a.requires_grad:
+                    assert (a.grad is None) == (b.grad is None), name
+                    if a.grad is not None:
+                        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6)
+    finally:
+        dynamo.reset()
+    assert len(patterns) >= 12  # many distinct gate patterns were drawn ...
+    assert graphs[0] <= 8  # ... and the graphs stayed bounded (8 measured: 2 gates × 2 input kinds × fwd+tail)

@@ -36,4 +36,7 @@ def test_gpu_bench_dry_run_on_cpu_runs_every_part():
     compiled = {r["method"]: r for r in rows if r["part"] == "compile"}
     assert set(compiled) == {"lora", "hra", "hydra", "coto"}
     assert all(isinstance(r["graph_breaks"], int) and r["compilations"] >= 1 for r in compiled.values())
+    assert {m: compiled[m]["graph_breaks"] for m in ("lora", "hra", "hydra")} == {"lora": 0, "hra": 0, "hydra": 0}
+    # CoTo: many gate patterns, a bounded number of graphs (regional compilation; test_coto.py checks the numbers)
+    assert compiled["coto"]["gate_patterns"] >= 12 and compiled["coto"]["compilations"] <= 8
     assert [r for r in rows if r["part"] == "sync"][0]["skipped"]
