@@ -322,3 +322,48 @@ def test_an_unknown_engine_names_the_choices(tmp_path):
 
     with pytest.raises(ConfigError, match="training.distributed.*fsdp2"):
         _recipe(tmp_path, distributed="fsdp")
+
+
+ZERO3_FP64 = r'''
+import os, sys, torch
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[2])
+from helpers import make_batch, tiny_llama
+import peftkit
+from peftkit.train import engines
+
+dist.init_process_group("gloo", rank=0, world_size=1)
+deepspeed = engines._import_deepspeed()
+from deepspeed.accelerator import get_accelerator
+answer = sys.argv[1] == "fp16"
+type(get_accelerator()).is_fp16_supported = lambda self: answer  # what this CPU's oneDNN would say
+model = peftkit.wrap(tiny_llama(dtype=torch.float64), "lora", r=2, targets=["q_proj", "v_proj"])
+batch = make_batch(model)
+want = model(**batch).loss.item()
+engine = engines.wrap_deepspeed(model, 3)
+assert "_peftkit_zero_placeholder" not in dict(model.named_parameters())
+assert next(model.parameters()).dtype == torch.float64
+got = model(**batch).loss
+got.backward()
+assert abs(got.item() - want) < 1e-12, (got.item(), want)
+assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+print("ok")
+'''
+
+
+@pytest.mark.parametrize("onednn", ["fp16", "no-fp16"])
+def test_zero3_takes_an_fp64_model_whatever_the_cpu(tmp_path, onednn):
+    """ZeRO-3's Init refuses an fp64 dtype only on CPUs whose oneDNN has fp16 (its fallback hides it elsewhere):
+    the same run passed on one machine and failed on another. Both answers, on any machine: the fp64 model
+    initialises, keeps its dtype and its loss (to 1e-12), and trains."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "zero3_fp64.py"
+    script.write_text(ZERO3_FP64)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + (os.getpid() % 1000)),
+           "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    proc = subprocess.run([sys.executable, str(script), onednn, str(REPO / "tests")], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-4000:]

@@ -383,6 +383,13 @@ def wrap_deepspeed(model: nn.Module, stage: int) -> Any:
         model.register_parameter("_peftkit_zero_placeholder", placeholder)
         optimizer = torch.optim.AdamW([placeholder], lr=0.0)
         kwargs = dict(optimizer=optimizer, model_parameters=[placeholder])
+    elif next(model.parameters()).dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        # ZeRO-3 passes the model's first parameter's dtype to its Init context, which accepts only fp16/bf16/fp32,
+        # but only on CPUs whose oneDNN has fp16 (elsewhere its fallback hides the fp64 dtype): an fp64 model
+        # failed on some machines and not on others. That dtype only types tensors created inside the context,
+        # none here, so a 1-element fp32 stand-in goes first, for initialize only.
+        placeholder = nn.Parameter(torch.zeros(1, device=next(model.parameters()).device), requires_grad=False)
+        model._parameters = {"_peftkit_zero_placeholder": placeholder, **model._parameters}
     try:
         engine, *_ = deepspeed.initialize(model=model, config=_deepspeed_config(stage), **kwargs)
     finally:
