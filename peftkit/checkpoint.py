@@ -198,6 +198,9 @@ class PeftkitFields:
     method: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     weights_sha256: str | None = option(None, expect="a hex sha256 string")
+    # "axis:name" -> the module that registered a component from outside peftkit (a plugin), so that loading
+    # where the plugin is missing can say which package to install
+    plugins: dict[str, Any] = field(default_factory=dict)
 
 
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -282,6 +285,20 @@ def package_reference(path: str) -> str:
         if origin and Path(origin).resolve().parent == Path(entry).resolve() / parts[0]:
             return f"{PKG_PREFIX}{parts[0]}/{'/'.join(parts[1:])}"
     return path
+
+
+def plugin_modules(config: dict[str, Any]) -> dict[str, str]:
+    """``{"axis:name": module}`` for every component of a saved config registered by a module outside peftkit
+    (a plugin): what ``load`` names when that component is not registered where the adapter is read."""
+    found = {}
+    for axis in registry.AXES:
+        name = config.get(axis)
+        table = registry.components(axis)
+        if isinstance(name, str) and name in table:
+            module = getattr(table[name].obj, "__module__", "") or ""
+            if module and module != "peftkit" and not module.startswith("peftkit."):
+                found[f"{axis}:{name}"] = module
+    return found
 
 
 def label_fields(model: nn.Module) -> dict[str, Any]:
@@ -410,6 +427,9 @@ def adapter_state(model: nn.Module, adapter_name: str, *, export: bool = False) 
         "inference_mode": True,
         "peftkit": {"version": VERSION, "method": config.method, "config": saved_config, **label_fields(model)},
     }
+    plugins = plugin_modules(saved_config)
+    if plugins:  # only then: the sidecars of built-in methods are unchanged
+        peft["peftkit"]["plugins"] = plugins
     if peft_type != "LORA":
         for key in ("lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout", "fan_in_fan_out",
                     "lora_bias", "use_dora", "init_lora_weights"):
@@ -497,6 +517,9 @@ def _config_from_peft(data: dict[str, Any], module_names: list[str], section: di
     if section is None:
         section = data.get("peftkit")
     if isinstance(section, dict) and isinstance(section.get("config"), dict):
+        for key, module in (section.get("plugins") or {}).items():
+            axis, _, name = str(key).partition(":")
+            registry.note_plugin(axis, name, str(module))
         config = AdapterConfig.from_dict(section["config"])
     else:
         arch = {"LORA": "lora", "HRA": "hra"}.get(data.get("peft_type"))

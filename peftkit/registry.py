@@ -221,11 +221,28 @@ def get_method(name: str) -> Method:
     return _methods[name]
 
 
+# (axis, name) -> the module that registered that component where a loaded adapter was saved (its peftkit.json
+# "plugins"): an unknown-component error then names the plugin to install.
+_noted_plugins: dict[tuple[str, str], str] = {}
+
+
+def note_plugin(axis: str, name: str, module: str) -> None:
+    """Remember that component ``name`` on ``axis`` came from the plugin module ``module`` (read from a checkpoint)."""
+    _noted_plugins[(axis, name)] = module
+
+
 def get_component(axis: str, name: str) -> Component:
-    """The component ``name`` on ``axis`` (one of ``AXES``); an unknown name is a ConfigError with a did-you-mean."""
+    """The component ``name`` on ``axis`` (one of ``AXES``); an unknown name is a ConfigError with a did-you-mean,
+    or naming the plugin module that registered it when a loaded adapter was saved."""
     discover()
     table = _components[axis]
     if not isinstance(name, str) or name not in table:
+        module = _noted_plugins.get((axis, name)) if isinstance(name, str) else None
+        if module is not None:
+            raise ConfigError(
+                f"{axis} '{name}' was registered by the Python module '{module}' (a peftkit plugin) when this adapter "
+                f"was saved, and it is not loaded here: install the package that provides it (plugins register "
+                f"through the 'peftkit.adapters' entry point) or import {module} first")
         raise ConfigError(_unknown(axis, name, list(table)))
     return table[name]
 

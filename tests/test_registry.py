@@ -133,3 +133,43 @@ def test_no_import_circle_between_registry_optim_and_callbacks():
     assert "optim" not in imports["callbacks"] and "callbacks" not in imports["optim"], imports
     assert {"adamw", "default", "none"} <= {name for axis in ("optimizer", "init", "schedule")
                                             for name in registry.components(axis)}
+
+
+def test_loading_an_adapter_whose_plugin_is_missing_names_the_plugin(tmp_path, monkeypatch):
+    """An adapter saved with a plugin's component records the plugin's module in peftkit.json; read where the
+    plugin is not loaded, the error names that module (not only "unknown optimizer"). Built-in methods record
+    nothing."""
+    import json
+
+    from helpers import tiny_llama
+
+    (tmp_path / "peftkit_saved_plugin.py").write_text(textwrap.dedent(
+        """
+        import torch
+        from peftkit import registry
+
+        @registry.optimizer("test-plugin-sgd", description="a plugin optimizer")
+        def build(model, lr, config, **options):
+            return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+        """
+    ))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    importlib.import_module("peftkit_saved_plugin")
+    try:
+        model = peftkit.wrap(tiny_llama(), "lora", r=2, targets=["q_proj"], optimizer="test-plugin-sgd")
+        peftkit.save(model, tmp_path / "adapter")
+        sidecar = json.loads((tmp_path / "adapter" / "peftkit.json").read_text())
+        assert sidecar["plugins"] == {"optimizer:test-plugin-sgd": "peftkit_saved_plugin"}
+        peftkit.load(tiny_llama(), tmp_path / "adapter")  # with the plugin loaded it reads as usual
+    finally:
+        registry._components["optimizer"].pop("test-plugin-sgd", None)
+        sys.modules.pop("peftkit_saved_plugin", None)
+    # Inference needs no optimizer: the adapter loads; training it names the missing plugin.
+    loaded = peftkit.load(tiny_llama(), tmp_path / "adapter", trainable=True)
+    with pytest.raises(ConfigError, match=r"optimizer 'test-plugin-sgd' was registered by the Python module "
+                                          r"'peftkit_saved_plugin'.*import peftkit_saved_plugin first"):
+        peftkit.optimizer(loaded, lr=1e-3)
+    builtin = peftkit.wrap(tiny_llama(), "lora-plus", r=2, targets=["q_proj"])
+    peftkit.save(builtin, tmp_path / "builtin")
+    assert "plugins" not in json.loads((tmp_path / "builtin" / "peftkit.json").read_text())
