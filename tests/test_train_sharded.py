@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from multiproc import REPO, run_distributed
+from multiproc import REPO, _free_port, run_distributed
 from sharded_grid import CONFIGS, RESUMED, RESUMED_ENGINES, STEPS, main as run_grid, recipe
 from train_fixtures import adapter_tensors, llama_text_recipe, read_metrics
 
@@ -362,7 +362,7 @@ def test_zero3_takes_an_fp64_model_whatever_the_cpu(tmp_path, onednn):
 
     script = tmp_path / "zero3_fp64.py"
     script.write_text(ZERO3_FP64)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + (os.getpid() % 1000)),
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
            "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
     proc = subprocess.run([sys.executable, str(script), onednn, str(REPO / "tests")], capture_output=True,
                           text=True, timeout=300, env=env)
