@@ -239,6 +239,8 @@ class DeepSpeedZeroEngine(WholeAdaptersEngine):
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
         share_optimizer_state(optimizer)
         model = model.to(self.accelerator.device)
+        if self.stage == 3:  # at any process count, so that one process computes what two do
+            keep_quantized_layouts(model)
         if distributed.world_size() == 1:  # one process: nothing to shard across, the same numbers
             return model, self.accelerator.prepare_optimizer(optimizer)
         self.deepspeed_engine = wrap_deepspeed(model, self.stage)
@@ -363,6 +365,17 @@ def hidden_modules(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     return found
 
 
+def keep_quantized_layouts(model: nn.Module) -> None:
+    """Pin every bitsandbytes 4-bit layer of ``model`` to the standard layout (``quantized.keep_standard_layout``):
+    ZeRO-3 re-creates a weight's data from its partition at every gather, so bitsandbytes' in-place CPU repack
+    would be undone under a quant_state that still says packed (the layer then computes with garbled codes)."""
+    from .. import quantized
+
+    for module in model.modules():
+        if quantized.is_4bit(module):
+            quantized.keep_standard_layout(module)
+
+
 def wrap_deepspeed(model: nn.Module, stage: int) -> Any:
     """``deepspeed.initialize`` over ``model`` in place with every whole tensor hidden (module docstring); returns
     DeepSpeed's engine. The forward runs ``model`` itself (DeepSpeed's hooks are on its modules)."""
@@ -371,6 +384,8 @@ def wrap_deepspeed(model: nn.Module, stage: int) -> Any:
 
     deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else None,
                                verbose=False, dist_init_required=not dist.is_initialized())
+    if stage == 3:
+        keep_quantized_layouts(model)
     hidden = hidden_modules(model)
     for parent, name, _ in hidden:  # an empty stand-in, so code that looks the attribute up keeps working
         parent._modules[name] = nn.ModuleDict() if isinstance(parent._modules[name], nn.ModuleDict) else nn.Module()
