@@ -320,8 +320,13 @@ def test_every_peft_adapter_mixin_method_acts_on_peftkit_adapters(base_dir, tmp_
     assert model.active_adapters() == ["third"]  # add_adapter activates the new one (transformers' semantics)
 
     state = model.get_adapter_state_dict("default")
-    assert all(k.startswith("model.layers.") and "adapters" not in k for k in state)
-    assert any(k.endswith("q_proj.lora_A.weight") for k in state)
+    from peftkit.inject import adapter_layers
+
+    expected = {f"{name}.lora_{f}.weight": getattr(layer.adapters["default"], f"lora_{f}").weight
+                for name, layer in adapter_layers(model).items() if "default" in layer.adapters for f in "AB"}
+    assert sorted(state) == sorted(expected) and len(expected) >= 4  # every tensor of "default", PEFT's names
+    for key, value in expected.items():
+        assert torch.equal(state[key], value.detach()), key
 
     model.delete_adapter(["third", "other"])
     assert model.active_adapters() == ["default"]
