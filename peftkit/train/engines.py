@@ -37,9 +37,9 @@ A 4-bit (bitsandbytes) base under ``zero3`` stays in bitsandbytes' standard layo
 ZeRO-3 gathers each weight's data again from its partition, so bitsandbytes' in-place CPU repack (AVX512-BF16) would
 be undone under a quant_state that still says packed, and the layer would compute with garbled codes (issue 24).
 
-The engine is picked once, in :func:`select` (called before the Accelerator is built: Accelerate's own plugins
-fail on some refused configs first, e.g. FSDP1 on a CPU machine); an unsupported combination (FSDP1; a DeepSpeed config that
-brings its own optimizer, scheduler or clipping; DeepSpeed not installed; a recipe and a launcher that
+The engine is picked once, in :func:`select`, called before the Accelerator is built (Accelerate's own plugins fail
+first on some refused configs, e.g. FSDP1 on a CPU machine); an unsupported combination (FSDP1; a DeepSpeed config
+that brings its own optimizer, scheduler or clipping; DeepSpeed not installed; a recipe and a launcher that
 disagree) is one ``ConfigError`` naming it and the supported alternative, before anything is built.
 """
 
