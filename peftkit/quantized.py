@@ -13,6 +13,14 @@ Layouts of a 4-bit ``Linear4bit`` weight:
   Its kernel has no autograd formula, and bitsandbytes' own inverse (used when saving a state dict) leaves a
   non-nested absmax transposed in 0.50.
 
+A weight whose storage a sharding engine owns must keep one layout: DeepSpeed ZeRO-3 treats ``param.data`` as a
+copy of its partition, frees it after each use and gathers it again from the partition, so a repack written into
+``param.data`` is lost while the packed ``quant_state`` (a Python object ZeRO never sees) stays: the next forward
+reads standard-layout codes as packed ones (issue 24: a 4-bit base silently corrupted from the first evaluation
+after a step that changed ZeRO's gather order). ``keep_standard_layout`` pins a layer to the standard layout (the
+ZeRO engine calls it on every 4-bit layer), and the forward hook refuses a layer that could repack a weight a
+sharding engine owns (a ZeRO-3 ``ds_id``, an FSDP2 DTensor) instead of computing with a garbled one.
+
 ``track_layouts(model)`` (called by ``inject``) hooks every ``Linear4bit``: before bitsandbytes repacks a weight it
 remembers the standard-layout statistics (references, no copy), and a training forward (train mode, or a gradient
 through the layer) or a ``state_dict`` call first puts the weight back in the standard layout, bit for bit. A weight
@@ -148,11 +156,41 @@ def write_dense_weight(module: nn.Module, dense: torch.Tensor) -> None:
             raise TypeError(f"{type(module).__name__} is not a bitsandbytes 4-bit or 8-bit linear layer")
 
 
+def keep_standard_layout(module: nn.Module) -> None:
+    """Put ``module``'s 4-bit weight in the standard layout and keep it there: bitsandbytes' CPU forward then never
+    repacks it (it computes in the compute dtype, as on a CPU without AVX512-BF16). For weights whose storage a
+    sharding engine owns (module docstring)."""
+    if not is_4bit(module):
+        return
+    unpack_in_place(module)
+    module.support_avx512bf16_for_cpu = False  # read by bitsandbytes' Linear4bit.forward on every call
+    if hasattr(module, _STANDARD_STATS):
+        delattr(module, _STANDARD_STATS)
+
+
+def engine_owned(param: torch.Tensor) -> str | None:
+    """The sharding engine that owns ``param``'s storage (re-creating ``param.data`` from its shards whenever it
+    likes), or None for a plain tensor."""
+    if hasattr(param, "ds_id"):
+        return "DeepSpeed ZeRO-3"
+    if type(param).__name__ == "DTensor" or type(getattr(param, "data", None)).__name__ == "DTensor":
+        return "FSDP2"
+    return None
+
+
 # ------------------------------------------------------------------------------------------ hooks
 def _before_forward(module: nn.Module, args: tuple) -> None:
     x = args[0] if args else None
     if not isinstance(x, torch.Tensor):
         return
+    if getattr(module, "support_avx512bf16_for_cpu", False):
+        owner = engine_owned(module.weight)
+        if owner is not None:
+            raise RuntimeError(
+                f"a bitsandbytes 4-bit weight partitioned by {owner} may be repacked in place by bitsandbytes' CPU "
+                "kernel, which the engine would undo at its next gather while the packed quant_state stays: the "
+                "layer would compute with a garbled weight. Call peftkit.quantized.keep_standard_layout on every "
+                "4-bit layer before the engine wraps the model (peftkit's zero3 engine does)")
     if is_cpu_packed(module):
         # The packed kernel is bitsandbytes' inference path: its output has no graph (a gradient would silently
         # stop at this layer) and it computes in bf16. Training forwards take the standard path, as before eval;

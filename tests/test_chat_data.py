@@ -302,4 +302,8 @@ def test_text_eval_is_cut_into_the_blocks_training_uses(tmp_path):
     recipe = llama_text_recipe(tmp_path)
     recipe["data"]["eval"] = write_jsonl(tmp_path / "long.jsonl", [{"text": "abcdefgh " * 40}])  # 360 bytes
     examples = load_examples(from_dict(recipe), byte_tokenizer())
-    assert len(examples.eval) >= 360 // 16 - 1  # blocks of data.max_length = 16 tokens
+    # blocks of data.max_length = 16 tokens, consecutive, from the document's first token (the last partial one
+    # dropped, as in training): 22 blocks, where a cut to max_length would give 1
+    document = byte_tokenizer()("abcdefgh " * 40)["input_ids"]
+    assert len(document) == 360 and len(examples.eval) == 360 // 16
+    assert [t for block in examples.eval.input_ids for t in list(block)] == document[:22 * 16]

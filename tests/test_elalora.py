@@ -3,6 +3,8 @@ test_schedules_distributed.py), resume mid-run, and a 4-bit base."""
 
 from __future__ import annotations
 
+import copy
+
 import json
 import math
 import warnings
@@ -291,10 +293,13 @@ def test_new_vectors_unit_and_orthogonal():
     # Through the schedule, grown slots are unit vectors orthogonal to the layer's active rows (qr option).
     model = toy(capacity=6, budget=3, k=2, new_vectors="qr")
     randomize(model)
+    twin = copy.deepcopy(model)
     opt = peftkit.optimizer(model, lr=1e-2)
     schedule = peftkit.callbacks(model, optimizer=opt)
     set_scores(schedule, KNOWN)
+    global_rng = torch.get_rng_state()
     record = schedule.reallocate(3, step=5)
+    assert torch.equal(torch.get_rng_state(), global_rng)  # the global RNG is untouched
     for name, slot in record["grown"]:
         branch = adapter_layers(model)[name].adapters["default"]
         others = branch.lora_mask.clone()
@@ -303,8 +308,20 @@ def test_new_vectors_unit_and_orthogonal():
         assert abs(float(q.norm()) - 1) <= 1e-12 and abs(float(p.norm()) - 1) <= 1e-12
         assert float((branch.lora_A[others].detach() @ q).abs().max()) <= 1e-6
         assert float((branch.lora_B[:, others].detach().t() @ p).abs().max()) <= 1e-6
-    # (seed, step) decides the draws: the same step redraws the same vectors, the global RNG is untouched.
-    assert torch.equal(torch.randn(3, generator=step_generator(0, 5)), torch.randn(3, generator=step_generator(0, 5)))
+    # (seed, step) decides the draws: the same model at the same step grows the same vectors, at another step others.
+    grown = {(name, slot): (adapter_layers(model)[name].adapters["default"].lora_A[slot].detach(),
+                            adapter_layers(model)[name].adapters["default"].lora_B[:, slot].detach())
+             for name, slot in record["grown"]}
+    assert grown
+    for step, same in ((5, True), (6, False)):
+        other = copy.deepcopy(twin)
+        other_schedule = peftkit.callbacks(other, optimizer=peftkit.optimizer(other, lr=1e-2))
+        set_scores(other_schedule, KNOWN)
+        assert other_schedule.reallocate(3, step=step)["grown"] == record["grown"]  # the scores decide the slots
+        for (name, slot), (q, p) in grown.items():
+            branch = adapter_layers(other)[name].adapters["default"]
+            drawn = (branch.lora_A[slot].detach(), branch.lora_B[:, slot].detach())
+            assert (torch.equal(drawn[0], q) and torch.equal(drawn[1], p)) == same, (step, name, slot)
 
 
 # ------------------------------------------------------------------------------------------ 6. b(t)

@@ -244,16 +244,48 @@ def test_regulariser_gradient_is_in_the_trainer_objective(base_dir, tmp_path):
 
 
 def test_schedules_act_under_the_trainer(base_dir, tmp_path):
-    model = peftkit.wrap(base(base_dir), "coto", r=4)
+    """Under transformers' Trainer, CoTo draws the gates of step t+1 from (seed, t) with p(t) of T = max_steps, one
+    mask per optimizer step, and they act: no adapter of a block gated off in a step is updated in it, every B of a
+    block on is; after training every adapter is on."""
+    from transformers import TrainerCallback
+
+    from adapters.coto import activation_probability, draw_gates
+
+    steps = 3
+    model = peftkit.wrap(base(base_dir), "coto", r=4, initial_p=0.3, seed=4)
     schedule = peftkit.callbacks(model)
-    trainer = Trainer(model=model, args=trainer_args(tmp_path, max_steps=3, save_strategy="no"),
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    snapshots = [{n: p.detach().clone() for n, p in trained.items()}]
+
+    class Snapshot(TrainerCallback):  # after the schedule's own on_step_end: the parameters after each step
+        def on_step_end(self, args, state, control, **kwargs):
+            snapshots.append({n: p.detach().clone() for n, p in trained.items()})
+
+    trainer = Trainer(model=model, args=trainer_args(tmp_path, max_steps=steps, save_strategy="no"),
                       train_dataset=examples(model), optimizers=(peftkit.optimizer(model, 1e-2), None),
-                      callbacks=[schedule])
+                      callbacks=[schedule, Snapshot()])
     draws = []
     original = schedule.set_gates
     schedule.set_gates = lambda gates: (draws.append(list(gates)), original(gates))[1]
     trainer.train()
-    assert len(draws) >= 3  # CoTo drew its gates at the start and after every optimizer step
+
+    groups = len(schedule.groups)
+    expected = [draw_gates(torch.Generator().manual_seed(4 * 1_000_003 + t), groups,
+                           activation_probability(t, steps, 0.3, 0.75)) for t in range(steps)]
+    assert draws[:steps] == expected and all(all(d) for d in draws[steps:]), (draws, expected)
+    assert any(not all(d) for d in expected) and any(any(d) for d in expected)  # both states occur
+    assert len(snapshots) == steps + 1
+    block_of = {n: i for i, group in enumerate(schedule.group_names) for n in trained for layer in group
+                if n.startswith(layer + ".")}
+    assert set(block_of) == set(trained)
+    for t in range(steps):
+        for name, block in block_of.items():
+            moved = not torch.equal(snapshots[t + 1][name], snapshots[t][name])
+            if not expected[t][block]:
+                assert not moved, (t + 1, name, expected[t])
+            elif "lora_B" in name:  # on: B always has a gradient (A has none while B is still 0, at step 1)
+                assert moved, (t + 1, name, expected[t])
+    assert schedule.gates == [True] * groups
 
 
 # ------------------------------------------------------------------------------- 3. PeftAdapterMixin
@@ -288,8 +320,13 @@ def test_every_peft_adapter_mixin_method_acts_on_peftkit_adapters(base_dir, tmp_
     assert model.active_adapters() == ["third"]  # add_adapter activates the new one (transformers' semantics)
 
     state = model.get_adapter_state_dict("default")
-    assert all(k.startswith("model.layers.") and "adapters" not in k for k in state)
-    assert any(k.endswith("q_proj.lora_A.weight") for k in state)
+    from peftkit.inject import adapter_layers
+
+    expected = {f"{name}.lora_{f}.weight": getattr(layer.adapters["default"], f"lora_{f}").weight
+                for name, layer in adapter_layers(model).items() if "default" in layer.adapters for f in "AB"}
+    assert sorted(state) == sorted(expected) and len(expected) >= 4  # every tensor of "default", PEFT's names
+    for key, value in expected.items():
+        assert torch.equal(state[key], value.detach()), key
 
     model.delete_adapter(["third", "other"])
     assert model.active_adapters() == ["default"]

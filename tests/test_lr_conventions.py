@@ -21,10 +21,19 @@ from train_fixtures import llama_text_recipe
 FULL_FT = {"lora-ga", "lora-pro", "loft"}
 
 
-def test_every_preset_declares_its_convention():
+def _declared(convention: registry.LRConvention) -> bool:
+    """Whether a preset gave its own convention: ``register_method`` without one gets ``LRConvention()``, whose
+    ``source`` is the non-empty placeholder (so a non-empty check cannot tell them apart)."""
+    return bool(convention.source.strip()) and convention.source != registry.LRConvention().source
+
+
+def test_every_preset_declares_its_convention(monkeypatch):
+    undeclared = registry.register_method("a-preset-without-convention", architecture="lora")
+    monkeypatch.delitem(registry._methods, "a-preset-without-convention")
+    assert not _declared(undeclared.lr_convention)  # the check below can fail
     for name in peftkit.methods():
         conv = registry.get_method(name).lr_convention
-        assert conv.source, name
+        assert _declared(conv), f"{name}: no lr_convention given to register_method (source {conv.source!r})"
         assert conv.kind == ("full-ft" if name in FULL_FT else "lora"), name
         assert conv.ratio == pytest.approx({"lora-ga": 0.1, "lora-pro": 0.1, "loft": 0.1, "lora-plus": 0.5}.get(name, 1.0))
 

@@ -262,6 +262,32 @@ def test_fsdp1_from_an_accelerate_config_is_refused(tmp_path, monkeypatch):
         engines.select(_recipe(tmp_path, distributed="zero3"))
 
 
+def test_fsdp1_is_refused_before_accelerate_builds_anything(tmp_path, monkeypatch):
+    """Under ``accelerate launch`` with ``fsdp_version: 1`` on a CPU machine, Accelerate's own FSDP plugin fails in
+    the Accelerator's constructor ("no available devices found"): peftkit's FSDP1 message must come first, from
+    train() and from the evaluate command (both build an Accelerator)."""
+    import accelerate
+    import yaml
+
+    from peftkit.errors import ConfigError
+    from peftkit.train import from_dict, train
+    from peftkit.train.session import evaluate_run
+
+    def accelerate_fails(self, *args, **kwargs):
+        raise RuntimeError("There are currently no available devices found (Accelerate's FSDP plugin)")
+
+    monkeypatch.setattr(accelerate.Accelerator, "__init__", accelerate_fails)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    spec = llama_text_recipe(tmp_path)
+    with pytest.raises(ConfigError, match="FSDP1.*fsdp_version: 2"):
+        train(from_dict(spec))
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="FSDP1.*fsdp_version: 2"):
+        evaluate_run(str(tmp_path / "recipe.yaml"))
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("section, match", [
     ({"optimizer": {"type": "AdamW"}}, "brings its own optimizer \\(AdamW\\).*optimizer\\.\\* in the recipe"),
     ({"scheduler": {"type": "WarmupLR"}}, "brings its own scheduler \\(WarmupLR\\).*training.lr_scheduler"),

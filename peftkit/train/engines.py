@@ -33,8 +33,13 @@ whole (A, B) pairs and whole gradients, and the update is the single-process one
   them: ``stage3.py``; a pair optimizer then skips every pair), and ``engine.backward`` without an optimizer
   ("must provide optimizer during init in order to use backward").
 
-The engine is picked once, in :func:`select`; an unsupported combination (FSDP1; a DeepSpeed config that
-brings its own optimizer, scheduler or clipping; DeepSpeed not installed; a recipe and a launcher that
+A 4-bit (bitsandbytes) base under ``zero3`` stays in bitsandbytes' standard layout (:func:`keep_quantized_layouts`):
+ZeRO-3 gathers each weight's data again from its partition, so bitsandbytes' in-place CPU repack (AVX512-BF16) would
+be undone under a quant_state that still says packed, and the layer would compute with garbled codes (issue 24).
+
+The engine is picked once, in :func:`select`, called before the Accelerator is built (Accelerate's own plugins fail
+first on some refused configs, e.g. FSDP1 on a CPU machine); an unsupported combination (FSDP1; a DeepSpeed config
+that brings its own optimizer, scheduler or clipping; DeepSpeed not installed; a recipe and a launcher that
 disagree) is one ``ConfigError`` naming it and the supported alternative, before anything is built.
 """
 
@@ -239,6 +244,8 @@ class DeepSpeedZeroEngine(WholeAdaptersEngine):
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
         share_optimizer_state(optimizer)
         model = model.to(self.accelerator.device)
+        if self.stage == 3:  # at any process count, so that one process computes what two do
+            keep_quantized_layouts(model)
         if distributed.world_size() == 1:  # one process: nothing to shard across, the same numbers
             return model, self.accelerator.prepare_optimizer(optimizer)
         self.deepspeed_engine = wrap_deepspeed(model, self.stage)
@@ -363,6 +370,17 @@ def hidden_modules(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     return found
 
 
+def keep_quantized_layouts(model: nn.Module) -> None:
+    """Pin every bitsandbytes 4-bit layer of ``model`` to the standard layout (``quantized.keep_standard_layout``):
+    ZeRO-3 re-creates a weight's data from its partition at every gather, so bitsandbytes' in-place CPU repack
+    would be undone under a quant_state that still says packed (the layer then computes with garbled codes)."""
+    from .. import quantized
+
+    for module in model.modules():
+        if quantized.is_4bit(module):
+            quantized.keep_standard_layout(module)
+
+
 def wrap_deepspeed(model: nn.Module, stage: int) -> Any:
     """``deepspeed.initialize`` over ``model`` in place with every whole tensor hidden (module docstring); returns
     DeepSpeed's engine. The forward runs ``model`` itself (DeepSpeed's hooks are on its modules)."""
@@ -371,6 +389,8 @@ def wrap_deepspeed(model: nn.Module, stage: int) -> Any:
 
     deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else None,
                                verbose=False, dist_init_required=not dist.is_initialized())
+    if stage == 3:
+        keep_quantized_layouts(model)
     hidden = hidden_modules(model)
     for parent, name, _ in hidden:  # an empty stand-in, so code that looks the attribute up keeps working
         parent._modules[name] = nn.ModuleDict() if isinstance(parent._modules[name], nn.ModuleDict) else nn.Module()

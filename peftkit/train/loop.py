@@ -79,6 +79,9 @@ def make_accelerator(recipe: Recipe):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    # First: Accelerate builds its plugins from the launcher's config in the constructor, and an engine peftkit
+    # refuses (FSDP1 on a CPU machine: "no available devices found") would fail there, before peftkit's message.
+    engines.select(recipe)
     adapter = resolve_config(recipe.adapter.method, **recipe.adapter.options)  # also checks the options early
     # A schedule may switch adapters off for a step (their parameters get no gradient); DDP must allow that.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=adapter.schedule != "none")

@@ -1,0 +1,77 @@
+"""A quantized base under ZeRO-3: small 4-bit runs by the CLI's loop, on both bitsandbytes CPU paths, in one launch.
+
+    torchrun --nproc-per-node N tests/quantized_sharded.py ENGINE BATCH ROOT BASE_DIR
+
+BASE_DIR is a saved tiny Llama (:func:`save_base`). Every case of ``CASES`` runs on both bitsandbytes CPU kernel
+paths (tests/bnb_paths.py) into ``ROOT/<path>/<case>/run`` (adapter, metrics, a checkpoint at every step). The
+test (tests/test_quantized_sharded.py) runs the same at nproc 1 and batch 2·BATCH as the reference.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+STEPS = 3
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+# name: adapter section. CoTo with p₀ = 0.6 and seed 2 gates block 0 off at step 2 only, so the evaluation after
+# step 2 follows a step in which block 0's adapters did not run: ZeRO-3's recorded gather order no longer holds,
+# and it releases every weight after use, its small "persistent" ones too (issue 24's case). With every weight
+# released after each use and no gate (stage3_param_persistence_threshold 0, measured), ZeRO-3 keeps the weights
+# gathered through the evaluation and the run was exact: the gated step is what exposed the defect.
+CASES: dict[str, dict] = {"coto-gated-before-eval": {"method": "coto", "initial_p": 0.6, "seed": 2}}
+PATHS = ("unpacked", "packed")
+
+
+def save_base(folder: Path) -> str:
+    """A tiny Llama wide enough for bitsandbytes' 4-bit blocks (every width a multiple of 64), saved."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from train_fixtures import TINY_CONFIGS
+
+    fields = {**TINY_CONFIGS["llama"], "hidden_size": 64, "intermediate_size": 128}
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return str(folder)
+
+
+def recipe(root: Path, base: str, engine: str, batch: int, adapter: dict, quantize: str = "nf4") -> dict:
+    from train_fixtures import llama_text_recipe
+
+    out = llama_text_recipe(root, training__batch_size=batch, training__max_steps=STEPS, training__save_every=1,
+                            training__keep_checkpoints=None, training__eval_every=2, training__eval_batch_size=3,
+                            training__distributed=engine, training__warmup=0)
+    out["model"] = {"name": base, "quantize": quantize, "dtype": "float32", "tokenizer": "bytes",
+                    "task": "causal-lm"}
+    out["adapter"] = {"r": 4, "alpha": 8, "targets": TARGETS, **adapter}
+    out["training"]["output_dir"] = str(root / "run")
+    return out
+
+
+def main(engine: str, batch: int, root: Path, base: str) -> None:
+    import pytest
+    from accelerate import Accelerator
+
+    import bnb_paths
+    from peftkit.train import from_dict, train
+
+    saved = (torch.get_num_threads(), Accelerator.end_training)  # restored: the one-process side runs in pytest
+    torch.set_num_threads(1)
+    # Several runs share this launch's process group; Accelerate's end_training would destroy it after the first.
+    Accelerator.end_training = lambda self: [tracker.finish() for tracker in self.trackers] and None
+    try:
+        for path in PATHS:
+            for case, adapter in CASES.items():
+                with pytest.MonkeyPatch.context() as patch:
+                    bnb_paths.force(path, patch)
+                    result = train(from_dict(recipe(root / path / case, base, engine, batch, adapter)))
+                assert result.status == "done", (path, case, result)
+    finally:
+        torch.set_num_threads(saved[0])
+        Accelerator.end_training = saved[1]
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4])
