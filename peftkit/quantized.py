@@ -18,7 +18,7 @@ copy of its partition, frees it after each use and gathers it again from the par
 ``param.data`` is lost while the packed ``quant_state`` (a Python object ZeRO never sees) stays: the next forward
 reads standard-layout codes as packed ones (issue 24: a 4-bit base silently corrupted from the first evaluation
 after a step that changed ZeRO's gather order). ``keep_standard_layout`` pins a layer to the standard layout (the
-ZeRO engine calls it on every 4-bit layer), and the forward hook refuses a layer that could repack a weight a
+ZeRO-3 engine calls ``keep_standard_layouts`` on the model), and the forward hook refuses a layer that could repack a weight a
 sharding engine owns (a ZeRO-3 ``ds_id``, an FSDP2 DTensor) instead of computing with a garbled one.
 
 ``track_layouts(model)`` (called by ``inject``) hooks every ``Linear4bit``: before bitsandbytes repacks a weight it
@@ -168,6 +168,13 @@ def keep_standard_layout(module: nn.Module) -> None:
         delattr(module, _STANDARD_STATS)
 
 
+def keep_standard_layouts(model: nn.Module) -> None:
+    """:func:`keep_standard_layout` on every bitsandbytes 4-bit layer of ``model`` (a no-op without any)."""
+    for module in model.modules():
+        if is_4bit(module):
+            keep_standard_layout(module)
+
+
 def engine_owned(param: torch.Tensor) -> str | None:
     """The sharding engine that owns ``param``'s storage (re-creating ``param.data`` from its shards whenever it
     likes), or None for a plain tensor."""
@@ -186,11 +193,13 @@ def _before_forward(module: nn.Module, args: tuple) -> None:
     if getattr(module, "support_avx512bf16_for_cpu", False):
         owner = engine_owned(module.weight)
         if owner is not None:
-            raise RuntimeError(
+            from .errors import StateError
+
+            raise StateError(
                 f"a bitsandbytes 4-bit weight partitioned by {owner} may be repacked in place by bitsandbytes' CPU "
                 "kernel, which the engine would undo at its next gather while the packed quant_state stays: the "
-                "layer would compute with a garbled weight. Call peftkit.quantized.keep_standard_layout on every "
-                "4-bit layer before the engine wraps the model (peftkit's zero3 engine does)")
+                "layer would compute with a garbled weight. Call peftkit.quantized.keep_standard_layouts(model) "
+                "before the engine wraps the model (peftkit's training.distributed: zero3 does)")
     if is_cpu_packed(module):
         # The packed kernel is bitsandbytes' inference path: its output has no graph (a gradient would silently
         # stop at this layer) and it computes in bf16. Training forwards take the standard path, as before eval;

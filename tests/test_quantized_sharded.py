@@ -8,7 +8,7 @@ step with a block gated off (ZeRO then releases even its persistent weights), ev
 Measured before the fix on the packed path (2 processes at batch 2 vs 1 at batch 4, fp32): eval loss after step 2
 5.5665 vs 5.5430, step-3 loss off by 4.3e-2, adapters by 4.2e-3; the unpacked path was exact. Now the ZeRO-3
 engine pins every 4-bit layer to the standard layout, and a layer that could repack an engine-owned weight
-refuses to run.
+refuses to run (a StateError).
 """
 
 from __future__ import annotations
@@ -87,13 +87,14 @@ def test_a_4bit_layer_that_could_repack_an_engine_owned_weight_refuses_to_run(mo
     packed, with the output of the standard layout."""
     import bnb_paths
     from peftkit import quantized
+    from peftkit.errors import StateError
 
     bnb_paths.force("packed", monkeypatch)
     layer = _layer()
     x = torch.randn(3, 128)
     expected = torch.nn.functional.linear(x, quantized.dense_weight(layer))
     layer.weight.ds_id = 7  # what deepspeed.zero.Init leaves on every parameter it partitions
-    with pytest.raises(RuntimeError, match="DeepSpeed ZeRO-3.*keep_standard_layout"), torch.no_grad():
+    with pytest.raises(StateError, match="DeepSpeed ZeRO-3.*keep_standard_layouts"), torch.no_grad():
         layer(x)
     assert not bnb_paths.is_packed(layer)
     quantized.keep_standard_layout(layer)

@@ -376,9 +376,7 @@ def keep_quantized_layouts(model: nn.Module) -> None:
     would be undone under a quant_state that still says packed (the layer then computes with garbled codes)."""
     from .. import quantized
 
-    for module in model.modules():
-        if quantized.is_4bit(module):
-            quantized.keep_standard_layout(module)
+    quantized.keep_standard_layouts(model)
 
 
 def wrap_deepspeed(model: nn.Module, stage: int) -> Any:
