@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import ConfigError
@@ -572,14 +573,25 @@ class BatchPlan:
         self._epoch = -1
         self._order: list[int] = []
 
-    def indices(self, position: int) -> list[int]:
+    def _order_at(self, position: int) -> tuple[list[int], int]:
         epoch, k = divmod(position, self.batches_per_epoch)
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._order = torch.randperm(self.num_examples, generator=generator).tolist()
             self._epoch = epoch
+        return self._order, k
+
+    def indices(self, position: int) -> list[int]:
+        order, k = self._order_at(position)
         start = (k * self.world_size + self.rank) * self.batch_size
-        return self._order[start:start + self.batch_size]
+        return order[start:start + self.batch_size]
+
+    def global_indices(self, position: int) -> list[int]:
+        """Every process's examples at ``position``, in rank order (this process's are ``indices(position)``):
+        known on every host, so the global batch's loss units need no collective."""
+        order, k = self._order_at(position)
+        start = k * self.world_size * self.batch_size
+        return order[start:start + self.world_size * self.batch_size]
 
     def epoch(self, position: int) -> float:
         return position / self.batches_per_epoch
@@ -616,6 +628,26 @@ def collate(examples: Tokenized, indices: list[int], pad_id: int, classification
             labels[row, :n] = torch.tensor(examples.labels[i])
     batch["labels"] = torch.tensor([examples.labels[i] for i in indices]) if classification else labels
     return batch
+
+
+def loss_units(examples: Tokenized, classification: bool) -> np.ndarray:
+    """Per example, the units the model's loss averages over (``peftkit.loss``): 1 for classification, else its
+    target tokens, ``labels[1:] != -100`` (the causal shift: a row's first label is predicted by nothing; packed
+    rows label no conversation's first token either). Read once, vectorised over the Arrow column."""
+    if classification:
+        return np.ones(len(examples), dtype=np.int64)
+    column = examples.labels
+    source = getattr(column, "source", None)
+    if source is None:
+        return np.array([sum(1 for y in list(labels)[1:] if y != IGNORE_INDEX) for labels in column], dtype=np.int64)
+    rows = source.with_format("arrow")[:][column.column_name].combine_chunks()  # honours filter/select indices
+    offsets = rows.offsets.to_numpy().astype(np.int64)
+    labelled = rows.values.to_numpy(zero_copy_only=False) != IGNORE_INDEX
+    before = np.concatenate([[0], np.cumsum(labelled, dtype=np.int64)])
+    counts = before[offsets[1:]] - before[offsets[:-1]]
+    nonempty = offsets[1:] > offsets[:-1]
+    counts[nonempty] -= labelled[offsets[:-1][nonempty]]
+    return counts
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
