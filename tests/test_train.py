@@ -252,6 +252,8 @@ def test_grad_accumulation_equals_the_larger_batch_on_answers_of_different_lengt
         torch.testing.assert_close(moments[1][index]["exp_avg_sq"], state["exp_avg_sq"], rtol=1e-9, atol=1e-20)
     losses = [[r["loss"] for r in read_metrics(run) if "loss" in r] for run in (whole, split)]
     assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-13, abs=0)
+    tokens = [[r["tokens"] for r in read_metrics(run) if "loss" in r] for run in (whole, split)]
+    assert tokens[0] == tokens[1]  # every micro-batch's own tokens, not one micro-batch's times a count
 
 
 def test_loss_units_read_from_arrow_and_from_lists():
@@ -259,7 +261,7 @@ def test_loss_units_read_from_arrow_and_from_lists():
     filter's indices mapping) and from Python lists alike; classification counts examples."""
     import datasets
 
-    from peftkit.train.data import Tokenized, loss_units
+    from peftkit.train.data import Tokenized, example_lengths, loss_units
 
     rows = [[-100, -100, 5, 6], [7, 8], [-100, 3, -100, 4, 5], [1]]
     expected = [2, 1, 3, 0]  # the first label of a row predicts nothing
@@ -268,3 +270,4 @@ def test_loss_units_read_from_arrow_and_from_lists():
     table = table.filter(lambda labels: labels != [9], input_columns="labels")  # an indices mapping over the table
     assert loss_units(Tokenized(table["input_ids"], table["labels"]), False).tolist() == expected
     assert loss_units(Tokenized(rows, [0, 1, 0, 1]), True).tolist() == [1, 1, 1, 1]
+    assert example_lengths(Tokenized(table["input_ids"], table["labels"])).tolist() == [4, 2, 5, 1]

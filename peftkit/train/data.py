@@ -650,6 +650,16 @@ def loss_units(examples: Tokenized, classification: bool) -> np.ndarray:
     return counts
 
 
+def example_lengths(examples: Tokenized) -> np.ndarray:
+    """Per example, its tokens (``len(input_ids)``), read once from the Arrow offsets (no row materialised)."""
+    column = examples.input_ids
+    source = getattr(column, "source", None)
+    if source is None:
+        return np.array([len(ids) for ids in column], dtype=np.int64)
+    offsets = source.with_format("arrow")[:][column.column_name].combine_chunks().offsets.to_numpy().astype(np.int64)
+    return offsets[1:] - offsets[:-1]
+
+
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Tokens in a batch: attended positions, or every position of packed rows (whose tail padding is
     small: less than one conversation per row)."""

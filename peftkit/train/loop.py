@@ -30,7 +30,8 @@ from ..inject import adapter_layers, state_of
 from . import checkpointing, engines, evaluation
 from .build import Examples, load_examples, load_model, load_tokenizer, num_labels
 from ..loss import loss_mode, share_of_global_mean
-from .data import BatchPlan, Tokenized, check_lengths, check_packed_attention, collate, loss_units
+from .data import (BatchPlan, Tokenized, check_lengths, check_packed_attention, collate, example_lengths,
+                   loss_units)
 from .guard import DivergenceGuard, GuardSettings
 from .metrics import MetricsLog, plot
 from .recipe import Recipe, warmup_steps
@@ -327,6 +328,7 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
     # batch plan, so the global count needs no collective. Engines average gradients over processes: each
     # process's share is scaled back up by their number.
     units = loss_units(run.examples.train, run.classification)
+    lengths = example_lengths(run.examples.train)
     mode = loss_mode(run.model, causal_lm=not run.classification)
     process_scale = accelerator.num_processes if engine.averages_gradients else 1
     pad_id = run.tokenizer.pad_token_id
@@ -355,8 +357,8 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
             for micro in range(training.grad_accum):
                 indices = run.plan.indices(state.position)
                 batch = collate(run.examples.train, indices, pad_id, run.classification)
-                # Counted on the host, from the examples themselves: no read of a device tensor.
-                state.tokens += sum(len(run.examples.train.input_ids[i]) for i in indices) * accelerator.num_processes
+                # Every process's tokens, counted on the host from the batch plan: no read of a device tensor.
+                state.tokens += int(lengths[run.plan.global_indices(state.position)].sum())
                 batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
                 state.position += 1
                 # Gradients are all-reduced once per step, on the last micro-batch.
