@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file
 
 from multiproc import REPO, _free_port, run_distributed
-from sharded_grid import CONFIGS, PER_MICRO_BATCH, RESUMED, RESUMED_ENGINES, STEPS, main as run_grid, recipe
+from sharded_grid import (CONFIGS, PER_MICRO_BATCH, RESUMED, RESUMED_ENGINES, ROUND_OFF_DECIDES, STEPS,
+                          main as run_grid, recipe)
 from train_fixtures import adapter_tensors, llama_text_recipe, read_metrics
 
 RTOL, ATOL = 1e-4, 1e-6  # tests/test_train_multiproc.py's tolerance (the models here are fp64)
@@ -81,10 +82,10 @@ def test_two_processes_equal_one(sharded_grid, config, engine):
     one, two = sharded_grid
     two = two / engine
     reference, sharded = one / config / "run", two / config / "run"
-    if config == "lora-pro-efficient" and engine != "ddp":
+    if config in ROUND_OFF_DECIDES and engine != "ddp":
         # Against DDP with the same two processes: identical; against one process: DDP's own deviation.
-        _close(adapter_tensors(two / config / "ddp"), adapter_tensors(sharded), f"{config} {engine} vs ddp", 1e-12,
-               1e-14)
+        _close(adapter_tensors(two.parent / "ddp" / config / "run"), adapter_tensors(sharded),
+               f"{config} {engine} vs ddp", 1e-12, 1e-14)
     _equal_runs(reference, sharded, f"{config} {engine}")
 
 
@@ -104,8 +105,8 @@ def _equal_runs(reference: Path, other: Path, what: str) -> None:
     # processes on this data).
     _close(load_file(reference.parent / "init.safetensors"), load_file(other.parent / "init.safetensors"),
            f"{what} init")
-    if "lora-pro-efficient" in what:
-        # The pseudo-inverse cutoff on BᵀB after AdamW's first sign step (sharded_grid.ALSO_DDP) decides by round-off.
+    if what.split()[0] in ROUND_OFF_DECIDES:
+        # The pseudo-inverse cutoff on BᵀB after AdamW's first sign step (sharded_grid.ROUND_OFF_DECIDES).
         _close(adapter_tensors(reference), adapter_tensors(other), what, rtol=1e-2, atol=1e-4)
     else:
         _close(adapter_tensors(reference), adapter_tensors(other), what)
@@ -119,7 +120,7 @@ def _equal_runs(reference: Path, other: Path, what: str) -> None:
     assert [r["step"] for r in metrics] == [r["step"] for r in ref_metrics]
     assert any("eval_loss" in r for r in metrics)
     # fp64 sums (the model's dtype), not fp32's 5e-7; LoRA-GA's 3e-9: its init reads the fp32 loss.
-    tolerance = 1e-5 if "lora-pro-efficient" in what else 1e-8
+    tolerance = 1e-5 if what.split()[0] in ROUND_OFF_DECIDES else 1e-8
     for ref, got in zip(ref_metrics, metrics):
         for key in ("loss", "eval_loss", "tokens"):
             if key in ref:
