@@ -3,7 +3,8 @@
 - ``gradient_statistics``: per target layer, the full-weight gradient G = Δᵀ X (out × in, fp32) of the
   mean loss over every target token of all batches on all processes (the training step's token mean,
   ``peftkit.loss``), from forward/tensor hooks on the base layer (no ``weight.grad``, so bitsandbytes 4/8-bit
-  bases and Conv1D work), on the base model (adapters disabled) in train mode, all-reduced across processes. Optionally a sketch (Y = G·Ω, Z = Gᵀ·Ψ) instead of G:
+  bases and Conv1D work), on the base model (adapters disabled) in train mode, all-reduced across processes.
+  Optionally a sketch (Y = G·Ω, Z = Gᵀ·Ψ) instead of G:
   O((m + n)·k) memory per layer, never forming G.
 - ``IncrementalPCA``: centred incremental PCA of layer inputs (activations fp32, mean/variance sums fp64).
 - ``signed_svd`` / ``sketch_svd`` / ``randomized_svd`` / ``checked_svd``: deterministic SVDs (full, from

@@ -116,7 +116,8 @@ def test_the_trainer_passes_num_items_in_batch_to_a_peftkit_model(tmp_path):
             for i in range(2):
                 labels = b["labels"][i].clone()
                 labels[: 1 + 2 * len(rows) % 9] = -100  # prompts of 1 to 9 tokens: answers of 9 to 1 targets
-                rows.append({"input_ids": b["input_ids"][i], "attention_mask": b["attention_mask"][i], "labels": labels})
+                rows.append({"input_ids": b["input_ids"][i], "attention_mask": b["attention_mask"][i],
+                             "labels": labels})
         seen = []
         model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs.get("num_items_in_batch")),
                                         with_kwargs=True)

@@ -27,9 +27,9 @@ from ..checkpoint import atomic_write_bytes
 from ..config import resolve_config
 from ..errors import ConfigError
 from ..inject import adapter_layers, state_of
+from ..loss import loss_mode, share_of_global_mean
 from . import checkpointing, engines, evaluation
 from .build import Examples, load_examples, load_model, load_tokenizer, num_labels
-from ..loss import loss_mode, share_of_global_mean
 from .data import (BatchPlan, Tokenized, check_lengths, check_packed_attention, collate, example_lengths,
                    loss_units)
 from .guard import DivergenceGuard, GuardSettings
@@ -367,8 +367,8 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
                         loss = share_of_global_mean(model, batch, int(units[indices].sum()), step_units, mode)
                         loss = loss * process_scale
                         if regularized:
-                            # A per-step term, not a per-token one: once per step in the gradient average, as
-                            # in the one-batch run (each of grad_accum micro-batches on each process adds 1/grad_accum).
+                            # A per-step term, not a per-token one: once per step in the gradient average, as in
+                            # the one-batch run (each micro-batch on each process adds 1/grad_accum of it).
                             loss = loss + peftkit.regularization_loss(run.model) / training.grad_accum
                     engine.backward(loss)
                 step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
