@@ -64,11 +64,13 @@ LOSS_MODES = ("item_count", "summed", "rescaled")
 
 def loss_mode(model: nn.Module, causal_lm: bool) -> str:
     """The exact way to take ``model``'s share of a global mean: its own ``num_items_in_batch`` where it has it
-    and its logits are at most fp32, the causal sum here for other causal LMs, a rescaled mean otherwise."""
+    and its logits are at most fp32 (or it adds an MoE router loss, which only its own loss holds), the causal
+    sum here for other causal LMs, a rescaled mean otherwise."""
     if not causal_lm:
         return "rescaled"
-    if takes_item_count(model) and getattr(model, "dtype", None) != torch.float64:
-        return "item_count"
+    if takes_item_count(model) and (getattr(model, "dtype", None) != torch.float64
+                                    or getattr(getattr(model, "config", None), "output_router_logits", False)):
+        return "item_count"  # an MoE router's auxiliary loss is only in the model's own loss
     return "summed"
 
 

@@ -68,3 +68,17 @@ def test_classification_counts_examples_and_rescales_its_mean():
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     expected = F.cross_entropy(logits, batch["labels"], reduction="sum") / 8
     torch.testing.assert_close(share_of_global_mean(model, batch, 3, 8, "rescaled"), expected, rtol=1e-13, atol=0)
+
+
+def test_an_moe_model_with_its_router_loss_keeps_its_own_loss_in_fp64():
+    """With ``output_router_logits`` the model's loss adds the router's auxiliary loss, which a cross-entropy
+    summed from the logits would drop: such a model keeps its own loss (num_items_in_batch) even in fp64."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=64, num_local_experts=4, num_experts_per_tok=2,
+                           output_router_logits=True)
+    model = MixtralForCausalLM(config).double()
+    assert loss_mode(model, causal_lm=True) == "item_count"
+    config.output_router_logits = False
+    assert loss_mode(model, causal_lm=True) == "summed"
