@@ -271,3 +271,20 @@ def test_loss_units_read_from_arrow_and_from_lists():
     assert loss_units(Tokenized(table["input_ids"], table["labels"]), False).tolist() == expected
     assert loss_units(Tokenized(rows, [0, 1, 0, 1]), True).tolist() == [1, 1, 1, 1]
     assert example_lengths(Tokenized(table["input_ids"], table["labels"])).tolist() == [4, 2, 5, 1]
+
+
+def test_loss_units_are_read_in_bounded_chunks(monkeypatch):
+    """The Arrow columns are read a slice of rows at a time (a data set of any size): chunks of 2 rows give the
+    counts of one pass."""
+    import datasets
+
+    from peftkit.train import data
+    from peftkit.train.data import Tokenized, example_lengths, loss_units
+
+    rows = [[-100, 4, 5], [1, -100], [-100, -100, -100, 7], [3, 3, 3, 3, 3]]
+    table = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
+    whole = loss_units(Tokenized(table["input_ids"], table["labels"]), False).tolist()
+    original = data._list_chunks
+    monkeypatch.setattr(data, "_list_chunks", lambda column: original(column, rows=2))
+    assert loss_units(Tokenized(table["input_ids"], table["labels"]), False).tolist() == whole == [2, 0, 1, 4]
+    assert example_lengths(Tokenized(table["input_ids"], table["labels"])).tolist() == [3, 2, 4, 5]

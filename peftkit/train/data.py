@@ -630,6 +630,18 @@ def collate(examples: Tokenized, indices: list[int], pad_id: int, classification
     return batch
 
 
+def _list_chunks(column, rows: int = 1 << 16):
+    """An Arrow-backed ``datasets`` column as pyarrow list arrays of at most ``rows`` rows each, in row order
+    (through a filter's or select's indices mapping): bounded memory on data sets of any size."""
+    table = column.source.with_format("arrow")
+    for start in range(0, len(table), rows):
+        yield from table[start:start + rows][column.column_name].chunks
+
+
+def _offsets(chunk) -> np.ndarray:
+    return chunk.offsets.to_numpy().astype(np.int64)  # absolute positions in chunk.values
+
+
 def loss_units(examples: Tokenized, classification: bool) -> np.ndarray:
     """Per example, the units the model's loss averages over (``peftkit.loss``): 1 for classification, else its
     target tokens, ``labels[1:] != -100`` (the causal shift: a row's first label is predicted by nothing; packed
@@ -637,27 +649,28 @@ def loss_units(examples: Tokenized, classification: bool) -> np.ndarray:
     if classification:
         return np.ones(len(examples), dtype=np.int64)
     column = examples.labels
-    source = getattr(column, "source", None)
-    if source is None:
+    if getattr(column, "source", None) is None:
         return np.array([sum(1 for y in list(labels)[1:] if y != IGNORE_INDEX) for labels in column], dtype=np.int64)
-    rows = source.with_format("arrow")[:][column.column_name].combine_chunks()  # honours filter/select indices
-    offsets = rows.offsets.to_numpy().astype(np.int64)
-    labelled = rows.values.to_numpy(zero_copy_only=False) != IGNORE_INDEX
-    before = np.concatenate([[0], np.cumsum(labelled, dtype=np.int64)])
-    counts = before[offsets[1:]] - before[offsets[:-1]]
-    nonempty = offsets[1:] > offsets[:-1]
-    counts[nonempty] -= labelled[offsets[:-1][nonempty]]
-    return counts
+    parts = []
+    for chunk in _list_chunks(column):
+        offsets = _offsets(chunk)
+        labelled = chunk.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]] != IGNORE_INDEX
+        offsets = offsets - offsets[0]
+        before = np.concatenate([[0], np.cumsum(labelled, dtype=np.int64)])
+        counts = before[offsets[1:]] - before[offsets[:-1]]
+        nonempty = offsets[1:] > offsets[:-1]
+        counts[nonempty] -= labelled[offsets[:-1][nonempty]]
+        parts.append(counts)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def example_lengths(examples: Tokenized) -> np.ndarray:
     """Per example, its tokens (``len(input_ids)``), read once from the Arrow offsets (no row materialised)."""
     column = examples.input_ids
-    source = getattr(column, "source", None)
-    if source is None:
+    if getattr(column, "source", None) is None:
         return np.array([len(ids) for ids in column], dtype=np.int64)
-    offsets = source.with_format("arrow")[:][column.column_name].combine_chunks().offsets.to_numpy().astype(np.int64)
-    return offsets[1:] - offsets[:-1]
+    parts = [np.diff(_offsets(chunk)) for chunk in _list_chunks(column)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
