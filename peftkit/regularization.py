@@ -1,10 +1,11 @@
 """Regularisation terms that architectures add to the training loss (HRA's and ElaLoRA's orthogonality terms).
 
 Each ``AdapterLayer`` may return its own weighted term from ``regularization()`` (the weight is one of the
-architecture's options, so a weight of 0 costs nothing); ``regularization_loss`` sums them over the model. A
-training loop adds it to every micro-batch loss before backward:
+architecture's options, so a weight of 0 costs nothing); ``regularization_loss`` sums them over the model. It
+is a per-step term: a training loop adds it once per optimizer step, i.e. divided by the number of micro-batches
+it accumulates (peftkit's loop and its Trainer callback both do):
 
-    loss = model(**batch).loss + peftkit.regularization_loss(model)
+    loss = model(**batch).loss + peftkit.regularization_loss(model) / grad_accum
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """What data-driven inits measure (methods README §4.2): full-weight gradients and activation statistics.
 
 - ``gradient_statistics``: per target layer, the full-weight gradient G = Δᵀ X (out × in, fp32) of the
-  mean-token loss, from forward/tensor hooks on the base layer (no ``weight.grad``, so bitsandbytes 4/8-bit
-  bases and Conv1D work), on the base model (adapters disabled) in train mode, averaged over batches weighted
-  by sample count and all-reduced across processes. Optionally a sketch (Y = G·Ω, Z = Gᵀ·Ψ) instead of G:
+  mean loss over every target token of all batches on all processes (the training step's token mean,
+  ``peftkit.loss``), from forward/tensor hooks on the base layer (no ``weight.grad``, so bitsandbytes 4/8-bit
+  bases and Conv1D work), on the base model (adapters disabled) in train mode, all-reduced across processes.
+  Optionally a sketch (Y = G·Ω, Z = Gᵀ·Ψ) instead of G:
   O((m + n)·k) memory per layer, never forming G.
 - ``IncrementalPCA``: centred incremental PCA of layer inputs (activations fp32, mean/variance sums fp64).
 - ``signed_svd`` / ``sketch_svd`` / ``randomized_svd`` / ``checked_svd``: deterministic SVDs (full, from
@@ -28,6 +29,7 @@ import torch.nn as nn
 from .errors import ConfigError
 from .inject import set_enabled
 from .layer import AdapterLayer
+from .loss import batch_loss_units
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -49,12 +51,6 @@ def check_batches(data: Any, init_name: str) -> list[Mapping]:
             raise ConfigError(f"data: batch {index} for '{init_name}' is a {type(batch).__name__}, expected a dict of "
                               f"tensors as the model's forward takes them; {hint}")
     return batches
-
-
-def _batch_size(batch: Mapping) -> int:
-    key = "input_ids" if isinstance(batch.get("input_ids"), torch.Tensor) else next(
-        k for k, v in batch.items() if isinstance(v, torch.Tensor))
-    return int(batch[key].shape[0])
 
 
 def _to_device(batch: Mapping, device: torch.device) -> dict:
@@ -250,9 +246,12 @@ def gradient_statistics(model: nn.Module, layers: dict[str, AdapterLayer], batch
                         store_on: torch.device | str | None = None) -> dict[str, torch.Tensor | GradientSketch]:
     """Per layer, G = Σ_b n_b·G_b / Σ_b n_b (out × in, fp32; fp64 on fp64 bases), or its sketch when ``sketch_size`` = k is given.
 
-    G_b = Δᵀ X of batch b's mean-token loss, from hooks on the base layers of the adapters-disabled model in
-    train mode; n_b is batch b's sample count. Sums (and the sample count) are all-reduced across processes, so
-    every process returns the same statistics. The sketch uses Gaussian Ω (in × k) and Ψ (out × (2k + 1))
+    G_b = Δᵀ X of batch b's mean loss, from hooks on the base layers of the adapters-disabled model in train
+    mode; n_b is batch b's loss units (``peftkit.loss.batch_loss_units``: target tokens after the causal shift,
+    or examples), so G is the gradient of the mean over every target token of all batches, the loss a training
+    step on the same examples takes, however they are split into batches and processes. A batch without units
+    adds nothing. Sums (and the unit count) are all-reduced across processes, so every process returns the same
+    statistics. The sketch uses Gaussian Ω (in × k) and Ψ (out × (2k + 1))
     drawn from a generator seeded by ``seed`` (identical on every process). ``store_on`` (e.g. ``"cpu"``) keeps
     the full G there instead of on the model's device: each batch's Δᵀ X is formed on the device and added in
     (one layer's m × n temporary on the device at a time).
@@ -306,7 +305,9 @@ def gradient_statistics(model: nn.Module, layers: dict[str, AdapterLayer], batch
     try:
         with base_model(model, train=True), torch.enable_grad():
             for batch in batches:
-                weight[0] = float(_batch_size(batch))
+                weight[0] = float(batch_loss_units(model, batch))
+                if not weight[0]:
+                    continue  # its mean loss is 0/0; its tokens are not in the global mean either
                 inputs = _to_device(batch, device)
                 out = model(**inputs)
                 loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
@@ -325,6 +326,9 @@ def gradient_statistics(model: nn.Module, layers: dict[str, AdapterLayer], batch
         for value in stats.values():
             for tensor in (value.tensors() if isinstance(value, GradientSketch) else [value]):
                 dist.all_reduce(tensor)
+    if not count.item():
+        raise ConfigError("data: the batches hold no target tokens (every label is -100); gradient-based inits "
+                          "need labelled tokens: pass batches whose labels mark the tokens to learn")
     for value in stats.values():
         for tensor in (value.tensors() if isinstance(value, GradientSketch) else [value]):
             tensor.div_(float(count))

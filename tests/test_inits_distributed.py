@@ -1,9 +1,9 @@
 """Two processes (gloo on CPU), each with half of the batches, give the same LoRA-GA, LoRA-One and EVA adapters
 as one process with all of them (methods README §4.3; lora-ga.md test 5; eva.md test 5). One launch for all.
 
-Gradient inits: process p gets batches p, p + 2, ...; one process gets all (G is the sample-weighted mean, so
-the split does not matter). EVA: at step i the two processes hold batches 2i and 2i + 1 and gather the selected
-tokens, which equals one process fed their concatenation.
+At step i the two processes hold batches 2i and 2i + 1; one process is fed their concatenation. Gradient inits:
+G is the gradient of the mean over every target token, so the split does not matter (a mean weighted by
+examples did: 1 and 2 processes differed). EVA gathers the selected tokens of both processes.
 """
 
 from __future__ import annotations
@@ -20,9 +20,15 @@ DTYPES = {"lora-ga": torch.float64, "lora-one": torch.float64, "eva": torch.floa
 
 
 def _batches():
+    """Answers of different lengths (prompts of 1 to 9 tokens labelled -100): the batches hold different numbers
+    of target tokens, so G weighted by examples (as before) differs between 1 and 2 processes."""
     from helpers import make_batches, tiny_llama
 
-    return make_batches(tiny_llama(), n=6, batch_size=2, seq_len=12)
+    batches = make_batches(tiny_llama(), n=6, batch_size=2, seq_len=12)
+    for b, batch in enumerate(batches):
+        for row in range(2):
+            batch["labels"][row, : 1 + (4 * b + 7 * row) % 9] = -100
+    return batches
 
 
 def _adapters(method: str, batches) -> dict:
@@ -46,8 +52,9 @@ def test_two_processes_with_half_the_batches_equal_one_process(tmp_path):
     run_distributed(__file__, 2, tmp_path, timeout=240)
     batches = _batches()
     for method in METHODS:
-        data = _merged(zip(batches[0::2], batches[1::2])) if method == "eva" else batches
-        expected = _adapters(method, data)
+        # One process reads each global batch whole: batch i of each process, concatenated (as the loop's plan at
+        # twice the batch does); with answers of different lengths only a token mean equals the split.
+        expected = _adapters(method, _merged(zip(batches[0::2], batches[1::2])))
         for rank in (0, 1):
             got = torch.load(tmp_path / f"{method}-rank{rank}.pt")
             assert got["rank_pattern"] == expected["rank_pattern"], method

@@ -27,10 +27,17 @@ def _autograd_weight_grads(model, batches, weights):
 
 
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2-conv1d"])
-def test_hook_gradient_equals_autograd_weighted_by_samples(factory):
+def test_hook_gradient_equals_autograd_of_the_token_mean(factory):
+    """G is the gradient of the mean over every target token of all batches (the training step's loss), not a
+    mean of batch means weighted by examples: answers of different lengths (labels -100 on each row's prompt)."""
     batches = make_batches(factory(dtype=torch.float64) if factory is tiny_llama else factory(), n=2) + \
-        make_batches(factory(), n=1, batch_size=5, seed=7)  # uneven batch sizes: weights 2, 2, 5
-    reference = _autograd_weight_grads(factory(dtype=torch.float64), batches, [2, 2, 5])
+        make_batches(factory(), n=1, batch_size=5, seed=7)  # uneven batch sizes
+    for b, batch in enumerate(batches):
+        for row in range(batch["labels"].shape[0]):
+            batch["labels"][row, : 1 + (3 * b + row) % 6] = -100  # prompts of 1 to 6 tokens
+    targets = [int((batch["labels"][:, 1:] != -100).sum()) for batch in batches]
+    assert len({t / batch["labels"].shape[0] for t, batch in zip(targets, batches)}) > 1  # per example: unequal
+    reference = _autograd_weight_grads(factory(dtype=torch.float64), batches, targets)
     model = peftkit.wrap(factory(dtype=torch.float64), "lora", r=2)
     layers = adapter_layers(model)
     stats = gradient_statistics(model, layers, batches)

@@ -225,3 +225,66 @@ def test_two_runs_with_different_mixed_precision_in_one_process(tmp_path):
     assert (first.status, first.step, second.status, second.step) == ("done", 1, "done", 1)
     losses = [r["loss"] for run in (first, second) for r in read_metrics(run.output_dir) if "loss" in r]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+
+
+def test_grad_accumulation_equals_the_larger_batch_on_answers_of_different_lengths(tmp_path):
+    """Instruction data with answers of 1 to 6 words and response-only labels: each micro-batch holds another
+    number of target tokens, so only the mean over the step's tokens makes batch 1 x 4 equal batch 4 x 1 (a mean
+    of micro-batch means differed by 2e-2 in the adapter, as much as B moved). fp64: equal to round-off,
+    adapters, optimizer moments and the logged losses (fp64 sums, not fp32)."""
+    from train_fixtures import llama_chat_recipe
+
+    def run(name, batch, accum):
+        spec = llama_chat_recipe(tmp_path / name, training__batch_size=batch, training__grad_accum=accum,
+                                 training__max_steps=3, training__save_every=3, training__warmup=0)
+        spec["model"]["dtype"] = "float64"
+        assert train(from_dict(spec)).status == "done"
+        return tmp_path / name / "run"
+
+    whole, split = run("whole", 4, 1), run("split", 1, 4)
+    a, b = adapter_tensors(whole), adapter_tensors(split)
+    assert any(v.abs().max() > 1e-3 for k, v in a.items() if "lora_B" in k)  # it trained
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-10, atol=1e-13)
+    moments = [torch.load(run / "checkpoints" / "step-000003" / "optimizer.pt", weights_only=True)["optimizer"]["state"]
+               for run in (whole, split)]
+    for index, state in moments[0].items():
+        torch.testing.assert_close(moments[1][index]["exp_avg_sq"], state["exp_avg_sq"], rtol=1e-9, atol=1e-20)
+    losses = [[r["loss"] for r in read_metrics(run) if "loss" in r] for run in (whole, split)]
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-13, abs=0)
+    tokens = [[r["tokens"] for r in read_metrics(run) if "loss" in r] for run in (whole, split)]
+    assert tokens[0] == tokens[1]  # every micro-batch's own tokens, not one micro-batch's times a count
+
+
+def test_loss_units_read_from_arrow_and_from_lists():
+    """Per example: target tokens after the causal shift (labels[1:] != -100), from an Arrow column (through a
+    filter's indices mapping) and from Python lists alike; classification counts examples."""
+    import datasets
+
+    from peftkit.train.data import Tokenized, example_lengths, loss_units
+
+    rows = [[-100, -100, 5, 6], [7, 8], [-100, 3, -100, 4, 5], [1]]
+    expected = [2, 1, 3, 0]  # the first label of a row predicts nothing
+    assert loss_units(Tokenized(rows, rows), False).tolist() == expected
+    table = datasets.Dataset.from_dict({"input_ids": [[0] * len(r) for r in [[9]] + rows], "labels": [[9]] + rows})
+    table = table.filter(lambda labels: labels != [9], input_columns="labels")  # an indices mapping over the table
+    assert loss_units(Tokenized(table["input_ids"], table["labels"]), False).tolist() == expected
+    assert loss_units(Tokenized(rows, [0, 1, 0, 1]), True).tolist() == [1, 1, 1, 1]
+    assert example_lengths(Tokenized(table["input_ids"], table["labels"])).tolist() == [4, 2, 5, 1]
+
+
+def test_loss_units_are_read_in_bounded_chunks(monkeypatch):
+    """The Arrow columns are read a slice of rows at a time (a data set of any size): chunks of 2 rows give the
+    counts of one pass."""
+    import datasets
+
+    from peftkit.train import data
+    from peftkit.train.data import Tokenized, example_lengths, loss_units
+
+    rows = [[-100, 4, 5], [1, -100], [-100, -100, -100, 7], [3, 3, 3, 3, 3]]
+    table = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
+    whole = loss_units(Tokenized(table["input_ids"], table["labels"]), False).tolist()
+    original = data._list_chunks
+    monkeypatch.setattr(data, "_list_chunks", lambda column: original(column, rows=2))
+    assert loss_units(Tokenized(table["input_ids"], table["labels"]), False).tolist() == whole == [2, 0, 1, 4]
+    assert example_lengths(Tokenized(table["input_ids"], table["labels"])).tolist() == [3, 2, 4, 5]

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
@@ -102,3 +103,42 @@ def test_plain_lora_keeps_the_trainers_default_optimizer(tmp_path):
     wrapped = peftkit.wrap(tiny_llama(), "lora", r=4)
     trainer = _trainer(tmp_path, wrapped, callbacks=[peftkit.callbacks(wrapped)])
     assert trainer.train().global_step == 1
+
+
+def test_the_trainer_passes_num_items_in_batch_to_a_peftkit_model(tmp_path):
+    """transformers' Trainer normalises by the global batch's target tokens through ``num_items_in_batch``; a
+    peftkit model takes it unchanged (it is the transformers model, forward and all), so batch 1 x accumulation 4
+    ends where batch 4 x 1 does on labels of different lengths (fp64: to round-off)."""
+    def run(name, batch, accum):
+        model = peftkit.wrap(tiny_llama(dtype=torch.float64), "lora", r=4, alpha=8)
+        rows = []
+        for b in make_batches(model, n=4, batch_size=2, seq_len=10, seed=3):
+            for i in range(2):
+                labels = b["labels"][i].clone()
+                labels[: 1 + 2 * len(rows) % 9] = -100  # prompts of 1 to 9 tokens: answers of 9 to 1 targets
+                rows.append({"input_ids": b["input_ids"][i], "attention_mask": b["attention_mask"][i],
+                             "labels": labels})
+        seen = []
+        model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs.get("num_items_in_batch")),
+                                        with_kwargs=True)
+        args = TrainingArguments(output_dir=str(tmp_path / name), max_steps=2, per_device_train_batch_size=batch,
+                                 gradient_accumulation_steps=accum, learning_rate=1e-2, lr_scheduler_type="constant",
+                                 report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True,
+                                 seed=5, data_seed=5)
+        trainer = Trainer(model=model, args=args, train_dataset=rows, optimizers=(peftkit.optimizer(model, 1e-2), None))
+        assert trainer.model_accepts_loss_kwargs
+        trainer.train()
+        targets = sorted(int((r["labels"][1:] != -100).sum()) for r in rows)
+        return model, seen, targets, [r["loss"] for r in trainer.state.log_history if "loss" in r]
+
+    whole, seen_whole, targets, losses_whole = run("whole", 4, 1)
+    split, seen_split, _, losses_split = run("split", 1, 4)
+    assert len(set(targets)) > 3  # the examples hold different numbers of target tokens
+    assert all(n is not None for n in seen_whole + seen_split)
+    assert [int(n) for n in seen_split[::4]] == [int(n) for n in seen_whole]  # the step's count, on every micro
+    assert losses_split == pytest.approx(losses_whole, rel=1e-6)  # transformers rounds its loss to fp32
+    ours, theirs = base_state_dict(whole), base_state_dict(split)
+    moved = [k for k in ours if "lora_B" in k and ours[k].abs().max() > 1e-4]
+    assert moved
+    for key in moved:
+        torch.testing.assert_close(theirs[key], ours[key], rtol=1e-10, atol=1e-13)

@@ -54,6 +54,18 @@ def instruction_rows(n: int, seed: int = 0, prompt: str = "prompt", response: st
     return [{prompt: f"repeat: {s}", response: s} for s in sentences(n, seed, words=4)]
 
 
+def varied_instruction_rows(n: int, seed: int = 0) -> list[dict]:
+    """Single-turn instructions whose answers differ in length (1 to 6 words: about 3 to 40 target tokens with
+    the byte tokenizer), as in chat data: micro-batches and processes hold different numbers of target tokens,
+    so a mean of per-batch means differs from the mean over the global batch's tokens."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6)))
+        rows.append({"prompt": f"echo: {rng.choice(WORDS)}", "response": answer})
+    return rows
+
+
 def classification_rows(n: int, seed: int = 0, text: str = "text", label: str = "label",
                         pair: str | None = None) -> list[dict]:
     rows = []
@@ -81,6 +93,18 @@ def llama_text_recipe(tmp_path: Path, **overrides) -> dict:
     for dotted, value in overrides.items():
         section, key = dotted.split("__")
         recipe[section][key] = value
+    return recipe
+
+
+def llama_chat_recipe(tmp_path: Path, **overrides) -> dict:
+    """``llama_text_recipe`` on instruction data with answers of different lengths and response-only labels
+    (``varied_instruction_rows``; unpacked: each micro-batch padded to its longest example)."""
+    recipe = llama_text_recipe(tmp_path, **overrides)
+    recipe["data"].update(
+        train=write_jsonl(tmp_path / "data" / "chat_train.jsonl", varied_instruction_rows(64, seed=1)),
+        eval=write_jsonl(tmp_path / "data" / "chat_eval.jsonl", varied_instruction_rows(16, seed=2)),
+        format="instruction", max_length=64, **{k.split("__")[1]: v for k, v in overrides.items()
+                                                 if k.startswith("data__")})
     return recipe
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import ConfigError
@@ -572,14 +573,25 @@ class BatchPlan:
         self._epoch = -1
         self._order: list[int] = []
 
-    def indices(self, position: int) -> list[int]:
+    def _order_at(self, position: int) -> tuple[list[int], int]:
         epoch, k = divmod(position, self.batches_per_epoch)
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._order = torch.randperm(self.num_examples, generator=generator).tolist()
             self._epoch = epoch
+        return self._order, k
+
+    def indices(self, position: int) -> list[int]:
+        order, k = self._order_at(position)
         start = (k * self.world_size + self.rank) * self.batch_size
-        return self._order[start:start + self.batch_size]
+        return order[start:start + self.batch_size]
+
+    def global_indices(self, position: int) -> list[int]:
+        """Every process's examples at ``position``, in rank order (this process's are ``indices(position)``):
+        known on every host, so the global batch's loss units need no collective."""
+        order, k = self._order_at(position)
+        start = k * self.world_size * self.batch_size
+        return order[start:start + self.world_size * self.batch_size]
 
     def epoch(self, position: int) -> float:
         return position / self.batches_per_epoch
@@ -616,6 +628,49 @@ def collate(examples: Tokenized, indices: list[int], pad_id: int, classification
             labels[row, :n] = torch.tensor(examples.labels[i])
     batch["labels"] = torch.tensor([examples.labels[i] for i in indices]) if classification else labels
     return batch
+
+
+def _list_chunks(column, rows: int = 1 << 16):
+    """An Arrow-backed ``datasets`` column as pyarrow list arrays of at most ``rows`` rows each, in row order
+    (through a filter's or select's indices mapping): bounded memory on data sets of any size."""
+    table = column.source.with_format("arrow")
+    for start in range(0, len(table), rows):
+        yield from table[start:start + rows][column.column_name].chunks
+
+
+def _offsets(chunk) -> np.ndarray:
+    return chunk.offsets.to_numpy().astype(np.int64)  # absolute positions in chunk.values
+
+
+def loss_units(examples: Tokenized, classification: bool) -> np.ndarray:
+    """Per example, the units the model's loss averages over (``peftkit.loss``): 1 for classification, else its
+    target tokens, ``labels[1:] != -100`` (the causal shift: a row's first label is predicted by nothing; packed
+    rows label no conversation's first token either). Read once, vectorised over the Arrow column."""
+    if classification:
+        return np.ones(len(examples), dtype=np.int64)
+    column = examples.labels
+    if getattr(column, "source", None) is None:
+        return np.array([sum(1 for y in list(labels)[1:] if y != IGNORE_INDEX) for labels in column], dtype=np.int64)
+    parts = []
+    for chunk in _list_chunks(column):
+        offsets = _offsets(chunk)
+        labelled = chunk.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]] != IGNORE_INDEX
+        offsets = offsets - offsets[0]
+        before = np.concatenate([[0], np.cumsum(labelled, dtype=np.int64)])
+        counts = before[offsets[1:]] - before[offsets[:-1]]
+        nonempty = offsets[1:] > offsets[:-1]
+        counts[nonempty] -= labelled[offsets[:-1][nonempty]]
+        parts.append(counts)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def example_lengths(examples: Tokenized) -> np.ndarray:
+    """Per example, its tokens (``len(input_ids)``), read once from the Arrow offsets (no row materialised)."""
+    column = examples.input_ids
+    if getattr(column, "source", None) is None:
+        return np.array([len(ids) for ids in column], dtype=np.int64)
+    parts = [np.diff(_offsets(chunk)) for chunk in _list_chunks(column)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:

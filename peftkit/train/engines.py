@@ -157,6 +157,10 @@ class Engine:
     # True where every forward is a collective (sharded weights are all-gathered): evaluation must then run
     # the same number of batches on every process.
     collective_forward = False
+    # Every engine averages the trainable gradients over processes (DDP's all-reduce divides by the world size,
+    # as does distributed.average_gradients), so the loop scales each process's share of the global token mean
+    # by the number of processes.
+    averages_gradients = True
 
     def __init__(self, accelerator: Any) -> None:
         self.accelerator = accelerator

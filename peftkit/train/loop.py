@@ -27,9 +27,11 @@ from ..checkpoint import atomic_write_bytes
 from ..config import resolve_config
 from ..errors import ConfigError
 from ..inject import adapter_layers, state_of
+from ..loss import loss_mode, share_of_global_mean
 from . import checkpointing, engines, evaluation
 from .build import Examples, load_examples, load_model, load_tokenizer, num_labels
-from .data import BatchPlan, Tokenized, check_lengths, check_packed_attention, collate
+from .data import (BatchPlan, Tokenized, check_lengths, check_packed_attention, collate, example_lengths,
+                   loss_units)
 from .guard import DivergenceGuard, GuardSettings
 from .metrics import MetricsLog, plot
 from .recipe import Recipe, warmup_steps
@@ -143,8 +145,10 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
         # Each process reads its shard of the first init_batches global batches; the init reduces its
         # statistics across processes, so every process starts from the same adapter.
         pad = tokenizer.pad_token_id
+        # init_batches optimizer steps' worth of micro-batches: the examples (and, through the init's token
+        # weighting, the statistics) of the one-batch run, whatever grad_accum splits them into.
         init_data = [collate(examples.train, plan.indices(i), pad, classification)
-                     for i in range(adapter.init_batches)]
+                     for i in range(adapter.init_batches * training.grad_accum)]
     model = peftkit.wrap(model, adapter.method, data=init_data, **adapter.options)
 
     options = dict(recipe.optimizer.options)
@@ -322,6 +326,14 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
     trainable = [p for p in model.parameters() if p.requires_grad]
     # Architectures with a loss term of their own (HRA's, ElaLoRA's orthogonality); looked up once.
     regularized = any(layer.regularization() is not None for layer in adapter_layers(run.model).values())
+    # The loss of a step is the mean over the global batch's loss units (target tokens, or examples), whatever
+    # its split into micro-batches and processes (peftkit.loss). Every host knows every example's units from the
+    # batch plan, so the global count needs no collective. Engines average gradients over processes: each
+    # process's share is scaled back up by their number.
+    units = loss_units(run.examples.train, run.classification)
+    lengths = example_lengths(run.examples.train)
+    mode = loss_mode(run.model, causal_lm=not run.classification)
+    process_scale = accelerator.num_processes if engine.averages_gradients else 1
     pad_id = run.tokenizer.pad_token_id
     progress = _progress_bar(main and recipe.logging.progress_bar, training.max_steps, state.step)
     window = {"loss": 0.0, "steps": 0, "time": time.perf_counter(), "tokens_at_start": state.tokens}
@@ -342,23 +354,27 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
     with signals:
         while state.step < training.max_steps:
             # ---- one optimizer step: grad_accum micro-batches, each with its own backward
-            step_loss = torch.zeros((), device=accelerator.device)
+            step_loss = None  # in the loss's dtype (fp64 on an fp64 model)
+            step_units = int(sum(units[run.plan.global_indices(state.position + m)].sum()
+                                 for m in range(training.grad_accum)))
             for micro in range(training.grad_accum):
                 indices = run.plan.indices(state.position)
                 batch = collate(run.examples.train, indices, pad_id, run.classification)
-                # Counted on the host, from the examples themselves: no read of a device tensor.
-                state.tokens += sum(len(run.examples.train.input_ids[i]) for i in indices) * accelerator.num_processes
+                # Every process's tokens, counted on the host from the batch plan: no read of a device tensor.
+                state.tokens += int(lengths[run.plan.global_indices(state.position)].sum())
                 batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
                 state.position += 1
                 # Gradients are all-reduced once per step, on the last micro-batch.
                 with engine.no_sync(model, micro == training.grad_accum - 1):
                     with accelerator.autocast():
-                        loss = model(**batch).loss
+                        loss = share_of_global_mean(model, batch, int(units[indices].sum()), step_units, mode)
+                        loss = loss * process_scale
                         if regularized:
-                            loss = loss + peftkit.regularization_loss(run.model)
-                        loss = loss / training.grad_accum
+                            # A per-step term, not a per-token one: once per step in the gradient average, as in
+                            # the one-batch run (each micro-batch on each process adds 1/grad_accum of it).
+                            loss = loss + peftkit.regularization_loss(run.model) / training.grad_accum
                     engine.backward(loss)
-                step_loss += loss.detach()
+                step_loss = loss.detach() if step_loss is None else step_loss + loss.detach()
             engine.reduce_gradients(trainable)
             # The losses stay on the device until a step that needs them (logging, evaluation, saving, the last
             # step, a received signal, the divergence guard): one host sync (and one collective) there, none on the
@@ -507,7 +523,9 @@ def _reads_losses(step: int, training) -> bool:
 
 
 def _read_losses(pending: list[torch.Tensor], accelerator) -> list[float]:
-    """The per-step losses since the last read (mean over processes), in one host sync; ``pending`` is emptied."""
+    """The per-step losses since the last read, in one host sync; ``pending`` is emptied. Each process holds
+    its backward losses (its share of the global token mean, times the number of processes, plus the
+    regularization term): their mean over processes is the step's loss."""
     values = torch.stack(pending)
     pending.clear()
     if accelerator.num_processes > 1:
@@ -591,7 +609,8 @@ def evaluate(run: Run, model, signals: StopSignals | None = None, metrics: list[
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         labels = batch.pop("labels")
         with accelerator.autocast():
-            logits = unwrapped(**batch).logits.float()
+            logits = unwrapped(**batch).logits
+            logits = logits if logits.dtype == torch.float64 else logits.float()
         if start is None:
             continue
         if run.classification:
