@@ -48,6 +48,41 @@ _STAGING_DIR = re.compile(r"^\.step-(\d+)\.tmp$")
 _OLD_DIR = re.compile(r"^\.step-(\d+)\.old$")
 
 
+ADAPTER_DIR = "adapter"
+# The files peftkit writes at the top of a run folder (besides checkpoints/, adapter/ and the lock).
+RUN_FILES = ("recipe.yaml", "metrics.jsonl", "loss.png")
+
+
+def check_run_folder(output_dir: str | Path, resume: bool) -> Path | None:
+    """The one check of a run folder before a run writes into it; returns the checkpoint to resume from.
+
+    A folder is a peftkit run when it holds ``checkpoints/`` or ``adapter/`` (a run creates ``checkpoints/``
+    before its first file). Without ``--resume`` a run folder is refused (it would mix two runs); a folder that is
+    no run but holds files of the names a run writes (``recipe.yaml``, ``metrics.jsonl``, ``loss.png``) is refused
+    too, naming them: they are the user's, and a run would replace or extend them."""
+    output_dir = Path(output_dir)
+    last = latest(output_dir)
+    if resume and last is None:
+        raise ConfigError(f"--resume: no checkpoint in {output_dir / CHECKPOINTS}; start without --resume")
+    if not resume and (last is not None or (output_dir / ADAPTER_DIR).exists()):
+        raise ConfigError(f"training.output_dir: {output_dir} already holds a run; pass --resume to continue it, or "
+                          "choose another output_dir")
+    is_run = (output_dir / CHECKPOINTS).is_dir() or (output_dir / ADAPTER_DIR).is_dir()
+    if not is_run and output_dir.is_dir():
+        clash = [name for name in RUN_FILES if os.path.lexists(output_dir / name)]
+        if clash:
+            raise ConfigError(
+                f"training.output_dir: {output_dir} is not a peftkit run (no checkpoints/ or adapter/) but holds "
+                f"{', '.join(clash)}, which a run would replace or append to; move those files, or choose a new or "
+                "empty output_dir")
+    return last
+
+
+def claim_run_folder(output_dir: str | Path) -> None:
+    """Mark ``output_dir`` as a run (``checkpoints/``) before the run writes its first file there."""
+    (Path(output_dir) / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+
+
 class NonFiniteStateError(StateError):
     """The training state holds NaN or inf: no checkpoint was written (the previous ones stay good)."""
 
@@ -90,8 +125,12 @@ class RunLock:
             missing = [self.folder, *(p for p in self.folder.parents if not p.exists())]
             self.folder.mkdir(parents=True)
             self._created = missing  # removed again on release if the run leaves them empty
+        if os.path.lexists(self.path) and (os.path.islink(self.path) or not self.path.is_file()):
+            return ConfigError(f"training.output_dir: {self.path} is not a lock file peftkit wrote (it is a "
+                               f"{'link' if os.path.islink(self.path) else 'folder or special file'}); move it away "
+                               "or choose another output_dir")
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, adapter_io.file_mode())
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, adapter_io.file_mode())
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
