@@ -388,8 +388,6 @@ def load(path: Path, accelerator, model: nn.Module, optimizer, lr_scheduler, sch
         _check_optimizer_shapes(optimizer)
         lr_scheduler.load_state_dict(states["lr_scheduler"])
         schedule.load_state_dict(states["schedule"])
-    except CheckpointError:
-        raise
     except Exception as exc:  # noqa: BLE001 - a state the optimizer cannot take: the file was changed
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path / 'optimizer.pt'}: does not fit this run's optimizer ({first[:200]}); resume "
@@ -429,7 +427,7 @@ def _check_optimizer_shapes(optimizer) -> None:
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
                 if isinstance(value, torch.Tensor) and value.dim() and value.numel() == p.numel() and value.shape != p.shape:
-                    raise CheckpointError(f"optimizer state '{key}' has shape {tuple(value.shape)}, its parameter "
+                    raise ValueError(f"optimizer state '{key}' has shape {tuple(value.shape)}, its parameter "
                                           f"{tuple(p.shape)}")
 
 
