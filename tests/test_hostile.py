@@ -281,6 +281,12 @@ def test_overlong_drop_never_shrinks_evaluation(tmp_path):
     assert len(examples.eval.input_ids) == 10  # no evaluation row dropped
     assert all(len(ids) <= 24 for ids in examples.eval.input_ids)
     assert any("evaluation rows are never dropped" in str(w.message) for w in caught)
+    packed = from_dict(llama_text_recipe(
+        tmp_path, data__format="instruction", data__overlong="drop", data__max_length=24, data__packing=True,
+        data__train=write_jsonl(tmp_path / "train.jsonl", rows), data__eval=None))
+    with pytest.warns(UserWarning):
+        stats = load_examples(packed, byte_tokenizer()).train.stats
+    assert stats["examples"] == 5  # the packing report counts the examples kept, not the dropped ones
 
 
 @pytest.mark.parametrize("weight", [float("nan"), float("inf"), "1", None])

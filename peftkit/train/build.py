@@ -30,7 +30,7 @@ def _from_config(auto, config, model_type: str, dtype: torch.dtype) -> torch.nn.
         size = sum(p.numel() for p in probe.parameters()) * dtype.itemsize
     except Exception as exc:
         raise ConfigError(f"model.config: cannot build a '{model_type}' model from these values "
-                          f"({_first_line(exc)}); fix the config fields") from None
+                          f"({_first_line(exc)[:300]}); fix the config fields") from None
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
     if memory and size > memory:
         raise ConfigError(f"model.config: the model would hold {size / 2**30:.1f} GiB of weights, more than this "
@@ -39,7 +39,7 @@ def _from_config(auto, config, model_type: str, dtype: torch.dtype) -> torch.nn.
         return auto.from_config(config).to(dtype)
     except Exception as exc:  # noqa: BLE001 - what the meta build could not catch
         raise ConfigError(f"model.config: cannot build a '{model_type}' model from these values "
-                          f"({_first_line(exc)}); fix the config fields") from None
+                          f"({_first_line(exc)[:300]}); fix the config fields") from None
 
 
 def resolve_model_ref(ref: str, key: str = "model.name") -> str:
@@ -203,7 +203,7 @@ def load_model(model_section: ModelSection, tokenizer, *, labels: int | None = N
         try:
             config = AutoConfig.for_model(model_type, **fields, **extra)
         except Exception as exc:
-            raise ConfigError(f"model.config: cannot build a '{model_type}' config ({_first_line(exc)})") from None
+            raise ConfigError(f"model.config: cannot build a '{model_type}' config ({_first_line(exc)[:300]})") from None
         model = _from_config(auto, config, model_type, dtype)
     else:
         path = resolve_model_ref(model_section.name)

@@ -36,6 +36,7 @@ EXIT_WRITE_FAILED = 3
 # OSErrors that mean "the file system refused a write", as opposed to a defect in peftkit.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
 EXIT_DIVERGED = 4  # = guard.EXIT_DIVERGED
+MAX_MESSAGE = 4000  # characters of an error message printed
 
 
 class _Parser(argparse.ArgumentParser):
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except PeftkitError as exc:
         message = " ".join(str(exc).split("\n"))  # one line, whatever the message holds
+        if len(message) > MAX_MESSAGE:  # a value echoed from a hostile file never floods the terminal
+            message = message[:MAX_MESSAGE] + f" ... ({len(message) - MAX_MESSAGE:,} more characters)"
         print(f"peftkit: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as exc:

@@ -329,7 +329,10 @@ def _lengths(table) -> list[int]:
     """Token counts of a table's rows, read from the Arrow offsets (no row is materialised)."""
     import pyarrow.compute as pc
 
-    return pc.list_value_length(table.data.column("input_ids")).to_pylist()
+    lengths = pc.list_value_length(table.data.column("input_ids"))
+    if table._indices is not None:  # a filtered table (dropped examples) keeps every row, with an index mapping
+        lengths = lengths.take(table._indices.column(0))
+    return lengths.to_pylist()
 
 
 def packing_report(lengths: list[int], rows: list[int], max_length: int, batch_size: int) -> dict[str, Any]:
