@@ -395,7 +395,7 @@ def check_size(value: Any, what: str) -> Any:
 
 
 def json_loads(text: str | bytes, what: str) -> Any:
-    """``json.loads`` within the nesting, size and integer-length bounds; a failure is one ConfigError (a
+    """``json.loads`` within the nesting and integer-length bounds; a failure is one ConfigError (a
     ``ValueError``) naming ``what``. Callers that raise another error class catch ``ValueError``."""
     import json
 
@@ -405,7 +405,11 @@ def json_loads(text: str | bytes, what: str) -> Any:
         raise InputTooLarge(f"{what}: nested too deeply to read (over {MAX_DEPTH} levels)") from None
     except ValueError as exc:  # JSONDecodeError, and an integer literal too long to convert
         raise ConfigError(f"{what}: not valid JSON ({exc})") from None
-    return check_size(value, what)
+    try:  # JSON has no aliases: its size is its text's; only the depth is bounded
+        size_of(value, limit=2**62)
+    except InputTooLarge as exc:
+        raise InputTooLarge(f"{what}: {exc}") from None
+    return value
 
 
 def compile_pattern(pattern: Any, name: str, error: type[PeftkitError] = ConfigError):
@@ -413,8 +417,6 @@ def compile_pattern(pattern: Any, name: str, error: type[PeftkitError] = ConfigE
     pattern can backtrack). RE2 takes Python's syntax except backreferences and look-arounds, which are refused
     here, as is a pattern over ``MAX_PATTERN_CHARS`` characters. Returns the compiled pattern (``.match``,
     ``.fullmatch``, ``.search`` as in ``re``)."""
-    import re2
-
     if not isinstance(pattern, str):
         raise error(f"{name}: expected a regex string, got {_show(pattern)}")
     if len(pattern) > MAX_PATTERN_CHARS:
@@ -425,7 +427,11 @@ def compile_pattern(pattern: Any, name: str, error: type[PeftkitError] = ConfigE
 
 @functools.lru_cache(maxsize=4096)
 def _re2(pattern: str):
-    import re2
+    try:
+        import re2
+    except ImportError:  # a dependency (pyproject.toml); without it no untrusted regex is matched at all
+        raise PeftkitError("regexes from recipes and adapter configs are matched by RE2, and the package "
+                           "google-re2 is not installed; pip install google-re2") from None
 
     options = re2.Options()
     options.log_errors = False  # RE2 would print its own line to stderr
@@ -433,11 +439,11 @@ def _re2(pattern: str):
 
 
 def _compiled(pattern: str, name: str, error: type[PeftkitError]):
-    import re2
-
     try:
         return _re2(pattern)
-    except re2.error as exc:
+    except Exception as exc:  # re2.error (an invalid pattern); the PeftkitError above passes through
+        if isinstance(exc, PeftkitError):
+            raise
         reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
         raise error(f"{name}: '{pattern}' is not a valid regex ({reason}); fix the pattern (backreferences and "
                     "look-arounds are not supported: RE2 syntax)") from None
