@@ -581,7 +581,8 @@ def read_adapter(directory: str | os.PathLike) -> AdapterFolder:
 
     The config and sidecar are bounded JSON with typed fields; the weights file's header is checked before it is
     read, and its sha256 against the one the sidecar recorded; the format is one peftkit reads; every tensor has
-    at least one dimension and one value, is floating point (a saved head may hold integer buffers) and finite;
+    at least one dimension and one value, is finite, and is floating point in PEFT's formats (a saved head may
+    hold integer buffers; a peftkit format's masks are checked against its layers by ``load``);
     and a LoRA's tensors have the rank its config gives each module (``r`` / ``rank_pattern``, PEFT's rule).
     Raises one CheckpointError naming the file and what is wrong."""
     directory = Path(directory)
@@ -622,7 +623,9 @@ def read_adapter(directory: str | os.PathLike) -> AdapterFolder:
             problems.append(f"{key} has shape {tuple(tensor.shape)} (an adapter tensor needs at least one value in "
                             "at least one dimension)")
         elif not tensor.is_floating_point():
-            if not in_head:
+            # PEFT's formats hold float weights only; a peftkit format may hold masks (ElaLoRA's lora_mask is
+            # bool), whose kinds load checks against the layer's own tensors.
+            if not in_head and peft_type in ("LORA", "HRA") and arch_name in ("lora", "hra"):
                 problems.append(f"{key} is {tensor.dtype}, not floating point (adapter weights are float tensors)")
         elif not bool(torch.isfinite(tensor).all()):
             problems.append(f"{key} holds NaN or inf")
@@ -793,6 +796,13 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
         _raise_on_mismatch(directory, per_module, {
             name: {k: tuple(v.shape) for k, v in layer.saved_tensors(adapter_name).items()}
             for name, layer in touched.items()})
+        # A float tensor of the layer must come as a float tensor (an integer one would be cast silently).
+        wrong_kind = [f"{name}.{k}" for name, layer in touched.items()
+                      for k, v in layer.saved_tensors(adapter_name).items()
+                      if v.is_floating_point() and not per_module[name][k].is_floating_point()]
+        if wrong_kind:
+            raise CheckpointError(f"{directory / WEIGHTS_NAME}: {wrong_kind[:3]} are integer or boolean tensors where "
+                                  "the adapter holds floating point weights; the file is broken - save it again")
         for name, layer in touched.items():
             layer.load_saved_tensors(adapter_name, per_module[name])
         for name, wrapper in saved_modules(model).items():

@@ -249,6 +249,35 @@ def test_integer_adapter_tensors_are_refused_not_cast(lm, adapter, tmp_path, cap
               "not floating point")
 
 
+def saved_adapter(method: str, folder: Path) -> torch.nn.Module:
+    from peftkit import registry
+
+    data = None
+    if registry.get_component("init", registry.get_method(method).init).needs_data:
+        ids = torch.tensor([[1, 2, 3, 4, 5, 6]])
+        data = [{"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}] * 2
+    model = peftkit.wrap(tiny_llama(), method, r=2, targets=["q_proj", "v_proj"], data=data)
+    peftkit.save(model, folder)
+    return model
+
+
+@pytest.mark.parametrize("method", peftkit.methods())
+def test_every_methods_saved_adapter_passes_the_one_reader_and_loads(tmp_path, capsys, method):
+    """The reader's checks hold for what every method saves (ElaLoRA saves a boolean mask)."""
+    saved_adapter(method, tmp_path / "a")
+    checkpoint.read_adapter(tmp_path / "a")
+    peftkit.load(tiny_llama(), tmp_path / "a")
+    assert main(["info", str(tmp_path / "a")]) == 0
+
+
+def test_an_integer_tensor_where_a_peftkit_format_holds_floats_is_refused_at_load(tmp_path):
+    saved_adapter("elalora", tmp_path / "a")
+    key = next(k for k in sorted(load_file(str(tmp_path / "a" / checkpoint.WEIGHTS_NAME))) if k.endswith("lora_E"))
+    edit_tensors(tmp_path / "a", lambda t: t.__setitem__(key, t[key].to(torch.int64)))
+    with pytest.raises(CheckpointError, match="integer or boolean tensors where the adapter holds floating point"):
+        peftkit.load(tiny_llama(), tmp_path / "a")
+
+
 def test_wrap_refuses_a_model_peft_already_wrapped():
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
