@@ -202,7 +202,6 @@ class _WeightGate:
         self._cond = threading.Condition()
         self._forwards: dict[int, int] = {}  # thread id -> forwards in flight
         self._changing: int | None = None  # the thread changing the weights
-        self.handles: list = []
 
     def enter(self, module, args):
         me = threading.get_ident()
@@ -256,8 +255,8 @@ def _weight_gate(model: nn.Module) -> _WeightGate:
     gate = model.__dict__.get(GATE_ATTR)
     if gate is None:
         gate = model.__dict__[GATE_ATTR] = _WeightGate()
-        gate.handles = [model.register_forward_pre_hook(gate.enter),
-                        model.register_forward_hook(gate.leave, always_call=True)]
+        model.register_forward_pre_hook(gate.enter)
+        model.register_forward_hook(gate.leave, always_call=True)
     return gate
 
 
@@ -306,8 +305,12 @@ def unwrap(model: nn.Module, merge: bool = True) -> nn.Module:
         return remove(model, merge=merge)
     with gate.changing("unwrap"):
         plain = remove(model, merge=merge)
-    for handle in gate.handles:  # the plain model keeps no hook of peftkit's
-        handle.remove()
+    # The plain model keeps no hook of peftkit's (found by owner: a deep-copied model's hooks have no handles)
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key, hook in list(hooks.items()):
+            if getattr(hook, "__self__", None) is gate:
+                del hooks[key]
+                model._forward_hooks_always_called.pop(key, None)
     model.__dict__.pop(GATE_ATTR, None)
     return plain
 

@@ -609,3 +609,15 @@ def test_push_with_a_refused_token_is_one_error(adapter, capsys, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(hub, "HfApi", RefusingApi)
     one_error(capsys, ["push", str(adapter), "me/adapter"], "401", "token was refused")
+
+
+@pytest.mark.parametrize("copied", [False, True])
+def test_the_merge_gate_follows_a_copied_model_and_unwrap_removes_it(copied):
+    import copy
+
+    model = peftkit.wrap(tiny_llama(), "lora", r=2)
+    model = copy.deepcopy(model) if copied else model
+    peftkit.merge(model)
+    peftkit.unmerge(model)
+    plain = peftkit.unwrap(model)
+    assert not plain._forward_hooks and not plain._forward_pre_hooks and not plain._forward_hooks_always_called
