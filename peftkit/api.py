@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -41,6 +42,13 @@ def wrap(model: nn.Module, method_or_config: str | AdapterConfig = "lora", *, da
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"wrap: expected a torch.nn.Module (a Hugging Face model), got {type(model).__name__}")
+    foreign = next(((n, m) for n, m in model.named_modules() if type(m).__module__.split(".")[0] == "peft"), None)
+    if foreign is not None:
+        # peftkit's layers would nest inside PEFT's lora_A / lora_B and train those instead of the base.
+        name, module = foreign
+        raise StateError(f"wrap: the model already holds HF PEFT adapters ({type(module).__name__} at "
+                         f"'{name or 'the top'}'); wrap the plain base model, or fold PEFT's adapters in first "
+                         "(model = model.merge_and_unload()), or read a saved PEFT adapter with peftkit.load")
     from .aliases import apply_aliases, from_peft_config, is_peft_config
 
     if is_peft_config(method_or_config):  # PEFT's LoraConfig / HRAConfig: the adapter get_peft_model builds
@@ -74,6 +82,7 @@ def wrap(model: nn.Module, method_or_config: str | AdapterConfig = "lora", *, da
             raise
     finally:
         torch.random.set_rng_state(torch_state)
+    _weight_gate(model)
     return model
 
 
@@ -172,8 +181,9 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
          trainable: bool = False, *, revision: str | None = None, token: bool | str | None = None) -> nn.Module:
     """Inject and fill the adapter saved in ``directory`` (by peftkit or by PEFT; a folder or a Hub id, read at
     ``revision`` with ``token``) into a plain base model."""
-    return checkpoint.load(model, directory, adapter_name=adapter_name, trainable=trainable, revision=revision,
-                           token=token)
+    checkpoint.load(model, directory, adapter_name=adapter_name, trainable=trainable, revision=revision, token=token)
+    _weight_gate(model)
+    return model
 
 
 def export(model_or_dir: nn.Module | str | os.PathLike, directory: str | os.PathLike, format: str = "peft",
@@ -182,8 +192,84 @@ def export(model_or_dir: nn.Module | str | os.PathLike, directory: str | os.Path
     return checkpoint.export(model_or_dir, directory, format=format, base_model=base_model)
 
 
+class _WeightGate:
+    """Makes merge / unmerge atomic to forward passes in other threads (a model serving requests while another
+    thread merges): a forward of the wrapped model waits while the base weights change, and merge / unmerge wait
+    until the forwards in flight have returned. A merge from inside a forward of the same thread is refused
+    (it would wait for itself). Forwards of a submodule called directly are not counted."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._forwards: dict[int, int] = {}  # thread id -> forwards in flight
+        self._changing: int | None = None  # the thread changing the weights
+
+    def enter(self, module, args):
+        me = threading.get_ident()
+        with self._cond:
+            while self._changing is not None and self._changing != me:
+                self._cond.wait()
+            self._forwards[me] = self._forwards.get(me, 0) + 1
+
+    def leave(self, module, args, output):
+        me = threading.get_ident()
+        with self._cond:
+            left = self._forwards.get(me, 1) - 1
+            if left:
+                self._forwards[me] = left
+            else:
+                self._forwards.pop(me, None)
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def changing(self, what: str) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            if me in self._forwards:
+                raise StateError(f"{what}: called during a forward pass of this model in the same thread; call it "
+                                 "before or after the forward")
+            while self._changing is not None or self._forwards:
+                self._cond.wait()
+            self._changing = me
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._changing = None
+                self._cond.notify_all()
+
+    def __deepcopy__(self, memo) -> "_WeightGate":  # a copied model gets its own gate (locks do not copy)
+        return _WeightGate()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+
+GATE_ATTR = "_peftkit_weight_gate"
+
+
+def _weight_gate(model: nn.Module) -> _WeightGate:
+    """The model's gate, its hooks registered on first use (wrap and load register it)."""
+    gate = model.__dict__.get(GATE_ATTR)
+    if gate is None:
+        gate = model.__dict__[GATE_ATTR] = _WeightGate()
+        model.register_forward_pre_hook(gate.enter)
+        model.register_forward_hook(gate.leave, always_call=True)
+    return gate
+
+
 def merge(model: nn.Module, safe: bool = False) -> nn.Module:
-    """Fold the active adapters into the base weights (the adapters stay, ready to ``unmerge``)."""
+    """Fold the active adapters into the base weights (the adapters stay, ready to ``unmerge``).
+
+    Thread-safe against forward passes of ``model`` in other threads: they wait while the weights change, and
+    the merge waits for those in flight (see ``docs/errors.md``)."""
+    with _weight_gate(model).changing("merge"):
+        return _merge(model, safe)
+
+
+def _merge(model: nn.Module, safe: bool) -> nn.Module:
     layers = adapter_layers(model)
     state_of(model)
     if any(layer.merged_adapters for layer in layers.values()):
@@ -204,16 +290,29 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Subtract merged adapters from the base weights again."""
+    """Subtract merged adapters from the base weights again (thread-safe as :func:`merge`)."""
     state_of(model)
-    for layer in adapter_layers(model).values():
-        layer.unmerge()
+    with _weight_gate(model).changing("unmerge"):
+        for layer in adapter_layers(model).values():
+            layer.unmerge()
     return model
 
 
 def unwrap(model: nn.Module, merge: bool = True) -> nn.Module:
     """Remove the adapter layers (merging them first unless ``merge=False``); returns the plain model."""
-    return remove(model, merge=merge)
+    gate = model.__dict__.get(GATE_ATTR)
+    if gate is None:
+        return remove(model, merge=merge)
+    with gate.changing("unwrap"):
+        plain = remove(model, merge=merge)
+    # The plain model keeps no hook of peftkit's (found by owner: a deep-copied model's hooks have no handles)
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key, hook in list(hooks.items()):
+            if getattr(hook, "__self__", None) is gate:
+                del hooks[key]
+                model._forward_hooks_always_called.pop(key, None)
+    model.__dict__.pop(GATE_ATTR, None)
+    return plain
 
 
 def delete_adapter(model: nn.Module, names: str | list[str]) -> None:

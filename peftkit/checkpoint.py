@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import re
 import sys
@@ -33,7 +34,7 @@ from .errors import CheckpointError, ConfigError
 from .inject import (adapter_layers, drop_adapter, inject, parameter_flags, probe_adapter, remove,
                      restore_parameter_flags, saved_modules, state_of)
 from .layer import AdapterLayer
-from .validation import check_fields, check_output_dir, option
+from .validation import MAX_INT, check_fields, check_output_dir, json_loads, option, pattern_suffix_match
 
 CONFIG_NAME = "adapter_config.json"
 METADATA_NAME = "peftkit.json"
@@ -144,9 +145,51 @@ def serialize_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
 
 
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def _check_header(path: Path) -> None:
+    """Parse and check a safetensors header before any tensor is read: its length, JSON, and that every
+    tensor's offsets lie inside the file and fit its shape and dtype (a crafted or truncated file is refused
+    without reading the rest of it, however large)."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{size} bytes, shorter than a safetensors header")
+        length = int.from_bytes(head, "little")
+        if length > min(MAX_HEADER_BYTES, size - 8):
+            raise ValueError(f"the header claims {length:,} bytes; the file has {size:,}")
+        raw = handle.read(length)
+    try:
+        header = json_loads(raw, "header")
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    data_bytes = size - 8 - length
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            raise ValueError(f"tensor '{name}': no dtype, shape and offsets")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if (dtype not in _DTYPE_BYTES or not isinstance(shape, list) or len(shape) > 8
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)
+                or not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+            raise ValueError(f"tensor '{name}': a malformed entry")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_bytes or end - begin != math.prod(shape) * _DTYPE_BYTES[dtype]:
+            raise ValueError(f"tensor '{name}': offsets {offsets} do not fit its shape {shape} or the file")
+
+
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a safetensors file; a missing, truncated or corrupt file is one CheckpointError."""
-    from safetensors.torch import load
+    """Load a safetensors file; a missing, truncated or corrupt file is one CheckpointError. The header is
+    checked before anything else is read (:func:`_check_header`)."""
+    from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
@@ -157,7 +200,8 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             )
         raise CheckpointError(f"{path}: file not found; expected the adapter weights ({WEIGHTS_NAME}) here")
     try:
-        return load(path.read_bytes())
+        _check_header(path)
+        return load_file(path)
     except Exception as exc:
         raise CheckpointError(
             f"{path}: not a readable safetensors file ({exc}); the file is corrupt or truncated - save the "
@@ -201,6 +245,10 @@ class PeftkitFields:
     # "axis:name" -> the module that registered a component from outside peftkit (a plugin), so that loading
     # where the plugin is missing can say which package to install
     plugins: dict[str, Any] = field(default_factory=dict)
+    # A classification adapter's head: the base is rebuilt with these (merge, export, chat)
+    num_labels: int | None = option(None, gt=0, le=100_000)
+    id2label: dict[str, str] | None = None
+    label2id: dict[str, int] | None = option(None, ge=0, le=100_000)
 
 
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -209,10 +257,7 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found; expected an adapter folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc}); the file is corrupt - save the adapter again") from None
+    data = _read_json(path)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
     data = check_fields(PeftFields, data, prefix=f"{path}: ", unknown="ignore", error=CheckpointError)
@@ -221,12 +266,29 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def _read_json(path: Path) -> Any:
+    """A JSON file of an adapter folder, bounded (:func:`peftkit.validation.json_loads`); else one
+    CheckpointError naming the file."""
+    try:
+        return json_loads(path.read_bytes(), str(path))
+    except ValueError as exc:  # ConfigError from json_loads, UnicodeDecodeError
+        raise CheckpointError(f"{exc}; the file is corrupt - save the adapter again" if str(path) in str(exc) else
+                              f"{path}: not valid JSON ({exc}); the file is corrupt - save the adapter again") from None
+
+
 def _check_section(section: dict[str, Any], prefix: str) -> dict[str, Any]:
     """peftkit's metadata (the sidecar, or an old config's ``peftkit`` key) with its field types checked, its
     config's too: the architecture name is read before the config is built."""
     section = check_fields(PeftkitFields, section, prefix=prefix, unknown="ignore", error=CheckpointError)
     section["config"] = check_fields(AdapterConfig, section["config"], prefix=f"{prefix}config.", unknown="ignore",
                                      error=CheckpointError)
+    id2label, num_labels = section.get("id2label"), section.get("num_labels")
+    if id2label:
+        count = num_labels if num_labels is not None else len(id2label)
+        bad = [k for k in id2label if not (k.isdigit() and len(k) < 7 and int(k) < count)]
+        if bad:
+            raise CheckpointError(f"{prefix}id2label: keys must be the class indices 0..{count - 1} as strings, got "
+                                  f"{[k[:20] for k in bad[:3]]}; fix the file or save the adapter again")
     return section
 
 
@@ -487,10 +549,7 @@ def read_metadata(directory: str | os.PathLike, data: dict[str, Any] | None = No
     ``adapter_config.json`` written before the sidecar (``data``); None for a plain PEFT adapter."""
     path = Path(directory) / METADATA_NAME
     if path.is_file():
-        try:
-            section = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path}: not valid JSON ({exc}); the file is corrupt - save the adapter again") from None
+        section = _read_json(path)
         if not isinstance(section, dict):
             raise CheckpointError(f"{path}: expected a JSON object, got {type(section).__name__}")
         expected = section.get("config_sha256")
@@ -503,6 +562,106 @@ def read_metadata(directory: str | os.PathLike, data: dict[str, Any] | None = No
         data = read_config(directory)
     section = data.get("peftkit")
     return section if isinstance(section, dict) else None
+
+
+@dataclass
+class AdapterFolder:
+    """An adapter folder as read and checked by :func:`read_adapter`."""
+
+    directory: Path
+    config: dict[str, Any]  # adapter_config.json, its fields checked
+    metadata: dict[str, Any] | None  # peftkit's sidecar (or an old config's peftkit key); None for plain PEFT
+    tensors: dict[str, torch.Tensor]
+    architecture: str  # the registered architecture that reads the tensors
+
+
+def read_adapter(directory: str | os.PathLike) -> AdapterFolder:
+    """The one reader of adapter folders (``load``, ``info``, ``export``, ``merge``, ``chat``, ``push``): every
+    check that needs no model, so no command takes a folder that another refuses.
+
+    The config and sidecar are bounded JSON with typed fields; the weights file's header is checked before it is
+    read, and its sha256 against the one the sidecar recorded; the format is one peftkit reads; every tensor has
+    at least one dimension and one value, is finite, and is floating point in PEFT's formats (a saved head may
+    hold integer buffers; a peftkit format's masks are checked against its layers by ``load``);
+    and a LoRA's tensors have the rank its config gives each module (``r`` / ``rank_pattern``, PEFT's rule).
+    Raises one CheckpointError naming the file and what is wrong."""
+    directory = Path(directory)
+    data = read_config(directory)
+    peft_type = data.get("peft_type")
+    section = read_metadata(directory, data)
+    if section is not None and section.get("config", {}).get("architecture"):
+        arch_name = section["config"]["architecture"]
+    else:
+        arch_name = {"LORA": "lora", "HRA": "hra"}.get(peft_type)
+    if arch_name is None:
+        raise CheckpointError(
+            f"{directory / CONFIG_NAME}: peft_type '{peft_type}' is not a format peftkit reads (it reads PEFT's "
+            "LORA and HRA adapters and its own); convert it with PEFT or retrain it with peftkit"
+        )
+    if peft_type == "LORA" and (data.get("use_dora") or data.get("lora_bias") or data.get("bias", "none") != "none"):
+        raise CheckpointError(
+            f"{directory / CONFIG_NAME}: this LoRA uses "
+            f"{'DoRA' if data.get('use_dora') else 'lora_bias' if data.get('lora_bias') else 'bias=' + str(data.get('bias'))}, "
+            "which peftkit does not read; merge it with PEFT (merge_and_unload) and use the merged model as the base"
+        )
+    tensors = read_tensors(directory / WEIGHTS_NAME)
+    expected = section.get("weights_sha256") if section else None
+    if expected and sha256_file(directory / WEIGHTS_NAME) != expected:
+        raise CheckpointError(
+            f"{directory}: {WEIGHTS_NAME} is not the file saved with this {CONFIG_NAME} (its sha256 differs from the "
+            "one recorded at save time): it was corrupted, or the folder mixes two saves - save the adapter again"
+        )
+    if not tensors:
+        raise CheckpointError(f"{directory / WEIGHTS_NAME}: holds no adapter weights (no tensors at all); the file is "
+                              "empty or was replaced - save the adapter again")
+    heads = list(data.get("modules_to_save") or [])
+    problems = []
+    for key, tensor in tensors.items():
+        path = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        in_head = any(path.startswith(h + ".") or ("." + h + ".") in ("." + path) for h in heads)
+        if tensor.dim() == 0 or tensor.numel() == 0:
+            problems.append(f"{key} has shape {tuple(tensor.shape)} (an adapter tensor needs at least one value in "
+                            "at least one dimension)")
+        elif not tensor.is_floating_point():
+            # PEFT's formats hold float weights only; a peftkit format may hold masks (ElaLoRA's lora_mask is
+            # bool), whose kinds load checks against the layer's own tensors.
+            if not in_head and peft_type in ("LORA", "HRA") and arch_name in ("lora", "hra"):
+                problems.append(f"{key} is {tensor.dtype}, not floating point (adapter weights are float tensors)")
+        elif not bool(torch.isfinite(tensor).all()):
+            problems.append(f"{key} holds NaN or inf")
+    if problems:
+        raise CheckpointError(f"{directory / WEIGHTS_NAME}: {len(problems)} bad tensors: {'; '.join(problems[:3])}"
+                              f"{' ...' if len(problems) > 3 else ''}; the adapter is broken - save it again from a "
+                              "good run (a trained adapter is finite float tensors)")
+    if peft_type == "LORA" and arch_name == "lora":
+        _check_lora_ranks(directory, data, tensors)
+    return AdapterFolder(directory, data, section, tensors, arch_name)
+
+
+def _check_lora_ranks(directory: Path, data: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Each module's lora_A rows and lora_B columns equal the rank the config gives it (PEFT reads the rank
+    from the config, so a mismatch would load as another adapter or fail inside PEFT)."""
+    r = int(data.get("r", 8))
+    pattern = data.get("rank_pattern") or {}
+    wrong = []
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key[: -len(".lora_A.weight")]
+        name = module[len(PREFIX):] if module.startswith(PREFIX) else module
+        b = tensors.get(f"{module}.lora_B.weight")
+        rank = next((int(v) for k, v in pattern.items() if pattern_suffix_match(k, name, "rank_pattern",
+                                                                               CheckpointError)), r)
+        got = {int(a.shape[0]), *([int(b.shape[1])] if b is not None and b.dim() >= 2 else [])}
+        if b is None or b.dim() < 2 or a.dim() < 2 or got != {rank}:
+            wrong.append(f"{name}: config rank {rank}, lora_A {tuple(a.shape)}, lora_B "
+                         f"{tuple(b.shape) if b is not None else 'missing'}")
+    if wrong:
+        raise CheckpointError(f"{directory}: the ranks in {CONFIG_NAME} (r={r}, rank_pattern) disagree with the "
+                              f"tensors in {WEIGHTS_NAME} ({len(wrong)} modules): {'; '.join(wrong[:3])}"
+                              f"{' ...' if len(wrong) > 3 else ''}; the files come from different saves - save the "
+                              "adapter again")
+
 
 
 def _resolve(directory: str | os.PathLike, what: str = "adapter", **hub: Any) -> Path:
@@ -573,31 +732,8 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
         # A non-default adapter lives in dir/<name>/ (save's layout and PEFT's save_pretrained's); dir/ itself
         # may hold the adapter "default" of the same save.
         directory = directory / adapter_name
-    data = read_config(directory)
-    peft_type = data.get("peft_type")
-    section = read_metadata(directory, data)
-    if section is not None and section.get("config", {}).get("architecture"):
-        arch_name = section["config"]["architecture"]
-    else:
-        arch_name = {"LORA": "lora", "HRA": "hra"}.get(peft_type)
-    if arch_name is None:
-        raise CheckpointError(
-            f"{directory / CONFIG_NAME}: peft_type '{peft_type}' is not a format peftkit reads (it reads PEFT's "
-            "LORA and HRA adapters and its own); convert it with PEFT or retrain it with peftkit"
-        )
-    if peft_type == "LORA" and (data.get("use_dora") or data.get("lora_bias") or data.get("bias", "none") != "none"):
-        raise CheckpointError(
-            f"{directory / CONFIG_NAME}: this LoRA uses "
-            f"{'DoRA' if data.get('use_dora') else 'lora_bias' if data.get('lora_bias') else 'bias=' + str(data.get('bias'))}, "
-            "which peftkit does not read; merge it with PEFT (merge_and_unload) and use the merged model as the base"
-        )
-    tensors = read_tensors(directory / WEIGHTS_NAME)
-    expected = section.get("weights_sha256") if section else None
-    if expected and sha256_file(directory / WEIGHTS_NAME) != expected:
-        raise CheckpointError(
-            f"{directory}: {WEIGHTS_NAME} is not the file saved with this {CONFIG_NAME} (its sha256 differs from the "
-            "one recorded at save time): it was corrupted, or the folder mixes two saves - save the adapter again"
-        )
+    folder = read_adapter(directory)
+    data, section, tensors, arch_name = folder.config, folder.metadata, folder.tensors, folder.architecture
     try:
         layer_cls = registry.get_component("architecture", arch_name).obj
     except ConfigError as exc:
@@ -660,6 +796,13 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
         _raise_on_mismatch(directory, per_module, {
             name: {k: tuple(v.shape) for k, v in layer.saved_tensors(adapter_name).items()}
             for name, layer in touched.items()})
+        # A float tensor of the layer must come as a float tensor (an integer one would be cast silently).
+        wrong_kind = [f"{name}.{k}" for name, layer in touched.items()
+                      for k, v in layer.saved_tensors(adapter_name).items()
+                      if v.is_floating_point() and not per_module[name][k].is_floating_point()]
+        if wrong_kind:
+            raise CheckpointError(f"{directory / WEIGHTS_NAME}: {wrong_kind[:3]} are integer or boolean tensors where "
+                                  "the adapter holds floating point weights; the file is broken - save it again")
         for name, layer in touched.items():
             layer.load_saved_tensors(adapter_name, per_module[name])
         for name, wrapper in saved_modules(model).items():
@@ -781,7 +924,7 @@ def _raise_on_mismatch(directory: Path, per_module: dict[str, dict[str, torch.Te
 def _warn_unmatched_patterns(config: AdapterConfig, names: list[str]) -> None:
     for field_name in ("rank_pattern", "alpha_pattern"):
         for key in getattr(config, field_name):
-            if not any(re.match(rf"(.*\.)?({key})$", n) for n in names):
+            if not any(pattern_suffix_match(key, n, field_name, CheckpointError) for n in names):
                 warnings.warn(f"{field_name}: key '{key}' of the loaded checkpoint matches no adapted module; ignored")
 
 
@@ -791,7 +934,8 @@ def _strip_patterns(config: AdapterConfig, names: list[str]) -> AdapterConfig:
     out = copy.deepcopy(config)
     for field_name in ("rank_pattern", "alpha_pattern"):
         pattern = getattr(out, field_name)
-        setattr(out, field_name, {k: v for k, v in pattern.items() if any(re.match(rf"(.*\.)?({k})$", n) for n in names)})
+        setattr(out, field_name, {k: v for k, v in pattern.items()
+                                  if any(pattern_suffix_match(k, n, field_name, CheckpointError) for n in names)})
     if getattr(config, "_allow_large_rank", False):
         object.__setattr__(out, "_allow_large_rank", True)
     return out
@@ -800,15 +944,9 @@ def _strip_patterns(config: AdapterConfig, names: list[str]) -> AdapterConfig:
 def describe(directory: str | os.PathLike) -> dict[str, Any]:
     """Verify an adapter folder and summarise it (method, ranks, targets, size, base model)."""
     directory = _resolve(directory)
-    data = read_config(directory)
-    tensors = read_tensors(directory / WEIGHTS_NAME)
-    section = read_metadata(directory, data) or {}
+    folder = read_adapter(directory)
+    data, tensors, section = folder.config, folder.tensors, folder.metadata or {}
     expected = section.get("weights_sha256")
-    if expected and sha256_file(directory / WEIGHTS_NAME) != expected:
-        raise CheckpointError(f"{directory}: {WEIGHTS_NAME} does not match the sha256 recorded in {CONFIG_NAME}")
-    if not tensors:
-        raise CheckpointError(f"{directory / WEIGHTS_NAME}: holds no tensors; the file is empty or was replaced - "
-                              "save the adapter again")
     ranks = {}
     for key, tensor in tensors.items():
         if key.endswith("lora_A.weight"):
@@ -842,16 +980,15 @@ def export(model_or_dir: nn.Module | str | os.PathLike, directory: str | os.Path
     if Path(directory).resolve() == source.resolve():
         raise ConfigError(f"export: the output folder {directory} is the adapter's own folder; exporting there would "
                           "replace the adapter it reads. Choose another folder")
-    data = read_config(source)
-    arch = (read_metadata(source, data) or {}).get("config", {}).get("architecture", "lora")
+    folder = read_adapter(source)
+    data, arch = folder.config, folder.architecture
     if data.get("peft_type") in ("LORA", "HRA") and arch in ("lora", "hra"):
-        read_tensors(source / WEIGHTS_NAME)
         target = Path(directory)
         target.mkdir(parents=True, exist_ok=True)
         # The export is a plain PEFT adapter: PEFT's fields only (an old file's peftkit key is dropped).
         config = {k: v for k, v in data.items() if k != "peftkit"}
         weights, config_bytes = (source / WEIGHTS_NAME).read_bytes(), json_bytes(config)
-        metadata = read_metadata(source, data)
+        metadata = folder.metadata
         atomic_write_bytes(target / WEIGHTS_NAME, weights)
         if metadata is not None:  # the sidecar follows the files it describes (a stale one would refuse to load)
             metadata = {**metadata, "weights_sha256": hashlib.sha256(weights).hexdigest(),

@@ -15,6 +15,7 @@ PEFT does; ``peftkit.set_adapter(model, name)`` activates it.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Sequence
 
 import torch
@@ -48,7 +49,16 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
                          svd_clamp: float | None = None) -> nn.Module:
     """Add adapter ``adapter_name`` = Σ wᵢ·adapterᵢ (see the module docstring); returns the model."""
     state = state_of(model)
-    adapters, weights = list(adapters), [float(w) for w in weights]
+    adapters, weights = list(adapters), list(weights)
+    for i, w in enumerate(weights):
+        try:
+            value = None if isinstance(w, (bool, str)) else float(w)
+        except (TypeError, ValueError, RuntimeError):
+            value = None
+        if value is None or not math.isfinite(value):
+            raise ConfigError(f"add_weighted_adapter: weights[{i}] must be a finite number, got {w!r}; a NaN or inf "
+                              "weight would write a NaN adapter")
+        weights[i] = value
     if not adapters or len(adapters) != len(weights):
         raise ConfigError(f"add_weighted_adapter: expected one weight per adapter, got {len(adapters)} adapters and "
                           f"{len(weights)} weights")

@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import difflib
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -19,7 +18,8 @@ import torch.nn as nn
 
 from . import registry
 from .errors import ConfigError
-from .validation import Rule, check_fields, check_instance, check_value, option, unknown_key
+from .validation import (Rule, check_fields, check_instance, check_value, compile_pattern, option,
+                         pattern_suffix_match, unknown_key)
 
 ALL_LINEAR = "all-linear"
 # Classification heads that "all-linear" never adapts (they are new, randomly initialised layers).
@@ -102,7 +102,7 @@ COMMON_FIELDS = [f.name for f in dataclasses.fields(AdapterConfig) if f.name not
 def pattern_key(pattern: dict[str, Any], module_name: str) -> str | None:
     """PEFT's rank_pattern / alpha_pattern rule: the first key whose regex ``(.*\\.)?(KEY)$`` matches."""
     for key in pattern:
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        if pattern_suffix_match(key, module_name):
             return key
     return None
 
@@ -201,10 +201,7 @@ def validate(config: AdapterConfig, comps: dict[str, registry.Component] | None 
             config.options[axis] = check_component_options(comps[axis], config.options[axis], prefix=prefix)
     for name in ("rank_pattern", "alpha_pattern"):
         for key in getattr(config, name):
-            try:
-                re.compile(key)
-            except re.error as exc:
-                raise ConfigError(f"{prefix}{name}: key '{key}' is not a valid regex ({exc})") from None
+            compile_pattern(key, f"{prefix}{name}: key")
     if not isinstance(config.targets, str) and not config.targets:
         raise ConfigError(f"{prefix}targets: expected 'all-linear', a regex string or a non-empty list of module "
                           "names, got an empty list")
@@ -231,7 +228,7 @@ def _name_matches(name: str, entry: str) -> bool:
 
 def _matches(name: str, spec: str | list[str]) -> bool:
     if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
+        return compile_pattern(spec, "exclude").fullmatch(name) is not None
     return any(_name_matches(name, entry) for entry in spec)
 
 
@@ -275,11 +272,8 @@ def select_targets(model: nn.Module, config: AdapterConfig, supported: tuple[typ
         chosen = [n for n in names if isinstance(modules[n], supported) and isinstance(modules[n], linear_types())
                   and n not in excluded]
     elif isinstance(targets, str):
-        try:
-            re.compile(targets)
-        except re.error as exc:
-            raise ConfigError(f"targets: '{targets}' is not a valid regex ({exc})") from None
-        chosen = [n for n in names if re.fullmatch(targets, n)]
+        regex = compile_pattern(targets, "targets")
+        chosen = [n for n in names if regex.fullmatch(n)]
         if not chosen:
             raise ConfigError(
                 f"targets: the regex '{targets}' matches no module (it must match the whole dotted name). "
@@ -314,7 +308,7 @@ def select_targets(model: nn.Module, config: AdapterConfig, supported: tuple[typ
         raise ConfigError("targets: nothing left to adapt after exclusions; widen targets or shrink exclude")
     for name, pattern in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
         for key in pattern:
-            if not any(re.match(rf"(.*\.)?({key})$", n) for n in chosen):
+            if not any(pattern_suffix_match(key, n, name) for n in chosen):
                 raise ConfigError(
                     f"{name}: key '{key}' matches no adapted module (keys are regexes matched against the end of "
                     f"the module name, e.g. 'q_proj' or 'layers\\.1\\..*q_proj'). Adapted modules look like: "

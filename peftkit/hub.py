@@ -102,17 +102,42 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, token: bool | str | 
     """Upload an adapter folder to ``repo_id`` as one commit (created if missing); returns the commit's URL."""
     from . import checkpoint
 
+    check_repo_id(repo_id, "push")
     require_token(token, "push")
     folder = Path(folder)
     checkpoint.describe(folder)  # a complete, verified adapter, or nothing is uploaded
     token_arg = token if isinstance(token, str) else None
-    api = HfApi(token=token_arg)
-    repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    info = api.upload_folder(folder_path=str(folder), repo_id=getattr(repo, "repo_id", repo_id), repo_type="model",
-                             commit_message=commit_message or "Upload peftkit adapter", revision=revision,
-                             allow_patterns=ADAPTER_FILES,
-                             create_pr=create_pr)
+    if token_arg is not None and (token_arg != token_arg.strip() or not token_arg.isprintable()):
+        raise ConfigError("push: the token holds spaces or control characters; copy it again from "
+                          "https://huggingface.co/settings/tokens")
+    try:
+        api = HfApi(token=token_arg)
+        repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(folder_path=str(folder), repo_id=getattr(repo, "repo_id", repo_id), repo_type="model",
+                                 commit_message=commit_message or "Upload peftkit adapter", revision=revision,
+                                 allow_patterns=ADAPTER_FILES, create_pr=create_pr)
+    except Exception as exc:  # a refused token, a repo of someone else's, the network: one message
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        hint = ("the token was refused or may not write there: check it (`hf auth whoami`) and its write access"
+                if status in (401, 403) else "check the repo id, the token and the network")
+        raise ConfigError(f"push: uploading to '{repo_id}' failed ({first[:300]}); {hint}") from None
     return str(getattr(info, "commit_url", info))
+
+
+def check_repo_id(repo_id: Any, what: str) -> str:
+    """A Hub repo id (``name`` or ``namespace/name``, huggingface_hub's rules); else one ConfigError."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(repo_id, str):
+        raise ConfigError(f"{what}: expected a Hub repo id such as me/my-adapter, got {type(repo_id).__name__}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"{what}: '{repo_id[:100]}' is not a valid Hub repo id ({first[:200]}); use "
+                          "namespace/name, e.g. me/my-adapter") from None
+    return repo_id
 
 
 # ------------------------------------------------------------------------------------------ model card

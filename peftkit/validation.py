@@ -12,7 +12,14 @@ values against such a dataclass before anything is allocated or written. The rul
   number (``8`` or ``8.0``); every number must be finite (no ``.inf`` / ``.nan``, ``Infinity`` / ``NaN``)
   and lie in the field's range; a range on a list, tuple or dict option applies to each of its numbers;
 - ``choices`` lists the accepted values;
-- an unknown key is an error that names the closest valid key.
+- an unknown key is an error that names the closest valid key;
+- every integer lies within ``MAX_INT`` (a field may bound it further): no value can ask for an absurd
+  allocation or a loop that never ends, and no huge literal reaches code that would overflow on it.
+
+Untrusted text is parsed here too, bounded before anything walks the result: :func:`yaml_load` (duplicate keys
+refused with their lines, nesting depth and the size an alias-expanded value would have bounded),
+:func:`json_loads` (the same bounds) and :func:`compile_pattern` (regexes from recipes and adapter configs,
+matched by RE2, a linear-time engine, so no pattern can backtrack for minutes).
 
 Each failure is one error naming the field, what it expects, what it got and what to do.
 """
@@ -35,6 +42,12 @@ import yaml
 from .errors import ConfigError, PeftkitError
 
 RULE_KEY = "peftkit.rule"
+# The largest integer any field takes unless its rule says less (int32: every size, count and step fits).
+MAX_INT = 2**31 - 1
+# Untrusted nested values (recipes, JSON files): the deepest nesting and the most values, aliases expanded.
+MAX_DEPTH = 64
+MAX_NODES = 200_000
+MAX_PATTERN_CHARS = 1000
 
 
 @dataclass(frozen=True)
@@ -91,20 +104,28 @@ def _show(value: Any) -> str:
     if isinstance(value, bool):
         return f"the boolean {value}"
     if isinstance(value, str):
-        return f"the string {value!r}"
+        return f"the string {value[:60]!r}{'...' if len(value) > 60 else ''}"
+    if isinstance(value, int) and abs(value) > 10**30:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    if isinstance(value, (dict, list, tuple)) and size_of(value, limit=1000) >= 1000:
+        return f"a {type(value).__name__} of more than 1000 values"
     text = repr(value)
     return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
 
 
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
+
+
 def _range_text(rule: Rule) -> str:
-    low = f"[{rule.ge:g}" if rule.ge is not None else f"({rule.gt:g}" if rule.gt is not None else None
-    high = f"{rule.le:g}]" if rule.le is not None else f"{rule.lt:g})" if rule.lt is not None else None
+    low = f"[{_fmt(rule.ge)}" if rule.ge is not None else f"({_fmt(rule.gt)}" if rule.gt is not None else None
+    high = f"{_fmt(rule.le)}]" if rule.le is not None else f"{_fmt(rule.lt)})" if rule.lt is not None else None
     if low and high:
         return f" in {low}, {high}"
     if low:
-        return f" >= {rule.ge:g}" if rule.ge is not None else f" > {rule.gt:g}"
+        return f" >= {_fmt(rule.ge)}" if rule.ge is not None else f" > {_fmt(rule.gt)}"
     if high:
-        return f" <= {rule.le:g}" if rule.le is not None else f" < {rule.lt:g}"
+        return f" <= {_fmt(rule.le)}" if rule.le is not None else f" < {_fmt(rule.lt)}"
     return ""
 
 
@@ -185,11 +206,13 @@ def _convert(value: Any, hint: Any, rule: Rule) -> Any:
     if hint in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _Mismatch
+        if isinstance(value, int) and abs(value) > MAX_INT:
+            raise _Mismatch
         if not math.isfinite(value):
             raise _Mismatch
         if hint is int:
             if isinstance(value, float):
-                if not value.is_integer():
+                if not value.is_integer() or abs(value) > MAX_INT:
                     raise _Mismatch
                 value = int(value)
         else:
@@ -242,9 +265,20 @@ def check_value(name: str, value: Any, hint: Any, rule: Rule = Rule(), *, defaul
         if rule.choices is not None and not _is_choice(converted, rule.choices):
             raise _Mismatch
     except _Mismatch:
+        if _too_large(value) and "integer" in describe(hint, rule):
+            raise error(f"{name}: expected {rule.expect or describe(hint, rule)}, and at most {MAX_INT} (every "
+                        f"integer peftkit reads is), got {_show(value)}; set a smaller value") from None
         raise error(f"{name}: expected {rule.expect or describe(hint, rule)}, got "
                     f"{_show(value)}; {_todo(name, value, hint, rule, default)}") from None
     return converted
+
+
+def _too_large(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return abs(value) > MAX_INT
+    return isinstance(value, float) and math.isfinite(value) and value.is_integer() and abs(value) > MAX_INT
 
 
 def _todo(name: str, value: Any, hint: Any, rule: Rule, default: Any) -> str:
@@ -317,6 +351,111 @@ def check_output_dir(path: str | Path, name: str) -> None:
         raise ConfigError(f"{name}: {output} {where}, not a folder; give a new or existing folder")
 
 
+# ------------------------------------------------------------------------------------------ untrusted text
+class InputTooLarge(ConfigError):
+    """A parsed value nested too deeply or too large once its aliases are expanded (a bomb)."""
+
+
+def size_of(value: Any, limit: int = MAX_NODES, depth_limit: int = MAX_DEPTH) -> int:
+    """How many values ``value`` holds once every shared (aliased) sub-value is counted at each place it
+    appears, stopping at ``limit``; the walk visits each distinct container once, so a bomb costs no more than
+    its text. Raises InputTooLarge past ``depth_limit`` levels."""
+    sizes: dict[int, int] = {}
+
+    def walk(node: Any, depth: int) -> int:
+        if not isinstance(node, (dict, list, tuple)):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if depth > depth_limit:
+            raise InputTooLarge(f"nested more than {depth_limit} levels deep")
+        sizes[key] = limit  # a cycle (a recursive YAML alias) counts as too large
+        total = 1
+        for child in (list(node.keys()) + list(node.values()) if isinstance(node, dict) else node):
+            total += walk(child, depth + 1)
+            if total >= limit:
+                break
+        sizes[key] = min(total, limit)
+        return sizes[key]
+
+    return walk(value, 0)
+
+
+def check_size(value: Any, what: str) -> Any:
+    """``value`` when it is within the nesting and size bounds; else one InputTooLarge naming ``what``."""
+    try:
+        size = size_of(value)
+    except InputTooLarge as exc:
+        raise InputTooLarge(f"{what}: {exc}; flatten the value") from None
+    if size >= MAX_NODES:
+        raise InputTooLarge(f"{what}: holds more than {MAX_NODES:,} values once its aliases (&anchor / *alias) are "
+                            "expanded; write the values out, without aliases that multiply them")
+    return value
+
+
+def json_loads(text: str | bytes, what: str) -> Any:
+    """``json.loads`` within the nesting and integer-length bounds; a failure is one ConfigError (a
+    ``ValueError``) naming ``what``. Callers that raise another error class catch ``ValueError``."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise InputTooLarge(f"{what}: nested too deeply to read (over {MAX_DEPTH} levels)") from None
+    except ValueError as exc:  # JSONDecodeError, and an integer literal too long to convert
+        raise ConfigError(f"{what}: not valid JSON ({exc})") from None
+    try:  # JSON has no aliases: its size is its text's; only the depth is bounded
+        size_of(value, limit=2**62)
+    except InputTooLarge as exc:
+        raise InputTooLarge(f"{what}: {exc}") from None
+    return value
+
+
+def compile_pattern(pattern: Any, name: str, error: type[PeftkitError] = ConfigError):
+    """A regex from a recipe or an adapter config, compiled by RE2 (linear time in the name matched: no
+    pattern can backtrack). RE2 takes Python's syntax except backreferences and look-arounds, which are refused
+    here, as is a pattern over ``MAX_PATTERN_CHARS`` characters. Returns the compiled pattern (``.match``,
+    ``.fullmatch``, ``.search`` as in ``re``)."""
+    if not isinstance(pattern, str):
+        raise error(f"{name}: expected a regex string, got {_show(pattern)}")
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise error(f"{name}: the regex is {len(pattern):,} characters long, more than {MAX_PATTERN_CHARS}; "
+                    "list module names instead")
+    return _compiled(pattern, name, error)
+
+
+@functools.lru_cache(maxsize=4096)
+def _re2(pattern: str):
+    try:
+        import re2
+    except ImportError:  # a dependency (pyproject.toml); without it no untrusted regex is matched at all
+        raise PeftkitError("regexes from recipes and adapter configs are matched by RE2, and the package "
+                           "google-re2 is not installed; pip install google-re2") from None
+
+    options = re2.Options()
+    options.log_errors = False  # RE2 would print its own line to stderr
+    return re2.compile(pattern, options)
+
+
+def _compiled(pattern: str, name: str, error: type[PeftkitError]):
+    try:
+        return _re2(pattern)
+    except Exception as exc:  # re2.error (an invalid pattern); the PeftkitError above passes through
+        if isinstance(exc, PeftkitError):
+            raise
+        reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        raise error(f"{name}: '{pattern}' is not a valid regex ({reason}); fix the pattern (backreferences and "
+                    "look-arounds are not supported: RE2 syntax)") from None
+
+
+def pattern_suffix_match(key: str, module_name: str, name: str = "rank_pattern",
+                         error: type[PeftkitError] = ConfigError) -> bool:
+    """PEFT's rank_pattern / alpha_pattern rule: ``(.*\\.)?(KEY)$`` matches ``module_name`` from its start."""
+    compile_pattern(key, f"{name}: key", error)  # the key alone: its own error names it
+    return _compiled(rf"(.*\.)?({key})$", f"{name}: key", error).match(module_name) is not None
+
+
 # ------------------------------------------------------------------------------------------ YAML
 _YAML12_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
 
@@ -325,9 +464,43 @@ class YamlLoader(yaml.SafeLoader):
     """PyYAML's safe loader, reading ``1e-4`` (YAML 1.2 exponent syntax, no dot) as a number, not a string."""
 
 
+    def compose_node(self, parent, index):
+        # The composer recurses per level: bound the depth here, with the line, before Python's stack runs out.
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_DEPTH} levels deep", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        # A repeated key would silently replace the first one (a second `training:` drops the first section).
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (first at line {seen[key]}); keep one of them",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML12_FLOAT, list("-+0123456789."))
 
 
-def yaml_load(text: str) -> Any:
-    """Parse YAML safely (no object construction), with YAML 1.2 exponent numbers."""
-    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - YamlLoader is a SafeLoader
+def yaml_load(text: str, what: str = "YAML") -> Any:
+    """Parse YAML safely (no object construction), with YAML 1.2 exponent numbers; a repeated key is a
+    ``yaml.YAMLError`` with its line, and the result is bounded (:func:`check_size`) before anything walks it:
+    an alias bomb or a too deep or too long value is one :class:`InputTooLarge` (a ConfigError) naming ``what``."""
+    try:
+        value = yaml.load(text, Loader=YamlLoader)  # noqa: S506 - YamlLoader is a SafeLoader
+    except RecursionError:
+        raise InputTooLarge(f"{what}: nested too deeply to read (over {MAX_DEPTH} levels)") from None
+    except ValueError as exc:  # an integer literal longer than Python converts (4300 digits)
+        raise ConfigError(f"{what}: a value could not be read ({exc}); write a smaller number") from None
+    return check_size(value, what)

@@ -274,3 +274,152 @@ def test_commands_on_mutated_adapter_folders_are_ok_or_one_error(adapter_source,
     hypothesis.event(f"{command} {hurt[0]}: exit {code}")
     if code == 2:
         assert tree(work) == before  # a refused command writes nothing
+
+
+# ------------------------------------------------------------------------------------------ issue 25's classes
+from peftkit.train import checkpointing  # noqa: E402
+from peftkit.train.recipe import read_yaml  # noqa: E402
+from peftkit.validation import (MAX_INT, MAX_NODES, InputTooLarge, check_value, compile_pattern,  # noqa: E402
+                                size_of, yaml_load)
+
+KEY_NAMES = st.text("abcdefgh_", min_size=1, max_size=6)
+
+
+@st.composite
+def yaml_with_duplicate(draw) -> tuple[str, str, int, int]:
+    """(YAML text of nested mappings with one key repeated in one mapping, the key, its two line numbers)."""
+    depth = draw(st.integers(0, 3))
+    lines, indent = [], ""
+    for level in range(depth):
+        for key in draw(st.lists(KEY_NAMES, unique=True, max_size=2)):
+            lines.append(f"{indent}{key}x{level}: {draw(st.integers(0, 9))}")
+        lines.append(f"{indent}nest{level}:")
+        indent += "  "
+    keys = draw(st.lists(KEY_NAMES, unique=True, min_size=1, max_size=5))
+    repeated = draw(st.sampled_from(keys))
+    body = [f"{indent}{key}: {draw(st.integers(0, 9))}" for key in keys]
+    at = draw(st.integers(keys.index(repeated) + 1, len(keys)))
+    body.insert(at, f"{indent}{repeated}: {draw(st.sampled_from(['1', 'x', '[1, 2]', '{a: 1}']))}")
+    first = len(lines) + keys.index(repeated) + 1
+    return "\n".join(lines + body) + "\n", repeated, first, len(lines) + at + 1
+
+
+@PROPERTY
+@given(case=yaml_with_duplicate())
+def test_a_repeated_key_at_any_depth_is_refused_with_both_lines(tmp_path_factory, case):
+    text, key, first, second = case
+    path = tmp_path_factory.mktemp("dup") / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(PeftkitError) as info:
+        read_yaml(path)
+    message = str(info.value)
+    assert f"duplicate key '{key}' (first at line {first})" in message and f"line {second}," in message, (text, message)
+
+
+@PROPERTY
+@given(levels=st.integers(1, 12), width=st.integers(1, 12), where=st.sampled_from(["top", "list", "map"]))
+def test_alias_bombs_are_refused_exactly_when_their_expansion_is_too_large(levels, width, where):
+    """A chain of anchors, each level repeating the previous one ``width`` times: refused (quickly, whatever
+    its expansion) iff the expanded value would hold MAX_NODES values or more; size_of counts what a walk visits."""
+    lines = [f"l0: &l0 [" + ", ".join(["x"] * width) + "]"]
+    for i in range(1, levels):
+        lines.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * width) + "]")
+    text = "\n".join(lines) + "\n"
+    if where == "list":
+        text = "outer:\n" + "".join(f"  {line}\n" for line in lines)
+    elif where == "map":
+        text = "outer: {" + ", ".join(lines) + "}\n"
+
+    def expanded(level: int) -> int:  # a list at `level` holding `width` copies of the previous level
+        return 1 + width * (1 if level == 0 else expanded(level - 1))
+
+    total = 1 + sum(1 + expanded(i) for i in range(levels)) + (2 if where != "top" else 0)
+    if total >= MAX_NODES:
+        with pytest.raises(InputTooLarge, match="aliases"):
+            yaml_load(text, "recipe")
+    else:
+        value = yaml_load(text, "recipe")
+        assert size_of(value) == total
+
+
+REGEX_TOKENS = ["a", "b", ".", "\\.", "*", "+", "?", "|", "(", ")", "[ab]", "{2}", "{1,3}", "^", "$", "_proj", "q",
+                "(?:", "\\d", "(?P<n>", "\\1", "(?=", "[", "]"]
+
+
+@PROPERTY
+@given(tokens=st.lists(st.sampled_from(REGEX_TOKENS), min_size=1, max_size=8),
+       names=st.lists(st.text("abq._proj0123", max_size=10), min_size=1, max_size=5))
+def test_patterns_compile_with_one_error_or_match_as_pythons_re(tokens, names):
+    """Any pattern is one ConfigError or a compiled RE2; where Python's re takes it too (no backreferences or
+    look-arounds), both engines agree on every name, for targets (fullmatch) and rank_pattern (PEFT's suffix rule)."""
+    import re
+
+    from peftkit.config import pattern_key
+
+    pattern = "".join(tokens)
+    try:
+        compiled = compile_pattern(pattern, "targets")
+    except PeftkitError as exc:
+        assert "targets" in str(exc) and "\n" not in str(exc)
+        return
+    try:
+        python = re.compile(pattern)
+    except re.error:
+        return
+    for name in names:
+        assert (compiled.fullmatch(name) is not None) == (python.fullmatch(name) is not None), (pattern, name)
+        ours = pattern_key({pattern: 4}, name) is not None
+        assert ours == (re.match(rf"(.*\.)?({pattern})$", name) is not None), (pattern, name)
+
+
+INT_KEYS = [(key, hint, rule) for _, key, hint, rule in KEYS if "int" in str(hint)]
+
+
+@PROPERTY
+@given(case=st.sampled_from(INT_KEYS) if INT_KEYS else st.nothing(),
+       value=st.one_of(st.integers(MAX_INT + 1, 2 ** 64), st.integers(-(2 ** 64), -(MAX_INT + 1)),
+                       st.integers(10 ** 100, 10 ** 4000), st.sampled_from([2 ** 63, 1e300, -1e300, 2.0 ** 63])))
+def test_every_integer_field_refuses_a_huge_integer_in_one_short_error(case, value):
+    key, hint, rule = case
+    with pytest.raises(PeftkitError) as info:
+        check_value(key, value, hint, rule)
+    assert key in str(info.value) and len(str(info.value)) < 600
+
+
+@PROPERTY
+@given(digits=st.integers(4301, 20000), where=st.sampled_from(["training:\n  seed: {}\n", "x: [{}]\n", "{}\n"]))
+def test_an_integer_literal_too_long_to_read_is_one_error(digits, where):
+    with pytest.raises(PeftkitError) as info:
+        yaml_load(where.format("7" * digits), "recipe")
+    assert len(str(info.value)) < 600
+
+
+USER_NAMES = [*checkpointing.RUN_FILES, "notes.txt", "data.jsonl", "checkpoints", "adapter", ".peftkit.lock"]
+
+
+@PROPERTY
+@given(entries=st.dictionaries(st.sampled_from(USER_NAMES), st.sampled_from(["file", "folder"]), max_size=5),
+       resume=st.booleans())
+def test_a_run_folder_check_refuses_or_passes_and_never_changes_the_folder(tmp_path_factory, entries, resume):
+    """check_run_folder on any mix of the user's files and folders: a non-run folder holding a name a run writes
+    is refused naming it; a run folder without --resume is refused; nothing in the folder changes either way."""
+    root = tmp_path_factory.mktemp("runfolder")
+    for name, kind in entries.items():
+        (root / name).mkdir() if kind == "folder" else (root / name).write_text(f"user's {name}\n")
+    before = tree(root)
+    is_run = entries.get("checkpoints") == "folder" or entries.get("adapter") == "folder"
+    clash = [n for n in checkpointing.RUN_FILES if n in entries]
+    try:
+        checkpointing.check_run_folder(root, resume)
+        outcome = None
+    except PeftkitError as exc:
+        outcome = str(exc)
+    assert tree(root) == before
+    if resume:  # no folder here holds a complete checkpoint
+        assert outcome is not None and "--resume" in outcome
+    elif "adapter" in entries:
+        assert outcome is not None and "already holds a run" in outcome
+    elif not is_run and clash:
+        assert outcome is not None and all(n in outcome for n in clash), outcome
+    else:
+        assert outcome is None, outcome

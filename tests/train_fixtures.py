@@ -93,6 +93,8 @@ def llama_text_recipe(tmp_path: Path, **overrides) -> dict:
     for dotted, value in overrides.items():
         section, key = dotted.split("__")
         recipe[section][key] = value
+    if "training__warmup" not in overrides:  # warmup past max_steps is refused: a 1-step run warms up for 1
+        recipe["training"]["warmup"] = min(2, recipe["training"]["max_steps"])
     return recipe
 
 

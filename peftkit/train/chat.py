@@ -123,7 +123,8 @@ def conversation(row: dict[str, Any], data, where: str, index: int) -> tuple[lis
     elif data.format == "alpaca":
         prompt = _text(row, data.instruction_column, where, index)
         extra = row.get(data.input_column) if data.input_column else None
-        if extra is not None and str(extra).strip():
+        extra = _text(row, data.input_column, where, index) if extra is not None else None
+        if extra is not None and extra.strip():
             prompt = f"{prompt}\n\n{extra}"
         turns = [{"role": "user", "content": prompt},
                  {"role": "assistant", "content": _text(row, data.output_column, where, index)}]
@@ -176,6 +177,11 @@ def _text(row: dict[str, Any], column: str, where: str, index: int) -> str:
     value = row.get(column)
     if value is None:
         raise row_error(where, index, column, "is null; expected text")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        # A list or mapping would be trained as its Python repr ("['a', 'b']"), a boolean as "True".
+        shown = type(value).__name__ if not isinstance(value, bool) else "a boolean"
+        raise row_error(where, index, column, f"is {shown}, expected text (a string); join or pick the text in "
+                        "the data file")
     return str(value)
 
 

@@ -48,6 +48,41 @@ _STAGING_DIR = re.compile(r"^\.step-(\d+)\.tmp$")
 _OLD_DIR = re.compile(r"^\.step-(\d+)\.old$")
 
 
+ADAPTER_DIR = "adapter"
+# The files peftkit writes at the top of a run folder (besides checkpoints/, adapter/ and the lock).
+RUN_FILES = ("recipe.yaml", "metrics.jsonl", "loss.png")
+
+
+def check_run_folder(output_dir: str | Path, resume: bool) -> Path | None:
+    """The one check of a run folder before a run writes into it; returns the checkpoint to resume from.
+
+    A folder is a peftkit run when it holds ``checkpoints/`` or ``adapter/`` (a run creates ``checkpoints/``
+    before its first file). Without ``--resume`` a run folder is refused (it would mix two runs); a folder that is
+    no run but holds files of the names a run writes (``recipe.yaml``, ``metrics.jsonl``, ``loss.png``) is refused
+    too, naming them: they are the user's, and a run would replace or extend them."""
+    output_dir = Path(output_dir)
+    last = latest(output_dir)
+    if resume and last is None:
+        raise ConfigError(f"--resume: no checkpoint in {output_dir / CHECKPOINTS}; start without --resume")
+    if not resume and (last is not None or (output_dir / ADAPTER_DIR).exists()):
+        raise ConfigError(f"training.output_dir: {output_dir} already holds a run; pass --resume to continue it, or "
+                          "choose another output_dir")
+    is_run = (output_dir / CHECKPOINTS).is_dir() or (output_dir / ADAPTER_DIR).is_dir()
+    if not is_run and output_dir.is_dir():
+        clash = [name for name in RUN_FILES if os.path.lexists(output_dir / name)]
+        if clash:
+            raise ConfigError(
+                f"training.output_dir: {output_dir} is not a peftkit run (no checkpoints/ or adapter/) but holds "
+                f"{', '.join(clash)}, which a run would replace or append to; move those files, or choose a new or "
+                "empty output_dir")
+    return last
+
+
+def claim_run_folder(output_dir: str | Path) -> None:
+    """Mark ``output_dir`` as a run (``checkpoints/``) before the run writes its first file there."""
+    (Path(output_dir) / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+
+
 class NonFiniteStateError(StateError):
     """The training state holds NaN or inf: no checkpoint was written (the previous ones stay good)."""
 
@@ -90,8 +125,12 @@ class RunLock:
             missing = [self.folder, *(p for p in self.folder.parents if not p.exists())]
             self.folder.mkdir(parents=True)
             self._created = missing  # removed again on release if the run leaves them empty
+        if os.path.lexists(self.path) and (os.path.islink(self.path) or not self.path.is_file()):
+            return ConfigError(f"training.output_dir: {self.path} is not a lock file peftkit wrote (it is a "
+                               f"{'link' if os.path.islink(self.path) else 'folder or special file'}); move it away "
+                               "or choose another output_dir")
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, adapter_io.file_mode())
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, adapter_io.file_mode())
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -319,10 +358,7 @@ def load(path: Path, accelerator, model: nn.Module, optimizer, lr_scheduler, sch
         raise CheckpointError(f"{path}: {', '.join(missing)} missing; this checkpoint is incomplete (files were "
                               "removed or it was copied in part). Restore the files, or delete this step folder to "
                               "resume from the one before")
-    try:
-        state = TrainState(**json.loads((path / STATE_FILE).read_text()))
-    except (OSError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path / STATE_FILE}: unreadable trainer state ({exc}); resume from another checkpoint") from None
+    state = _read_state(path / STATE_FILE)
     changed = {k: (state.fingerprint.get(k), v) for k, v in fingerprint.items() if state.fingerprint.get(k) != v}
     if changed:
         detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
@@ -334,15 +370,65 @@ def load(path: Path, accelerator, model: nn.Module, optimizer, lr_scheduler, sch
     if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
         raise CheckpointError(f"{path}: its adapter tensors do not fit the model this recipe builds; resume with the "
                               "recipe that wrote it")
-    load_trainable_state(unwrapped, tensors)
+    bad = [k for k, t in tensors.items() if not t.is_floating_point() and expected[k].is_floating_point()]
+    bad += nonfinite_tensors(tensors)
+    if bad:
+        raise CheckpointError(f"{path / 'trainable.safetensors'}: {bad[:3]} are not finite float tensors (checkpoints "
+                              "are written finite): the file was changed. Resume from another checkpoint")
     try:
         states = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     except Exception as exc:
         raise CheckpointError(f"{path / 'optimizer.pt'}: unreadable ({exc}); resume from another checkpoint") from None
-    optimizer.load_state_dict(states["optimizer"])
-    lr_scheduler.load_state_dict(states["lr_scheduler"])
-    schedule.load_state_dict(states["schedule"])
+    if not isinstance(states, dict) or not {"optimizer", "lr_scheduler", "schedule"} <= set(states):
+        raise CheckpointError(f"{path / 'optimizer.pt'}: not a peftkit optimizer state (expected the optimizer, "
+                              "lr_scheduler and schedule states); resume from another checkpoint")
+    load_trainable_state(unwrapped, tensors)
+    try:
+        optimizer.load_state_dict(states["optimizer"])
+        _check_optimizer_shapes(optimizer)
+        lr_scheduler.load_state_dict(states["lr_scheduler"])
+        schedule.load_state_dict(states["schedule"])
+    except Exception as exc:  # noqa: BLE001 - a state the optimizer cannot take: the file was changed
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path / 'optimizer.pt'}: does not fit this run's optimizer ({first[:200]}); resume "
+                              "from another checkpoint, with the recipe that wrote it") from None
     return state
+
+
+def _read_state(path: Path) -> TrainState:
+    """trainer_state.json, bounded and with every field's type checked (a tampered file is one error)."""
+    from ..validation import json_loads
+
+    try:
+        values = json_loads(path.read_bytes(), str(path))
+        if not isinstance(values, dict):
+            raise ValueError(f"expected a JSON object, got {type(values).__name__}")
+        unknown = set(values) - {f for f in TrainState.__dataclass_fields__}
+        if unknown:
+            raise ValueError(f"unknown fields {sorted(unknown)[:3]}")
+        for key in ("step", "position", "tokens"):
+            value = values.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**62:
+                raise ValueError(f"'{key}' is {value!r:.40}, expected a non-negative integer")
+        elapsed = values.get("elapsed_s", 0.0)
+        if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not 0 <= elapsed < 1e12:
+            raise ValueError(f"'elapsed_s' is {elapsed!r:.40}, expected a non-negative number of seconds")
+        if not isinstance(values.get("fingerprint", {}), dict):
+            raise ValueError("'fingerprint' is not a JSON object")
+        return TrainState(**values)
+    except (OSError, ValueError) as exc:  # CheckpointError and ConfigError are ValueErrors
+        raise CheckpointError(f"{path}: unreadable trainer state ({exc}); resume from another checkpoint") from None
+
+
+def _check_optimizer_shapes(optimizer) -> None:
+    """Every per-parameter state tensor with as many values as its parameter has its shape (a reshaped moment
+    would fail, or broadcast, at the first step)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.numel() == p.numel() and value.shape != p.shape:
+                    raise ValueError(f"optimizer state '{key}' has shape {tuple(value.shape)}, its parameter "
+                                          f"{tuple(p.shape)}")
 
 
 def _save_rng(folder: Path, rank: int) -> None:
@@ -367,15 +453,35 @@ def restore_rng(path: Path, rank: int) -> None:
                                   "missing, so the resumed run could not continue the same trajectory. Restore the "
                                   "file, or delete this step folder to resume from the one before")
     tensors = adapter_io.read_tensors(path / f"rng-{rank}.safetensors")
+    from ..validation import json_loads
+
     try:
-        values = json.loads((path / f"rng-{rank}.json").read_text())
+        values = json_loads((path / f"rng-{rank}.json").read_bytes(), str(path / f"rng-{rank}.json"))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path / f'rng-{rank}.json'}: unreadable ({exc}); restore the file or resume from "
                               "an earlier checkpoint") from None
-    torch.set_rng_state(tensors["torch"])
+    # Every state is checked and built before any RNG is set: a tampered file changes nothing.
+    try:
+        torch_state = tensors["torch"]
+        if torch_state.dtype != torch.uint8 or torch_state.dim() != 1:
+            raise ValueError(f"the torch state is {torch_state.dtype} {tuple(torch_state.shape)}, expected uint8 (N,)")
+        numpy_keys = tensors["numpy"]
+        if numpy_keys.is_floating_point() or tuple(numpy_keys.shape) != (624,):
+            raise ValueError(f"the numpy key is {numpy_keys.dtype} {tuple(numpy_keys.shape)}, expected integers (624,)")
+        version, internal, gauss = values["python"]
+        python_state = (version, tuple(internal), gauss)
+        kind, pos, has_gauss, cached = values["numpy"]
+        numpy_state = (kind, numpy_keys.numpy().astype(np.uint32), pos, has_gauss, cached)
+        probe_python, probe_numpy = random.Random(), np.random.RandomState()
+        probe_python.setstate(python_state)
+        probe_numpy.set_state(numpy_state)
+        torch.Generator().set_state(torch_state)
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise CheckpointError(f"{path}: the random-number state of process {rank} is damaged ({str(exc)[:200]}); "
+                              "restore rng files from a good copy, or delete this step folder to resume from the one "
+                              "before") from None
+    torch.set_rng_state(torch_state)
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([tensors[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in tensors])
-    version, internal, gauss = values["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, pos, has_gauss, cached = values["numpy"]
-    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)

@@ -36,6 +36,7 @@ EXIT_WRITE_FAILED = 3
 # OSErrors that mean "the file system refused a write", as opposed to a defect in peftkit.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO, errno.EACCES, errno.EPERM}
 EXIT_DIVERGED = 4  # = guard.EXIT_DIVERGED
+MAX_MESSAGE = 4000  # characters of an error message printed
 
 
 class _Parser(argparse.ArgumentParser):
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except PeftkitError as exc:
         message = " ".join(str(exc).split("\n"))  # one line, whatever the message holds
+        if len(message) > MAX_MESSAGE:  # a value echoed from a hostile file never floods the terminal
+            message = message[:MAX_MESSAGE] + f" ... ({len(message) - MAX_MESSAGE:,} more characters)"
         print(f"peftkit: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as exc:
@@ -127,13 +130,39 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         if exc.errno not in WRITE_ERRNOS:
             raise
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"peftkit: error: could not write: {where}{exc.strerror or exc} (errno {exc.errno}); the files being "
-              "written were removed and earlier checkpoints are intact. Free space or fix the folder's permissions, "
-              f"then run the command again{' with --resume' if args.command == 'train' else ''}", file=sys.stderr)
-        return EXIT_WRITE_FAILED
+        return _write_failed(args.command, exc.errno, exc.strerror or str(exc), exc.filename)
+    except Exception as exc:
+        # Writers outside Python's file API (safetensors' Rust serializer) report the OS error in their message.
+        number = _wrapped_errno(exc)
+        if number not in WRITE_ERRNOS:
+            raise
+        return _write_failed(args.command, number, os.strerror(number), None)
     finally:
         _close_process_group()
+
+
+def _write_failed(command: str, number: int, reason: str, filename: str | None) -> int:
+    where = f"{filename}: " if filename else ""
+    print(f"peftkit: error: could not write: {where}{reason} (errno {number}); the files being written were removed "
+          "and earlier checkpoints are intact. Free space or fix the folder's permissions, then run the command "
+          f"again{' with --resume' if command == 'train' else ''}", file=sys.stderr)
+    return EXIT_WRITE_FAILED
+
+
+def _wrapped_errno(exc: BaseException) -> int | None:
+    """The errno an exception carries: an OSError's, or the ``(os error N)`` of a Rust I/O error's message
+    (safetensors), also through the chain of causes; None when it carries none."""
+    import re
+
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc.errno
+        match = re.search(r"\(os error (\d+)\)", str(exc)[:2000])
+        if match:
+            return int(match.group(1))
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def _is_read_refusal(exc: OSError) -> bool:
@@ -226,8 +255,11 @@ def _check_out(out: Path, source: Path, force: bool, command: str) -> None:
 
 
 def _publish(staging: Path, out: Path) -> None:
-    """Move a complete staging folder to ``out``: a rename when ``out`` is new or empty, else file by file
-    (each an atomic replace), keeping every file of ``out`` the output does not name."""
+    """Move a complete staging folder to ``out``, all or nothing: a rename when ``out`` is new or empty; else
+    every target is checked first (a name the output writes as a file must not be a folder of ``out``, nor a
+    folder name a file), then each file is swapped in (an atomic replace) with the file it replaces kept aside
+    until every swap succeeded; a failed swap puts every replaced file back. Files of ``out`` the output does
+    not name are never touched."""
     from ..checkpoint import dir_mode, file_mode
 
     # The user's umask for everything written: mkdtemp gives 0700 and some writers 0600.
@@ -236,13 +268,52 @@ def _publish(staging: Path, out: Path) -> None:
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         os.replace(staging, out)  # rename(2) replaces an empty folder atomically
         return
-    for source in sorted(staging.rglob("*")):
+    entries = sorted(staging.rglob("*"))
+    conflicts = []
+    for source in entries:
         target = out / source.relative_to(staging)
-        if source.is_dir():
-            target.mkdir(exist_ok=True)
-        else:
+        if not os.path.lexists(target):
+            continue
+        if source.is_dir() and (target.is_symlink() or not target.is_dir()):
+            conflicts.append(f"{target} (a file where the output writes a folder)")
+        elif not source.is_dir() and target.is_dir() and not target.is_symlink():
+            conflicts.append(f"{target} (a folder where the output writes a file)")
+    if conflicts:
+        raise ConfigError(f"--out: {len(conflicts)} of the names the output writes are taken in {out}: {'; '.join(conflicts[:3])}"
+                          f"{' ...' if len(conflicts) > 3 else ''}; nothing was written. Move them, or choose a new "
+                          "folder")
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced.", suffix=".tmp", dir=out.parent))
+    swapped: list[tuple[Path, Path | None]] = []  # (target, its previous file kept aside, or None: a new file)
+    made: list[Path] = []
+    try:
+        for number, source in enumerate(entries):
+            target = out / source.relative_to(staging)
+            if source.is_dir():
+                if not target.exists():
+                    target.mkdir()
+                    made.append(target)
+                continue
+            previous = None
+            if os.path.lexists(target):
+                previous = aside / str(number)
+                try:
+                    os.link(target, previous, follow_symlinks=False)  # the old file stays in place meanwhile
+                except OSError:
+                    shutil.copy2(target, previous, follow_symlinks=False)
             os.replace(source, target)
-
+            swapped.append((target, previous))
+    except BaseException:
+        for target, previous in reversed(swapped):
+            if previous is not None:
+                os.replace(previous, target)
+            else:
+                target.unlink(missing_ok=True)
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 @contextlib.contextmanager

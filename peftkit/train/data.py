@@ -41,7 +41,7 @@ LOCAL_EXTENSIONS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet"
 GENERATED_PREFIX = "generated:"
 IGNORE_INDEX = chat.IGNORE_INDEX
 MAP_BATCH = 1000  # rows per datasets.map call: conversations are packed within one such batch
-CACHE_VERSION = "peftkit-data-1"  # bump when tokenization changes, so old cache files are not reused
+CACHE_VERSION = "peftkit-data-2"  # bump when tokenization changes, so old cache files are not reused
 
 
 # ------------------------------------------------------------------------------------------ reading rows
@@ -148,11 +148,51 @@ def _label_kind(value: Any) -> str | None:
     return None
 
 
+MAX_VALUE_BYTES = 1 << 20  # one text value tokenized in one piece (the tokenizer's time grows with it)
+
+
+def _longest_value(array) -> tuple[int, int | None]:
+    """(bytes of the longest string inside an Arrow column, its row when the column is flat strings)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    kind = array.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind):
+        lengths = pc.binary_length(array)
+        longest = pc.max(lengths).as_py() or 0
+        row = pc.index(lengths, longest).as_py() if longest > MAX_VALUE_BYTES else None
+        return longest, row
+    chunks = array.chunks if isinstance(array, pa.ChunkedArray) else [array]
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return _longest_value(pa.chunked_array([c.flatten() for c in chunks], type=kind.value_type))[0], None
+    if pa.types.is_struct(kind):
+        return max((_longest_value(pa.chunked_array([c.field(i) for c in chunks], type=kind.field(i).type))[0]
+                    for i in range(kind.num_fields)), default=0), None
+    return 0, None
+
+
+def _check_text_sizes(rows, data: DataSection, key: str, spec: str) -> None:
+    """No text value over MAX_VALUE_BYTES (a 50 MB line would tokenize for minutes), read from the Arrow
+    columns without materialising a row."""
+    if not hasattr(rows, "data"):
+        return
+    for column in required_columns(data):
+        if column not in rows.column_names:
+            continue
+        longest, row = _longest_value(rows.data.column(column))
+        if longest > MAX_VALUE_BYTES:
+            where = f"row {row + 1}" if row is not None else "a row"
+            raise ConfigError(f"{key}: {spec} {where} holds {longest:,} bytes of text in '{column}', more than the "
+                              f"{MAX_VALUE_BYTES:,} peftkit tokenizes as one value; split it into several rows (text "
+                              "rows are packed together anyway) or shorten it")
+
+
 def check_rows(rows: list[dict[str, Any]], data: DataSection, key: str, spec: str,
                train_rows: list[dict[str, Any]] | None = None) -> None:
     """Every row has a value (not null, not missing) in each column the format reads, and classification
     labels are all integers (class ids) or all strings (class names), of the same kind as data.train's
     (``train_rows``, given for data.eval). One ConfigError naming the file, the first bad row and the column."""
+    _check_text_sizes(rows, data, key, spec)
     for column, recipe_key in required_columns(data).items():
         bad = [i for i, row in enumerate(rows) if row.get(column) is None]
         if bad:
@@ -162,6 +202,9 @@ def check_rows(rows: list[dict[str, Any]], data: DataSection, key: str, spec: st
             )
     if data.format == "text":
         empty = sum(1 for row in rows if row[data.text_column] == "")
+        if empty and empty == len(rows):
+            raise ConfigError(f"{key}: {spec}: all {len(rows)} rows have an empty '{data.text_column}'; there is "
+                              "nothing to train on - point the recipe at the right file or column")
         if empty:
             warnings.warn(f"{key}: {spec}: skipping {empty} of {len(rows)} rows whose '{data.text_column}' is an "
                           "empty string", stacklevel=2)
@@ -287,7 +330,10 @@ def _lengths(table) -> list[int]:
     """Token counts of a table's rows, read from the Arrow offsets (no row is materialised)."""
     import pyarrow.compute as pc
 
-    return pc.list_value_length(table.data.column("input_ids")).to_pylist()
+    lengths = pc.list_value_length(table.data.column("input_ids"))
+    if table._indices is not None:  # a filtered table (dropped examples) keeps every row, with an index mapping
+        lengths = lengths.take(table._indices.column(0))
+    return lengths.to_pylist()
 
 
 def packing_report(lengths: list[int], rows: list[int], max_length: int, batch_size: int) -> dict[str, Any]:
@@ -463,14 +509,16 @@ def _cut(out: dict[str, list], data: DataSection, where: str, indices: list[int]
     keeps the last max_length tokens (the answer's end and EOS stay); ``drop`` empties the example (removed,
     and counted, afterwards)."""
     n = data.max_length
+    # Evaluation never shrinks: under `drop` its overlong rows are cut from the left (and _apply_overlong says so).
+    mode = "truncate_left" if data.overlong == "drop" and is_eval_key(where) else data.overlong
     for i, ids in enumerate(out["input_ids"]):
         if len(ids) <= n:
             continue
-        if data.overlong == "error":
+        if mode == "error":
             raise chat.row_error(where, indices[i], "data.max_length", f"the example has {len(ids)} tokens, more "
                                  f"than data.max_length={n}; raise data.max_length, or set data.overlong to "
                                  "drop or truncate_left")
-        if data.overlong == "drop":
+        if mode == "drop":
             out["input_ids"][i], out["labels"][i] = [], []
             continue
         cut = len(ids) - n
@@ -479,6 +527,10 @@ def _cut(out: dict[str, list], data: DataSection, where: str, indices: list[int]
         if all(y == IGNORE_INDEX for y in out["labels"][i]):
             out["input_ids"][i], out["labels"][i] = [], []  # nothing labelled is left: dropped, and counted
     return out
+
+
+def is_eval_key(key: str) -> bool:
+    return key.startswith("data.eval")
 
 
 def _apply_overlong(table, data: DataSection, key: str):
@@ -493,9 +545,12 @@ def _apply_overlong(table, data: DataSection, key: str):
     if not len(kept):
         raise ConfigError(f"{key}: all {len(table)} examples are longer than data.max_length={data.max_length} "
                           f"tokens (longest {max(overlong)}) and none is left to train on; raise data.max_length")
+    mode = "truncate_left" if data.overlong == "drop" and is_eval_key(key) else data.overlong
     action = {"drop": "dropped them",
-              "truncate_left": "cut them from the left (the answer's end stays)"}[data.overlong]
-    lost = f"; {dropped} lost every labelled token and were dropped" if data.overlong != "drop" and dropped else ""
+              "truncate_left": "cut them from the left (the answer's end stays)"}[mode]
+    if mode != data.overlong:
+        action += " (evaluation rows are never dropped: metrics cover every row)"
+    lost = f"; {dropped} lost every labelled token and were dropped" if mode != "drop" and dropped else ""
     warnings.warn(f"{key}: {len(overlong)} of {len(table)} examples are longer than data.max_length="
                   f"{data.max_length} tokens (longest {max(overlong)}); data.overlong={data.overlong} {action}{lost}. "
                   "Raise data.max_length, or set data.overlong (drop, truncate_left, error)", stacklevel=2)

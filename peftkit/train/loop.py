@@ -284,12 +284,7 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
     started = time.perf_counter()
     training = recipe.training
     output_dir = Path(training.output_dir)
-    last = checkpointing.latest(output_dir)
-    if resume and last is None:
-        raise ConfigError(f"--resume: no checkpoint in {output_dir / checkpointing.CHECKPOINTS}; start without --resume")
-    if not resume and (last is not None or (output_dir / ADAPTER_DIR).exists()):
-        raise ConfigError(f"training.output_dir: {output_dir} already holds a run; pass --resume to continue it, or "
-                          "choose another output_dir")
+    last = checkpointing.check_run_folder(output_dir, resume)
     run = prepare(recipe, accelerator)
     main = accelerator.is_main_process
 
@@ -302,7 +297,7 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
               f"{peftkit.trainable_parameters(run.model)} | {accelerator.num_processes} process(es), "
               f"global batch {training.batch_size * training.grad_accum * accelerator.num_processes}"
               f"{'' if accelerator.num_processes == 1 else ', engine ' + run.engine.name}", flush=True)
-        output_dir.mkdir(parents=True, exist_ok=True)
+        checkpointing.claim_run_folder(output_dir)
         atomic_write_bytes(output_dir / "recipe.yaml", recipe.dump().encode())
     engine = run.engine
     model, optimizer = engine.prepare(run.model, run.optimizer)

@@ -49,8 +49,11 @@ def read(run_dir: str | Path) -> list[dict[str, Any]]:
     for number, line in enumerate(lines, 1):
         if line.strip():
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+                record = json.loads(line)
+            except RecursionError:
+                raise ConfigError(f"{path}: line {number} is nested too deeply; the file is damaged - fix or remove "
+                                  "that line") from None
+            except ValueError:  # JSONDecodeError, an integer literal too long to read
                 if number == len(lines):
                     # A run killed during an append leaves its last line torn: that record is lost, not the file.
                     warnings.warn(f"{path}: the last line is incomplete (a run was killed while writing it); "
@@ -58,7 +61,26 @@ def read(run_dir: str | Path) -> list[dict[str, Any]]:
                     continue
                 raise ConfigError(f"{path}: line {number} is not JSON; the file is damaged - fix or remove "
                                   "that line") from None
+            bad = _bad_record(record)
+            if bad:
+                raise ConfigError(f"{path}: line {number}: {bad}; the file is damaged or not a peftkit metrics "
+                                  "file - fix or remove that line")
+            records.append(record)
     return records
+
+
+def _bad_record(record: Any) -> str | None:
+    """What is wrong with one metrics record (a JSON object with an integer step and numbers), or None."""
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    step = record.get("step", 0)
+    if isinstance(step, bool) or not isinstance(step, int):
+        return f"'step' is {step!r:.40}, expected an integer"
+    for key in ("loss", "eval_loss"):
+        value = record.get(key)
+        if key in record and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"'{key}' is {value!r:.40}, expected a number"
+    return None
 
 
 def plot(run_dir: str | Path) -> Path:

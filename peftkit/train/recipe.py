@@ -19,8 +19,10 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from ..validation import check_fields, check_output_dir, check_value, option, unknown_key, yaml_load
+from ..validation import (_show, check_fields, check_output_dir, check_size, check_value, option, unknown_key,
+                          yaml_load)
 
+MAX_LABELS = 100_000  # classes of a classification head (also the bound on an adapter's recorded num_labels)
 TASKS = ("causal-lm", "sequence-classification")
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: exactness checks
 QUANTIZE = (None, "nf4", "int8")
@@ -49,7 +51,7 @@ class ModelSection:
     task: str = option("causal-lm", choices=TASKS)
     dtype: str = option("float32", choices=DTYPES)
     quantize: str | None = option(None, choices=QUANTIZE)
-    num_labels: int | None = option(None, gt=0)  # classification: default is the number of distinct labels in data.train
+    num_labels: int | None = option(None, gt=0, le=MAX_LABELS)  # classification: default is the number of distinct labels in data.train
     tokenizer: str | None = None  # default: model.name; "bytes" is a built-in byte-level tokenizer (offline)
 
 
@@ -68,11 +70,11 @@ class DataSection:
     train_split: str = "train"
     eval_split: str = "validation"
     format: str = option("text", choices=FORMATS)
-    max_length: int = option(512, gt=0)
+    max_length: int = option(512, gt=0, le=2**24)
     packing: bool | None = None  # null: text packs (blocks of max_length), other formats do not; true: chat
     # data packs whole conversations into rows of <= max_length tokens with per-conversation position ids
     overlong: str = option("truncate_left", choices=OVERLONG)  # chat/instruction examples over max_length: truncate_left, drop or error
-    num_proc: int | None = option(None, gt=0)  # processes datasets.map tokenizes with
+    num_proc: int | None = option(None, gt=0, le=1024)  # processes datasets.map tokenizes with
     chat_template: str | None = None  # null/"tokenizer": the tokenizer's; chatml, zephyr, llama3; or Jinja
     assistant_turns: str = option("all", choices=ASSISTANT_TURNS)  # the loss on every assistant turn ("all") or the last one ("last")
     system_prompt: str | None = None  # a system turn for conversations that have none
@@ -97,7 +99,7 @@ class AdapterSection:
     """The method and its options (every other key of this section is passed to ``peftkit.wrap``)."""
 
     method: str = "lora"
-    init_batches: int = option(8, gt=0)  # data-driven inits (LoRA-GA, LoRA-One, EVA): global batches of data.train they read
+    init_batches: int = option(8, gt=0, le=2**16)  # data-driven inits (LoRA-GA, LoRA-One, EVA): global batches of data.train they read
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -116,9 +118,9 @@ class OptimizerSection:
 class TrainingSection:
     """The loop. One step is one optimizer step over ``batch_size · grad_accum · processes`` examples."""
 
-    max_steps: int = option(100, gt=0)
-    batch_size: int = option(8, gt=0)  # per process, per micro-batch
-    grad_accum: int = option(1, gt=0)
+    max_steps: int = option(100, gt=0, le=10**9)
+    batch_size: int = option(8, gt=0, le=2**20)  # per process, per micro-batch
+    grad_accum: int = option(1, gt=0, le=2**16)
     lr_schedule: str = option("cosine", choices=LR_SCHEDULES)
     warmup: float = option(0.0, ge=0)  # < 1: a fraction of max_steps; >= 1: a number of steps
     max_grad_norm: float | None = option(1.0, gt=0)  # null: no clipping
@@ -127,7 +129,7 @@ class TrainingSection:
     eval_batch_size: int | None = option(None, gt=0)  # default: batch_size
     save_every: int | None = option(None, gt=0)  # default: only at the end
     keep_checkpoints: int | None = option(2, gt=0)  # the newest N step checkpoints stay (null: all)
-    seed: int = option(0, ge=0)
+    seed: int = option(0, ge=0, lt=2**32)  # numpy's seeds are 32-bit
     output_dir: str = "runs/peftkit"
     mixed_precision: str = option("no", choices=MIXED_PRECISION)
     gradient_checkpointing: bool = False  # recompute activations in the backward (non-reentrant)
@@ -135,7 +137,7 @@ class TrainingSection:
     # warmup_stable_decay (as min_lr_ratio) and polynomial (as lr_end)
     lr_schedule_options: dict = field(default_factory=dict)  # other get_scheduler kwargs (num_cycles, power ...)
     eval_metrics: list[str] = field(default_factory=list)  # exact_match, f1, or module:function hooks
-    eval_max_new_tokens: int = option(64, gt=0)  # generation-based metrics: the longest generated answer
+    eval_max_new_tokens: int = option(64, gt=0, le=2**20)  # generation-based metrics: the longest generated answer
     distributed: str = option("ddp", choices=DISTRIBUTED)  # ddp | fsdp2 | zero2 | zero3 (peftkit.train.engines)
     divergence_guard: dict | None = None  # {action: stop|halve, factor: 3.0, window: 10, max_halvings: 3} (train/guard.py)
 
@@ -188,7 +190,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"recipe: file not found: {path}; pass the path of a YAML recipe (see recipes/)")
     try:
-        data = yaml_load(path.read_text(encoding="utf-8"))
+        data = yaml_load(path.read_text(encoding="utf-8"), f"recipe {path}")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"recipe {path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the file as "
                           "UTF-8") from None
@@ -210,7 +212,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}': expected section.key=value, e.g. training.max_steps=200")
     try:
-        value = yaml_load(raw) if raw.strip() else ""
+        value = yaml_load(raw, f"override '{key}'") if raw.strip() else ""
     except yaml.YAMLError:
         value = raw  # an unquoted string YAML cannot parse is still a string
     return key.split("."), value
@@ -240,6 +242,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def from_dict(data: dict[str, Any]) -> Recipe:
     """Build a typed Recipe from nested dicts; raises one ConfigError naming the first bad key."""
+    check_size(data, "recipe")  # a dict built in Python, too: bounded before anything walks it
     unknown = [k for k in data if k not in SECTIONS and k != "description"]
     if unknown:
         raise ConfigError(unknown_key(unknown[0], [*SECTIONS, "description"], "recipe section"))
@@ -322,7 +325,7 @@ def check(recipe: Recipe) -> None:
                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0}
         if bad or not d.mix or sum(d.mix.values()) <= 0:
             raise ConfigError(f"data.mix: expected {{dataset: weight}} with non-negative weights summing to a "
-                              f"positive number, got {d.mix!r}")
+                              f"positive number, got {_show(d.mix)}")
     if d.packing and d.format == "classification":
         raise ConfigError("data.packing: classification examples cannot be packed; set data.packing=false")
     if m.task == "sequence-classification" and d.format != "classification":
@@ -361,6 +364,10 @@ def check(recipe: Recipe) -> None:
                           f"{t.distributed} does not support (processes would wait on each other's all-gathers); "
                           f"evaluate with `peftkit eval RUN` on one process, or drop the generation metrics under "
                           f"{t.distributed}")
+    if warmup_steps(t) > t.max_steps:
+        raise ConfigError(f"training.warmup: {t.warmup:g} warmup steps, more than training.max_steps={t.max_steps}: the "
+                          "learning rate would never reach optimizer.lr; set warmup <= max_steps (or a fraction < 1 "
+                          "of max_steps)")
     for tracker in lg.report_to:
         _one_of("logging.report_to", tracker, TRACKERS)
     check_output_dir(t.output_dir, "training.output_dir")
