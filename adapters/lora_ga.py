@@ -38,11 +38,13 @@ class LoraGAOptions:
     gradient_groups: int | None = option(None, gt=0)  # k groups (None: from gradient_memory)
     gradient_memory: float | str | None = "auto"  # MiB of G held at once; auto: 1/4 of the free memory
     gradient_device: str = option("model", choices=("model", "cpu"))  # "cpu": G accumulated in host memory
-    # auto: exact SVD on small layers, on wide ones the certified truncated solver (peftkit.stats.checked_svd), the
-    # exact SVD wherever it cannot certify sin θ ≤ svd_tolerance; exact: LAPACK; randomized: fixed iterations, unchecked
+    # auto: exact SVD below min(m, n) = 512, on wider layers the certified truncated solver (peftkit.stats.checked_svd),
+    # the exact SVD wherever it cannot certify sin θ ≤ svd_tolerance; exact: LAPACK; randomized: fixed iterations, unchecked
     svd: str = option("auto", choices=("exact", "randomized", "auto"))
     svd_iterations: int = option(8, ge=0)  # power iterations of svd="randomized"
-    svd_tolerance: float = option(3e-2, gt=0, lt=1)  # svd="auto": largest certified sin of the principal angles
+    # svd="auto": the largest certified sin of the principal angles; None: round-off (1e-6 for an fp32 G, 1e-11 fp64),
+    # so that the default init is the exact-SVD init to round-off (the authors' formula is an exact SVD)
+    svd_tolerance: float | None = option(None, gt=0, lt=1)
 
 
 def _split(direction: str, r: int, peft_compat: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,10 +70,10 @@ def _check(options: dict) -> None:
 
 
 def _boundaries(direction: str):
-    """The j whose top-j singular subspaces LoRA-GA uses separately, for ``rank`` = 2r triplets: the halves for
-    ArB2r / A2rBr, every single vector for the interleaved and random splits."""
-    if direction in ("ArB2r", "A2rBr"):
-        return lambda rank: (rank // 2, rank)
+    """The j whose top-j singular subspaces the certified solver must get right, for ``rank`` = 2r triplets:
+    every j. A₀ and B₀ are single singular vectors (rows of Vᵀ, columns of U), not only spans, so each vector
+    must be the exact SVD's to round-off; a vector is pinned by the top-(j − 1) and top-j subspaces around it.
+    (ΔW of the first step would need only the halves r and 2r; the factors AdamW trains need every j.)"""
     return lambda rank: range(1, rank + 1)
 
 

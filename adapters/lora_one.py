@@ -26,11 +26,13 @@ class LoraOneOptions:
     gradient_groups: int | None = option(None, gt=0)  # k groups (None: from gradient_memory)
     gradient_memory: float | str | None = "auto"  # MiB of G held at once; auto: 1/4 of the free memory
     gradient_device: str = option("model", choices=("model", "cpu"))  # "cpu": G accumulated in host memory
-    # auto: exact SVD on small layers, on wide ones the certified truncated solver (peftkit.stats.checked_svd), the
-    # exact SVD wherever it cannot certify sin θ ≤ svd_tolerance; exact: LAPACK; randomized: fixed iterations, unchecked
+    # auto: exact SVD below min(m, n) = 512, on wider layers the certified truncated solver (peftkit.stats.checked_svd),
+    # the exact SVD wherever it cannot certify sin θ ≤ svd_tolerance; exact: LAPACK; randomized: fixed iterations, unchecked
     svd: str = option("auto", choices=("exact", "randomized", "auto"))
     svd_iterations: int = option(8, ge=0)  # power iterations of svd="randomized"
-    svd_tolerance: float = option(3e-2, gt=0, lt=1)  # svd="auto": largest certified sin of the principal angles
+    # svd="auto": the largest certified sin of the principal angles; None: round-off (1e-6 for an fp32 G, 1e-11 fp64),
+    # so that the default init is the exact-SVD init to round-off (the authors' formula is an exact SVD)
+    svd_tolerance: float | None = option(None, gt=0, lt=1)
 
 
 def lora_one_factors(u: torch.Tensor, sv: torch.Tensor, vh: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +50,9 @@ def lora_one_init(model, layers, config, data) -> None:
     batches = check_batches(data, "lora-one")
     adapter = adapter_name_of(model, config)
     ranks = {name: layer.ranks[adapter] for name, layer in layers.items()}
-    for name, u, sv, vh in gradient_triplets(model, layers, batches, ranks, options, seed=config.seed, negate=True):
+    # Every j: A₀ and B₀ are single singular vectors (√σᵢ-weighted), each of which must be the exact SVD's.
+    for name, u, sv, vh in gradient_triplets(model, layers, batches, ranks, options, seed=config.seed, negate=True,
+                                             boundaries=lambda rank: range(1, rank + 1)):
         branch = layers[name].adapters[adapter]
         if not sv[0] > 0:
             warnings.warn(f"lora-one: {name} got a zero gradient on the given batches; it keeps the standard LoRA "

@@ -20,7 +20,9 @@ factors. s is each layer's own (rank_pattern, alpha_pattern, rsLoRA).
 can be reproduced: Adam's bias correction at t + 1 (its step counter is incremented before the adjustment,
 which then adds 1 again: the first direction is 0.744× the standard one), and clipping whose factor
 min(1, c/(‖raw gradients‖ + 1e-6)) comes from the raw gradients but scales the adjusted factor gradients
-(the moments see the unclipped g̃). Not reproduced: its hard-coded s = 2 and its bf16 moments
+(the moments see the unclipped g̃), and the damping δ = 1e-8 of its inverses, pinv(BᵀB + δI) and
+pinv(AAᵀ + δI) (``adjusted_gradients``; from B = 0 at the authors' lr 2e-5, BᵀB stays below δ for the first
+steps, and the damped projector changes the update by O(1)). Not reproduced: its hard-coded s = 2 and its bf16 moments
 (``moment_dtype="bfloat16"`` gives those); tensors outside the pairs keep AdamW (the official code would
 mis-pair them, lora-pro.md pitfall 3).
 """
@@ -41,6 +43,8 @@ from peftkit.validation import option
 MODES = ("full", "efficient")
 X_MODES = ("sylvester", "zero", "symmetry")
 MOMENT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+# The official code inverts BᵀB + δI and AAᵀ + δI (``jitter``) with this δ (reference_code=True).
+REFERENCE_DAMPING = 1e-8
 
 
 @dataclass
@@ -75,14 +79,28 @@ def solve_sylvester(gram_b: tuple[torch.Tensor, torch.Tensor], gram_a: tuple[tor
     return q_b @ y @ q_a.T
 
 
+def damped_pinv(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """pinv(gram + δ·I) as the official code forms it (torch.linalg.pinv, its default cutoff r·eps·λ_max)."""
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.pinv(gram + damping * eye)
+
+
 def adjusted_gradients(a: torch.Tensor, b: torch.Tensor, grad_a: torch.Tensor, grad_b: torch.Tensor, s: float,
-                       x_mode: str = "sylvester") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       x_mode: str = "sylvester", damping: float = 0.0,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(g^A (r×n), g^B (m×r), X (r×r)) from A (r×n), B (m×r) and the LoRA gradients g_A = s·BᵀM (r×n),
-    g_B = s·M·Aᵀ (m×r) of a full-space M; all in the dtype of the inputs. O(r²(m+n) + r³)."""
+    g_B = s·M·Aᵀ (m×r) of a full-space M; all in the dtype of the inputs. O(r²(m+n) + r³).
+
+    ``damping`` δ > 0 (``reference_code``): (BᵀB)⁺ and (AAᵀ)⁺ become pinv(BᵀB + δI) and pinv(AAᵀ + δI), in
+    g^A, in the projector I − P_B and in the Sylvester right-hand side, while the Sylvester operator keeps the
+    undamped Grams: the official code's choices. Near B = 0 (BᵀB ≲ δ, the first steps at lr 2e-5) the damped
+    P_B is a shrunken projector, so the update differs from the exact one by O(1), not by O(δ)."""
     gram_b = sym_eig(b.T @ b)
     gram_a = sym_eig(a @ a.T)
-    btb_pinv = pinv_from_eig(*gram_b)
-    aat_pinv = pinv_from_eig(*gram_a)
+    if damping > 0:
+        btb_pinv, aat_pinv = damped_pinv(b.T @ b, damping), damped_pinv(a @ a.T, damping)
+    else:
+        btb_pinv, aat_pinv = pinv_from_eig(*gram_b), pinv_from_eig(*gram_a)
     inv_s2 = 1.0 / (s * s)
     g_a0 = (btb_pinv @ grad_a) * inv_s2
     outside_b = grad_b - b @ (btb_pinv @ (b.T @ grad_b))  # (I − P_B)·g_B without the m×m projector
@@ -99,9 +117,10 @@ def adjusted_gradients(a: torch.Tensor, b: torch.Tensor, grad_a: torch.Tensor, g
 
 
 def equivalent_gradient(a: torch.Tensor, b: torch.Tensor, grad_a: torch.Tensor, grad_b: torch.Tensor,
-                        s: float) -> torch.Tensor:
-    """g̃ = s(B·g^A + g^B·A) (m×n) = P_B·M + (I − P_B)·M·P_A, as one GEMM of inner size 2r (X = 0)."""
-    g_a0, g_b0, _ = adjusted_gradients(a, b, grad_a, grad_b, s, x_mode="zero")
+                        s: float, damping: float = 0.0) -> torch.Tensor:
+    """g̃ = s(B·g^A + g^B·A) (m×n) = P_B·M + (I − P_B)·M·P_A, as one GEMM of inner size 2r (X = 0); ``damping``
+    as in ``adjusted_gradients``."""
+    g_a0, g_b0, _ = adjusted_gradients(a, b, grad_a, grad_b, s, x_mode="zero", damping=damping)
     return (torch.cat([b, g_b0], 1) @ torch.cat([g_a0, a], 0)) * s
 
 
@@ -187,7 +206,8 @@ class LoraProOptimizer(PairOptimizer):
         # The official code corrects the bias at t + 1 (lora-pro.md pitfall 4).
         step = int(state["step"].item()) + (1 if self.reference_code else 0)
         beta1, beta2 = group_a["betas"]
-        direction = equivalent_gradient(a_w, b_w, grad_a.to(dtype), grad_b.to(dtype), s)  # g̃, m×n
+        damping = REFERENCE_DAMPING if self.reference_code else 0.0
+        direction = equivalent_gradient(a_w, b_w, grad_a.to(dtype), grad_b.to(dtype), s, damping)  # g̃, m×n
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         moment_grad = direction.to(exp_avg.dtype)
         exp_avg.lerp_(moment_grad, 1 - beta1)
@@ -199,7 +219,8 @@ class LoraProOptimizer(PairOptimizer):
             direction.copy_(exp_avg_sq.sqrt())
         direction.div_((1 - beta2 ** step) ** 0.5).add_(group_a["eps"])
         torch.div(exp_avg, direction, out=direction).div_(1 - beta1 ** step)
-        g_a, g_b, _ = adjusted_gradients(a_w, b_w, (b_w.T @ direction) * s, (direction @ a_w.T) * s, s, self.x_mode)
+        g_a, g_b, _ = adjusted_gradients(a_w, b_w, (b_w.T @ direction) * s, (direction @ a_w.T) * s, s, self.x_mode,
+                                         damping)
         if self._adjusted_clip is not None:
             g_a, g_b = g_a * self._adjusted_clip.to(g_a.dtype), g_b * self._adjusted_clip.to(g_b.dtype)
         a.mul_(1 - group_a["lr"] * group_a["weight_decay"]).add_(g_a.to(a.dtype), alpha=-group_a["lr"])

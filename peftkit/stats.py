@@ -8,8 +8,8 @@
   O((m + n)·k) memory per layer, never forming G.
 - ``IncrementalPCA``: centred incremental PCA of layer inputs (activations fp32, mean/variance sums fp64).
 - ``signed_svd`` / ``sketch_svd`` / ``randomized_svd`` / ``checked_svd``: deterministic SVDs (full, from
-  sketches, truncated with fixed power iterations, truncated with a certified a-posteriori error bound or
-  None) with the sign convention (largest-|·| entry of each uᵢ positive, vᵢ flipped with it), so
+  sketches, truncated with fixed power iterations, truncated with an a-posteriori error bound whose tail rests
+  on an independent random probe, or None) with the sign convention (largest-|·| entry of each uᵢ positive, vᵢ flipped with it), so
   every process computes the same factors.
 - ``gradient_triplets``: the top-r triplets of every layer's G, one group of layers per pass over the batches,
   so that at most one group's G is held (groups from a memory budget or a count).
@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
@@ -165,30 +166,94 @@ def _exact_flops(m: int, n: int) -> float:
     return 4.0 * short * short * long + 22.0 * short ** 3
 
 
-def checked_svd(matrix: torch.Tensor, rank: int, *, tolerance: float = 3e-2, boundaries: Iterable[int] | None = None,
-                oversample: int | None = None, max_iterations: int | None = None, seed: int = 0,
+# The default sin θ that svd="auto" certifies, per dtype of G: the round-off of the exact SVD in that dtype (LAPACK's
+# own subspace error is about eps·σ₁/gap, 1e-7–1e-6 in fp32 on real gradients), so that the default init equals
+# the exact-SVD init to round-off.
+ROUND_OFF_TOLERANCE = {torch.float32: 1e-6, torch.float64: 1e-11}
+# The independent probe of the complement (checked_svd): p Gaussian vectors fail to see ‖E‖ with probability
+# ≤ 10^-p (Halko, Martinsson & Tropp 2011, lemma 4.1); q power steps shrink the lemma's factor 10·√(2/π) to its
+# (2q + 1)-th root.
+PROBES, PROBE_POWER = 8, 4
+
+
+def default_tolerance(dtype: torch.dtype) -> float:
+    """The sin θ ``svd="auto"`` certifies by default for a G of ``dtype``: its round-off (``ROUND_OFF_TOLERANCE``)."""
+    return ROUND_OFF_TOLERANCE.get(dtype, ROUND_OFF_TOLERANCE[torch.float32])
+
+
+def complement_norm_bound(matrix: torch.Tensor, left: torch.Tensor, right: torch.Tensor | None = None, *, seed: int,
+                          probes: int = PROBES, power: int = PROBE_POWER) -> float:
+    """An upper bound on ‖(I − L·Lᵀ)·G·(I − R·Rᵀ)‖₂ (G = ``matrix`` (m, n); ``left`` L (m, l), ``right`` R (n, l')
+    orthonormal; R = None: no right projection) that holds with probability ≥ 1 − 10^-``probes`` over a
+    Gaussian probe drawn from ``seed``, independently of L and R.
+
+    With K = (EEᵀ)^q·E for that E and Gaussian ωᵢ: ‖K‖ ≤ 10·√(2/π)·maxᵢ ‖K·ωᵢ‖ except with probability 10^-p
+    (Halko, Martinsson & Tropp 2011, lemma 4.1), and ‖K‖ = ‖E‖^(2q+1). Costs 2q + 1 products of G or Gᵀ with p
+    columns. It sees what L and R missed, however they were found: it rests on the probe alone."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(matrix.shape[1], probes, generator=generator, dtype=matrix.dtype).to(matrix.device)
+    log_norm = torch.zeros(probes, dtype=torch.float64, device=matrix.device)
+    tiny = torch.finfo(matrix.dtype).tiny
+
+    def apply(x: torch.Tensor) -> torch.Tensor:  # E·x
+        if right is not None:
+            x = x - right @ (right.mT @ x)
+        y = matrix @ x
+        return y - left @ (left.mT @ y)
+
+    def apply_t(y: torch.Tensor) -> torch.Tensor:  # Eᵀ·y, y already orthogonal to L
+        x = matrix.mT @ y
+        return x if right is None else x - right @ (right.mT @ x)
+
+    y = apply(x)
+    for _ in range(power):
+        # Renormalised every step (the log of the scale kept): (2q + 1)-th powers of σ over- or underflow.
+        scale = torch.linalg.vector_norm(y, dim=0).clamp_min(tiny)
+        log_norm += scale.log().double()
+        y = apply(apply_t(y / scale))
+    log_norm += torch.linalg.vector_norm(y, dim=0).clamp_min(tiny).log().double()
+    log_k = math.log(10.0 * math.sqrt(2.0 / math.pi)) + float(log_norm.max())
+    return math.exp(log_k / (2 * power + 1))
+
+
+def _norm_of_block_triangle(a: float, c: float, d: float) -> float:
+    """The largest singular value of [[a, 0], [c, d]]: a bound on ‖[[A, 0], [C, D]]‖ for blocks of norms a, c, d."""
+    t = a * a + c * c + d * d
+    return math.sqrt((t + math.sqrt(max(t * t - 4 * a * a * d * d, 0.0))) / 2)
+
+
+def checked_svd(matrix: torch.Tensor, rank: int, *, tolerance: float | None = None,
+                boundaries: Iterable[int] | None = None, oversample: int | None = None,
+                max_iterations: int | None = None, seed: int = 0,
                 report: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """Top-``rank`` triplets (U (m, rank), S (rank,), Vh (rank, n)) of ``matrix`` (m, n), signed, or None when their
-    accuracy could not be certified (the caller then takes the exact SVD).
+    """Top-``rank`` triplets (U (m, rank), S (rank,), Vh (rank, n)) of ``matrix`` (m, n), signed, in its dtype, or
+    None when their accuracy could not be certified (the caller then takes the exact SVD).
 
     Subspace iteration with a Rayleigh–Ritz step after every half-iteration pair (Halko, Martinsson & Tropp 2011,
-    alg. 4.4 + 5.1): Q = orth(G·Ω), Gaussian Ω (n, l), l = rank + oversample (default oversample = max(rank, 10));
-    per iteration Z = GᵀQ (n, l), the thin SVD Z = V·Σ·Wᵀ gives the Ritz triplets (U = Q·W, Σ, V) of QᵀG, and
-    Y = G·V (m, l) is both the next power step (Q ← orth(Y)) and the residual R = Y − U·Σ (the other residual,
-    GᵀU − VΣ, is zero by construction). Only (m, l) and (n, l) blocks are formed, never G·Gᵀ.
+    alg. 4.4 + 5.1), in fp64 whatever G's dtype (so that the residuals' rounding, about eps·√n·σ₁, sits far below
+    the tolerance; one fp64 copy of G, about the workspace LAPACK's SVD takes): Q = orth(G·Ω), Gaussian Ω (n, l),
+    l = rank + oversample (default oversample = max(rank, 10)); per iteration Z = GᵀQ (n, l), the thin SVD
+    Z = V·Σ·Wᵀ gives the Ritz triplets (U = Q·W, Σ, V) of QᵀG, and Y = G·V (m, l) is both the next power step
+    (Q ← orth(Y)) and the residual R = Y − U·Σ (the other residual, GᵀU − VΣ, is zero by construction). Only
+    (m, l) and (n, l) blocks are formed, never G·Gᵀ.
 
-    The a-posteriori check (Wedin's sin Θ theorem): for each boundary j (the top-j subspaces that must be right;
-    default: only j = rank) the largest principal angle θ_j between the computed and the exact top-j singular
-    subspaces (left and right) satisfies sin θ_j ≤ ‖R_{:, :j}‖_F / (σ̃_j − σ̂_{j+1}), with σ̂_{j+1} = max_{i>j}
-    (σ̃_i + ‖r_i‖) as the estimate of σ_{j+1} (each Ritz value lies within its residual of a singular value;
-    the oversampled Ritz values give the tail). It returns once every bound is ≤ ``tolerance`` (default 3e-2:
-    cos θ ≥ 0.99955; on real gradients the bound overstates sin θ about 10×), and gives up (None) when a gap closes (a flat spectrum: the top-j subspace is then
-    ill-determined and only the exact SVD reproduces LAPACK's choice; a gap below the rounding level of G·v
-    counts as closed) or after ``max_iterations`` (default: as many as cost the FLOPs of the exact SVD,
-    ``_exact_flops``; LAPACK runs below its FLOP count on CPUs, so a fallback costs at most about twice the
-    exact SVD). Ω comes from a CPU generator seeded by
-    ``seed``: every process gets the same factors. ``report`` (a dict) receives ``iterations``, ``bound`` (the
-    largest sin θ bound at the end) and ``certified``.
+    The check (Wedin's sin Θ theorem): for each boundary j (the top-j subspaces that must be right; default:
+    only j = rank) the largest principal angle θ_j between the computed and the exact top-j singular subspaces
+    (left and right) satisfies sin θ_j ≤ ‖R_{:, :j}‖_F / (σ̃_j − α_j) for any α_j ≥ σ_{j+1}(G). The block's own
+    Ritz values cannot give α_j (they never see a direction the block missed), so α_j rests on an independent
+    probe. By Courant–Fischer σ_{j+1}(G) ≤ ‖G·(I − VⱼVⱼᵀ)‖, and in the bases [U, Q⊥] (left) and [V_{j+1..l}, V⊥]
+    (right) that matrix is block lower-triangular, [[Σ̃_{j+1..l}, 0], [R_{j+1..l}, E]] (UᵀG = Σ̃Vᵀ exactly for
+    Ritz vectors), with E = (I − QQᵀ)·G·(I − VVᵀ), the part of G the block never saw. Hence
+    α_j = ‖[[σ̃_{j+1}, 0], [‖R_{:, j+1..l}‖_F, ‖E‖]]‖₂, where ‖E‖ is bounded by ``complement_norm_bound``
+    with a Gaussian probe drawn independently of Ω (wrong with probability ≤ 1e-8). The probe runs only once
+    the optimistic bound (α_j = σ̃_{j+1}, never more than the sound one) is within ``tolerance``. It returns once every bound is ≤ ``tolerance`` (default ``default_tolerance``: 1e-6 for fp32 G,
+    1e-11 for fp64: round-off), and gives up (None) when a gap closes (the top-j subspace is then ill-determined
+    and only the exact SVD reproduces LAPACK's choice; a gap below the rounding level eps·√max(m, n)·σ̃₁ of G·v
+    counts as closed; the bound includes eps·√rank for storing the factors in G's dtype), when the sound bound
+    stops improving between probes (a tail the block cannot absorb, or a direction it never captured), or after ``max_iterations`` (default: as many as cost the FLOPs of the exact
+    SVD, ``_exact_flops``). Ω and the probes come from CPU generators seeded by ``seed``: every process gets the
+    same factors. ``report`` (a dict) receives ``iterations``, ``bound`` (the largest sin θ bound at the end; with
+    the probe once it ran), ``certified`` and ``probes`` (how many probes ran).
     """
     m, n = matrix.shape
     short = min(m, n)
@@ -196,48 +261,70 @@ def checked_svd(matrix: torch.Tensor, rank: int, *, tolerance: float = 3e-2, bou
     cuts = sorted({rank} if boundaries is None else {int(j) for j in boundaries} | {rank})
     if width <= rank or cuts[0] < 1 or cuts[-1] > rank:
         return None  # no oversampled tail to estimate σ_{rank+1} from (or nonsense boundaries): exact
-    work = matrix if matrix.dtype in (torch.float32, torch.float64) else matrix.float()
+    if tolerance is None:
+        tolerance = default_tolerance(matrix.dtype)
+    work = matrix.double()
     if max_iterations is None:
         per_iteration = 4.0 * m * n * width + 6.0 * (m + n) * width * width
         max_iterations = max(2, int(_exact_flops(m, n) / per_iteration))
     omega = torch.randn(n, width, generator=torch.Generator().manual_seed(seed), dtype=work.dtype).to(work.device)
     q, _ = torch.linalg.qr(work @ omega)
-    # The rounding level of G·v relative to σ̃₁: a gap below it is noise (LAPACK's vectors there are noise too,
-    # and only the exact SVD reproduces them).
-    eps = torch.finfo(work.dtype).eps * max(m, n) ** 0.5
-    bound = float("inf")
+    # The rounding level of G·v relative to σ̃₁ (G's own dtype: G is only known to its rounding): a gap below it
+    # is noise (LAPACK's vectors there are noise too, and only the exact SVD reproduces them).
+    eps = torch.finfo(matrix.dtype if matrix.dtype in (torch.float32, torch.float64) else torch.float32).eps
+    floor_factor = eps * max(m, n) ** 0.5
+    # The factors are returned in G's dtype: storing unit vectors there moves their span by up to eps·√rank.
+    stored = eps * rank ** 0.5
+    bound, probes, last_sound = float("inf"), 0, float("inf")
     for iteration in range(1, max_iterations + 1):
         v, s, wh = torch.linalg.svd(work.mT @ q, full_matrices=False)  # Z = V Σ Wᵀ, Z = GᵀQ (n, l)
         u = q @ wh.mT  # left Ritz vectors (m, l)
         y = work @ v  # G·V (m, l): next power step and residual
         residual = torch.linalg.vector_norm(y - u * s, dim=0)  # ‖G vᵢ − σ̃ᵢ uᵢ‖ (l,)
-        upper = (s + residual).flip(0).cummax(0).values.flip(0)  # upper[i] = max_{i' ≥ i} (σ̃ᵢ' + ‖rᵢ'‖)
-        floor = eps * s[0]
+        floor = floor_factor * float(s[0])
         sq = (residual ** 2).cumsum(0)
-        bounds = []
-        for j in cuts:
-            gap = s[j - 1] - upper[j]
-            bounds.append(float(sq[j - 1].sqrt() / gap) if gap > floor else float("inf"))
-        bound = max(bounds)
+
+        def wedin(alpha: Callable[[int], float]) -> float:
+            worst = 0.0
+            for j in cuts:
+                gap = float(s[j - 1]) - alpha(j)
+                worst = max(worst, float(sq[j - 1].sqrt()) / gap if gap > floor else float("inf"))
+            return worst + stored
+
+        bound = wedin(lambda j: float(s[j]))  # optimistic: α_j = σ̃_{j+1} ≤ the sound α_j below
         if bound <= tolerance:
-            if report is not None:
-                report.update(iterations=iteration, bound=bound, certified=True)
-            uu, vh = sign_fix(u[:, :rank], v[:, :rank].mT)
-            return uu, s[:rank], vh
+            probes += 1
+            tail = complement_norm_bound(work, u, v, seed=seed + 7919 * probes)
+            below = (residual.flip(0) ** 2).cumsum(0).flip(0).sqrt()  # below[i] = ‖R_{:, i..l}‖_F
+            bound = wedin(lambda j: _norm_of_block_triangle(float(s[j]), float(below[j]), tail))
+            if bound <= tolerance:
+                if report is not None:
+                    report.update(iterations=iteration, bound=bound, certified=True, probes=probes)
+                uu, vh = sign_fix(u[:, :rank], v[:, :rank].mT)
+                return uu.to(matrix.dtype), s[:rank].to(matrix.dtype), vh.to(matrix.dtype)
+            if bound > 0.9 * last_sound:
+                break  # the sound bound no longer improves: what the block misses, it will not capture
+            last_sound = bound
         q, _ = torch.linalg.qr(y)
     if report is not None:
-        report.update(iterations=max_iterations, bound=bound, certified=False)
+        report.update(iterations=iteration, bound=bound, certified=False, probes=probes)
     return None
+
+
+# The smallest min(m, n) at which svd="auto" takes the certified truncated solver; below it LAPACK's exact SVD
+# costs about as much as the certified iterations (≤ 0.4 s per layer at 384 × 1536 on 2 CPU cores), so the
+# default there is the exact SVD itself, bit for bit.
+FAST_PATH_MIN = 512
 
 
 def solver_for(solver: str, shape: tuple[int, int], rank: int) -> str:
     """The solver ``"auto"`` picks for an (m, n) matrix and ``rank`` triplets: ``"checked"`` (``checked_svd``, the
     exact SVD where it cannot certify its answer) once the matrix is wide enough that a truncated solve pays
-    (min(m, n) ≥ 256 and ≥ 4·l, l = rank + max(rank, 8)), else ``"exact"``; other solvers as given."""
+    (min(m, n) ≥ ``FAST_PATH_MIN`` and ≥ 4·l, l = rank + max(rank, 8)), else ``"exact"``; other solvers as given."""
     if solver != "auto":
         return solver
     short = min(shape)
-    return "checked" if short >= 256 and short >= 4 * (rank + max(rank, 8)) else "exact"
+    return "checked" if short >= FAST_PATH_MIN and short >= 4 * (rank + max(rank, 8)) else "exact"
 
 
 # ------------------------------------------------------------------------------------- gradients
@@ -449,14 +536,15 @@ def gather_rows(rows: torch.Tensor) -> torch.Tensor:
 
 
 def top_singular_triplets(stat: torch.Tensor | GradientSketch, rank: int, solver: str = "exact", *,
-                          iterations: int = 8, seed: int = 0, tolerance: float = 3e-2,
+                          iterations: int = 8, seed: int = 0, tolerance: float | None = None,
                           boundaries: Iterable[int] | None = None,
                           report: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(U (m, rank), S (rank,), Vh (rank, n)) of a gradient from ``gradient_statistics``, signed, in G's dtype.
 
     ``solver``: ``"exact"`` (LAPACK's full thin SVD), ``"randomized"`` (``randomized_svd`` with ``iterations``
     power iterations, unchecked) or ``"auto"`` (``solver_for``: on wide layers ``checked_svd`` to ``tolerance``
-    at ``boundaries``, the exact SVD wherever that cannot certify its answer); a sketch always takes
+    (None: round-off, ``default_tolerance``) at ``boundaries``, the exact SVD wherever that cannot certify its
+    answer); a sketch always takes
     ``sketch_svd``. ``report`` (a dict) receives ``solver`` (what ran) and, for the checked solver, its
     ``iterations``, ``bound`` and ``certified``."""
     if isinstance(stat, GradientSketch):
@@ -484,7 +572,8 @@ GRADIENT_OPTION_HELP = {
     "gradient_device": "'model' (G on the model's device) or 'cpu' (G offloaded to host memory)",
     "svd": f"one of {SOLVERS}",
     "svd_iterations": "a non-negative integer (power iterations of the randomized solver)",
-    "svd_tolerance": "a number in (0, 1) (the largest sin of the principal angle svd='auto' certifies)",
+    "svd_tolerance": "None (round-off: 1e-6 for an fp32 G, 1e-11 for fp64) or a number in (0, 1) (the largest sin "
+                     "of the principal angle svd='auto' certifies)",
 }
 
 
@@ -509,8 +598,9 @@ def check_gradient_options(options: Mapping[str, Any]) -> None:
     iterations = options["svd_iterations"]
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
         raise bad("svd_iterations")
-    tolerance = options.get("svd_tolerance", 3e-2)
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
+    tolerance = options.get("svd_tolerance")
+    if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, (int, float))
+                                  or not 0 < tolerance < 1):
         raise bad("svd_tolerance")
 
 
@@ -647,7 +737,7 @@ def gradient_triplets(model: nn.Module, layers: dict[str, AdapterLayer], batches
                     tensor.neg_()  # the SVD of −G (its sketches are linear in G)
             rank = ranks[name]
             u, s, vh = top_singular_triplets(stat, rank, options["svd"], iterations=options["svd_iterations"],
-                                             seed=seed, tolerance=options.get("svd_tolerance", 3e-2),
+                                             seed=seed, tolerance=options.get("svd_tolerance"),
                                              boundaries=None if boundaries is None else boundaries(rank))
             del stat
             yield name, u, s, vh

@@ -38,10 +38,12 @@ def rel(x, y) -> float:
 def test_equivalent_gradient_is_the_least_squares_optimum():
     s = 1.7
     a, b, g = random_case()
-    # The map (g^A, g^B) -> s(B g^A + g^B A) as a matrix on row-major vectors, solved by lstsq.
+    # The map (g^A, g^B) -> s(B g^A + g^B A) as a matrix on row-major vectors, solved by lstsq. It is rank
+    # deficient (X invariance: rank 20 of 24 columns): the default driver (gelsy) returned a wrong projection in
+    # some runs (up to 7e-2 in 30 tries); the SVD-based gelsd is exact there.
     jac = s * torch.cat([torch.kron(b, torch.eye(N, dtype=torch.float64)),
                          torch.kron(torch.eye(M, dtype=torch.float64), a.T.contiguous())], 1)
-    best = (jac @ torch.linalg.lstsq(jac, g.reshape(-1, 1)).solution).reshape(M, N)
+    best = (jac @ torch.linalg.lstsq(jac, g.reshape(-1, 1), driver="gelsd").solution).reshape(M, N)
     tilde = equivalent_gradient(a, b, s * b.T @ g, s * g @ a.T, s)
     assert rel(tilde, best) <= 1e-12
     assert rel(tilde, closest_tangent(a, b, g)) <= 1e-12
@@ -230,16 +232,21 @@ def test_clipping_order_with_loss_scaling():
     torch.testing.assert_close(clipped, effective_weight(layer), atol=1e-6, rtol=1e-6)
 
 
-def authors_step(a, b, grad_a, grad_b, state, s, lr, wd, max_norm, reference_code, betas=(0.9, 0.999), eps=1e-8):
+def authors_step(a, b, grad_a, grad_b, state, s, lr, wd, max_norm, reference_code, betas=(0.9, 0.999), eps=1e-8,
+                 damping=None):
     """One full-mode LoRA-Pro step written out from the formulas (not peftkit's code): exact inverses, X from the
     Kronecker form of the Sylvester equation. ``reference_code``: the official DeepSpeed conventions, bias
     correction at t + 1 and the raw-gradient clip factor applied to the adjusted gradients; otherwise the
-    standard ones, bias correction at t and the raw gradients clipped before everything."""
+    standard ones, bias correction at t and the raw gradients clipped before everything; with ``reference_code`` the
+    inverses are damped, (BᵀB + δI)⁻¹ and (AAᵀ + δI)⁻¹ with δ = 1e-8, and the Sylvester operator is not."""
     m, r = b.shape
     coef = min(1.0, max_norm / ((grad_a.square().sum() + grad_b.square().sum()).sqrt().item() + 1e-6))
     if not reference_code:
         grad_a, grad_b = grad_a * coef, grad_b * coef
-    btb_inv, aat_inv = torch.linalg.inv(b.T @ b), torch.linalg.inv(a @ a.T)
+    damping = (1e-8 if reference_code else 0.0) if damping is None else damping
+    eye_r = torch.eye(r, dtype=a.dtype)
+    inverse = torch.linalg.inv if damping > 0 else torch.linalg.pinv  # undamped at B = 0: the pseudo-inverse
+    btb_inv, aat_inv = inverse(b.T @ b + damping * eye_r), inverse(a @ a.T + damping * eye_r)
     outside = torch.eye(m, dtype=a.dtype) - b @ btb_inv @ b.T
     g_tilde = s * (b @ (btb_inv @ grad_a) + (outside @ grad_b @ aat_inv) @ a) / s ** 2
     state["t"] += 1
@@ -286,6 +293,41 @@ def test_reference_code_matches_the_authors_update(reference_code):
         opt.zero_grad()
         assert rel(pair.a.detach(), a) <= 1e-10 and rel(pair.b.detach(), b) <= 1e-10
     assert rel(pair.a.detach(), a_other) > 1e-3  # the other convention is a different trajectory
+
+
+def test_reference_code_damps_the_inverses_like_the_authors_from_b_zero():
+    """From B = 0 at the authors' lr 2e-5, BᵀB stays below their damping δ = 1e-8 for the first steps:
+    reference_code=True equals a hand-written update with (BᵀB + δI)⁻¹ and (AAᵀ + δI)⁻¹ (fp64, ≤ 1e-9), and the
+    same update without the damping moves W in a clearly different direction (negative control)."""
+    m, n, r, lr = 16, 12, 4, 2e-5
+    gen = torch.Generator().manual_seed(7)
+    a0 = torch.randn(r, n, generator=gen, dtype=torch.float64) / n ** 0.5  # LoRA's A scale: AAᵀ = O(1)
+    model, layer = single_linear(m, n, r, alpha=2 * r, method="lora-pro", a=a0, b=torch.zeros(m, r))
+    pair = factor_pairs(model)[0]
+    x, y = quadratic_problem(m, n)
+    opt = peftkit.optimizer(model, lr, reference_code=True)
+    start = effective_weight(layer)
+    states = {d: {"t": 0, "m": torch.zeros(m, n, dtype=torch.float64), "v": torch.zeros(m, n, dtype=torch.float64)}
+              for d in (1e-8, 0.0)}
+    factors = {d: (a0.clone(), torch.zeros(m, r, dtype=torch.float64)) for d in states}
+    for step in range(3):
+        quadratic_loss(model, x, y).backward()
+        if step == 1:
+            b = pair.b.detach()
+            assert torch.linalg.eigvalsh(b.T @ b).max() < 1e-8  # B has moved, but BᵀB is still below δ
+        for d, state in states.items():
+            a, b = factors[d]
+            factors[d] = authors_step(a, b, pair.a.grad.clone(), pair.b.grad.clone(), state, pair.scaling, lr, 0.0,
+                                      float("inf"), True, damping=d)[:2]
+        opt.step()
+        opt.zero_grad()
+        damped_a, damped_b = factors[1e-8]
+        assert rel(pair.a.detach(), damped_a) <= 1e-9 and rel(pair.b.detach(), damped_b) <= 1e-9, step
+    moved = effective_weight(layer) - start
+    undamped_a, undamped_b = factors[0.0]
+    undamped = pair.scaling * undamped_b @ undamped_a
+    cosine = float((moved * undamped).sum() / (moved.norm() * undamped.norm()))
+    assert cosine < 0.99, cosine  # without the damping: another update
 
 
 def test_reference_code_needs_full_mode():
