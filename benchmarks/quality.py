@@ -860,7 +860,9 @@ def best_cell(task: Task, sweep: dict[float, dict]) -> dict | None:
 def sensitivity(task: Task, sweep: dict[float, dict]) -> tuple[float, list[float]]:
     """(spread, diverged multipliers): best − worst final metric over the sweep's finished cells (accuracy,
     exact match: in the metric's own unit, a fraction), or worst / best for perplexity (≥ 1); NaN below two
-    finished cells. Cells that diverged (or ended non-finite) are listed apart: they are worse than any spread."""
+    finished cells. Cells that diverged (or ended non-finite) are listed apart: they are worse than any spread.
+    Only the SWEEP points count (not those past the edge), so every contender's spread spans the same 9×."""
+    sweep = {f: r for f, r in sweep.items() if f in SWEEP}
     values = [final_metric(task, r) for r in sweep.values()]
     finite = [v for v in values if math.isfinite(v)]
     diverged = sorted(f for f, r in sweep.items() if not math.isfinite(final_metric(task, r)))
