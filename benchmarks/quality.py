@@ -1025,6 +1025,31 @@ def summary_table(tasks: list[Task], cells: dict[str, dict[str, dict[float, dict
     return "\n".join(lines)
 
 
+AUTO_TOLERANCE = 0.02  # "within 2 points": accuracy and exact match as fractions; perplexity in its own unit
+
+
+def auto_rate_table(tasks: list[Task], cells: dict[str, dict[str, dict[float, dict]]]) -> str:
+    """What a user who sets no lr gets: each registered method at 1× its convention (its auto lr), against
+    plain LoRA at its best cell, with ✓ when within 2 points (accuracy, exact match) or 2 perplexity points."""
+    header = " | ".join(f"{t.name} {t.metric}" for t in tasks)
+    lines = [f"| method | {header} |", "|---|" + "---|" * len(tasks)]
+    for name in peftkit.methods():
+        values = []
+        for task in tasks:
+            lora = best_cell(task, cells[task.name].get("lora", {}))
+            auto = cells[task.name].get(name, {}).get(1.0)
+            if lora is None or auto is None or not math.isfinite(final_metric(task, auto)):
+                values.append("—" if auto is None or lora is None else auto["status"])
+                continue
+            value, reference = final_metric(task, auto), final_metric(task, lora)
+            gap = value - reference if task.higher_is_better else reference - value
+            tolerance = AUTO_TOLERANCE if task.metric != "perplexity" else 100 * AUTO_TOLERANCE
+            mark = "✓" if gap >= -tolerance else "✗"
+            values.append(f"{mark} {_fmt_metric(task, value)} vs {_fmt_metric(task, reference)} (lr {auto['lr']:.2g})")
+        lines.append(f"| {name} | {' | '.join(values)} |")
+    return "\n".join(lines)
+
+
 def missing_table(tasks: list[Task], cells: dict[str, dict[str, dict[float, dict]]]) -> str:
     """The cells not run yet, per task and contender (empty when the grid is complete)."""
     missing: dict[tuple[str, str], list[float]] = {}
@@ -1274,6 +1299,10 @@ def report(tasks: list[Task], out: Path, command: str, quick: bool = False, docs
                          for message in r.get("init_warnings", [])})
         if warned:
             parts += ["Warnings at init: " + "; ".join(warned), ""]
+    parts += ["### Each method at its auto lr (1× its convention) against LoRA at its best", "",
+              "What a user who leaves the lr out gets (`peftkit.optimizer(model, base_lr=<the task's LoRA rate>)`), "
+              "against plain LoRA at its best cell; ✓ within 2 points (perplexity: 2 perplexity points).", "",
+              auto_rate_table(tasks, cells), ""]
     parts += ["### Headline claims at this scale (best cells)", "", "| method | claim | result | evidence |",
               "|---|---|---|---|"]
     for verdict in claims(tasks, best):
