@@ -480,3 +480,16 @@ def test_cells_of_a_changed_convention_are_rekeyed_by_their_lr(tmp_path):
     assert json.loads((folder / "lora@x1.json").read_text()).get("rekeyed") is None
     cells = quality.read_cells(tmp_path, [task])
     assert sorted(cells[task.name]["hra"]) == pytest.approx([1 / 9, 1 / 3, 1.0])
+
+
+def test_the_auto_rate_table_marks_each_method_against_loras_best():
+    trec, text = quality.TASKS["minilm-trec"], quality.TASKS["smollm2-shakespeare"]
+    cells = {trec.name: {"lora": {1.0: _swept("accuracy", 0.90, 1.0), 3.0: _swept("accuracy", 0.93, 3.0)},
+                         "hra": {1.0: _swept("accuracy", 0.915, 1.0)}, "coto": {1.0: _swept("accuracy", 0.905, 1.0)}},
+             text.name: {"lora": {1.0: _swept("perplexity", 60.0, 1.0)}, "hra": {1.0: _swept("perplexity", 61.5, 1.0)},
+                         "coto": {1.0: _swept("perplexity", 62.5, 1.0)}}}
+    rows = {line.split(" | ")[0][2:]: line for line in quality.auto_rate_table([trec, text], cells).splitlines()}
+    assert "✓ 91.5 vs 93.0 (lr 0.001)" in rows["hra"] and "✓ 61.50 vs 60.00" in rows["hra"]  # 1.5 points off
+    assert "✗ 90.5 vs 93.0" in rows["coto"] and "✗ 62.50 vs 60.00" in rows["coto"]  # 2.5 points off
+    assert "✓ 90.0 vs 93.0" not in rows["lora"] and "✗ 90.0 vs 93.0" in rows["lora"]  # LoRA's own 1× is not its best
+    assert rows["eva"].count("—") == 2  # not run
