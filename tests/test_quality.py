@@ -94,7 +94,8 @@ def test_quick_mode_sweeps_every_contender_picks_its_best_cell_and_resumes(tmp_p
         # Each contender around its own convention (the task's base rate is plain LoRA's).
         base = quality.task_recipe(spec, cache, True).optimizer.lr
         conventional = {n: s["cells"]["x1"]["lr_conventional"] for n, s in results[task].items()}
-        assert conventional["lora"] == conventional["hra"] == base
+        assert conventional["lora"] == conventional["hydra"] == base
+        assert conventional["hra"] == conventional["elalora"] == conventional["coto"] == pytest.approx(3 * base)
         assert conventional["lora-pro"] == conventional["lora-ga"] == conventional["loft"] == pytest.approx(0.1 * base)
         assert conventional["full"] == pytest.approx(0.1 * base) and conventional["lora-plus"] == pytest.approx(0.5 * base)
         # LoRA-GA's scaled factors with LoRA+'s ratio: at most LoRA-GA's rate (the first-step cap may lower it).
@@ -427,3 +428,68 @@ def test_cell_arguments_are_checked(tmp_path):
         quality.main(["--stop-at", "soon", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--threads: expected a positive thread count"):
         quality.main(["--threads", "0", "--out", str(tmp_path)])
+
+
+def test_the_sweep_extends_past_its_edge_until_the_best_cell_is_inside():
+    task = quality.TASKS["minilm-trec"]
+    third, one, three = quality.SWEEP
+    sweep = {third: _swept("accuracy", 0.5, third), one: _swept("accuracy", 0.7, one)}
+    assert quality.next_factor(task, sweep) is None  # the sweep itself is not finished yet
+    sweep[three] = _swept("accuracy", 0.9, three)
+    assert quality.next_factor(task, sweep) == 9.0
+    sweep[9.0] = _swept("accuracy", 0.95, 9.0)
+    assert quality.next_factor(task, sweep) == 27.0
+    sweep[27.0] = _swept("accuracy", 0.97, 27.0)
+    assert quality.next_factor(task, sweep) is None  # EXTEND_LIMIT points past the edge: no further
+    sweep[27.0] = _swept("accuracy", 0.6, 27.0)
+    assert quality.next_factor(task, sweep) is None  # the best (9×) is inside
+    low = {third: _swept("accuracy", 0.9, third), one: _swept("accuracy", 0.7, one), three: _swept("accuracy", 0.5, three)}
+    assert quality.next_factor(task, low) == pytest.approx(1 / 9)
+    table = quality.task_table(task, quality.contenders_for(task), {"lora": sweep})
+    row = next(line for line in table.splitlines() if line.startswith("| lora |"))
+    assert "| 9×: 95.0 (lr 0.009); 27×: 60.0 (lr 0.027) |" in row and "0.009 (9×) |" in row and "(edge" not in row
+    sweep[27.0] = _swept("accuracy", 0.97, 27.0)
+    row = next(line for line in quality.task_table(task, quality.contenders_for(task), {"lora": sweep}).splitlines()
+               if line.startswith("| lora |"))
+    assert "0.027 (27×) (edge of the extended sweep)" in row
+    assert {line.count("|") for line in table.splitlines()} == {len(table.splitlines()[0].split("|")) - 1}
+    # The spread stays over the SWEEP points (the same 9× span for every contender).
+    assert "| lora | 97.0 (0.027; 40.0 pts; +9×; +27×) |" in quality.summary_table([task], {task.name: {"lora": sweep}})
+
+
+def test_cells_of_a_changed_convention_are_rekeyed_by_their_lr(tmp_path):
+    """A cell run at 3× HRA's old ratio-1 rate is the 1× cell of its ratio-3 convention: same lr, not rerun."""
+    task = quality.TASKS["minilm-trec"]
+    base = quality.task_recipe(task, quality.CACHE, False).optimizer.lr
+    ratio = quality.registry.get_method("hra").lr_convention.ratio
+    assert ratio == 3.0
+    fingerprint = quality.recipe_fingerprint(task, False)
+    for name, factor, lr in (("hra", 1 / 3, base / 3), ("hra", 1.0, base), ("hra", 3.0, 3 * base),
+                             ("hra", 9.0, 2 * base), ("lora", 1.0, base)):
+        quality.write_cell(tmp_path, {**_swept("accuracy", 0.5, factor), "task": task.name, "contender": name,
+                                      "lr": lr, "lr_conventional": base, "recipe_fingerprint": fingerprint})
+    moved = quality.rekey_cells(tmp_path, [task])
+    assert len(moved) == 4 and quality.rekey_cells(tmp_path, [task]) == []  # idempotent
+    folder = tmp_path / "cells" / task.name
+    assert sorted(p.name for p in folder.glob("hra@*.json")) == ["hra@x0.111.json", "hra@x0.333.json", "hra@x1.json"]
+    for tag, lr in (("x0.111", base / 3), ("x0.333", base), ("x1", 3 * base)):
+        record = json.loads((folder / f"hra@{tag}.json").read_text())
+        assert record["lr"] == pytest.approx(lr) and record["lr_conventional"] == pytest.approx(ratio * base)
+        assert "an earlier convention" in record["rekeyed"] and f"· {ratio:g} ('hra'" in record["lr_convention"]
+    assert (folder / "stale" / "hra@x9.json").is_file()  # 2× the base is no point of the sweep: set aside
+    assert json.loads((folder / "lora@x1.json").read_text()).get("rekeyed") is None
+    cells = quality.read_cells(tmp_path, [task])
+    assert sorted(cells[task.name]["hra"]) == pytest.approx([1 / 9, 1 / 3, 1.0])
+
+
+def test_the_auto_rate_table_marks_each_method_against_loras_best():
+    trec, text = quality.TASKS["minilm-trec"], quality.TASKS["smollm2-shakespeare"]
+    cells = {trec.name: {"lora": {1.0: _swept("accuracy", 0.90, 1.0), 3.0: _swept("accuracy", 0.93, 3.0)},
+                         "hra": {1.0: _swept("accuracy", 0.915, 1.0)}, "coto": {1.0: _swept("accuracy", 0.905, 1.0)}},
+             text.name: {"lora": {1.0: _swept("perplexity", 60.0, 1.0)}, "hra": {1.0: _swept("perplexity", 61.5, 1.0)},
+                         "coto": {1.0: _swept("perplexity", 62.5, 1.0)}}}
+    rows = {line.split(" | ")[0][2:]: line for line in quality.auto_rate_table([trec, text], cells).splitlines()}
+    assert "✓ 91.5 vs 93.0 (lr 0.001)" in rows["hra"] and "✓ 61.50 vs 60.00" in rows["hra"]  # 1.5 points off
+    assert "✗ 90.5 vs 93.0" in rows["coto"] and "✗ 62.50 vs 60.00" in rows["coto"]  # 2.5 points off
+    assert "✓ 90.0 vs 93.0" not in rows["lora"] and "✗ 90.0 vs 93.0" in rows["lora"]  # LoRA's own 1× is not its best
+    assert rows["eva"].count("—") == 2  # not run
