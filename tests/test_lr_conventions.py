@@ -27,9 +27,10 @@ def _declared(convention: registry.LRConvention) -> bool:
     return bool(convention.source.strip()) and convention.source != registry.LRConvention().source
 
 
-def test_every_preset_declares_its_convention(monkeypatch):
+def test_every_preset_declares_its_convention():
+    # Registered and removed at once (monkeypatch.delitem would put it back at teardown, into later tests' registry).
     undeclared = registry.register_method("a-preset-without-convention", architecture="lora")
-    monkeypatch.delitem(registry._methods, "a-preset-without-convention")
+    del registry._methods["a-preset-without-convention"]
     assert not _declared(undeclared.lr_convention)  # the check below can fail
     for name in peftkit.methods():
         conv = registry.get_method(name).lr_convention
