@@ -16,10 +16,13 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# Every subprocess a test starts waits this long at most: a guard against a hang, never a budget. It is far above any
+# run's time on a loaded 2-core machine (one quickstart run took over 600 s under a load of 14), and below CI's limit.
+HANG_GUARD_S = 2700
 
 
 def run_distributed(script: str | os.PathLike, nproc: int, out_dir: str | os.PathLike, *args: str,
-                    timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+                    timeout: float = HANG_GUARD_S, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --nproc-per-node nproc script args``; raises with the output on failure."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ import yaml
 import peftkit
 from peftkit.train.cli import main
 
-from multiproc import REPO
+from multiproc import HANG_GUARD_S, REPO
 from train_fixtures import TINY_CONFIGS, llama_text_recipe, write_jsonl
 
 
@@ -96,7 +96,7 @@ def test_info_on_a_corrupt_adapter(trained, tmp_path, capsys):
 def test_bad_input_from_a_fresh_process_has_no_traceback(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", llama_text_recipe(tmp_path))
     proc = subprocess.run([sys.executable, "-m", "peftkit", "train", recipe, "adapter.method=nope"],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+                          capture_output=True, text=True, cwd=REPO, timeout=HANG_GUARD_S)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("peftkit: error: unknown method 'nope'") and "Traceback" not in proc.stderr
 

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
+from multiproc import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
@@ -67,7 +68,7 @@ def test_mkdocs_build_is_strict_and_offline(tmp_path):
     # No --quiet: it raises mkdocs' log level to ERROR, so the warnings --strict counts are never emitted and a broken
     # anchor built "cleanly". Any WARNING line fails the test too, whichever logger printed it.
     proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(REPO / "mkdocs.yml"),
-                           "-d", str(site)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                           "-d", str(site)], cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     seconds = time.perf_counter() - start
     output = proc.stdout + proc.stderr
     warnings = [line for line in output.splitlines() if re.match(r"\s*(WARNING|ERROR)\b", line)]
@@ -92,7 +93,7 @@ def test_the_guard_refuses_connections(tmp_path):
     (guard / "sitecustomize.py").write_text(_NO_NETWORK)
     code = "import socket\ntry:\n    socket.create_connection(('93.184.216.34', 80), timeout=1)\nexcept OSError as e:\n    print(e)\n"
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(guard)},
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert "the docs build tried to" in proc.stdout, proc.stdout + proc.stderr
 
 

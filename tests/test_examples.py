@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from multiproc import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _run(script: str, tmp_path: Path) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([sys.executable, str(REPO / "examples" / script)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -59,6 +60,6 @@ def test_trl_dpo_example_uses_no_reference_copy(tmp_path):
 def _run_args(script: str, tmp_path: Path, *args: str) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([sys.executable, str(REPO / "examples" / script), *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from multiproc import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_gpu_sh_skips_with_a_message_and_status_0_without_cuda():
     env = {**os.environ, "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh")], capture_output=True, text=True, env=env,
-                          timeout=120)
+                          timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr
     assert "no CUDA device" in proc.stdout and "skipped" in proc.stdout
 
@@ -27,7 +28,7 @@ def test_gpu_sh_skips_with_a_message_and_status_0_without_cuda():
 def test_gpu_bench_dry_run_on_cpu_runs_every_part():
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_bench.py"), "--device", "cpu", "--dry-run",
                            "--dtype", "float32", "--only", "init", "compile", "sync", "train"],
-                          capture_output=True, text=True, timeout=900, cwd=REPO,
+                          capture_output=True, text=True, timeout=HANG_GUARD_S, cwd=REPO,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

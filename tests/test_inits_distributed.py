@@ -12,6 +12,7 @@ import os
 import warnings
 
 import torch
+from multiproc import HANG_GUARD_S
 
 METHODS = {"lora-ga": dict(r=4), "lora-one": dict(r=4), "eva": dict(r=4, tau=0.9)}
 # The gradient inits run on an fp64 model: the two runs sum G over batches in different orders, and fp32
@@ -49,7 +50,7 @@ def _merged(pairs):
 def test_two_processes_with_half_the_batches_equal_one_process(tmp_path):
     from multiproc import run_distributed
 
-    run_distributed(__file__, 2, tmp_path, timeout=240)
+    run_distributed(__file__, 2, tmp_path, timeout=HANG_GUARD_S)
     batches = _batches()
     for method in METHODS:
         # One process reads each global batch whole: batch i of each process, concatenated (as the loop's plan at

@@ -19,6 +19,7 @@ import os
 import warnings
 
 import torch
+from multiproc import HANG_GUARD_S
 
 CONFIGS = {
     "lora-pro-full": ("lora-pro", {"shard_moments": True}),
@@ -68,7 +69,7 @@ def run(rank: int, world: int) -> dict[str, dict[str, torch.Tensor]]:
 def test_two_processes_equal_one(tmp_path):
     from multiproc import REPO, run_distributed
 
-    run_distributed(REPO / "tests" / "test_optim_distributed.py", 2, tmp_path, timeout=240)
+    run_distributed(REPO / "tests" / "test_optim_distributed.py", 2, tmp_path, timeout=HANG_GUARD_S)
     reference = run(0, 1)
     reference_memory = reference.pop("memory")
     memory = []

@@ -21,6 +21,7 @@ import torch
 from multiproc import REPO, run_distributed
 from quantized_sharded import CASES, PATHS, STEPS, main as run_cases, save_base
 from train_fixtures import adapter_tensors, read_metrics
+from multiproc import HANG_GUARD_S
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def quantized_zero3(tmp_path_factory):
     def launch():
         try:
             run_distributed(REPO / "tests" / "quantized_sharded.py", 2, two / "out", "zero3", "2", str(two), base,
-                            timeout=540)
+                            timeout=HANG_GUARD_S)
         except BaseException as exc:  # re-raised below, in the test's thread
             failure.append(exc)
 

@@ -19,7 +19,7 @@ from peftkit.config import resolve_config
 from peftkit.train import from_dict, train
 from peftkit.train.recipe import apply_overrides, read_yaml
 
-from multiproc import REPO
+from multiproc import HANG_GUARD_S, REPO
 from train_fixtures import TINY_CONFIGS, classification_rows, instruction_rows, text_rows, write_jsonl
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -100,7 +100,7 @@ def test_quickstart_learns(tmp_path):
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "peftkit", "train", str(REPO / "recipes" / "quickstart.yaml"),
                            f"training.output_dir={tmp_path / 'quickstart'}", "logging.progress_bar=false"],
-                          capture_output=True, text=True, env=env, timeout=600)
+                          capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
     seconds = time.perf_counter() - started
     assert proc.returncode == 0, proc.stderr[-3000:]
     accuracy = float(re.search(r"eval_accuracy ([0-9]+\.[0-9]+)", proc.stdout).group(1))

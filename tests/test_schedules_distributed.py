@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
+from multiproc import HANG_GUARD_S
 
 STEPS = 8
 GLOBAL_BATCH = 4
@@ -80,7 +81,7 @@ def main() -> None:
 def test_two_processes_equal_one_process(tmp_path):
     from multiproc import run_distributed
 
-    run_distributed(Path(__file__), 2, tmp_path, timeout=240)
+    run_distributed(Path(__file__), 2, tmp_path, timeout=HANG_GUARD_S)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     for method in OPTIONS:
         reference = run(method, 0, 1)

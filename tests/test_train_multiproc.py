@@ -12,6 +12,7 @@ from peftkit.train import from_dict, train
 
 from multiproc import REPO, run_distributed
 from train_fixtures import adapter_tensors, llama_text_recipe, read_metrics
+from multiproc import HANG_GUARD_S
 
 
 def test_two_processes_at_batch_b_equal_one_process_at_2b(tmp_path):
@@ -26,7 +27,7 @@ def test_two_processes_at_batch_b_equal_one_process_at_2b(tmp_path):
     recipe_file.write_text(yaml.safe_dump(two))
     # `torchrun ... peftkit/__main__.py` runs exactly what `torchrun -m peftkit` runs.
     proc = run_distributed(REPO / "peftkit" / "__main__.py", 2, tmp_path / "out", "train", str(recipe_file),
-                           "logging.progress_bar=false", timeout=240)
+                           "logging.progress_bar=false", timeout=HANG_GUARD_S)
     assert "2 process(es), global batch 4" in proc.stdout
 
     expected, got = adapter_tensors(tmp_path / "one" / "run"), adapter_tensors(tmp_path / "two" / "run")

@@ -26,6 +26,7 @@ from multiproc import REPO, _free_port, run_distributed
 from sharded_grid import (CONFIGS, PER_MICRO_BATCH, RESUMED, RESUMED_ENGINES, ROUND_OFF_DECIDES, STEPS,
                           main as run_grid, recipe)
 from train_fixtures import adapter_tensors, llama_text_recipe, read_metrics
+from multiproc import HANG_GUARD_S
 
 RTOL, ATOL = 1e-4, 1e-6  # tests/test_train_multiproc.py's tolerance (the models here are fp64)
 ENGINES = ["ddp", "fsdp2", "zero2", "zero3"]
@@ -57,7 +58,7 @@ def sharded_grid(tmp_path_factory):
     def launch():
         try:
             run_distributed(REPO / "tests" / "sharded_grid.py", 2, two / "out", ",".join(ENGINES), "1", "2", str(two),
-                            "resume", timeout=540)
+                            "resume", timeout=HANG_GUARD_S)
         except BaseException as exc:  # re-raised below, in the test's thread
             failure.append(exc)
 
@@ -247,7 +248,7 @@ def test_accelerate_launch_with_a_users_deepspeed_zero3_config(sharded_grid, tmp
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                            str(tmp_path / "accelerate.yaml"), "-m", "peftkit", "train", str(tmp_path / "recipe.yaml"),
-                           "logging.progress_bar=false"], env=env, capture_output=True, text=True, timeout=300,
+                           "logging.progress_bar=false"], env=env, capture_output=True, text=True, timeout=HANG_GUARD_S,
                           cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "2 process(es), global batch 4, engine zero3" in proc.stdout
@@ -422,5 +423,5 @@ def test_zero3_takes_an_fp64_model_whatever_the_cpu(tmp_path, onednn):
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
            "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
     proc = subprocess.run([sys.executable, str(script), onednn, str(REPO / "tests")], capture_output=True,
-                          text=True, timeout=300, env=env)
+                          text=True, timeout=HANG_GUARD_S, env=env)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-4000:]
