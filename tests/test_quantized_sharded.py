@@ -18,10 +18,9 @@ import threading
 import pytest
 import torch
 
-from multiproc import REPO, run_distributed
+from multiproc import HANG_GUARD_S, REPO, run_distributed
 from quantized_sharded import CASES, PATHS, STEPS, main as run_cases, save_base
 from train_fixtures import adapter_tensors, read_metrics
-from multiproc import HANG_GUARD_S
 
 
 @pytest.fixture(scope="module")

@@ -22,11 +22,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from multiproc import REPO, _free_port, run_distributed
+from multiproc import HANG_GUARD_S, REPO, _free_port, run_distributed
 from sharded_grid import (CONFIGS, PER_MICRO_BATCH, RESUMED, RESUMED_ENGINES, ROUND_OFF_DECIDES, STEPS,
                           main as run_grid, recipe)
 from train_fixtures import adapter_tensors, llama_text_recipe, read_metrics
-from multiproc import HANG_GUARD_S
 
 RTOL, ATOL = 1e-4, 1e-6  # tests/test_train_multiproc.py's tolerance (the models here are fp64)
 ENGINES = ["ddp", "fsdp2", "zero2", "zero3"]
