@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from peftkit import registry
 from peftkit.errors import ConfigError, StateError
-from peftkit.layer import AdapterLayer, adapter_dtype, linear_types
+from peftkit.layer import AdapterLayer, ExpertParameterLayer, adapter_dtype, linear_types
 from peftkit.validation import option
 
 
@@ -328,6 +328,89 @@ class LoraConvLayer(LoraLayer):
         for branch in self.adapters.values():
             yield branch.lora_A.weight, "A"
             yield branch.lora_B.weight, "B"
+
+
+class ExpertLoraBranch(nn.Module):
+    """LoRA on E expert matrices: ``lora_A[e]`` (r, in) and ``lora_B[e]`` (out, r), one trainable pair per expert,
+    each initialised as linear LoRA's (A Kaiming-uniform with bound 1/√in, B = 0)."""
+
+    def __init__(self, experts: int, in_features: int, out_features: int, r: int, dtype: torch.dtype,
+                 device: torch.device, init: bool | str = True) -> None:
+        super().__init__()
+        self.lora_A = nn.ParameterList(
+            [nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device)) for _ in range(experts)])
+        self.lora_B = nn.ParameterList(
+            [nn.Parameter(torch.empty(out_features, r, dtype=dtype, device=device)) for _ in range(experts)])
+        with torch.no_grad():
+            for a, b in zip(self.lora_A, self.lora_B):
+                if init is True:
+                    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                    nn.init.zeros_(b)
+                elif init == "gaussian":
+                    nn.init.normal_(a, std=1.0 / r)
+                    nn.init.zeros_(b)
+                elif init is False:  # debug: B random too (nn.Linear's defaults), the model changes at init
+                    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                    nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+                else:
+                    raise ConfigError(f"init_lora_weights: expected True, False or 'gaussian', got {init!r}")
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (E, r, in), B (E, out, r))."""
+        return torch.stack(list(self.lora_A)), torch.stack(list(self.lora_B))
+
+
+class ExpertLoraLayer(ExpertParameterLayer, LoraLayer):
+    """LoRA on a fused expert parameter: ΔW_e = s·B_e·A_e for every expert e (PEFT's ``ParamWrapper``).
+
+    Saved in PEFT's layout: ``lora_A.weight`` (E·r, in) with expert e in rows e·r … e·r + r − 1, and
+    ``lora_B.weight`` (out, r·E) with expert e in columns e, E + e, 2E + e, … (PEFT reshapes A to (E, r, in) and B
+    to (out, r, E)). No dropout: x cannot be factored out of W_e + ΔW_e (PEFT refuses it too)."""
+
+    saved_suffixes = ("lora_A.weight", "lora_B.weight")
+
+    def make_branch(self, name: str, r: int, alpha: float, config: Any) -> nn.Module:
+        if config.dropout:
+            raise ConfigError(
+                f"dropout: {config.dropout} cannot apply to the fused expert parameter {self.target_name} (the "
+                "update is added to the weight, so there is no branch input to drop); set dropout=0, or exclude the "
+                "expert parameters from targets")
+        init = config.options.get("architecture", {}).get("init_lora_weights", True)
+        weight = self.weight
+        return ExpertLoraBranch(self.num_experts, self.in_features, self.out_features, r,
+                                adapter_dtype(self), weight.device, init)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a, b = self.adapters[name].stacked()
+        return torch.bmm(b, a) * self.scaling[name]
+
+    def saved_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        a, b = self.adapters[name].stacked()
+        experts, out, r = b.shape
+        return {"lora_A.weight": a.detach().reshape(experts * r, -1),
+                "lora_B.weight": b.detach().permute(1, 2, 0).reshape(out, r * experts)}
+
+    def load_saved_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        branch = self.adapters[name]
+        experts = self.num_experts
+        a = tensors["lora_A.weight"].reshape(experts, -1, self.in_features)
+        b = tensors["lora_B.weight"].reshape(self.out_features, -1, experts).permute(2, 0, 1)
+        with torch.no_grad():
+            for e in range(experts):
+                branch.lora_A[e].copy_(a[e])
+                branch.lora_B[e].copy_(b[e])
+
+    def saved_rank_alpha(self, name: str) -> tuple[int, float]:
+        return self.ranks[name], self.alphas[name]
+
+    def factor_pairs(self) -> Iterator[tuple]:
+        for name in self.active_adapters:
+            branch = self.adapters[name]
+            for e, (a, b) in enumerate(zip(branch.lora_A, branch.lora_B)):
+                yield name, a, b, self.scaling[name], e
+
+
+LoraLayer.expert_layer = ExpertLoraLayer
 
 
 registry.register_method(

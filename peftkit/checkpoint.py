@@ -28,11 +28,11 @@ import torch
 import torch.nn as nn
 
 from . import registry
-from .config import AdapterConfig, _name_matches
+from .config import AdapterConfig, _name_matches, parameter_candidates
 from .errors import CheckpointError, ConfigError
 from .inject import (adapter_layers, drop_adapter, inject, parameter_flags, probe_adapter, remove,
                      restore_parameter_flags, saved_modules, state_of)
-from .layer import AdapterLayer
+from .layer import AdapterLayer, ExpertParameterLayer
 from .validation import check_fields, check_output_dir, option
 
 CONFIG_NAME = "adapter_config.json"
@@ -355,7 +355,15 @@ def adapter_state(model: nn.Module, adapter_name: str, *, export: bool = False) 
     # export_lora may return a 4th item, a bias change (out,) or None; PEFT stores it as lora_B.bias
     # (lora_bias=True, scaled by s like the rest of lora_B's output) and then needs it on every layer.
     lora_biases: dict[str, torch.Tensor | None] = {}
+    # Fused expert parameters are PEFT's target_parameters (full names); their layers' module paths are only keys.
+    parameter_layers = {n: l for n, l in layers.items() if isinstance(l, ExpertParameterLayer)}
     for name, layer in layers.items():
+        if name in parameter_layers:
+            for suffix, tensor in layer.saved_tensors(adapter_name).items():
+                tensors[f"{PREFIX}{name}.{suffix}"] = tensor
+            per_layer[layer.target_name] = layer.saved_rank_alpha(adapter_name)
+            peft_types.add(getattr(layer, "peft_type", None) or "PEFTKIT")
+            continue
         if export and getattr(layer, "peft_type", None) is None:
             a, b, scale, *bias_change = layer.export_lora(adapter_name)
             r = a.shape[0]
@@ -401,13 +409,17 @@ def adapter_state(model: nn.Module, adapter_name: str, *, export: bool = False) 
         if peft_type == "LORA":
             saved_config["architecture"] = "lora"
             saved_config["options"] = {}
-    saved_config["targets"] = sorted(layers)
+    module_layers = sorted(n for n in layers if n not in parameter_layers)
+    target_parameters = sorted(l.target_name for l in parameter_layers.values()) or None
+    saved_config["targets"] = module_layers
+    saved_config["target_parameters"] = target_parameters
     saved_config["modules_to_save"] = saved_heads or None
     peft = {
         "peft_type": peft_type,
         "r": r,
         "lora_alpha": alpha,
-        "target_modules": _target_list(sorted(layers), all_names),
+        "target_modules": _target_list(module_layers, all_names),
+        "target_parameters": target_parameters,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "use_rslora": bool(config.rslora),
@@ -431,6 +443,7 @@ def adapter_state(model: nn.Module, adapter_name: str, *, export: bool = False) 
     if plugins:  # only then: the sidecars of built-in methods are unchanged
         peft["peftkit"]["plugins"] = plugins
     if peft_type != "LORA":
+        peft.pop("target_parameters", None)
         for key in ("lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout", "fan_in_fan_out",
                     "lora_bias", "use_dora", "init_lora_weights"):
             peft.pop(key, None)
@@ -620,7 +633,8 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
         )
     _check_labels(model, section or {}, directory)
     modules = dict(model.named_modules())
-    missing = [n for n in per_module if n not in modules and n.replace("base_layer.", "") not in modules]
+    missing = [n for n in per_module if n not in modules and re.sub(r"(\.base_layer)+$", "", n.replace(
+        "base_layer.", "")) not in modules]
     if missing:
         raise CheckpointError(
             f"{directory}: the adapter targets modules this model does not have: {missing[:4]}; load it into the "
@@ -628,8 +642,11 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
         )
     try:
         config = _config_from_peft(data, list(per_module), section)
+        module_keys, target_parameters = _split_parameter_keys(model, list(per_module), config, data, directory)
+        config.targets, config.target_parameters = sorted(module_keys), target_parameters
     except (ConfigError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{directory / CONFIG_NAME}: unreadable adapter config ({exc})") from None
+    adapted_names = list(module_keys) + list(target_parameters or [])
     if config.modules_to_save:
         # Only the heads saved in the file (PEFT lists every head name of the task, e.g. classifier and score).
         config.modules_to_save = [h for h in config.modules_to_save
@@ -640,8 +657,8 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
     object.__setattr__(config, "_allow_large_rank", True)
     with warnings.catch_warnings():
         warnings.simplefilter("default")
-        _warn_unmatched_patterns(config, list(per_module))
-        config_for_inject = _strip_patterns(config, list(per_module))
+        _warn_unmatched_patterns(config, adapted_names)
+        config_for_inject = _strip_patterns(config, adapted_names)
     try:
         # The shapes the config implies, against the saved tensors, before inject allocates anything (a crafted
         # config with an absurd rank is refused here, not after allocating it).
@@ -687,6 +704,31 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
             for p in wrapper.modules_to_save[adapter_name].parameters():
                 p.requires_grad_(train_new)
     return model
+
+
+def _split_parameter_keys(model: nn.Module, keys: list[str], config: AdapterConfig, data: dict[str, Any],
+                          directory: Path) -> tuple[list[str], list[str] | None]:
+    """(module keys, full names of the targeted parameters) of a file's module keys: a key ``X`` or
+    ``X.base_layer…`` whose module X owns a parameter listed in ``target_parameters`` (peftkit's config or PEFT's
+    field, full names or suffixes) belongs to that parameter's layer."""
+    listed = list(config.target_parameters or data.get("target_parameters") or [])
+    if not listed:
+        return keys, None
+    candidates = [p for p, _ in parameter_candidates(model)]
+    resolved = [p for p in candidates if any(_name_matches(p, entry) for entry in listed)]
+    unmatched = [e for e in listed if not any(_name_matches(p, e) for p in candidates)]
+    if unmatched:
+        raise CheckpointError(f"{directory}: the adapter targets parameters this model does not have: {unmatched[:4]}; "
+                              "load it into the base model it was trained on")
+    owners = {p.rsplit(".", 1)[0] for p in resolved}
+    module_keys = []
+    for key in keys:
+        path = key
+        while path.endswith(".base_layer"):
+            path = path[: -len(".base_layer")]
+        if path not in owners:
+            module_keys.append(key)
+    return module_keys, resolved
 
 
 def _check_labels(model: nn.Module, section: dict[str, Any], directory: Path) -> None:

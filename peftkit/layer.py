@@ -80,6 +80,9 @@ class AdapterLayer(nn.Module):
 
     architecture_name = "?"
     merge_is_lossless = True
+    # The ExpertParameterLayer subclass an architecture builds on a fused expert parameter (one adapter per expert
+    # matrix); None: the architecture cannot adapt expert parameters, and wrap refuses them.
+    expert_layer: type | None = None
 
     def __init__(self, base_layer: nn.Module, module_name: str) -> None:
         super().__init__()
@@ -137,8 +140,9 @@ class AdapterLayer(nn.Module):
         """(W', b') -> (W, b): the inverse of ``merge_weights`` (here: subtract ΔW); W is (out, in) in fp32 or fp64."""
         return weight - self.delta_weight(name).to(weight.dtype), bias
 
-    def factor_pairs(self) -> Iterator[tuple[str, nn.Parameter, nn.Parameter, float]]:
-        """(adapter name, A (r, in), B (out, r), s) for LoRA-shaped adapters, so that ΔW = s·B·A."""
+    def factor_pairs(self) -> Iterator[tuple]:
+        """(adapter name, A (r, in), B (out, r), s) for LoRA-shaped adapters, so that ΔW = s·B·A; a layer holding
+        several matrices (one per expert) yields (adapter name, A, B, s, matrix index) for each."""
         return iter(())
 
     def regularization(self) -> torch.Tensor | None:
@@ -429,3 +433,140 @@ class ModulesToSave(nn.Module):
         except AttributeError:
             # Code that reads attributes of the wrapped head (e.g. ``classifier.out_features``) keeps working.
             return getattr(super().__getattr__("original_module"), name)
+
+
+# ------------------------------------------------------------------------------------------ fused expert parameters
+def innermost_module(module: nn.Module) -> nn.Module:
+    """The real module under any adapter layers (expert-parameter layers nest, one per targeted parameter)."""
+    while isinstance(module, AdapterLayer):
+        module = module.base_layer
+    return module
+
+
+def expert_layout(owner: nn.Module, parameter_name: str) -> tuple[int, int, int, bool]:
+    """(experts E, out, in, transposed) of a fused 3-D expert parameter of ``owner``.
+
+    transformers stores experts as (E, out, in) and runs ``F.linear(x, W[e])`` (Qwen3-MoE, Mixtral, OLMoE,
+    DeepSeek-V3 ...), except classes declared ``is_transposed`` (``@use_experts_implementation``: gpt-oss, Llama 4
+    style), which store (E, in, out) and run ``x @ W[e]``. PEFT 0.21's ``ParamWrapper`` reads the same flag, so the
+    saved factors mean the same thing to both."""
+    param = owner._parameters[parameter_name]
+    shape = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 partitions leave an empty .shape
+    if len(shape) == 2:  # a 2-D weight of a module that is no nn.Linear (a router): one (out, in) matrix
+        return 1, shape[0], shape[1], False
+    if len(shape) != 3:
+        from .errors import ConfigError
+
+        raise ConfigError(f"targets: {parameter_name} of {type(owner).__name__} has shape {list(shape)}; only fused "
+                          "3-D expert parameters (experts, out, in) and 2-D weights can be targeted as parameters")
+    transposed = bool(getattr(owner, "is_transposed", False))
+    experts, d1, d2 = shape
+    return (experts, d2, d1, True) if transposed else (experts, d1, d2, False)
+
+
+class ExpertParameterLayer(AdapterLayer):
+    """An adapter on one fused expert parameter (E, out, in) of a mixture-of-experts block: one adapter per
+    expert matrix, added to the parameter while the block runs (PEFT's ``target_parameters``).
+
+    The experts module keeps its class and its forward (any of transformers' experts implementations: the
+    loop, ``grouped_mm``, ``batched_mm``): for the duration of its call, a forward pre-hook puts W + ΔW where W was
+    and a forward hook puts W back. The hooks are added for each call after any hooks already on the module, so
+    an engine that gathers W in its own pre-hook (DeepSpeed ZeRO-3) has gathered it first and releases it after.
+    Two parameters of one module are two nested layers, the first parameter (in the module's order) innermost:
+    the module paths ``experts`` / ``experts.base_layer`` are PEFT's keys for them.
+
+    Weights are exchanged as (E, out, in) stacks; a subclass gives ``delta_weight(name) -> (E, out, in)``.
+    """
+
+    merge_is_lossless = True
+
+    def __init__(self, base_layer: nn.Module, module_name: str, parameter_name: str) -> None:
+        self.parameter_name = parameter_name
+        super().__init__(base_layer, module_name)
+
+    def describe_base(self, base_layer: nn.Module) -> tuple[str, tuple[int, int]]:  # type: ignore[override]
+        """('experts', (out, in)) of one expert matrix; sets ``num_experts`` and ``transposed``."""
+        owner = innermost_module(base_layer)
+        experts, out, inp, transposed = expert_layout(owner, self.parameter_name)
+        self.num_experts, self.transposed = experts, transposed
+        param = owner._parameters[self.parameter_name]
+        self.stacked = len(getattr(param, "ds_shape", param.shape)) == 3  # False: a 2-D weight, held as E = 1
+        return "experts", (out, inp)
+
+    @property
+    def owner(self) -> nn.Module:
+        """The experts module that holds the parameter."""
+        return innermost_module(self.base_layer)
+
+    @property
+    def target_name(self) -> str:
+        """The parameter's full name in the model (what ``target_parameters`` lists)."""
+        path = self.module_name
+        while path.endswith(".base_layer"):
+            path = path[: -len(".base_layer")]
+        return f"{path}.{self.parameter_name}"
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.owner._parameters[self.parameter_name]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return None
+
+    def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The parameter as a dense (E, out, in) stack, detached."""
+        dense = self.weight.detach()
+        if not self.stacked:
+            dense = dense.unsqueeze(0)
+        if self.transposed:
+            dense = dense.transpose(1, 2)
+        return dense.to(dtype or (torch.float64 if dense.dtype == torch.float64 else torch.float32))
+
+    def write_base_weight(self, dense: torch.Tensor) -> None:
+        weight = self.weight
+        with torch.no_grad():
+            dense = dense.transpose(1, 2) if self.transposed else dense
+            weight.copy_((dense if self.stacked else dense[0]).to(weight.dtype))
+
+    def live_delta(self) -> torch.Tensor | None:
+        """The sum of the live adapters' ΔW, (E, out, in), or None when none is live."""
+        total = None
+        for name, _ in self.live_branches():
+            delta = self.delta_weight(name)
+            total = delta if total is None else total + delta
+        return total
+
+    def adapted_forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        delta = self.live_delta()
+        if delta is None:
+            return self.base_layer(x, *args, **kwargs)
+        owner, name = self.owner, self.parameter_name
+        held: list[torch.Tensor] = []
+
+        def put(module: nn.Module, inputs: Any) -> None:
+            weight = module._parameters[name]
+            held.append(weight)
+            step = delta.transpose(1, 2) if self.transposed else delta
+            step = step if self.stacked else step[0]
+            # W itself stays frozen and out of the graph's saved tensors: the sum is a new tensor.
+            module._parameters[name] = weight + step.to(weight.dtype)
+
+        def restore(module: nn.Module, inputs: Any, output: Any) -> None:
+            if held:
+                module._parameters[name] = held.pop()
+
+        pre = owner.register_forward_pre_hook(put)
+        post = owner.register_forward_hook(restore, prepend=True)
+        try:
+            return self.base_layer(x, *args, **kwargs)
+        finally:
+            pre.remove()
+            post.remove()
+            if held:  # the call raised between the hooks
+                owner._parameters[name] = held.pop()
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={self.ranks[n]}" for n in self.adapters)
+        return (f"{self.architecture_name}[{ranks}] on {self.parameter_name} ({self.num_experts} experts x "
+                f"{self.out_features}x{self.in_features})")
