@@ -302,10 +302,12 @@ def select_targets(model: nn.Module, config: AdapterConfig, supported: tuple[typ
     if config.exclude:
         exclude = _as_list(config.exclude)
         if not isinstance(exclude, str):
-            unmatched = [e for e in exclude if not any(_name_matches(n, e) for n in names)]
+            param_names = [p for p, _ in parameter_candidates(model)]
+            unmatched = [e for e in exclude if not any(_name_matches(n, e) for n in names)
+                         and not any(_name_matches(p, e) for p in param_names)]
             if unmatched:
                 raise ConfigError(
-                    f"exclude: {unmatched} match no module. Close module names: {_close_names(unmatched[0], names)}"
+                    f"exclude: {unmatched} match no module or parameter. Close module names: {_close_names(unmatched[0], names)}"
                 )
         chosen = [n for n in chosen if not _matches(n, exclude)]
     chosen = [n for n in chosen if n not in skip]

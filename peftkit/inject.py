@@ -143,6 +143,19 @@ def expert_chain(module: nn.Module) -> list[ExpertParameterLayer]:
     return chain
 
 
+def expert_methods() -> list[str]:
+    """The registered methods whose four components all apply per expert matrix."""
+    names = []
+    for name in registry.methods():
+        method = registry.get_method(name)
+        if getattr(registry.get_component("architecture", method.architecture).obj, "expert_layer", None) is None:
+            continue
+        if all(registry.get_component(axis, getattr(method, axis)).expert_parameters
+               for axis in ("init", "optimizer", "schedule")):
+            names.append(name)
+    return names
+
+
 def _inject_parameters(model: nn.Module, config: AdapterConfig, adapter_name: str, layer_cls: type,
                        created: list[tuple[str, nn.Module]]) -> dict[str, AdapterLayer]:
     """Adapt the parameters ``config`` selects (fused expert stacks; routers' bare weights), one nested
@@ -156,16 +169,16 @@ def _inject_parameters(model: nn.Module, config: AdapterConfig, adapter_name: st
         raise ConfigError(
             f"targets: method '{config.method}' (architecture '{config.architecture}') cannot adapt the fused "
             f"parameter {selected[0][0]} ({len(selected)} such parameters selected): its adapter is defined on one "
-            "linear layer, not per expert matrix. Use a LoRA-shaped method (lora, lora+, lora-pro, loft, coto), or "
-            "leave the expert parameters out (targets=[...] naming modules only, or exclude=[...])")
+            f"linear layer, not per expert matrix. Use a method that adapts expert parameters ({', '.join(expert_methods())}), "
+            "or leave the expert parameters out (targets=[...] naming modules only, or exclude=[...])")
     for axis in ("init", "optimizer", "schedule"):
         component = registry.get_component(axis, getattr(config, axis))
         if not component.expert_parameters:
             raise ConfigError(
                 f"{axis}: method '{config.method}' uses the {axis} '{component.name}', which does not apply per "
                 f"expert matrix, and {selected[0][0]} is a fused expert parameter ({len(selected)} selected). "
-                "Leave the expert parameters out (targets=[...] naming modules only, or exclude=[...]), or choose "
-                f"another {axis}")
+                "Leave the expert parameters out (targets=[...] naming modules only, or exclude=[...]), or use a "
+                f"method that adapts them ({', '.join(expert_methods())})")
     by_owner: dict[str, list[str]] = {}
     for full, owner in selected:
         by_owner.setdefault(owner, []).append(full.rsplit(".", 1)[-1])
