@@ -145,7 +145,7 @@ class LoraLayer(AdapterLayer):
         if getattr(branch, "offset_A", None) is None:  # embedding and conv branches have no offset pair
             return self.ranks[name], self.alphas[name]
         # Same scaling s at the saved rank r' = r + r0: α' = s·r' (s·√r' with rsLoRA).
-        r_saved = self.ranks[name] + branch.offset_A.shape[0]
+        r_saved = self.ranks[name] + branch.offset_A.shape[-2]
         s = self.scaling[name]
         rslora = abs(self.alphas[name] / self.ranks[name] ** 0.5 - s) < abs(self.alphas[name] / self.ranks[name] - s)
         return r_saved, s * (r_saved ** 0.5 if rslora else r_saved)
@@ -354,10 +354,23 @@ class ExpertLoraBranch(nn.Module):
                     nn.init.kaiming_uniform_(b, a=math.sqrt(5))
                 else:
                     raise ConfigError(f"init_lora_weights: expected True, False or 'gaussian', got {init!r}")
+        # As LoraBranch's offset pair, per expert: A0 (E, r0, in), B0 (E, out, r0), ΔW_e = s·(B_e·A_e − B0_e·A0_e).
+        self.register_buffer("offset_A", None)
+        self.register_buffer("offset_B", None)
+
+    def set_offset(self, a0: torch.Tensor, b0: torch.Tensor) -> None:
+        """Freeze (A0 (E, r0, in), B0 (E, out, r0)) as the offset pairs, copied, in the branch dtype."""
+        ref = self.lora_A[0]
+        self.offset_A = a0.detach().to(ref.device, ref.dtype).clone(memory_format=torch.contiguous_format)
+        self.offset_B = b0.detach().to(ref.device, ref.dtype).clone(memory_format=torch.contiguous_format)
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A (E, r, in), B (E, out, r))."""
-        return torch.stack(list(self.lora_A)), torch.stack(list(self.lora_B))
+        """(A (E, r', in), B (E, out, r')) with ΔW_e = s·B_e·A_e: the trainable pairs, with the negated offset
+        pairs appended when there are any (r' = r + r0)."""
+        a, b = torch.stack(list(self.lora_A)), torch.stack(list(self.lora_B))
+        if self.offset_A is None:
+            return a, b
+        return torch.cat([a, self.offset_A], 1), torch.cat([b, -self.offset_B], 2)
 
 
 class ExpertLoraLayer(ExpertParameterLayer, LoraLayer):
@@ -392,6 +405,9 @@ class ExpertLoraLayer(ExpertParameterLayer, LoraLayer):
 
     def load_saved_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         branch = self.adapters[name]
+        if branch.offset_A is not None:
+            raise StateError(f"{self.target_name}: cannot load saved tensors into an adapter with a frozen offset "
+                             "pair; load the checkpoint into a plain base model (peftkit.load) instead")
         experts = self.num_experts
         a = tensors["lora_A.weight"].reshape(experts, -1, self.in_features)
         b = tensors["lora_B.weight"].reshape(self.out_features, -1, experts).permute(2, 0, 1)
@@ -399,9 +415,6 @@ class ExpertLoraLayer(ExpertParameterLayer, LoraLayer):
             for e in range(experts):
                 branch.lora_A[e].copy_(a[e])
                 branch.lora_B[e].copy_(b[e])
-
-    def saved_rank_alpha(self, name: str) -> tuple[int, float]:
-        return self.ranks[name], self.alphas[name]
 
     def factor_pairs(self) -> Iterator[tuple]:
         for name in self.active_adapters:
