@@ -399,9 +399,13 @@ class ExpertLoraLayer(ExpertParameterLayer, LoraLayer):
 
     def saved_tensors(self, name: str) -> dict[str, torch.Tensor]:
         a, b = self.adapters[name].stacked()
-        experts, out, r = b.shape
+        if self.transposed != self.peft_transposed:
+            # PEFT reads this stack the other way round (Llama 4: (E, in, out), undeclared): its ΔP_e = s·B'·A' in
+            # the stored layout is ΔW_eᵀ = s·A_eᵀ·B_eᵀ, so A' = B_eᵀ and B' = A_eᵀ (exact, the same update).
+            a, b = b.transpose(1, 2), a.transpose(1, 2)
+        experts, rows, r = b.shape
         return {"lora_A.weight": a.detach().reshape(experts * r, -1),
-                "lora_B.weight": b.detach().permute(1, 2, 0).reshape(out, r * experts)}
+                "lora_B.weight": b.detach().permute(1, 2, 0).reshape(rows, r * experts)}
 
     def load_saved_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         branch = self.adapters[name]
@@ -409,8 +413,11 @@ class ExpertLoraLayer(ExpertParameterLayer, LoraLayer):
             raise StateError(f"{self.target_name}: cannot load saved tensors into an adapter with a frozen offset "
                              "pair; load the checkpoint into a plain base model (peftkit.load) instead")
         experts = self.num_experts
-        a = tensors["lora_A.weight"].reshape(experts, -1, self.in_features)
-        b = tensors["lora_B.weight"].reshape(self.out_features, -1, experts).permute(2, 0, 1)
+        file_a, file_b = tensors["lora_A.weight"], tensors["lora_B.weight"]
+        a = file_a.reshape(experts, -1, file_a.shape[-1])
+        b = file_b.reshape(file_b.shape[0], -1, experts).permute(2, 0, 1)
+        if self.transposed != self.peft_transposed:
+            a, b = b.transpose(1, 2), a.transpose(1, 2)
         with torch.no_grad():
             for e in range(experts):
                 branch.lora_A[e].copy_(a[e])

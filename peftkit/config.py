@@ -310,9 +310,11 @@ def select_targets(model: nn.Module, config: AdapterConfig, supported: tuple[typ
                     f"exclude: {unmatched} match no module or parameter. Close module names: {_close_names(unmatched[0], names)}"
                 )
         chosen = [n for n in chosen if not _matches(n, exclude)]
-    chosen = [n for n in chosen if n not in skip]
-    # A module of another type whose own weight is one 2-D matrix (a router with a bare weight) is adapted as a
-    # parameter (select_parameters), like PEFT's target_parameters: it is no wrong type then.
+    # A router (of an MoE block) and a module whose own weight is one 2-D matrix but that is no linear layer are
+    # adapted through that weight, as a parameter (select_parameters, PEFT's target_parameters): whatever their
+    # forward returns (Llama 4's router returns a tuple), the update reaches the weight it reads.
+    routers = router_names(model)
+    chosen = [n for n in chosen if n not in skip and n not in routers]
     wrong_type = [n for n in chosen if not isinstance(modules[n], supported) and not _bare_weight(modules[n])]
     if wrong_type:
         kinds = sorted({type(modules[n]).__name__ for n in wrong_type})
@@ -353,6 +355,8 @@ def _bare_weight(module: nn.Module) -> bool:
 
 def _is_expert_parameter(module: nn.Module, param: nn.Parameter) -> bool:
     """A fused expert stack: a 3-D floating-point parameter (experts, out, in)."""
+    if isinstance(module, nn.modules.conv._ConvNd) or type(module).__module__.startswith("torch.nn"):
+        return False  # a 1-D convolution's kernel (out, in, k) is no expert stack
     return param is not None and param.is_floating_point() and len(getattr(param, "ds_shape", param.shape)) == 3
 
 
@@ -360,6 +364,7 @@ def parameter_candidates(model: nn.Module) -> list[tuple[str, str]]:
     """(full parameter name, owner module name) of every parameter that can be adapted as a parameter: fused 3-D
     expert stacks, and the 2-D weight of bare-weight modules (routers), in model order."""
     out = []
+    routers = router_names(model)
     for name, module in model.named_modules():
         if name and any(seg in _VIEW_SKIP for seg in name.split(".")):
             continue
@@ -367,9 +372,47 @@ def parameter_candidates(model: nn.Module) -> list[tuple[str, str]]:
         while hasattr(owner, "base_layer") and hasattr(owner, "adapters"):  # an adapter layer: look through it
             owner = owner.base_layer
         for pname, param in owner._parameters.items():
-            if _is_expert_parameter(owner, param) or (pname == "weight" and _bare_weight(owner)):
+            if _is_expert_parameter(owner, param) or (pname == "weight" and (_bare_weight(owner) or name in routers)):
                 out.append((f"{name}.{pname}" if name else pname, name))
     return out
+
+
+def moe_blocks(model: nn.Module) -> dict[str, int]:
+    """Path of every block that holds a fused expert stack (the stack owner's parent) -> its number of experts."""
+    blocks = {}
+    for name, module in model.named_modules():
+        if name and any(seg in _VIEW_SKIP for seg in name.split(".")):
+            continue
+        owner = _unwrapped(module)
+        for param in owner._parameters.values():
+            if _is_expert_parameter(owner, param):
+                blocks[name.rpartition(".")[0]] = int(getattr(param, "ds_shape", param.shape)[0])
+    return blocks
+
+
+def router_names(model: nn.Module) -> set[str]:
+    """The routers of the model's MoE blocks: inside a block that holds a fused expert stack of E experts, a linear
+    layer or bare 2-D weight with E outputs (Qwen3-MoE's ``mlp.gate``, Llama 4's ``feed_forward.router``, JetMoE's
+    ``mlp.router.layer``). ``all-linear`` leaves them frozen (a router is no expert); naming one adapts its weight."""
+    blocks = moe_blocks(model)
+    if not blocks:
+        return set()
+    from .layer import linear_types
+
+    found = set()
+    for name, module in model.named_modules():
+        if not name or any(seg in _VIEW_SKIP for seg in name.split(".")):
+            continue
+        module = _unwrapped(module)
+        weight = module._parameters.get("weight")
+        if weight is None or len(getattr(weight, "ds_shape", weight.shape)) != 2:
+            continue
+        if not (isinstance(module, linear_types()) or _bare_weight(module)):
+            continue
+        rows = int(getattr(weight, "ds_shape", weight.shape)[0])
+        if any((not block or name.startswith(block + ".")) and rows == experts for block, experts in blocks.items()):
+            found.add(name)
+    return found
 
 
 def select_parameters(model: nn.Module, config: AdapterConfig) -> list[tuple[str, str]]:
@@ -390,8 +433,8 @@ def select_parameters(model: nn.Module, config: AdapterConfig) -> list[tuple[str
     targets = _as_list(config.targets)
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         modules = dict(model.named_modules())
-        picked |= {p for p, owner in candidates if p.rsplit(".", 1)[-1] != "weight" or not _bare_weight(
-            _unwrapped(modules[owner]))}
+        picked |= {p for p, owner in candidates if _is_expert_parameter(_unwrapped(modules[owner]),
+                                                                        _unwrapped(modules[owner])._parameters[p.rsplit(".", 1)[-1]])}
     elif isinstance(targets, str):
         picked |= {p for p in full_names if re.fullmatch(targets, p)}
     else:
@@ -400,8 +443,9 @@ def select_parameters(model: nn.Module, config: AdapterConfig) -> list[tuple[str
     if not (isinstance(targets, str) and targets.lower() == ALL_LINEAR):
         selected = ([n for n in modules if n and re.fullmatch(targets, n)] if isinstance(targets, str)
                     else [n for n in modules if n and any(_name_matches(n, e) for e in targets)])
+        routers = router_names(model)
         for name in selected:
-            if _bare_weight(_unwrapped(modules[name])):
+            if name in routers or _bare_weight(_unwrapped(modules[name])):
                 picked.add(f"{name}.weight")
     if config.exclude:
         exclude = _as_list(config.exclude)

@@ -179,6 +179,9 @@ def _inject_parameters(model: nn.Module, config: AdapterConfig, adapter_name: st
                 f"expert matrix, and {selected[0][0]} is a fused expert parameter ({len(selected)} selected). "
                 "Leave the expert parameters out (targets=[...] naming modules only, or exclude=[...]), or use a "
                 f"method that adapts them ({', '.join(expert_methods())})")
+    config_of = getattr(model, "config", None)
+    text_config = config_of.get_text_config() if hasattr(config_of, "get_text_config") else config_of
+    hidden_size = getattr(text_config, "hidden_size", None)
     by_owner: dict[str, list[str]] = {}
     for full, owner in selected:
         by_owner.setdefault(owner, []).append(full.rsplit(".", 1)[-1])
@@ -195,7 +198,7 @@ def _inject_parameters(model: nn.Module, config: AdapterConfig, adapter_name: st
                 layer = chain[len(chain) - 1 - depth]
             else:
                 current = model.get_submodule(owner_name)
-                layer = expert_cls(current, owner_name, pname)
+                layer = expert_cls(current, owner_name, pname, hidden_size)
                 layer.train(current.training)
                 _set_child(model, owner_name, layer)
                 created.append((owner_name, current))

@@ -443,25 +443,43 @@ def innermost_module(module: nn.Module) -> nn.Module:
     return module
 
 
-def expert_layout(owner: nn.Module, parameter_name: str) -> tuple[int, int, int, bool]:
-    """(experts E, out, in, transposed) of a fused 3-D expert parameter of ``owner``.
+OUTPUT_SIDE_NAMES = ("down", "output", "w2", "wo")
 
-    transformers stores experts as (E, out, in) and runs ``F.linear(x, W[e])`` (Qwen3-MoE, Mixtral, OLMoE,
-    DeepSeek-V3 ...), except classes declared ``is_transposed`` (``@use_experts_implementation``: gpt-oss, Llama 4
-    style), which store (E, in, out) and run ``x @ W[e]``. PEFT 0.21's ``ParamWrapper`` reads the same flag, so the
-    saved factors mean the same thing to both."""
+
+def expert_layout(owner: nn.Module, parameter_name: str, hidden_size: int | None = None,
+                  path: str = "") -> tuple[int, int, int, bool, bool]:
+    """(experts E, out, in, transposed, peft_transposed) of a fused expert parameter of ``owner``.
+
+    transformers stores most experts as (E, out, in) and runs ``F.linear(x, W[e])`` (Qwen3-MoE, Mixtral, OLMoE,
+    DeepSeek-V3 ...); classes declared ``is_transposed`` (``@use_experts_implementation``: gpt-oss) store
+    (E, in, out) and run ``x @ W[e]``. PEFT 0.21's ``ParamWrapper`` reads only that flag (``peft_transposed``),
+    so a class that stores (E, in, out) without declaring it (Llama 4's ``torch.bmm(x, W)``) is one PEFT reads
+    the wrong way round. Where the flag is absent, the model's hidden size decides: it is the input side of the
+    first projection (gate/up) and the output side of the last (down/output) - ``path`` (the parameter's full
+    name) says which. A 2-D weight (a router's) is one (out, in) matrix, E = 1."""
     param = owner._parameters[parameter_name]
     shape = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3 partitions leave an empty .shape
-    if len(shape) == 2:  # a 2-D weight of a module that is no nn.Linear (a router): one (out, in) matrix
-        return 1, shape[0], shape[1], False
+    if len(shape) == 2:
+        return 1, shape[0], shape[1], False, False
     if len(shape) != 3:
         from .errors import ConfigError
 
         raise ConfigError(f"targets: {parameter_name} of {type(owner).__name__} has shape {list(shape)}; only fused "
                           "3-D expert parameters (experts, out, in) and 2-D weights can be targeted as parameters")
-    transposed = bool(getattr(owner, "is_transposed", False))
+    declared = getattr(owner, "is_transposed", None)
     experts, d1, d2 = shape
-    return (experts, d2, d1, True) if transposed else (experts, d1, d2, False)
+    if declared is not None:
+        transposed = bool(declared)
+    elif hidden_size is not None and (d1 == hidden_size) != (d2 == hidden_size):
+        segments = (path or parameter_name).lower().split(".")[-2:]
+        output_side = any(segment.startswith(OUTPUT_SIDE_NAMES) for segment in segments)
+        hidden_first = d1 == hidden_size
+        # (E, out, in): hidden is d1 for the output side, d2 for the input side.
+        transposed = hidden_first != output_side
+    else:
+        transposed = False
+    out, inp = (d2, d1) if transposed else (d1, d2)
+    return experts, out, inp, transposed, bool(declared)
 
 
 class ExpertParameterLayer(AdapterLayer):
@@ -480,15 +498,19 @@ class ExpertParameterLayer(AdapterLayer):
 
     merge_is_lossless = True
 
-    def __init__(self, base_layer: nn.Module, module_name: str, parameter_name: str) -> None:
+    def __init__(self, base_layer: nn.Module, module_name: str, parameter_name: str,
+                 hidden_size: int | None = None) -> None:
         self.parameter_name = parameter_name
+        self.hidden_size = hidden_size
         super().__init__(base_layer, module_name)
 
     def describe_base(self, base_layer: nn.Module) -> tuple[str, tuple[int, int]]:  # type: ignore[override]
         """('experts', (out, in)) of one expert matrix; sets ``num_experts`` and ``transposed``."""
         owner = innermost_module(base_layer)
-        experts, out, inp, transposed = expert_layout(owner, self.parameter_name)
-        self.num_experts, self.transposed = experts, transposed
+        experts, out, inp, transposed, peft_transposed = expert_layout(
+            owner, self.parameter_name, self.hidden_size, self.target_name)
+        # transposed: stored (E, in, out); peft_transposed: how PEFT reads it (they differ for Llama 4)
+        self.num_experts, self.transposed, self.peft_transposed = experts, transposed, peft_transposed
         param = owner._parameters[self.parameter_name]
         self.stacked = len(getattr(param, "ds_shape", param.shape)) == 3  # False: a 2-D weight, held as E = 1
         return "experts", (out, inp)

@@ -15,7 +15,8 @@ from typing import Any
 import torch.nn as nn
 
 from . import distributed
-from .config import ALL_LINEAR, CLASSIFIER_HEAD_NAMES, _as_list, _bare_weight, _matches, _name_matches, parameter_candidates
+from .config import (ALL_LINEAR, CLASSIFIER_HEAD_NAMES, _as_list, _matches, _name_matches, parameter_candidates,
+                     router_names)
 from .inject import _BaseView, adapter_layers, state_of
 from .layer import ExpertParameterLayer, linear_types
 
@@ -122,19 +123,20 @@ def skipped_targets(model: nn.Module, config: Any, adapted: set[str]) -> list[tu
             return "output embeddings: all-linear leaves them out, as PEFT does; name them in targets to adapt them"
         if any(name == h or name.startswith(h + ".") for h in CLASSIFIER_HEAD_NAMES):
             return "classification head: all-linear leaves it out"
-        if module is not None and _bare_weight(module):
+        if name in routers:
             return "router: stays frozen by default; name it in targets to adapt it"
         return "not adaptable by this method"
 
+    routers = router_names(view)
     skipped = []
     for name, module in modules.items():
-        if not name or name in adapted:
+        if not name or name in adapted or f"{name}.weight" in adapted:
             continue
         is_linear = isinstance(module, linear_types())
-        if (is_linear and matched(name)) or (all_linear and _bare_weight(module)):
+        if (is_linear and matched(name)) or (all_linear and name in routers):
             skipped.append((name, reason(name, module)))
     for full, owner in parameter_candidates(view):
-        if full in adapted or _bare_weight(modules.get(owner)) or not matched(full) and not (
+        if full in adapted or owner in routers or owner not in modules or owner in adapted or not matched(full) and not (
                 config.target_parameters and any(_name_matches(full, e) for e in config.target_parameters)):
             continue
         skipped.append((full, reason(full, None)))
