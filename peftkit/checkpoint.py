@@ -341,6 +341,28 @@ def _patterns(config: AdapterConfig, per_layer: dict[str, tuple[int, float]]) ->
     return r_common, a_common, rank_pattern, alpha_pattern
 
 
+def peft_rewritten_targets(model: nn.Module, module_names: list[str]) -> list[str]:
+    """The adapted modules PEFT 0.21's loader would take for transformers-v4 expert names and rewrite.
+
+    On the model types transformers converts from v4 checkpoints (Mixtral, Qwen3-MoE, DeepSeek-V2/V3, OLMoE ...),
+    ``PeftModel.from_pretrained`` maps every ``target_modules`` entry named like a v4 expert projection
+    (``gate_proj``/``up_proj``/``down_proj``, Mixtral's ``w1``/``w2``/``w3``) onto the fused expert parameters, also
+    when it names a dense or shared-expert linear layer (peft/utils/transformers_weight_conversion.py). Such an
+    adapter is exact in peftkit but does not load in PEFT (its own adapters on those layers neither)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    try:
+        from peft.utils.transformers_weight_conversion import (_MODEL_TO_CONVERSION_PATTERN,
+                                                               _MOE_TARGET_MODULE_MAPPING)
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except Exception:  # noqa: BLE001 - another PEFT version: nothing known to warn about
+        return []
+    pattern = _MODEL_TO_CONVERSION_PATTERN.get(model_type)
+    mapping = _MOE_TARGET_MODULE_MAPPING.get(pattern) if pattern else None
+    if not mapping or get_checkpoint_conversion_mapping(model_type) is None:
+        return []
+    return [n for n in module_names if n.rsplit(".", 1)[-1] in mapping and n.rsplit(".", 1)[-1] != "gate"]
+
+
 def adapter_state(model: nn.Module, adapter_name: str, *, export: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, PEFT-style config dict) of one adapter, in its saved (or exported LoRA) form."""
     state = state_of(model)
@@ -411,6 +433,13 @@ def adapter_state(model: nn.Module, adapter_name: str, *, export: bool = False) 
             saved_config["options"] = {}
     module_layers = sorted(n for n in layers if n not in parameter_layers)
     target_parameters = sorted(l.target_name for l in parameter_layers.values()) or None
+    rewritten = peft_rewritten_targets(model, module_layers) if peft_type == "LORA" else []
+    if rewritten:
+        warnings.warn(
+            f"{adapter_name}: PEFT 0.21 reads {rewritten[0]} ({len(rewritten)} such layers) as a transformers-v4 expert "
+            f"name on a '{model.config.model_type}' model and rewrites it onto the fused experts, so this adapter "
+            "loads in peftkit (exact) but not in PEFT's PeftModel.from_pretrained. To serve it with PEFT, leave those "
+            "dense/shared-expert layers out (exclude=[...]) or merge it (peftkit.unwrap)", stacklevel=3)
     saved_config["targets"] = module_layers
     saved_config["target_parameters"] = target_parameters
     saved_config["modules_to_save"] = saved_heads or None

@@ -397,8 +397,6 @@ def router_names(model: nn.Module) -> set[str]:
     blocks = moe_blocks(model)
     if not blocks:
         return set()
-    from .layer import linear_types
-
     found = set()
     for name, module in model.named_modules():
         if not name or any(seg in _VIEW_SKIP for seg in name.split(".")):
@@ -407,7 +405,7 @@ def router_names(model: nn.Module) -> set[str]:
         weight = module._parameters.get("weight")
         if weight is None or len(getattr(weight, "ds_shape", weight.shape)) != 2:
             continue
-        if not (isinstance(module, linear_types()) or _bare_weight(module)):
+        if isinstance(module, (nn.Embedding, nn.modules.conv._ConvNd)) or module._parameters.get("weight") is None:
             continue
         rows = int(getattr(weight, "ds_shape", weight.shape)[0])
         if any((not block or name.startswith(block + ".")) and rows == experts for block, experts in blocks.items()):

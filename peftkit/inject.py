@@ -320,7 +320,7 @@ def set_enabled(model: nn.Module, enabled: bool) -> None:
 def remove(model: nn.Module, merge: bool) -> nn.Module:
     """Replace every adapter layer by its base layer (merging first if asked) and forget peftkit's state."""
     state = state_of(model)
-    for name, layer in adapter_layers(model).items():
+    for name, layer in _innermost_first(adapter_layers(model)):
         if merge:
             layer.merge()
         else:
@@ -333,6 +333,12 @@ def remove(model: nn.Module, merge: bool) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _innermost_first(layers: dict[str, AdapterLayer]) -> list[tuple[str, AdapterLayer]]:
+    """Nested layers (expert parameters of one module: ``experts``, ``experts.base_layer``) deepest first, so that
+    replacing each by its base leaves every path valid."""
+    return sorted(layers.items(), key=lambda item: -item[0].count(".base_layer"))
 
 
 def parameter_flags(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
@@ -349,7 +355,7 @@ def drop_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove one (unmerged) adapter everywhere. Layers and heads left without any adapter become their base
     module again, and a model whose last adapter this was forgets peftkit (used to undo a failed wrap/load)."""
     state = state_of(model)
-    for name, layer in adapter_layers(model).items():
+    for name, layer in _innermost_first(adapter_layers(model)):
         if adapter_name in layer.adapters:
             layer.delete_adapter(adapter_name)
             if not len(layer.adapters):

@@ -136,7 +136,7 @@ def skipped_targets(model: nn.Module, config: Any, adapted: set[str]) -> list[tu
         if (is_linear and matched(name)) or (all_linear and name in routers):
             skipped.append((name, reason(name, module)))
     for full, owner in parameter_candidates(view):
-        if full in adapted or owner in routers or owner not in modules or owner in adapted or not matched(full) and not (
+        if full in adapted or owner in routers or not matched(full) and not (
                 config.target_parameters and any(_name_matches(full, e) for e in config.target_parameters)):
             continue
         skipped.append((full, reason(full, None)))

@@ -28,7 +28,7 @@ FAMILIES: dict[str, dict] = {
     "deepseek_v2": dict(num_key_value_heads=2, q_lora_rank=8, kv_lora_rank=8, qk_rope_head_dim=8, qk_nope_head_dim=8,
                         v_head_dim=8, n_group=1, topk_group=1, first_k_dense_replace=1, n_shared_experts=1),
     "llama4_text": {"interleave_moe_layer_step": 1},
-    "phimoe": {},
+    "phimoe": {"router_jitter_noise": 0.0, "input_jitter_noise": 0.0},  # no random routing in train mode
     "granitemoe": {},
     "jetmoe": {},
     "glm4_moe": {"first_k_dense_replace": 0},
@@ -58,7 +58,7 @@ def tiny_moe(model_type: str = "qwen3_moe", seed: int = 0) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_config(moe_config(model_type)).to(torch.float64)
     with torch.no_grad():  # some families initialise expert stacks or routers to zero: give every weight values
         for name, param in model.named_parameters():
-            if param.ndim >= 2 and not param.abs().sum() > 0:
+            if param.ndim >= 2 and "bias" not in name and not param.abs().sum() > 0:
                 param.normal_(0, 0.2)
     return model.eval()
 
