@@ -27,6 +27,7 @@ Weights are always exchanged in the (out, in) convention; Conv1D's stored (in, o
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any, Iterator
 
@@ -564,6 +565,8 @@ class ExpertParameterLayer(AdapterLayer):
         if delta is None:
             return self.base_layer(x, *args, **kwargs)
         owner, name = self.owner, self.parameter_name
+        if hasattr(owner._parameters[name], "ds_id"):
+            return self._partitioned_forward(x, *args, **kwargs)
         held: list[torch.Tensor] = []
 
         def put(module: nn.Module, inputs: Any) -> None:
@@ -587,6 +590,40 @@ class ExpertParameterLayer(AdapterLayer):
             post.remove()
             if held:  # the call raised between the hooks
                 owner._parameters[name] = held.pop()
+
+    def stored_delta(self) -> torch.Tensor | None:
+        """``live_delta`` in the parameter's stored layout ((E, in, out) when transposed; 2-D for a router)."""
+        delta = self.live_delta()
+        if delta is None:
+            return None
+        delta = delta.transpose(1, 2) if self.transposed else delta
+        return delta if self.stacked else delta[0]
+
+    def _partitioned_forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        """The forward under DeepSpeed ZeRO-3, whose parameter bookkeeping (its ``_parameters`` dict, the look-ahead
+        of its release) cannot hold a tensor that is not one of its parameters: the stacks of this layer and of the
+        live layers nested under it are gathered here, and the experts' forward runs on a shallow copy of the experts
+        module whose parameters are W + ΔW, the module itself (and its hooks) untouched. Its submodules (the
+        activation) are the module's own, so DeepSpeed's hooks on them run as usual."""
+        import deepspeed
+
+        owner = self.owner
+        swaps: dict[str, torch.Tensor] = {}
+        layer: nn.Module = self
+        while isinstance(layer, ExpertParameterLayer):
+            if layer is self or not (layer.disabled or layer.merged_adapters):
+                delta = layer.stored_delta()
+                if delta is not None:
+                    swaps[layer.parameter_name] = delta
+            layer = layer.base_layer
+        params = [owner._parameters[name] for name in swaps]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            proxy = copy.copy(owner)
+            proxy._parameters = dict(owner._parameters.items())
+            for name, delta in swaps.items():
+                weight = owner._parameters[name]
+                proxy._parameters[name] = weight + delta.to(weight.dtype)
+            return type(owner).forward(proxy, x, *args, **kwargs)
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={self.ranks[n]}" for n in self.adapters)
