@@ -488,11 +488,11 @@ class ExpertParameterLayer(AdapterLayer):
     expert matrix, added to the parameter while the block runs (PEFT's ``target_parameters``).
 
     The experts module keeps its class and its forward (any of transformers' experts implementations: the
-    loop, ``grouped_mm``, ``batched_mm``): for the duration of its call, a forward pre-hook puts W + ΔW where W was
-    and a forward hook puts W back. The hooks are added for each call after any hooks already on the module, so
-    an engine that gathers W in its own pre-hook (DeepSpeed ZeRO-3) has gathered it first and releases it after.
-    Two parameters of one module are two nested layers, the first parameter (in the module's order) innermost:
-    the module paths ``experts`` / ``experts.base_layer`` are PEFT's keys for them.
+    loop, ``grouped_mm``, ``batched_mm``). The module is called as usual (its hooks run: DeepSpeed ZeRO-3 gathers W,
+    Accelerate moves it), and for that call its forward runs on a shallow copy whose stacks are W + ΔW
+    (``adapted_forward``). Two parameters of one module are two nested layers, the first parameter (in the
+    module's order) innermost: the module paths ``experts`` / ``experts.base_layer`` are PEFT's keys for them;
+    the outermost live layer applies the updates of the whole nest in one call.
 
     Weights are exchanged as (E, out, in) stacks; a subclass gives ``delta_weight(name) -> (E, out, in)``.
     """
@@ -560,37 +560,6 @@ class ExpertParameterLayer(AdapterLayer):
             total = delta if total is None else total + delta
         return total
 
-    def adapted_forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
-        delta = self.live_delta()
-        if delta is None:
-            return self.base_layer(x, *args, **kwargs)
-        owner, name = self.owner, self.parameter_name
-        if hasattr(owner._parameters[name], "ds_id"):
-            return self._partitioned_forward(x, *args, **kwargs)
-        held: list[torch.Tensor] = []
-
-        def put(module: nn.Module, inputs: Any) -> None:
-            weight = module._parameters[name]
-            held.append(weight)
-            step = delta.transpose(1, 2) if self.transposed else delta
-            step = step if self.stacked else step[0]
-            # W itself stays frozen and out of the graph's saved tensors: the sum is a new tensor.
-            module._parameters[name] = weight + step.to(weight.dtype)
-
-        def restore(module: nn.Module, inputs: Any, output: Any) -> None:
-            if held:
-                module._parameters[name] = held.pop()
-
-        pre = owner.register_forward_pre_hook(put)
-        post = owner.register_forward_hook(restore, prepend=True)
-        try:
-            return self.base_layer(x, *args, **kwargs)
-        finally:
-            pre.remove()
-            post.remove()
-            if held:  # the call raised between the hooks
-                owner._parameters[name] = held.pop()
-
     def stored_delta(self) -> torch.Tensor | None:
         """``live_delta`` in the parameter's stored layout ((E, in, out) when transposed; 2-D for a router)."""
         delta = self.live_delta()
@@ -599,31 +568,43 @@ class ExpertParameterLayer(AdapterLayer):
         delta = delta.transpose(1, 2) if self.transposed else delta
         return delta if self.stacked else delta[0]
 
-    def _partitioned_forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
-        """The forward under DeepSpeed ZeRO-3, whose parameter bookkeeping (its ``_parameters`` dict, the look-ahead
-        of its release) cannot hold a tensor that is not one of its parameters: the stacks of this layer and of the
-        live layers nested under it are gathered here, and the experts' forward runs on a shallow copy of the experts
-        module whose parameters are W + ΔW, the module itself (and its hooks) untouched. Its submodules (the
-        activation) are the module's own, so DeepSpeed's hooks on them run as usual."""
-        import deepspeed
-
-        owner = self.owner
-        swaps: dict[str, torch.Tensor] = {}
+    def chain_deltas(self) -> dict[str, torch.Tensor]:
+        """Parameter name -> stored-layout ΔW of this layer and of the live layers nested under it (the other
+        stacks of the same module), which one call of the module applies together."""
+        deltas: dict[str, torch.Tensor] = {}
         layer: nn.Module = self
         while isinstance(layer, ExpertParameterLayer):
-            if layer is self or not (layer.disabled or layer.merged_adapters):
+            if layer is self or (not layer.disabled and layer.active_adapters and not layer.merged_adapters):
                 delta = layer.stored_delta()
                 if delta is not None:
-                    swaps[layer.parameter_name] = delta
+                    deltas[layer.parameter_name] = delta
             layer = layer.base_layer
-        params = [owner._parameters[name] for name in swaps]
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        return deltas
+
+    def adapted_forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        deltas = self.chain_deltas()
+        if not deltas:
+            return self.base_layer(x, *args, **kwargs)
+        owner = self.owner
+
+        def forward_with_updates(*call_args: Any, **call_kwargs: Any) -> Any:
+            # Runs inside the module's own call, after its pre-hooks: W is what they left there (gathered by
+            # ZeRO-3, unsharded by FSDP2, moved by Accelerate). The module's parameters are not touched: engines
+            # that track them (ZeRO-3's parameter dict and release look-ahead) see only their own tensors. The
+            # class's forward runs on a shallow copy whose parameters are W + ΔW (new tensors: W stays out of the
+            # graph's saved tensors); its submodules (the activation) are the module's own.
             proxy = copy.copy(owner)
             proxy._parameters = dict(owner._parameters.items())
-            for name, delta in swaps.items():
+            for name, delta in deltas.items():
                 weight = owner._parameters[name]
                 proxy._parameters[name] = weight + delta.to(weight.dtype)
-            return type(owner).forward(proxy, x, *args, **kwargs)
+            return type(owner).forward(proxy, *call_args, **call_kwargs)
+
+        owner.forward = forward_with_updates
+        try:
+            return owner(x, *args, **kwargs)
+        finally:
+            del owner.forward
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={self.ranks[n]}" for n in self.adapters)

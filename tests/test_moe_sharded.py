@@ -58,4 +58,5 @@ def test_two_processes_equal_one_on_an_moe_model(moe_runs, config, engine):
     for ref, got in zip(ref_metrics, metrics):
         for key in ("loss", "eval_loss"):
             if key in ref:
-                assert abs(ref[key] - got[key]) <= 1e-8 * max(1.0, abs(ref[key])), (config, engine, key, ref, got)
+                # the dense grid's tolerance (tests/test_train_sharded.py): logged losses are reduced in fp32
+                assert abs(ref[key] - got[key]) <= 1e-5 * max(1.0, abs(ref[key])), (config, engine, key, ref, got)
