@@ -600,11 +600,18 @@ class ExpertParameterLayer(AdapterLayer):
                 proxy._parameters[name] = weight + delta.to(weight.dtype)
             return type(owner).forward(proxy, *call_args, **call_kwargs)
 
-        owner.forward = forward_with_updates
+        # Accelerate's hooks (device_map offload) replace the instance's forward and call ``_old_forward`` after
+        # moving the weights: the class forward they call is the one to stand in for.
+        slot = "_old_forward" if "_old_forward" in owner.__dict__ else "forward"
+        previous = owner.__dict__.get(slot)
+        setattr(owner, slot, forward_with_updates)
         try:
             return owner(x, *args, **kwargs)
         finally:
-            del owner.forward
+            if previous is None:
+                delattr(owner, slot)
+            else:
+                setattr(owner, slot, previous)
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={self.ranks[n]}" for n in self.adapters)

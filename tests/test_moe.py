@@ -322,3 +322,27 @@ def test_coto_gates_a_block_experts_off():
         gated = ".layers.0." in layer.target_name
         grads = [b.grad for b in layer.adapters["default"].lora_B]
         assert all((g is None) == gated for g in grads), layer.target_name
+
+
+def test_expert_adapter_runs_under_accelerates_module_hooks():
+    """device_map offload puts Accelerate's hook on the experts module (it replaces the instance's forward): the
+    hook still runs on every call, stays installed, and the adapted output is unchanged."""
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    calls = []
+
+    class Record(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append(module)
+            return args, kwargs
+
+    model = _trained("qwen3_moe")
+    batch = moe_batch()
+    out = _logits(model, batch)
+    owner = model.model.layers[0].mlp.experts.base_layer.base_layer
+    add_hook_to_module(owner, Record())
+    for expected in (1, 2):
+        torch.testing.assert_close(_logits(model, batch), out, rtol=0, atol=0)
+        assert len(calls) == expected and "_old_forward" in owner.__dict__
+    remove_hook_from_module(owner)
+    torch.testing.assert_close(_logits(model, batch), out, rtol=0, atol=0)
