@@ -346,3 +346,21 @@ def test_expert_adapter_runs_under_accelerates_module_hooks():
         assert len(calls) == expected and "_old_forward" in owner.__dict__
     remove_hook_from_module(owner)
     torch.testing.assert_close(_logits(model, batch), out, rtol=0, atol=0)
+
+
+def test_summary_on_dense_models_counts_by_kind():
+    """The summary is every wrap's, not MoE's only: Linear and Conv1D bases counted, a named head skipped."""
+    from helpers import tiny_gpt2, tiny_llama
+
+    llama = peftkit.wrap(tiny_llama(), "lora", r=2)
+    summary = peftkit.summary(llama)
+    assert summary.adapted == {"Linear": 14} and summary.expert_matrices == 0
+    assert [name for name, _ in summary.skipped] == ["lm_head"]
+    assert summary.trainable == sum(p.numel() for p in llama.parameters() if p.requires_grad)
+    gpt2 = peftkit.wrap(tiny_gpt2(), "lora", r=2, exclude=["c_proj"])
+    summary = peftkit.summary(gpt2)
+    assert summary.adapted == {"Conv1D": 4}
+    reasons = dict(summary.skipped)
+    assert {n for n, r in reasons.items() if r == "excluded by exclude"} == {
+        f"transformer.h.{i}.{m}.c_proj" for i in (0, 1) for m in ("attn", "mlp")}
+    assert reasons["lm_head"].startswith("output embeddings")
