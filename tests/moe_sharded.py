@@ -37,23 +37,57 @@ def recipe(root: Path, config: str, engine: str, batch: int) -> dict:
     return out
 
 
+def expert_elements(model) -> list[int]:
+    """[elements this process holds, elements in full] of the fused expert stacks after training: FSDP2's DTensor
+    shards, ZeRO-3's partitions (``ds_tensor``), whole tensors otherwise."""
+    from torch.distributed.tensor import DTensor
+
+    if hasattr(model, "reshard"):  # FSDP2 keeps the root's weights gathered after a forward (the final eval)
+        model.reshard()
+    held = full = 0
+    for name, param in model.named_parameters():
+        if ".experts." not in name or param.requires_grad:
+            continue
+        if isinstance(param, DTensor):
+            held, full = held + param.to_local().numel(), full + param.numel()
+        elif hasattr(param, "ds_tensor"):
+            held, full = held + param.ds_tensor.numel(), full + param.ds_numel
+        else:
+            held, full = held + param.numel(), full + param.numel()
+    return [held, full]
+
+
 def main(engines: str, batch: int, root: Path) -> None:
+    import json
+
+    import peftkit.train.loop as loop
     from accelerate import Accelerator
 
+    from peftkit import distributed
     from peftkit.train import from_dict, train
 
-    saved = (torch.get_num_threads(), Accelerator.end_training)
+    saved = (torch.get_num_threads(), Accelerator.end_training, loop.prepare)
     torch.set_num_threads(1)
     # Many runs share this launch's process group; Accelerate's end_training would destroy it after the first.
     Accelerator.end_training = lambda self: [tracker.finish() for tracker in self.trackers] and None
+    last: dict = {}
+
+    def prepare(recipe, accelerator=None):  # keep the prepared model, to measure what this process holds
+        run = saved[2](recipe, accelerator)
+        last["model"] = run.model
+        return run
+
+    loop.prepare = prepare
     try:
         for engine in engines.split(","):
             for config in CONFIGS:
                 result = train(from_dict(recipe(root / engine, config, engine, batch)))
                 assert result.status == "done", (engine, config, result)
+                (root / engine / config / f"experts_rank{distributed.rank()}.json").write_text(
+                    json.dumps(expert_elements(last["model"])))
     finally:
         torch.set_num_threads(saved[0])
-        Accelerator.end_training = saved[1]
+        Accelerator.end_training, loop.prepare = saved[1], saved[2]
 
 
 if __name__ == "__main__":

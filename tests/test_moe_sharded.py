@@ -6,6 +6,7 @@ CPU, fp64. One launch for all engines (tests/moe_sharded.py); the one-process re
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -54,6 +55,9 @@ def test_two_processes_equal_one_on_an_moe_model(moe_runs, config, engine):
     for key in experts:  # the experts trained (B moved from 0 on every expert of every stack)
         if ".lora_B." in key:
             assert (reference[key].reshape(reference[key].shape[0], -1, 4).abs().amax(dim=(0, 1)) > 0).all(), key
+    # The frozen expert stacks are really sharded under fsdp2 and zero3 (half per process), whole under ddp.
+    held, full = json.loads((two / engine / config / "experts_rank0.json").read_text())
+    assert full > 0 and held == (full if engine == "ddp" else full // 2), (engine, held, full)
     ref_metrics, metrics = read_metrics(one / config / "run"), read_metrics(two / engine / config / "run")
     for ref, got in zip(ref_metrics, metrics):
         for key in ("loss", "eval_loss"):
