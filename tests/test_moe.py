@@ -364,3 +364,26 @@ def test_summary_on_dense_models_counts_by_kind():
     assert {n for n, r in reasons.items() if r == "excluded by exclude"} == {
         f"transformer.h.{i}.{m}.c_proj" for i in (0, 1) for m in ("attn", "mlp")}
     assert reasons["lm_head"].startswith("output embeddings")
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+def test_every_experts_implementation_sees_the_update(implementation):
+    """transformers' other experts kernels read the stacks themselves (fp32: they take no fp64): the same adapted
+    logits as the eager loop, and every adapter tensor gets a gradient."""
+    from moe_models import moe_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    eager = AutoModelForCausalLM.from_config(moe_config("qwen3_moe")).float().eval()
+    other = copy.deepcopy(eager)
+    other.config._experts_implementation = implementation
+    for model in (eager, other):
+        peftkit.wrap(model, "lora", r=2, init_lora_weights=False)
+    other.load_state_dict(eager.state_dict())
+    batch = moe_batch()
+    adapted = _logits(eager, batch)
+    assert (adapted - _logits(peftkit.unwrap(copy.deepcopy(eager), merge=False), batch)).abs().max() > 1e-3
+    torch.testing.assert_close(_logits(other, batch), adapted, rtol=1e-5, atol=1e-5)
+    other.train()
+    _loss(other, batch).backward()
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in other.parameters() if p.requires_grad)
