@@ -387,3 +387,11 @@ def test_every_experts_implementation_sees_the_update(implementation):
     other.train()
     _loss(other, batch).backward()
     assert all(p.grad is not None and p.grad.abs().max() > 0 for p in other.parameters() if p.requires_grad)
+
+
+def test_weighted_combination_of_expert_adapters_is_refused():
+    model = peftkit.wrap(tiny_moe("qwen3_moe"), "lora", r=2)
+    peftkit.wrap(model, "lora", r=2, adapter_name="other")
+    with pytest.raises(peftkit.ConfigError, match=r"add_weighted_adapter: model.layers.0.mlp.experts.\w+ is a fused"):
+        peftkit.add_weighted_adapter(model, ["default", "other"], [1.0, 1.0], "mix")
+    assert "mix" not in model.peftkit.configs
