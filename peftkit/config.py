@@ -429,16 +429,18 @@ def select_parameters(model: nn.Module, config: AdapterConfig) -> list[tuple[str
                           f"can be targeted look like: {shown}. Fix or remove the unmatched entries.")
     picked |= {p for p in full_names if any(_name_matches(p, e) for e in explicit)}
     targets = _as_list(config.targets)
-    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
-        modules = dict(model.named_modules())
-        picked |= {p for p, owner in candidates if _is_expert_parameter(_unwrapped(modules[owner]),
-                                                                        _unwrapped(modules[owner])._parameters[p.rsplit(".", 1)[-1]])}
+    modules = dict(model.named_modules())
+    all_linear = isinstance(targets, str) and targets.lower() == ALL_LINEAR
+    if all_linear:  # every fused expert stack; routers' weights (the other candidates) stay frozen
+        for full, owner in candidates:
+            module = _unwrapped(modules[owner])
+            if _is_expert_parameter(module, module._parameters[full.rsplit(".", 1)[-1]]):
+                picked.add(full)
     elif isinstance(targets, str):
         picked |= {p for p in full_names if re.fullmatch(targets, p)}
     else:
         picked |= {p for p in full_names if any(_name_matches(p, e) for e in targets)}
-    modules = dict(model.named_modules())
-    if not (isinstance(targets, str) and targets.lower() == ALL_LINEAR):
+    if not all_linear:
         selected = ([n for n in modules if n and re.fullmatch(targets, n)] if isinstance(targets, str)
                     else [n for n in modules if n and any(_name_matches(n, e) for e in targets)])
         routers = router_names(model)
