@@ -159,11 +159,10 @@ def log_summary(model: nn.Module, adapter_name: str) -> AdapterSummary:
 
 def _ensure_handler() -> None:
     """A library logger prints nothing unless configured: give ``peftkit`` one stderr handler at INFO (as
-    transformers does for its own logger) unless the application configured it or the root logger.
-    ``logging.getLogger("peftkit").setLevel(logging.WARNING)`` silences the summaries."""
+    transformers does for its own logger) when neither it nor the root logger has a handler. An application that
+    configured logging decides itself (``logging.getLogger("peftkit").setLevel(logging.INFO)`` shows the line,
+    ``setLevel(logging.WARNING)`` silences it)."""
     if logger.handlers or logging.getLogger().handlers:
-        if logger.level == logging.NOTSET and not logging.getLogger().isEnabledFor(logging.INFO):
-            logger.setLevel(logging.INFO)
         return
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
