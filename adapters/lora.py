@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from peftkit import registry
 from peftkit.errors import ConfigError, StateError
-from peftkit.layer import AdapterLayer, adapter_dtype, linear_types
+from peftkit.layer import AdapterLayer, ExpertParameterLayer, adapter_dtype, linear_types
 from peftkit.validation import option
 
 
@@ -145,7 +145,7 @@ class LoraLayer(AdapterLayer):
         if getattr(branch, "offset_A", None) is None:  # embedding and conv branches have no offset pair
             return self.ranks[name], self.alphas[name]
         # Same scaling s at the saved rank r' = r + r0: α' = s·r' (s·√r' with rsLoRA).
-        r_saved = self.ranks[name] + branch.offset_A.shape[0]
+        r_saved = self.ranks[name] + branch.offset_A.shape[-2]
         s = self.scaling[name]
         rslora = abs(self.alphas[name] / self.ranks[name] ** 0.5 - s) < abs(self.alphas[name] / self.ranks[name] - s)
         return r_saved, s * (r_saved ** 0.5 if rslora else r_saved)
@@ -328,6 +328,109 @@ class LoraConvLayer(LoraLayer):
         for branch in self.adapters.values():
             yield branch.lora_A.weight, "A"
             yield branch.lora_B.weight, "B"
+
+
+class ExpertLoraBranch(nn.Module):
+    """LoRA on E expert matrices: ``lora_A[e]`` (r, in) and ``lora_B[e]`` (out, r), one trainable pair per expert,
+    each initialised as linear LoRA's (A Kaiming-uniform with bound 1/√in, B = 0)."""
+
+    def __init__(self, experts: int, in_features: int, out_features: int, r: int, dtype: torch.dtype,
+                 device: torch.device, init: bool | str = True) -> None:
+        super().__init__()
+        self.lora_A = nn.ParameterList(
+            [nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device)) for _ in range(experts)])
+        self.lora_B = nn.ParameterList(
+            [nn.Parameter(torch.empty(out_features, r, dtype=dtype, device=device)) for _ in range(experts)])
+        with torch.no_grad():
+            for a, b in zip(self.lora_A, self.lora_B):
+                if init is True:
+                    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                    nn.init.zeros_(b)
+                elif init == "gaussian":
+                    nn.init.normal_(a, std=1.0 / r)
+                    nn.init.zeros_(b)
+                elif init is False:  # debug: B random too (nn.Linear's defaults), the model changes at init
+                    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                    nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+                else:
+                    raise ConfigError(f"init_lora_weights: expected True, False or 'gaussian', got {init!r}")
+        # As LoraBranch's offset pair, per expert: A0 (E, r0, in), B0 (E, out, r0), ΔW_e = s·(B_e·A_e − B0_e·A0_e).
+        self.register_buffer("offset_A", None)
+        self.register_buffer("offset_B", None)
+
+    def set_offset(self, a0: torch.Tensor, b0: torch.Tensor) -> None:
+        """Freeze (A0 (E, r0, in), B0 (E, out, r0)) as the offset pairs, copied, in the branch dtype."""
+        ref = self.lora_A[0]
+        self.offset_A = a0.detach().to(ref.device, ref.dtype).clone(memory_format=torch.contiguous_format)
+        self.offset_B = b0.detach().to(ref.device, ref.dtype).clone(memory_format=torch.contiguous_format)
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (E, r', in), B (E, out, r')) with ΔW_e = s·B_e·A_e: the trainable pairs, with the negated offset
+        pairs appended when there are any (r' = r + r0)."""
+        a, b = torch.stack(list(self.lora_A)), torch.stack(list(self.lora_B))
+        if self.offset_A is None:
+            return a, b
+        return torch.cat([a, self.offset_A], 1), torch.cat([b, -self.offset_B], 2)
+
+
+class ExpertLoraLayer(ExpertParameterLayer, LoraLayer):
+    """LoRA on a fused expert parameter: ΔW_e = s·B_e·A_e for every expert e (PEFT's ``ParamWrapper``).
+
+    Saved in PEFT's layout: ``lora_A.weight`` (E·r, in) with expert e in rows e·r … e·r + r − 1, and
+    ``lora_B.weight`` (out, r·E) with expert e in columns e, E + e, 2E + e, … (PEFT reshapes A to (E, r, in) and B
+    to (out, r, E)). No dropout: x cannot be factored out of W_e + ΔW_e (PEFT refuses it too)."""
+
+    saved_suffixes = ("lora_A.weight", "lora_B.weight")
+
+    def make_branch(self, name: str, r: int, alpha: float, config: Any) -> nn.Module:
+        if config.dropout:
+            raise ConfigError(
+                f"dropout: {config.dropout} cannot apply to the fused expert parameter {self.target_name} (the "
+                "update is added to the weight, so there is no branch input to drop); set dropout=0, or exclude the "
+                "expert parameters from targets")
+        init = config.options.get("architecture", {}).get("init_lora_weights", True)
+        weight = self.weight
+        return ExpertLoraBranch(self.num_experts, self.in_features, self.out_features, r,
+                                adapter_dtype(self), weight.device, init)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a, b = self.adapters[name].stacked()
+        return torch.bmm(b, a) * self.scaling[name]
+
+    def saved_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        a, b = self.adapters[name].stacked()
+        if self.transposed != self.peft_transposed:
+            # PEFT reads this stack the other way round (Llama 4: (E, in, out), undeclared): its ΔP_e = s·B'·A' in
+            # the stored layout is ΔW_eᵀ = s·A_eᵀ·B_eᵀ, so A' = B_eᵀ and B' = A_eᵀ (exact, the same update).
+            a, b = b.transpose(1, 2), a.transpose(1, 2)
+        experts, rows, r = b.shape
+        return {"lora_A.weight": a.detach().reshape(experts * r, -1),
+                "lora_B.weight": b.detach().permute(1, 2, 0).reshape(rows, r * experts)}
+
+    def load_saved_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        branch = self.adapters[name]
+        if branch.offset_A is not None:
+            raise StateError(f"{self.target_name}: cannot load saved tensors into an adapter with a frozen offset "
+                             "pair; load the checkpoint into a plain base model (peftkit.load) instead")
+        experts = self.num_experts
+        file_a, file_b = tensors["lora_A.weight"], tensors["lora_B.weight"]
+        a = file_a.reshape(experts, -1, file_a.shape[-1])
+        b = file_b.reshape(file_b.shape[0], -1, experts).permute(2, 0, 1)
+        if self.transposed != self.peft_transposed:
+            a, b = b.transpose(1, 2), a.transpose(1, 2)
+        with torch.no_grad():
+            for e in range(experts):
+                branch.lora_A[e].copy_(a[e])
+                branch.lora_B[e].copy_(b[e])
+
+    def factor_pairs(self) -> Iterator[tuple]:
+        for name in self.active_adapters:
+            branch = self.adapters[name]
+            for e, (a, b) in enumerate(zip(branch.lora_A, branch.lora_B)):
+                yield name, a, b, self.scaling[name], e
+
+
+LoraLayer.expert_layer = ExpertLoraLayer
 
 
 registry.register_method(

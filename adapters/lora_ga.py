@@ -19,6 +19,7 @@ import torch
 
 from peftkit import registry
 from peftkit.errors import ConfigError
+from peftkit.expert_stats import ExpertMatrix, expert_gradient_triplets, expert_layers
 from peftkit.stats import adapter_name_of, check_batches, check_double_rank, check_gradient_options, gradient_triplets
 from peftkit.validation import option
 
@@ -111,7 +112,7 @@ def lora_ga_factors(grad_u: torch.Tensor, grad_s: torch.Tensor, grad_vh: torch.T
     return a0 * c, b0 * c
 
 
-@registry.init("lora-ga", options=LoraGAOptions, needs_data=True, architectures=("lora",),
+@registry.init("lora-ga", options=LoraGAOptions, needs_data=True, architectures=("lora",), expert_parameters=True,
                description="A₀, B₀ from the SVD of the full-weight gradient, frozen offset keeps the function")
 def lora_ga_init(model, layers, config, data) -> None:
     options = dict(config.axis_options("init"))
@@ -121,9 +122,10 @@ def lora_ga_init(model, layers, config, data) -> None:
     batches = check_batches(data, "lora-ga")
     adapter = adapter_name_of(model, config)
     check_double_rank(layers, adapter, 2, "LoRA-GA")
+    layers, experts = expert_layers(layers)
     ranks = {name: 2 * layer.ranks[adapter] for name, layer in layers.items()}
     for name, u, sv, vh in gradient_triplets(model, layers, batches, ranks, options, seed=config.seed,
-                                             boundaries=_boundaries(options["direction"])):
+                                             boundaries=_boundaries(options["direction"])) if layers else ():
         layer = layers[name]
         r = layer.ranks[adapter]
         s = layer.scaling[adapter]
@@ -144,6 +146,39 @@ def lora_ga_init(model, layers, config, data) -> None:
             branch.lora_B.weight.copy_(b0.to(dtype))
         # Copies: the frozen pair must not share storage with the trainable one.
         branch.set_offset(branch.lora_A.weight.detach().clone(), branch.lora_B.weight.detach().clone())
+    if experts:
+        _init_experts(model, experts, batches, options, adapter, config.seed)
+
+
+def _init_experts(model, experts, batches, options, adapter: str, seed: int) -> None:
+    """LoRA-GA per expert matrix: (A₀_e, B₀_e) from the SVD of the expert's own gradient G_e, offset per expert."""
+    ranks = {name: 2 * layer.ranks[adapter] for name, layer in experts.items()}
+    factors: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {name: {} for name in experts}
+    for name, e, u, sv, vh in expert_gradient_triplets(model, experts, batches, ranks, options, seed=seed,
+                                                       boundaries=_boundaries(options["direction"])):
+        layer = experts[name]
+        r, s = layer.ranks[adapter], layer.scaling[adapter]
+        if not sv[0] > 0:
+            # An expert no token of the batches was routed to: it keeps the standard init (B = 0, A random).
+            warnings.warn(f"lora-ga: expert {e} of {layer.target_name} got a zero gradient on the given batches (no "
+                          "token routed to it); it keeps the standard LoRA init (B = 0)", stacklevel=3)
+            continue
+        matrix = ExpertMatrix(layer, e)
+        a0, b0 = lora_ga_factors(u, sv, vh, r, s, matrix, options)
+        if options["norm_clip"] and not options["peft_compat"]:
+            ratio = float(matrix.base_weight().abs().max() / (s * (b0 @ a0)).abs().max())
+            if ratio < 1.0:
+                a0, b0 = a0 * math.sqrt(ratio), b0 * math.sqrt(ratio)
+        factors[name][e] = (a0, b0)
+    for name, layer in experts.items():
+        branch = layer.adapters[adapter]
+        with torch.no_grad():
+            for e, (a0, b0) in factors[name].items():
+                branch.lora_A[e].copy_(a0.to(branch.lora_A[e].dtype))
+                branch.lora_B[e].copy_(b0.to(branch.lora_B[e].dtype))
+        # Every expert gets an offset (zero-gradient experts: their own random A and B = 0, so B₀A₀ = 0).
+        branch.set_offset(torch.stack([a.detach() for a in branch.lora_A]),
+                          torch.stack([b.detach() for b in branch.lora_B]))
 
 
 registry.register_method(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from peftkit import registry
+from peftkit.expert_stats import expert_gradient_triplets, expert_layers
 from peftkit.stats import adapter_name_of, check_batches, check_gradient_options, gradient_triplets
 from peftkit.validation import option
 
@@ -41,7 +42,7 @@ def lora_one_factors(u: torch.Tensor, sv: torch.Tensor, vh: torch.Tensor, gamma:
     return root[:, None] * vh, u * root
 
 
-@registry.init("lora-one", options=LoraOneOptions, needs_data=True, architectures=("lora",),
+@registry.init("lora-one", options=LoraOneOptions, needs_data=True, architectures=("lora",), expert_parameters=True,
                description="A₀, B₀ from the top-r SVD of −G with √σ weights and 1/√(γσ₁): one normalised step")
 def lora_one_init(model, layers, config, data) -> None:
     options = config.axis_options("init")
@@ -49,10 +50,11 @@ def lora_one_init(model, layers, config, data) -> None:
     check_gradient_options(options)
     batches = check_batches(data, "lora-one")
     adapter = adapter_name_of(model, config)
+    layers, experts = expert_layers(layers)
     ranks = {name: layer.ranks[adapter] for name, layer in layers.items()}
     # Every j: A₀ and B₀ are single singular vectors (√σᵢ-weighted), each of which must be the exact SVD's.
     for name, u, sv, vh in gradient_triplets(model, layers, batches, ranks, options, seed=config.seed, negate=True,
-                                             boundaries=lambda rank: range(1, rank + 1)):
+                                             boundaries=lambda rank: range(1, rank + 1)) if layers else ():
         branch = layers[name].adapters[adapter]
         if not sv[0] > 0:
             warnings.warn(f"lora-one: {name} got a zero gradient on the given batches; it keeps the standard LoRA "
@@ -62,6 +64,21 @@ def lora_one_init(model, layers, config, data) -> None:
         with torch.no_grad():
             branch.lora_A.weight.copy_(a0.to(branch.lora_A.weight.dtype))
             branch.lora_B.weight.copy_(b0.to(branch.lora_B.weight.dtype))
+    # Per expert matrix: the same step along the expert's own −G_e (every expert's step measured before any moves).
+    ranks = {name: layer.ranks[adapter] for name, layer in experts.items()}
+    steps = []
+    for name, e, u, sv, vh in expert_gradient_triplets(model, experts, batches, ranks, options, seed=config.seed,
+                                                       negate=True) if experts else ():
+        if not sv[0] > 0:
+            warnings.warn(f"lora-one: expert {e} of {experts[name].target_name} got a zero gradient on the given "
+                          "batches (no token routed to it); it keeps the standard LoRA init (B = 0)", stacklevel=2)
+            continue
+        steps.append((name, e, *lora_one_factors(u, sv, vh, float(gamma))))
+    with torch.no_grad():
+        for name, e, a0, b0 in steps:
+            branch = experts[name].adapters[adapter]
+            branch.lora_A[e].copy_(a0.to(branch.lora_A[e].dtype))
+            branch.lora_B[e].copy_(b0.to(branch.lora_B[e].dtype))
 
 
 registry.register_method(

@@ -21,6 +21,7 @@ from .api import (
     optimizer,
     save,
     set_adapter,
+    summary,
     trainable_parameters,
     unmerge,
     unwrap,
@@ -35,6 +36,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig", "CheckpointError", "ConfigError", "MergeError", "PeftkitError", "StateError", "callbacks", "disabled",
-    "export", "load", "merge", "methods", "optimizer", "save", "set_adapter", "trainable_parameters", "unmerge",
+    "export", "load", "merge", "methods", "optimizer", "save", "set_adapter", "summary", "trainable_parameters", "unmerge",
     "unwrap", "wrap", "regularization_loss", "delete_adapter", "add_weighted_adapter", "attach", "reference_model",
 ]

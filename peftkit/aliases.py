@@ -51,7 +51,7 @@ def from_peft_config(peft_config: Any):
     if peft_type == "LORA":
         unsupported = {
             "use_dora": False, "bias": "none", "layers_to_transform": None, "layers_pattern": None,
-            "lora_bias": False, "target_parameters": None, "megatron_config": None,
+            "lora_bias": False, "megatron_config": None,
         }
         for field_name, neutral in unsupported.items():
             value = getattr(peft_config, field_name, neutral)
@@ -75,6 +75,10 @@ def from_peft_config(peft_config: Any):
         raise ConfigError(f"{kind}: peftkit reads PEFT's LoraConfig and HRAConfig; for other PEFT methods use PEFT, or "
                           "pick a peftkit method by name (peftkit.methods())")
     targets = peft_config.target_modules
+    parameters = getattr(peft_config, "target_parameters", None)
+    if parameters:  # fused expert stacks (or other parameters), adapted per expert as PEFT does
+        options["target_parameters"] = sorted(parameters)
+        targets = [] if targets is None else targets
     if targets is None:
         raise ConfigError(f"{kind}.target_modules: None (PEFT fills it from its model-type table); pass the module names "
                           "or 'all-linear'")

@@ -83,6 +83,9 @@ def wrap(model: nn.Module, method_or_config: str | AdapterConfig = "lora", *, da
     finally:
         torch.random.set_rng_state(torch_state)
     _weight_gate(model)
+    from .report import log_summary
+
+    log_summary(model, adapter_name)  # never a silent attention-only adapter: say what was adapted and skipped
     return model
 
 
@@ -375,6 +378,14 @@ def trainable_parameters(model: nn.Module) -> TrainableParameters:
         if param.requires_grad:
             trainable += count
     return TrainableParameters(trainable, total)
+
+
+def summary(model: nn.Module, adapter_name: str | None = None):
+    """What the adapter adapted: ``str()`` is the one line ``wrap`` logs; the object (``AdapterSummary``: counts
+    by kind of base layer, expert matrices, trainable parameters, skipped targets with reasons; ``to_dict()``)."""
+    from .report import summary as build
+
+    return build(model, adapter_name)
 
 
 def methods() -> list[str]:

@@ -29,11 +29,11 @@ import torch
 import torch.nn as nn
 
 from . import registry
-from .config import AdapterConfig, _name_matches
+from .config import AdapterConfig, _name_matches, parameter_candidates
 from .errors import CheckpointError, ConfigError
 from .inject import (adapter_layers, drop_adapter, inject, parameter_flags, probe_adapter, remove,
                      restore_parameter_flags, saved_modules, state_of)
-from .layer import AdapterLayer
+from .layer import AdapterLayer, ExpertParameterLayer
 from .validation import MAX_INT, check_fields, check_output_dir, json_loads, option, pattern_suffix_match
 
 CONFIG_NAME = "adapter_config.json"
@@ -403,6 +403,28 @@ def _patterns(config: AdapterConfig, per_layer: dict[str, tuple[int, float]]) ->
     return r_common, a_common, rank_pattern, alpha_pattern
 
 
+def peft_rewritten_targets(model: nn.Module, module_names: list[str]) -> list[str]:
+    """The adapted modules PEFT 0.21's loader would take for transformers-v4 expert names and rewrite.
+
+    On the model types transformers converts from v4 checkpoints (Mixtral, Qwen3-MoE, DeepSeek-V2/V3, OLMoE ...),
+    ``PeftModel.from_pretrained`` maps every ``target_modules`` entry named like a v4 expert projection
+    (``gate_proj``/``up_proj``/``down_proj``, Mixtral's ``w1``/``w2``/``w3``) onto the fused expert parameters, also
+    when it names a dense or shared-expert linear layer (peft/utils/transformers_weight_conversion.py). Such an
+    adapter is exact in peftkit but does not load in PEFT (its own adapters on those layers neither)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    try:
+        from peft.utils.transformers_weight_conversion import (_MODEL_TO_CONVERSION_PATTERN,
+                                                               _MOE_TARGET_MODULE_MAPPING)
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except Exception:  # noqa: BLE001 - another PEFT version: nothing known to warn about
+        return []
+    pattern = _MODEL_TO_CONVERSION_PATTERN.get(model_type)
+    mapping = _MOE_TARGET_MODULE_MAPPING.get(pattern) if pattern else None
+    if not mapping or get_checkpoint_conversion_mapping(model_type) is None:
+        return []
+    return [n for n in module_names if n.rsplit(".", 1)[-1] in mapping and n.rsplit(".", 1)[-1] != "gate"]
+
+
 def adapter_state(model: nn.Module, adapter_name: str, *, export: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, PEFT-style config dict) of one adapter, in its saved (or exported LoRA) form."""
     state = state_of(model)
@@ -417,7 +439,15 @@ def adapter_state(model: nn.Module, adapter_name: str, *, export: bool = False) 
     # export_lora may return a 4th item, a bias change (out,) or None; PEFT stores it as lora_B.bias
     # (lora_bias=True, scaled by s like the rest of lora_B's output) and then needs it on every layer.
     lora_biases: dict[str, torch.Tensor | None] = {}
+    # Fused expert parameters are PEFT's target_parameters (full names); their layers' module paths are only keys.
+    parameter_layers = {n: l for n, l in layers.items() if isinstance(l, ExpertParameterLayer)}
     for name, layer in layers.items():
+        if name in parameter_layers:
+            for suffix, tensor in layer.saved_tensors(adapter_name).items():
+                tensors[f"{PREFIX}{name}.{suffix}"] = tensor
+            per_layer[layer.target_name] = layer.saved_rank_alpha(adapter_name)
+            peft_types.add(getattr(layer, "peft_type", None) or "PEFTKIT")
+            continue
         if export and getattr(layer, "peft_type", None) is None:
             a, b, scale, *bias_change = layer.export_lora(adapter_name)
             r = a.shape[0]
@@ -463,13 +493,24 @@ def adapter_state(model: nn.Module, adapter_name: str, *, export: bool = False) 
         if peft_type == "LORA":
             saved_config["architecture"] = "lora"
             saved_config["options"] = {}
-    saved_config["targets"] = sorted(layers)
+    module_layers = sorted(n for n in layers if n not in parameter_layers)
+    target_parameters = sorted(l.target_name for l in parameter_layers.values()) or None
+    rewritten = peft_rewritten_targets(model, module_layers) if peft_type == "LORA" else []
+    if rewritten:
+        warnings.warn(
+            f"{adapter_name}: PEFT 0.21 reads {rewritten[0]} ({len(rewritten)} such layers) as a transformers-v4 expert "
+            f"name on a '{model.config.model_type}' model and rewrites it onto the fused experts, so this adapter "
+            "loads in peftkit (exact) but not in PEFT's PeftModel.from_pretrained. To serve it with PEFT, leave those "
+            "dense/shared-expert layers out (exclude=[...]) or merge it (peftkit.unwrap)", stacklevel=3)
+    saved_config["targets"] = module_layers
+    saved_config["target_parameters"] = target_parameters
     saved_config["modules_to_save"] = saved_heads or None
     peft = {
         "peft_type": peft_type,
         "r": r,
         "lora_alpha": alpha,
-        "target_modules": _target_list(sorted(layers), all_names),
+        "target_modules": _target_list(module_layers, all_names),
+        "target_parameters": target_parameters,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "use_rslora": bool(config.rslora),
@@ -493,6 +534,7 @@ def adapter_state(model: nn.Module, adapter_name: str, *, export: bool = False) 
     if plugins:  # only then: the sidecars of built-in methods are unchanged
         peft["peftkit"]["plugins"] = plugins
     if peft_type != "LORA":
+        peft.pop("target_parameters", None)
         for key in ("lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout", "fan_in_fan_out",
                     "lora_bias", "use_dora", "init_lora_weights"):
             peft.pop(key, None)
@@ -756,7 +798,8 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
         )
     _check_labels(model, section or {}, directory)
     modules = dict(model.named_modules())
-    missing = [n for n in per_module if n not in modules and n.replace("base_layer.", "") not in modules]
+    missing = [n for n in per_module if n not in modules and re.sub(r"(\.base_layer)+$", "", n.replace(
+        "base_layer.", "")) not in modules]
     if missing:
         raise CheckpointError(
             f"{directory}: the adapter targets modules this model does not have: {missing[:4]}; load it into the "
@@ -764,8 +807,11 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
         )
     try:
         config = _config_from_peft(data, list(per_module), section)
+        module_keys, target_parameters = _split_parameter_keys(model, list(per_module), config, data, directory)
+        config.targets, config.target_parameters = sorted(module_keys), target_parameters
     except (ConfigError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{directory / CONFIG_NAME}: unreadable adapter config ({exc})") from None
+    adapted_names = list(module_keys) + list(target_parameters or [])
     if config.modules_to_save:
         # Only the heads saved in the file (PEFT lists every head name of the task, e.g. classifier and score).
         config.modules_to_save = [h for h in config.modules_to_save
@@ -776,8 +822,8 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
     object.__setattr__(config, "_allow_large_rank", True)
     with warnings.catch_warnings():
         warnings.simplefilter("default")
-        _warn_unmatched_patterns(config, list(per_module))
-        config_for_inject = _strip_patterns(config, list(per_module))
+        _warn_unmatched_patterns(config, adapted_names)
+        config_for_inject = _strip_patterns(config, adapted_names)
     try:
         # The shapes the config implies, against the saved tensors, before inject allocates anything (a crafted
         # config with an absurd rank is refused here, not after allocating it).
@@ -830,6 +876,31 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
             for p in wrapper.modules_to_save[adapter_name].parameters():
                 p.requires_grad_(train_new)
     return model
+
+
+def _split_parameter_keys(model: nn.Module, keys: list[str], config: AdapterConfig, data: dict[str, Any],
+                          directory: Path) -> tuple[list[str], list[str] | None]:
+    """(module keys, full names of the targeted parameters) of a file's module keys: a key ``X`` or
+    ``X.base_layer…`` whose module X owns a parameter listed in ``target_parameters`` (peftkit's config or PEFT's
+    field, full names or suffixes) belongs to that parameter's layer."""
+    listed = list(config.target_parameters or data.get("target_parameters") or [])
+    if not listed:
+        return keys, None
+    candidates = [p for p, _ in parameter_candidates(model)]
+    resolved = [p for p in candidates if any(_name_matches(p, entry) for entry in listed)]
+    unmatched = [e for e in listed if not any(_name_matches(p, e) for p in candidates)]
+    if unmatched:
+        raise CheckpointError(f"{directory}: the adapter targets parameters this model does not have: {unmatched[:4]}; "
+                              "load it into the base model it was trained on")
+    owners = {p.rsplit(".", 1)[0] for p in resolved}
+    module_keys = []
+    for key in keys:
+        path = key
+        while path.endswith(".base_layer"):
+            path = path[: -len(".base_layer")]
+        if path not in owners:
+            module_keys.append(key)
+    return module_keys, resolved
 
 
 def _check_labels(model: nn.Module, section: dict[str, Any], directory: Path) -> None:

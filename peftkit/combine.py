@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from .errors import ConfigError, StateError
+from .layer import ExpertParameterLayer
 from .inject import adapter_layers, inject, state_of
 
 PAIR_KEYS = (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B"))
@@ -71,6 +72,12 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     if combination_type not in ("cat", "svd"):
         raise ConfigError(f"combination_type: expected 'cat' (exact) or 'svd' (truncated), got {combination_type!r}")
     layers = {n: layer for n, layer in adapter_layers(model).items() if any(a in layer.adapters for a in adapters)}
+    experts = [layer.target_name for layer in layers.values() if isinstance(layer, ExpertParameterLayer)]
+    if experts:
+        raise ConfigError(
+            f"add_weighted_adapter: {experts[0]} is a fused expert parameter ({len(experts)} adapted); combining "
+            "adapters per expert is not supported. Combine adapters that target modules only, or merge them one after "
+            "another (peftkit.merge)")
     if any(set(layer.merged_adapters) & set(adapters) for layer in layers.values()):
         raise StateError("add_weighted_adapter: some of these adapters are merged; call peftkit.unmerge(model) first")
     # Per layer: (adapter, weight, A key, B key, A, B, s) of every adapter it holds.

@@ -43,6 +43,10 @@ class AdapterConfig:
     alpha: float = option(8.0, gt=0, expect="a positive number (finite)", example=16)
     targets: str | list[str] = option(ALL_LINEAR, expect="'all-linear', a regex string or a list of module names")
     exclude: str | list[str] | None = None
+    # PEFT's target_parameters: parameter names (full, or a suffix such as "mlp.experts.gate_up_proj") adapted in
+    # place, one adapter per expert matrix of a fused (experts, out, in) parameter.
+    target_parameters: list[str] | None = option(None, expect="a list of parameter names such as "
+                                                 "['mlp.experts.gate_up_proj', 'mlp.experts.down_proj'], or null")
     dropout: float = option(0.0, ge=0, lt=1, expect="a probability in [0, 1)", example=0.05)
     rslora: bool = False
     rank_pattern: dict[str, int] = option(default_factory=dict, gt=0, expect="a mapping {module regex: positive integer rank}")
@@ -202,7 +206,7 @@ def validate(config: AdapterConfig, comps: dict[str, registry.Component] | None 
     for name in ("rank_pattern", "alpha_pattern"):
         for key in getattr(config, name):
             compile_pattern(key, f"{prefix}{name}: key")
-    if not isinstance(config.targets, str) and not config.targets:
+    if not isinstance(config.targets, str) and not config.targets and not config.target_parameters:
         raise ConfigError(f"{prefix}targets: expected 'all-linear', a regex string or a non-empty list of module "
                           "names, got an empty list")
     arch = config.architecture
@@ -274,13 +278,15 @@ def select_targets(model: nn.Module, config: AdapterConfig, supported: tuple[typ
     elif isinstance(targets, str):
         regex = compile_pattern(targets, "targets")
         chosen = [n for n in names if regex.fullmatch(n)]
-        if not chosen:
+        if not chosen and not any(regex.fullmatch(p) for p, _ in parameter_candidates(model)):
             raise ConfigError(
                 f"targets: the regex '{targets}' matches no module (it must match the whole dotted name). "
                 f"Module names look like: {', '.join(names[:3] + names[-3:])}"
             )
     else:
-        unmatched = [e for e in targets if not any(_name_matches(n, e) for n in names)]
+        params = [p for p, _ in parameter_candidates(model)]
+        unmatched = [e for e in targets if not any(_name_matches(n, e) for n in names)
+                     and not any(_name_matches(p, e) for p in params)]
         if unmatched:
             raise ConfigError(
                 f"targets: {unmatched} match no module of {_class_name(model)}. Close module names: "
@@ -290,28 +296,167 @@ def select_targets(model: nn.Module, config: AdapterConfig, supported: tuple[typ
     if config.exclude:
         exclude = _as_list(config.exclude)
         if not isinstance(exclude, str):
-            unmatched = [e for e in exclude if not any(_name_matches(n, e) for n in names)]
+            param_names = [p for p, _ in parameter_candidates(model)]
+            unmatched = [e for e in exclude if not any(_name_matches(n, e) for n in names)
+                         and not any(_name_matches(p, e) for p in param_names)]
             if unmatched:
                 raise ConfigError(
-                    f"exclude: {unmatched} match no module. Close module names: {_close_names(unmatched[0], names)}"
+                    f"exclude: {unmatched} match no module or parameter. Close module names: {_close_names(unmatched[0], names)}"
                 )
         chosen = [n for n in chosen if not _matches(n, exclude)]
-    chosen = [n for n in chosen if n not in skip]
-    wrong_type = [n for n in chosen if not isinstance(modules[n], supported)]
+    # A router (of an MoE block) and a module whose own weight is one 2-D matrix but that is no linear layer are
+    # adapted through that weight, as a parameter (select_parameters, PEFT's target_parameters): whatever their
+    # forward returns (Llama 4's router returns a tuple), the update reaches the weight it reads.
+    routers = router_names(model)
+    chosen = [n for n in chosen if n not in skip and n not in routers]
+    wrong_type = [n for n in chosen if not isinstance(modules[n], supported) and not _bare_weight(modules[n])]
     if wrong_type:
         kinds = sorted({type(modules[n]).__name__ for n in wrong_type})
         raise ConfigError(
             f"targets: {wrong_type[:4]} are {kinds}, which the '{config.architecture}' architecture cannot wrap "
             f"(it wraps {[t.__name__ for t in supported]}). Narrow the targets to those layers."
         )
-    if not chosen:
+    chosen = [n for n in chosen if isinstance(modules[n], supported)]
+    chosen_params = select_parameters(model, config)
+    if not chosen and not chosen_params:
         raise ConfigError("targets: nothing left to adapt after exclusions; widen targets or shrink exclude")
+    adapted = chosen + [p for p, _ in chosen_params]
     for name, pattern in (("rank_pattern", config.rank_pattern), ("alpha_pattern", config.alpha_pattern)):
         for key in pattern:
-            if not any(pattern_suffix_match(key, n, name) for n in chosen):
+            if not any(pattern_suffix_match(key, n, name) for n in adapted):
                 raise ConfigError(
                     f"{name}: key '{key}' matches no adapted module (keys are regexes matched against the end of "
                     f"the module name, e.g. 'q_proj' or 'layers\\.1\\..*q_proj'). Adapted modules look like: "
-                    f"{', '.join(chosen[:3])}"
+                    f"{', '.join(adapted[:3])}"
                 )
     return chosen
+
+
+# ---------------------------------------------------------------------- parameter targets (fused experts)
+_VIEW_SKIP = ("base_layer", "adapters", "original_module", "modules_to_save")
+
+
+def _bare_weight(module: nn.Module) -> bool:
+    """A module that is no linear layer but whose own ``weight`` is one 2-D matrix (a router's)."""
+    from .layer import linear_types
+
+    if isinstance(module, linear_types() + (nn.Embedding, nn.modules.conv._ConvNd)) or hasattr(module, "adapters"):
+        return False
+    weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+    return (weight is not None and weight.is_floating_point()
+            and len(getattr(weight, "ds_shape", weight.shape)) == 2 and not list(module.children()))
+
+
+def _is_expert_parameter(module: nn.Module, param: nn.Parameter) -> bool:
+    """A fused expert stack: a 3-D floating-point parameter (experts, out, in)."""
+    if isinstance(module, nn.modules.conv._ConvNd) or type(module).__module__.startswith("torch.nn"):
+        return False  # a 1-D convolution's kernel (out, in, k) is no expert stack
+    return param is not None and param.is_floating_point() and len(getattr(param, "ds_shape", param.shape)) == 3
+
+
+def parameter_candidates(model: nn.Module) -> list[tuple[str, str]]:
+    """(full parameter name, owner module name) of every parameter that can be adapted as a parameter: fused 3-D
+    expert stacks, and the 2-D weight of bare-weight modules (routers), in model order."""
+    out = []
+    routers = router_names(model)
+    for name, module in model.named_modules():
+        if name and any(seg in _VIEW_SKIP for seg in name.split(".")):
+            continue
+        owner = module
+        while hasattr(owner, "base_layer") and hasattr(owner, "adapters"):  # an adapter layer: look through it
+            owner = owner.base_layer
+        for pname, param in owner._parameters.items():
+            if _is_expert_parameter(owner, param) or (pname == "weight" and (_bare_weight(owner) or name in routers)):
+                out.append((f"{name}.{pname}" if name else pname, name))
+    return out
+
+
+def moe_blocks(model: nn.Module) -> dict[str, int]:
+    """Path of every block that holds a fused expert stack (the stack owner's parent) -> its number of experts."""
+    blocks = {}
+    for name, module in model.named_modules():
+        if name and any(seg in _VIEW_SKIP for seg in name.split(".")):
+            continue
+        owner = _unwrapped(module)
+        for param in owner._parameters.values():
+            if _is_expert_parameter(owner, param):
+                blocks[name.rpartition(".")[0]] = int(getattr(param, "ds_shape", param.shape)[0])
+    return blocks
+
+
+def router_names(model: nn.Module) -> set[str]:
+    """The routers of the model's MoE blocks: inside a block that holds a fused expert stack of E experts, a linear
+    layer or bare 2-D weight with E outputs (Qwen3-MoE's ``mlp.gate``, Llama 4's ``feed_forward.router``, JetMoE's
+    ``mlp.router.layer``). ``all-linear`` leaves them frozen (a router is no expert); naming one adapts its weight."""
+    blocks = moe_blocks(model)
+    if not blocks:
+        return set()
+    found = set()
+    for name, module in model.named_modules():
+        if not name or any(seg in _VIEW_SKIP for seg in name.split(".")):
+            continue
+        module = _unwrapped(module)
+        weight = module._parameters.get("weight")
+        if weight is None or len(getattr(weight, "ds_shape", weight.shape)) != 2:
+            continue
+        if isinstance(module, (nn.Embedding, nn.modules.conv._ConvNd)) or module._parameters.get("weight") is None:
+            continue
+        rows = int(getattr(weight, "ds_shape", weight.shape)[0])
+        if any((not block or name.startswith(block + ".")) and rows == experts for block, experts in blocks.items()):
+            found.add(name)
+    return found
+
+
+def select_parameters(model: nn.Module, config: AdapterConfig) -> list[tuple[str, str]]:
+    """(full parameter name, owner module name) of the parameters to adapt, in model order: those named in
+    ``target_parameters`` (PEFT's rule: the full name or a dotted suffix), those ``targets`` names (a list entry or
+    the regex matching the parameter's full name), the 2-D weight of a bare-weight module ``targets`` selected (a
+    router), and every fused expert stack under ``all-linear``; minus ``exclude`` and ``modules_to_save``."""
+    candidates = parameter_candidates(model)
+    full_names = [p for p, _ in candidates]
+    picked: set[str] = set()
+    explicit = list(config.target_parameters or [])
+    unmatched = [e for e in explicit if not any(_name_matches(p, e) for p in full_names)]
+    if unmatched:
+        shown = ", ".join(full_names[:4]) or "none (the model has no fused expert parameters)"
+        raise ConfigError(f"target_parameters: {unmatched} match no parameter of {_class_name(model)}; parameters that "
+                          f"can be targeted look like: {shown}. Fix or remove the unmatched entries.")
+    picked |= {p for p in full_names if any(_name_matches(p, e) for e in explicit)}
+    targets = _as_list(config.targets)
+    modules = dict(model.named_modules())
+    all_linear = isinstance(targets, str) and targets.lower() == ALL_LINEAR
+    if all_linear:  # every fused expert stack; routers' weights (the other candidates) stay frozen
+        for full, owner in candidates:
+            module = _unwrapped(modules[owner])
+            if _is_expert_parameter(module, module._parameters[full.rsplit(".", 1)[-1]]):
+                picked.add(full)
+    elif isinstance(targets, str):
+        regex = compile_pattern(targets, "targets")
+        picked |= {p for p in full_names if regex.fullmatch(p)}
+    else:
+        picked |= {p for p in full_names if any(_name_matches(p, e) for e in targets)}
+    if not all_linear:
+        selected = ([n for n in modules if n and compile_pattern(targets, "targets").fullmatch(n)]
+                    if isinstance(targets, str)
+                    else [n for n in modules if n and any(_name_matches(n, e) for e in targets)])
+        routers = router_names(model)
+        for name in selected:
+            if name in routers or _bare_weight(_unwrapped(modules[name])):
+                picked.add(f"{name}.weight")
+    if config.exclude:
+        exclude = _as_list(config.exclude)
+        picked = {p for p in picked if not _matches(p, exclude) and not _matches(p.rsplit(".", 1)[0], exclude)}
+    for keep in config.modules_to_save or []:
+        picked = {p for p in picked if not any(_name_matches(m, keep) for m in _prefixes(p))}
+    return [(p, owner) for p, owner in candidates if p in picked]
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    while hasattr(module, "base_layer") and hasattr(module, "adapters"):
+        module = module.base_layer
+    return module
+
+
+def _prefixes(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]

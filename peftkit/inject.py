@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 
 from . import quantized, registry
-from .config import AdapterConfig, select_targets, _name_matches
+from .config import AdapterConfig, select_parameters, select_targets, _name_matches
 from .errors import ConfigError, PeftkitError, StateError
-from .layer import AdapterLayer, ModulesToSave, linear_types
+from .layer import AdapterLayer, ExpertParameterLayer, ModulesToSave, innermost_module, linear_types
 
 STATE_ATTR = "peftkit"
 
@@ -95,6 +95,8 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
                 _check_size(layer_cls, layer.base_layer, name, adapter_name, r, alpha, config)
             layer.add_adapter(adapter_name, r, alpha, config)
             touched[name] = layer
+        for name, layer in _inject_parameters(model, config, adapter_name, layer_cls, created).items():
+            touched[name] = layer
         layer_cls.after_inject(touched, adapter_name)
         for keep in config.modules_to_save or []:
             for name, module in list(model.named_modules()):
@@ -129,6 +131,81 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
     if not state.active:
         state.active = [adapter_name]
     set_active(model, state.active)
+    return touched
+
+
+def expert_chain(module: nn.Module) -> list[ExpertParameterLayer]:
+    """The expert-parameter layers stacked on one module, outermost first."""
+    chain = []
+    while isinstance(module, ExpertParameterLayer):
+        chain.append(module)
+        module = module.base_layer
+    return chain
+
+
+def expert_methods() -> list[str]:
+    """The registered methods whose four components all apply per expert matrix."""
+    names = []
+    for name in registry.methods():
+        method = registry.get_method(name)
+        if getattr(registry.get_component("architecture", method.architecture).obj, "expert_layer", None) is None:
+            continue
+        if all(registry.get_component(axis, getattr(method, axis)).expert_parameters
+               for axis in ("init", "optimizer", "schedule")):
+            names.append(name)
+    return names
+
+
+def _inject_parameters(model: nn.Module, config: AdapterConfig, adapter_name: str, layer_cls: type,
+                       created: list[tuple[str, nn.Module]]) -> dict[str, AdapterLayer]:
+    """Adapt the parameters ``config`` selects (fused expert stacks; routers' bare weights), one nested
+    ExpertParameterLayer per parameter, the first of a module's parameters innermost (PEFT's nesting, hence its
+    keys ``experts.lora_A.weight`` / ``experts.base_layer.lora_A.weight``). Returns module path -> layer."""
+    selected = select_parameters(_BaseView(model), config)
+    if not selected:
+        return {}
+    expert_cls = getattr(layer_cls, "expert_layer", None)
+    if expert_cls is None:
+        raise ConfigError(
+            f"targets: method '{config.method}' (architecture '{config.architecture}') cannot adapt the fused "
+            f"parameter {selected[0][0]} ({len(selected)} such parameters selected): its adapter is defined on one "
+            f"linear layer, not per expert matrix. Use a method that adapts expert parameters ({', '.join(expert_methods())}), "
+            "or leave the expert parameters out (targets=[...] naming modules only, or exclude=[...])")
+    for axis in ("init", "optimizer", "schedule"):
+        component = registry.get_component(axis, getattr(config, axis))
+        if not component.expert_parameters:
+            raise ConfigError(
+                f"{axis}: method '{config.method}' uses the {axis} '{component.name}', which does not apply per "
+                f"expert matrix, and {selected[0][0]} is a fused expert parameter ({len(selected)} selected). "
+                "Leave the expert parameters out (targets=[...] naming modules only, or exclude=[...]), or use a "
+                f"method that adapts them ({', '.join(expert_methods())})")
+    config_of = getattr(model, "config", None)
+    text_config = config_of.get_text_config() if hasattr(config_of, "get_text_config") else config_of
+    hidden_size = getattr(text_config, "hidden_size", None)
+    by_owner: dict[str, list[str]] = {}
+    for full, owner in selected:
+        by_owner.setdefault(owner, []).append(full.rsplit(".", 1)[-1])
+    touched: dict[str, AdapterLayer] = {}
+    for owner_name, params in by_owner.items():
+        chain = expert_chain(model.get_submodule(owner_name))
+        held = [layer.parameter_name for layer in reversed(chain)]
+        if chain and held != params:
+            raise ConfigError(
+                f"target_parameters: {owner_name} already holds adapters on {held}; every adapter on a model must "
+                f"target the same parameters of a module (PEFT's rule: they share one nesting), not {params}")
+        for depth, pname in enumerate(params):
+            if chain:
+                layer = chain[len(chain) - 1 - depth]
+            else:
+                current = model.get_submodule(owner_name)
+                layer = expert_cls(current, owner_name, pname, hidden_size)
+                layer.train(current.training)
+                _set_child(model, owner_name, layer)
+                created.append((owner_name, current))
+            r, alpha = config.rank_alpha(f"{owner_name}.{pname}")
+            layer.add_adapter(adapter_name, r, alpha, config)
+        for depth, layer in enumerate(expert_chain(model.get_submodule(owner_name))):
+            touched[owner_name + ".base_layer" * depth] = layer
     return touched
 
 
@@ -199,7 +276,7 @@ class _BaseView:
             if any(seg in ("base_layer", "adapters", "original_module", "modules_to_save") for seg in name.split(".")):
                 continue
             if isinstance(module, AdapterLayer):
-                module = module.base_layer
+                module = innermost_module(module)
             yield name, module
 
     def get_output_embeddings(self):
@@ -243,7 +320,7 @@ def set_enabled(model: nn.Module, enabled: bool) -> None:
 def remove(model: nn.Module, merge: bool) -> nn.Module:
     """Replace every adapter layer by its base layer (merging first if asked) and forget peftkit's state."""
     state = state_of(model)
-    for name, layer in adapter_layers(model).items():
+    for name, layer in _innermost_first(adapter_layers(model)):
         if merge:
             layer.merge()
         else:
@@ -256,6 +333,12 @@ def remove(model: nn.Module, merge: bool) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _innermost_first(layers: dict[str, AdapterLayer]) -> list[tuple[str, AdapterLayer]]:
+    """Nested layers (expert parameters of one module: ``experts``, ``experts.base_layer``) deepest first, so that
+    replacing each by its base leaves every path valid."""
+    return sorted(layers.items(), key=lambda item: -item[0].count(".base_layer"))
 
 
 def parameter_flags(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
@@ -272,7 +355,7 @@ def drop_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove one (unmerged) adapter everywhere. Layers and heads left without any adapter become their base
     module again, and a model whose last adapter this was forgets peftkit (used to undo a failed wrap/load)."""
     state = state_of(model)
-    for name, layer in adapter_layers(model).items():
+    for name, layer in _innermost_first(adapter_layers(model)):
         if adapter_name in layer.adapters:
             layer.delete_adapter(adapter_name)
             if not len(layer.adapters):

@@ -40,6 +40,13 @@ class FactorPair:
     b: nn.Parameter  # (out, r)
     scaling: float
     layer: AdapterLayer
+    # Which matrix of the layer, for layers that hold several (an expert parameter: one pair per expert).
+    index: int | None = None
+
+    @property
+    def key(self) -> str:
+        """Unique per pair: ``module:adapter``, with ``[expert]`` for a layer of several matrices."""
+        return f"{self.module_name}:{self.adapter_name}" + ("" if self.index is None else f"[{self.index}]")
 
 
 def factor_pairs(model: nn.Module) -> list[FactorPair]:
@@ -47,9 +54,9 @@ def factor_pairs(model: nn.Module) -> list[FactorPair]:
     pairs = []
     for module_name, layer in model.named_modules():
         if isinstance(layer, AdapterLayer):
-            for adapter_name, a, b, s in layer.factor_pairs():
+            for adapter_name, a, b, s, *index in layer.factor_pairs():
                 if a.requires_grad and b.requires_grad:
-                    pairs.append(FactorPair(module_name, adapter_name, a, b, s, layer))
+                    pairs.append(FactorPair(module_name, adapter_name, a, b, s, layer, index[0] if index else None))
     return pairs
 
 
@@ -236,7 +243,7 @@ class PairOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the step
     def pair_key(self, pair: FactorPair) -> str:
-        return f"{pair.module_name}:{pair.adapter_name}"
+        return pair.key
 
     def pair_owners(self) -> dict[str, int]:
         """Pair key -> the process that owns it, when ``shard_pairs`` and torch.distributed runs several

@@ -41,6 +41,8 @@ class Component:
     needs_data: bool = False
     # For optimizers and schedules: the architectures they are defined for (None: any).
     architectures: tuple[str, ...] | None = None
+    # Whether it applies per expert matrix of a fused expert parameter (inject refuses such targets otherwise).
+    expert_parameters: bool = True
 
     def option_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.options)] if self.options else []
@@ -124,11 +126,16 @@ def architecture(name: str, *, options: type | None = None, description: str = "
 
 
 def init(name: str, *, options: type | None = None, description: str = "", needs_data: bool = False,
-         architectures: tuple[str, ...] | None = None) -> Callable:
-    """Function decorator: register ``fn(model, layers, config, data)`` as an initialization."""
+         architectures: tuple[str, ...] | None = None, expert_parameters: bool | None = None) -> Callable:
+    """Function decorator: register ``fn(model, layers, config, data)`` as an initialization.
+
+    ``expert_parameters``: whether it handles expert-parameter layers (``peftkit.layer.ExpertParameterLayer``,
+    several matrices per layer); by default only an init that reads no data (it only sees the layers' own
+    factors) is taken to."""
 
     def deco(fn):
-        _register_component(Component("init", name, fn, options, description, needs_data, architectures))
+        experts = (not needs_data) if expert_parameters is None else expert_parameters
+        _register_component(Component("init", name, fn, options, description, needs_data, architectures, experts))
         return fn
 
     return deco
@@ -146,11 +153,13 @@ def optimizer(name: str, *, options: type | None = None, description: str = "",
 
 
 def schedule(name: str, *, options: type | None = None, description: str = "",
-             architectures: tuple[str, ...] | None = None) -> Callable:
-    """Function decorator: register ``build(model, config) -> callback`` as a schedule."""
+             architectures: tuple[str, ...] | None = None, expert_parameters: bool = True) -> Callable:
+    """Function decorator: register ``build(model, config) -> callback`` as a schedule (``expert_parameters``:
+    whether it works on expert-parameter layers)."""
 
     def deco(fn):
-        _register_component(Component("schedule", name, fn, options, description, False, architectures))
+        _register_component(Component("schedule", name, fn, options, description, False, architectures,
+                                      expert_parameters))
         return fn
 
     return deco

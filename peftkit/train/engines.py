@@ -55,6 +55,7 @@ import torch.nn as nn
 from .. import distributed
 from ..errors import ConfigError
 from ..inject import adapter_layers
+from ..layer import ExpertParameterLayer
 from .recipe import DISTRIBUTED, Recipe
 
 
@@ -412,8 +413,14 @@ def wrap_deepspeed(model: nn.Module, stage: int) -> Any:
         # none here, so a 1-element fp32 stand-in goes first, for initialize only.
         placeholder = nn.Parameter(torch.zeros(1, device=next(model.parameters()).device), requires_grad=False)
         model._parameters = {"_peftkit_zero_placeholder": placeholder, **model._parameters}
+    config = _deepspeed_config(stage)
+    if stage == 3 and any(isinstance(layer, ExpertParameterLayer) for layer in adapter_layers(model).values()):
+        # DeepSpeed makes some MoE blocks (Qwen3-MoE's, Mixtral's) ZeRO-3 "leaf modules" by default: one gather of
+        # every parameter under the block, adapters included (whole tensors it never converted: it fails on them).
+        # transformers' fused experts run as one module call, which its own hooks gather; no leaf is needed.
+        config["zero_optimization"].setdefault("leaf_module", {"classes": [], "names": [], "name_suffixes": []})
     try:
-        engine, *_ = deepspeed.initialize(model=model, config=_deepspeed_config(stage), **kwargs)
+        engine, *_ = deepspeed.initialize(model=model, config=config, **kwargs)
     finally:
         if placeholder is not None:
             del model._parameters["_peftkit_zero_placeholder"]

@@ -1,0 +1,94 @@
+"""LoRA (and LoRA-GA, per expert) on a tiny Qwen3-MoE trained by the CLI's loop under ddp, fsdp2 and zero3, in ONE
+launch (a launch costs more than a run):
+
+    torchrun --nproc-per-node 2 tests/moe_sharded.py ENGINE[,ENGINE...] BATCH ROOT
+
+Each (engine, config) writes ``ROOT/<engine>/<config>/run``. tests/test_moe_sharded.py runs the same configs in one
+process at batch 2·BATCH as the reference. (A file of its own: tests/sharded_grid.py is the dense models' grid.)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+STEPS = 3
+MOE_CONFIG = {"model_type": "qwen3_moe", "hidden_size": 16, "intermediate_size": 32, "moe_intermediate_size": 8,
+              "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
+              "num_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 64, "tie_word_embeddings": False,
+              # fp64 needs the eager experts loop (grouped_mm takes fp32/bf16/fp16 only)
+              "experts_implementation": "eager"}
+CONFIGS = {"lora": {"method": "lora"}, "lora-ga": {"method": "lora-ga"}}
+
+
+def recipe(root: Path, config: str, engine: str, batch: int) -> dict:
+    from train_fixtures import BYTE_VOCAB, llama_text_recipe
+
+    out = llama_text_recipe(root / config, training__batch_size=batch, training__max_steps=STEPS,
+                            training__distributed=engine, training__warmup=0, training__eval_every=STEPS,
+                            training__eval_batch_size=3)
+    out["model"]["config"] = {**MOE_CONFIG, "vocab_size": BYTE_VOCAB}
+    out["model"]["dtype"] = "float64"  # see tests/sharded_grid.py: fp32 all-reduce rounding reaches Adam's update
+    out["adapter"] = {"r": 2, "alpha": 4, "targets": "all-linear", **CONFIGS[config]}
+    out["optimizer"] = {"lr": 1e-2}
+    out["training"]["output_dir"] = str(root / config / "run")
+    return out
+
+
+def expert_elements(model) -> list[int]:
+    """[elements this process holds, elements in full] of the fused expert stacks after training: FSDP2's DTensor
+    shards, ZeRO-3's partitions (``ds_tensor``), whole tensors otherwise."""
+    from torch.distributed.tensor import DTensor
+
+    if hasattr(model, "reshard"):  # FSDP2 keeps the root's weights gathered after a forward (the final eval)
+        model.reshard()
+    held = full = 0
+    for name, param in model.named_parameters():
+        if ".experts." not in name or param.requires_grad:
+            continue
+        if isinstance(param, DTensor):
+            held, full = held + param.to_local().numel(), full + param.numel()
+        elif hasattr(param, "ds_tensor"):
+            held, full = held + param.ds_tensor.numel(), full + param.ds_numel
+        else:
+            held, full = held + param.numel(), full + param.numel()
+    return [held, full]
+
+
+def main(engines: str, batch: int, root: Path) -> None:
+    import json
+
+    import peftkit.train.loop as loop
+    from accelerate import Accelerator
+
+    from peftkit import distributed
+    from peftkit.train import from_dict, train
+
+    saved = (torch.get_num_threads(), Accelerator.end_training, loop.prepare)
+    torch.set_num_threads(1)
+    # Many runs share this launch's process group; Accelerate's end_training would destroy it after the first.
+    Accelerator.end_training = lambda self: [tracker.finish() for tracker in self.trackers] and None
+    last: dict = {}
+
+    def prepare(recipe, accelerator=None):  # keep the prepared model, to measure what this process holds
+        run = saved[2](recipe, accelerator)
+        last["model"] = run.model
+        return run
+
+    loop.prepare = prepare
+    try:
+        for engine in engines.split(","):
+            for config in CONFIGS:
+                result = train(from_dict(recipe(root / engine, config, engine, batch)))
+                assert result.status == "done", (engine, config, result)
+                (root / engine / config / f"experts_rank{distributed.rank()}.json").write_text(
+                    json.dumps(expert_elements(last["model"])))
+    finally:
+        torch.set_num_threads(saved[0])
+        Accelerator.end_training, loop.prepare = saved[1], saved[2]
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]))
