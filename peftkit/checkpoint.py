@@ -685,6 +685,9 @@ def _check_lora_ranks(directory: Path, data: dict[str, Any], tensors: dict[str, 
     from the config, so a mismatch would load as another adapter or fail inside PEFT)."""
     r = int(data.get("r", 8))
     pattern = data.get("rank_pattern") or {}
+    # PEFT's target_parameters: a fused expert stack's lora_A holds experts x rank rows (one rank-r block per
+    # expert), at the owner module's path, nested in '.base_layer' once per further parameter of that module.
+    owners = [e.rsplit(".", 1)[0] if "." in e else "" for e in data.get("target_parameters") or []]
     wrong = []
     for key, a in tensors.items():
         if not key.endswith(".lora_A.weight"):
@@ -694,7 +697,13 @@ def _check_lora_ranks(directory: Path, data: dict[str, Any], tensors: dict[str, 
         b = tensors.get(f"{module}.lora_B.weight")
         rank = next((int(v) for k, v in pattern.items() if pattern_suffix_match(k, name, "rank_pattern",
                                                                                CheckpointError)), r)
+        owner = name
+        while owner.endswith(".base_layer"):
+            owner = owner[: -len(".base_layer")]
+        stacked = any(not o or owner == o or owner.endswith("." + o) for o in owners)
         got = {int(a.shape[0]), *([int(b.shape[1])] if b is not None and b.dim() >= 2 else [])}
+        if stacked and len(got) == 1 and rank > 0 and next(iter(got)) % rank == 0:
+            got = {rank}  # E blocks of rank r
         if b is None or b.dim() < 2 or a.dim() < 2 or got != {rank}:
             wrong.append(f"{name}: config rank {rank}, lora_A {tuple(a.shape)}, lora_B "
                          f"{tuple(b.shape) if b is not None else 'missing'}")

@@ -20,6 +20,7 @@ import torch.nn as nn
 from . import stats
 from .errors import ConfigError
 from .layer import ExpertParameterLayer
+from .loss import batch_loss_units
 
 
 def expert_layers(layers: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, ExpertParameterLayer]]:
@@ -64,8 +65,9 @@ def _groups(model: nn.Module, layers: dict[str, ExpertParameterLayer], options: 
 def expert_gradients(model: nn.Module, layers: dict[str, ExpertParameterLayer], batches: list[Mapping]
                      ) -> dict[str, torch.Tensor]:
     """Per layer, G = Σ_b n_b·G_b / Σ_b n_b as an (E, out, in) stack (fp32; fp64 on fp64 bases), G_b the
-    gradient of batch b's loss with the adapters off, n_b its sample count (``stats.gradient_statistics``'
-    weighting); summed across processes, so every process returns the same stacks."""
+    gradient of batch b's loss with the adapters off, n_b its loss units (target tokens for a causal LM,
+    ``peftkit.loss.batch_loss_units``: ``stats.gradient_statistics``' weighting, so G is the token-mean gradient
+    of all the batches together); summed across processes, so every process returns the same stacks."""
     device = next(model.parameters()).device
     weights = {name: layer.weight for name, layer in layers.items()}
     flags = {name: (w.requires_grad, w.grad) for name, w in weights.items()}
@@ -76,7 +78,7 @@ def expert_gradients(model: nn.Module, layers: dict[str, ExpertParameterLayer], 
             weight.requires_grad_(True)
         with stats.base_model(model, train=True), torch.enable_grad():
             for batch in batches:
-                count = float(stats._batch_size(batch))
+                count = float(batch_loss_units(model, batch))  # the token-mean gradient the step trains with
                 out = model(**stats._to_device(batch, device))
                 loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
                 if loss is None:

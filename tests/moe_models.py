@@ -63,7 +63,13 @@ def tiny_moe(model_type: str = "qwen3_moe", seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def moe_batch(seed: int = 1, batch: int = 4, length: int = 12) -> dict:
+def moe_batch(seed: int = 1, batch: int = 4, length: int = 12, answers: bool = False) -> dict:
+    """Random token rows; with ``answers``, each row's labels cover a response of its own length (the prompt's
+    labels are -100), so batches differ in target tokens as chat data does."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, VOCAB, (batch, length), generator=gen)
-    return {"input_ids": ids, "labels": ids.clone()}
+    labels = ids.clone()
+    if answers:
+        starts = torch.randint(1, length - 1, (batch,), generator=gen)
+        labels[torch.arange(length) < starts[:, None]] = -100
+    return {"input_ids": ids, "labels": labels}

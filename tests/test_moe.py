@@ -276,20 +276,20 @@ def test_methods_that_adapt_experts_train_every_expert(method):
 
 
 def _expert_gradient(base, batch_list, name):
+    """The gradient of the token-mean loss of all the batches as ONE batch (what training steps on)."""
     reference = copy.deepcopy(base).train()
     param = dict(reference.named_parameters())[name]
     param.requires_grad_(True)
-    total = 0
-    for batch in batch_list:
-        n = batch["input_ids"].shape[0]
-        (_loss(reference, batch) * n).backward()
-        total += n
-    return param.grad / total
+    whole = {key: torch.cat([batch[key] for batch in batch_list]) for key in batch_list[0]}
+    _loss(reference, whole).backward()
+    return param.grad
 
 
 def test_lora_ga_and_lora_one_use_each_experts_own_gradient():
     base = tiny_moe("qwen3_moe")
-    data = [moe_batch(seed=2), moe_batch(seed=3, batch=2)]
+    # Responses of different lengths: weighting the batches by examples (not target tokens) would fail this.
+    data = [moe_batch(seed=2, answers=True), moe_batch(seed=3, batch=2, answers=True)]
+    assert (data[0]["labels"] != -100).sum() * 2 != (data[1]["labels"] != -100).sum() * 4
     name = "model.layers.1.mlp.experts.down_proj"
     g = _expert_gradient(base, data, name)
     one = peftkit.wrap(copy.deepcopy(base), "lora-one", r=2, data=data)
@@ -299,7 +299,9 @@ def test_lora_ga_and_lora_one_use_each_experts_own_gradient():
         u, sv, vh = torch.linalg.svd(-g[e])
         expected = (s / (gamma * sv[0])) * (u[:, :2] * sv[:2]) @ vh[:2]  # s·B₀A₀ = −(s/(γσ₁))·[G]_r
         branch = layer.adapters["default"]
-        torch.testing.assert_close(s * branch.lora_B[e] @ branch.lora_A[e], expected, rtol=1e-8, atol=1e-12)
+        # rtol 1e-5: transformers computes a causal LM's loss on fp32 logits even for an fp64 model, so the one-batch
+        # reference and the per-batch statistics round differently; example weighting is off by ~1e-1 here.
+        torch.testing.assert_close(s * branch.lora_B[e] @ branch.lora_A[e], expected, rtol=1e-5, atol=1e-10)
     ga = peftkit.wrap(copy.deepcopy(base), "lora-ga", r=2, data=data)
     layer = next(l for l in _expert_layers(ga).values() if l.target_name == name)
     with torch.no_grad():
@@ -309,7 +311,7 @@ def test_lora_ga_and_lora_one_use_each_experts_own_gradient():
         a = layer.adapters["default"].lora_A[e].detach()
         # ArB2r: A₀'s rows span the top-r right singular vectors of G_e.
         projection = a @ vh[:2].t() @ vh[:2]
-        torch.testing.assert_close(projection, a, rtol=1e-8, atol=1e-12)
+        torch.testing.assert_close(projection, a, rtol=1e-5, atol=1e-7)  # fp32 loss, as above
 
 
 def test_coto_gates_a_block_experts_off():
