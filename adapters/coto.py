@@ -174,6 +174,6 @@ registry.register_method(
     lr_convention=registry.LRConvention(
         "lora", 3.0,
         "the authors give no rate (README only). Each block's adapter is on with probability p(t) rising from 0.1 to 1 over 75 % of the run, so it gets 0.49-0.53 of LoRA's lr-weighted Adam steps under a linear decay (0.66 at a "
-        "constant lr): at least 2x; method guide: best at 3x LoRA's rate on all four tasks"),
+        "constant lr): at least 2x; method guide: within 2 points of LoRA's best at 3x on MiniLM and the instruction task; 9x falls"),
     description="LoRA with CoTo (Zhuang et al. 2025): adapters switched on by blocks with probability rising to 1",
 )

@@ -608,6 +608,6 @@ registry.register_method(
         "lora", 3.0,
         "authors' scripts: lr 1e-3 (MRPC), 8e-4 (CoLA), 5e-4 (XSum) with E = 0 and P, Q ~ N(0, 0.02^2) (elalora.md, Defaults), 2-2.5x the LoRA paper's GLUE rates (4e-4 to 5e-4); from E = 0 the update grows about as (lr*t)^3 "
         "until lr*t exceeds 0.02, so it needs the higher rate and ~0.05/lr steps (docs/methods/elalora.md); method "
-        "guide: best at 3x LoRA's rate on both MiniLM tasks"),
+        "guide: within 2 points of LoRA's best at 3x on both MiniLM tasks; best at 9x, 27x worse"),
     description="ElaLoRA (Chang et al. 2025): SVD-form adapter, ranks pruned and grown at constant total rank",
 )
