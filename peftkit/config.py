@@ -387,7 +387,9 @@ def moe_blocks(model: nn.Module) -> dict[str, int]:
 def router_names(model: nn.Module) -> set[str]:
     """The routers of the model's MoE blocks: inside a block that holds a fused expert stack of E experts, a linear
     layer or bare 2-D weight with E outputs (Qwen3-MoE's ``mlp.gate``, Llama 4's ``feed_forward.router``, JetMoE's
-    ``mlp.router.layer``). ``all-linear`` leaves them frozen (a router is no expert); naming one adapts its weight."""
+    ``mlp.router.layer``), or with one output: the scalar gate of a shared expert (Qwen2-MoE's
+    ``mlp.shared_expert_gate``, which no rank above 1 fits). ``all-linear`` leaves them frozen (a router is no
+    expert); naming one adapts its weight."""
     blocks = moe_blocks(model)
     if not blocks:
         return set()
@@ -402,7 +404,7 @@ def router_names(model: nn.Module) -> set[str]:
         if isinstance(module, (nn.Embedding, nn.modules.conv._ConvNd)) or module._parameters.get("weight") is None:
             continue
         rows = int(getattr(weight, "ds_shape", weight.shape)[0])
-        if any((not block or name.startswith(block + ".")) and rows == experts for block, experts in blocks.items()):
+        if any((not block or name.startswith(block + ".")) and rows in (experts, 1) for block, experts in blocks.items()):
             found.add(name)
     return found
 

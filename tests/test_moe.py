@@ -397,3 +397,16 @@ def test_weighted_combination_of_expert_adapters_is_refused():
     with pytest.raises(peftkit.ConfigError, match=r"add_weighted_adapter: model.layers.0.mlp.experts.\w+ is a fused"):
         peftkit.add_weighted_adapter(model, ["default", "other"], [1.0, 1.0], "mix")
     assert "mix" not in model.peftkit.configs
+
+
+def test_a_shared_experts_scalar_gate_is_a_router_under_all_linear():
+    """Qwen2-MoE's mlp.shared_expert_gate (hidden -> 1) gates the shared expert: all-linear leaves it frozen like
+    the router (before, r > 1 stopped the wrap with a rank error on it); naming it still adapts it."""
+    model = peftkit.wrap(tiny_moe("qwen2_moe"), "lora", r=4, targets="all-linear")
+    adapted = set(adapter_layers(model))
+    assert not any(name.endswith("shared_expert_gate") for name in adapted)
+    assert any(name.endswith("shared_expert.down_proj") for name in adapted)
+    assert "shared_expert_gate" in str(peftkit.summary(model)) or "router" in str(peftkit.summary(model))
+    named = peftkit.wrap(tiny_moe("qwen2_moe"), "lora", r=1, targets=["shared_expert_gate"])
+    names = list(adapter_layers(named))
+    assert names and all(n.removesuffix(".weight").endswith("shared_expert_gate") for n in names), names
