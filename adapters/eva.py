@@ -178,7 +178,7 @@ def eva_components(model, layers, config, batches, adapter: str) -> tuple[dict[s
     return components, allocation
 
 
-@registry.init("eva", options=EvaOptions, needs_data=True, architectures=("lora",),
+@registry.init("eva", options=EvaOptions, needs_data=True, architectures=("lora",), per_step_batches=True,
                description="A = top principal directions of each layer's inputs, B = 0, ranks by explained variance")
 def eva_init(model, layers, config, data) -> None:
     options = config.axis_options("init")

@@ -43,6 +43,10 @@ class Component:
     architectures: tuple[str, ...] | None = None
     # Whether it applies per expert matrix of a fused expert parameter (inject refuses such targets otherwise).
     expert_parameters: bool = True
+    # For data-driven inits whose statistic depends on how the examples are grouped into batches (an incremental
+    # PCA, not a token-weighted sum): the training loop hands them one batch per optimizer step, the step's
+    # micro-batches together, so every grad_accum split of the same global batch starts from the same adapter.
+    per_step_batches: bool = False
 
     def option_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.options)] if self.options else []
@@ -126,16 +130,19 @@ def architecture(name: str, *, options: type | None = None, description: str = "
 
 
 def init(name: str, *, options: type | None = None, description: str = "", needs_data: bool = False,
-         architectures: tuple[str, ...] | None = None, expert_parameters: bool | None = None) -> Callable:
+         architectures: tuple[str, ...] | None = None, expert_parameters: bool | None = None,
+         per_step_batches: bool = False) -> Callable:
     """Function decorator: register ``fn(model, layers, config, data)`` as an initialization.
 
     ``expert_parameters``: whether it handles expert-parameter layers (``peftkit.layer.ExpertParameterLayer``,
     several matrices per layer); by default only an init that reads no data (it only sees the layers' own
-    factors) is taken to."""
+    factors) is taken to. ``per_step_batches``: its result depends on the grouping of examples into batches, so
+    ``peftkit train`` gives it one batch per optimizer step (see ``Component.per_step_batches``)."""
 
     def deco(fn):
         experts = (not needs_data) if expert_parameters is None else expert_parameters
-        _register_component(Component("init", name, fn, options, description, needs_data, architectures, experts))
+        _register_component(Component("init", name, fn, options, description, needs_data, architectures, experts,
+                                      per_step_batches))
         return fn
 
     return deco

@@ -288,3 +288,23 @@ def test_loss_units_are_read_in_bounded_chunks(monkeypatch):
     monkeypatch.setattr(data, "_list_chunks", lambda column: original(column, rows=2))
     assert loss_units(Tokenized(table["input_ids"], table["labels"]), False).tolist() == whole == [2, 0, 1, 4]
     assert example_lengths(Tokenized(table["input_ids"], table["labels"])).tolist() == [3, 2, 4, 5]
+
+
+def test_eva_starts_from_the_same_adapter_whatever_grad_accum_splits_the_batch_into(tmp_path):
+    """EVA's incremental PCA depends on how examples are grouped into batches (unlike the token-weighted gradient
+    inits), so the loop hands it each step's micro-batches as one batch: batch 2 x accum 2 then starts where 4 x 1
+    does (fed micro-batch by micro-batch, its A differed by 0.85). Answers of different lengths, fp64."""
+    from train_fixtures import llama_chat_recipe
+
+    def run(name, batch, accum):
+        spec = llama_chat_recipe(tmp_path / name, training__batch_size=batch, training__grad_accum=accum,
+                                 training__max_steps=1, training__save_every=1, training__warmup=0)
+        spec["adapter"]["method"] = "eva"
+        spec["model"]["dtype"] = "float64"
+        assert train(from_dict(spec)).status == "done"
+        return adapter_tensors(tmp_path / name / "run")
+
+    whole, split = run("whole", 4, 1), run("split", 2, 2)
+    assert whole.keys() == split.keys()
+    for key in whole:
+        torch.testing.assert_close(split[key], whole[key], rtol=1e-9, atol=1e-12)

@@ -141,14 +141,21 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
     adapter = recipe.adapter
     config = resolve_config(adapter.method, **adapter.options)
     init_data = None
-    if registry.get_component("init", config.init).needs_data:
+    init_component = registry.get_component("init", config.init)
+    if init_component.needs_data:
         # Each process reads its shard of the first init_batches global batches; the init reduces its
         # statistics across processes, so every process starts from the same adapter.
         pad = tokenizer.pad_token_id
         # init_batches optimizer steps' worth of micro-batches: the examples (and, through the init's token
-        # weighting, the statistics) of the one-batch run, whatever grad_accum splits them into.
-        init_data = [collate(examples.train, plan.indices(i), pad, classification)
-                     for i in range(adapter.init_batches * training.grad_accum)]
+        # weighting, the statistics) of the one-batch run, whatever grad_accum splits them into. An init whose
+        # statistic depends on the grouping (EVA's incremental PCA) gets each step's micro-batches as one batch.
+        micro = training.grad_accum
+        if init_component.per_step_batches:
+            init_data = [collate(examples.train, [i for m in range(micro) for i in plan.indices(step * micro + m)],
+                                 pad, classification) for step in range(adapter.init_batches)]
+        else:
+            init_data = [collate(examples.train, plan.indices(i), pad, classification)
+                         for i in range(adapter.init_batches * micro)]
     model = peftkit.wrap(model, adapter.method, data=init_data, **adapter.options)
 
     options = dict(recipe.optimizer.options)
