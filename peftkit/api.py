@@ -176,10 +176,13 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
                            token=token)
 
 
-def export(model_or_dir: nn.Module | str | os.PathLike, directory: str | os.PathLike, format: str = "peft",
-           base_model: nn.Module | None = None):
-    """Write the adapter as a standard PEFT checkpoint that any LoRA-serving stack reads."""
-    return checkpoint.export(model_or_dir, directory, format=format, base_model=base_model)
+def export(model_or_dir: nn.Module | str | os.PathLike, directory: str | os.PathLike, to: str = "peft",
+           base_model: nn.Module | None = None, *, format: str | None = None):
+    """Write the adapter for a serving engine: ``to="peft"`` (default) PEFT's own format of the method (LoRA, HRA),
+    ``to="lora"`` a plain PEFT LoRA for every method (vLLM, SGLang, llama.cpp's converter), ``to="gguf"`` a
+    llama.cpp / Ollama LoRA adapter file. Exporting a saved folder of a method that is not a LoRA already needs
+    ``base_model`` (its low-rank form depends on the base weights). ``format`` is the former name of ``to``."""
+    return checkpoint.export(model_or_dir, directory, to, base_model=base_model, format=format)
 
 
 def merge(model: nn.Module, safe: bool = False) -> nn.Module:

@@ -3,7 +3,7 @@
     peftkit train RECIPE [key=value ...] [--resume]
     peftkit validate RECIPE [key=value ...]
     peftkit merge ADAPTER --base MODEL --out DIR
-    peftkit export ADAPTER --out DIR [--format peft] [--base MODEL]
+    peftkit export ADAPTER --out DIR [--to peft|lora|gguf] [--base MODEL]
     peftkit info ADAPTER
     peftkit push RUN_OR_ADAPTER REPO [--private] [--message TEXT]
     peftkit methods
@@ -72,8 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="a new or empty folder (not the adapter's own)")
     export.add_argument("--force", action="store_true", help="write into an existing non-empty --out (files of the "
                         "same names are replaced, every other file is kept)")
-    export.add_argument("--format", default="peft", choices=["peft"])
-    export.add_argument("--base", help="the base model, needed to turn Hydra / ElaLoRA adapters into a LoRA")
+    export.add_argument("--to", choices=["peft", "lora", "gguf"], default=None,
+                        help="peft (default): PEFT's own format of the method (LoRA; HRA for HRA), a LoRA where PEFT "
+                        "has none; lora: a plain PEFT LoRA for every method (vLLM, SGLang); gguf: a llama.cpp / "
+                        "Ollama LoRA adapter (OUT/adapter.gguf)")
+    export.add_argument("--format", choices=["peft", "lora", "gguf"], default=None, help="the former name of --to")
+    export.add_argument("--base", help="the base model, needed to turn Hydra / ElaLoRA / HRA adapters into a LoRA "
+                        "(a hub id, folder, pkg:..., or a .gguf file)")
 
     info = commands.add_parser("info", help="verify an adapter folder and describe it")
     info.add_argument("adapter", help="an adapter folder or a Hub id")
@@ -326,14 +331,15 @@ def _export(args) -> int:
     base = None
     if args.base:
         base, _ = _model_for(adapter, args.base)
+    to = args.to or args.format or "peft"
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        peftkit.export(adapter, staging, format=args.format, base_model=base)
+        peftkit.export(adapter, staging, to, base_model=base)
         _publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(f"peftkit: {args.format} adapter written to {out}")
+    print(f"peftkit: {to} adapter written to {out}")
     return 0
 
 
