@@ -2,7 +2,7 @@
 
     peftkit train RECIPE [key=value ...] [--resume]
     peftkit validate RECIPE [key=value ...]
-    peftkit merge ADAPTER --base MODEL --out DIR
+    peftkit merge ADAPTER --base MODEL --out DIR [--dtype bf16|fp16|fp32] [--qlora] [--quantize nf4]
     peftkit export ADAPTER --out DIR [--to peft|lora|gguf] [--base MODEL]
     peftkit info ADAPTER
     peftkit push RUN_OR_ADAPTER REPO [--private] [--message TEXT]
@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "a new or empty folder")
     merge.add_argument("--force", action="store_true", help="write into an existing non-empty --out: its files of "
                        "the same names are replaced, every other file is kept")
+    merge.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                       help="the dtype the merged weights are written in (the merge itself runs in fp32); default: "
+                       "the base's own dtype, bf16 with --qlora")
+    merge.add_argument("--qlora", action="store_true", help="the adapter trained on the base quantized to NF4 "
+                       "(model.quantize: nf4): load the base that way, dequantize it and merge in fp32")
+    merge.add_argument("--quantize", choices=["nf4"], default=None,
+                       help="quantize the merged weights again (bitsandbytes NF4) before writing them")
 
     export = commands.add_parser("export", help="write an adapter as a standard PEFT checkpoint")
     export.add_argument("adapter")
@@ -189,7 +196,7 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def _model_for(adapter_dir: Path, base: str | None):
+def _model_for(adapter_dir: Path, base: str | None, **load_options):
     """The base model an adapter belongs to, with the head class its recorded task type implies."""
     from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
                               AutoModelForTokenClassification)
@@ -208,7 +215,7 @@ def _model_for(adapter_dir: Path, base: str | None):
     # A classification adapter's head has its own number of classes and class names: the base gets that head.
     labels = checkpoint.model_labels(adapter_dir) if auto is not AutoModel else {}
     try:
-        model = auto.from_pretrained(path, **labels)
+        model = auto.from_pretrained(path, **labels, **load_options)
     except Exception as exc:
         raise ConfigError(f"--base: could not load '{ref}' ({str(exc).splitlines()[0] if str(exc) else exc})") from None
     checkpoint.record_base_reference(model, ref)
@@ -274,32 +281,44 @@ def cmd_merge(args) -> int:
 
 
 def _merge(args) -> int:
+    import torch
+
     import peftkit
 
-    from .. import checkpoint
+    from .. import checkpoint, serving
 
     adapter = _adapter_folder(args.adapter)
     out = Path(args.out)
     _check_out(out, adapter, args.force, "merge")
     checkpoint.describe(adapter)  # verify the files before loading anything big
-    model, base_path = _model_for(adapter, args.base)
+    dtype = serving.dtype_from_name(args.dtype)
+    load_options = serving.quantized_kwargs("nf4", torch.float32) if args.qlora else {"dtype": "auto"}
+    model, base_path = _model_for(adapter, args.base, **load_options)
+    auto = type(model)
     peftkit.load(model, adapter)
-    peftkit.merge(model, safe=True)  # MergeError (nothing written) when a merged weight would be NaN or inf
-    model = peftkit.unwrap(model, merge=True)
-    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
-    if bad:  # e.g. a saved head (modules_to_save) with NaN in it
-        raise ConfigError(f"merge: {adapter} gives a model with NaN or inf in {bad[:4]}; the adapter is broken - "
-                          "nothing was written")
+    model, reference, merged = serving.merge_for_serving(model, dtype, args.quantize)
+    written_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     out.parent.mkdir(parents=True, exist_ok=True)
     # Staged beside --out (the same file system), so publishing it is a rename.
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         model.save_pretrained(staging)
+        if args.quantize:
+            # What a server loads: the merged folder quantized again, written before its first forward (bitsandbytes'
+            # CPU kernel repacks a weight in place on the first one).
+            del model
+            requantized = auto.from_pretrained(staging, **serving.quantized_kwargs(args.quantize, written_dtype))
+            for stale in staging.iterdir():
+                stale.unlink()
+            requantized.save_pretrained(staging)
+            merged = serving.logits(requantized, serving.probe_batch(requantized))
         _copy_tokenizer(adapter, base_path, staging)
         _publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    report = serving.compare(merged, reference, written_dtype, args.quantize)
     print(f"peftkit: merged model written to {out}")
+    print(f"peftkit: merge error, {report} (a probe batch of 4 x 64 random tokens)")
     return 0
 
 
