@@ -284,3 +284,27 @@ def trainable_parameters(model: nn.Module) -> TrainableParameters:
 def methods() -> list[str]:
     """The registered method names."""
     return registry.methods()
+
+
+def load_model(name_or_path: str | os.PathLike, *, gguf_file: str | None = None, task: str = "causal-lm",
+               dtype: torch.dtype | str = torch.float32, **from_pretrained: Any) -> nn.Module:
+    """A base model to wrap: a hub id, a folder, ``pkg:<module>/<folder>``, or with ``gguf_file`` a GGUF file in
+    that folder, loaded through transformers' GGUF support (dequantized to ``dtype``) and rebuilt as a plain model
+    once; the rebuilt folder is cached (``$PEFTKIT_CACHE`` or ``~/.cache/peftkit``), so later loads are plain
+    ``from_pretrained`` calls. Adapters saved from it record ``<name>/<gguf_file>`` as their base, which
+    ``peftkit merge`` / ``export`` and ``peftkit.export(..., to="gguf")`` resolve the same way.
+    ``task``: "causal-lm" or "sequence-classification"; other keyword arguments go to ``from_pretrained``."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from .train.build import resolve_model_ref
+
+    autos = {"causal-lm": AutoModelForCausalLM, "sequence-classification": AutoModelForSequenceClassification}
+    if task not in autos:
+        raise ConfigError(f"task: expected one of {sorted(autos)}, got {task!r}")
+    ref = str(name_or_path)
+    if gguf_file is not None:
+        ref = f"{ref.rstrip('/')}/{gguf_file}"
+    model = autos[task].from_pretrained(resolve_model_ref(ref, "gguf_file" if gguf_file else "name_or_path"),
+                                        dtype=dtype, **from_pretrained)
+    checkpoint.record_base_reference(model, ref)
+    return model
