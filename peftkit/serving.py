@@ -154,3 +154,16 @@ def quantized_kwargs(quantize: str, compute_dtype: torch.dtype) -> dict[str, Any
 
     return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize,
                                                       bnb_4bit_compute_dtype=compute_dtype)}
+
+
+# ------------------------------------------------------------------------------------------ who serves what
+def engines(peft_type: str | None) -> str:
+    """One line: which engines load an adapter saved in ``peft_type``, and the export that serves it elsewhere."""
+    if peft_type == "LORA":
+        return ("PEFT, transformers (load_adapter), vLLM and SGLang (multi-LoRA) as it is; llama.cpp and Ollama after "
+                "`peftkit export ADAPTER --to gguf`")
+    if peft_type == "HRA":
+        return ("PEFT (nn.Linear layers only); vLLM, SGLang, transformers after `peftkit export ADAPTER --to lora "
+                "--base MODEL`; llama.cpp and Ollama after `--to gguf --base MODEL`")
+    return ("peftkit only (native format); PEFT, vLLM, SGLang, transformers after `peftkit export ADAPTER --to lora "
+            "--base MODEL`; llama.cpp and Ollama after `--to gguf --base MODEL`")

@@ -137,3 +137,26 @@ def test_export_to_lora_from_the_cli(tmp_path, capsys):
     assert main(["export", str(tmp_path / "adapter"), "--out", str(tmp_path / "lora"), "--to", "lora",
                  "--base", base_dir]) == 0
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_info_says_which_engines_serve_the_adapter(tmp_path, capsys):
+    for method, needle in (("lora", "vLLM and SGLang (multi-LoRA) as it is"), ("hra", "PEFT (nn.Linear layers only)"),
+                           ("hydra", "peftkit only (native format)")):
+        model = tiny_llama(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peftkit.wrap(model, method)
+        peftkit.save(model, tmp_path / method)
+        capsys.readouterr()
+        assert main(["info", str(tmp_path / method)]) == 0
+        line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("serve with:"))
+        assert needle in line, line
+
+
+def test_export_to_gguf_from_the_cli(tmp_path, capsys):
+    """--to gguf on a saved LoRA: the base's config comes from the recorded base (no weights needed)."""
+    base_dir = _saved_llama_dir(0)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    _adapter(tmp_path, model)
+    assert main(["export", str(tmp_path / "adapter"), "--out", str(tmp_path / "g"), "--to", "gguf"]) == 0
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["adapter.gguf"]

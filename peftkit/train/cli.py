@@ -375,6 +375,9 @@ def cmd_info(args) -> int:
     print(f"targets:    {', '.join(targets) if isinstance(targets, list) else targets} ({len(summary['ranks']) or summary['tensors']} modules)")
     print(f"size:       {summary['parameters']:,} parameters in {summary['tensors']} tensors, {summary['bytes']:,} bytes")
     print(f"base model: {summary['base_model'] or 'not recorded'}")
+    from ..serving import engines
+
+    print(f"serve with: {engines(summary['peft_type'])}")
     if summary["sha256_verified"]:
         print("files:      verified (weights readable, sha256 matches the one the config recorded)")
     else:
