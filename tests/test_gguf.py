@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import peftkit
+import peftkit.gguf
 from peftkit.errors import ConfigError
 from peftkit.gguf import ADAPTER_FILE, gguf_architecture
 from peftkit.inject import adapter_layers
