@@ -39,7 +39,12 @@ GGUF_SUFFIX = ".gguf"
 MODEL_TYPE_TO_ARCH = {"mistral": "llama", "cohere": "command-r", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe",
                       "gemma3_text": "gemma3", "gpt_oss": "gpt-oss", "minimax_m2": "minimax-m2"}
 # Architectures whose converter reshapes fused weights in a way not reproduced here: refused, never written wrong.
-UNSUPPORTED = {"bloom": "llama.cpp's converter interleaves Bloom's fused query_key_value rows per head"}
+UNSUPPORTED = {"bloom": "llama.cpp's converter interleaves Bloom's fused query_key_value rows per head",
+               "baichuan": "llama.cpp's converter splits and permutes Baichuan's fused W_pack rows",
+               "internlm2": "llama.cpp's converter reorders InternLM2's fused wqkv rows",
+               "deci": "llama.cpp's converter permutes q/k rows with per-layer head counts"}
+# Architectures whose q/k rows llama.cpp's converter permutes for its rotary layout (its LlamaModel and subclasses).
+ROPE_PERMUTED = ("llama", "granite")
 
 
 # ------------------------------------------------------------------------------------------ names
@@ -72,7 +77,7 @@ def _rope_permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def _row_permutation(arch: str, gguf_name: str, config: Any):
-    if arch != "llama":
+    if arch not in ROPE_PERMUTED:
         return None
     heads = getattr(config, "num_attention_heads", None)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
