@@ -153,6 +153,21 @@ class HraLayer(AdapterLayer):
         v, t = self.reflections(name, weight.dtype)
         return weight - ((weight @ v) @ t.t()) @ v.t(), bias
 
+    # ------------------------------------------------------------------ export as a LoRA
+    def export_lora(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A = Vᵀ (r, in), B = −W₀ V T (out, r), 1.0): W₀ Q − W₀ = −W₀ V T Vᵀ has rank ≤ r, so
+        base(x) + x Aᵀ Bᵀ is this adapter exactly, on the weight the forward computes with (dequantized on a
+        quantized base). The bias is unchanged by HRA."""
+        if self.merged_adapters:
+            raise StateError(f"export: {self.module_name} is merged; call peftkit.unmerge(model) before exporting")
+        self._check_nonzero_columns(name)
+        dtype = self.adapters[name].hra_u.dtype
+        with torch.no_grad():
+            weight = self.base_weight(torch.promote_types(dtype, torch.float32))
+            v, t = self.reflections(name, weight.dtype)
+            lora_b = -((weight @ v) @ t)
+        return v.t().to(dtype).contiguous(), lora_b.to(dtype), 1.0
+
     # ------------------------------------------------------------------ regulariser
     def regularization(self) -> torch.Tensor | None:
         """λ·Σ_adapters ‖I − ÛᵀÛ‖_F over the active, gated-on adapters with λ > 0 (a 0-dim tensor), or None."""

@@ -16,6 +16,7 @@ from .api import (
     disabled,
     export,
     load,
+    load_model,
     merge,
     methods,
     optimizer,
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig", "CheckpointError", "ConfigError", "MergeError", "PeftkitError", "StateError", "callbacks", "disabled",
-    "export", "load", "merge", "methods", "optimizer", "save", "set_adapter", "summary", "trainable_parameters", "unmerge",
+    "export", "load", "load_model", "merge", "methods", "optimizer", "save", "set_adapter", "summary",
+    "trainable_parameters", "unmerge",
     "unwrap", "wrap", "regularization_loss", "delete_adapter", "add_weighted_adapter", "attach", "reference_model",
 ]

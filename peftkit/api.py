@@ -189,10 +189,13 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
     return model
 
 
-def export(model_or_dir: nn.Module | str | os.PathLike, directory: str | os.PathLike, format: str = "peft",
-           base_model: nn.Module | None = None):
-    """Write the adapter as a standard PEFT checkpoint that any LoRA-serving stack reads."""
-    return checkpoint.export(model_or_dir, directory, format=format, base_model=base_model)
+def export(model_or_dir: nn.Module | str | os.PathLike, directory: str | os.PathLike, to: str = "peft",
+           base_model: nn.Module | None = None, *, format: str | None = None):
+    """Write the adapter for a serving engine: ``to="peft"`` (default) PEFT's own format of the method (LoRA, HRA),
+    ``to="lora"`` a plain PEFT LoRA for every method (vLLM, SGLang, llama.cpp's converter), ``to="gguf"`` a
+    llama.cpp / Ollama LoRA adapter file. Exporting a saved folder of a method that is not a LoRA already needs
+    ``base_model`` (its low-rank form depends on the base weights). ``format`` is the former name of ``to``."""
+    return checkpoint.export(model_or_dir, directory, to, base_model=base_model, format=format)
 
 
 class _WeightGate:
@@ -391,3 +394,27 @@ def summary(model: nn.Module, adapter_name: str | None = None):
 def methods() -> list[str]:
     """The registered method names."""
     return registry.methods()
+
+
+def load_model(name_or_path: str | os.PathLike, *, gguf_file: str | None = None, task: str = "causal-lm",
+               dtype: torch.dtype | str = torch.float32, **from_pretrained: Any) -> nn.Module:
+    """A base model to wrap: a hub id, a folder, ``pkg:<module>/<folder>``, or with ``gguf_file`` a GGUF file in
+    that folder, loaded through transformers' GGUF support (dequantized to ``dtype``) and rebuilt as a plain model
+    once; the rebuilt folder is cached (``$PEFTKIT_CACHE`` or ``~/.cache/peftkit``), so later loads are plain
+    ``from_pretrained`` calls. Adapters saved from it record ``<name>/<gguf_file>`` as their base, which
+    ``peftkit merge`` / ``export`` and ``peftkit.export(..., to="gguf")`` resolve the same way.
+    ``task``: "causal-lm" or "sequence-classification"; other keyword arguments go to ``from_pretrained``."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from .train.build import resolve_model_ref
+
+    autos = {"causal-lm": AutoModelForCausalLM, "sequence-classification": AutoModelForSequenceClassification}
+    if task not in autos:
+        raise ConfigError(f"task: expected one of {sorted(autos)}, got {task!r}")
+    ref = str(name_or_path)
+    if gguf_file is not None:
+        ref = f"{ref.rstrip('/')}/{gguf_file}"
+    model = autos[task].from_pretrained(resolve_model_ref(ref, "gguf_file" if gguf_file else "name_or_path"),
+                                        dtype=dtype, **from_pretrained)
+    checkpoint.record_base_reference(model, ref)
+    return model

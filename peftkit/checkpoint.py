@@ -425,8 +425,15 @@ def peft_rewritten_targets(model: nn.Module, module_names: list[str]) -> list[st
     return [n for n in module_names if n.rsplit(".", 1)[-1] in mapping and n.rsplit(".", 1)[-1] != "gate"]
 
 
-def adapter_state(model: nn.Module, adapter_name: str, *, export: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, PEFT-style config dict) of one adapter, in its saved (or exported LoRA) form."""
+EXPORT_TARGETS = ("peft", "lora", "gguf")
+
+
+def adapter_state(model: nn.Module, adapter_name: str, *, export: bool | str = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, PEFT-style config dict) of one adapter, in its saved or exported form.
+
+    ``export``: False (the saved form), True or ``"peft"`` (PEFT's format of the architecture where it has one, a
+    LoRA otherwise), ``"lora"`` (a plain LoRA for every layer, from the architecture's ``export_lora``)."""
+    to_lora = export == "lora"
     state = state_of(model)
     if adapter_name not in state.configs:
         raise ConfigError(f"adapter_name: '{adapter_name}' not found; the model has {sorted(state.configs)}")
@@ -448,7 +455,12 @@ def adapter_state(model: nn.Module, adapter_name: str, *, export: bool = False) 
             per_layer[layer.target_name] = layer.saved_rank_alpha(adapter_name)
             peft_types.add(getattr(layer, "peft_type", None) or "PEFTKIT")
             continue
-        if export and getattr(layer, "peft_type", None) is None:
+        peft_type = getattr(layer, "peft_type", None)
+        if export and (peft_type is None or (to_lora and peft_type != "LORA")):
+            if not hasattr(layer, "export_lora"):
+                raise ConfigError(
+                    f"to: the '{layer.architecture_name}' adapter of {name} declares no low-rank form (export_lora), "
+                    "so it cannot be written as a plain LoRA; export it in its own format (to='peft')")
             a, b, scale, *bias_change = layer.export_lora(adapter_name)
             r = a.shape[0]
             alpha = scale * (r ** 0.5 if config.rslora else r)
@@ -545,7 +557,7 @@ def adapter_state(model: nn.Module, adapter_name: str, *, export: bool = False) 
 
 
 def save(model: nn.Module, directory: str | os.PathLike, adapter_names: list[str] | None = None,
-         *, export: bool = False) -> list[Path]:
+         *, export: bool | str = False) -> list[Path]:
     """Save adapters (all by default): ``default`` into ``directory``, others into ``directory/<name>``."""
     state = state_of(model)
     names = adapter_names or list(state.configs)
@@ -1048,21 +1060,37 @@ def describe(directory: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def export(model_or_dir: nn.Module | str | os.PathLike, directory: str | os.PathLike, format: str = "peft",
-           base_model: nn.Module | None = None) -> Path:
-    """Write the adapter as a standard PEFT checkpoint (LoRA, or HRA for HRA)."""
-    if format != "peft":
-        raise ConfigError(f"format: expected 'peft', got {format!r}")
+def export(model_or_dir: nn.Module | str | os.PathLike, directory: str | os.PathLike, to: str = "peft",
+           base_model: nn.Module | None = None, *, format: str | None = None) -> Path:
+    """Write the adapter for serving: ``to="peft"`` PEFT's own format of the architecture (LoRA, HRA) or an exact
+    PEFT LoRA where PEFT has none; ``to="lora"`` a plain PEFT LoRA for every architecture (each declares its
+    low-rank form, ``export_lora``); ``to="gguf"`` a llama.cpp LoRA adapter (``directory/adapter.gguf``, see
+    :mod:`peftkit.gguf`). ``format`` is the former name of ``to``."""
+    if format is not None:
+        to = format
+    if to not in EXPORT_TARGETS:
+        raise ConfigError(f"to: expected one of {list(EXPORT_TARGETS)}, got {to!r}")
     check_output_dir(directory, "directory")
+    if to == "gguf":
+        from .gguf import export_gguf
+
+        return export_gguf(model_or_dir, directory, base_model=base_model)
     if isinstance(model_or_dir, nn.Module):
-        return save(model_or_dir, directory, adapter_names=["default"], export=True)[0]
+        return save(model_or_dir, directory, adapter_names=["default"], export=to)[0]
     source = _resolve(model_or_dir)
     if Path(directory).resolve() == source.resolve():
         raise ConfigError(f"export: the output folder {directory} is the adapter's own folder; exporting there would "
                           "replace the adapter it reads. Choose another folder")
     folder = read_adapter(source)
     data, arch = folder.config, folder.architecture
-    if data.get("peft_type") in ("LORA", "HRA") and arch in ("lora", "hra"):
+    saved_type = data.get("peft_type")
+    try:
+        arch_type = getattr(registry.get_component("architecture", arch).obj, "peft_type", None)
+    except ConfigError:
+        arch_type = None
+    # The saved files are already the export when they are the architecture's PEFT format and that format is
+    # the one asked for (any PEFT format for "peft", LoRA only for "lora").
+    if arch_type is not None and arch_type == saved_type and (to == "peft" or saved_type == "LORA"):
         target = Path(directory)
         target.mkdir(parents=True, exist_ok=True)
         # The export is a plain PEFT adapter: PEFT's fields only (an old file's peftkit key is dropped).
@@ -1086,7 +1114,7 @@ def export(model_or_dir: nn.Module | str | os.PathLike, directory: str | os.Path
     flags = parameter_flags(base_model)
     load(base_model, source)
     try:
-        return save(base_model, directory, adapter_names=["default"], export=True)[0]
+        return save(base_model, directory, adapter_names=["default"], export=to)[0]
     finally:
         remove(base_model, merge=False)
         restore_parameter_flags(flags)  # the caller's model comes back as it was

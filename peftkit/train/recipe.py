@@ -53,6 +53,9 @@ class ModelSection:
     quantize: str | None = option(None, choices=QUANTIZE)
     num_labels: int | None = option(None, gt=0, le=MAX_LABELS)  # classification: default is the number of distinct labels in data.train
     tokenizer: str | None = None  # default: model.name; "bytes" is a built-in byte-level tokenizer (offline)
+    # a .gguf file inside model.name (a folder, hub snapshot or pkg:...): loaded through transformers' GGUF support
+    # (dequantized), rebuilt as a plain model once and cached (peftkit.gguf.plain_model_folder)
+    gguf_file: str | None = None
 
 
 @dataclass
