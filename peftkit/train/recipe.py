@@ -383,9 +383,11 @@ DEFAULT_MAX_STEPS = 100  # neither training.max_steps nor training.epochs given
 
 def check_warmup(training: TrainingSection, steps: int) -> None:
     if warmup_steps(training, steps) > steps:
+        source = (f"training.max_steps={steps}" if training.epochs is None or training.max_steps == steps
+                  else f"training.epochs={training.epochs:g}")
         raise ConfigError(f"training.warmup: {training.warmup:g} warmup steps, more than the run's {steps} steps "
-                          "(training.max_steps / training.epochs): the learning rate would never reach optimizer.lr; "
-                          "set warmup <= max_steps (or a fraction < 1 of the run)")
+                          f"({source}): the learning rate would never reach optimizer.lr; set warmup <= the run's "
+                          "steps (or a fraction < 1 of the run)")
 
 
 def total_steps(training: TrainingSection, batches_per_epoch: int) -> int:
