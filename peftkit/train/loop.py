@@ -125,6 +125,7 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
     # A schedule its options do not fit fails here, before anything is loaded or written (the run's length from
     # training.epochs is known once the data is: a provisional one stands in for it).
     lr_lambda(with_steps(recipe, recipe.training.max_steps or DEFAULT_MAX_STEPS))
+    evaluation.check_hooks(training.eval_metrics)  # a hook that does not import fails now, not after generation
     tokenizer = load_tokenizer(recipe)
     examples = load_examples(recipe, tokenizer)
     classification = recipe.model.task == "sequence-classification"
@@ -703,7 +704,8 @@ def evaluate(run: Run, model, signals: StopSignals | None = None, metrics: list[
                                               max_new_tokens=run.recipe.training.eval_max_new_tokens,
                                               batch_size=size, autocast=accelerator.autocast)
         pairs = _gathered(accelerator, list(zip(*answers)))
-        values.update(evaluation.compute(extra, [p for p, _ in pairs], [r for _, r in pairs]))
+        values.update(evaluation.compute(extra, [p for p, _ in pairs], [r for _, r in pairs],
+                                         run.recipe.training.answer_extraction, run.recipe.training.answer_pattern))
         unwrapped.train(was_training)
     return values
 

@@ -141,6 +141,8 @@ class TrainingSection:
     lr_schedule_options: dict = field(default_factory=dict)  # other get_scheduler kwargs (num_cycles, power ...)
     eval_metrics: list[str] = field(default_factory=list)  # exact_match, f1, or module:function hooks
     eval_max_new_tokens: int = option(64, gt=0, le=2**20)  # generation-based metrics: the longest generated answer
+    answer_extraction: str | None = option(None, choices=(None, "last_number", "gsm8k", "choice", "regex"))  # exact_match compares these parts
+    answer_pattern: str | None = None  # answer_extraction: regex: the regex (its first group, if any)
     distributed: str = option("ddp", choices=DISTRIBUTED)  # ddp | fsdp2 | zero2 | zero3 (peftkit.train.engines)
     divergence_guard: dict | None = None  # {action: stop|halve, factor: 3.0, window: 10, max_halvings: 3} (train/guard.py)
 
@@ -350,6 +352,16 @@ def check(recipe: Recipe) -> None:
             raise ConfigError(f"training.eval_metrics: '{metric}' needs data.format one of {list(fits)}, and this "
                               f"recipe's data.format is '{d.format}'; drop '{metric}' (the eval loss is always "
                               "reported) or use a metric of that format")
+    if t.answer_extraction is not None and "exact_match" not in t.eval_metrics:
+        raise ConfigError(f"training.answer_extraction: '{t.answer_extraction}' applies to exact match, and "
+                          "training.eval_metrics has no exact_match; add it or remove training.answer_extraction")
+    if (t.answer_extraction == "regex") != (t.answer_pattern is not None):
+        raise ConfigError("training.answer_pattern: a regex is needed with training.answer_extraction: regex, and "
+                          "only then; set both (e.g. answer_pattern: 'The answer is (\\w+)') or neither")
+    if t.answer_pattern is not None:
+        from ..validation import compile_pattern
+
+        compile_pattern(t.answer_pattern, "training.answer_pattern")
     if t.eval_metrics and d.eval is None:
         raise ConfigError(f"training.eval_metrics: {t.eval_metrics} need evaluation data, and this recipe has none; "
                           "set data.eval (a file or dataset) or drop training.eval_metrics")
