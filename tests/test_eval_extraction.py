@@ -85,3 +85,12 @@ def test_answer_extraction_settings_are_checked(tmp_path, training, message):
     recipe["training"].update(training)
     with pytest.raises(ConfigError, match=message):
         from_dict(recipe)
+
+
+def test_the_gsm8k_recipe_validates_as_written():
+    from pathlib import Path
+
+    from peftkit.train.recipe import read_yaml
+
+    recipe = from_dict(read_yaml(Path(__file__).parent.parent / "recipes" / "eval" / "gsm8k-exact-match.yaml"))
+    assert recipe.training.answer_extraction == "gsm8k" and recipe.training.eval_metrics == ["exact_match"]

@@ -189,7 +189,7 @@ def test_a_resume_puts_back_the_best_of_its_checkpoint(tmp_path):
     _equal(adapter_tensors(tmp_path / "a" / "run"), adapter_tensors(run))
 
 
-CONTROL_RECIPES = sorted((Path(__file__).parent.parent / "recipes" / "control").glob("*.yaml"))
+CONTROL_RECIPES = [Path(__file__).parent.parent / "recipes" / "control" / "epochs-best-early-stopping.yaml"]
 
 
 @pytest.mark.parametrize("path", CONTROL_RECIPES, ids=lambda p: p.stem)
