@@ -104,5 +104,8 @@ def test_quickstart_learns(tmp_path):
     seconds = time.perf_counter() - started
     assert proc.returncode == 0, proc.stderr[-3000:]
     accuracy = float(re.search(r"eval_accuracy ([0-9]+\.[0-9]+)", proc.stdout).group(1))
-    print(f"quickstart: {seconds:.0f} s, eval accuracy {accuracy:.4f}")
-    assert accuracy >= 0.9  # 4 balanced classes: chance is 0.25
+    loss = float(re.search(r"eval_loss ([0-9]+\.[0-9]+)", proc.stdout).group(1))
+    print(f"quickstart: {seconds:.0f} s, eval loss {loss:.4f}, eval accuracy {accuracy:.4f}")
+    # The band README.md and getting-started promise, not one CPU's digits (0.1528 / 0.9583 here, 0.1398 /
+    # 0.9792 on another CPU: float32 kernels sum in a CPU-dependent order).
+    assert 0.94 <= accuracy <= 1.0 and 0.10 <= loss <= 0.20, (loss, accuracy)

@@ -41,6 +41,7 @@ from ..errors import CheckpointError, ConfigError, StateError
 from ..inject import adapter_layers
 
 CHECKPOINTS = "checkpoints"
+BEST_DIR, BEST_FILE = "best", "best.json"  # peftkit.train.monitor's best/ (kept out of keep_checkpoints pruning)
 STATE_FILE = "trainer_state.json"
 LOCK_FILE = ".peftkit.lock"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -227,6 +228,9 @@ class TrainState:
     elapsed_s: float = 0.0
     # Must match on resume, or the data order and the schedule would silently differ.
     fingerprint: dict[str, Any] = field(default_factory=dict)
+    # training.best / training.early_stopping: the best values, their steps, evaluations without improvement
+    # (peftkit.train.monitor.Monitors)
+    monitors: dict[str, Any] = field(default_factory=dict)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -296,6 +300,10 @@ def save(accelerator, model: nn.Module, optimizer, lr_scheduler, schedule, state
             buffer = io.BytesIO()
             torch.save(states, buffer)
             adapter_io.atomic_write_bytes(staging / "optimizer.pt", buffer.getvalue())
+            best = Path(output_dir) / BEST_DIR
+            if (best / BEST_FILE).is_file():
+                # best/ as it is at this step: a resume from here puts it back (training.best)
+                shutil.copytree(best, staging / BEST_DIR)
 
     def publish() -> None:
         if accelerator.is_main_process:
@@ -415,6 +423,9 @@ def _read_state(path: Path) -> TrainState:
             raise ValueError(f"'elapsed_s' is {elapsed!r:.40}, expected a non-negative number of seconds")
         if not isinstance(values.get("fingerprint", {}), dict):
             raise ValueError("'fingerprint' is not a JSON object")
+        from .monitor import check_state
+
+        check_state(values.get("monitors", {}))
         return TrainState(**values)
     except (OSError, ValueError) as exc:  # CheckpointError and ConfigError are ValueErrors
         raise CheckpointError(f"{path}: unreadable trainer state ({exc}); resume from another checkpoint") from None

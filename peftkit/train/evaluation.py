@@ -9,6 +9,8 @@ answers (strings, stripped). Its values are logged as ``eval_<name>``.
 from __future__ import annotations
 
 import importlib
+import inspect
+import re
 import sys
 from typing import Any, Callable
 
@@ -19,6 +21,61 @@ from .chat import CHAT_FORMATS, stop_strings
 
 GENERATION_METRICS = ("exact_match",)
 CLASSIFICATION_METRICS = ("accuracy", "f1")
+# training.answer_extraction: what exact match compares of a generated and a reference answer
+EXTRACTIONS = ("last_number", "gsm8k", "choice", "regex")
+_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_GSM8K = re.compile(r"####\s*(-?\$?[\d,]*\.?\d+)")
+_CHOICE_AFTER_ANSWER = re.compile(r"(?i:answer)\s*(?:is)?\s*[:\-]?\s*\(?([A-J])\b")
+_CHOICE_ALONE = re.compile(r"^\s*\(?([A-J])(?:[\).:\s]|$)")
+
+
+def _number(text: str) -> str:
+    """A number as exact match compares it: no thousands commas or dollar sign, no trailing zeros after the point."""
+    text = text.replace(",", "").replace("$", "")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "", "-") else text
+
+
+def extract_answer(text: str, how: str | None, pattern=None) -> str | None:
+    """The part of ``text`` exact match compares (None: nothing found, which never matches).
+
+    - ``last_number``: the last number in the text (``-1,234.50`` -> ``-1234.5``);
+    - ``gsm8k``: the number after ``####`` (GSM8K's answer line);
+    - ``choice``: a choice letter A-J after "answer (is)", else one that starts the text ("B", "(B)", "B.");
+    - ``regex``: the first match of ``pattern`` (its first group if it has groups), stripped;
+    - None: the whole text, stripped."""
+    if how is None:
+        return text.strip()
+    if how == "last_number":
+        found = _NUMBER.findall(text)
+        return _number(found[-1]) if found else None
+    if how == "gsm8k":
+        found = _GSM8K.search(text)
+        return _number(found.group(1)) if found else None
+    if how == "choice":
+        found = _CHOICE_AFTER_ANSWER.search(text) or _CHOICE_ALONE.search(text)
+        return found.group(1).upper() if found else None
+    found = pattern.search(text)
+    if found is None:
+        return None
+    return (found.group(1) if found.re.groups else found.group(0) or "").strip()
+
+
+def check_hooks(metrics: list[str]) -> None:
+    """Import every ``module:function`` hook of ``training.eval_metrics`` and check that it takes
+    (predictions, references): called before the run loads its model, not after minutes of generation."""
+    for metric in metrics:
+        if ":" not in metric:
+            continue
+        function = load_hook(metric)
+        try:
+            inspect.signature(function).bind([], [])
+        except TypeError as exc:
+            raise ConfigError(f"training.eval_metrics: '{metric}' cannot be called as fn(predictions, references) "
+                              f"({exc}); give it two parameters") from None
+        except ValueError:  # a builtin without a signature: called as it is
+            pass
 
 
 def needs_generation(metrics: list[str], data_format: str) -> bool:
@@ -41,13 +98,25 @@ def load_hook(spec: str) -> Callable[[list, list], Any]:
     return function
 
 
-def compute(metrics: list[str], predictions: list, references: list) -> dict[str, float]:
-    """The requested metrics on gathered predictions and references, as ``eval_<name>`` floats."""
+def compute(metrics: list[str], predictions: list, references: list, extraction: str | None = None,
+            pattern: str | None = None) -> dict[str, float]:
+    """The requested metrics on gathered predictions and references, as ``eval_<name>`` floats. Exact match
+    compares ``extract_answer`` of both (``training.answer_extraction`` / ``answer_pattern``); an answer with
+    nothing to extract never matches."""
     out: dict[str, float] = {}
     count = max(len(references), 1)
     for metric in metrics:
         if metric == "exact_match":
-            out["eval_exact_match"] = sum(p == r for p, r in zip(predictions, references)) / count
+            compiled = None
+            if extraction == "regex":
+                from ..validation import compile_pattern
+
+                compiled = compile_pattern(pattern, "training.answer_pattern")
+            hits = 0
+            for p, r in zip(predictions, references):
+                expected = extract_answer(str(r), extraction, compiled)
+                hits += expected is not None and extract_answer(str(p), extraction, compiled) == expected
+            out["eval_exact_match"] = hits / count
         elif metric == "accuracy":
             out["eval_accuracy"] = sum(p == r for p, r in zip(predictions, references)) / count
         elif metric == "f1":

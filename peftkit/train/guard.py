@@ -57,6 +57,7 @@ class DivergenceGuard:
     halvings: int = 0
     last_rise: float = 0.0
     start_base_lrs: list[float] | None = None
+    restarted_from: Path | None = None  # the checkpoint of the latest restart
 
     def observe(self, step: int, loss: float) -> bool:
         """Record ``loss`` of ``step`` (1-based); True when the window mean exceeds factor × the best mean."""
@@ -119,6 +120,7 @@ class DivergenceGuard:
         parts = run_parts
         if self.start_base_lrs is None:
             self.start_base_lrs = list(parts["lr_scheduler"].base_lrs)
+        self.restarted_from = restart
         restored = checkpointing.load(restart, parts["accelerator"], parts["model"], parts["optimizer"],
                                       parts["lr_scheduler"], parts["schedule"], parts["fingerprint"])
         checkpointing.restore_rng(restart, parts["accelerator"].process_index)

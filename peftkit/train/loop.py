@@ -7,6 +7,7 @@ gradient clipping, ``optimizer.step()``, the LR scheduler step, the method's ``s
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -34,7 +35,8 @@ from .data import (BatchPlan, Tokenized, check_lengths, check_packed_attention, 
                    loss_units)
 from .guard import DivergenceGuard, GuardSettings
 from .metrics import MetricsLog, plot
-from .recipe import Recipe, warmup_steps
+from .monitor import Monitors, restore_best, write_best
+from .recipe import DEFAULT_MAX_STEPS, Recipe, check_warmup, total_steps, warmup_steps
 
 ADAPTER_DIR = "adapter"
 
@@ -54,6 +56,9 @@ class RunResult:
     signal_number: int | None = None
     checkpoint: Path | None = None
     seconds: float = 0.0
+    best: Path | None = None  # <output_dir>/best/ (training.best): the adapter at the best evaluation
+    best_step: int | None = None
+    stopped_early: bool = False  # training.early_stopping ended the run before max_steps
 
 
 @dataclass
@@ -117,7 +122,10 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
     engine_name = engines.select(recipe)  # an unsupported engine stops here, before anything is built
     accelerator = accelerator or make_accelerator(recipe)
     training = recipe.training
-    lr_lambda(recipe)  # a schedule its options do not fit fails here, before anything is loaded or written
+    # A schedule its options do not fit fails here, before anything is loaded or written (the run's length from
+    # training.epochs is known once the data is: a provisional one stands in for it).
+    lr_lambda(with_steps(recipe, recipe.training.max_steps or DEFAULT_MAX_STEPS))
+    evaluation.check_hooks(training.eval_metrics)  # a hook that does not import fails now, not after generation
     tokenizer = load_tokenizer(recipe)
     examples = load_examples(recipe, tokenizer)
     classification = recipe.model.task == "sequence-classification"
@@ -137,6 +145,11 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     plan = BatchPlan(len(examples.train), training.batch_size, accelerator.num_processes,
                      accelerator.process_index, training.seed)
+    # training.epochs becomes a step count here; the Run's recipe (a copy) holds the run's max_steps.
+    steps = total_steps(training, plan.batches_per_epoch)
+    check_warmup(training, steps)
+    recipe = with_steps(recipe, steps)
+    training = recipe.training
 
     adapter = recipe.adapter
     config = resolve_config(adapter.method, **adapter.options)
@@ -170,6 +183,13 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
     schedule = peftkit.callbacks(model, optimizer=optimizer)
     return Run(recipe, accelerator, tokenizer, model, optimizer, schedule, examples, plan, classification,
                engines.make(engine_name, accelerator))
+
+
+def with_steps(recipe: Recipe, steps: int) -> Recipe:
+    """A copy of ``recipe`` whose ``training.max_steps`` is ``steps`` (the caller's recipe is left as given)."""
+    if recipe.training.max_steps == steps:
+        return recipe
+    return dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, max_steps=steps))
 
 
 def _check_packing(model) -> None:
@@ -293,7 +313,10 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
     output_dir = Path(training.output_dir)
     last = checkpointing.check_run_folder(output_dir, resume)
     run = prepare(recipe, accelerator)
+    given, recipe = recipe, run.recipe  # run.recipe: training.max_steps is the run's length (training.epochs)
+    training = recipe.training
     main = accelerator.is_main_process
+    monitors = Monitors.from_recipe(training)
 
     guard_settings = GuardSettings.from_recipe(training.divergence_guard)
     guard = DivergenceGuard(guard_settings) if guard_settings else None
@@ -303,9 +326,12 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
         print(f"peftkit: {recipe.adapter.method} on {recipe.model.name or recipe.model.config.get('model_type')} | "
               f"{peftkit.trainable_parameters(run.model)} | {accelerator.num_processes} process(es), "
               f"global batch {training.batch_size * training.grad_accum * accelerator.num_processes}"
-              f"{'' if accelerator.num_processes == 1 else ', engine ' + run.engine.name}", flush=True)
+              f"{'' if accelerator.num_processes == 1 else ', engine ' + run.engine.name} | {training.max_steps} steps "
+              f"= {_epochs(run.plan, training.max_steps * training.grad_accum):g} epochs of {len(run.examples.train)} "
+              "examples", flush=True)
+    if main:
         checkpointing.claim_run_folder(output_dir)
-        atomic_write_bytes(output_dir / "recipe.yaml", recipe.dump().encode())
+        atomic_write_bytes(output_dir / "recipe.yaml", given.dump().encode())
     engine = run.engine
     model, optimizer = engine.prepare(run.model, run.optimizer)
     lr_scheduler = make_scheduler(recipe, optimizer)
@@ -319,9 +345,11 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
         state = checkpointing.load(last, accelerator, model, optimizer, lr_scheduler, schedule, fingerprint)
         checkpointing.restore_rng(last, accelerator.process_index)  # last: nothing may draw random numbers after
         if main:
+            restore_best(output_dir, last, state.monitors)
             print(f"peftkit: resumed from {last} (step {state.step})", flush=True)
     metrics = MetricsLog(output_dir, enabled=main)
-    metrics.truncate_after(state.step, evals_at_step=state.step < training.max_steps)
+    finished = state.step >= training.max_steps or monitors.stopped(state.monitors)
+    metrics.truncate_after(state.step, evals_at_step=not finished or monitors.stopped(state.monitors))
     if recipe.logging.report_to:
         accelerator.init_trackers("peftkit", config=_flat(recipe.to_dict()))
 
@@ -341,6 +369,7 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
     window = {"loss": 0.0, "steps": 0, "time": time.perf_counter(), "tokens_at_start": state.tokens}
     pending_losses: list[torch.Tensor] = []  # per-step losses on the device, not read yet
     result = None
+    last_eval: tuple[int, dict[str, float]] | None = None  # (step, values) of the newest evaluation in this process
 
     def stop_nonfinite(what: str) -> RunResult:
         # The weights and every checkpoint on disk stay finite: checkpoints are checked before they are written.
@@ -354,7 +383,7 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
 
     model.train()
     with signals:
-        while state.step < training.max_steps:
+        while state.step < training.max_steps and not monitors.stopped(state.monitors):
             # ---- one optimizer step: grad_accum micro-batches, each with its own backward
             step_loss = None  # in the loss's dtype (fp64 on an fp64 model)
             step_units = int(sum(units[run.plan.global_indices(state.position + m)].sum()
@@ -393,6 +422,8 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
                         schedule=schedule, fingerprint=fingerprint), output_dir)
                     if verdict == "restarted":
                         optimizer.zero_grad(set_to_none=True)
+                        if main:
+                            restore_best(output_dir, guard.restarted_from, state.monitors)
                         metrics.truncate_after(state.step)
                         # The abandoned steps leave the logging window and the progress bar.
                         window.update(loss=0.0, steps=0, time=time.perf_counter(), tokens_at_start=state.tokens)
@@ -438,7 +469,11 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
                                      tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
             progress.update(1)
             if training.eval_every and state.step % training.eval_every == 0 and state.step < training.max_steps:
-                _write_eval(evaluate(run, model), state.step, metrics, accelerator, recipe, progress)
+                values = evaluate(run, model)
+                _write_eval(values, state.step, _epochs(run.plan, state.position), metrics, accelerator, recipe,
+                            progress)
+                last_eval = (state.step, values)
+                _judge(monitors, state, values, run, model, output_dir, progress)
             try:
                 if training.save_every and state.step % training.save_every == 0:
                     checkpointing.save(accelerator, model, optimizer, lr_scheduler, schedule, _timed(state, started),
@@ -446,7 +481,7 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
                 for hook in hooks or []:
                     hook(state.step, record)
                 stop = (_stop_requested(signals, accelerator, collective=losses is not None)
-                        and state.step < training.max_steps)
+                        and state.step < training.max_steps and not monitors.stopped(state.monitors))
                 if stop:
                     path = checkpointing.save(accelerator, model, optimizer, lr_scheduler, schedule,
                                               _timed(state, started), output_dir, training.keep_checkpoints)
@@ -468,7 +503,12 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
 
     # ---- the end: final evaluation, final checkpoint, the adapter in PEFT's format, the plot
     progress.close()
-    eval_metrics = evaluate(run, model, signals) if run.examples.eval is not None else {}
+    stopped_early = monitors.stopped(state.monitors)
+    if last_eval is not None and last_eval[0] == state.step:
+        eval_metrics, evaluated_here = last_eval[1], True  # early stopping evaluated this step already
+    else:
+        eval_metrics = evaluate(run, model, signals) if run.examples.eval is not None else {}
+        evaluated_here = stopped_early  # a resumed run that had stopped early: its record is in metrics.jsonl
     final_checkpoint = None
     saved_here = bool(training.save_every and state.step % training.save_every == 0)
     try:
@@ -483,8 +523,10 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
             accelerator.end_training()
             return RunResult("interrupted", state.step, output_dir, signal_number=signals.received or signal.SIGTERM,
                              checkpoint=path, seconds=time.perf_counter() - started)
+        if eval_metrics and not evaluated_here:
+            _write_eval(eval_metrics, state.step, _epochs(run.plan, state.position), metrics, accelerator, recipe, None)
         if eval_metrics:
-            _write_eval(eval_metrics, state.step, metrics, accelerator, recipe, None)
+            _judge(monitors, state, eval_metrics, run, model, output_dir, None)
         schedule.on_train_end_()
         if not saved_here:
             final_checkpoint = checkpointing.save(accelerator, model, optimizer, lr_scheduler, schedule,
@@ -504,12 +546,20 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
     accelerator.wait_for_everyone()
     accelerator.end_training()
     seconds = time.perf_counter() - started
+    best = state.monitors.get("best") if monitors.best else None
+    best_path = output_dir / "best" if best and best.get("step") is not None else None
     if main:
         summary = ", ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items())
-        print(f"peftkit: done: {state.step} steps in {seconds:.1f} s. {('Final eval: ' + summary + '. ') if summary else ''}"
-              f"Adapter: {output_dir / ADAPTER_DIR}", flush=True)
+        how = (f"stopped early at step {state.step} (training.early_stopping: {monitors.early_stopping.metric} did "
+               f"not improve in {monitors.early_stopping.patience} evaluations)" if stopped_early
+               else f"{state.step} steps")
+        best_text = (f" Best: {best_path} ({monitors.best.metric} {best['value']:.4f} at step {best['step']})."
+                     if best_path else "")
+        print(f"peftkit: done: {how} in {seconds:.1f} s. {('Final eval: ' + summary + '. ') if summary else ''}"
+              f"Adapter: {output_dir / ADAPTER_DIR}.{best_text}", flush=True)
     return RunResult("done", state.step, output_dir, eval_metrics, checkpoint=final_checkpoint or
-                     checkpointing.latest(output_dir), seconds=seconds)
+                     checkpointing.latest(output_dir), seconds=seconds, best=best_path,
+                     best_step=best.get("step") if best_path else None, stopped_early=stopped_early)
 
 
 def _timed(state: checkpointing.TrainState, started: float) -> checkpointing.TrainState:
@@ -558,7 +608,7 @@ def _log_record(state, window, lr: float, grad_norm, plan: BatchPlan) -> dict[st
         "step": state.step,
         "loss": window["loss"] / window["steps"],
         "lr": lr,
-        "epoch": round(plan.epoch(state.position), 4),
+        "epoch": _epochs(plan, state.position),
         "tokens": state.tokens,
         "tokens_per_s": (state.tokens - window["tokens_at_start"]) / seconds,
     }
@@ -568,8 +618,27 @@ def _log_record(state, window, lr: float, grad_norm, plan: BatchPlan) -> dict[st
     return record
 
 
-def _write_eval(values: dict[str, float], step: int, metrics: MetricsLog, accelerator, recipe, progress) -> None:
-    metrics.write({"step": step, **values})
+def _epochs(plan: BatchPlan, position: int) -> float:
+    """Passes over data.train after ``position`` global micro-batches (4 decimals, as logged)."""
+    return round(plan.epoch(position), 4)
+
+
+def _judge(monitors: Monitors, state, values: dict[str, float], run: Run, model, output_dir: Path, progress) -> None:
+    """Feed one evaluation to training.best / training.early_stopping; a new best writes best/ (main process)."""
+    if not monitors.active:
+        return
+    new_best, _ = monitors.observe(state.monitors, state.step, values)
+    if new_best and run.accelerator.is_main_process:
+        record = state.monitors["best"]
+        path = write_best(output_dir, run.accelerator.unwrap_model(model), run.tokenizer, monitors.best.metric,
+                          record["value"], state.step)
+        (progress.write if progress is not None else print)(
+            f"step {state.step}: best {monitors.best.metric} {record['value']:.4f}: {path}")
+
+
+def _write_eval(values: dict[str, float], step: int, epoch: float, metrics: MetricsLog, accelerator, recipe,
+                progress) -> None:
+    metrics.write({"step": step, "epoch": epoch, **values})
     if recipe.logging.report_to:
         accelerator.log(values, step=step)
     if accelerator.is_main_process:
@@ -642,7 +711,8 @@ def evaluate(run: Run, model, signals: StopSignals | None = None, metrics: list[
                                               max_new_tokens=run.recipe.training.eval_max_new_tokens,
                                               batch_size=size, autocast=accelerator.autocast)
         pairs = _gathered(accelerator, list(zip(*answers)))
-        values.update(evaluation.compute(extra, [p for p, _ in pairs], [r for _, r in pairs]))
+        values.update(evaluation.compute(extra, [p for p, _ in pairs], [r for _, r in pairs],
+                                         run.recipe.training.answer_extraction, run.recipe.training.answer_pattern))
         unwrapped.train(was_training)
     return values
 

@@ -121,14 +121,17 @@ class OptimizerSection:
 class TrainingSection:
     """The loop. One step is one optimizer step over ``batch_size · grad_accum · processes`` examples."""
 
-    max_steps: int = option(100, gt=0, le=10**9)
+    max_steps: int | None = option(None, gt=0, le=10**9)  # null: training.epochs decides (or 100 without epochs)
+    epochs: float | None = option(None, gt=0, le=10**6)  # passes over data.train; with max_steps the fewer steps win
     batch_size: int = option(8, gt=0, le=2**20)  # per process, per micro-batch
     grad_accum: int = option(1, gt=0, le=2**16)
     lr_schedule: str = option("cosine", choices=LR_SCHEDULES)
-    warmup: float = option(0.0, ge=0)  # < 1: a fraction of max_steps; >= 1: a number of steps
+    warmup: float = option(0.0, ge=0)  # < 1: a fraction of the run's steps; >= 1: a number of steps
     max_grad_norm: float | None = option(1.0, gt=0)  # null: no clipping
     log_every: int = option(10, gt=0)
     eval_every: int | None = option(None, gt=0)  # default: only at the end
+    best: dict | None = None  # {metric: eval_loss, mode: min}: the best evaluation's adapter kept as best/ (train/monitor.py)
+    early_stopping: dict | None = None  # {metric, patience: 3, min_delta: 0.0, mode}: stop after patience evaluations without improvement
     eval_batch_size: int | None = option(None, gt=0)  # default: batch_size
     save_every: int | None = option(None, gt=0)  # default: only at the end
     keep_checkpoints: int | None = option(2, gt=0)  # the newest N step checkpoints stay (null: all)
@@ -141,6 +144,8 @@ class TrainingSection:
     lr_schedule_options: dict = field(default_factory=dict)  # other get_scheduler kwargs (num_cycles, power ...)
     eval_metrics: list[str] = field(default_factory=list)  # exact_match, f1, or module:function hooks
     eval_max_new_tokens: int = option(64, gt=0, le=2**20)  # generation-based metrics: the longest generated answer
+    answer_extraction: str | None = option(None, choices=(None, "last_number", "gsm8k", "choice", "regex"))  # exact_match compares these parts
+    answer_pattern: str | None = None  # answer_extraction: regex: the regex (its first group, if any)
     distributed: str = option("ddp", choices=DISTRIBUTED)  # ddp | fsdp2 | zero2 | zero3 (peftkit.train.engines)
     divergence_guard: dict | None = None  # {action: stop|halve, factor: 3.0, window: 10, max_halvings: 3} (train/guard.py)
 
@@ -350,6 +355,16 @@ def check(recipe: Recipe) -> None:
             raise ConfigError(f"training.eval_metrics: '{metric}' needs data.format one of {list(fits)}, and this "
                               f"recipe's data.format is '{d.format}'; drop '{metric}' (the eval loss is always "
                               "reported) or use a metric of that format")
+    if t.answer_extraction is not None and "exact_match" not in t.eval_metrics:
+        raise ConfigError(f"training.answer_extraction: '{t.answer_extraction}' applies to exact match, and "
+                          "training.eval_metrics has no exact_match; add it or remove training.answer_extraction")
+    if (t.answer_extraction == "regex") != (t.answer_pattern is not None):
+        raise ConfigError("training.answer_pattern: a regex is needed with training.answer_extraction: regex, and "
+                          "only then; set both (e.g. answer_pattern: 'The answer is (\\w+)') or neither")
+    if t.answer_pattern is not None:
+        from ..validation import compile_pattern
+
+        compile_pattern(t.answer_pattern, "training.answer_pattern")
     if t.eval_metrics and d.eval is None:
         raise ConfigError(f"training.eval_metrics: {t.eval_metrics} need evaluation data, and this recipe has none; "
                           "set data.eval (a file or dataset) or drop training.eval_metrics")
@@ -367,18 +382,45 @@ def check(recipe: Recipe) -> None:
                           f"{t.distributed} does not support (processes would wait on each other's all-gathers); "
                           f"evaluate with `peftkit eval RUN` on one process, or drop the generation metrics under "
                           f"{t.distributed}")
-    if warmup_steps(t) > t.max_steps:
-        raise ConfigError(f"training.warmup: {t.warmup:g} warmup steps, more than training.max_steps={t.max_steps}: the "
-                          "learning rate would never reach optimizer.lr; set warmup <= max_steps (or a fraction < 1 "
-                          "of max_steps)")
+    if t.max_steps is not None or t.epochs is None:
+        check_warmup(t, t.max_steps or DEFAULT_MAX_STEPS)
+    from .monitor import check_recipe as check_monitors
+
+    check_monitors(t, d, m.task)
     for tracker in lg.report_to:
         _one_of("logging.report_to", tracker, TRACKERS)
     check_output_dir(t.output_dir, "training.output_dir")
     _check_method_options(recipe)
 
 
-def warmup_steps(training: TrainingSection) -> int:
-    """``warmup`` < 1 is a fraction of max_steps, otherwise a step count."""
+DEFAULT_MAX_STEPS = 100  # neither training.max_steps nor training.epochs given
+
+
+def check_warmup(training: TrainingSection, steps: int) -> None:
+    if warmup_steps(training, steps) > steps:
+        source = (f"training.max_steps={steps}" if training.epochs is None or training.max_steps == steps
+                  else f"training.epochs={training.epochs:g}")
+        raise ConfigError(f"training.warmup: {training.warmup:g} warmup steps, more than the run's {steps} steps "
+                          f"({source}): the learning rate would never reach optimizer.lr; set warmup <= the run's "
+                          "steps (or a fraction < 1 of the run)")
+
+
+def total_steps(training: TrainingSection, batches_per_epoch: int) -> int:
+    """The run's optimizer steps: ``max_steps``, ``epochs`` (rounded up to whole optimizer steps, so every example
+    of the epochs is read) or the fewer of both; 100 when neither is given. ``batches_per_epoch``: global
+    micro-batches per pass over data.train (``BatchPlan.batches_per_epoch``)."""
+    candidates = []
+    if training.max_steps is not None:
+        candidates.append(training.max_steps)
+    if training.epochs is not None:
+        # round() first: 3 × 0.1 epochs must not become one step more through float error
+        micro_batches = round(training.epochs * batches_per_epoch, 6)
+        candidates.append(max(1, math.ceil(micro_batches / training.grad_accum)))
+    return min(candidates) if candidates else DEFAULT_MAX_STEPS
+
+
+def warmup_steps(training: TrainingSection, steps: int | None = None) -> int:
+    """``warmup`` < 1 is a fraction of the run's steps (``steps``, default ``max_steps``), otherwise a step count."""
     if training.warmup < 1:
-        return int(round(training.warmup * training.max_steps))
+        return int(round(training.warmup * (steps if steps is not None else training.max_steps or DEFAULT_MAX_STEPS)))
     return int(training.warmup)
