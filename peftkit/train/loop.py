@@ -327,7 +327,10 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
     # process's share is scaled back up by their number.
     units = loss_units(run.examples.train, run.classification)
     lengths = example_lengths(run.examples.train)
-    mode = loss_mode(run.model, causal_lm=not run.classification)
+    # The chunked head (peftkit.chunked_loss) calls the model's base itself: not through a DDP wrapper, whose
+    # forward is what synchronises gradients (head_of also refuses FSDP2 and ZeRO-3 heads, hooks, adapters).
+    mode = loss_mode(run.model, causal_lm=not run.classification,
+                     chunked=training.chunked_loss and model is run.model)
     process_scale = accelerator.num_processes if engine.averages_gradients else 1
     pad_id = run.tokenizer.pad_token_id
     progress = _progress_bar(main and recipe.logging.progress_bar, training.max_steps, state.step)
