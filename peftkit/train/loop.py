@@ -70,6 +70,8 @@ class Run:
     plan: BatchPlan
     classification: bool
     engine: engines.Engine | None = None
+    padding_free: bool = False  # training batches share rows (data.collate): data.padding_free and a model whose
+    # attention keeps restarting position ids apart
 
 
 # The packages each of Accelerate's trackers imports (any one of them will do)
@@ -128,6 +130,8 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
     check_lengths(examples, model.config, recipe.data)
     if examples.train.position_ids is not None:
         _check_packing(model)
+    padding_free = (recipe.data.padding_free and not classification and examples.train.position_ids is None
+                    and _keeps_rows_apart(model))
     if training.gradient_checkpointing:
         # Non-reentrant checkpointing: gradients reach the adapters though the frozen base's inputs need none.
         model.config.use_cache = False
@@ -162,7 +166,7 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
     optimizer = peftkit.optimizer(model, recipe.optimizer.lr, base_lr=recipe.optimizer.base_lr, **options)
     schedule = peftkit.callbacks(model, optimizer=optimizer)
     return Run(recipe, accelerator, tokenizer, model, optimizer, schedule, examples, plan, classification,
-               engines.make(engine_name, accelerator))
+               engines.make(engine_name, accelerator), padding_free)
 
 
 def _check_packing(model) -> None:
@@ -173,6 +177,18 @@ def _check_packing(model) -> None:
         warnings.warn(f"data.packing: {type(model).__name__} lets packed conversations attend to each other (its "
                       "attention ignores per-conversation position ids); losses differ from unpacked training. Set "
                       "data.packing=false for exact losses", stacklevel=2)
+
+
+def _keeps_rows_apart(model) -> bool:
+    """Whether padding-free batches are exact for ``model``: its attention keeps examples that share a row apart
+    by their restarting position ids (the check runs with no KV cache, as training does). A model whose attention
+    does not (its own masking code) trains on padded batches instead: the same loss, more padded tokens."""
+    use_cache = model.config.use_cache
+    model.config.use_cache = False
+    if check_packed_attention(model):
+        return True
+    model.config.use_cache = use_cache
+    return False
 
 
 def _check_labels(examples: Examples, labels: int) -> None:
@@ -357,7 +373,7 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
                                  for m in range(training.grad_accum)))
             for micro in range(training.grad_accum):
                 indices = run.plan.indices(state.position)
-                batch = collate(run.examples.train, indices, pad_id, run.classification)
+                batch = collate(run.examples.train, indices, pad_id, run.classification, run.padding_free)
                 # Every process's tokens, counted on the host from the batch plan: no read of a device tensor.
                 state.tokens += int(lengths[run.plan.global_indices(state.position)].sum())
                 batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}

@@ -73,6 +73,8 @@ class DataSection:
     max_length: int = option(512, gt=0, le=2**24)
     packing: bool | None = None  # null: text packs (blocks of max_length), other formats do not; true: chat
     # data packs whole conversations into rows of <= max_length tokens with per-conversation position ids
+    padding_free: bool = True  # causal LM, unpacked data: a batch's examples share rows with restarting position
+    # ids (no attention mask), so almost no padded token goes through the model; the same examples and loss
     overlong: str = option("truncate_left", choices=OVERLONG)  # chat/instruction examples over max_length: truncate_left, drop or error
     num_proc: int | None = option(None, gt=0, le=1024)  # processes datasets.map tokenizes with
     chat_template: str | None = None  # null/"tokenizer": the tokenizer's; chatml, zephyr, llama3; or Jinja

@@ -1,0 +1,77 @@
+"""Padding-free causal-LM batches (data.collate with padding_free): the same examples sharing rows with restarting
+position ids give the padded batch's summed loss and gradients to round-off in fp64 (Llama's RoPE, GPT-2's learned
+positions), with prompt-masked examples of different lengths; and first-fit packing places every example once,
+within the longest one's length."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import peftkit
+from peftkit.loss import IGNORE_INDEX, batch_loss_units, share_of_global_mean
+from peftkit.train.data import Tokenized, check_packed_attention, collate, pack_rows
+
+from helpers import tiny_gpt2, tiny_llama
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 40), min_size=1, max_size=24))
+def test_pack_rows_places_every_example_once_within_the_longest(lengths):
+    rows = pack_rows(lengths, max(lengths))
+    assert sorted(k for row in rows for k in row) == list(range(len(lengths)))
+    assert all(sum(lengths[k] for k in row) <= max(lengths) for row in rows)
+    assert len(rows) <= len(lengths)
+
+
+def _examples(seed: int, count: int = 7, vocab: int = 97) -> Tokenized:
+    g = torch.Generator().manual_seed(seed)
+    ids, labels = [], []
+    for _ in range(count):
+        n = int(torch.randint(2, 15, (), generator=g))
+        prompt = int(torch.randint(0, n, (), generator=g))
+        row = torch.randint(3, vocab, (n,), generator=g).tolist()
+        ids.append(row)
+        labels.append([IGNORE_INDEX] * prompt + row[prompt:])
+    return Tokenized(ids, labels)
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("mode", ["summed", "chunked"])
+def test_a_padding_free_batch_has_the_padded_batchs_loss_and_gradients(factory, mode):
+    model = peftkit.wrap(factory(dtype=torch.float64), "lora", r=2)
+    model.config.use_cache = False
+    assert check_packed_attention(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    examples = _examples(seed=3)
+    indices = [4, 0, 6, 2, 5, 1]
+    padded = collate(examples, indices, 0, False)
+    free = collate(examples, indices, 0, False, padding_free=True)
+    assert "attention_mask" not in free and free["input_ids"].numel() < padded["input_ids"].numel()
+    assert free["input_ids"].shape[1] <= padded["input_ids"].shape[1]  # no row longer: attention costs no more
+    units = batch_loss_units(model, padded)
+    assert batch_loss_units(model, free) == units  # the same targets
+    results = []
+    for batch in (padded, free):
+        model.zero_grad(set_to_none=True)
+        loss = share_of_global_mean(model, batch, units, 50, mode)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-12, atol=0)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-14)
+
+
+def test_packed_examples_and_classification_keep_their_layout():
+    examples = _examples(seed=1, count=3)
+    examples.position_ids = [list(range(len(x))) for x in examples.input_ids]
+    assert torch.equal(collate(examples, [0, 1], 0, False, padding_free=True)["input_ids"],
+                       collate(examples, [0, 1], 0, False)["input_ids"])
+    pairs = Tokenized([[5, 6, 7], [8]], [0, 1])
+    assert "attention_mask" in collate(pairs, [0, 1], 0, True, padding_free=True)
