@@ -28,6 +28,7 @@ from ..config import resolve_config
 from ..errors import ConfigError
 from ..inject import adapter_layers, state_of
 from ..loss import loss_mode, share_of_global_mean
+from ..unpad import unpad_linears_if_exact
 from . import checkpointing, engines, evaluation
 from .build import Examples, load_examples, load_model, load_tokenizer, num_labels
 from .data import (BatchPlan, Tokenized, check_lengths, check_packed_attention, collate, example_lengths,
@@ -154,6 +155,9 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
         init_data = [collate(examples.train, plan.indices(i), pad, classification)
                      for i in range(adapter.init_batches * training.grad_accum)]
     model = peftkit.wrap(model, adapter.method, data=init_data, **adapter.options)
+    if classification and training.unpad:
+        # Linear layers and adapters on the real tokens only, where that is exact for this model (peftkit.unpad).
+        unpad_linears_if_exact(model)
 
     options = dict(recipe.optimizer.options)
     name = recipe.optimizer.name or config.optimizer

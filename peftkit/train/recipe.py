@@ -135,6 +135,7 @@ class TrainingSection:
     output_dir: str = "runs/peftkit"
     mixed_precision: str = option("no", choices=MIXED_PRECISION)
     gradient_checkpointing: bool = False  # recompute activations in the backward (non-reentrant)
+    unpad: bool = True  # classification: linear layers and adapters skip padded positions (exact; peftkit.unpad)
     chunked_loss: bool = True  # causal LM: head + cross-entropy fused, chunked, target tokens only (no full logits)
     min_lr: float | None = option(None, ge=0)  # the floor of cosine_with_min_lr, cosine_warmup_with_min_lr,
     # warmup_stable_decay (as min_lr_ratio) and polynomial (as lr_end)
