@@ -75,3 +75,25 @@ def test_packed_examples_and_classification_keep_their_layout():
                        collate(examples, [0, 1], 0, False)["input_ids"])
     pairs = Tokenized([[5, 6, 7], [8]], [0, 1])
     assert "attention_mask" in collate(pairs, [0, 1], 0, True, padding_free=True)
+
+
+def test_group_by_length_reads_every_example_once_per_epoch_in_batches_of_similar_length():
+    import numpy as np
+
+    from peftkit.train.data import GROUP_BATCHES, BatchPlan
+    lengths = np.random.default_rng(0).integers(1, 200, size=1000)
+    plain = BatchPlan(1000, 4, world_size=2, rank=0, seed=3)
+    grouped = [BatchPlan(1000, 4, world_size=2, rank=r, seed=3, lengths=lengths) for r in (0, 1)]
+    per_epoch = grouped[0].batches_per_epoch
+    for epoch in range(2):
+        read = [i for p in range(epoch * per_epoch, (epoch + 1) * per_epoch) for i in grouped[0].global_indices(p)]
+        assert len(set(read)) == len(read) == per_epoch * 8
+        for start in range(0, per_epoch - GROUP_BATCHES + 1, GROUP_BATCHES):  # sorted within a group
+            group = read[start * 8:(start + GROUP_BATCHES) * 8]
+            assert all(lengths[a] >= lengths[b] for a, b in zip(group, group[1:]))
+    padding = {}
+    for name, plan in (("plain", plain), ("grouped", grouped[0])):
+        padding[name] = sum(int(lengths[plan.global_indices(p)].max() * 8 - lengths[plan.global_indices(p)].sum())
+                            for p in range(per_epoch))
+    assert padding["grouped"] < padding["plain"] / 5
+    assert grouped[0].indices(7) + grouped[1].indices(7) == grouped[0].global_indices(7)

@@ -605,6 +605,9 @@ def check_packed_attention(model, max_positions: int = 8) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ batches
+GROUP_BATCHES = 50  # data.group_by_length sorts each run of this many global batches by length
+
+
 class BatchPlan:
     """The examples each process reads at each micro-batch.
 
@@ -613,7 +616,9 @@ class BatchPlan:
     ``rank`` takes the ``rank``-th slice of ``batch_size``. ``position`` counts global micro-batches from 0.
     """
 
-    def __init__(self, num_examples: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0) -> None:
+    def __init__(self, num_examples: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
+                 lengths: np.ndarray | None = None) -> None:
+        self.lengths = lengths  # data.group_by_length: per-example token counts (see _group_by_length)
         self.num_examples = num_examples
         self.batch_size = batch_size
         self.world_size = world_size
@@ -633,8 +638,20 @@ class BatchPlan:
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._order = torch.randperm(self.num_examples, generator=generator).tolist()
+            if self.lengths is not None:
+                self._order = self._group_by_length(self._order)
             self._epoch = epoch
         return self._order, k
+
+    def _group_by_length(self, order: list[int]) -> list[int]:
+        """The epoch's permutation cut into groups of ``GROUP_BATCHES`` global batches, each group sorted by
+        length (longest first): the examples of a batch have similar lengths, so padded batches pad less. It
+        changes which examples share a batch (not which examples an epoch reads), as transformers'
+        ``group_by_length`` does; still a pure function of (seed, epoch)."""
+        group = GROUP_BATCHES * self.batch_size * self.world_size
+        lengths = self.lengths
+        return [i for start in range(0, len(order), group)
+                for i in sorted(order[start:start + group], key=lambda i: -int(lengths[i]))]
 
     def indices(self, position: int) -> list[int]:
         order, k = self._order_at(position)

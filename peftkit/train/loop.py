@@ -141,7 +141,8 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     plan = BatchPlan(len(examples.train), training.batch_size, accelerator.num_processes,
-                     accelerator.process_index, training.seed)
+                     accelerator.process_index, training.seed,
+                     lengths=example_lengths(examples.train) if recipe.data.group_by_length else None)
 
     adapter = recipe.adapter
     config = resolve_config(adapter.method, **adapter.options)
@@ -327,6 +328,8 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
     fingerprint = {"method": recipe.adapter.method, "seed": training.seed, "batch_size": training.batch_size,
                    "processes": accelerator.num_processes, "grad_accum": training.grad_accum,
                    "train_examples": len(run.examples.train)}
+    if recipe.data.group_by_length:  # another batch order: a run without it cannot resume into one with it
+        fingerprint["group_by_length"] = True
     state = checkpointing.TrainState(fingerprint=fingerprint)
     if resume:
         state = checkpointing.load(last, accelerator, model, optimizer, lr_scheduler, schedule, fingerprint)

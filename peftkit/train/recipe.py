@@ -73,6 +73,8 @@ class DataSection:
     max_length: int = option(512, gt=0, le=2**24)
     packing: bool | None = None  # null: text packs (blocks of max_length), other formats do not; true: chat
     # data packs whole conversations into rows of <= max_length tokens with per-conversation position ids
+    group_by_length: bool = False  # batches of examples of similar length (sorted within runs of 50 batches): less
+    # padding, but it changes which examples share a batch (and so the trajectory); the epoch's examples are the same
     padding_free: bool = True  # causal LM, unpacked data: a batch's examples share rows with restarting position
     # ids (no attention mask), so almost no padded token goes through the model; the same examples and loss
     overlong: str = option("truncate_left", choices=OVERLONG)  # chat/instruction examples over max_length: truncate_left, drop or error
