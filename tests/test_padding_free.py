@@ -97,3 +97,36 @@ def test_group_by_length_reads_every_example_once_per_epoch_in_batches_of_simila
                             for p in range(per_epoch))
     assert padding["grouped"] < padding["plain"] / 5
     assert grouped[0].indices(7) + grouped[1].indices(7) == grouped[0].global_indices(7)
+
+
+def test_the_loop_trains_the_same_adapter_with_and_without_the_shortcuts(tmp_path, monkeypatch):
+    """A chat run in fp64 with the defaults (padding-free batches, the chunked head + cross-entropy) and with both
+    off ends with the same adapter to round-off; the defaults did take the shortcuts."""
+    import peftkit.chunked_loss as chunked_loss
+    from peftkit.train import data as data_module
+    from peftkit.train.loop import train
+    from peftkit.train.recipe import from_dict
+    from train_fixtures import adapter_tensors, llama_chat_recipe
+
+    calls = {"chunked": 0, "free": 0}
+    original_loss, original_free = chunked_loss.chunked_causal_loss, data_module._collate_padding_free
+    monkeypatch.setattr(chunked_loss, "chunked_causal_loss",
+                        lambda *a, **k: calls.__setitem__("chunked", calls["chunked"] + 1) or original_loss(*a, **k))
+    monkeypatch.setattr(data_module, "_collate_padding_free",
+                        lambda *a, **k: calls.__setitem__("free", calls["free"] + 1) or original_free(*a, **k))
+
+    def run(name, shortcuts):
+        spec = llama_chat_recipe(tmp_path / name, training__batch_size=4, training__max_steps=3,
+                                 training__warmup=0, training__chunked_loss=shortcuts, data__padding_free=shortcuts)
+        spec["model"]["dtype"] = "float64"
+        assert train(from_dict(spec)).status == "done"
+        return tmp_path / name / "run"
+
+    fast = run("fast", True)
+    assert calls == {"chunked": 3, "free": 3}
+    plain = run("plain", False)
+    assert calls == {"chunked": 3, "free": 3}
+    a, b = adapter_tensors(fast), adapter_tensors(plain)
+    assert any(v.abs().max() > 1e-3 for k, v in a.items() if "lora_B" in k)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-10, atol=1e-13)
