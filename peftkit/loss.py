@@ -58,16 +58,23 @@ def takes_item_count(model: nn.Module) -> bool:
 # "item_count": the model divides its summed cross-entropy by the global count (num_items_in_batch);
 # "summed": the causal cross-entropy summed here from the logits, in their precision (fp64 logits stay fp64,
 #           where transformers' loss rounds them to fp32), divided by the global count;
-# "rescaled": the model's mean loss times local units / global units (any mean-reduced head: CE, MSE, BCE).
-LOSS_MODES = ("item_count", "summed", "rescaled")
+# "rescaled": the model's mean loss times local units / global units (any mean-reduced head: CE, MSE, BCE);
+# "chunked": the "summed" loss with the output head fused into a chunked cross-entropy at the target positions
+#            only, never the [tokens × vocab] logits (peftkit.chunked_loss).
+LOSS_MODES = ("item_count", "summed", "rescaled", "chunked")
 
 
-def loss_mode(model: nn.Module, causal_lm: bool) -> str:
-    """The exact way to take ``model``'s share of a global mean: its own ``num_items_in_batch`` where it has it
-    and its logits are at most fp32 (or it adds an MoE router loss, which only its own loss holds), the causal
-    sum here for other causal LMs, a rescaled mean otherwise."""
+def loss_mode(model: nn.Module, causal_lm: bool, chunked: bool = False) -> str:
+    """The exact way to take ``model``'s share of a global mean: with ``chunked``, the fused chunked head and
+    cross-entropy where the model's logits are ``head(base(...))`` (peftkit.chunked_loss.head_of); else its own
+    ``num_items_in_batch`` where it has it and its logits are at most fp32 (or it adds an MoE router loss, which
+    only its own loss holds), the causal sum here for other causal LMs, a rescaled mean otherwise."""
     if not causal_lm:
         return "rescaled"
+    if chunked and shifts_labels(model):
+        from .chunked_loss import head_of
+        if head_of(model) is not None:
+            return "chunked"
     if takes_item_count(model) and (getattr(model, "dtype", None) != torch.float64
                                     or getattr(getattr(model, "config", None), "output_router_logits", False)):
         return "item_count"  # an MoE router's auxiliary loss is only in the model's own loss
@@ -94,6 +101,9 @@ def share_of_global_mean(forward: nn.Module, batch: Mapping[str, Any], local_uni
     total = max(int(global_units), 1)
     if mode == "item_count":
         return forward(**batch, num_items_in_batch=total).loss
+    if mode == "chunked":
+        from .chunked_loss import chunked_causal_loss
+        return chunked_causal_loss(forward, batch, total)
     if mode == "summed":
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         return summed_causal_loss(forward(**inputs).logits, batch["labels"], total)

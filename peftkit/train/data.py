@@ -605,6 +605,9 @@ def check_packed_attention(model, max_positions: int = 8) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ batches
+GROUP_BATCHES = 50  # data.group_by_length sorts each run of this many global batches by length
+
+
 class BatchPlan:
     """The examples each process reads at each micro-batch.
 
@@ -613,7 +616,9 @@ class BatchPlan:
     ``rank`` takes the ``rank``-th slice of ``batch_size``. ``position`` counts global micro-batches from 0.
     """
 
-    def __init__(self, num_examples: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0) -> None:
+    def __init__(self, num_examples: int, batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
+                 lengths: np.ndarray | None = None) -> None:
+        self.lengths = lengths  # data.group_by_length: per-example token counts (see _group_by_length)
         self.num_examples = num_examples
         self.batch_size = batch_size
         self.world_size = world_size
@@ -633,8 +638,20 @@ class BatchPlan:
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._order = torch.randperm(self.num_examples, generator=generator).tolist()
+            if self.lengths is not None:
+                self._order = self._group_by_length(self._order)
             self._epoch = epoch
         return self._order, k
+
+    def _group_by_length(self, order: list[int]) -> list[int]:
+        """The epoch's permutation cut into groups of ``GROUP_BATCHES`` global batches, each group sorted by
+        length (longest first): the examples of a batch have similar lengths, so padded batches pad less. It
+        changes which examples share a batch (not which examples an epoch reads), as transformers'
+        ``group_by_length`` does; still a pure function of (seed, epoch)."""
+        group = GROUP_BATCHES * self.batch_size * self.world_size
+        lengths = self.lengths
+        return [i for start in range(0, len(order), group)
+                for i in sorted(order[start:start + group], key=lambda i: -int(lengths[i]))]
 
     def indices(self, position: int) -> list[int]:
         order, k = self._order_at(position)
@@ -652,11 +669,20 @@ class BatchPlan:
         return position / self.batches_per_epoch
 
 
-def collate(examples: Tokenized, indices: list[int], pad_id: int, classification: bool) -> dict[str, torch.Tensor]:
+def collate(examples: Tokenized, indices: list[int], pad_id: int, classification: bool,
+            padding_free: bool = False) -> dict[str, torch.Tensor]:
     """Pad the chosen examples to the longest one: input_ids, attention_mask, labels (-100 on padding).
 
     Packed rows get ``position_ids`` instead of an attention mask (transformers then keeps the packed
-    conversations apart); the padding at a row's end is one more segment of its own, labelled -100."""
+    conversations apart); the padding at a row's end is one more segment of its own, labelled -100.
+
+    ``padding_free`` (causal LM, unpacked examples): the same examples, packed into as few rows as fit the
+    longest of them (first-fit decreasing), with restarting ``position_ids`` instead of an attention mask and each
+    example's first label -100 (nothing predicts it, as in its own padded row). The batch holds the same
+    examples and the same targets, so its summed loss is the padded batch's, to round-off; its rows carry
+    almost no padding, and no row is longer than the padded batch's (attention costs no more)."""
+    if padding_free and not classification and examples.position_ids is None:
+        return _collate_padding_free(examples, indices, pad_id)
     length = max(len(examples.input_ids[i]) for i in indices)
     ids = torch.full((len(indices), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(indices), length), dtype=torch.long)
@@ -683,6 +709,42 @@ def collate(examples: Tokenized, indices: list[int], pad_id: int, classification
             labels[row, :n] = torch.tensor(examples.labels[i])
     batch["labels"] = torch.tensor([examples.labels[i] for i in indices]) if classification else labels
     return batch
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: the positions of ``lengths`` grouped into rows whose lengths sum to at most
+    ``capacity`` (every length must be <= capacity). Deterministic: ties keep their order."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for k in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        row = next((r for r, free in enumerate(room) if free >= lengths[k]), None)
+        if row is None:
+            rows.append([k])
+            room.append(capacity - lengths[k])
+        else:
+            rows[row].append(k)
+            room[row] -= lengths[k]
+    return rows
+
+
+def _collate_padding_free(examples: Tokenized, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    lengths = [len(examples.input_ids[i]) for i in indices]
+    length = max(lengths)
+    rows = pack_rows(lengths, length)
+    width = max(sum(lengths[k] for k in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.arange(width).repeat(len(rows), 1)
+    for r, row in enumerate(rows):
+        start = 0
+        for k in row:
+            i, n = indices[k], lengths[k]
+            ids[r, start:start + n] = torch.tensor(examples.input_ids[i])
+            labels[r, start + 1:start + n] = torch.tensor(examples.labels[i][1:])
+            positions[r, start:start + n] = torch.arange(n)
+            start += n
+        positions[r, start:] = torch.arange(width - start)  # the tail padding: a segment of its own
+    return {"input_ids": ids, "position_ids": positions, "labels": labels}
 
 
 def _list_chunks(column, rows: int = 1 << 16):

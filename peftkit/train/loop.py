@@ -29,6 +29,7 @@ from ..config import resolve_config
 from ..errors import ConfigError
 from ..inject import adapter_layers, state_of
 from ..loss import loss_mode, share_of_global_mean
+from ..unpad import unpad_linears_if_exact
 from . import checkpointing, engines, evaluation
 from .build import Examples, load_examples, load_model, load_tokenizer, num_labels
 from .data import (BatchPlan, Tokenized, check_lengths, check_packed_attention, collate, example_lengths,
@@ -75,6 +76,8 @@ class Run:
     plan: BatchPlan
     classification: bool
     engine: engines.Engine | None = None
+    padding_free: bool = False  # training batches share rows (data.collate): data.padding_free and a model whose
+    # attention keeps restarting position ids apart
 
 
 # The packages each of Accelerate's trackers imports (any one of them will do)
@@ -136,6 +139,8 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
     check_lengths(examples, model.config, recipe.data)
     if examples.train.position_ids is not None:
         _check_packing(model)
+    padding_free = (recipe.data.padding_free and not classification and examples.train.position_ids is None
+                    and _keeps_rows_apart(model))
     if training.gradient_checkpointing:
         # Non-reentrant checkpointing: gradients reach the adapters though the frozen base's inputs need none.
         model.config.use_cache = False
@@ -144,7 +149,8 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     plan = BatchPlan(len(examples.train), training.batch_size, accelerator.num_processes,
-                     accelerator.process_index, training.seed)
+                     accelerator.process_index, training.seed,
+                     lengths=example_lengths(examples.train) if recipe.data.group_by_length else None)
     # training.epochs becomes a step count here; the Run's recipe (a copy) holds the run's max_steps.
     steps = total_steps(training, plan.batches_per_epoch)
     check_warmup(training, steps)
@@ -170,6 +176,9 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
             init_data = [collate(examples.train, plan.indices(i), pad, classification)
                          for i in range(adapter.init_batches * micro)]
     model = peftkit.wrap(model, adapter.method, data=init_data, **adapter.options)
+    if classification and training.unpad:
+        # Linear layers and adapters on the real tokens only, where that is exact for this model (peftkit.unpad).
+        unpad_linears_if_exact(model)
 
     options = dict(recipe.optimizer.options)
     name = recipe.optimizer.name or config.optimizer
@@ -182,7 +191,7 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
     optimizer = peftkit.optimizer(model, recipe.optimizer.lr, base_lr=recipe.optimizer.base_lr, **options)
     schedule = peftkit.callbacks(model, optimizer=optimizer)
     return Run(recipe, accelerator, tokenizer, model, optimizer, schedule, examples, plan, classification,
-               engines.make(engine_name, accelerator))
+               engines.make(engine_name, accelerator), padding_free)
 
 
 def with_steps(recipe: Recipe, steps: int) -> Recipe:
@@ -200,6 +209,18 @@ def _check_packing(model) -> None:
         warnings.warn(f"data.packing: {type(model).__name__} lets packed conversations attend to each other (its "
                       "attention ignores per-conversation position ids); losses differ from unpacked training. Set "
                       "data.packing=false for exact losses", stacklevel=2)
+
+
+def _keeps_rows_apart(model) -> bool:
+    """Whether padding-free batches are exact for ``model``: its attention keeps examples that share a row apart
+    by their restarting position ids (the check runs with no KV cache, as training does). A model whose attention
+    does not (its own masking code) trains on padded batches instead: the same loss, more padded tokens."""
+    use_cache = model.config.use_cache
+    model.config.use_cache = False
+    if check_packed_attention(model):
+        return True
+    model.config.use_cache = use_cache
+    return False
 
 
 def _check_labels(examples: Examples, labels: int) -> None:
@@ -340,6 +361,8 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
     fingerprint = {"method": recipe.adapter.method, "seed": training.seed, "batch_size": training.batch_size,
                    "processes": accelerator.num_processes, "grad_accum": training.grad_accum,
                    "train_examples": len(run.examples.train)}
+    if recipe.data.group_by_length:  # another batch order: a run without it cannot resume into one with it
+        fingerprint["group_by_length"] = True
     state = checkpointing.TrainState(fingerprint=fingerprint)
     if resume:
         state = checkpointing.load(last, accelerator, model, optimizer, lr_scheduler, schedule, fingerprint)
@@ -362,7 +385,10 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
     # process's share is scaled back up by their number.
     units = loss_units(run.examples.train, run.classification)
     lengths = example_lengths(run.examples.train)
-    mode = loss_mode(run.model, causal_lm=not run.classification)
+    # The chunked head (peftkit.chunked_loss) calls the model's base itself: not through a DDP wrapper, whose
+    # forward is what synchronises gradients (head_of also refuses FSDP2 and ZeRO-3 heads, hooks, adapters).
+    mode = loss_mode(run.model, causal_lm=not run.classification,
+                     chunked=training.chunked_loss and model is run.model)
     process_scale = accelerator.num_processes if engine.averages_gradients else 1
     pad_id = run.tokenizer.pad_token_id
     progress = _progress_bar(main and recipe.logging.progress_bar, training.max_steps, state.step)
@@ -390,7 +416,7 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
                                  for m in range(training.grad_accum)))
             for micro in range(training.grad_accum):
                 indices = run.plan.indices(state.position)
-                batch = collate(run.examples.train, indices, pad_id, run.classification)
+                batch = collate(run.examples.train, indices, pad_id, run.classification, run.padding_free)
                 # Every process's tokens, counted on the host from the batch plan: no read of a device tensor.
                 state.tokens += int(lengths[run.plan.global_indices(state.position)].sum())
                 batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}

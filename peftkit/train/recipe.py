@@ -76,6 +76,10 @@ class DataSection:
     max_length: int = option(512, gt=0, le=2**24)
     packing: bool | None = None  # null: text packs (blocks of max_length), other formats do not; true: chat
     # data packs whole conversations into rows of <= max_length tokens with per-conversation position ids
+    group_by_length: bool = False  # batches of examples of similar length (sorted within runs of 50 batches): less
+    # padding, but it changes which examples share a batch (and so the trajectory); the epoch's examples are the same
+    padding_free: bool = True  # causal LM, unpacked data: a batch's examples share rows with restarting position
+    # ids (no attention mask), so almost no padded token goes through the model; the same examples and loss
     overlong: str = option("truncate_left", choices=OVERLONG)  # chat/instruction examples over max_length: truncate_left, drop or error
     num_proc: int | None = option(None, gt=0, le=1024)  # processes datasets.map tokenizes with
     chat_template: str | None = None  # null/"tokenizer": the tokenizer's; chatml, zephyr, llama3; or Jinja
@@ -139,6 +143,8 @@ class TrainingSection:
     output_dir: str = "runs/peftkit"
     mixed_precision: str = option("no", choices=MIXED_PRECISION)
     gradient_checkpointing: bool = False  # recompute activations in the backward (non-reentrant)
+    unpad: bool = True  # classification: linear layers and adapters skip padded positions (exact; peftkit.unpad)
+    chunked_loss: bool = True  # causal LM: head + cross-entropy fused, chunked, target tokens only (no full logits)
     min_lr: float | None = option(None, ge=0)  # the floor of cosine_with_min_lr, cosine_warmup_with_min_lr,
     # warmup_stable_decay (as min_lr_ratio) and polynomial (as lr_end)
     lr_schedule_options: dict = field(default_factory=dict)  # other get_scheduler kwargs (num_cycles, power ...)

@@ -1,0 +1,190 @@
+"""The causal-LM loss without the [tokens × vocab] logits: the output head and the cross-entropy fused and
+applied in chunks of tokens.
+
+A step's plain loss materialises ``logits = hidden @ W.T`` for every position (SmolLM2: 49,152 wide; Gemma-3:
+262,144), an fp32 copy for the cross-entropy, and the same again for their gradient. Here the head is applied
+only at the target positions (labels != -100 after the shift: a prompt-masked SFT batch skips its prompts), in
+chunks of ``chunk_tokens`` rows; each chunk's gradients w.r.t. the hidden states and the head (when it trains)
+are computed in the forward, and the chunk's logits freed. The backward only scales the saved gradients by
+the incoming one (the loss is a scalar), so nothing is recomputed. Peak extra memory: one chunk's logits.
+
+The math is the plain loss's, to round-off: logits in the head's dtype upcast to at least fp32 (fp64 stays
+fp64), an optional ``softcap · tanh(z / softcap)`` (Gemma's ``final_logit_softcapping``), log-sum-exp and the
+target logit per row, summed and divided by the global batch's target count (peftkit.loss's contract).
+
+On a GPU with Liger's fused kernel installed (``liger_kernel``), its ``LigerFusedLinearCrossEntropyFunction``
+takes the same role; it is used only where its result is the same sum (see :func:`fused_kernel`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .api import GATE_ATTR
+from .loss import IGNORE_INDEX
+
+DEFAULT_CHUNK_TOKENS = 1024
+# Config fields that scale or transform the logits beyond softcapping: a model with one of these set is left to
+# its own forward (its loss is not lm_head + cross-entropy).
+_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "output_multiplier_scale", "lm_head_multiplier")
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Σ_rows CE(softcap(hidden @ weight.T + bias), targets) / divisor, chunked over rows.
+
+    hidden: (N, H); weight: (V, H); bias: (V,) or None; targets: (N,) int64 (``-100`` rows count nothing);
+    softcap: float or None; divisor: the global target count. Returns a 0-dim tensor in the logits' precision
+    (at least fp32)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                softcap: float | None, divisor: float, chunk_tokens: int) -> torch.Tensor:
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_bias = bias is not None and ctx.needs_input_grad[2]
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        grad_hidden = torch.zeros_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if want_bias else None
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            rows = hidden[start:start + chunk_tokens]
+            target = targets[start:start + chunk_tokens]
+            raw = rows @ weight.T
+            if bias is not None:
+                raw = raw + bias
+            logits = raw.to(acc)
+            del raw
+            if softcap is not None:
+                logits = torch.tanh(logits / softcap) * softcap
+            valid = target != IGNORE_INDEX
+            safe = torch.where(valid, target, 0)
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe[:, None]).squeeze(1)
+            total += torch.where(valid, lse - picked, 0).sum()
+            if not (want_hidden or want_weight or want_bias):
+                continue
+            # d(loss)/d(logits) = softmax - onehot(target), zero on ignored rows, over the divisor.
+            grad = torch.exp(logits - lse[:, None])
+            grad.scatter_add_(1, safe[:, None], -torch.ones_like(lse)[:, None])
+            grad *= (valid.to(acc) / divisor)[:, None]
+            if softcap is not None:  # d softcap·tanh(x/softcap) / dx = 1 - tanh² = 1 - (z/softcap)²
+                grad *= 1 - (logits / softcap) ** 2
+            del logits
+            if want_hidden:
+                grad_hidden[start:start + chunk_tokens] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+            if want_weight:
+                grad_weight += grad.T @ rows.to(acc)
+            if want_bias:
+                grad_bias += grad.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total / divisor
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        scale = grad_output
+        out = []
+        for grad, dtype in ((grad_hidden, None), (grad_weight, ctx.dtypes[0]), (grad_bias, ctx.dtypes[1])):
+            if grad is None:
+                out.append(None)
+                continue
+            scaled = grad * scale.to(grad.dtype)
+            out.append(scaled if dtype is None else scaled.to(dtype))
+        return (*out, None, None, None, None)
+
+
+def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                 targets: torch.Tensor, divisor: float, softcap: float | None = None,
+                                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """Σ over rows of ``hidden`` (N, H) of the cross-entropy of ``hidden @ weight.T (+ bias)`` (softcapped
+    where ``softcap`` is set) at ``targets`` (N,), over ``divisor``; never more than ``chunk_tokens`` rows of
+    logits at once."""
+    kernel = fused_kernel(hidden, softcap, bias)
+    if kernel is not None:
+        return kernel(hidden, weight, targets, bias) / divisor
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, softcap, float(divisor), int(chunk_tokens))
+
+
+def fused_kernel(hidden: torch.Tensor, softcap: float | None, bias: torch.Tensor | None):
+    """Liger's fused linear cross-entropy (a Triton kernel) on a CUDA device where ``liger_kernel`` is installed,
+    as a function returning the *summed* loss; else None (the chunked autograd above)."""
+    if hidden.device.type != "cuda":
+        return None
+    try:
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+    except ImportError:
+        return None
+
+    def summed(hidden, weight, targets, bias):
+        # Liger's positional arguments: input, weight, target, bias, ce_weight, ignore_index, lse_square_scale,
+        # label_smoothing, reduction, softcap.
+        out = LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, targets, bias, None, IGNORE_INDEX, 0.0,
+                                                         0.0, "sum", softcap)
+        return out[0] if isinstance(out, tuple) else out
+    return summed
+
+
+def head_of(model: nn.Module) -> tuple[nn.Module, nn.Linear, float | None] | None:
+    """(the base that returns hidden states, the output head, its softcap) when ``model``'s causal-LM logits
+    are exactly ``head(base(...).last_hidden_state)`` (softcapped): a transformers ``*ForCausalLM`` with a plain
+    ``nn.Linear`` head whose weight is a whole local tensor (not an adapter layer, not a DTensor or a DeepSpeed
+    partition, no hooks), no logit scaling and no MoE router loss. None otherwise: the caller keeps the model's
+    own forward."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "get_output_embeddings"):
+        return None
+    base = getattr(model, "base_model", None)
+    head = model.get_output_embeddings()
+    if base is None or base is model or type(head) is not nn.Linear:
+        return None
+    if head._forward_hooks or head._forward_pre_hooks or _foreign_hooks(model) \
+            or type(head.weight) is not nn.Parameter \
+            or hasattr(head.weight, "ds_id") or head.weight.numel() == 0:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for conf in {id(config): config, id(text): text}.values():
+        if any(getattr(conf, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+            return None
+        if getattr(conf, "output_router_logits", False):
+            return None
+    softcap = getattr(text, "final_logit_softcapping", None)
+    return base, head, (float(softcap) if softcap else None)
+
+
+def _foreign_hooks(model: nn.Module) -> bool:
+    """Whether ``model`` has forward hooks other than peftkit's weight gate (FSDP2's unshard, a user's): calling
+    its base directly would skip them."""
+    gate = model.__dict__.get(GATE_ATTR)
+    hooks = list(model._forward_pre_hooks.values()) + list(model._forward_hooks.values())
+    return any(getattr(hook, "__self__", None) is not gate or gate is None for hook in hooks)
+
+
+def chunked_causal_loss(model: nn.Module, batch: Mapping[str, Any], global_units: int,
+                        chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """Σ of the causal cross-entropy of ``batch``'s target tokens over ``global_units``, as the ``summed`` mode
+    of peftkit.loss computes it, without the full logits. ``model`` must pass :func:`head_of`."""
+    found = head_of(model)
+    if found is None:
+        raise ValueError("chunked_causal_loss: the model's logits are not head(base(...)); use its own loss")
+    base, head, softcap = found
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    # The forward counts as one of the model's for peftkit's merge/unmerge gate, as model(...) would.
+    gate = model.__dict__.get(GATE_ATTR)
+    if gate is not None:
+        gate.enter(model, ())
+    try:
+        hidden = base(**inputs).last_hidden_state
+    finally:
+        if gate is not None:
+            gate.leave(model, (), None)
+    labels = batch["labels"].to(hidden.device)
+    targets = labels[..., 1:]
+    keep = targets != IGNORE_INDEX
+    rows = hidden[..., :-1, :][keep]  # only the target positions go through the head
+    return chunked_linear_cross_entropy(rows, head.weight, head.bias, targets[keep], max(int(global_units), 1),
+                                        softcap, chunk_tokens)
