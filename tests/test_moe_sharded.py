@@ -26,8 +26,7 @@ def moe_runs(tmp_path_factory):
 
     def launch():
         try:
-            run_distributed(REPO / "tests" / "moe_sharded.py", 2, two / "out", ",".join(ENGINES), "2", str(two),
-                            timeout=1200)
+            run_distributed(REPO / "tests" / "moe_sharded.py", 2, two / "out", ",".join(ENGINES), "2", str(two))
         except BaseException as exc:  # re-raised below, in the test's thread
             failure.append(exc)
 
