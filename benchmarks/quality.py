@@ -598,10 +598,25 @@ def recipe_fingerprint(task: Task, quick: bool) -> str:
     return _fingerprint(task.recipe_path.read_text(), task.recipe_path, quick)
 
 
+# Recipe fields that leave a cell's numbers as they were, at these values, so they are not part of its fingerprint:
+# fields added after cells were made, at the value that keeps the earlier behaviour, and the options of issue 29 that
+# do less work for the same result (exact to round-off, tested in test_unpad / test_padding_free / test_chunked_loss).
+# A new field belongs here only at such a value; any other value makes the cell stale, as it should.
+FINGERPRINT_NEUTRAL = {
+    ("model", "gguf_file"): None, ("training", "epochs"): None, ("training", "early_stopping"): None,
+    ("training", "best"): None, ("training", "answer_extraction"): None, ("training", "answer_pattern"): None,
+    ("data", "group_by_length"): False, ("training", "unpad"): True, ("training", "chunked_loss"): True,
+    ("data", "padding_free"): True,
+}
+
+
 @functools.lru_cache(maxsize=None)
 def _fingerprint(text: str, path: Path, quick: bool) -> str:
     # Keyed by the file's text, so an edited recipe is parsed again; parsing it is the costly part.
     recipe = dataclasses.asdict(load_recipe(path))
+    for (section, key), neutral in FINGERPRINT_NEUTRAL.items():
+        if key in recipe.get(section, {}) and recipe[section][key] == neutral:
+            del recipe[section][key]
     return hashlib.sha256(json.dumps([recipe, quick], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

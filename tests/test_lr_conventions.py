@@ -36,7 +36,7 @@ def test_every_preset_declares_its_convention():
         conv = registry.get_method(name).lr_convention
         assert _declared(conv), f"{name}: no lr_convention given to register_method (source {conv.source!r})"
         assert conv.kind == ("full-ft" if name in FULL_FT else "lora"), name
-        assert conv.ratio == pytest.approx({"lora-ga": 0.1, "lora-pro": 0.1, "loft": 0.1, "lora-plus": 0.5, "hra": 3.0, "elalora": 3.0,
+        assert conv.ratio == pytest.approx({"lora-ga": 0.1, "lora-pro": 0.1, "loft": 0.3, "lora-plus": 0.5, "hra": 3.0, "elalora": 3.0,
                                               "coto": 3.0}.get(name, 1.0))
 
 
