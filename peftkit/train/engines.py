@@ -126,6 +126,18 @@ def select(recipe: Recipe) -> str:
     return engine
 
 
+def load_sharded(engine: str, processes: int) -> str | None:
+    """The engine whose shards each process loads on its own (:mod:`peftkit.sharded`), or None to load the base
+    whole: ``fsdp2`` and ``zero3`` on several processes, unless the launcher's Accelerate config turned its
+    sharded loading off (``fsdp_cpu_ram_efficient_loading: false``, ``zero3_init_flag: false``)."""
+    if processes < 2 or engine not in ("fsdp2", "zero3"):
+        return None
+    switch = "FSDP_CPU_RAM_EFFICIENT_LOADING" if engine == "fsdp2" else "ACCELERATE_DEEPSPEED_ZERO3_INIT"
+    if os.environ.get(switch, "true").strip().lower() in ("0", "false", "no"):
+        return None
+    return engine
+
+
 def refusal(engine: str) -> str | None:
     """Why an engine cannot run peftkit's methods exactly (None when it can)."""
     if engine in ("ddp", "fsdp2"):
@@ -160,6 +172,14 @@ class Engine:
 
     def __init__(self, accelerator: Any) -> None:
         self.accelerator = accelerator
+
+    # True where the frozen base is sharded before the adapters' init and the optimizer (``shard``), so a
+    # data-driven init runs on the sharded model, on the training device.
+    shards_before_init = False
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        """Shard the frozen base (engines that do); DDP replicates it in ``prepare``."""
+        return model
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
         share_optimizer_state(optimizer)
@@ -207,17 +227,27 @@ class FSDP2Engine(WholeAdaptersEngine):
 
     name = "fsdp2"
     collective_forward = True
+    shards_before_init = True
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        """``fully_shard`` the frozen base (unless :mod:`peftkit.sharded` loaded it sharded), then move what stays
+        whole (adapters, trainable tensors) to the device. The whole model is never moved to the device: FSDP2
+        moves each block's tensors as it shards them."""
+        device = self.accelerator.device
+        if distributed.world_size() == 1:  # one process: nothing to shard across, the same numbers
+            return model.to(device)
+        if getattr(model, "peftkit_sharded", None) != "fsdp2":
+            shard_frozen_base(model, device, offload=_flag("FSDP_OFFLOAD_PARAMS"),
+                              reshard_after_forward=os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower()
+                              not in ("false", "0", "no"))
+            model.peftkit_sharded = "fsdp2"
+        move_whole_tensors(model, device)
+        return model
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
         share_optimizer_state(optimizer)
-        model = model.to(self.accelerator.device)
-        if distributed.world_size() == 1:  # one process: nothing to shard across, the same numbers
-            return model, self.accelerator.prepare_optimizer(optimizer)
-        shard_frozen_base(model, self.accelerator.device, offload=_flag("FSDP_OFFLOAD_PARAMS"),
-                          reshard_after_forward=os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower()
-                          not in ("false", "0", "no"))
-        # The optimizer was built on the unsharded model; it stays valid because every tensor it updates was kept
-        # out of the shards (the same Parameter objects, plain tensors, whole).
+        model = self.shard(model)
+        # The optimizer's tensors were kept out of the shards (the same Parameter objects, plain tensors, whole).
         from torch.distributed.tensor import DTensor
 
         sharded = [p for group in optimizer.param_groups for p in group["params"] if isinstance(p, DTensor)]
@@ -226,12 +256,12 @@ class FSDP2Engine(WholeAdaptersEngine):
         return model, self.accelerator.prepare_optimizer(optimizer)
 
 
-
 class DeepSpeedZeroEngine(WholeAdaptersEngine):
     """DeepSpeed ZeRO-2/3 over the frozen base; adapters and other trainable tensors whole on every process,
     hidden from DeepSpeed (module docstring)."""
 
     name = "zero3"
+    shards_before_init = True
 
     def __init__(self, accelerator: Any, stage: int) -> None:
         super().__init__(accelerator)
@@ -241,14 +271,22 @@ class DeepSpeedZeroEngine(WholeAdaptersEngine):
         self.collective_forward = stage == 3
         self.deepspeed_engine = None  # kept alive: its module hooks refer to it
 
-    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
-        share_optimizer_state(optimizer)
-        model = model.to(self.accelerator.device)
+    def shard(self, model: nn.Module) -> nn.Module:
+        """``deepspeed.initialize`` over the model (once), whole tensors hidden (:func:`wrap_deepspeed`). A base
+        that :mod:`peftkit.sharded` built under ``zero.Init`` is partitioned already and stays where it is;
+        DeepSpeed moves any other one to the device itself."""
         if self.stage == 3:  # at any process count, so that one process computes what two do
             keep_quantized_layouts(model)
         if distributed.world_size() == 1:  # one process: nothing to shard across, the same numbers
-            return model, self.accelerator.prepare_optimizer(optimizer)
-        self.deepspeed_engine = wrap_deepspeed(model, self.stage)
+            return model.to(self.accelerator.device)
+        if self.deepspeed_engine is None:
+            move_whole_tensors(model, self.accelerator.device)
+            self.deepspeed_engine = wrap_deepspeed(model, self.stage)
+        return model
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
+        share_optimizer_state(optimizer)
+        model = self.shard(model)
         sharded = [p for group in optimizer.param_groups for p in group["params"] if hasattr(p, "ds_id")]
         if sharded:  # pragma: no cover - a guard for the invariant of wrap_deepspeed
             raise RuntimeError(f"{self.name}: {len(sharded)} optimizer tensors were taken by DeepSpeed; adapters must "
@@ -258,6 +296,13 @@ class DeepSpeedZeroEngine(WholeAdaptersEngine):
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()  # the adapters' gradients land in p.grad (DeepSpeed's own backward drives only its optimizer)
 
+
+def move_whole_tensors(model: nn.Module, device: torch.device) -> None:
+    """Move the tensors no engine shards (:func:`whole_parameters`, with their gradients) to ``device``, in
+    place: the adapters are small, the sharded base is moved by its engine, shard by shard."""
+    for param in whole_parameters(model):
+        if param.device != device and not param.is_meta:
+            param.data = param.data.to(device)
 
 
 ENGINES = {"ddp": Engine, "fsdp2": FSDP2Engine, "zero2": lambda acc: DeepSpeedZeroEngine(acc, 2),
