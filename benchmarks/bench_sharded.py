@@ -237,8 +237,8 @@ def load_benchmark(layers: int, peftkit_from: str | None) -> None:
             ranks = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(processes)]
         worst = max(r["peak_mib"] for r in ranks)
         one = one or worst
-        print(f"| {processes} | {engine} | {ranks[0]['held_mb']:.0f} | "
-              f"{' / '.join(f'{r['peak_mib']:.0f}' for r in ranks)} | {worst / one:.2f} |", flush=True)
+        peaks = " / ".join(f"{r['peak_mib']:.0f}" for r in ranks)
+        print(f"| {processes} | {engine} | {ranks[0]['held_mb']:.0f} | {peaks} | {worst / one:.2f} |", flush=True)
 
 
 def main() -> None:

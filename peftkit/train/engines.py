@@ -332,8 +332,16 @@ def shard_frozen_base(model: nn.Module, device: torch.device, *, offload: bool =
 
     mesh = init_device_mesh(device.type, (distributed.world_size(),))
     ignored = whole_parameters(model)
-    # Packed quantized weights (bitsandbytes' uint8 storage) cannot become DTensors: they stay whole, unsharded.
-    ignored |= {p for p in model.parameters() if not (p.is_floating_point() or p.is_complex())}
+    prepare_quantized_for_fsdp2(model)
+    # Integer storage (bitsandbytes' int8 weights, 4-bit weights stored as uint8) cannot become DTensors: whole.
+    whole_quantized = {p for p in model.parameters() if not (p.is_floating_point() or p.is_complex())}
+    if whole_quantized and distributed.rank() == 0:
+        size = sum(p.numel() * p.element_size() for p in whole_quantized)
+        print(f"peftkit: fsdp2 keeps {len(whole_quantized)} quantized weights ({size / 2**20:.1f} MiB) whole on every "
+              "process: their integer storage cannot be sharded (bitsandbytes 8-bit, or 4-bit without a float "
+              "quant_storage; peftkit train loads 4-bit bases with quant_storage = model.dtype under fsdp2)",
+              flush=True)
+    ignored |= whole_quantized
     options = dict(mesh=mesh, ignored_params=ignored, offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
     block_classes = set(getattr(model, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in block_classes]
@@ -342,6 +350,21 @@ def shard_frozen_base(model: nn.Module, device: torch.device, *, offload: bool =
             fully_shard(block, reshard_after_forward=reshard_after_forward, **options)
     fully_shard(model, **options)
     return model
+
+
+def prepare_quantized_for_fsdp2(model: nn.Module) -> None:
+    """Make every bitsandbytes 4-bit layer shardable by FSDP2: its weight in the standard layout for good (FSDP2
+    re-creates the weight from its shards at every all-gather, so bitsandbytes' in-place CPU repack would be
+    undone: ``keep_standard_layout``), and its quant_state kept on the module, where bitsandbytes' forward finds
+    it when the weight it gets is the plain all-gathered tensor (``Linear4bit.quant_state``). A weight with a float
+    ``quant_storage`` is then sharded like any other frozen weight (FSDP-QLoRA)."""
+    from .. import quantized
+
+    for module in model.modules():
+        if quantized.is_4bit(module):
+            quantized.keep_standard_layout(module)
+            if getattr(module, "quant_state", None) is None:
+                module.quant_state = module.weight.quant_state
 
 
 def _deepspeed_config(stage: int) -> dict:

@@ -122,7 +122,7 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
     engine = engines.make(engine_name, accelerator)
     model = load_model(recipe.model, tokenizer, labels=num_labels(recipe, examples) if classification else None,
                        label_names=examples.train.label_names, seed=training.seed,
-                       shard_for=engines.load_sharded(engine_name, accelerator.num_processes))
+                       shard_for=engines.load_sharded(engine_name, accelerator.num_processes), engine=engine_name)
     if classification:
         _check_labels(examples, model.config.num_labels)
     check_lengths(examples, model.config, recipe.data)
