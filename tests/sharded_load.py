@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-CONFIGS = {"lora": {"method": "lora"}, "lora-ga": {"method": "lora-ga"}, "eva": {"method": "eva"}}
+# lora-ga-weight reads the base weight in its init (σ(W) scale, max|W| clip): after sharding, a gathered read.
+CONFIGS = {"lora": {"method": "lora"}, "lora-ga": {"method": "lora-ga"}, "eva": {"method": "eva"},
+           "lora-ga-weight": {"method": "lora-ga", "scale": "weightS", "norm_clip": True}}
 STEPS = 2
 
 

@@ -76,3 +76,21 @@ def test_training_from_the_shards_equals_one_process(runs, engine, config):
     losses = [r["loss"] for r in read_metrics(one / "ddp" / config / "run") if "loss" in r]
     sharded = [r["loss"] for r in read_metrics(two / engine / config / "run") if "loss" in r]
     assert len(losses) == 2 and sharded == pytest.approx(losses, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- no launch
+@pytest.mark.parametrize("engine, switch", [("fsdp2", "FSDP_CPU_RAM_EFFICIENT_LOADING"),
+                                            ("zero3", "ACCELERATE_DEEPSPEED_ZERO3_INIT")])
+def test_sharded_loading_follows_the_accelerate_config(monkeypatch, engine, switch):
+    """``accelerate launch`` passes fsdp_cpu_ram_efficient_loading / zero3_init_flag as these variables: true or
+    unset loads each process's shard only; false loads the base whole (then the engine shards it)."""
+    from peftkit.train.engines import load_sharded
+
+    monkeypatch.delenv(switch, raising=False)
+    assert load_sharded(engine, 2) == engine
+    monkeypatch.setenv(switch, "true")
+    assert load_sharded(engine, 2) == engine
+    monkeypatch.setenv(switch, "false")
+    assert load_sharded(engine, 2) is None
+    monkeypatch.delenv(switch)
+    assert load_sharded(engine, 1) is None and load_sharded("ddp", 2) is None and load_sharded("zero2", 2) is None
