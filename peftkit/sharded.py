@@ -63,12 +63,13 @@ def checkpoint_files(ref: str) -> dict[str, str] | None:
 
 
 class _Reader:
-    """Slices of checkpoint tensors by name, with each file opened once; closed (unmapped) by ``close``."""
+    """Slices of checkpoint tensors by name. Each read opens its file and closes it after: safetensors maps the
+    file, and every page a read touched stays resident (and counted in the process's memory) until the map is
+    closed, so a reader kept open would end up holding this process's share of the file besides its shards."""
 
     def __init__(self, files: dict[str, str], prefix: str) -> None:
         self.files = files
         self.prefix = prefix
-        self.open: dict[str, Any] = {}
 
     def key(self, name: str) -> str:
         """The checkpoint's name for the model's parameter ``name`` (a base model's file has no head prefix)."""
@@ -81,23 +82,24 @@ class _Reader:
             "renames or converts its checkpoint's tensors); train it with training.distributed: ddp, or convert "
             "the checkpoint with save_pretrained first")
 
-    def slice(self, name: str):
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the tensor (all of a 0-d one), a copy in the file's dtype."""
         from safetensors import safe_open
 
-        file = self.files[self.key(name)]
-        if file not in self.open:
-            self.open[file] = safe_open(file, framework="pt", device="cpu")
-        return self.open[file].get_slice(self.key(name))
-
-    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        part = self.slice(name)
-        return part[start:stop] if len(part.get_shape()) else part[...]
+        key = self.key(name)
+        with safe_open(self.files[key], framework="pt", device="cpu") as f:
+            part = f.get_slice(key)
+            return (part[start:stop] if len(part.get_shape()) else part[...]).clone()
 
     def whole(self, name: str) -> torch.Tensor:
-        return self.slice(name)[...]
+        from safetensors import safe_open
+
+        key = self.key(name)
+        with safe_open(self.files[key], framework="pt", device="cpu") as f:
+            return f.get_slice(key)[...].clone()
 
     def close(self) -> None:
-        self.open.clear()
+        """Nothing stays open between reads."""
 
 
 def _config_and_class(ref: str, auto_class: Any, **config_kwargs: Any):

@@ -324,9 +324,13 @@ def whole_parameters(model: nn.Module) -> set[nn.Parameter]:
 
 def shard_frozen_base(model: nn.Module, device: torch.device, *, offload: bool = False,
                       reshard_after_forward: bool = True) -> nn.Module:
-    """``fully_shard`` every transformer block (``model._no_split_modules``, the classes Accelerate's
-    transformer wrap policy uses) and the root, in place, over all processes; :func:`whole_parameters` stay
-    plain tensors. A model that names no blocks is sharded as one unit (the root)."""
+    """``fully_shard`` every frozen linear layer inside a transformer block (unless the launcher's Accelerate
+    config asks for ``TRANSFORMER_BASED_WRAP``), every transformer block (``model._no_split_modules``, the classes
+    Accelerate's transformer wrap policy uses) and the root, in place, over all processes; :func:`whole_parameters`
+    stay plain tensors. A model that names no blocks is sharded as one unit (the root). On CPU processes glibc is
+    told to return freed all-gather buffers to the system (:func:`_return_freed_memory`)."""
+    if device.type == "cpu":
+        _return_freed_memory()
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
@@ -345,11 +349,38 @@ def shard_frozen_base(model: nn.Module, device: torch.device, *, offload: bool =
     options = dict(mesh=mesh, ignored_params=ignored, offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
     block_classes = set(getattr(model, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in block_classes]
+    if os.environ.get("FSDP_AUTO_WRAP_POLICY", "").strip().upper() != "TRANSFORMER_BASED_WRAP":
+        # Each frozen linear weight is its own unit (peftkit's default): the base trains no gradient, so the unit
+        # size decides only what one all-gather holds whole, and a per-block unit holds a whole block (plus the
+        # all-gather's input and output buffers). An Accelerate config's TRANSFORMER_BASED_WRAP keeps blocks.
+        for block in blocks:
+            for module in block.modules():
+                if isinstance(module, nn.Linear) and any(not p.requires_grad and p not in ignored
+                                                         for p in module.parameters(recurse=False)):
+                    fully_shard(module, reshard_after_forward=reshard_after_forward, **options)
     for block in blocks:
         if any(not p.requires_grad and p not in ignored for p in block.parameters()):
             fully_shard(block, reshard_after_forward=reshard_after_forward, **options)
     fully_shard(model, **options)
     return model
+
+
+def _return_freed_memory() -> None:
+    """glibc serves allocations below its mmap threshold from its heap and raises that threshold (up to 32 MiB)
+    each time a larger block is freed, so on CPU the all-gather buffers of a sharded base, freed after every
+    use, stay resident and a process's memory grows step after step (measured: +400 MiB per step on a 437M
+    model). Fixing the threshold at 1 MiB returns every freed buffer at once. A no-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def prepare_quantized_for_fsdp2(model: nn.Module) -> None:
@@ -365,6 +396,21 @@ def prepare_quantized_for_fsdp2(model: nn.Module) -> None:
             quantized.keep_standard_layout(module)
             if getattr(module, "quant_state", None) is None:
                 module.quant_state = module.weight.quant_state
+
+
+# ZeRO-3's limits on gathered weights, in elements, that peftkit sets where the user's config does not.
+LIVE_LIMITS = ("stage3_max_live_parameters", "stage3_max_reuse_distance", "stage3_prefetch_bucket_size")
+
+
+def bound_live_parameters(zero: dict, model: nn.Module) -> None:
+    """Bound what ZeRO-3 keeps gathered to two of the model's largest weights (where the user's config sets
+    nothing): DeepSpeed's defaults (10⁹ live elements, reuse distance 10⁹, prefetch 5·10⁷) keep every weight of a
+    model under 10⁹ parameters gathered from its forward to its backward, i.e. the whole base on every process.
+    A weight is still gathered whole while its module runs."""
+    largest = max((getattr(p, "ds_numel", None) or p.numel() for p in model.parameters()), default=0)
+    for key in LIVE_LIMITS:
+        if zero.get(key) in (None, "auto"):
+            zero[key] = int(2 * largest)
 
 
 def _deepspeed_config(stage: int) -> dict:
@@ -478,8 +524,13 @@ def wrap_deepspeed(model: nn.Module, stage: int) -> Any:
         # none here, so a 1-element fp32 stand-in goes first, for initialize only.
         placeholder = nn.Parameter(torch.zeros(1, device=next(model.parameters()).device), requires_grad=False)
         model._parameters = {"_peftkit_zero_placeholder": placeholder, **model._parameters}
+    config = _deepspeed_config(stage)
+    if stage == 3:
+        bound_live_parameters(config["zero_optimization"], model)
+        if not torch.cuda.is_available():
+            _return_freed_memory()
     try:
-        engine, *_ = deepspeed.initialize(model=model, config=_deepspeed_config(stage), **kwargs)
+        engine, *_ = deepspeed.initialize(model=model, config=config, **kwargs)
     finally:
         if placeholder is not None:
             del model._parameters["_peftkit_zero_placeholder"]
