@@ -410,7 +410,8 @@ def bound_live_parameters(zero: dict, model: nn.Module) -> None:
     largest = max((getattr(p, "ds_numel", None) or p.numel() for p in model.parameters()), default=0)
     for key in LIVE_LIMITS:
         if zero.get(key) in (None, "auto"):
-            zero[key] = int(2 * largest)
+            # On CPU a gather does not overlap with compute: prefetching gains nothing and holds more weights.
+            zero[key] = 0 if key == "stage3_prefetch_bucket_size" and not torch.cuda.is_available() else int(2 * largest)
 
 
 def _deepspeed_config(stage: int) -> dict:
