@@ -46,12 +46,17 @@ def _bnb() -> Any:
     return bnb
 
 
+def _class_names(module: nn.Module) -> set[str]:
+    # FSDP2's fully_shard swaps a module's class for a subclass ("FSDPLinear4bit"): look through the bases.
+    return {cls.__name__ for cls in type(module).__mro__}
+
+
 def is_4bit(module: nn.Module) -> bool:
-    return type(module).__name__ == "Linear4bit" or type(getattr(module, "weight", None)).__name__ == "Params4bit"
+    return "Linear4bit" in _class_names(module) or type(getattr(module, "weight", None)).__name__ == "Params4bit"
 
 
 def is_8bit(module: nn.Module) -> bool:
-    return type(module).__name__ == "Linear8bitLt"
+    return "Linear8bitLt" in _class_names(module)
 
 
 def quant_state(module: nn.Module) -> Any:

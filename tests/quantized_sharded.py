@@ -56,7 +56,7 @@ def quantized_elements(model) -> list[int]:
     shard of each DTensor; ZeRO-3: the partition; otherwise all of it)."""
     held = full = 0
     for module in model.modules():
-        if type(module).__name__ != "Linear4bit":
+        if "Linear4bit" not in {cls.__name__ for cls in type(module).__mro__}:  # FSDP2 subclasses it
             continue
         weight = module.weight
         if hasattr(weight, "to_local"):
