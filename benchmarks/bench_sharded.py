@@ -3,6 +3,15 @@ fsdp2, zero2 and zero3 (DeepSpeed) at N = 1 and 2 processes, on a Llama built fr
 ratios to ddp at the same N.
 
     python benchmarks/bench_sharded.py [--steps 3] [--layers 2] [--rounds 2]
+    python benchmarks/bench_sharded.py --load [--layers 8] [--peftkit-from DIR]   # loading a pretrained folder
+
+``--load``: ``peftkit train`` (LoRA, 2 steps, one adapter checkpoint) from a Llama folder of random fp32 weights
+(hidden 2048, intermediate 6144, ``--layers`` blocks, byte vocabulary; 437M parameters at 8 layers), written
+once into ``$TMPDIR`` (never the repository), at N = 1 and under fsdp2 and zero3 at N = 2. Per process: the
+bytes of base weights it holds after loading (``peftkit.sharded.held_base_bytes``) and its peak resident
+memory over the whole run (``ru_maxrss``: loading, the init, 2 steps, the checkpoint), each rank's, and the
+worst rank's peak as a ratio to one process. ``--peftkit-from DIR`` runs another checkout's peftkit (e.g.
+the main branch, for a before/after on the same machine).
 
 Each cell is its own launch (``torchrun --nproc-per-node N`` of this file with ``--cell``), so a process's peak
 resident memory belongs to one cell; the cells run in rounds (every contender once per round, interleaved) and
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -124,13 +134,131 @@ def launch(method: str, engine: str, processes: int, steps: int, layers: int) ->
     return row
 
 
+LOAD_CONFIG = dict(model_type="llama", hidden_size=2048, intermediate_size=6144, num_attention_heads=16,
+                   num_key_value_heads=16, vocab_size=259, max_position_embeddings=256, tie_word_embeddings=False)
+
+
+def write_folder(layers: int) -> Path:
+    """A Llama folder of random fp32 weights in ``$TMPDIR`` (written once; reused by later runs)."""
+    folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"peftkit_bench_llama_h2048_l{layers}"
+    if (folder / "config.json").exists():
+        return folder
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(LOAD_CONFIG, num_hidden_layers=layers)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
+    model.save_pretrained(folder)
+    return folder
+
+
+def load_recipe(folder: Path, root: Path, engine: str, processes: int) -> dict:
+    words = "the quick brown fox jumps over a lazy dog while seven small birds sing".split()
+    rows = [{"text": " ".join(words[(i + j) % len(words)] for j in range(24))} for i in range(32)]
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return {"model": {"name": str(folder), "tokenizer": "bytes", "task": "causal-lm", "dtype": "float32"},
+            "data": {"train": str(data), "format": "text", "max_length": 64},
+            "adapter": {"method": "lora", "r": 8, "alpha": 16},
+            "optimizer": {"lr": 2e-4},
+            "training": {"max_steps": 2, "batch_size": 2 // processes, "log_every": 1, "save_every": 2,
+                         "distributed": engine, "output_dir": str(root / f"run_{engine}_{processes}"), "seed": 0},
+            "logging": {"progress_bar": False}}
+
+
+def load_cell(recipe_path: str, out: str) -> None:
+    """One process of a ``--load`` run: train the recipe, then write this rank's held base bytes and peak RSS."""
+    from peftkit.train import from_dict, train
+    from peftkit.train import loop
+
+    built = {}
+    prepare = loop.prepare
+
+    def capture(*args, **kwargs):
+        run = prepare(*args, **kwargs)
+        built["model"] = run.model  # sharded in place by the engine (at load, or before step 1)
+        return run
+
+    loop.prepare = capture
+    result = train(from_dict(json.loads(Path(recipe_path).read_text())))
+    assert result.status == "done", result
+    held = _held_bytes(built["model"])
+    rank = int(os.environ.get("RANK", "0"))
+    Path(f"{out}.rank{rank}").write_text(json.dumps({
+        "held_mb": held / 2**20, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def _held_bytes(model) -> int:
+    """Bytes of base weights this process stores (a DTensor: its local shard; a ZeRO-3 parameter: its partition)."""
+    total = 0
+    for param in model.parameters():
+        if param.requires_grad:
+            continue
+        if hasattr(param, "ds_tensor"):
+            total += param.ds_tensor.numel() * param.ds_tensor.element_size()
+        elif hasattr(param, "to_local"):
+            total += param.to_local().numel() * param.element_size()
+        else:
+            total += param.numel() * param.element_size()
+    return total
+
+
+def load_benchmark(layers: int, peftkit_from: str | None) -> None:
+    import tempfile
+
+    folder = write_folder(layers)
+    from safetensors import safe_open
+
+    from peftkit.sharded import checkpoint_files
+
+    params = 0
+    for name, file in checkpoint_files(str(folder)).items():
+        with safe_open(file, framework="pt") as f:
+            params += math.prod(f.get_slice(name).get_shape())
+    print(f"Llama hidden 2048, {layers} layers, {params / 1e6:.0f}M parameters, fp32 safetensors; peftkit train, "
+          f"LoRA r=8, 2 steps, batch 2 globally, seq 64, CPU gloo; peftkit from {peftkit_from or REPO}\n")
+    print("| N | engine | base weights MiB/proc | peak RSS MiB per rank | worst peak / N=1 |")
+    print("|---|---|---|---|---|")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(p for p in (peftkit_from, str(REPO)) if p)}
+    one = None
+    for processes, engine in ((1, "ddp"), (2, "fsdp2"), (2, "zero3")):
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            recipe_path = root / "recipe.json"
+            recipe_path.write_text(json.dumps(load_recipe(folder, root, engine, processes)))
+            out = root / "cell"
+            args = [str(Path(__file__).resolve()), "--load-cell", str(recipe_path), str(out)]
+            cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes)]
+                   if processes > 1 else [sys.executable]) + args
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(f"{engine} N={processes} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+            ranks = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(processes)]
+        worst = max(r["peak_mib"] for r in ranks)
+        one = one or worst
+        peaks = " / ".join(f"{r['peak_mib']:.0f}" for r in ranks)
+        print(f"| {processes} | {engine} | {ranks[0]['held_mb']:.0f} | {peaks} | {worst / one:.2f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--cell", nargs=5, metavar=("METHOD", "ENGINE", "STEPS", "LAYERS", "OUT"))
+    parser.add_argument("--load", action="store_true", help="peftkit train from a pretrained folder (above)")
+    parser.add_argument("--peftkit-from", default=None, help="with --load: the checkout whose peftkit runs")
+    parser.add_argument("--load-cell", nargs=2, metavar=("RECIPE", "OUT"))
     args = parser.parse_args()
+    if args.load_cell:
+        torch.set_num_threads(1)
+        load_cell(*args.load_cell)
+        return
+    if args.load:
+        load_benchmark(args.layers or 8, args.peftkit_from)
+        return
+    args.layers = args.layers or 2
     if args.cell:
         torch.set_num_threads(1)
         method, engine, steps, layers, out = args.cell

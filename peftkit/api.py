@@ -40,6 +40,55 @@ def wrap(model: nn.Module, method_or_config: str | AdapterConfig = "lora", *, da
     ``optimizer=``, ``schedule=``, ``architecture=``) or an option of one of the selected components.
     ``data`` (an iterable of batches, dicts of tensors as the model takes them) is needed by data-driven inits.
     """
+    pending = inject_adapters(model, method_or_config, adapter_name=adapter_name, data_given=data is not None,
+                              **options)
+    pending.run(data)
+    return model
+
+
+class PendingInit:
+    """The init of adapters already injected, to run later (``run(data)``), e.g. once the base is sharded and on
+    its device: the init's forwards then go through the sharded model and its statistics are reduced where the
+    model trains. It draws from the random stream ``wrap`` would have given it, so the adapters are the ones
+    ``wrap`` builds in one call."""
+
+    def __init__(self, model: nn.Module, layers: dict, config: AdapterConfig, adapter_name: str, init: Any,
+                 flags: Any, rng_state: torch.Tensor) -> None:
+        self.model, self.layers, self.config, self.adapter_name = model, layers, config, adapter_name
+        self.init, self.flags, self.rng_state = init, flags, rng_state
+        self.needs_data = init.needs_data
+
+    def run(self, data: Iterable | None = None) -> nn.Module:
+        if self.init.needs_data and data is None:
+            self.abandon()
+            raise ConfigError(
+                f"data: the '{self.config.init}' initialisation estimates from batches; pass data=<an iterable of "
+                "batches (dicts of input_ids, attention_mask, labels)> to peftkit.wrap")
+        torch_state = torch.random.get_rng_state()
+        torch.random.set_rng_state(self.rng_state)
+        try:
+            self.init.obj(self.model, self.layers, self.config, data)
+        except BaseException:
+            self.abandon()
+            raise
+        finally:
+            torch.random.set_rng_state(torch_state)
+        _weight_gate(self.model)
+        from .report import log_summary
+
+        log_summary(self.model, self.adapter_name)  # never a silent attention-only adapter: what was adapted, skipped
+        return self.model
+
+    def abandon(self) -> None:
+        """Remove the injected adapter and restore the base's parameter flags."""
+        drop_adapter(self.model, self.adapter_name)
+        restore_parameter_flags(self.flags)
+
+
+def inject_adapters(model: nn.Module, method_or_config: str | AdapterConfig = "lora", *,
+                    adapter_name: str = "default", data_given: bool | None = None, **options: Any) -> PendingInit:
+    """The first half of :func:`wrap`: inject the adapters (initialised as the method's init starts them) and
+    freeze the base; returns the :class:`PendingInit` whose ``run(data)`` completes ``wrap``."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"wrap: expected a torch.nn.Module (a Hugging Face model), got {type(model).__name__}")
     foreign = next(((n, m) for n, m in model.named_modules() if type(m).__module__.split(".")[0] == "peft"), None)
@@ -62,31 +111,22 @@ def wrap(model: nn.Module, method_or_config: str | AdapterConfig = "lora", *, da
         if heads:
             config.modules_to_save = heads
     init = registry.get_component("init", config.init)
-    if init.needs_data and data is None:
+    if init.needs_data and data_given is False:
         raise ConfigError(
             f"data: the '{config.init}' initialisation estimates from batches; pass data=<an iterable of batches "
             "(dicts of input_ids, attention_mask, labels)> to peftkit.wrap"
         )
-    if not init.needs_data and data is not None:
-        warnings.warn(f"wrap: the '{config.init}' initialisation uses no data; the data argument is ignored", stacklevel=2)
+    if not init.needs_data and data_given:
+        warnings.warn(f"wrap: the '{config.init}' initialisation uses no data; the data argument is ignored", stacklevel=3)
     torch_state = torch.random.get_rng_state()
     torch.manual_seed(config.seed)  # adapters are reproducible and identical on every process by construction
     flags = parameter_flags(model)
     try:
         layers = inject(model, config, adapter_name)
-        try:
-            init.obj(model, layers, config, data)
-        except BaseException:
-            drop_adapter(model, adapter_name)
-            restore_parameter_flags(flags)
-            raise
+        after_inject = torch.random.get_rng_state()
     finally:
         torch.random.set_rng_state(torch_state)
-    _weight_gate(model)
-    from .report import log_summary
-
-    log_summary(model, adapter_name)  # never a silent attention-only adapter: say what was adapted and skipped
-    return model
+    return PendingInit(model, layers, config, adapter_name, init, flags, after_inject)
 
 
 def classification_heads(model: nn.Module) -> list[str]:
@@ -371,10 +411,11 @@ class TrainableParameters:
 
 
 def trainable_parameters(model: nn.Module) -> TrainableParameters:
-    """Trainable and total parameter counts (4-bit weights count two parameters per stored byte)."""
+    """Trainable and total parameter counts (4-bit weights count two parameters per stored byte; a ZeRO-3
+    partitioned weight counts its whole size, not the 0 elements it holds between uses)."""
     trainable = total = 0
     for param in model.parameters():
-        count = param.numel()
+        count = getattr(param, "ds_numel", None) or param.numel()
         if type(param).__name__ == "Params4bit":
             count *= 2
         total += count

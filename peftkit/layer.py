@@ -259,16 +259,22 @@ class AdapterLayer(nn.Module):
         return getattr(self.base_layer, "bias", None)
 
     def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The base weight as a dense (out, in) tensor (dequantized for bnb, in any of its layouts), detached."""
-        weight = self.base_layer.weight
-        if self.kind in ("bnb4", "bnb8"):
-            dense = quantized.dense_weight(self.base_layer)
-        elif self.kind == "conv1d":
-            dense = weight.detach().t()
-        else:
-            dense = weight.detach()
-        work = dtype or (torch.float64 if dense.dtype == torch.float64 else torch.float32)
-        return dense.to(work)
+        """The base weight as a dense (out, in) tensor (dequantized for bnb, in any of its layouts), detached.
+        A weight an engine shards (FSDP2, ZeRO-3) is gathered whole for the read: a collective, so every process
+        reads the same layers in the same order (as data-driven inits do)."""
+        from .sharded import whole_weights
+
+        with whole_weights(self.base_layer) as gathered:
+            weight = self.base_layer.weight
+            if self.kind in ("bnb4", "bnb8"):
+                dense = quantized.dense_weight(self.base_layer)
+            elif self.kind == "conv1d":
+                dense = weight.detach().t()
+            else:
+                dense = weight.detach()
+            work = dtype or (torch.float64 if dense.dtype == torch.float64 else torch.float32)
+            dense = dense.to(work)
+            return dense.clone() if gathered and dense.data_ptr() == weight.data_ptr() else dense
 
     def write_base_weight(self, dense: torch.Tensor) -> None:
         """Store an (out, in) dense weight back into the base layer (re-quantizing bnb weights)."""

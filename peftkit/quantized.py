@@ -46,17 +46,28 @@ def _bnb() -> Any:
     return bnb
 
 
+def _class_names(module: nn.Module) -> set[str]:
+    # FSDP2's fully_shard swaps a module's class for a subclass ("FSDPLinear4bit"): look through the bases.
+    return {cls.__name__ for cls in type(module).__mro__}
+
+
 def is_4bit(module: nn.Module) -> bool:
-    return type(module).__name__ == "Linear4bit" or type(getattr(module, "weight", None)).__name__ == "Params4bit"
+    return "Linear4bit" in _class_names(module) or type(getattr(module, "weight", None)).__name__ == "Params4bit"
 
 
 def is_8bit(module: nn.Module) -> bool:
-    return type(module).__name__ == "Linear8bitLt"
+    return "Linear8bitLt" in _class_names(module)
+
+
+def quant_state(module: nn.Module) -> Any:
+    """A 4-bit layer's quant_state: on its weight, or, where an engine re-created the weight from its shards (a
+    plain tensor: FSDP2), the copy bitsandbytes keeps on the module (``Linear4bit.quant_state``)."""
+    return getattr(module.weight, "quant_state", None) or getattr(module, "quant_state", None)
 
 
 def is_cpu_packed(module: nn.Module) -> bool:
     """Whether ``module``'s 4-bit weight is in bitsandbytes' CPU-packed (AVX512-BF16) layout."""
-    return bool(getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False))
+    return bool(getattr(quant_state(module), "packing_format_for_cpu", False))
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -65,7 +76,7 @@ def standard_layout(module: nn.Module) -> tuple[torch.Tensor, Any]:
     the weight is not packed, else new ones (packed codes unpacked by bitsandbytes' own inverse, absmax
     restored from what ``track_layouts`` remembered, or else from the packed bf16 absmax)."""
     weight = module.weight
-    state = weight.quant_state
+    state = quant_state(module)
     if not is_cpu_packed(module):
         return weight.data, state
     from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse

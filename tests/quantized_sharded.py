@@ -1,6 +1,6 @@
-"""A quantized base under ZeRO-3: small 4-bit runs by the CLI's loop, on both bitsandbytes CPU paths, in one launch.
+"""A quantized base under ZeRO-3 and FSDP2: small 4-bit runs by the CLI's loop, on both bitsandbytes CPU paths, in one launch.
 
-    torchrun --nproc-per-node N tests/quantized_sharded.py ENGINE BATCH ROOT BASE_DIR
+    torchrun --nproc-per-node N tests/quantized_sharded.py ENGINE[,ENGINE] BATCH ROOT BASE_DIR
 
 BASE_DIR is a saved tiny Llama (:func:`save_base`). Every case of ``CASES`` runs on both bitsandbytes CPU kernel
 paths (tests/bnb_paths.py) into ``ROOT/<path>/<case>/run`` (adapter, metrics, a checkpoint at every step). The
@@ -51,27 +51,65 @@ def recipe(root: Path, base: str, engine: str, batch: int, adapter: dict, quanti
     return out
 
 
+def quantized_elements(model) -> list[int]:
+    """[elements this process stores, elements in full] of the 4-bit weights' code storage (FSDP2: the local
+    shard of each DTensor; ZeRO-3: the partition; otherwise all of it)."""
+    held = full = 0
+    for module in model.modules():
+        if "Linear4bit" not in {cls.__name__ for cls in type(module).__mro__}:  # FSDP2 subclasses it
+            continue
+        weight = module.weight
+        if hasattr(weight, "to_local"):
+            held, full = held + weight.to_local().numel(), full + weight.numel()
+        elif hasattr(weight, "ds_tensor"):
+            held, full = held + weight.ds_tensor.numel(), full + weight.ds_numel
+        else:
+            held, full = held + weight.numel(), full + weight.numel()
+    return [held, full]
+
+
 def main(engine: str, batch: int, root: Path, base: str) -> None:
+    """``engine``: one engine (runs under ROOT/<path>/<case>) or several, comma-separated (ROOT/<engine>/...)."""
+    import json
+
     import pytest
     from accelerate import Accelerator
 
     import bnb_paths
+    import peftkit.train.loop as loop
+    from peftkit import distributed
     from peftkit.train import from_dict, train
 
-    saved = (torch.get_num_threads(), Accelerator.end_training)  # restored: the one-process side runs in pytest
-    torch.set_num_threads(1)
+    saved = (torch.get_num_threads(), Accelerator.end_training, loop.prepare)  # restored: the one-process side
+    torch.set_num_threads(1)                                                    # runs in pytest
     # Several runs share this launch's process group; Accelerate's end_training would destroy it after the first.
     Accelerator.end_training = lambda self: [tracker.finish() for tracker in self.trackers] and None
+    built = {}
+
+    def prepare(*args, **kwargs):
+        run = saved[2](*args, **kwargs)
+        built["model"] = run.model
+        return run
+
+    loop.prepare = prepare
+    engines = engine.split(",")
     try:
-        for path in PATHS:
-            for case, adapter in CASES.items():
-                with pytest.MonkeyPatch.context() as patch:
-                    bnb_paths.force(path, patch)
-                    result = train(from_dict(recipe(root / path / case, base, engine, batch, adapter)))
-                assert result.status == "done", (path, case, result)
+        for name in engines:
+            where = root / name if len(engines) > 1 else root
+            for path in PATHS:
+                for case, adapter in CASES.items():
+                    with pytest.MonkeyPatch.context() as patch:
+                        bnb_paths.force(path, patch)
+                        result = train(from_dict(recipe(where / path / case, base, name, batch, adapter)))
+                    assert result.status == "done", (path, case, result)
+                    model = built["model"]
+                    if hasattr(model, "reshard"):  # FSDP2 keeps the root's weights gathered after a forward
+                        model.reshard()
+                    (where / path / case / f"quantized_rank{distributed.rank()}.json").write_text(
+                        json.dumps(quantized_elements(model)))
     finally:
         torch.set_num_threads(saved[0])
-        Accelerator.end_training = saved[1]
+        Accelerator.end_training, loop.prepare = saved[1], saved[2]
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4])

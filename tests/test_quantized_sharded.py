@@ -22,6 +22,8 @@ from multiproc import HANG_GUARD_S, REPO, run_distributed
 from quantized_sharded import CASES, PATHS, STEPS, main as run_cases, save_base
 from train_fixtures import adapter_tensors, read_metrics
 
+ENGINES = ["zero3", "fsdp2"]
+
 
 @pytest.fixture(scope="module")
 def quantized_zero3(tmp_path_factory):
@@ -32,8 +34,8 @@ def quantized_zero3(tmp_path_factory):
 
     def launch():
         try:
-            run_distributed(REPO / "tests" / "quantized_sharded.py", 2, two / "out", "zero3", "2", str(two), base,
-                            timeout=HANG_GUARD_S)
+            run_distributed(REPO / "tests" / "quantized_sharded.py", 2, two / "out", ",".join(ENGINES), "2", str(two),
+                            base)
         except BaseException as exc:  # re-raised below, in the test's thread
             failure.append(exc)
 
@@ -49,11 +51,14 @@ def quantized_zero3(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("bnb_path", PATHS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_two_processes_equal_one_with_an_eval_after_a_gated_step(quantized_zero3, case, bnb_path):
+def test_two_processes_equal_one_with_an_eval_after_a_gated_step(quantized_zero3, case, bnb_path, engine):
+    """Against one process under zero3 (standard layout, bitsandbytes' uint8 code storage): under fsdp2 the codes
+    are stored as fp32 (quant_storage) and sharded, the same bytes."""
     one, two = quantized_zero3
-    reference, sharded = one / bnb_path / case / "run", two / bnb_path / case / "run"
+    reference, sharded = one / bnb_path / case / "run", two / engine / bnb_path / case / "run"
     expected, got = adapter_tensors(reference), adapter_tensors(sharded)
     assert expected.keys() == got.keys() and expected
     for key in expected:  # fp32 (a 4-bit base computes in its compute dtype): all-reduce rounding only
@@ -65,6 +70,18 @@ def test_two_processes_equal_one_with_an_eval_after_a_gated_step(quantized_zero3
         for key in ("loss", "eval_loss"):
             if key in ref:  # 1e-6 relative: the defect moved the step-2 eval loss by 4e-3 relative
                 assert abs(ref[key] - mine[key]) <= 1e-6 * abs(ref[key]), (bnb_path, ref, mine)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_4bit_codes_are_sharded(quantized_zero3, engine):
+    """FSDP-QLoRA: each of 2 processes stores half of the 4-bit code storage (issue 26: fsdp2 held all of it)."""
+    import json
+
+    _, two = quantized_zero3
+    for rank in (0, 1):
+        held, full = json.loads((two / engine / PATHS[0] / next(iter(CASES)) / f"quantized_rank{rank}.json").read_text())
+        assert full > 0 and full // 2 <= held <= full // 2 + 16, (engine, rank, held, full)  # partitions round up
 
 
 # ---------------------------------------------------------------------------------------- no launch

@@ -198,8 +198,14 @@ def num_labels(recipe: Recipe, examples: Examples) -> int:
 
 
 def load_model(model_section: ModelSection, tokenizer, *, labels: int | None = None,
-               label_names: list[str] | None = None, seed: int = 0) -> torch.nn.Module:
-    """The base model: ``from_pretrained`` for a name (optionally 4/8-bit), ``from_config`` for a config."""
+               label_names: list[str] | None = None, seed: int = 0, shard_for: str | None = None,
+               engine: str = "ddp") -> torch.nn.Module:
+    """The base model: ``from_pretrained`` for a name (optionally 4/8-bit), ``from_config`` for a config.
+    ``shard_for`` (``fsdp2`` / ``zero3``, several processes): a pretrained causal LM in safetensors is built
+    sharded and each process reads only its shard (:mod:`peftkit.sharded`); a config-built model (random weights
+    that must be the same on every process), a quantized or a classification model (its new head is not in the
+    checkpoint) is loaded whole and sharded by the engine. ``engine``: the run's engine (under ``fsdp2`` a 4-bit
+    base stores its codes in ``dtype``, so FSDP2 shards them)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     classification = model_section.task == "sequence-classification"
@@ -228,14 +234,30 @@ def load_model(model_section: ModelSection, tokenizer, *, labels: int | None = N
         if model_section.quantize:
             from transformers import BitsAndBytesConfig
 
+            # Under fsdp2 the 4-bit codes are stored in the model's dtype (bitsandbytes' quant_storage; the codes
+            # are the same bytes), so FSDP2 can shard them (FSDP-QLoRA): integer storage cannot be a DTensor.
+            storage = {"bnb_4bit_quant_storage": dtype} if engine == "fsdp2" else {}
             extra["quantization_config"] = (
-                BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+                BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                                   **storage)
                 if model_section.quantize == "nf4" else BitsAndBytesConfig(load_in_8bit=True)
             )
+        files = None
+        if shard_for and not model_section.quantize and not classification:
+            from ..sharded import checkpoint_files
+
+            files = checkpoint_files(path)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                model = auto.from_pretrained(path, dtype=dtype, **extra)
+                if files:
+                    from .. import sharded
+
+                    model = sharded.from_pretrained(path, engine=shard_for, dtype=dtype, auto_class=auto, files=files)
+                else:
+                    model = auto.from_pretrained(path, dtype=dtype, **extra)
+        except ConfigError:
+            raise
         except Exception as exc:
             raise ConfigError(f"model.name: could not load '{model_section.name}' as a {model_section.task} model "
                               f"({_first_line(exc)}); check the hub id or folder") from None

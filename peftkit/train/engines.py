@@ -127,6 +127,18 @@ def select(recipe: Recipe) -> str:
     return engine
 
 
+def load_sharded(engine: str, processes: int) -> str | None:
+    """The engine whose shards each process loads on its own (:mod:`peftkit.sharded`), or None to load the base
+    whole: ``fsdp2`` and ``zero3`` on several processes, unless the launcher's Accelerate config turned its
+    sharded loading off (``fsdp_cpu_ram_efficient_loading: false``, ``zero3_init_flag: false``)."""
+    if processes < 2 or engine not in ("fsdp2", "zero3"):
+        return None
+    switch = "FSDP_CPU_RAM_EFFICIENT_LOADING" if engine == "fsdp2" else "ACCELERATE_DEEPSPEED_ZERO3_INIT"
+    if os.environ.get(switch, "true").strip().lower() in ("0", "false", "no"):
+        return None
+    return engine
+
+
 def refusal(engine: str) -> str | None:
     """Why an engine cannot run peftkit's methods exactly (None when it can)."""
     if engine in ("ddp", "fsdp2"):
@@ -165,6 +177,14 @@ class Engine:
 
     def __init__(self, accelerator: Any) -> None:
         self.accelerator = accelerator
+
+    # True where the frozen base is sharded before the adapters' init and the optimizer (``shard``), so a
+    # data-driven init runs on the sharded model, on the training device.
+    shards_before_init = False
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        """Shard the frozen base (engines that do); DDP replicates it in ``prepare``."""
+        return model
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
         share_optimizer_state(optimizer)
@@ -212,17 +232,27 @@ class FSDP2Engine(WholeAdaptersEngine):
 
     name = "fsdp2"
     collective_forward = True
+    shards_before_init = True
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        """``fully_shard`` the frozen base (unless :mod:`peftkit.sharded` loaded it sharded), then move what stays
+        whole (adapters, trainable tensors) to the device. The whole model is never moved to the device: FSDP2
+        moves each block's tensors as it shards them."""
+        device = self.accelerator.device
+        if distributed.world_size() == 1:  # one process: nothing to shard across, the same numbers
+            return model.to(device)
+        if getattr(model, "peftkit_sharded", None) != "fsdp2":
+            shard_frozen_base(model, device, offload=_flag("FSDP_OFFLOAD_PARAMS"),
+                              reshard_after_forward=os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower()
+                              not in ("false", "0", "no"))
+            model.peftkit_sharded = "fsdp2"
+        move_whole_tensors(model, device)
+        return model
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
         share_optimizer_state(optimizer)
-        model = model.to(self.accelerator.device)
-        if distributed.world_size() == 1:  # one process: nothing to shard across, the same numbers
-            return model, self.accelerator.prepare_optimizer(optimizer)
-        shard_frozen_base(model, self.accelerator.device, offload=_flag("FSDP_OFFLOAD_PARAMS"),
-                          reshard_after_forward=os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower()
-                          not in ("false", "0", "no"))
-        # The optimizer was built on the unsharded model; it stays valid because every tensor it updates was kept
-        # out of the shards (the same Parameter objects, plain tensors, whole).
+        model = self.shard(model)
+        # The optimizer's tensors were kept out of the shards (the same Parameter objects, plain tensors, whole).
         from torch.distributed.tensor import DTensor
 
         sharded = [p for group in optimizer.param_groups for p in group["params"] if isinstance(p, DTensor)]
@@ -231,12 +261,12 @@ class FSDP2Engine(WholeAdaptersEngine):
         return model, self.accelerator.prepare_optimizer(optimizer)
 
 
-
 class DeepSpeedZeroEngine(WholeAdaptersEngine):
     """DeepSpeed ZeRO-2/3 over the frozen base; adapters and other trainable tensors whole on every process,
     hidden from DeepSpeed (module docstring)."""
 
     name = "zero3"
+    shards_before_init = True
 
     def __init__(self, accelerator: Any, stage: int) -> None:
         super().__init__(accelerator)
@@ -246,14 +276,22 @@ class DeepSpeedZeroEngine(WholeAdaptersEngine):
         self.collective_forward = stage == 3
         self.deepspeed_engine = None  # kept alive: its module hooks refer to it
 
-    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
-        share_optimizer_state(optimizer)
-        model = model.to(self.accelerator.device)
+    def shard(self, model: nn.Module) -> nn.Module:
+        """``deepspeed.initialize`` over the model (once), whole tensors hidden (:func:`wrap_deepspeed`). A base
+        that :mod:`peftkit.sharded` built under ``zero.Init`` is partitioned already and stays where it is;
+        DeepSpeed moves any other one to the device itself."""
         if self.stage == 3:  # at any process count, so that one process computes what two do
             keep_quantized_layouts(model)
         if distributed.world_size() == 1:  # one process: nothing to shard across, the same numbers
-            return model, self.accelerator.prepare_optimizer(optimizer)
-        self.deepspeed_engine = wrap_deepspeed(model, self.stage)
+            return model.to(self.accelerator.device)
+        if self.deepspeed_engine is None:
+            move_whole_tensors(model, self.accelerator.device)
+            self.deepspeed_engine = wrap_deepspeed(model, self.stage)
+        return model
+
+    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, Any]:
+        share_optimizer_state(optimizer)
+        model = self.shard(model)
         sharded = [p for group in optimizer.param_groups for p in group["params"] if hasattr(p, "ds_id")]
         if sharded:  # pragma: no cover - a guard for the invariant of wrap_deepspeed
             raise RuntimeError(f"{self.name}: {len(sharded)} optimizer tensors were taken by DeepSpeed; adapters must "
@@ -263,6 +301,13 @@ class DeepSpeedZeroEngine(WholeAdaptersEngine):
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()  # the adapters' gradients land in p.grad (DeepSpeed's own backward drives only its optimizer)
 
+
+def move_whole_tensors(model: nn.Module, device: torch.device) -> None:
+    """Move the tensors no engine shards (:func:`whole_parameters`, with their gradients) to ``device``, in
+    place: the adapters are small, the sharded base is moved by its engine, shard by shard."""
+    for param in whole_parameters(model):
+        if param.device != device and not param.is_meta:
+            param.data = param.data.to(device)
 
 
 ENGINES = {"ddp": Engine, "fsdp2": FSDP2Engine, "zero2": lambda acc: DeepSpeedZeroEngine(acc, 2),
@@ -284,24 +329,94 @@ def whole_parameters(model: nn.Module) -> set[nn.Parameter]:
 
 def shard_frozen_base(model: nn.Module, device: torch.device, *, offload: bool = False,
                       reshard_after_forward: bool = True) -> nn.Module:
-    """``fully_shard`` every transformer block (``model._no_split_modules``, the classes Accelerate's
-    transformer wrap policy uses) and the root, in place, over all processes; :func:`whole_parameters` stay
-    plain tensors. A model that names no blocks is sharded as one unit (the root)."""
+    """``fully_shard`` every frozen linear layer inside a transformer block (unless the launcher's Accelerate
+    config asks for ``TRANSFORMER_BASED_WRAP``), every transformer block (``model._no_split_modules``, the classes
+    Accelerate's transformer wrap policy uses) and the root, in place, over all processes; :func:`whole_parameters`
+    stay plain tensors. A model that names no blocks is sharded as one unit (the root). On CPU processes glibc is
+    told to return freed all-gather buffers to the system (:func:`_return_freed_memory`)."""
+    if device.type == "cpu":
+        _return_freed_memory()
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (distributed.world_size(),))
     ignored = whole_parameters(model)
-    # Packed quantized weights (bitsandbytes' uint8 storage) cannot become DTensors: they stay whole, unsharded.
-    ignored |= {p for p in model.parameters() if not (p.is_floating_point() or p.is_complex())}
+    prepare_quantized_for_fsdp2(model)
+    # Integer storage (bitsandbytes' int8 weights, 4-bit weights stored as uint8) cannot become DTensors: whole.
+    whole_quantized = {p for p in model.parameters() if not (p.is_floating_point() or p.is_complex())}
+    if whole_quantized and distributed.rank() == 0:
+        size = sum(p.numel() * p.element_size() for p in whole_quantized)
+        print(f"peftkit: fsdp2 keeps {len(whole_quantized)} quantized weights ({size / 2**20:.1f} MiB) whole on every "
+              "process: their integer storage cannot be sharded (bitsandbytes 8-bit, or 4-bit without a float "
+              "quant_storage; peftkit train loads 4-bit bases with quant_storage = model.dtype under fsdp2)",
+              flush=True)
+    ignored |= whole_quantized
     options = dict(mesh=mesh, ignored_params=ignored, offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
     block_classes = set(getattr(model, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in block_classes]
+    if os.environ.get("FSDP_AUTO_WRAP_POLICY", "").strip().upper() != "TRANSFORMER_BASED_WRAP":
+        # Each frozen linear weight is its own unit (peftkit's default): the base trains no gradient, so the unit
+        # size decides only what one all-gather holds whole, and a per-block unit holds a whole block (plus the
+        # all-gather's input and output buffers). An Accelerate config's TRANSFORMER_BASED_WRAP keeps blocks.
+        for block in blocks:
+            for module in block.modules():
+                if isinstance(module, nn.Linear) and any(not p.requires_grad and p not in ignored
+                                                         for p in module.parameters(recurse=False)):
+                    fully_shard(module, reshard_after_forward=reshard_after_forward, **options)
     for block in blocks:
         if any(not p.requires_grad and p not in ignored for p in block.parameters()):
             fully_shard(block, reshard_after_forward=reshard_after_forward, **options)
     fully_shard(model, **options)
     return model
+
+
+def _return_freed_memory() -> None:
+    """glibc serves allocations below its mmap threshold from its heap and raises that threshold (up to 32 MiB)
+    each time a larger block is freed, so on CPU the all-gather buffers of a sharded base, freed after every
+    use, stay resident and a process's memory grows step after step (measured: +400 MiB per step on a 437M
+    model). Fixing the threshold at 1 MiB returns every freed buffer at once. A no-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def prepare_quantized_for_fsdp2(model: nn.Module) -> None:
+    """Make every bitsandbytes 4-bit layer shardable by FSDP2: its weight in the standard layout for good (FSDP2
+    re-creates the weight from its shards at every all-gather, so bitsandbytes' in-place CPU repack would be
+    undone: ``keep_standard_layout``), and its quant_state kept on the module, where bitsandbytes' forward finds
+    it when the weight it gets is the plain all-gathered tensor (``Linear4bit.quant_state``). A weight with a float
+    ``quant_storage`` is then sharded like any other frozen weight (FSDP-QLoRA)."""
+    from .. import quantized
+
+    for module in model.modules():
+        if quantized.is_4bit(module):
+            quantized.keep_standard_layout(module)
+            if getattr(module, "quant_state", None) is None:
+                module.quant_state = module.weight.quant_state
+
+
+# ZeRO-3's limits on gathered weights, in elements, that peftkit sets where the user's config does not.
+LIVE_LIMITS = ("stage3_max_live_parameters", "stage3_max_reuse_distance", "stage3_prefetch_bucket_size")
+
+
+def bound_live_parameters(zero: dict, model: nn.Module) -> None:
+    """Bound what ZeRO-3 keeps gathered to two of the model's largest weights (where the user's config sets
+    nothing): DeepSpeed's defaults (10⁹ live elements, reuse distance 10⁹, prefetch 5·10⁷) keep every weight of a
+    model under 10⁹ parameters gathered from its forward to its backward, i.e. the whole base on every process.
+    A weight is still gathered whole while its module runs."""
+    largest = max((getattr(p, "ds_numel", None) or p.numel() for p in model.parameters()), default=0)
+    for key in LIVE_LIMITS:
+        if zero.get(key) in (None, "auto"):
+            # On CPU a gather does not overlap with compute: prefetching gains nothing and holds more weights.
+            zero[key] = 0 if key == "stage3_prefetch_bucket_size" and not torch.cuda.is_available() else int(2 * largest)
 
 
 def _deepspeed_config(stage: int) -> dict:
@@ -419,6 +534,10 @@ def wrap_deepspeed(model: nn.Module, stage: int) -> Any:
         # every parameter under the block, adapters included (whole tensors it never converted: it fails on them).
         # transformers' fused experts run as one module call, which its own hooks gather; no leaf is needed.
         config["zero_optimization"].setdefault("leaf_module", {"classes": [], "names": [], "name_suffixes": []})
+    if stage == 3:
+        bound_live_parameters(config["zero_optimization"], model)
+        if not torch.cuda.is_available():
+            _return_freed_memory()
     try:
         engine, *_ = deepspeed.initialize(model=model, config=config, **kwargs)
     finally:

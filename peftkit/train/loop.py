@@ -132,8 +132,10 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
     tokenizer = load_tokenizer(recipe)
     examples = load_examples(recipe, tokenizer)
     classification = recipe.model.task == "sequence-classification"
+    engine = engines.make(engine_name, accelerator)
     model = load_model(recipe.model, tokenizer, labels=num_labels(recipe, examples) if classification else None,
-                       label_names=examples.train.label_names, seed=training.seed)
+                       label_names=examples.train.label_names, seed=training.seed,
+                       shard_for=engines.load_sharded(engine_name, accelerator.num_processes), engine=engine_name)
     if classification:
         _check_labels(examples, model.config.num_labels)
     check_lengths(examples, model.config, recipe.data)
@@ -175,7 +177,12 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
         else:
             init_data = [collate(examples.train, plan.indices(i), pad, classification)
                          for i in range(adapter.init_batches * micro)]
-    model = peftkit.wrap(model, adapter.method, data=init_data, **adapter.options)
+    pending = peftkit.api.inject_adapters(model, adapter.method, data_given=init_data is not None, **adapter.options)
+    if engine.shards_before_init:
+        # The init's forwards then run on the sharded model, on the training device, and its statistics are
+        # reduced there (NCCL takes no CPU tensor); the optimizer is built on the tensors that train.
+        model = engine.shard(model)
+    model = pending.run(init_data)
     if classification and training.unpad:
         # Linear layers and adapters on the real tokens only, where that is exact for this model (peftkit.unpad).
         unpad_linears_if_exact(model)
@@ -190,8 +197,8 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
         options["name"] = recipe.optimizer.name
     optimizer = peftkit.optimizer(model, recipe.optimizer.lr, base_lr=recipe.optimizer.base_lr, **options)
     schedule = peftkit.callbacks(model, optimizer=optimizer)
-    return Run(recipe, accelerator, tokenizer, model, optimizer, schedule, examples, plan, classification,
-               engines.make(engine_name, accelerator), padding_free)
+    return Run(recipe, accelerator, tokenizer, model, optimizer, schedule, examples, plan, classification, engine,
+               padding_free)
 
 
 def with_steps(recipe: Recipe, steps: int) -> Recipe:
