@@ -164,10 +164,19 @@ def _foreign_hooks(model: nn.Module) -> bool:
     return any(getattr(hook, "__self__", None) is not gate or gate is None for hook in hooks)
 
 
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The flat positions (into ``labels[..., 1:]``, row-major) of the target tokens, a 1-D int64 tensor. Computed
+    from the host's copy of the labels before they move to the device: a mask on the device would need a host sync
+    to size the selection."""
+    return (labels[..., 1:] != IGNORE_INDEX).reshape(-1).nonzero().squeeze(1)
+
+
 def chunked_causal_loss(model: nn.Module, batch: Mapping[str, Any], global_units: int,
-                        chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+                        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                        positions: torch.Tensor | None = None) -> torch.Tensor:
     """Σ of the causal cross-entropy of ``batch``'s target tokens over ``global_units``, as the ``summed`` mode
-    of peftkit.loss computes it, without the full logits. ``model`` must pass :func:`head_of`."""
+    of peftkit.loss computes it, without the full logits. ``model`` must pass :func:`head_of`. ``positions``:
+    :func:`target_positions` of the labels, from the host (else a boolean mask selects them, a host sync)."""
     found = head_of(model)
     if found is None:
         raise ValueError("chunked_causal_loss: the model's logits are not head(base(...)); use its own loss")
@@ -184,7 +193,12 @@ def chunked_causal_loss(model: nn.Module, batch: Mapping[str, Any], global_units
             gate.leave(model, (), None)
     labels = batch["labels"].to(hidden.device)
     targets = labels[..., 1:]
-    keep = targets != IGNORE_INDEX
-    rows = hidden[..., :-1, :][keep]  # only the target positions go through the head
-    return chunked_linear_cross_entropy(rows, head.weight, head.bias, targets[keep], max(int(global_units), 1),
+    if positions is None:
+        keep = targets != IGNORE_INDEX
+        rows, wanted = hidden[..., :-1, :][keep], targets[keep]  # only the target positions go through the head
+    else:
+        positions = positions.to(hidden.device, non_blocking=True)
+        rows = hidden[..., :-1, :].reshape(-1, hidden.shape[-1]).index_select(0, positions)
+        wanted = targets.reshape(-1).index_select(0, positions)
+    return chunked_linear_cross_entropy(rows, head.weight, head.bias, wanted, max(int(global_units), 1),
                                         softcap, chunk_tokens)

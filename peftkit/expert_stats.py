@@ -70,6 +70,14 @@ def expert_gradients(model: nn.Module, layers: dict[str, ExpertParameterLayer], 
     of all the batches together); summed across processes, so every process returns the same stacks."""
     device = next(model.parameters()).device
     weights = {name: layer.weight for name, layer in layers.items()}
+    sharded = next((layer.target_name for layer, weight in zip(layers.values(), weights.values())
+                    if hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor"), None)
+    if sharded is not None:
+        # The statistic is the stack's own gradient, which FSDP2 reduce-scatters and ZeRO-3 keeps in its partitions:
+        # refused before step 1 rather than initialised from a partial gradient.
+        raise ConfigError(f"adapter.method: a gradient-based init of fused expert parameters ({sharded}) cannot run on "
+                          "a base sharded across processes (training.distributed fsdp2/zero3): use "
+                          "training.distributed: ddp, an init that reads no data, or targets without expert stacks")
     flags = {name: (w.requires_grad, w.grad) for name, w in weights.items()}
     total = 0.0
     try:

@@ -93,17 +93,18 @@ def summed_causal_loss(logits: torch.Tensor, labels: torch.Tensor, global_units:
 
 
 def share_of_global_mean(forward: nn.Module, batch: Mapping[str, Any], local_units: int, global_units: int,
-                         mode: str) -> torch.Tensor:
+                         mode: str, positions: torch.Tensor | None = None) -> torch.Tensor:
     """This micro-batch's part of the global batch's mean loss: Σ (its units' losses) / ``global_units``.
 
     ``forward`` is the model to call (or an engine's wrapper of it); ``mode`` is ``loss_mode`` of the model.
-    A micro-batch without units contributes 0 with a zero gradient (its own mean would be 0/0)."""
+    A micro-batch without units contributes 0 with a zero gradient (its own mean would be 0/0). ``positions``: the
+    chunked mode's target positions from the host (``chunked_loss.target_positions``), so it reads nothing back."""
     total = max(int(global_units), 1)
     if mode == "item_count":
         return forward(**batch, num_items_in_batch=total).loss
     if mode == "chunked":
         from .chunked_loss import chunked_causal_loss
-        return chunked_causal_loss(forward, batch, total)
+        return chunked_causal_loss(forward, batch, total, positions=positions)
     if mode == "summed":
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         return summed_causal_loss(forward(**inputs).logits, batch["labels"], total)

@@ -28,6 +28,7 @@ from ..checkpoint import atomic_write_bytes
 from ..config import resolve_config
 from ..errors import ConfigError
 from ..inject import adapter_layers, state_of
+from ..chunked_loss import target_positions
 from ..loss import loss_mode, share_of_global_mean
 from ..unpad import unpad_linears_if_exact
 from . import checkpointing, engines, evaluation
@@ -133,16 +134,19 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
     examples = load_examples(recipe, tokenizer)
     classification = recipe.model.task == "sequence-classification"
     engine = engines.make(engine_name, accelerator)
+    shard_for = engines.load_sharded(engine_name, accelerator.num_processes)
     model = load_model(recipe.model, tokenizer, labels=num_labels(recipe, examples) if classification else None,
-                       label_names=examples.train.label_names, seed=training.seed,
-                       shard_for=engines.load_sharded(engine_name, accelerator.num_processes), engine=engine_name)
+                       label_names=examples.train.label_names, seed=training.seed, shard_for=shard_for,
+                       engine=engine_name)
     if classification:
         _check_labels(examples, model.config.num_labels)
     check_lengths(examples, model.config, recipe.data)
     if examples.train.position_ids is not None:
         _check_packing(model)
+    # The exactness checks of padding-free rows and unpadded linears run a forward of their own: a base loaded
+    # as shards (fsdp2/zero3 on several processes) has no whole weights to run it on, so both stay off there.
     padding_free = (recipe.data.padding_free and not classification and examples.train.position_ids is None
-                    and _keeps_rows_apart(model))
+                    and shard_for is None and _keeps_rows_apart(model))
     if training.gradient_checkpointing:
         # Non-reentrant checkpointing: gradients reach the adapters though the frozen base's inputs need none.
         model.config.use_cache = False
@@ -183,7 +187,7 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
         # reduced there (NCCL takes no CPU tensor); the optimizer is built on the tensors that train.
         model = engine.shard(model)
     model = pending.run(init_data)
-    if classification and training.unpad:
+    if classification and training.unpad and shard_for is None:
         # Linear layers and adapters on the real tokens only, where that is exact for this model (peftkit.unpad).
         unpad_linears_if_exact(model)
 
@@ -426,12 +430,14 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
                 batch = collate(run.examples.train, indices, pad_id, run.classification, run.padding_free)
                 # Every process's tokens, counted on the host from the batch plan: no read of a device tensor.
                 state.tokens += int(lengths[run.plan.global_indices(state.position)].sum())
+                positions = target_positions(batch["labels"]) if mode == "chunked" else None  # on the host
                 batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
                 state.position += 1
                 # Gradients are all-reduced once per step, on the last micro-batch.
                 with engine.no_sync(model, micro == training.grad_accum - 1):
                     with accelerator.autocast():
-                        loss = share_of_global_mean(model, batch, int(units[indices].sum()), step_units, mode)
+                        loss = share_of_global_mean(model, batch, int(units[indices].sum()), step_units, mode,
+                                                    positions)
                         loss = loss * process_scale
                         if regularized:
                             # A per-step term, not a per-token one: once per step in the gradient average, as in
