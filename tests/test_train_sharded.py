@@ -23,11 +23,11 @@ import torch
 from safetensors.torch import load_file
 
 from multiproc import HANG_GUARD_S, REPO, _free_port, run_distributed
-from sharded_grid import (CONFIGS, PER_MICRO_BATCH, RESUMED, RESUMED_ENGINES, ROUND_OFF_DECIDES, STEPS,
-                          main as run_grid, recipe)
+from sharded_grid import CONFIGS, PER_MICRO_BATCH, RESUMED, RESUMED_ENGINES, STEPS, main as run_grid, recipe
 from train_fixtures import adapter_tensors, llama_text_recipe, read_metrics
 
 RTOL, ATOL = 1e-4, 1e-6  # tests/test_train_multiproc.py's tolerance (the models here are fp64)
+# ddp first: a DDP run after the DeepSpeed runs of a launch once aborted rank 1 in teardown.
 ENGINES = ["ddp", "fsdp2", "zero2", "zero3"]
 ACCUMULATED = [c for c in CONFIGS if c not in PER_MICRO_BATCH]  # also run in one process at batch 1 x accumulation 4
 
@@ -81,12 +81,7 @@ def sharded_grid(tmp_path_factory):
 def test_two_processes_equal_one(sharded_grid, config, engine):
     one, two = sharded_grid
     two = two / engine
-    reference, sharded = one / config / "run", two / config / "run"
-    if config in ROUND_OFF_DECIDES and engine != "ddp":
-        # Against DDP with the same two processes: identical; against one process: DDP's own deviation.
-        _close(adapter_tensors(two.parent / "ddp" / config / "run"), adapter_tensors(sharded),
-               f"{config} {engine} vs ddp", 1e-12, 1e-14)
-    _equal_runs(reference, sharded, f"{config} {engine}")
+    _equal_runs(one / config / "run", two / config / "run", f"{config} {engine}")
 
 
 @pytest.mark.slow
@@ -105,22 +100,18 @@ def _equal_runs(reference: Path, other: Path, what: str) -> None:
     # processes on this data).
     _close(load_file(reference.parent / "init.safetensors"), load_file(other.parent / "init.safetensors"),
            f"{what} init")
-    if what.split()[0] in ROUND_OFF_DECIDES:
-        # The pseudo-inverse cutoff on BᵀB after AdamW's first sign step (sharded_grid.ROUND_OFF_DECIDES).
-        _close(adapter_tensors(reference), adapter_tensors(other), what, rtol=1e-2, atol=1e-4)
-    else:
-        _close(adapter_tensors(reference), adapter_tensors(other), what)
-        last = f"checkpoints/step-{STEPS:06d}"
-        _close(load_file(reference / last / "trainable.safetensors"), load_file(other / last / "trainable.safetensors"),
-               f"{what} checkpoint")
-        # The whole optimizer state (moments of every pair, not one rank's shard), as one process saves it.
-        _close(_optimizer_tensors(reference / last), _optimizer_tensors(other / last), f"{what} optimizer",
-               rtol=1e-4, atol=1e-5)
+    _close(adapter_tensors(reference), adapter_tensors(other), what)
+    last = f"checkpoints/step-{STEPS:06d}"
+    _close(load_file(reference / last / "trainable.safetensors"), load_file(other / last / "trainable.safetensors"),
+           f"{what} checkpoint")
+    # The whole optimizer state (moments of every pair, not one rank's shard), as one process saves it.
+    _close(_optimizer_tensors(reference / last), _optimizer_tensors(other / last), f"{what} optimizer",
+           rtol=1e-4, atol=1e-5)
     ref_metrics, metrics = read_metrics(reference), read_metrics(other)
     assert [r["step"] for r in metrics] == [r["step"] for r in ref_metrics]
     assert any("eval_loss" in r for r in metrics)
     # fp64 sums (the model's dtype), not fp32's 5e-7; LoRA-GA's 3e-9: its init reads the fp32 loss.
-    tolerance = 1e-5 if what.split()[0] in ROUND_OFF_DECIDES else 1e-8
+    tolerance = 1e-8
     for ref, got in zip(ref_metrics, metrics):
         for key in ("loss", "eval_loss", "tokens"):
             if key in ref:
