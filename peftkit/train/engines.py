@@ -181,6 +181,10 @@ class Engine:
     # True where the frozen base is sharded before the adapters' init and the optimizer (``shard``), so a
     # data-driven init runs on the sharded model, on the training device.
     shards_before_init = False
+    # Whether 4-bit layers must stay in bitsandbytes' standard layout (keep_quantized_layouts): the loop pins them
+    # right after loading, before any forward (a no-grad forward repacks them in place on AVX512-BF16 CPUs, and the
+    # repack rounds absmax to bf16, so the one-process run would train on other weights than the sharded one).
+    pins_quantized_layouts = False
 
     def shard(self, model: nn.Module) -> nn.Module:
         """Shard the frozen base (engines that do); DDP replicates it in ``prepare``."""
@@ -233,6 +237,7 @@ class FSDP2Engine(WholeAdaptersEngine):
     name = "fsdp2"
     collective_forward = True
     shards_before_init = True
+    pins_quantized_layouts = True  # 4-bit codes sharded as stored: no in-place repack may differ from them
 
     def shard(self, model: nn.Module) -> nn.Module:
         """``fully_shard`` the frozen base (unless :mod:`peftkit.sharded` loaded it sharded), then move what stays
@@ -274,6 +279,7 @@ class DeepSpeedZeroEngine(WholeAdaptersEngine):
         self.name = f"zero{stage}"
         # Under ZeRO-3 every forward gathers partitioned weights: a collective, as under FSDP2.
         self.collective_forward = stage == 3
+        self.pins_quantized_layouts = stage == 3  # see keep_quantized_layouts
         self.deepspeed_engine = None  # kept alive: its module hooks refer to it
 
     def shard(self, model: nn.Module) -> nn.Module:

@@ -138,6 +138,8 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
     model = load_model(recipe.model, tokenizer, labels=num_labels(recipe, examples) if classification else None,
                        label_names=examples.train.label_names, seed=training.seed, shard_for=shard_for,
                        engine=engine_name)
+    if engine.pins_quantized_layouts:
+        engines.keep_quantized_layouts(model)  # before the first forward (the padding-free check below runs one)
     if classification:
         _check_labels(examples, model.config.num_labels)
     check_lengths(examples, model.config, recipe.data)
