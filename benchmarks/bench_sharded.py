@@ -190,17 +190,9 @@ def load_cell(recipe_path: str, out: str) -> None:
 
 def _held_bytes(model) -> int:
     """Bytes of base weights this process stores (a DTensor: its local shard; a ZeRO-3 parameter: its partition)."""
-    total = 0
-    for param in model.parameters():
-        if param.requires_grad:
-            continue
-        if hasattr(param, "ds_tensor"):
-            total += param.ds_tensor.numel() * param.ds_tensor.element_size()
-        elif hasattr(param, "to_local"):
-            total += param.to_local().numel() * param.element_size()
-        else:
-            total += param.numel() * param.element_size()
-    return total
+    from peftkit.sharded import held_base_bytes
+
+    return held_base_bytes(model, frozen_only=True)
 
 
 def load_benchmark(layers: int, peftkit_from: str | None) -> None:

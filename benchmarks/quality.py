@@ -766,15 +766,7 @@ def rekey_cells(out: Path, tasks: list[Task], quick: bool = False) -> list[str]:
     for task in tasks:
         fingerprint = recipe_fingerprint(task, quick)
         for contender in contenders_for(task):
-            records = {}
-            for factor in FACTORS:
-                path = cell_path(out, task.name, contender.name, factor)
-                try:
-                    record = json.loads(path.read_text())
-                except (OSError, ValueError):
-                    continue
-                if record.get("recipe_fingerprint") == fingerprint:
-                    records[path] = record
+            records = {path: record for path, record in _current_cells(out, task, contender, fingerprint).values()}
             current = conventional_lr(task, contender, quick) if records else None
             if current is None:
                 continue
@@ -805,6 +797,21 @@ def write_cell(out: Path, record: dict[str, Any]) -> None:
     _atomic_write(cell_path(out, record["task"], record["contender"], record["lr_factor"]), json.dumps(record, indent=1))
 
 
+def _current_cells(out: Path, task: Task, contender: Contender, fingerprint: str) -> dict[float, tuple[Path, dict]]:
+    """{multiplier: (path, record)} of ``contender``'s readable cells on ``task`` made under the recipe whose
+    fingerprint is given (a cell of another recipe is stale and left out)."""
+    found = {}
+    for factor in FACTORS:
+        path = cell_path(out, task.name, contender.name, factor)
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if record.get("recipe_fingerprint") == fingerprint:
+            found[factor] = (path, record)
+    return found
+
+
 def read_cells(out: Path, tasks: list[Task], quick: bool = False) -> dict[str, dict[str, dict[float, dict]]]:
     """{task: {contender: {multiplier: record}}} of the finished cells of the current recipes, in the
     contenders' table order; stale cells (another recipe) and files of no known cell are left out."""
@@ -813,15 +820,7 @@ def read_cells(out: Path, tasks: list[Task], quick: bool = False) -> dict[str, d
         fingerprint = recipe_fingerprint(task, quick)
         cells[task.name] = {}
         for contender in contenders_for(task):
-            sweep = {}
-            for factor in FACTORS:
-                path = cell_path(out, task.name, contender.name, factor)
-                try:
-                    record = json.loads(path.read_text())
-                except (OSError, ValueError):
-                    continue
-                if record.get("recipe_fingerprint") == fingerprint:
-                    sweep[factor] = record
+            sweep = {factor: record for factor, (_, record) in _current_cells(out, task, contender, fingerprint).items()}
             if sweep:
                 cells[task.name][contender.name] = sweep
     return cells

@@ -233,11 +233,14 @@ def _zero3(auto_class: Any, config: Any, dtype: torch.dtype, files: dict[str, st
     return model
 
 
-def held_base_bytes(model: nn.Module) -> int:
+def held_base_bytes(model: nn.Module, frozen_only: bool = False) -> int:
     """Bytes of base weights this process stores: a DTensor counts its local shard, a ZeRO-3 parameter its
-    partition (between uses the parameter itself holds 0 elements), a plain tensor all of it."""
+    partition (between uses the parameter itself holds 0 elements), a plain tensor all of it. ``frozen_only``:
+    parameters that do not train (the base, not the adapters)."""
     total = 0
     for param in model.parameters():
+        if frozen_only and param.requires_grad:
+            continue
         if hasattr(param, "ds_tensor"):
             total += param.ds_tensor.numel() * param.ds_tensor.element_size()
         elif hasattr(param, "to_local"):
