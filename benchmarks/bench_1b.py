@@ -47,18 +47,11 @@ def rss_mib() -> float:
 
 
 def folder_for(layers: int) -> Path:
-    folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"peftkit_bench_llama1b_l{layers}"
-    if (folder / "config.json").exists():
-        return folder
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    fields = dict(CONFIG, num_hidden_layers=layers)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields),
-                                             dtype=torch.bfloat16)
-    model.save_pretrained(folder)
-    return folder
+    from common import random_model_folder
+
+    return random_model_folder("peftkit_bench_llama1b", CONFIG, layers, dtype=torch.bfloat16)
 
 
 def rows(n: int, seq: int) -> list[dict]:

@@ -140,16 +140,9 @@ LOAD_CONFIG = dict(model_type="llama", hidden_size=2048, intermediate_size=6144,
 
 def write_folder(layers: int) -> Path:
     """A Llama folder of random fp32 weights in ``$TMPDIR`` (written once; reused by later runs)."""
-    folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"peftkit_bench_llama_h2048_l{layers}"
-    if (folder / "config.json").exists():
-        return folder
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from common import random_model_folder
 
-    fields = dict(LOAD_CONFIG, num_hidden_layers=layers)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
-    model.save_pretrained(folder)
-    return folder
+    return random_model_folder("peftkit_bench_llama_h2048", LOAD_CONFIG, layers)
 
 
 def load_recipe(folder: Path, root: Path, engine: str, processes: int) -> dict:

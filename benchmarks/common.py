@@ -217,3 +217,22 @@ def markdown_table(summaries: list[Summary], memory: dict[str, dict[str, float]]
             row += [f"{memory[s.name]['peak_mib']:.0f}", f"{memory[s.name]['step_mib']:.0f}"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def random_model_folder(name: str, config: dict, layers: int, dtype=None):
+    """A model folder of random weights (seed 0) from ``config`` (with ``model_type``) at ``layers`` layers, in
+    ``$TMPDIR/<name>_l<layers>``: written once, reused by later runs (never inside the repository)."""
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"{name}_l{layers}"
+    if (folder / "config.json").exists():
+        return folder
+    fields = dict(config, num_hidden_layers=layers)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields),
+                                             **({"dtype": dtype} if dtype is not None else {}))
+    model.save_pretrained(folder)
+    return folder
