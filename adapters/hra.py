@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from peftkit import registry
-from peftkit.errors import StateError
+from peftkit.errors import ConfigError, StateError
 from peftkit.layer import AdapterLayer, adapter_dtype
 from peftkit.validation import option
 
@@ -73,9 +73,9 @@ def modified_gram_schmidt(u: torch.Tensor) -> torch.Tensor:
 
 
 @registry.architecture("hra", options=HraOptions,
-                       description="orthogonal input-side update W·H₁⋯H_r by Householder reflections (PEFT's HRA)")
+                       description="orthogonal input-side update W·H₁⋯H_r by Householder reflections (PEFT's HRA)",
+                       peft_type="HRA")
 class HraLayer(AdapterLayer):
-    peft_type = "HRA"
     saved_suffixes = ("hra_u",)
 
     def __init__(self, base_layer: nn.Module, module_name: str) -> None:
@@ -194,6 +194,15 @@ class HraLayer(AdapterLayer):
         return {"apply_GS": bool(peft_config.get("apply_GS", False)),
                 "init_weights": bool(peft_config.get("init_weights", True)),
                 "orth_reg_weight": 0.0}
+
+    @staticmethod
+    def options_from_peft_config(peft_config: Any) -> dict[str, Any]:
+        """The options of a PEFT ``HRAConfig`` object (r, apply_GS, init_weights); its options peftkit's HRA does
+        not implement are one ConfigError."""
+        if getattr(peft_config, "layers_to_transform", None) is not None or getattr(peft_config, "bias", "none") != "none":
+            raise ConfigError(f"{type(peft_config).__name__}: layers_to_transform and bias are not supported by "
+                              "peftkit's HRA; leave them unset")
+        return dict(r=peft_config.r, apply_GS=bool(peft_config.apply_GS), init_weights=bool(peft_config.init_weights))
 
     def peft_config_fields(self, adapter_name: str, config: Any) -> dict[str, Any]:
         """The ``HRAConfig`` keys PEFT needs beside the common ones."""

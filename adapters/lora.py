@@ -75,15 +75,36 @@ class LoraBranch(nn.Module):
             raise ConfigError(f"init_lora_weights: expected True, False or 'gaussian', got {init!r}")
 
 
-@registry.architecture("lora", options=LoraOptions, description="low-rank update s·B·A (PEFT's LoRA)")
+@registry.architecture("lora", options=LoraOptions, description="low-rank update s·B·A (PEFT's LoRA)",
+                       peft_type="LORA")
 class LoraLayer(AdapterLayer):
     """LoRA on a linear base (nn.Linear, Conv1D, bnb 4/8-bit); ``for_base`` hands embeddings and ConvNd bases to
     LoraEmbeddingLayer and LoraConvLayer."""
 
-    peft_type = "LORA"
     # Every suffix a PEFT LoRA file can hold for the layers above (embeddings have no ".weight").
     saved_suffixes = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
     supported_types = linear_types() + (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+    @staticmethod
+    def options_from_peft_config(peft_config: Any) -> dict[str, Any]:
+        """The options of a PEFT ``LoraConfig`` object (r, alpha, dropout, rslora, init_lora_weights); a PEFT
+        option peftkit's LoRA does not implement is one ConfigError naming it."""
+        kind = type(peft_config).__name__
+        unsupported = {
+            "use_dora": False, "bias": "none", "layers_to_transform": None, "layers_pattern": None,
+            "lora_bias": False, "megatron_config": None,
+        }
+        for field_name, neutral in unsupported.items():
+            value = getattr(peft_config, field_name, neutral)
+            if value not in (neutral, [], ()):
+                raise ConfigError(f"{kind}.{field_name}={value!r} is not supported by peftkit's LoRA; leave it at "
+                                  f"{neutral!r} (or merge such an adapter with PEFT and use the merged model)")
+        init = peft_config.init_lora_weights
+        if init not in (True, False, "gaussian"):
+            raise ConfigError(f"{kind}.init_lora_weights={init!r}: peftkit reads True, False and 'gaussian'; its data-"
+                              "driven inits are methods of their own (peftkit.wrap(model, 'lora-ga' / 'eva' ...))")
+        return dict(r=peft_config.r, alpha=float(peft_config.lora_alpha), dropout=float(peft_config.lora_dropout),
+                    rslora=bool(peft_config.use_rslora), init_lora_weights=init)
 
     @classmethod
     def for_base(cls, base_layer: nn.Module) -> type[AdapterLayer]:

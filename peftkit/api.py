@@ -98,7 +98,8 @@ def inject_adapters(model: nn.Module, method_or_config: str | AdapterConfig = "l
         raise StateError(f"wrap: the model already holds HF PEFT adapters ({type(module).__name__} at "
                          f"'{name or 'the top'}'); wrap the plain base model, or fold PEFT's adapters in first "
                          "(model = model.merge_and_unload()), or read a saved PEFT adapter with peftkit.load")
-    from .aliases import apply_aliases, from_peft_config, is_peft_config
+    from .aliases import apply_aliases
+    from .peft_config import from_peft_config, is_peft_config
 
     if is_peft_config(method_or_config):  # PEFT's LoraConfig / HRAConfig: the adapter get_peft_model builds
         method_or_config = from_peft_config(method_or_config)

@@ -7,21 +7,16 @@ holds PEFT's fields only, so PEFT reads it without a warning; peftkit's own meta
 the method that trained it, and the sha256 of the weights and config files, so files from different saves are
 caught on load) is the sidecar ``peftkit.json`` beside it. Files written before the sidecar carry that section
 under the config's ``peftkit`` key, which is still read.
+
+This module saves, loads and exports; the schema it writes is :mod:`peftkit.peft_format`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import json
-import math
 import os
 import re
-import sys
-import tempfile
 import warnings
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,400 +26,23 @@ import torch.nn as nn
 from . import registry
 from .config import AdapterConfig, _name_matches, parameter_candidates
 from .errors import CheckpointError, ConfigError
+# The folder's schema, file IO, provenance and labels live in their own modules (peftkit.peft_format, .fileio,
+# .provenance, .labels); their names stay importable from here, where callers have always found them.
+from .fileio import (atomic_save_tensors, atomic_write_bytes, atomic_write_json, dir_mode, file_mode,  # noqa: F401
+                     fsync_dir, json_bytes, serialize_tensors, sha256_file, stage_bytes)
 from .inject import (adapter_layers, drop_adapter, inject, parameter_flags, probe_adapter, remove,
                      restore_parameter_flags, saved_modules, state_of)
+from .labels import apply_class_names, check_labels, label_fields, model_labels, task_type  # noqa: F401
 from .layer import AdapterLayer, ExpertParameterLayer
-from .validation import MAX_INT, check_fields, check_output_dir, json_loads, option, pattern_suffix_match
-
-CONFIG_NAME = "adapter_config.json"
-METADATA_NAME = "peftkit.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
-VERSION = "0.1.0"
-
-
-# ------------------------------------------------------------------------------------------ atomic IO
-def _umask() -> int:
-    """The process umask: from /proc on Linux (reading it there changes nothing, so no other thread can create a
-    file under a wrong mask meanwhile), else set and reset at once."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-def file_mode() -> int:
-    """The mode ``open`` gives a new file under the process umask. mkstemp's 0600 would hide checkpoints from
-    the group and others that the user's umask lets read them."""
-    return 0o666 & ~_umask()
-
-
-def dir_mode() -> int:
-    """The mode ``mkdir`` gives a new folder under the process umask (mkdtemp's is 0700)."""
-    return 0o777 & ~_umask()
-
-
-def stage_bytes(path: str | os.PathLike, data: bytes) -> str:
-    """Write ``data`` to a fsynced temporary file in ``path``'s folder; returns the temporary file's path.
-
-    Renaming it over ``path`` (``os.replace``) is then the atomic step; the caller removes it on failure.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), file_mode())
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return tmp
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
-    tmp = stage_bytes(path, data)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make a rename inside ``path`` durable (the folder's entry, not only the file, reaches the disk)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on folders; the rename itself is still atomic
-        pass
-    finally:
-        os.close(fd)
-
-
-def json_bytes(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode()
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, json_bytes(obj))
-
-
-def _json_default(value: Any):
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    if isinstance(value, torch.dtype):
-        return str(value)
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
-
-
-def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
-    """Save safetensors atomically; returns the file's sha256."""
-    data = serialize_tensors(tensors, metadata)
-    atomic_write_bytes(path, data)
-    return hashlib.sha256(data).hexdigest()
-
-
-def serialize_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    """The safetensors bytes of ``tensors`` (moved to CPU, contiguous)."""
-    from safetensors.torch import save
-
-    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
-
-
-MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-
-
-def _check_header(path: Path) -> None:
-    """Parse and check a safetensors header before any tensor is read: its length, JSON, and that every
-    tensor's offsets lie inside the file and fit its shape and dtype (a crafted or truncated file is refused
-    without reading the rest of it, however large)."""
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{size} bytes, shorter than a safetensors header")
-        length = int.from_bytes(head, "little")
-        if length > min(MAX_HEADER_BYTES, size - 8):
-            raise ValueError(f"the header claims {length:,} bytes; the file has {size:,}")
-        raw = handle.read(length)
-    try:
-        header = json_loads(raw, "header")
-    except ConfigError as exc:
-        raise ValueError(str(exc)) from None
-    if not isinstance(header, dict):
-        raise ValueError("the header is not a JSON object")
-    data_bytes = size - 8 - length
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        if not isinstance(entry, dict):
-            raise ValueError(f"tensor '{name}': no dtype, shape and offsets")
-        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if (dtype not in _DTYPE_BYTES or not isinstance(shape, list) or len(shape) > 8
-                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)
-                or not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
-            raise ValueError(f"tensor '{name}': a malformed entry")
-        begin, end = offsets
-        if not 0 <= begin <= end <= data_bytes or end - begin != math.prod(shape) * _DTYPE_BYTES[dtype]:
-            raise ValueError(f"tensor '{name}': offsets {offsets} do not fit its shape {shape} or the file")
-
-
-def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a safetensors file; a missing, truncated or corrupt file is one CheckpointError. The header is
-    checked before anything else is read (:func:`_check_header`)."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        if (path.parent / "adapter_model.bin").is_file():
-            raise CheckpointError(
-                f"{path}: file not found, only adapter_model.bin (a pickle, which peftkit never loads); convert it "
-                "with PEFT (load it, then save_pretrained(dir, safe_serialization=True))"
-            )
-        raise CheckpointError(f"{path}: file not found; expected the adapter weights ({WEIGHTS_NAME}) here")
-    try:
-        _check_header(path)
-        return load_file(path)
-    except Exception as exc:
-        raise CheckpointError(
-            f"{path}: not a readable safetensors file ({exc}); the file is corrupt or truncated - save the "
-            "adapter again or restore it from a good copy"
-        ) from None
-
-
-@dataclass
-class PeftFields:
-    """The fields of ``adapter_config.json`` that peftkit reads, with their JSON types and ranges. Other PEFT
-    fields are kept and not read (PEFT adds fields between versions)."""
-
-    peft_type: str = "LORA"
-    r: int = option(8, gt=0)
-    lora_alpha: float = option(8.0, gt=0)
-    use_rslora: bool = False
-    lora_dropout: float | None = option(0.0, ge=0, lt=1)
-    rank_pattern: dict[str, int] | None = option(None, gt=0)
-    alpha_pattern: dict[str, float] | None = option(None, gt=0)
-    target_modules: str | list[str] | None = None
-    modules_to_save: list[str] | None = None
-    task_type: str | None = None
-    base_model_name_or_path: str | None = None
-    use_dora: bool = False
-    lora_bias: bool = False
-    bias: str = "none"
-    apply_GS: bool = False  # HRA
-    init_weights: bool = True  # HRA
-    peftkit: dict[str, Any] | None = None
-
-
-@dataclass
-class PeftkitFields:
-    """The ``peftkit`` section of ``adapter_config.json`` (its ``config`` is an AdapterConfig, checked by
-    ``AdapterConfig.from_dict``)."""
-
-    version: str | None = None
-    method: str | None = None
-    config: dict[str, Any] = field(default_factory=dict)
-    weights_sha256: str | None = option(None, expect="a hex sha256 string")
-    # "axis:name" -> the module that registered a component from outside peftkit (a plugin), so that loading
-    # where the plugin is missing can say which package to install
-    plugins: dict[str, Any] = field(default_factory=dict)
-    # A classification adapter's head: the base is rebuilt with these (merge, export, chat)
-    num_labels: int | None = option(None, gt=0, le=100_000)
-    id2label: dict[str, str] | None = None
-    label2id: dict[str, int] | None = option(None, ge=0, le=100_000)
-
-
-def read_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """``adapter_config.json`` of an adapter folder, every field peftkit reads checked for its JSON type and
-    range (:mod:`peftkit.validation`); a bad field is one CheckpointError naming the file and the field."""
-    path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found; expected an adapter folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
-    data = _read_json(path)
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    data = check_fields(PeftFields, data, prefix=f"{path}: ", unknown="ignore", error=CheckpointError)
-    if data.get("peftkit") is not None:  # a folder saved before the peftkit.json sidecar
-        data["peftkit"] = _check_section(data["peftkit"], f"{path}: peftkit.")
-    return data
-
-
-def _read_json(path: Path) -> Any:
-    """A JSON file of an adapter folder, bounded (:func:`peftkit.validation.json_loads`); else one
-    CheckpointError naming the file."""
-    try:
-        return json_loads(path.read_bytes(), str(path))
-    except ValueError as exc:  # ConfigError from json_loads, UnicodeDecodeError
-        raise CheckpointError(f"{exc}; the file is corrupt - save the adapter again" if str(path) in str(exc) else
-                              f"{path}: not valid JSON ({exc}); the file is corrupt - save the adapter again") from None
-
-
-def _check_section(section: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """peftkit's metadata (the sidecar, or an old config's ``peftkit`` key) with its field types checked, its
-    config's too: the architecture name is read before the config is built."""
-    section = check_fields(PeftkitFields, section, prefix=prefix, unknown="ignore", error=CheckpointError)
-    section["config"] = check_fields(AdapterConfig, section["config"], prefix=f"{prefix}config.", unknown="ignore",
-                                     error=CheckpointError)
-    id2label, num_labels = section.get("id2label"), section.get("num_labels")
-    if id2label:
-        count = num_labels if num_labels is not None else len(id2label)
-        bad = [k for k in id2label if not (k.isdigit() and len(k) < 7 and int(k) < count)]
-        if bad:
-            raise CheckpointError(f"{prefix}id2label: keys must be the class indices 0..{count - 1} as strings, got "
-                                  f"{[k[:20] for k in bad[:3]]}; fix the file or save the adapter again")
-    return section
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+from .peft_format import (CONFIG_NAME, METADATA_NAME, PREFIX, VERSION, WEIGHTS_NAME, AdapterFolder,  # noqa: F401
+                          PeftFields, PeftkitFields, peft_rewritten_targets, read_adapter, read_config,
+                          read_metadata, read_tensors, saved_patterns, target_list)
+from .provenance import (BASE_REF_ATTR, PKG_PREFIX, base_reference, package_reference,  # noqa: F401
+                         plugin_modules, record_base_reference)
+from .validation import check_output_dir, pattern_suffix_match
 
 
 # ------------------------------------------------------------------------------------------ saving
-BASE_REF_ATTR = "_peftkit_base_model_ref"
-PKG_PREFIX = "pkg:"
-
-
-def record_base_reference(model: nn.Module, reference: str | None) -> None:
-    """Remember how the user named ``model``'s weights (a hub id, a folder, ``pkg:<module>/<folder>``), so a
-    saved adapter records that name as ``base_model_name_or_path`` instead of the path it resolved to."""
-    if reference:
-        model.__dict__[BASE_REF_ATTR] = str(reference)
-
-
-def base_reference(model: nn.Module) -> str | None:
-    """The name a saved adapter records for its base: the user's reference when known; else the model's
-    ``name_or_path``, where a folder inside an installed package becomes ``pkg:<module>/<folder>`` (an
-    absolute site-packages path would not resolve on another machine)."""
-    recorded = model.__dict__.get(BASE_REF_ATTR)
-    if recorded:
-        return recorded
-    name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
-    return package_reference(name) if name else None
-
-
-def package_reference(path: str) -> str:
-    """``pkg:<module>/<sub folder>`` for a folder inside an installed regular package; ``path`` otherwise."""
-    folder = Path(path)
-    if not folder.is_absolute() or not folder.is_dir():
-        return path
-    folder = folder.resolve()
-    for entry in sys.path:
-        if not entry or not Path(entry).is_absolute():
-            continue  # the current folder is no installed location
-        try:
-            parts = folder.relative_to(Path(entry).resolve()).parts
-        except (ValueError, OSError):
-            continue
-        if len(parts) < 2 or not parts[0].isidentifier():
-            continue
-        try:
-            spec = importlib.util.find_spec(parts[0])
-        except (ImportError, ValueError):
-            continue
-        origin = getattr(spec, "origin", None) if spec is not None else None
-        # A regular package whose __init__ lies in this very folder (a namespace package would resolve anywhere).
-        if origin and Path(origin).resolve().parent == Path(entry).resolve() / parts[0]:
-            return f"{PKG_PREFIX}{parts[0]}/{'/'.join(parts[1:])}"
-    return path
-
-
-def plugin_modules(config: dict[str, Any]) -> dict[str, str]:
-    """``{"axis:name": module}`` for every component of a saved config registered by a module outside peftkit
-    (a plugin): what ``load`` names when that component is not registered where the adapter is read."""
-    found = {}
-    for axis in registry.AXES:
-        name = config.get(axis)
-        table = registry.components(axis)
-        if isinstance(name, str) and name in table:
-            module = getattr(table[name].obj, "__module__", "") or ""
-            if module and module != "peftkit" and not module.startswith("peftkit."):
-                found[f"{axis}:{name}"] = module
-    return found
-
-
-def label_fields(model: nn.Module) -> dict[str, Any]:
-    """``num_labels``, ``id2label`` and ``label2id`` of a classification model (its head's shape and class
-    names), so the base can be rebuilt with a head of the same shape for load / merge / export."""
-    config = getattr(model, "config", None)
-    if _task_type(model) not in ("SEQ_CLS", "TOKEN_CLS") or config is None or not getattr(config, "num_labels", None):
-        return {}
-    id2label = {str(int(k)): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
-    label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
-    return {"num_labels": int(config.num_labels), "id2label": id2label, "label2id": label2id}
-
-
-def _task_type(model: nn.Module) -> str | None:
-    name = type(model).__name__
-    if name.endswith("ForCausalLM"):
-        return "CAUSAL_LM"
-    if name.endswith("ForSequenceClassification"):
-        return "SEQ_CLS"
-    if name.endswith("ForTokenClassification"):
-        return "TOKEN_CLS"
-    return None
-
-
-def _target_list(names: list[str], all_names: list[str]) -> list[str]:
-    """Leaf names when they select exactly ``names``; full module paths otherwise."""
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-    selected = {n for n in all_names if n.rsplit(".", 1)[-1] in leaves}
-    return leaves if selected == set(names) else sorted(names)
-
-
-def _patterns(config: AdapterConfig, per_layer: dict[str, tuple[int, float]]) -> tuple[int, float, dict, dict]:
-    """(r, alpha, rank_pattern, alpha_pattern) that give every layer its saved (r, alpha) under PEFT's rule."""
-    if all(config.rank_alpha(n) == ra for n, ra in per_layer.items()):
-        return config.r, config.alpha, dict(config.rank_pattern), dict(config.alpha_pattern)
-    r_common = Counter(r for r, _ in per_layer.values()).most_common(1)[0][0]
-    a_common = Counter(a for _, a in per_layer.values()).most_common(1)[0][0]
-    rank_pattern = {re.escape(n): r for n, (r, _) in per_layer.items() if r != r_common}
-    alpha_pattern = {re.escape(n): a for n, (_, a) in per_layer.items() if a != a_common}
-    return r_common, a_common, rank_pattern, alpha_pattern
-
-
-def peft_rewritten_targets(model: nn.Module, module_names: list[str]) -> list[str]:
-    """The adapted modules PEFT 0.21's loader would take for transformers-v4 expert names and rewrite.
-
-    On the model types transformers converts from v4 checkpoints (Mixtral, Qwen3-MoE, DeepSeek-V2/V3, OLMoE ...),
-    ``PeftModel.from_pretrained`` maps every ``target_modules`` entry named like a v4 expert projection
-    (``gate_proj``/``up_proj``/``down_proj``, Mixtral's ``w1``/``w2``/``w3``) onto the fused expert parameters, also
-    when it names a dense or shared-expert linear layer (peft/utils/transformers_weight_conversion.py). Such an
-    adapter is exact in peftkit but does not load in PEFT (its own adapters on those layers neither)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    try:
-        from peft.utils.transformers_weight_conversion import (_MODEL_TO_CONVERSION_PATTERN,
-                                                               _MOE_TARGET_MODULE_MAPPING)
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-    except Exception:  # noqa: BLE001 - another PEFT version: nothing known to warn about
-        return []
-    pattern = _MODEL_TO_CONVERSION_PATTERN.get(model_type)
-    mapping = _MOE_TARGET_MODULE_MAPPING.get(pattern) if pattern else None
-    if not mapping or get_checkpoint_conversion_mapping(model_type) is None:
-        return []
-    return [n for n in module_names if n.rsplit(".", 1)[-1] in mapping and n.rsplit(".", 1)[-1] != "gate"]
-
-
 EXPORT_TARGETS = ("peft", "lora", "gguf")
 
 
@@ -489,7 +107,7 @@ def adapter_state(model: nn.Module, adapter_name: str, *, export: bool | str = F
     if len(peft_types) != 1:
         raise ConfigError(f"adapter '{adapter_name}' mixes saved formats {sorted(peft_types)}; cannot save it as one")
     peft_type = peft_types.pop()
-    r, alpha, rank_pattern, alpha_pattern = _patterns(config, per_layer)
+    r, alpha, rank_pattern, alpha_pattern = saved_patterns(config, per_layer)
     all_names = [n for n, _ in model.named_modules()]
     base_name = base_reference(model)
     saved_config = config.to_dict()
@@ -521,7 +139,7 @@ def adapter_state(model: nn.Module, adapter_name: str, *, export: bool | str = F
         "peft_type": peft_type,
         "r": r,
         "lora_alpha": alpha,
-        "target_modules": _target_list(module_layers, all_names),
+        "target_modules": target_list(module_layers, all_names),
         "target_parameters": target_parameters,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
@@ -536,7 +154,7 @@ def adapter_state(model: nn.Module, adapter_name: str, *, export: bool | str = F
         "layers_to_transform": None,
         "layers_pattern": None,
         "exclude_modules": None,
-        "task_type": _task_type(model),
+        "task_type": task_type(model),
         "base_model_name_or_path": base_name,
         "revision": None,
         "inference_mode": True,
@@ -597,140 +215,11 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter_names: list[str
     return written
 
 
-# ------------------------------------------------------------------------------------------ loading
-def read_metadata(directory: str | os.PathLike, data: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """peftkit's section of an adapter folder: the sidecar ``peftkit.json``, or the ``peftkit`` key of an
-    ``adapter_config.json`` written before the sidecar (``data``); None for a plain PEFT adapter."""
-    path = Path(directory) / METADATA_NAME
-    if path.is_file():
-        section = _read_json(path)
-        if not isinstance(section, dict):
-            raise CheckpointError(f"{path}: expected a JSON object, got {type(section).__name__}")
-        expected = section.get("config_sha256")
-        if expected and sha256_file(Path(directory) / CONFIG_NAME) != expected:
-            raise CheckpointError(
-                f"{directory}: {CONFIG_NAME} is not the file saved with this {METADATA_NAME} (its sha256 differs from "
-                "the one recorded at save time): the folder mixes two saves - save the adapter again")
-        return _check_section(section, f"{path}: ")
-    if data is None:
-        data = read_config(directory)
-    section = data.get("peftkit")
-    return section if isinstance(section, dict) else None
-
-
-@dataclass
-class AdapterFolder:
-    """An adapter folder as read and checked by :func:`read_adapter`."""
-
-    directory: Path
-    config: dict[str, Any]  # adapter_config.json, its fields checked
-    metadata: dict[str, Any] | None  # peftkit's sidecar (or an old config's peftkit key); None for plain PEFT
-    tensors: dict[str, torch.Tensor]
-    architecture: str  # the registered architecture that reads the tensors
-
-
-def read_adapter(directory: str | os.PathLike) -> AdapterFolder:
-    """The one reader of adapter folders (``load``, ``info``, ``export``, ``merge``, ``chat``, ``push``): every
-    check that needs no model, so no command takes a folder that another refuses.
-
-    The config and sidecar are bounded JSON with typed fields; the weights file's header is checked before it is
-    read, and its sha256 against the one the sidecar recorded; the format is one peftkit reads; every tensor has
-    at least one dimension and one value, is finite, and is floating point in PEFT's formats (a saved head may
-    hold integer buffers; a peftkit format's masks are checked against its layers by ``load``);
-    and a LoRA's tensors have the rank its config gives each module (``r`` / ``rank_pattern``, PEFT's rule).
-    Raises one CheckpointError naming the file and what is wrong."""
-    directory = Path(directory)
-    data = read_config(directory)
-    peft_type = data.get("peft_type")
-    section = read_metadata(directory, data)
-    if section is not None and section.get("config", {}).get("architecture"):
-        arch_name = section["config"]["architecture"]
-    else:
-        arch_name = {"LORA": "lora", "HRA": "hra"}.get(peft_type)
-    if arch_name is None:
-        raise CheckpointError(
-            f"{directory / CONFIG_NAME}: peft_type '{peft_type}' is not a format peftkit reads (it reads PEFT's "
-            "LORA and HRA adapters and its own); convert it with PEFT or retrain it with peftkit"
-        )
-    if peft_type == "LORA" and (data.get("use_dora") or data.get("lora_bias") or data.get("bias", "none") != "none"):
-        raise CheckpointError(
-            f"{directory / CONFIG_NAME}: this LoRA uses "
-            f"{'DoRA' if data.get('use_dora') else 'lora_bias' if data.get('lora_bias') else 'bias=' + str(data.get('bias'))}, "
-            "which peftkit does not read; merge it with PEFT (merge_and_unload) and use the merged model as the base"
-        )
-    tensors = read_tensors(directory / WEIGHTS_NAME)
-    expected = section.get("weights_sha256") if section else None
-    if expected and sha256_file(directory / WEIGHTS_NAME) != expected:
-        raise CheckpointError(
-            f"{directory}: {WEIGHTS_NAME} is not the file saved with this {CONFIG_NAME} (its sha256 differs from the "
-            "one recorded at save time): it was corrupted, or the folder mixes two saves - save the adapter again"
-        )
-    if not tensors:
-        raise CheckpointError(f"{directory / WEIGHTS_NAME}: holds no adapter weights (no tensors at all); the file is "
-                              "empty or was replaced - save the adapter again")
-    heads = list(data.get("modules_to_save") or [])
-    problems = []
-    for key, tensor in tensors.items():
-        path = key[len(PREFIX):] if key.startswith(PREFIX) else key
-        in_head = any(path.startswith(h + ".") or ("." + h + ".") in ("." + path) for h in heads)
-        if tensor.dim() == 0 or tensor.numel() == 0:
-            problems.append(f"{key} has shape {tuple(tensor.shape)} (an adapter tensor needs at least one value in "
-                            "at least one dimension)")
-        elif not tensor.is_floating_point():
-            # PEFT's formats hold float weights only; a peftkit format may hold masks (ElaLoRA's lora_mask is
-            # bool), whose kinds load checks against the layer's own tensors.
-            if not in_head and peft_type in ("LORA", "HRA") and arch_name in ("lora", "hra"):
-                problems.append(f"{key} is {tensor.dtype}, not floating point (adapter weights are float tensors)")
-        elif not bool(torch.isfinite(tensor).all()):
-            problems.append(f"{key} holds NaN or inf")
-    if problems:
-        raise CheckpointError(f"{directory / WEIGHTS_NAME}: {len(problems)} bad tensors: {'; '.join(problems[:3])}"
-                              f"{' ...' if len(problems) > 3 else ''}; the adapter is broken - save it again from a "
-                              "good run (a trained adapter is finite float tensors)")
-    if peft_type == "LORA" and arch_name == "lora":
-        _check_lora_ranks(directory, data, tensors)
-    return AdapterFolder(directory, data, section, tensors, arch_name)
-
-
-def _check_lora_ranks(directory: Path, data: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """Each module's lora_A rows and lora_B columns equal the rank the config gives it (PEFT reads the rank
-    from the config, so a mismatch would load as another adapter or fail inside PEFT)."""
-    r = int(data.get("r", 8))
-    pattern = data.get("rank_pattern") or {}
-    # PEFT's target_parameters: a fused expert stack's lora_A holds experts x rank rows (one rank-r block per
-    # expert), at the owner module's path, nested in '.base_layer' once per further parameter of that module.
-    owners = [e.rsplit(".", 1)[0] if "." in e else "" for e in data.get("target_parameters") or []]
-    wrong = []
-    for key, a in tensors.items():
-        if not key.endswith(".lora_A.weight"):
-            continue
-        module = key[: -len(".lora_A.weight")]
-        name = module[len(PREFIX):] if module.startswith(PREFIX) else module
-        b = tensors.get(f"{module}.lora_B.weight")
-        rank = next((int(v) for k, v in pattern.items() if pattern_suffix_match(k, name, "rank_pattern",
-                                                                               CheckpointError)), r)
-        owner = name
-        while owner.endswith(".base_layer"):
-            owner = owner[: -len(".base_layer")]
-        stacked = any(not o or owner == o or owner.endswith("." + o) for o in owners)
-        got = {int(a.shape[0]), *([int(b.shape[1])] if b is not None and b.dim() >= 2 else [])}
-        if stacked and len(got) == 1 and rank > 0 and next(iter(got)) % rank == 0:
-            got = {rank}  # E blocks of rank r
-        if b is None or b.dim() < 2 or a.dim() < 2 or got != {rank}:
-            wrong.append(f"{name}: config rank {rank}, lora_A {tuple(a.shape)}, lora_B "
-                         f"{tuple(b.shape) if b is not None else 'missing'}")
-    if wrong:
-        raise CheckpointError(f"{directory}: the ranks in {CONFIG_NAME} (r={r}, rank_pattern) disagree with the "
-                              f"tensors in {WEIGHTS_NAME} ({len(wrong)} modules): {'; '.join(wrong[:3])}"
-                              f"{' ...' if len(wrong) > 3 else ''}; the files come from different saves - save the "
-                              "adapter again")
-
-
 
 def _resolve(directory: str | os.PathLike, what: str = "adapter", **hub: Any) -> Path:
     """A folder, or a Hub id resolved to its local snapshot (offline: the cache); ``hub``: revision, token,
-    local_files_only (``peftkit.hub.resolve_folder``)."""
-    from .hub import resolve_folder
+    local_files_only (``peftkit.resolve.resolve_folder``)."""
+    from .resolve import resolve_folder
 
     return resolve_folder(directory, what, **hub)
 
@@ -744,7 +233,7 @@ def _config_from_peft(data: dict[str, Any], module_names: list[str], section: di
             registry.note_plugin(axis, name, str(module))
         config = AdapterConfig.from_dict(section["config"])
     else:
-        arch = {"LORA": "lora", "HRA": "hra"}.get(data.get("peft_type"))
+        arch = registry.architecture_for_peft_type(data.get("peft_type"))
         config = AdapterConfig(method=arch, architecture=arch)
         config.r = int(data.get("r", 8))
         config.alpha = float(data.get("lora_alpha", config.r if arch == "lora" else 8))
@@ -817,7 +306,7 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
             f"{', only heads' if head_tensors else ''}; a '{arch_name}' adapter needs "
             f"{'/'.join(layer_cls.saved_suffixes)} tensors): the file is empty or was replaced - save the adapter again"
         )
-    _check_labels(model, section or {}, directory)
+    check_labels(model, section or {}, directory)
     modules = dict(model.named_modules())
     missing = [n for n in per_module if n not in modules and re.sub(r"(\.base_layer)+$", "", n.replace(
         "base_layer.", "")) not in modules]
@@ -883,7 +372,7 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
         drop_adapter(model, adapter_name)
         restore_parameter_flags(flags)
         raise
-    _apply_class_names(model, section or {})
+    apply_class_names(model, section or {})
     state = state_of(model)
     if had_state:
         # Loading one more adapter leaves the flags of everything already there as they were.
@@ -923,51 +412,6 @@ def _split_parameter_keys(model: nn.Module, keys: list[str], config: AdapterConf
             module_keys.append(key)
     return module_keys, resolved
 
-
-def _check_labels(model: nn.Module, section: dict[str, Any], directory: Path) -> None:
-    """A classification adapter fits only a base whose head has as many classes as the one it trained."""
-    saved = section.get("num_labels")
-    have = getattr(getattr(model, "config", None), "num_labels", None)
-    if saved is None or have is None or _task_type(model) not in ("SEQ_CLS", "TOKEN_CLS") or int(saved) == int(have):
-        return
-    names = [name for _, name in sorted((section.get("id2label") or {}).items(), key=lambda kv: int(kv[0]))]
-    raise CheckpointError(
-        f"{directory / CONFIG_NAME}: the adapter was trained with num_labels={saved}"
-        f"{f' (classes {names})' if names else ''}, but this {type(model).__name__} has num_labels={have}; build "
-        f"the base with from_pretrained(..., num_labels={saved}, id2label=..., label2id=...) (peftkit merge and "
-        "export do this from the adapter's config)"
-    )
-
-
-def _apply_class_names(model: nn.Module, section: dict[str, Any]) -> None:
-    """Give the model the adapter's class names when it has transformers' placeholders (LABEL_0, ...)."""
-    config = getattr(model, "config", None)
-    id2label = section.get("id2label")
-    if not id2label or config is None or _task_type(model) not in ("SEQ_CLS", "TOKEN_CLS"):
-        return
-    current = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
-    if all(v == f"LABEL_{k}" for k, v in current.items()):
-        config.id2label = {int(k): v for k, v in id2label.items()}
-        config.label2id = {k: int(v) for k, v in (section.get("label2id") or {v: int(k) for k, v in id2label.items()}).items()}
-
-
-def model_labels(directory: str | os.PathLike) -> dict[str, Any]:
-    """``from_pretrained`` keyword arguments (num_labels, id2label, label2id, and ignore_mismatched_sizes when the
-    adapter saves its own head) that give a base model the head shape and class names the adapter in
-    ``directory`` was trained with; {} when it records none."""
-    data = read_config(directory)
-    section = read_metadata(directory, data)
-    if not isinstance(section, dict) or not section.get("num_labels"):
-        return {}
-    out: dict[str, Any] = {"num_labels": int(section["num_labels"])}
-    if data.get("modules_to_save"):
-        # The adapter brings its head: a base whose saved head has another class count gets a placeholder.
-        out["ignore_mismatched_sizes"] = True
-    if section.get("id2label"):
-        out["id2label"] = {int(k): v for k, v in section["id2label"].items()}
-        out["label2id"] = {k: int(v) for k, v in (section.get("label2id") or {}).items()} or {
-            v: int(k) for k, v in section["id2label"].items()}
-    return out
 
 
 def _expected_shapes(model: nn.Module, layer_cls: type, config: AdapterConfig, names: list[str],

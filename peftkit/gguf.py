@@ -99,7 +99,7 @@ def _pattern_value(patterns: dict[str, Any] | None, name: str, default: Any) -> 
 # ------------------------------------------------------------------------------------------ writing
 def lora_pairs(tensors: dict[str, torch.Tensor], peft_config: dict[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """Module path -> (A (r, in), B (out, r), s) of a plain PEFT LoRA's tensors and config, ΔW = s·B·A."""
-    from .checkpoint import PREFIX
+    from .peft_format import PREFIX
 
     if peft_config.get("peft_type") != "LORA":
         raise ConfigError(f"to: gguf: expected a LoRA, got peft_type {peft_config.get('peft_type')}")
@@ -135,7 +135,7 @@ def write_adapter(path: str | os.PathLike, pairs: dict[str, tuple[torch.Tensor, 
     transformers ``config`` is given; atomic (temporary file, then rename)."""
     import gguf
 
-    from .checkpoint import file_mode
+    from .fileio import file_mode
 
     arch = gguf_architecture(config)
     n_blocks = int(getattr(config, "num_hidden_layers", 0) or 0)

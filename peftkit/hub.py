@@ -1,80 +1,22 @@
-"""The Hugging Face Hub: adapter ids resolved to local folders, uploads, and the adapter folder's model card.
+"""Publishing to the Hugging Face Hub: uploads (``push``) and the adapter folder's model card.
 
-Everything goes through ``huggingface_hub``. Offline (``HF_HUB_OFFLINE=1``) a Hub id resolves from the local
-cache only (``HF_HUB_CACHE``, read at call time); a Hub id that is not cached is one clear error.
+Everything goes through ``huggingface_hub``. Resolving a Hub id to a local folder is :mod:`peftkit.resolve`
+(re-exported here), which the checkpoint reader builds on; this module builds on the reader.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import torch.nn as nn
 
-from .errors import CheckpointError, ConfigError
+from .errors import ConfigError
+from .resolve import ADAPTER_FILES, hub_offline, is_hub_id, resolve_folder  # noqa: F401 - also peftkit.hub names
 
-# The files of an adapter folder (peftkit's and PEFT's); a download fetches nothing else (no full models).
-ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "peftkit.json", "README.md", "*/adapter_config.json",
-                 "*/adapter_model.safetensors", "*/peftkit.json"]
 CARD_NAME = "README.md"
 CARD_TAG = "peftkit"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
-def _cache_dir() -> str | None:
-    return os.environ.get("HF_HUB_CACHE") or None
-
-
-def is_hub_id(ref: str | os.PathLike) -> bool:
-    """A string that is not an existing path and looks like ``name`` or ``namespace/name``."""
-    text = os.fspath(ref)
-    # "outputs/run1" whose "outputs" is a local folder is a mistyped path, never a repo to download
-    parent_is_local = "/" in text and os.path.isdir(text.split("/", 1)[0])
-    return (not os.path.exists(text) and not parent_is_local and bool(_REPO_ID.match(text))
-            and not text.startswith((".", "~")))
-
-
-def resolve_folder(ref: str | os.PathLike, what: str = "adapter", allow_patterns: list[str] | None = ADAPTER_FILES,
-                   revision: str | None = None, token: bool | str | None = None,
-                   local_files_only: bool = False) -> Path:
-    """An existing folder as given; a Hub id becomes its snapshot folder at ``revision`` (a branch, tag or
-    commit; default the repo's main), downloaded with ``token`` (the local cache when offline or
-    ``local_files_only``).
-
-    ``what`` names the argument in errors. A path that exists is never looked up on the Hub, so a ``revision``
-    given with one is an error rather than ignored.
-    """
-    text = os.fspath(ref)
-    if os.path.exists(text) or not is_hub_id(text):
-        if revision is not None:
-            raise ConfigError(f"{what}: revision={revision!r} applies to a Hub id, and '{text}' is a local path; "
-                              "drop revision= or give the Hub id")
-        return Path(text)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    offline = _offline() or local_files_only
-    try:
-        folder = snapshot_download(text, cache_dir=_cache_dir(), local_files_only=offline, allow_patterns=allow_patterns,
-                                   revision=revision, token=token)
-    except LocalEntryNotFoundError:
-        where = _cache_dir() or "the default Hugging Face cache"
-        at = f" at revision '{revision}'" if revision else ""
-        raise CheckpointError(
-            f"{what}: '{text}' is not a local folder, and the Hub repo '{text}'{at} is not in the local cache ({where}) "
-            + ("while offline (HF_HUB_OFFLINE=1); download it once with network access (hf download "
-               f"{text}) or pass a local folder" if offline else "and could not be downloaded; check the id and the network")
-        ) from None
-    except Exception as exc:  # repository not found, gated, network errors: one message
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{what}: '{text}' is not a local folder, and the Hub repo could not be fetched ({first})") from None
-    return Path(folder)
 
 
 # ---------------------------------------------------------------------------------------------- uploads
@@ -86,7 +28,7 @@ def HfApi(*args: Any, **kwargs: Any):  # noqa: N802 - looked up at call time, so
 
 def require_token(token: bool | str | None, what: str = "push") -> None:
     """Fail before anything is uploaded when there are no credentials (or the Hub is switched off)."""
-    if _offline():
+    if hub_offline():
         raise ConfigError(f"{what}: HF_HUB_OFFLINE=1 is set, and an upload needs the network; unset it to push")
     if isinstance(token, str) and token:
         return
@@ -147,7 +89,7 @@ def write_model_card(model: nn.Module, directory: str | os.PathLike) -> Path | N
     is the user's and stays as it is (returns None then)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from .checkpoint import atomic_write_bytes
+    from .fileio import atomic_write_bytes
     from .inject import adapter_layers, state_of
 
     path = Path(directory) / CARD_NAME
@@ -164,7 +106,7 @@ def write_model_card(model: nn.Module, directory: str | os.PathLike) -> Path | N
     config = state.configs[name]
     layers = {n: layer for n, layer in adapter_layers(model).items() if name in layer.adapters}
     ranks = sorted({layer.ranks.get(name) for layer in layers.values() if layer.ranks.get(name) is not None})
-    from .checkpoint import base_reference
+    from .provenance import base_reference
 
     base = base_reference(model)  # what adapter_config.json records (a hub id, a folder or pkg:...)
     loadable = base if base and is_hub_id(base) else None  # only a hub id means the same thing elsewhere

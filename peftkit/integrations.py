@@ -160,7 +160,7 @@ def load_adapter(self: nn.Module, peft_model_id: str | os.PathLike | None = None
 def add_adapter(self: nn.Module, adapter_config: Any, adapter_name: str | None = None) -> None:
     """Add a new adapter (a PEFT ``LoraConfig`` / ``HraConfig`` or a peftkit ``AdapterConfig``) and make it the
     active one, as transformers' ``add_adapter`` does."""
-    from .aliases import from_peft_config
+    from .peft_config import from_peft_config
     from .api import set_adapter as activate
     from .api import wrap
     from .config import AdapterConfig
@@ -300,7 +300,7 @@ def save_training_state(model: nn.Module, schedule: Any, folder: str | os.PathLi
     """Write the live adapter tensors and the schedule state into a Trainer ``checkpoint-N`` folder."""
     import io
 
-    from .checkpoint import atomic_write_bytes, serialize_tensors
+    from .fileio import atomic_write_bytes, serialize_tensors
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -313,7 +313,7 @@ def save_training_state(model: nn.Module, schedule: Any, folder: str | os.PathLi
 
 def restore_training_state(model: nn.Module, folder: str | os.PathLike, schedule: Any = None) -> None:
     """Fill the model's adapters (in place, so the optimizer keeps its parameters) from a ``checkpoint-N``."""
-    from .checkpoint import CONFIG_NAME, read_tensors
+    from .peft_format import CONFIG_NAME, read_tensors
 
     folder = Path(folder)
     path = folder / TRAINING_STATE_NAME

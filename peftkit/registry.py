@@ -47,6 +47,9 @@ class Component:
     # PCA, not a token-weighted sum): the training loop hands them one batch per optimizer step, the step's
     # micro-batches together, so every grad_accum split of the same global batch starts from the same adapter.
     per_step_batches: bool = False
+    # For architectures with a PEFT on-disk format: PEFT's ``peft_type`` ("LORA", "HRA"); saved adapters of that
+    # type are read by this architecture, and its layers save in that format. None: peftkit's own format.
+    peft_type: str | None = None
 
     def option_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.options)] if self.options else []
@@ -118,15 +121,38 @@ def _register_component(component: Component) -> None:
     table[component.name] = component
 
 
-def architecture(name: str, *, options: type | None = None, description: str = "") -> Callable:
-    """Class decorator: register an ``AdapterLayer`` subclass as an architecture."""
+def architecture(name: str, *, options: type | None = None, description: str = "",
+                 peft_type: str | None = None) -> Callable:
+    """Class decorator: register an ``AdapterLayer`` subclass as an architecture.
+
+    ``peft_type``: PEFT's name of the format the layer saves in, when PEFT has one ("LORA", "HRA"); the class
+    then carries it as ``peft_type``, and folders of that type load into this architecture."""
 
     def deco(cls):
         cls.architecture_name = name
-        _register_component(Component("architecture", name, cls, options, description))
+        if peft_type is not None:
+            cls.peft_type = peft_type
+        _register_component(Component("architecture", name, cls, options, description, peft_type=peft_type))
         return cls
 
     return deco
+
+
+def peft_architectures() -> dict[str, str]:
+    """``{peft_type: architecture name}`` for every registered architecture that declares a PEFT format, in
+    registration order (the first to declare a type reads it)."""
+    discover()
+    out: dict[str, str] = {}
+    for name, component in _components["architecture"].items():
+        if component.peft_type is not None:
+            out.setdefault(component.peft_type, name)
+    return out
+
+
+def architecture_for_peft_type(peft_type: Any) -> str | None:
+    """The registered architecture that reads PEFT adapters of ``peft_type`` (e.g. "LORA" -> "lora"); None when no
+    architecture declares that format."""
+    return peft_architectures().get(peft_type) if isinstance(peft_type, str) else None
 
 
 def init(name: str, *, options: type | None = None, description: str = "", needs_data: bool = False,

@@ -264,7 +264,7 @@ def load_model(model_section: ModelSection, tokenizer, *, labels: int | None = N
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if model_section.name:
-        from ..checkpoint import record_base_reference
+        from ..provenance import record_base_reference
 
         record_base_reference(model, gguf_reference(model_section) if model_section.gguf_file
                               else model_section.name)  # adapters record "pkg:..." / the hub id, not a local path

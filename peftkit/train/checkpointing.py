@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from .. import checkpoint as adapter_io
+from .. import fileio
 from ..errors import CheckpointError, ConfigError, StateError
 from ..inject import adapter_layers
 
@@ -131,7 +132,7 @@ class RunLock:
                                f"{'link' if os.path.islink(self.path) else 'folder or special file'}); move it away "
                                "or choose another output_dir")
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, adapter_io.file_mode())
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, fileio.file_mode())
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -296,10 +297,10 @@ def save(accelerator, model: nn.Module, optimizer, lr_scheduler, schedule, state
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
             adapter_io.save(unwrapped, staging / "adapter")
-            adapter_io.atomic_save_tensors(staging / "trainable.safetensors", tensors)
+            fileio.atomic_save_tensors(staging / "trainable.safetensors", tensors)
             buffer = io.BytesIO()
             torch.save(states, buffer)
-            adapter_io.atomic_write_bytes(staging / "optimizer.pt", buffer.getvalue())
+            fileio.atomic_write_bytes(staging / "optimizer.pt", buffer.getvalue())
             best = Path(output_dir) / BEST_DIR
             if (best / BEST_FILE).is_file():
                 # best/ as it is at this step: a resume from here puts it back (training.best)
@@ -307,8 +308,8 @@ def save(accelerator, model: nn.Module, optimizer, lr_scheduler, schedule, state
 
     def publish() -> None:
         if accelerator.is_main_process:
-            adapter_io.atomic_write_json(staging / STATE_FILE, asdict(state))
-            adapter_io.fsync_dir(staging)
+            fileio.atomic_write_json(staging / STATE_FILE, asdict(state))
+            fileio.fsync_dir(staging)
             if final.exists():  # the same step again (a resume at its last step): swap, never a gap
                 previous = root / f".step-{state.step:06d}.old"
                 shutil.rmtree(previous, ignore_errors=True)
@@ -317,7 +318,7 @@ def save(accelerator, model: nn.Module, optimizer, lr_scheduler, schedule, state
                 shutil.rmtree(previous, ignore_errors=True)
             else:
                 staging.rename(final)
-            adapter_io.fsync_dir(root)
+            fileio.fsync_dir(root)
 
     try:
         # Each phase ends in a collective that tells every process whether any failed, so a process that cannot
@@ -449,8 +450,8 @@ def _save_rng(folder: Path, rank: int) -> None:
             tensors[f"cuda{i}"] = s
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     tensors["numpy"] = torch.from_numpy(keys.astype(np.int64))
-    adapter_io.atomic_save_tensors(folder / f"rng-{rank}.safetensors", tensors)
-    adapter_io.atomic_write_json(folder / f"rng-{rank}.json", {
+    fileio.atomic_save_tensors(folder / f"rng-{rank}.safetensors", tensors)
+    fileio.atomic_write_json(folder / f"rng-{rank}.json", {
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
         "numpy": [kind, int(pos), int(has_gauss), float(cached)],
     })

@@ -272,7 +272,7 @@ def _publish(staging: Path, out: Path) -> None:
     folder name a file), then each file is swapped in (an atomic replace) with the file it replaces kept aside
     until every swap succeeded; a failed swap puts every replaced file back. Files of ``out`` the output does
     not name are never touched."""
-    from ..checkpoint import dir_mode, file_mode
+    from ..fileio import dir_mode, file_mode
 
     # The user's umask for everything written: mkdtemp gives 0700 and some writers 0600.
     for path in [staging, *staging.rglob("*")]:
@@ -459,7 +459,7 @@ def cmd_info(args) -> int:
 
 def _adapter_folder(ref: str) -> Path:
     """An adapter folder as given, or a Hub id resolved to its local snapshot (offline: the cache only)."""
-    from ..hub import resolve_folder
+    from ..resolve import resolve_folder
 
     return resolve_folder(ref, "adapter")
 

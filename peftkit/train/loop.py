@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import peftkit
 
 from .. import registry
-from ..checkpoint import atomic_write_bytes
+from ..fileio import atomic_write_bytes
 from ..config import resolve_config
 from ..errors import ConfigError
 from ..inject import adapter_layers, state_of

@@ -27,7 +27,7 @@ class MetricsLog:
         evaluates again)."""
         if not self.enabled or not self.path.is_file():
             return
-        from ..checkpoint import atomic_write_bytes
+        from ..fileio import atomic_write_bytes
 
         kept = [r for r in read(self.path.parent) if r.get("step", 0) < step or r.get("step", 0) == step and (
             evals_at_step or not any(k.startswith("eval_") for k in r))]

@@ -200,7 +200,7 @@ def read_best(folder: Path) -> dict | None:
 def replace_folder(source_writer, target: Path) -> None:
     """Write a folder through ``source_writer(staging)`` and swap it in for ``target`` (never a gap: the old
     folder is renamed aside first, then removed)."""
-    from .. import checkpoint as adapter_io
+    from .. import fileio as adapter_io
 
     staging = target.with_name(f".{target.name}.tmp")
     previous = target.with_name(f".{target.name}.old")
@@ -219,7 +219,7 @@ def replace_folder(source_writer, target: Path) -> None:
 def write_best(output_dir: str | Path, model, tokenizer, metric: str, value: float, step: int) -> Path:
     """The adapter of ``model`` (unwrapped) as ``<output_dir>/best/`` (PEFT's format, the tokenizer, best.json)."""
     import peftkit
-    from .. import checkpoint as adapter_io
+    from .. import fileio as adapter_io
 
     def write(staging: Path) -> None:
         peftkit.save(model, staging)
