@@ -236,7 +236,15 @@ def export(model_or_dir: nn.Module | str | os.PathLike, directory: str | os.Path
     ``to="lora"`` a plain PEFT LoRA for every method (vLLM, SGLang, llama.cpp's converter), ``to="gguf"`` a
     llama.cpp / Ollama LoRA adapter file. Exporting a saved folder of a method that is not a LoRA already needs
     ``base_model`` (its low-rank form depends on the base weights). ``format`` is the former name of ``to``."""
-    return checkpoint.export(model_or_dir, directory, to, base_model=base_model, format=format)
+    if format is not None:
+        to = format
+    if to == "gguf":  # a file format of its own (peftkit.gguf builds on checkpoint's LoRA export)
+        from .gguf import export_gguf
+        from .validation import check_output_dir
+
+        check_output_dir(directory, "directory")
+        return export_gguf(model_or_dir, directory, base_model=base_model)
+    return checkpoint.export(model_or_dir, directory, to, base_model=base_model)
 
 
 class _WeightGate:

@@ -508,17 +508,15 @@ def export(model_or_dir: nn.Module | str | os.PathLike, directory: str | os.Path
            base_model: nn.Module | None = None, *, format: str | None = None) -> Path:
     """Write the adapter for serving: ``to="peft"`` PEFT's own format of the architecture (LoRA, HRA) or an exact
     PEFT LoRA where PEFT has none; ``to="lora"`` a plain PEFT LoRA for every architecture (each declares its
-    low-rank form, ``export_lora``); ``to="gguf"`` a llama.cpp LoRA adapter (``directory/adapter.gguf``, see
-    :mod:`peftkit.gguf`). ``format`` is the former name of ``to``."""
+    low-rank form, ``export_lora``). ``to="gguf"`` (a llama.cpp LoRA adapter) is :func:`peftkit.gguf.export_gguf`,
+    reached through ``peftkit.export``. ``format`` is the former name of ``to``."""
     if format is not None:
         to = format
     if to not in EXPORT_TARGETS:
         raise ConfigError(f"to: expected one of {list(EXPORT_TARGETS)}, got {to!r}")
+    if to == "gguf":  # peftkit.export writes it (peftkit.gguf, which builds on this module)
+        raise ConfigError("to: 'gguf' is a file, not an adapter folder: write it with peftkit.export(..., to='gguf')")
     check_output_dir(directory, "directory")
-    if to == "gguf":
-        from .gguf import export_gguf
-
-        return export_gguf(model_or_dir, directory, base_model=base_model)
     if isinstance(model_or_dir, nn.Module):
         return save(model_or_dir, directory, adapter_names=["default"], export=to)[0]
     source = _resolve(model_or_dir)
