@@ -154,3 +154,42 @@ def test_no_file_of_peftkit_over_600_lines():
     assert not new, f"files over {MAX_LINES} lines: {new}; split them by concern"
     fixed = KNOWN_LONG_FILES - set(long)
     assert not fixed, f"{sorted(fixed)} are {MAX_LINES} lines or fewer now: drop them from KNOWN_LONG_FILES"
+
+
+def test_peft_formats_are_the_architectures_declarations():
+    """Which architecture reads a PEFT ``peft_type`` comes from ``@registry.architecture(..., peft_type=...)`` alone:
+    an architecture declaring a new type is read by the folder reader and by ``from_peft_config`` with no table
+    to edit."""
+    from peftkit import registry
+    from peftkit.layer import AdapterLayer
+    from peftkit.peft_config import from_peft_config
+
+    assert registry.peft_architectures() == {"HRA": "hra", "LORA": "lora"}
+    assert registry.get_component("architecture", "lora").obj.peft_type == "LORA"
+    assert registry.architecture_for_peft_type("IA3") is None and registry.architecture_for_peft_type(None) is None
+
+    seen = {}
+
+    class ToyLayer(AdapterLayer):
+        @staticmethod
+        def options_from_peft_config(peft_config):
+            seen["config"] = peft_config
+            return {"r": peft_config.r}
+
+    class ToyConfig:  # duck-typed like PEFT's configs
+        peft_type = "TOYFMT"
+        r = 3
+        target_modules = ["q_proj"]
+
+    registry.architecture("toy-format", peft_type="TOYFMT")(ToyLayer)
+    try:
+        assert registry.architecture_for_peft_type("TOYFMT") == "toy-format"
+        assert ToyLayer.peft_type == "TOYFMT"
+        try:
+            from_peft_config(ToyConfig())
+        except Exception:  # noqa: BLE001 - no preset 'toy-format' is registered; the reader ran first
+            pass
+        assert seen["config"].r == 3
+    finally:
+        registry._components["architecture"].pop("toy-format", None)
+    assert "TOYFMT" not in registry.peft_architectures()
