@@ -33,7 +33,8 @@ from .config import AdapterConfig, _name_matches, parameter_candidates
 from .errors import CheckpointError, ConfigError
 from .inject import (adapter_layers, drop_adapter, inject, parameter_flags, probe_adapter, remove,
                      restore_parameter_flags, saved_modules, state_of)
-from .layer import AdapterLayer, ExpertParameterLayer
+from .layer import AdapterLayer
+from .expert_layer import ExpertParameterLayer
 from .validation import MAX_INT, check_fields, check_output_dir, json_loads, option, pattern_suffix_match
 
 CONFIG_NAME = "adapter_config.json"

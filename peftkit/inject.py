@@ -17,7 +17,8 @@ import torch.nn as nn
 from . import quantized, registry
 from .config import AdapterConfig, select_parameters, select_targets, _name_matches
 from .errors import ConfigError, PeftkitError, StateError
-from .layer import AdapterLayer, ExpertParameterLayer, ModulesToSave, innermost_module, linear_types
+from .layer import AdapterLayer, ModulesToSave, innermost_module, linear_types
+from .expert_layer import ExpertParameterLayer
 
 # What layers above injection do when a model gets its first adapter and when it loses its last one (the
 # transformers integration puts its adapter-API methods on the instance and takes them off again). Injection
