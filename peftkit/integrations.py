@@ -29,7 +29,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from .errors import ConfigError, StateError
+from .errors import CheckpointError, ConfigError, StateError
 from .inject import on_adapters_attached, on_adapters_detached
 from .schedule import Schedule
 from .trainer_state import restore_training_state
