@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from peftkit import registry
-from peftkit.callbacks import Schedule
+from peftkit.schedule import Schedule
 from peftkit.errors import ConfigError, StateError
 from peftkit.inject import adapter_layers, state_of
 from peftkit.validation import option

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from peftkit import registry
-from peftkit.callbacks import Schedule
+from peftkit.schedule import Schedule
 from peftkit.errors import ConfigError, StateError
 from peftkit.inject import adapter_layers, state_of
 from peftkit.layer import AdapterLayer, adapter_dtype

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from peftkit import registry
 from peftkit.errors import ConfigError, StateError
-from peftkit.layer import AdapterLayer, ExpertParameterLayer, adapter_dtype, linear_types
+from peftkit.layer import AdapterLayer, adapter_dtype, linear_types
+from peftkit.expert_layer import ExpertParameterLayer
 from peftkit.validation import option
 
 

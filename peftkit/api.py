@@ -15,10 +15,6 @@ import torch.nn as nn
 
 from . import checkpoint, registry
 from . import lr as lr_rules
-# Load the submodule peftkit.callbacks now, while peftkit/__init__ is still importing this module: a first
-# import later (an adapter's ``from peftkit.callbacks import Schedule`` during registry.discover) would rebind
-# the package attribute ``peftkit.callbacks`` from the public function to the submodule.
-from . import callbacks as _schedules  # noqa: F401
 # The generic components (adamw, the default init, the schedule none) register on import.
 from . import components as _components  # noqa: F401
 from .config import AdapterConfig, check_component_options, resolve_config

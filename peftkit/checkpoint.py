@@ -33,7 +33,8 @@ from .fileio import (atomic_save_tensors, atomic_write_bytes, atomic_write_json,
 from .inject import (adapter_layers, drop_adapter, inject, parameter_flags, probe_adapter, remove,
                      restore_parameter_flags, saved_modules, state_of)
 from .labels import apply_class_names, check_labels, label_fields, model_labels, task_type  # noqa: F401
-from .layer import AdapterLayer, ExpertParameterLayer
+from .expert_layer import ExpertParameterLayer
+from .layer import AdapterLayer
 from .peft_format import (CONFIG_NAME, METADATA_NAME, PREFIX, VERSION, WEIGHTS_NAME, AdapterFolder,  # noqa: F401
                           PeftFields, PeftkitFields, peft_rewritten_targets, read_adapter, read_config,
                           read_metadata, read_tensors, saved_patterns, target_list)

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from .errors import ConfigError, StateError
-from .layer import ExpertParameterLayer
+from .expert_layer import ExpertParameterLayer
 from .inject import adapter_layers, inject, state_of
 
 PAIR_KEYS = (("lora_A.weight", "lora_B.weight"), ("lora_embedding_A", "lora_embedding_B"))

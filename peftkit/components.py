@@ -1,9 +1,9 @@
 """The generic components of the four axes, which are no method's own: the optimizer ``adamw``, the init
 ``default`` (the architecture's own initialisation) and the schedule ``none``.
 
-They are registered here, not in ``peftkit/optim.py`` or ``peftkit/callbacks.py``, so that the registry knows
+They are registered here, not in ``peftkit/optim.py`` or ``peftkit/schedule.py``, so that the registry knows
 neither of those modules and neither of them imports the registry: the imports run one way,
-``components -> registry, optim, callbacks``. ``peftkit.api`` imports this module, so the three components are
+``components -> registry, optim, schedule``. ``peftkit.api`` imports this module, so the three components are
 registered as soon as ``peftkit`` (or any of its submodules) is imported; method components live in
 ``adapters/``, one file per method.
 """
@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from . import registry
-from .callbacks import Schedule
+from .schedule import Schedule
 from .layer import AdapterLayer
 from .optim import AdamWOptions, param_groups
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from . import stats
 from .errors import ConfigError
-from .layer import ExpertParameterLayer
+from .expert_layer import ExpertParameterLayer
 from .loss import batch_loss_units
 
 

@@ -17,7 +17,26 @@ import torch.nn as nn
 from . import quantized, registry
 from .config import AdapterConfig, select_parameters, select_targets, _name_matches
 from .errors import ConfigError, PeftkitError, StateError
-from .layer import AdapterLayer, ExpertParameterLayer, ModulesToSave, innermost_module, linear_types
+from .layer import AdapterLayer, ModulesToSave, innermost_module, linear_types
+from .expert_layer import ExpertParameterLayer
+
+# What layers above injection do when a model gets its first adapter and when it loses its last one (the
+# transformers integration puts its adapter-API methods on the instance and takes them off again). Injection
+# only fires them, so it knows nothing of what sits above it.
+_ATTACH_HOOKS: list = []
+_DETACH_HOOKS: list = []
+
+
+def on_adapters_attached(hook) -> None:
+    """Call ``hook(model)`` whenever a model gets its first peftkit adapter (``wrap`` / ``load``)."""
+    if hook not in _ATTACH_HOOKS:
+        _ATTACH_HOOKS.append(hook)
+
+
+def on_adapters_detached(hook) -> None:
+    """Call ``hook(model)`` whenever a model loses its last peftkit adapter (``unwrap`` / ``delete_adapter``)."""
+    if hook not in _DETACH_HOOKS:
+        _DETACH_HOOKS.append(hook)
 
 STATE_ATTR = "peftkit"
 
@@ -124,9 +143,8 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
     if state is None:
         state = PeftkitState()
         model.__dict__[STATE_ATTR] = state
-        from .integrations import install
-
-        install(model)
+        for hook in _ATTACH_HOOKS:
+            hook(model)
     state.configs[adapter_name] = config
     if not state.active:
         state.active = [adapter_name]
@@ -373,8 +391,7 @@ def drop_adapter(model: nn.Module, adapter_name: str) -> None:
 
 
 def _forget(model: nn.Module) -> None:
-    """The model has no peftkit adapters any more: drop the state and the methods ``install`` put on it."""
-    from .integrations import uninstall
-
+    """The model has no peftkit adapters any more: drop the state and run the detach hooks."""
     del model.__dict__[STATE_ATTR]
-    uninstall(model)
+    for hook in _DETACH_HOOKS:
+        hook(model)

@@ -160,7 +160,7 @@ def init(name: str, *, options: type | None = None, description: str = "", needs
          per_step_batches: bool = False) -> Callable:
     """Function decorator: register ``fn(model, layers, config, data)`` as an initialization.
 
-    ``expert_parameters``: whether it handles expert-parameter layers (``peftkit.layer.ExpertParameterLayer``,
+    ``expert_parameters``: whether it handles expert-parameter layers (``peftkit.expert_layer.ExpertParameterLayer``,
     several matrices per layer); by default only an init that reads no data (it only sees the layers' own
     factors) is taken to. ``per_step_batches``: its result depends on the grouping of examples into batches, so
     ``peftkit train`` gives it one batch per optimizer step (see ``Component.per_step_batches``)."""

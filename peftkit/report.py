@@ -18,7 +18,8 @@ from .validation import compile_pattern
 from .config import (ALL_LINEAR, CLASSIFIER_HEAD_NAMES, _as_list, _matches, _name_matches, parameter_candidates,
                      router_names)
 from .inject import _BaseView, adapter_layers, state_of
-from .layer import ExpertParameterLayer, linear_types
+from .layer import linear_types
+from .expert_layer import ExpertParameterLayer
 
 logger = logging.getLogger("peftkit")
 

@@ -21,11 +21,7 @@ MAX_LINES = 600
 # Imports that still close a circle, each an edge (importer, imported) that a later change removes. A circle not
 # broken by one of these fails the test; an entry that no longer closes one fails it too (drop it then).
 KNOWN_BACK_EDGES = {
-    # issue 30 knots 1,2,5 — removed in part 2
-    ("peftkit.inject", "peftkit.integrations"): "knot 1: injection calls integrations.install/uninstall",
-    ("peftkit.callbacks", "peftkit.integrations"): "knot 2: callbacks' Trainer hooks use integrations' helpers",
-    ("peftkit.train.session", "peftkit.train.cli"): "knot 5: session imports cli._model_for",
-    # issue 30 knots 1,2,5 — removed in part 2 (found by this test beside them, in files part 2 restructures)
+    # issue 30 part 2 — found by this test beside the five knots the issue lists, in files part 2 restructures
     ("peftkit.report", "peftkit.api"): "report counts trainable parameters through api",
     ("peftkit.loss", "peftkit.chunked_loss"): "loss dispatches to chunked_loss, which imports loss.IGNORE_INDEX",
     ("peftkit.sharded", "peftkit.train.engines"): "sharded loads call the training engines' sharding helpers",
@@ -34,7 +30,7 @@ KNOWN_BACK_EDGES = {
 }
 
 # Files of peftkit/ over MAX_LINES today. # issue 30 knots 1,2,5 — removed in part 2 (the rooms part 2 splits)
-KNOWN_LONG_FILES = {"peftkit/train/loop.py", "peftkit/train/data.py", "peftkit/stats.py", "peftkit/layer.py"}
+KNOWN_LONG_FILES = {"peftkit/train/loop.py", "peftkit/train/data.py", "peftkit/stats.py"}
 
 
 def _modules() -> dict[str, Path]:

@@ -13,7 +13,7 @@ import torch
 
 import peftkit
 from peftkit.inject import adapter_layers
-from peftkit.layer import ExpertParameterLayer
+from peftkit.expert_layer import ExpertParameterLayer
 from peftkit.optim import factor_pairs
 
 from moe_models import FAMILIES, HIDDEN, WRAP_OPTIONS, moe_batch, tiny_moe

@@ -270,3 +270,27 @@ def load_model(model_section: ModelSection, tokenizer, *, labels: int | None = N
                               else model_section.name)  # adapters record "pkg:..." / the hub id, not a local path
     return model
 
+
+def adapter_base_model(adapter_dir: Path, base: str | None, **load_options):
+    """(model, resolved path): the base model an adapter belongs to (``base``, else the one the adapter records),
+    with the head class its recorded task type implies (``--base`` names the field in errors)."""
+    from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
+                              AutoModelForTokenClassification)
+
+    from .. import checkpoint
+
+    config = checkpoint.read_config(adapter_dir)
+    ref = base or config.get("base_model_name_or_path")
+    if not ref:
+        raise ConfigError(f"--base: {adapter_dir} records no base model; pass --base MODEL")
+    auto = {"CAUSAL_LM": AutoModelForCausalLM, "SEQ_CLS": AutoModelForSequenceClassification,
+            "TOKEN_CLS": AutoModelForTokenClassification}.get(config.get("task_type"), AutoModel)
+    path = resolve_model_ref(ref, "--base")
+    # A classification adapter's head has its own number of classes and class names: the base gets that head.
+    labels = checkpoint.model_labels(adapter_dir) if auto is not AutoModel else {}
+    try:
+        model = auto.from_pretrained(path, **labels, **load_options)
+    except Exception as exc:
+        raise ConfigError(f"--base: could not load '{ref}' ({str(exc).splitlines()[0] if str(exc) else exc})") from None
+    checkpoint.record_base_reference(model, ref)
+    return model, path

@@ -225,32 +225,6 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def _model_for(adapter_dir: Path, base: str | None, **load_options):
-    """The base model an adapter belongs to, with the head class its recorded task type implies."""
-    from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                              AutoModelForTokenClassification)
-
-    from .. import checkpoint
-    from ..errors import ConfigError
-    from .build import resolve_model_ref
-
-    config = checkpoint.read_config(adapter_dir)
-    ref = base or config.get("base_model_name_or_path")
-    if not ref:
-        raise ConfigError(f"--base: {adapter_dir} records no base model; pass --base MODEL")
-    auto = {"CAUSAL_LM": AutoModelForCausalLM, "SEQ_CLS": AutoModelForSequenceClassification,
-            "TOKEN_CLS": AutoModelForTokenClassification}.get(config.get("task_type"), AutoModel)
-    path = resolve_model_ref(ref, "--base")
-    # A classification adapter's head has its own number of classes and class names: the base gets that head.
-    labels = checkpoint.model_labels(adapter_dir) if auto is not AutoModel else {}
-    try:
-        model = auto.from_pretrained(path, **labels, **load_options)
-    except Exception as exc:
-        raise ConfigError(f"--base: could not load '{ref}' ({str(exc).splitlines()[0] if str(exc) else exc})") from None
-    checkpoint.record_base_reference(model, ref)
-    return model, path
-
-
 def _check_out(out: Path, source: Path, force: bool, command: str) -> None:
     """--out must not be the source adapter's folder, nor a file, nor (without --force) a non-empty folder."""
     if out.resolve() == source.resolve() or source.resolve() in out.resolve().parents:
@@ -357,6 +331,7 @@ def _merge(args) -> int:
     import peftkit
 
     from .. import checkpoint, serving
+    from .build import adapter_base_model
 
     adapter = _adapter_folder(args.adapter)
     out = Path(args.out)
@@ -364,7 +339,7 @@ def _merge(args) -> int:
     checkpoint.describe(adapter)  # verify the files before loading anything big
     dtype = serving.dtype_from_name(args.dtype)
     load_options = serving.quantized_kwargs("nf4", torch.float32) if args.qlora else {"dtype": "auto"}
-    model, base_path = _model_for(adapter, args.base, **load_options)
+    model, base_path = adapter_base_model(adapter, args.base, **load_options)
     auto = type(model)
     peftkit.load(model, adapter)
     model, reference, merged = serving.merge_for_serving(model, dtype, args.quantize)
@@ -420,7 +395,9 @@ def _export(args) -> int:
     checkpoint.describe(adapter)
     base = None
     if args.base:
-        base, _ = _model_for(adapter, args.base)
+        from .build import adapter_base_model
+
+        base, _ = adapter_base_model(adapter, args.base)
     to = args.to or args.format or "peft"
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))

@@ -55,7 +55,7 @@ import torch.nn as nn
 from .. import distributed
 from ..errors import ConfigError
 from ..inject import adapter_layers
-from ..layer import ExpertParameterLayer
+from ..expert_layer import ExpertParameterLayer
 from .recipe import DISTRIBUTED, Recipe
 
 

@@ -54,14 +54,13 @@ def load_chat_model(path: str | Path, base: str | None = None):
     the run's recipe (a config-built model is rebuilt with its seed), else the one the adapter records."""
     import peftkit
 
-    from .build import load_model
-    from .cli import _model_for
+    from .build import adapter_base_model, load_model
     from .recipe import load_recipe
 
     adapter, run = locate(path)
     recipe = load_recipe(run / RECIPE_FILE) if run is not None else None
     if base is not None or recipe is None:
-        model, base_path = _model_for(adapter, base)
+        model, base_path = adapter_base_model(adapter, base)
         tokenizer = _tokenizer(adapter, recipe, base_path)
     else:
         tokenizer = _tokenizer(adapter, recipe, None)

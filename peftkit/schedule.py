@@ -11,9 +11,12 @@ The base class ``Schedule`` lives here; it registers nothing and does not know t
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch.nn as nn
+
+from .trainer_state import add_regularization_gradient, check_trainer_optimizer, save_training_state
 
 
 def _no_event(*args: Any, **kwargs: Any) -> None:
@@ -70,8 +73,6 @@ class Schedule:
     def on_train_begin(self, args, state, control, **kwargs):  # noqa: D401 - Trainer API
         """Trainer hook: take the Trainer's optimizer, then ``on_train_begin_(max_steps)``."""
         if kwargs.get("optimizer") is not None:
-            from .integrations import check_trainer_optimizer
-
             check_trainer_optimizer(self.config, kwargs["optimizer"])
             self.attach_optimizer(kwargs["optimizer"])
         self.on_train_begin_(state.max_steps)
@@ -92,17 +93,11 @@ class Schedule:
         """Trainer hook: add the architecture's regulariser gradient to the accumulated gradients before the step."""
         # The architecture's regulariser (HRA's, ElaLoRA's orthogonality terms) is part of the objective the
         # Trainer and TRL optimise: its gradient joins the final, accumulated gradients before the step.
-        from .integrations import add_regularization_gradient
-
         add_regularization_gradient(self.model, kwargs.get("optimizer") or self.optimizer)
 
     def on_save(self, args, state, control, **kwargs):
         """Trainer hook: write the exact training tensors and this schedule's state into ``checkpoint-N``."""
         # Next to the PEFT adapter the Trainer wrote through model.save_pretrained: what resume needs exactly.
-        import os
-
-        from .integrations import save_training_state
-
         if getattr(args, "should_save", True):
             save_training_state(self.model, self, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
 
