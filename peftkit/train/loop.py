@@ -33,8 +33,9 @@ from ..loss import loss_mode, share_of_global_mean
 from ..unpad import unpad_linears_if_exact
 from . import checkpointing, engines, evaluation
 from .build import Examples, load_examples, load_model, load_tokenizer, num_labels
-from .data import (BatchPlan, Tokenized, check_lengths, check_packed_attention, collate, example_lengths,
-                   loss_units)
+from .data import BatchPlan, Tokenized, check_lengths, check_packed_attention, example_lengths, loss_units
+from .vision import VISION_TASK, adapter_options
+from .vision import collate  # data.collate, plus the pixel values of conversations with images
 from .guard import DivergenceGuard, GuardSettings
 from .metrics import MetricsLog, plot
 from .monitor import Monitors, restore_best, write_best
@@ -142,13 +143,13 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
         engines.keep_quantized_layouts(model)  # before the first forward (the padding-free check below runs one)
     if classification:
         _check_labels(examples, model.config.num_labels)
-    check_lengths(examples, model.config, recipe.data)
+    check_lengths(examples, model.config.get_text_config(), recipe.data)
     if examples.train.position_ids is not None:
         _check_packing(model)
     # The exactness checks of padding-free rows and unpadded linears run a forward of their own: a base loaded
     # as shards (fsdp2/zero3 on several processes) has no whole weights to run it on, so both stay off there.
     padding_free = (recipe.data.padding_free and not classification and examples.train.position_ids is None
-                    and shard_for is None and _keeps_rows_apart(model))
+                    and shard_for is None and recipe.model.task != VISION_TASK and _keeps_rows_apart(model))
     if training.gradient_checkpointing:
         # Non-reentrant checkpointing: gradients reach the adapters though the frozen base's inputs need none.
         model.config.use_cache = False
@@ -183,7 +184,10 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
         else:
             init_data = [collate(examples.train, plan.indices(i), pad, classification)
                          for i in range(adapter.init_batches * micro)]
-    pending = peftkit.api.inject_adapters(model, adapter.method, data_given=init_data is not None, **adapter.options)
+    wrap_options = adapter.options
+    if recipe.model.task == VISION_TASK:  # the language model only, unless adapter.vision_tower
+        wrap_options = adapter_options(model, wrap_options, adapter.vision_tower)
+    pending = peftkit.api.inject_adapters(model, adapter.method, data_given=init_data is not None, **wrap_options)
     if engine.shards_before_init:
         # The init's forwards then run on the sharded model, on the training device, and its statistics are
         # reduced there (NCCL takes no CPU tensor); the optimizer is built on the tensors that train.
@@ -401,7 +405,7 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
     # The chunked head (peftkit.chunked_loss) calls the model's base itself: not through a DDP wrapper, whose
     # forward is what synchronises gradients (head_of also refuses FSDP2 and ZeRO-3 heads, hooks, adapters).
     mode = loss_mode(run.model, causal_lm=not run.classification,
-                     chunked=training.chunked_loss and model is run.model)
+                     chunked=training.chunked_loss and model is run.model and recipe.model.task != VISION_TASK)
     process_scale = accelerator.num_processes if engine.averages_gradients else 1
     pad_id = run.tokenizer.pad_token_id
     progress = _progress_bar(main and recipe.logging.progress_bar, training.max_steps, state.step)

@@ -23,7 +23,7 @@ from ..validation import (_show, check_fields, check_output_dir, check_size, che
                           yaml_load)
 
 MAX_LABELS = 100_000  # classes of a classification head (also the bound on an adapter's recorded num_labels)
-TASKS = ("causal-lm", "sequence-classification")
+TASKS = ("causal-lm", "sequence-classification", "image-text-to-text")  # the last: train/vision.py
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: exactness checks
 QUANTIZE = (None, "nf4", "int8")
 FORMATS = ("text", "instruction", "classification", "messages", "sharegpt", "alpaca")
@@ -107,6 +107,7 @@ class AdapterSection:
 
     method: str = "lora"
     init_batches: int = option(8, gt=0, le=2**16)  # data-driven inits (LoRA-GA, LoRA-One, EVA): global batches of data.train they read
+    vision_tower: bool = False  # image-text-to-text: also adapt the vision tower and projector (train/vision.py)
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -346,6 +347,9 @@ def check(recipe: Recipe) -> None:
         raise ConfigError(f"data.format: model.task sequence-classification needs format 'classification', got '{d.format}'")
     if m.task == "causal-lm" and d.format == "classification":
         raise ConfigError("data.format: 'classification' needs model.task: sequence-classification")
+    from .vision import check_recipe as check_vision
+
+    check_vision(recipe)
     from .chat import CHAT_FORMATS
     from .evaluation import CLASSIFICATION_METRICS, GENERATION_METRICS
 
