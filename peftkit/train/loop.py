@@ -32,6 +32,7 @@ from ..chunked_loss import target_positions
 from ..loss import loss_mode, share_of_global_mean
 from ..unpad import unpad_linears_if_exact
 from . import checkpointing, engines, evaluation
+from . import threads as cpu_threads
 from .build import Examples, load_examples, load_model, load_tokenizer, num_labels
 from .data import BatchPlan, Tokenized, check_lengths, check_packed_attention, example_lengths, loss_units
 from .vision import VISION_TASK, adapter_options
@@ -127,6 +128,10 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
     engine_name = engines.select(recipe)  # an unsupported engine stops here, before anything is built
     accelerator = accelerator or make_accelerator(recipe)
     training = recipe.training
+    # Before anything is built: the model's first kernels and the data workers run with the chosen threads.
+    threads, why, hint = cpu_threads.apply(training.threads)
+    if accelerator.is_main_process:
+        print(f"peftkit: {threads} CPU thread(s) per process ({why}){'; ' + hint if hint else ''}", flush=True)
     # A schedule its options do not fit fails here, before anything is loaded or written (the run's length from
     # training.epochs is known once the data is: a provisional one stands in for it).
     lr_lambda(with_steps(recipe, recipe.training.max_steps or DEFAULT_MAX_STEPS))

@@ -153,6 +153,7 @@ class TrainingSection:
     eval_max_new_tokens: int = option(64, gt=0, le=2**20)  # generation-based metrics: the longest generated answer
     answer_extraction: str | None = option(None, choices=(None, "last_number", "gsm8k", "choice", "regex"))  # exact_match compares these parts
     answer_pattern: str | None = None  # answer_extraction: regex: the regex (its first group, if any)
+    threads: int | None = option(None, gt=0, le=4096)  # CPU threads per process; null: usable cores / local processes (train/threads.py)
     distributed: str = option("ddp", choices=DISTRIBUTED)  # ddp | fsdp2 | zero2 | zero3 (peftkit.train.engines)
     divergence_guard: dict | None = None  # {action: stop|halve, factor: 3.0, window: 10, max_halvings: 3} (train/guard.py)
 
