@@ -55,7 +55,7 @@ def _rows(folder: Path) -> list[dict]:
 
 
 class _Data:  # the DataSection keys vision.tokenize reads
-    conversation_column = role_key = content_key = None
+    conversation_column = role_key = content_key = system_prompt = None
     assistant_turns = "all"
     max_length = 256
     overlong = "truncate_left"
@@ -88,6 +88,11 @@ def test_labels_are_the_assistant_tokens_and_never_an_image_token(processor, tmp
         want = [t for text in expected for t in tokenizer(text + "<|im_end|>\n", add_special_tokens=False)["input_ids"]]
         assert labelled == want
     assert [len(refs) for refs in examples.images] == [1, 2, 0]
+    prompted = _tokenized(processor, tmp_path / "system", system_prompt="Look.")
+    decoded = [tokenizer.decode(ids) for ids in prompted.input_ids]
+    assert decoded[0].startswith("<|im_start|>system\nLook.<|im_end|>") and decoded[0].count("system") == 1
+    assert prompted.input_ids[1] == examples.input_ids[1]  # it has a system turn of its own
+    assert prompted.labels[0][-3:] == examples.labels[0][-3:]
     last = _tokenized(processor, tmp_path / "last", assistant_turns="last")
     assert [t for t, y in zip(last.input_ids[1], last.labels[1]) if y != -100] == tokenizer(
         "blue, darker<|im_end|>\n", add_special_tokens=False)["input_ids"]

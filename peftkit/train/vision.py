@@ -69,6 +69,8 @@ def check_recipe(recipe) -> None:
     if d.chat_template:
         raise ConfigError(f"data.chat_template: model.task {VISION_TASK} renders with the processor's own chat "
                           "template; remove data.chat_template")
+    if d.tools_column:
+        raise ConfigError(f"data.tools_column: tool schemas are not rendered with model.task {VISION_TASK}; remove it")
     generated = [metric for metric in t.eval_metrics if metric == "exact_match" or ":" in metric]
     if generated:
         raise ConfigError(f"training.eval_metrics: {generated} generate answers, which is not supported with images "
@@ -95,6 +97,8 @@ class ProcessorTokenizer:
         return self.tokenizer(*args, **kwargs)
 
     def __getattr__(self, name: str):
+        if name in ("processor", "tokenizer"):  # not set yet (a copy or unpickling): no recursion through here
+            raise AttributeError(name)
         return getattr(self.tokenizer, name)
 
     def __setattr__(self, name: str, value) -> None:
@@ -219,6 +223,8 @@ def conversation(row: dict, data, where: str, base_dir: Path) -> tuple[list[dict
                 raise ConfigError(f"{at} part {p}: expected {{type: text, text: ...}} or {{type: image, path: ...}}, "
                                   f"got {str(part)[:120]}")
         messages.append({"role": role, "content": parts})
+    if getattr(data, "system_prompt", None) and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": [{"type": "text", "text": data.system_prompt}]})
     if not any(m["role"] == "assistant" for m in messages):
         raise ConfigError(f"{where}: no assistant turn: nothing to learn from")
     return messages, images
