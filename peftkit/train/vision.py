@@ -118,9 +118,9 @@ def load_processor(name: str) -> ProcessorTokenizer:
     try:
         processor = AutoProcessor.from_pretrained(path)
     except Exception as exc:
-        raise ConfigError(f"model.name: could not load a processor from '{name}' ({_first_line(exc)}); a "
-                          f"{VISION_TASK} model needs its processor (processor_config.json, tokenizer and image "
-                          "processor files) saved beside it") from None
+        raise ConfigError(f"model.name: could not load a processor from '{name}' ({_first_line(exc)}); model.task "
+                          f"{VISION_TASK} needs the model's processor (processor_config.json, tokenizer and image "
+                          "processor files) in that folder or hub repository") from None
     if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
         raise ConfigError(f"model.name: '{name}' has a {type(processor).__name__}, not a processor with a tokenizer "
                           f"and an image processor; model.task {VISION_TASK} needs a vision-language model")
