@@ -79,6 +79,7 @@ class Run:
     plan: BatchPlan
     classification: bool
     engine: engines.Engine | None = None
+    threads_note: str = ""  # how many CPU threads and why (train/threads.py), printed when training starts
     padding_free: bool = False  # training batches share rows (data.collate): data.padding_free and a model whose
     # attention keeps restarting position ids apart
 
@@ -130,8 +131,7 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
     training = recipe.training
     # Before anything is built: the model's first kernels and the data workers run with the chosen threads.
     threads, why, hint = cpu_threads.apply(training.threads)
-    if accelerator.is_main_process:
-        print(f"peftkit: {threads} CPU thread(s) per process ({why}){'; ' + hint if hint else ''}", flush=True)
+    threads_note = f"{threads} CPU thread(s) per process ({why}){'; ' + hint if hint else ''}"
     # A schedule its options do not fit fails here, before anything is loaded or written (the run's length from
     # training.epochs is known once the data is: a provisional one stands in for it).
     lr_lambda(with_steps(recipe, recipe.training.max_steps or DEFAULT_MAX_STEPS))
@@ -213,7 +213,7 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
     optimizer = peftkit.optimizer(model, recipe.optimizer.lr, base_lr=recipe.optimizer.base_lr, **options)
     schedule = peftkit.callbacks(model, optimizer=optimizer)
     return Run(recipe, accelerator, tokenizer, model, optimizer, schedule, examples, plan, classification, engine,
-               padding_free)
+               threads_note, padding_free)
 
 
 def with_steps(recipe: Recipe, steps: int) -> Recipe:
@@ -364,6 +364,8 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
     guard_settings = GuardSettings.from_recipe(training.divergence_guard)
     guard = DivergenceGuard(guard_settings) if guard_settings else None
     choice = getattr(run.optimizer, "peftkit_lr", None)
+    if main:
+        print(f"peftkit: {run.threads_note}", flush=True)
     if main and choice is not None:
         print(f"peftkit: {choice.describe()}", flush=True)
         print(f"peftkit: {recipe.adapter.method} on {recipe.model.name or recipe.model.config.get('model_type')} | "
