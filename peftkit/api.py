@@ -449,12 +449,14 @@ def load_model(name_or_path: str | os.PathLike, *, gguf_file: str | None = None,
     once; the rebuilt folder is cached (``$PEFTKIT_CACHE`` or ``~/.cache/peftkit``), so later loads are plain
     ``from_pretrained`` calls. Adapters saved from it record ``<name>/<gguf_file>`` as their base, which
     ``peftkit merge`` / ``export`` and ``peftkit.export(..., to="gguf")`` resolve the same way.
-    ``task``: "causal-lm" or "sequence-classification"; other keyword arguments go to ``from_pretrained``."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    ``task``: "causal-lm", "sequence-classification" or "image-text-to-text" (a vision-language model: wrap it
+    with ``peftkit.train.vision.adapter_options``, see docs/recipes.md); other keyword arguments go to ``from_pretrained``."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification
 
     from .train.build import resolve_model_ref
 
-    autos = {"causal-lm": AutoModelForCausalLM, "sequence-classification": AutoModelForSequenceClassification}
+    autos = {"causal-lm": AutoModelForCausalLM, "sequence-classification": AutoModelForSequenceClassification,
+             "image-text-to-text": AutoModelForImageTextToText}
     if task not in autos:
         raise ConfigError(f"task: expected one of {sorted(autos)}, got {task!r}")
     ref = str(name_or_path)

@@ -16,6 +16,8 @@ from ..errors import ConfigError
 from .chat import CHAT_FORMATS, resolve_template
 from .data import Tokenized, byte_tokenizer, check_columns, check_rows, encode, finish, packs, read_rows, tokenize
 from .recipe import ModelSection, Recipe
+from .vision import VISION_TASK, load_processor
+from .vision import load_examples as load_vision_examples
 
 PKG_PREFIX = "pkg:"
 BYTE_TOKENIZER = "bytes"
@@ -78,6 +80,8 @@ def resolve_model_ref(ref: str, key: str = "model.name") -> str:
 
 
 def load_tokenizer(recipe: Recipe):
+    if recipe.model.task == VISION_TASK:
+        return load_processor(recipe.model.name)  # the processor's tokenizer; saving it saves the processor
     ref = recipe.model.tokenizer or recipe.model.name
     if ref is None:
         raise ConfigError("model.tokenizer: a model built from model.config needs a tokenizer: a hub id, a folder, "
@@ -130,6 +134,9 @@ def load_examples(recipe: Recipe, tokenizer) -> Examples:
     from accelerate import PartialState
 
     data = recipe.data
+    if recipe.model.task == VISION_TASK:
+        with PartialState().main_process_first():
+            return load_vision_examples(recipe, tokenizer)
     with PartialState().main_process_first():
         train, train_rows = _train_examples(recipe, tokenizer)
         evaluation = None
@@ -206,10 +213,12 @@ def load_model(model_section: ModelSection, tokenizer, *, labels: int | None = N
     that must be the same on every process), a quantized or a classification model (its new head is not in the
     checkpoint) is loaded whole and sharded by the engine. ``engine``: the run's engine (under ``fsdp2`` a 4-bit
     base stores its codes in ``dtype``, so FSDP2 shards them)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
+                              AutoModelForSequenceClassification)
 
     classification = model_section.task == "sequence-classification"
-    auto = AutoModelForSequenceClassification if classification else AutoModelForCausalLM
+    auto = (AutoModelForSequenceClassification if classification else
+            AutoModelForImageTextToText if model_section.task == VISION_TASK else AutoModelForCausalLM)
     dtype = getattr(torch, model_section.dtype)
     extra: dict = {}
     if classification:

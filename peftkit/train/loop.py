@@ -32,9 +32,11 @@ from ..chunked_loss import target_positions
 from ..loss import loss_mode, share_of_global_mean
 from ..unpad import unpad_linears_if_exact
 from . import checkpointing, engines, evaluation
+from . import threads as cpu_threads
 from .build import Examples, load_examples, load_model, load_tokenizer, num_labels
-from .data import (BatchPlan, Tokenized, check_lengths, check_packed_attention, collate, example_lengths,
-                   loss_units)
+from .data import BatchPlan, Tokenized, check_lengths, check_packed_attention, example_lengths, loss_units
+from .vision import VISION_TASK, adapter_options
+from .vision import collate  # data.collate, plus the pixel values of conversations with images
 from .guard import DivergenceGuard, GuardSettings
 from .metrics import MetricsLog, plot
 from .monitor import Monitors, restore_best, write_best
@@ -77,6 +79,7 @@ class Run:
     plan: BatchPlan
     classification: bool
     engine: engines.Engine | None = None
+    threads_note: str = ""  # how many CPU threads and why (train/threads.py), printed when training starts
     padding_free: bool = False  # training batches share rows (data.collate): data.padding_free and a model whose
     # attention keeps restarting position ids apart
 
@@ -126,6 +129,9 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
     engine_name = engines.select(recipe)  # an unsupported engine stops here, before anything is built
     accelerator = accelerator or make_accelerator(recipe)
     training = recipe.training
+    # Before anything is built: the model's first kernels and the data workers run with the chosen threads.
+    threads, why, hint = cpu_threads.apply(training.threads)
+    threads_note = f"{threads} CPU thread(s) per process ({why}){'; ' + hint if hint else ''}"
     # A schedule its options do not fit fails here, before anything is loaded or written (the run's length from
     # training.epochs is known once the data is: a provisional one stands in for it).
     lr_lambda(with_steps(recipe, recipe.training.max_steps or DEFAULT_MAX_STEPS))
@@ -142,13 +148,13 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
         engines.keep_quantized_layouts(model)  # before the first forward (the padding-free check below runs one)
     if classification:
         _check_labels(examples, model.config.num_labels)
-    check_lengths(examples, model.config, recipe.data)
+    check_lengths(examples, model.config.get_text_config(), recipe.data)
     if examples.train.position_ids is not None:
         _check_packing(model)
     # The exactness checks of padding-free rows and unpadded linears run a forward of their own: a base loaded
     # as shards (fsdp2/zero3 on several processes) has no whole weights to run it on, so both stay off there.
     padding_free = (recipe.data.padding_free and not classification and examples.train.position_ids is None
-                    and shard_for is None and _keeps_rows_apart(model))
+                    and shard_for is None and recipe.model.task != VISION_TASK and _keeps_rows_apart(model))
     if training.gradient_checkpointing:
         # Non-reentrant checkpointing: gradients reach the adapters though the frozen base's inputs need none.
         model.config.use_cache = False
@@ -183,7 +189,10 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
         else:
             init_data = [collate(examples.train, plan.indices(i), pad, classification)
                          for i in range(adapter.init_batches * micro)]
-    pending = peftkit.api.inject_adapters(model, adapter.method, data_given=init_data is not None, **adapter.options)
+    wrap_options = adapter.options
+    if recipe.model.task == VISION_TASK:  # the language model only, unless adapter.vision_tower
+        wrap_options = adapter_options(model, wrap_options, adapter.vision_tower)
+    pending = peftkit.api.inject_adapters(model, adapter.method, data_given=init_data is not None, **wrap_options)
     if engine.shards_before_init:
         # The init's forwards then run on the sharded model, on the training device, and its statistics are
         # reduced there (NCCL takes no CPU tensor); the optimizer is built on the tensors that train.
@@ -204,7 +213,7 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
     optimizer = peftkit.optimizer(model, recipe.optimizer.lr, base_lr=recipe.optimizer.base_lr, **options)
     schedule = peftkit.callbacks(model, optimizer=optimizer)
     return Run(recipe, accelerator, tokenizer, model, optimizer, schedule, examples, plan, classification, engine,
-               padding_free)
+               threads_note, padding_free)
 
 
 def with_steps(recipe: Recipe, steps: int) -> Recipe:
@@ -355,6 +364,8 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
     guard_settings = GuardSettings.from_recipe(training.divergence_guard)
     guard = DivergenceGuard(guard_settings) if guard_settings else None
     choice = getattr(run.optimizer, "peftkit_lr", None)
+    if main:
+        print(f"peftkit: {run.threads_note}", flush=True)
     if main and choice is not None:
         print(f"peftkit: {choice.describe()}", flush=True)
         print(f"peftkit: {recipe.adapter.method} on {recipe.model.name or recipe.model.config.get('model_type')} | "
@@ -401,7 +412,7 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
     # The chunked head (peftkit.chunked_loss) calls the model's base itself: not through a DDP wrapper, whose
     # forward is what synchronises gradients (head_of also refuses FSDP2 and ZeRO-3 heads, hooks, adapters).
     mode = loss_mode(run.model, causal_lm=not run.classification,
-                     chunked=training.chunked_loss and model is run.model)
+                     chunked=training.chunked_loss and model is run.model and recipe.model.task != VISION_TASK)
     process_scale = accelerator.num_processes if engine.averages_gradients else 1
     pad_id = run.tokenizer.pad_token_id
     progress = _progress_bar(main and recipe.logging.progress_bar, training.max_steps, state.step)

@@ -23,7 +23,7 @@ from ..validation import (_show, check_fields, check_output_dir, check_size, che
                           yaml_load)
 
 MAX_LABELS = 100_000  # classes of a classification head (also the bound on an adapter's recorded num_labels)
-TASKS = ("causal-lm", "sequence-classification")
+TASKS = ("causal-lm", "sequence-classification", "image-text-to-text")  # the last: train/vision.py
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: exactness checks
 QUANTIZE = (None, "nf4", "int8")
 FORMATS = ("text", "instruction", "classification", "messages", "sharegpt", "alpaca")
@@ -107,6 +107,7 @@ class AdapterSection:
 
     method: str = "lora"
     init_batches: int = option(8, gt=0, le=2**16)  # data-driven inits (LoRA-GA, LoRA-One, EVA): global batches of data.train they read
+    vision_tower: bool = False  # image-text-to-text: also adapt the vision tower and projector (train/vision.py)
     options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -152,6 +153,7 @@ class TrainingSection:
     eval_max_new_tokens: int = option(64, gt=0, le=2**20)  # generation-based metrics: the longest generated answer
     answer_extraction: str | None = option(None, choices=(None, "last_number", "gsm8k", "choice", "regex"))  # exact_match compares these parts
     answer_pattern: str | None = None  # answer_extraction: regex: the regex (its first group, if any)
+    threads: int | None = option(None, gt=0, le=4096)  # CPU threads per process; null: usable cores / local processes (train/threads.py)
     distributed: str = option("ddp", choices=DISTRIBUTED)  # ddp | fsdp2 | zero2 | zero3 (peftkit.train.engines)
     divergence_guard: dict | None = None  # {action: stop|halve, factor: 3.0, window: 10, max_halvings: 3} (train/guard.py)
 
@@ -346,6 +348,9 @@ def check(recipe: Recipe) -> None:
         raise ConfigError(f"data.format: model.task sequence-classification needs format 'classification', got '{d.format}'")
     if m.task == "causal-lm" and d.format == "classification":
         raise ConfigError("data.format: 'classification' needs model.task: sequence-classification")
+    from .vision import check_recipe as check_vision
+
+    check_vision(recipe)
     from .chat import CHAT_FORMATS
     from .evaluation import CLASSIFICATION_METRICS, GENERATION_METRICS
 
