@@ -23,7 +23,8 @@ from ..validation import (_show, check_fields, check_output_dir, check_size, che
                           yaml_load)
 
 MAX_LABELS = 100_000  # classes of a classification head (also the bound on an adapter's recorded num_labels)
-TASKS = ("causal-lm", "sequence-classification", "image-text-to-text")  # the last: train/vision.py
+VISION_TASK = "image-text-to-text"  # a vision-language model: train/vision.py
+TASKS = ("causal-lm", "sequence-classification", VISION_TASK)
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: exactness checks
 QUANTIZE = (None, "nf4", "int8")
 FORMATS = ("text", "instruction", "classification", "messages", "sharegpt", "alpaca")
@@ -348,9 +349,7 @@ def check(recipe: Recipe) -> None:
         raise ConfigError(f"data.format: model.task sequence-classification needs format 'classification', got '{d.format}'")
     if m.task == "causal-lm" and d.format == "classification":
         raise ConfigError("data.format: 'classification' needs model.task: sequence-classification")
-    from .vision import check_recipe as check_vision
-
-    check_vision(recipe)
+    check_vision_recipe(recipe)
     from .chat import CHAT_FORMATS
     from .evaluation import CLASSIFICATION_METRICS, GENERATION_METRICS
 
@@ -435,3 +434,41 @@ def warmup_steps(training: TrainingSection, steps: int | None = None) -> int:
     if training.warmup < 1:
         return int(round(training.warmup * (steps if steps is not None else training.max_steps or DEFAULT_MAX_STEPS)))
     return int(training.warmup)
+
+
+# ------------------------------------------------------------------------------------- vision recipe checks
+def check_vision_recipe(recipe: Recipe) -> None:
+    """Combinations a vision run cannot honour, refused before anything is loaded (one ConfigError, the key named)."""
+    m, d, t, a = recipe.model, recipe.data, recipe.training, recipe.adapter
+    if m.task != VISION_TASK:
+        if a.vision_tower:
+            raise ConfigError(f"adapter.vision_tower: needs model.task: {VISION_TASK} (a vision-language model); "
+                              "remove it or set model.task")
+        return
+    if d.format != "messages":
+        raise ConfigError(f"data.format: model.task {VISION_TASK} reads conversations with images: expected "
+                          f"'messages', got '{d.format}'")
+    if d.packing:
+        raise ConfigError(f"data.packing: conversations with images are not packed (model.task {VISION_TASK}); set "
+                          "data.packing=false")
+    if d.mix is not None:
+        raise ConfigError(f"data.mix: not supported with model.task {VISION_TASK}; give one data.train file")
+    if m.config is not None or m.gguf_file or m.quantize:
+        key = "model.config" if m.config is not None else "model.gguf_file" if m.gguf_file else "model.quantize"
+        raise ConfigError(f"{key}: model.task {VISION_TASK} loads a saved model and its processor from model.name "
+                          "(a hub id or a folder); remove it")
+    if m.tokenizer:
+        raise ConfigError(f"model.tokenizer: model.task {VISION_TASK} uses the processor saved with model.name; "
+                          "remove model.tokenizer")
+    if d.chat_template:
+        raise ConfigError(f"data.chat_template: model.task {VISION_TASK} renders with the processor's own chat "
+                          "template; remove data.chat_template")
+    if d.tools_column:
+        raise ConfigError(f"data.tools_column: tool schemas are not rendered with model.task {VISION_TASK}; remove it")
+    generated = [metric for metric in t.eval_metrics if metric == "exact_match" or ":" in metric]
+    if generated:
+        raise ConfigError(f"training.eval_metrics: {generated} generate answers, which is not supported with images "
+                          f"(model.task {VISION_TASK}); drop them (eval_loss is always reported)")
+    if t.distributed in ("fsdp2", "zero3"):
+        raise ConfigError(f"training.distributed: '{t.distributed}' is not supported with model.task {VISION_TASK} "
+                          "yet; use ddp or zero2")

@@ -34,50 +34,12 @@ import torch
 from ..errors import ConfigError
 from .chat import IGNORE_INDEX
 from .data import Tokenized, collate as collate_text
+from .recipe import VISION_TASK
 
-VISION_TASK = "image-text-to-text"
 IMAGE_FIELDS = ("path", "image", "url")
 # The modules of a LLaVA-style model outside its language model: excluded from "all-linear" unless
 # adapter.vision_tower is true.
 VISION_MODULES = ("vision_tower", "multi_modal_projector")
-
-
-# ------------------------------------------------------------------------------------------ recipe checks
-def check_recipe(recipe) -> None:
-    """Combinations a vision run cannot honour, refused before anything is loaded (one ConfigError, the key named)."""
-    m, d, t, a = recipe.model, recipe.data, recipe.training, recipe.adapter
-    if m.task != VISION_TASK:
-        if a.vision_tower:
-            raise ConfigError(f"adapter.vision_tower: needs model.task: {VISION_TASK} (a vision-language model); "
-                              "remove it or set model.task")
-        return
-    if d.format != "messages":
-        raise ConfigError(f"data.format: model.task {VISION_TASK} reads conversations with images: expected "
-                          f"'messages', got '{d.format}'")
-    if d.packing:
-        raise ConfigError(f"data.packing: conversations with images are not packed (model.task {VISION_TASK}); set "
-                          "data.packing=false")
-    if d.mix is not None:
-        raise ConfigError(f"data.mix: not supported with model.task {VISION_TASK}; give one data.train file")
-    if m.config is not None or m.gguf_file or m.quantize:
-        key = "model.config" if m.config is not None else "model.gguf_file" if m.gguf_file else "model.quantize"
-        raise ConfigError(f"{key}: model.task {VISION_TASK} loads a saved model and its processor from model.name "
-                          "(a hub id or a folder); remove it")
-    if m.tokenizer:
-        raise ConfigError(f"model.tokenizer: model.task {VISION_TASK} uses the processor saved with model.name; "
-                          "remove model.tokenizer")
-    if d.chat_template:
-        raise ConfigError(f"data.chat_template: model.task {VISION_TASK} renders with the processor's own chat "
-                          "template; remove data.chat_template")
-    if d.tools_column:
-        raise ConfigError(f"data.tools_column: tool schemas are not rendered with model.task {VISION_TASK}; remove it")
-    generated = [metric for metric in t.eval_metrics if metric == "exact_match" or ":" in metric]
-    if generated:
-        raise ConfigError(f"training.eval_metrics: {generated} generate answers, which is not supported with images "
-                          f"(model.task {VISION_TASK}); drop them (eval_loss is always reported)")
-    if t.distributed in ("fsdp2", "zero3"):
-        raise ConfigError(f"training.distributed: '{t.distributed}' is not supported with model.task {VISION_TASK} "
-                          "yet; use ddp or zero2")
 
 
 # ------------------------------------------------------------------------------------------ processor
