@@ -130,8 +130,8 @@ def llama_preference_recipe(tmp_path: Path, objective: str = "dpo", **overrides)
     recipe["data"].update(
         train=write_jsonl(tmp_path / "data" / "pref_train.jsonl", preference_rows(32, seed=1)),
         eval=write_jsonl(tmp_path / "data" / "pref_eval.jsonl", preference_rows(8, seed=2)),
-        format="preference", max_length=64, **{k.split("__")[1]: v for k, v in overrides.items()
-                                                if k.startswith("data__")})
+        format="preference", max_length=64)
+    recipe["data"].update({k.split("__")[1]: v for k, v in overrides.items() if k.startswith("data__")})
     recipe["training"]["objective"] = objective
     return recipe
 

@@ -28,7 +28,7 @@ from .checkpointing import BEST_DIR, BEST_FILE  # best/ and its best.json: {"met
 MODES = ("min", "max")
 # Built-in metric names whose better direction is known; any other (a hook's) needs an explicit mode.
 LOWER_IS_BETTER = ("eval_loss", "eval_perplexity")
-HIGHER_IS_BETTER = ("eval_accuracy", "eval_f1", "eval_exact_match")
+HIGHER_IS_BETTER = ("eval_accuracy", "eval_f1", "eval_exact_match", "eval_rewards/accuracies", "eval_rewards/margins")
 
 
 @dataclass
