@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .api import disabled
+from .chunked_loss import head_of, target_logits, target_positions
 
 OBJECTIVES = ("sft", "dpo", "simpo")
 PAIR_OBJECTIVES = ("dpo", "simpo")  # the objectives that read pairs (data.format: preference)
@@ -83,13 +84,17 @@ class PairStats:
 
 
 def pair_losses(model, batch: dict[str, torch.Tensor], objective: str, beta: float, gamma: float = 0.0,
-                reference=None, pairs: int | None = None) -> tuple[torch.Tensor, PairStats]:
+                reference=None, pairs: int | None = None, chunked: bool = True,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, PairStats]:
     """Per-pair losses (n,) of a preference micro-batch on ``model``. For DPO the reference is the same model
     with its adapters off (``peftkit.disabled``, under ``torch.no_grad``): ``reference`` is the module to call for
     it (default ``model``; a training loop passes the unwrapped model where ``model`` is an engine's wrapper).
     ``batch``: input_ids and attention_mask or position_ids, and completion_mask (2n, T, chosen rows first) or
     labels (+ sequence_ids for padding-free rows, see the module docstring; then ``pairs``, the batch's pair
-    count, is needed: rows are no longer sequences)."""
+    count, is needed: rows are no longer sequences). ``chunked``: where the model's logits are
+    ``head(base(...))`` (``peftkit.chunked_loss.head_of``; not through an engine's wrapper), the head runs on the
+    completion tokens only, never on every position's [tokens × vocab] logits; ``positions`` are those tokens'
+    ``target_positions`` computed on the host (else computed here from ``labels``)."""
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     if "labels" in batch:
         labels, sequence_ids = batch["labels"], batch.get("sequence_ids")
@@ -101,6 +106,17 @@ def pair_losses(model, batch: dict[str, torch.Tensor], objective: str, beta: flo
     sequences = 2 * pairs if pairs is not None else labels.shape[0]
 
     def logps(module) -> tuple[torch.Tensor, torch.Tensor]:
+        if chunked and head_of(module) is not None:
+            # The head on the completion tokens only: never the [tokens × vocab] logits of every position.
+            where = target_positions(labels) if positions is None else positions
+            logits, targets = target_logits(module, {**inputs, "use_cache": False}, labels, where)
+            per_token = torch.gather(logits.log_softmax(-1), 1, targets.unsqueeze(1)).squeeze(1)
+            owners = (sequence_ids[:, 1:] if sequence_ids is not None else
+                      torch.arange(labels.shape[0], device=labels.device)[:, None].expand(-1, labels.shape[1] - 1))
+            owners = owners.reshape(-1).index_select(0, where.to(owners.device)).to(per_token.device)
+            sums = per_token.new_zeros(sequences).index_add(0, owners, per_token)
+            counts = per_token.new_zeros(sequences).index_add(0, owners, torch.ones_like(per_token))
+            return sums, counts
         logits = module(**inputs, use_cache=False).logits
         logits = logits if logits.dtype == torch.float64 else logits.float()
         return sequence_logps(logits, labels, sequence_ids, sequences)
@@ -126,11 +142,12 @@ def pair_losses(model, batch: dict[str, torch.Tensor], objective: str, beta: flo
 
 
 def pair_loss_share(model, batch: dict[str, torch.Tensor], global_pairs: int, objective: str, beta: float,
-                    gamma: float = 0.0, reference=None, pairs: int | None = None) -> tuple[torch.Tensor, PairStats]:
+                    gamma: float = 0.0, reference=None, pairs: int | None = None, chunked: bool = True,
+                    positions: torch.Tensor | None = None) -> tuple[torch.Tensor, PairStats]:
     """This micro-batch's share of the step's loss: the sum of its pairs' losses / the global batch's pairs
     (TRL's DPO loss is the mean over the pairs of its batch: summed shares over micro-batches and processes give
     the one-process, one-batch mean)."""
-    losses, stats = pair_losses(model, batch, objective, beta, gamma, reference, pairs)
+    losses, stats = pair_losses(model, batch, objective, beta, gamma, reference, pairs, chunked, positions)
     return losses.sum() / max(int(global_pairs), 1), stats
 
 

@@ -62,11 +62,13 @@ def test_padding_free_pairs_have_the_padded_pairs_losses_and_gradients(factory):
     assert len(set(lengths)) > 3  # a real test: the layouts differ
     assert "attention_mask" not in free and free["input_ids"].numel() < padded["input_ids"].numel()
     assert free["input_ids"].shape[1] <= padded["input_ids"].shape[1]
-    for objective in ("dpo", "simpo"):
+    full_logits = {}
+    for objective, chunked in (("dpo", False), ("simpo", False), ("dpo", True)):
         results = []
-        for batch in (padded, free):
+        for batch in (padded, free):  # chunked: the head on the completion tokens only
             model.zero_grad(set_to_none=True)
-            losses, stats = pair_losses(model, batch, objective, beta=0.5, gamma=0.3, pairs=len(indices))
+            losses, stats = pair_losses(model, batch, objective, beta=0.5, gamma=0.3, pairs=len(indices),
+                                        chunked=chunked)
             losses.sum().backward()
             results.append((losses.detach(), stats.chosen_rewards, stats.rejected_rewards,
                             [p.grad.clone() for p in model.parameters() if p.requires_grad]))
@@ -77,6 +79,10 @@ def test_padding_free_pairs_have_the_padded_pairs_losses_and_gradients(factory):
         torch.testing.assert_close(rb, ra, rtol=1e-12, atol=1e-14)
         for a, b in zip(ga, gb):
             torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-14)
+        if not chunked:
+            full_logits[objective] = la
+        else:  # the head on the completion tokens only == the full logits
+            torch.testing.assert_close(la, full_logits[objective], rtol=1e-12, atol=1e-14)
 
 
 def _fp64_recipe(tmp_path: Path, **overrides) -> dict:
@@ -219,10 +225,10 @@ def test_message_list_pairs_are_rendered_with_the_template_and_labelled_on_the_c
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "lora_pro"])
+@pytest.mark.parametrize("method", ["lora", "lora-pro", "loft"])
 def test_two_processes_train_the_one_process_dpo_adapter(tmp_path, method):
     """DDP, 2 processes at batch 4 == 1 process at batch 8 (DPO, padding-free pairs, the reference forward
-    outside DDP's wrapper); LoRA-Pro's pair optimizer included."""
+    outside DDP's wrapper); the pair optimizers (LoRA-Pro, LoFT) included."""
     from multiproc import HANG_GUARD_S, REPO, run_distributed
 
     settings = dict(training__max_steps=2, data__max_train_samples=16, data__eval=None,

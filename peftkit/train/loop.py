@@ -444,7 +444,8 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
                     batch = collate(run.examples.train, indices, pad_id, run.classification, run.padding_free)
                 # Every process's tokens, counted on the host from the batch plan: no read of a device tensor.
                 state.tokens += int(lengths[run.plan.global_indices(state.position)].sum())
-                positions = target_positions(batch["labels"]) if mode == "chunked" and not pairs else None  # on the host
+                positions = (target_positions(batch["labels"]) if (mode == "chunked" or pairs and training.chunked_loss)
+                             else None)  # on the host
                 batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
                 state.position += 1
                 # Gradients are all-reduced once per step, on the last micro-batch.
@@ -452,7 +453,8 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
                     with accelerator.autocast():
                         if pairs:
                             loss, stats = pair_loss_share(model, batch, step_units, training.objective, beta, gamma,
-                                                          reference=reference, pairs=len(indices))
+                                                          reference=reference, pairs=len(indices),
+                                                          chunked=training.chunked_loss, positions=positions)
                             share = reward_sums(stats) * (accelerator.num_processes / max(step_units, 1))
                             step_rewards = share if step_rewards is None else step_rewards + share
                         else:
