@@ -247,3 +247,26 @@ def test_two_processes_train_the_one_process_dpo_adapter(tmp_path, method):
     for a, b in zip(read_metrics(tmp_path / "one" / "run"), read_metrics(tmp_path / "two" / "run")):
         for key in ("loss", "rewards/margins", "rewards/accuracies"):
             assert abs(a[key] - b[key]) <= 1e-9, (key, a, b)
+
+
+def test_the_preference_recipe_validates_and_trains_two_steps_on_a_tiny_model(tmp_path):
+    """recipes/preference/dpo-smollm2.yaml as written, then 2 steps with a tiny config-built model and local rows
+    under the recipe's own column names."""
+    from multiproc import REPO
+    from peftkit.train.recipe import apply_overrides, read_yaml
+    from train_fixtures import TINY_CONFIGS, preference_rows
+
+    raw = read_yaml(REPO / "recipes" / "preference" / "dpo-smollm2.yaml")
+    recipe = from_dict(raw)
+    assert recipe.training.objective == "dpo" and recipe.data.format == "preference"
+    d = recipe.data
+    rows = [{d.prompt_column: r["prompt"], d.chosen_column: r["chosen"], d.rejected_column: r["rejected"]}
+            for r in preference_rows(16, seed=3)]
+    small = apply_overrides(raw, [f"data.train={write_jsonl(tmp_path / 'pairs.jsonl', rows)}", "model.name=null",
+                                  "model.gguf_file=null", "model.tokenizer=bytes", "data.max_train_samples=null",
+                                  "training.max_steps=2", "training.warmup=0", "training.log_every=1",
+                                  f"training.output_dir={tmp_path / 'run'}", "logging.progress_bar=false"])
+    small["model"]["config"] = dict(TINY_CONFIGS["llama"])
+    assert train(from_dict(small)).status == "done"
+    logged = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in logged] == [1, 2] and all("rewards/margins" in r for r in logged)
