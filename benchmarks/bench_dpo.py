@@ -11,7 +11,9 @@ another line; message lists, rendered with the model's chat template on both sid
 1e-4, at most 128 tokens per sequence, fp32, no evaluation, no checkpoint until the end.
 
 Contenders:
-- ``peftkit``: ``peftkit train`` on the recipe (``peftkit.train.cli.main``, in the child process);
+- ``peftkit``: ``peftkit train`` on the recipe (``peftkit.train.cli.main``, in the child process), its defaults
+  (no gradient checkpointing); ``peftkit gc``: the same with ``training.gradient_checkpointing: true``, which is
+  TRL's DPOConfig default;
 - ``trl copy``: TRL's DPOTrainer with a peftkit LoRA model and ``ref_model=None``: TRL loads a second copy of the
   base from the model's folder (what it does for any model that is not a ``peft.PeftModel``);
 - ``trl peft``: TRL's DPOTrainer with ``peft_config`` (PEFT LoRA): TRL's reference is the PEFT model with its
@@ -39,7 +41,7 @@ from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CONTENDERS = ("peftkit", "trl copy", "trl peft")
+CONTENDERS = ("peftkit", "peftkit gc", "trl copy", "trl peft")
 LORA = {"r": 8, "alpha": 16}
 
 
@@ -65,7 +67,7 @@ def pairs(n: int = 64, seed: int = 0) -> list[dict]:
     return rows
 
 
-def run_peftkit(folder: str, data: str, out: str, steps: int) -> None:
+def run_peftkit(folder: str, data: str, out: str, steps: int, checkpointing: bool = False) -> None:
     import yaml
 
     from peftkit.train.cli import main
@@ -76,7 +78,8 @@ def run_peftkit(folder: str, data: str, out: str, steps: int) -> None:
         "adapter": {"method": "lora", **LORA, "dropout": 0.0},
         "optimizer": {"lr": 1e-4},
         "training": {"objective": "dpo", "beta": 0.1, "batch_size": 4, "max_steps": steps, "log_every": steps,
-                     "lr_schedule": "linear", "output_dir": f"{out}/run", "seed": 0},
+                     "lr_schedule": "linear", "output_dir": f"{out}/run", "seed": 0,
+                     "gradient_checkpointing": checkpointing},
         "logging": {"progress_bar": False},
     }
     Path(f"{out}/recipe.yaml").write_text(yaml.safe_dump(recipe))
@@ -119,8 +122,8 @@ def run_trl(folder: str, data: str, out: str, steps: int, contender: str) -> Non
 def child(contender: str, folder: str, data: str, steps: int) -> None:
     started = time.process_time()
     with tempfile.TemporaryDirectory() as out:
-        if contender == "peftkit":
-            run_peftkit(folder, data, out, steps)
+        if contender.startswith("peftkit"):
+            run_peftkit(folder, data, out, steps, checkpointing=contender == "peftkit gc")
         else:
             run_trl(folder, data, out, steps, contender)
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -145,7 +148,7 @@ def main() -> None:
         data = Path(tmp) / "pairs.jsonl"
         data.write_text("".join(json.dumps(row) + "\n" for row in pairs()))
         for r in range(args.rounds):
-            order = CONTENDERS[r % 3:] + CONTENDERS[:r % 3]  # rotating order: the machine is shared
+            order = CONTENDERS[r % 4:] + CONTENDERS[:r % 4]  # rotating order: the machine is shared
             for contender in order:
                 done = subprocess.run([sys.executable, __file__, "--child", contender, folder, str(data),
                                        "--steps", str(args.steps)], env=env, capture_output=True, text=True)
