@@ -202,8 +202,6 @@ def test_a_bad_preference_row_is_one_error_naming_row_and_field(row, field):
 
 
 def test_message_list_pairs_are_rendered_with_the_template_and_labelled_on_the_completion_only():
-    from transformers import AutoTokenizer  # noqa: F401 - the byte tokenizer is a transformers tokenizer
-
     from peftkit.train.data import byte_tokenizer
 
     tokenizer = byte_tokenizer()
@@ -225,17 +223,19 @@ def test_message_list_pairs_are_rendered_with_the_template_and_labelled_on_the_c
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lora", "lora-pro", "loft"])
-def test_two_processes_train_the_one_process_dpo_adapter(tmp_path, method):
-    """DDP, 2 processes at batch 4 == 1 process at batch 8 (DPO, padding-free pairs, the reference forward
-    outside DDP's wrapper); the pair optimizers (LoRA-Pro, LoFT) included."""
+@pytest.mark.parametrize("method, engine", [("lora", "ddp"), ("lora-pro", "ddp"), ("loft", "ddp"), ("lora", "fsdp2"),
+                                            ("lora", "zero3")])
+def test_two_processes_train_the_one_process_dpo_adapter(tmp_path, method, engine):
+    """2 processes at batch 4 == 1 process at batch 8 (DPO, padding-free pairs where the engine allows them; under
+    DDP the reference forward runs outside DDP's wrapper); the pair optimizers (LoRA-Pro, LoFT) included; the
+    sharded engines FSDP2 and ZeRO-3 with LoRA."""
     from multiproc import HANG_GUARD_S, REPO, run_distributed
 
     settings = dict(training__max_steps=2, data__max_train_samples=16, data__eval=None,
                     adapter__method=method, optimizer__lr=1e-2)
     reference = train(from_dict(_fp64_recipe(tmp_path / "one", **settings)))
     assert reference.status == "done"
-    two = _fp64_recipe(tmp_path / "two", training__batch_size=4, **settings)
+    two = _fp64_recipe(tmp_path / "two", training__batch_size=4, training__distributed=engine, **settings)
     recipe_file = tmp_path / "two.yaml"
     recipe_file.write_text(yaml.safe_dump(two))
     proc = run_distributed(REPO / "peftkit" / "__main__.py", 2, tmp_path / "out", "train", str(recipe_file),
