@@ -30,7 +30,7 @@ from .api import (
 )
 from .errors import CheckpointError, ConfigError, MergeError, PeftkitError, StateError
 from .combine import add_weighted_adapter
-from .integrations import attach, reference_model
+from .integrations import attach, reference_free_trainer, reference_model
 from .regularization import regularization_loss
 
 __version__ = "0.1.0"
@@ -40,4 +40,5 @@ __all__ = [
     "export", "load", "load_model", "merge", "methods", "optimizer", "save", "set_adapter", "summary",
     "trainable_parameters", "unmerge",
     "unwrap", "wrap", "regularization_loss", "delete_adapter", "add_weighted_adapter", "attach", "reference_model",
+    "reference_free_trainer",
 ]

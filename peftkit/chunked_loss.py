@@ -171,6 +171,32 @@ def target_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels[..., 1:] != IGNORE_INDEX).reshape(-1).nonzero().squeeze(1)
 
 
+def target_logits(model: nn.Module, inputs: Mapping[str, Any], labels: torch.Tensor, positions: torch.Tensor,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, V) at the target positions only, softcapped where the model does, at least fp32; the targets
+    (N,)): the model's logits at ``positions`` (:func:`target_positions` of ``labels``) without the full
+    [tokens × vocab] logits. ``model`` must pass :func:`head_of`."""
+    found = head_of(model)
+    if found is None:
+        raise ValueError("target_logits: the model's logits are not head(base(...)); use its own forward")
+    base, head, softcap = found
+    gate = model.__dict__.get(GATE_ATTR)
+    if gate is not None:
+        gate.enter(model, ())
+    try:
+        hidden = base(**inputs).last_hidden_state
+    finally:
+        if gate is not None:
+            gate.leave(model, (), None)
+    positions = positions.to(hidden.device, non_blocking=True)
+    rows = hidden[..., :-1, :].reshape(-1, hidden.shape[-1]).index_select(0, positions)
+    logits = head(rows)
+    logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits, labels.to(hidden.device)[..., 1:].reshape(-1).index_select(0, positions)
+
+
 def chunked_causal_loss(model: nn.Module, batch: Mapping[str, Any], global_units: int,
                         chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
                         positions: torch.Tensor | None = None) -> torch.Tensor:

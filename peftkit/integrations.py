@@ -267,6 +267,52 @@ def reference_model(model: nn.Module) -> ReferenceModel:
     return ReferenceModel(model)
 
 
+def reference_free_trainer(trainer_class: type, model: nn.Module, args: Any = None, **kwargs: Any) -> Any:
+    """A TRL trainer whose reference is ``reference_model(model)`` (the same model with its adapters off), never a
+    copy of the base. TRL skips its reference copy for ``peft.PeftModel`` instances only; a peftkit model keeps
+    its own class, so:
+
+    - trainers with a ``ref_model`` argument (``DPOTrainer``) get ``ref_model=reference_model(model)``;
+    - trainers that build the reference themselves from ``args.beta`` (``GRPOTrainer``, which otherwise loads
+      ``model.config.name_or_path`` a second time) are built with ``beta = 0`` (TRL then creates no reference) and
+      given ``reference_model(model)`` and the caller's ``beta`` right after: the KL term runs as configured, its
+      reference log-probabilities computed by the policy with its adapters off.
+
+    ``args.sync_ref_model`` (a reference that follows the policy) is refused: the adapters-off reference is the base.
+    Returns the trainer."""
+    import inspect
+
+    from .inject import state_of
+
+    state_of(model)
+    reference = reference_model(model)
+    if "ref_model" in inspect.signature(trainer_class.__init__).parameters:
+        if kwargs.get("ref_model") is not None:
+            raise ConfigError("reference_free_trainer: ref_model is given; leave it out (the reference is the model "
+                              "with its adapters off)")
+        kwargs["ref_model"] = reference
+        return trainer_class(model=model, args=args, **kwargs)
+    beta = getattr(args, "beta", None)
+    if beta is None:
+        raise ConfigError(f"reference_free_trainer: {trainer_class.__name__} takes no ref_model and its args have no "
+                          "beta; it needs no reference: build it directly")
+    if getattr(args, "sync_ref_model", False):
+        raise ConfigError("reference_free_trainer: args.sync_ref_model=True asks for a reference that follows the "
+                          "policy; the adapters-off reference is the base model. Set sync_ref_model=False")
+    if beta == 0.0:
+        return trainer_class(model=model, args=args, **kwargs)
+    args.beta = 0.0  # TRL creates no reference model for beta 0
+    try:
+        trainer = trainer_class(model=model, args=args, **kwargs)
+    finally:
+        args.beta = beta
+    if not hasattr(trainer, "ref_model") or not hasattr(trainer, "beta"):  # pragma: no cover - a TRL change
+        raise ConfigError(f"reference_free_trainer: {trainer_class.__name__} has no ref_model/beta attributes")
+    trainer.beta = beta
+    trainer.ref_model = reference
+    return trainer
+
+
 # ------------------------------------------------------------------------------------ the Trainer object
 def _find_schedule(trainer: Any):
     return next((cb for cb in trainer.callback_handler.callbacks if isinstance(cb, Schedule)), None)

@@ -110,6 +110,32 @@ def llama_chat_recipe(tmp_path: Path, **overrides) -> dict:
     return recipe
 
 
+def preference_rows(n: int, seed: int = 0) -> list[dict]:
+    """Prompt / chosen / rejected rows whose completions differ in length within and across pairs (1 to 6 words:
+    about 3 to 40 completion tokens with the byte tokenizer): pairs and micro-batches hold different numbers of
+    tokens, so a padded and a padding-free batch lay them out differently."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        word = rng.choice(WORDS)
+        chosen = " ".join([word] * rng.randint(1, 4))
+        rejected = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6)))
+        rows.append({"prompt": f"echo {word}:", "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def llama_preference_recipe(tmp_path: Path, objective: str = "dpo", **overrides) -> dict:
+    """``llama_text_recipe`` on preference pairs (``preference_rows``) with ``training.objective``."""
+    recipe = llama_text_recipe(tmp_path, **overrides)
+    recipe["data"].update(
+        train=write_jsonl(tmp_path / "data" / "pref_train.jsonl", preference_rows(32, seed=1)),
+        eval=write_jsonl(tmp_path / "data" / "pref_eval.jsonl", preference_rows(8, seed=2)),
+        format="preference", max_length=64)
+    recipe["data"].update({k.split("__")[1]: v for k, v in overrides.items() if k.startswith("data__")})
+    recipe["training"]["objective"] = objective
+    return recipe
+
+
 def adapter_tensors(run_dir: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(run_dir) / "adapter" / "adapter_model.safetensors"))
 

@@ -98,7 +98,7 @@ def load_tokenizer(recipe: Recipe):
             tokenizer = AutoTokenizer.from_pretrained(path)
         except Exception as exc:
             raise ConfigError(f"model.tokenizer: could not load a tokenizer from '{ref}' ({_first_line(exc)})") from None
-    if recipe.data.format in CHAT_FORMATS:
+    if recipe.data.format in CHAT_FORMATS or recipe.data.format == "preference":
         # The template the data is rendered with travels with the tokenizer (saved next to the adapter), so
         # `peftkit chat` and `peftkit eval` prompt the model the way it was trained.
         template = resolve_template(tokenizer, recipe.data)

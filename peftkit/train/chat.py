@@ -8,7 +8,9 @@ Formats (``data.format``) and the columns they read (every column name is a reci
   human / gpt / system / tool (and their common aliases);
 - ``alpaca``: ``instruction``, an optional ``input`` (appended to the instruction after a blank line) and
   ``output``;
-- ``instruction``: one prompt/response pair.
+- ``instruction``: one prompt/response pair;
+- ``preference``: ``prompt``, ``chosen``, ``rejected`` (``data.prompt_column``, ``data.chosen_column``,
+  ``data.rejected_column``), each a string or a list of turns; the completions are labelled (DPO, SimPO).
 
 Labels come from the rendered text, not from re-tokenizing pieces: the full conversation is rendered once,
 tokenized once with character offsets, and a token is labelled when it starts inside an assistant span. An
@@ -96,6 +98,9 @@ def required_columns(data) -> dict[str, str]:
         return {data.prompt_column: "data.prompt_column", data.response_column: "data.response_column"}
     if data.format == "alpaca":
         return {data.instruction_column: "data.instruction_column", data.output_column: "data.output_column"}
+    if data.format == "preference":
+        return {data.prompt_column: "data.prompt_column", data.chosen_column: "data.chosen_column",
+                data.rejected_column: "data.rejected_column"}
     columns = {conversation_keys(data)[0]: "data.conversation_column"}
     if data.tools_column:
         columns[data.tools_column] = "data.tools_column"
@@ -130,33 +135,8 @@ def conversation(row: dict[str, Any], data, where: str, index: int) -> tuple[lis
                  {"role": "assistant", "content": _text(row, data.output_column, where, index)}]
     else:
         column, role_key, content_key = conversation_keys(data)
-        raw = row.get(column)
-        if isinstance(raw, str):
-            try:
-                raw = json.loads(raw)
-            except json.JSONDecodeError:
-                raise row_error(where, index, column, "expected a list of turns (or its JSON), got a string that is "
-                               "not JSON") from None
-        if not isinstance(raw, list):
-            raise row_error(where, index, column, f"expected a list of turns, got {type(raw).__name__}")
-        if not raw:
-            raise row_error(where, index, column, "the conversation is empty; drop the row or give it turns")
         aliases = SHAREGPT_ROLES if data.format == "sharegpt" else {r: r for r in ROLES}
-        turns = []
-        for t, turn in enumerate(raw):
-            field = f"{column}[{t}]"
-            if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
-                keys = sorted(turn) if isinstance(turn, dict) else type(turn).__name__
-                raise row_error(where, index, field, f"expected a mapping with '{role_key}' and '{content_key}', got "
-                               f"{keys} (set data.role_key / data.content_key if your keys differ)")
-            role = aliases.get(str(turn[role_key]).lower())
-            if role is None:
-                raise row_error(where, index, f"{field}.{role_key}", f"unknown role {turn[role_key]!r}; expected one "
-                               f"of {sorted(aliases)}")
-            content = turn[content_key]
-            if content is None or not isinstance(content, (str, int, float)):
-                raise row_error(where, index, f"{field}.{content_key}", f"expected text, got {content!r}")
-            turns.append({"role": role, "content": str(content)})
+        turns = parse_turns(row.get(column), column, role_key, content_key, aliases, where, index)
         if data.tools_column:
             tools = row.get(data.tools_column)
             if isinstance(tools, str):
@@ -171,6 +151,68 @@ def conversation(row: dict[str, Any], data, where: str, index: int) -> tuple[lis
         raise row_error(where, index, field, "the conversation has no assistant turn, so there is nothing to train "
                        "on; drop the row or add the answer")
     return turns, tools
+
+
+def parse_turns(raw: Any, column: str, role_key: str, content_key: str, aliases: dict[str, str], where: str,
+                index: int) -> list[dict[str, str]]:
+    """A column's list of turns (or its JSON) as ``{role, content}`` dicts; a bad turn is an error naming the row
+    and the field (``column[t].key``)."""
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            raise row_error(where, index, column, "expected a list of turns (or its JSON), got a string that is "
+                           "not JSON") from None
+    if not isinstance(raw, list):
+        raise row_error(where, index, column, f"expected a list of turns, got {type(raw).__name__}")
+    if not raw:
+        raise row_error(where, index, column, "the conversation is empty; drop the row or give it turns")
+    turns = []
+    for t, turn in enumerate(raw):
+        field = f"{column}[{t}]"
+        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+            keys = sorted(turn) if isinstance(turn, dict) else type(turn).__name__
+            raise row_error(where, index, field, f"expected a mapping with '{role_key}' and '{content_key}', got "
+                           f"{keys} (set data.role_key / data.content_key if your keys differ)")
+        role = aliases.get(str(turn[role_key]).lower())
+        if role is None:
+            raise row_error(where, index, f"{field}.{role_key}", f"unknown role {turn[role_key]!r}; expected one "
+                           f"of {sorted(aliases)}")
+        content = turn[content_key]
+        if content is None or not isinstance(content, (str, int, float)):
+            raise row_error(where, index, f"{field}.{content_key}", f"expected text, got {content!r}")
+        turns.append({"role": role, "content": str(content)})
+    return turns
+
+
+def preference_turns(row: dict[str, Any], data, where: str, index: int
+                     ) -> tuple[list[dict[str, str]], list[dict[str, str]], list[dict[str, str]], bool]:
+    """A preference row as (prompt turns, chosen turns, rejected turns, all three were plain strings). Each field
+    is a string (the prompt a user turn, a completion an assistant turn) or a list of ``{role, content}`` turns
+    (keys ``data.role_key`` / ``data.content_key``, default role / content); the completions must hold an
+    assistant turn and no system turn. A bad field is one error naming the row and the field."""
+    role_key, content_key = data.role_key or "role", data.content_key or "content"
+    aliases = {r: r for r in ROLES}
+    parts, plain = [], True
+    for column, role in ((data.prompt_column, "user"), (data.chosen_column, "assistant"),
+                         (data.rejected_column, "assistant")):
+        value = row.get(column)
+        if isinstance(value, list):
+            plain = False
+            parts.append(parse_turns(value, column, role_key, content_key, aliases, where, index))
+        else:
+            parts.append([{"role": role, "content": _text(row, column, where, index)}])
+    prompt, chosen, rejected = parts
+    if data.system_prompt and prompt[0]["role"] != "system":
+        prompt.insert(0, {"role": "system", "content": data.system_prompt})
+    for column, turns in ((data.chosen_column, chosen), (data.rejected_column, rejected)):
+        if not any(t["role"] == "assistant" for t in turns):
+            raise row_error(where, index, column, "the completion has no assistant turn, so there is nothing to "
+                            "compare; give the answer as text or as an assistant turn")
+        if any(t["role"] == "system" for t in turns):
+            raise row_error(where, index, column, "a completion cannot hold a system turn; move it to "
+                            f"'{data.prompt_column}'")
+    return prompt, chosen, rejected, plain
 
 
 def _text(row: dict[str, Any], column: str, where: str, index: int) -> str:

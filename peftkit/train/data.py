@@ -9,6 +9,8 @@ Formats (``data.format``):
   ``packing`` whole conversations are packed into rows of at most ``max_length`` tokens, each with its own
   position ids, so attention (transformers' packed-sequence masks) and the loss see them apart.
 - ``classification``: a text, an optional text pair, and a label (an integer or a class name).
+- ``preference``: a prompt and two completions, ``chosen`` and ``rejected`` (strings, or lists of turns rendered
+  with the chat template); an example is the pair, each side labelled on its completion only (``collate_pairs``).
 
 Tokenizing runs through ``datasets.Dataset.map`` (batched, ``data.num_proc`` workers); the result is an Arrow
 table (memory-mapped from datasets' cache for files and hub sets, keyed by the tokenizer and the data
@@ -92,7 +94,7 @@ def required_columns(data: DataSection) -> dict[str, str]:
     """Column -> the recipe key that names it, for the chosen format."""
     if data.format == "text":
         return {data.text_column: "data.text_column"}
-    if data.format in chat.CHAT_FORMATS:
+    if data.format in chat.CHAT_FORMATS or data.format == "preference":
         return chat.required_columns(data)
     columns = {data.text_column: "data.text_column", data.label_column: "data.label_column"}
     if data.text_pair_column:
@@ -268,6 +270,9 @@ class Tokenized:
     prompt_lengths: Any = None
     references: Any = None
     stats: dict[str, Any] = field(default_factory=dict)
+    # preference pairs: input_ids / labels are the chosen side, these the rejected side (labels on the completion)
+    rejected_ids: Any = None
+    rejected_labels: Any = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -298,6 +303,8 @@ def encode(rows, tokenizer, data: DataSection, label_names: list[str] | None = N
         function = _text_function(tokenizer, data)
     elif data.format == "classification":
         function = _classification_function(tokenizer, data, _label_names(table, data, label_names), key)
+    elif data.format == "preference":
+        function = _preference_function(tokenizer, data, key)
     else:
         function = _chat_function(tokenizer, data, key)
     fingerprint = _fingerprint(table, tokenizer, data, key, label_names)
@@ -314,6 +321,9 @@ def finish(table, data: DataSection, *, key: str = "data.train", pack: bool = Fa
         return Tokenized(table["input_ids"], table["labels"],
                          table["token_type_ids"] if "token_type_ids" in table.column_names else None, label_names)
     table = _apply_overlong(table, data, key)
+    if data.format == "preference":
+        return Tokenized(table["input_ids"], table["labels"], rejected_ids=table["rejected_ids"],
+                         rejected_labels=table["rejected_labels"])
     if not pack:
         return Tokenized(table["input_ids"], table["labels"], prompt_lengths=table["prompt_length"],
                          references=table["reference"])
@@ -482,6 +492,72 @@ def _chat_function(tokenizer, data: DataSection, key: str):
         return _cut(out, data, where, indices)
 
     return function
+
+
+def _preference_function(tokenizer, data: DataSection, key: str):
+    """The batched map function of preference rows -> input_ids / labels (prompt + chosen), rejected_ids /
+    rejected_labels (prompt + rejected), labelled on the completion only, and length (the longer side, before
+    any truncation). With a chat template (the tokenizer's, ``data.chat_template``, or chatml for rows given as
+    turns) the completion is what rendering prompt + completion adds to the prompt rendered with the generation
+    prompt; without one, plain strings are laid out as ``prompt\n`` + completion + EOS (as instruction data)."""
+    template = chat.resolve_template(tokenizer, data)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    where = key
+
+    def side(prompt, completion, plain, index) -> tuple[list[int], list[int]]:
+        if template is None and plain:
+            prompt_ids = tokenizer("\n\n".join(t["content"] for t in prompt) + "\n",
+                                   add_special_tokens=True)["input_ids"]
+            answer = tokenizer("".join(t["content"] for t in completion), add_special_tokens=False)["input_ids"] + eos
+            return prompt_ids + answer, [IGNORE_INDEX] * len(prompt_ids) + answer
+        chosen_template = template or chat.BUILTIN_TEMPLATES[chat.FALLBACK_TEMPLATE]
+        head = chat.render(chosen_template, tokenizer, prompt, None, where, index, generation_prompt=True)
+        full = chat.render(chosen_template, tokenizer, prompt + completion, None, where, index)
+        if not full.startswith(head):
+            raise chat.row_error(where, index, "data.chat_template", "the template does not render the prompt as a "
+                                 "prefix of prompt + completion, so the completion tokens cannot be isolated; use "
+                                 "another template (data.chat_template)")
+        (ids,), (offsets,) = _encode_with_offsets(tokenizer, [full])
+        labels = [t if start >= len(head) else IGNORE_INDEX for t, (start, _) in zip(ids, offsets)]
+        return list(ids), labels
+
+    def function(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        names = list(batch)
+        out: dict[str, list] = {"input_ids": [], "labels": [], "rejected_ids": [], "rejected_labels": [],
+                                "length": []}
+        for index, values in zip(indices, zip(*(batch[c] for c in names))):
+            prompt, chosen, rejected, plain = chat.preference_turns(dict(zip(names, values)), data, where, index)
+            sides = [side(prompt, chosen, plain, index), side(prompt, rejected, plain, index)]
+            out["length"].append(max(len(ids) for ids, _ in sides))
+            sides = [_cut_side(ids, labels, data, where, index) for ids, labels in sides]
+            if any(not ids for ids, _ in sides):
+                sides = [([], []), ([], [])]  # dropped (or nothing labelled left): the pair goes, and is counted
+            (out_ids, out_labels), (rejected_ids, rejected_labels) = sides
+            out["input_ids"].append(out_ids)
+            out["labels"].append(out_labels)
+            out["rejected_ids"].append(rejected_ids)
+            out["rejected_labels"].append(rejected_labels)
+        return out
+
+    return function
+
+
+def _cut_side(ids: list[int], labels: list[int], data: DataSection, where: str, index: int
+              ) -> tuple[list[int], list[int]]:
+    """One side of a preference pair over data.max_length, by ``data.overlong`` (as ``_cut``): error, drop
+    (returned empty), or truncate_left (the prompt's start goes; emptied if no completion token is left)."""
+    n = data.max_length
+    if len(ids) <= n:
+        return ids, labels
+    mode = "truncate_left" if data.overlong == "drop" and is_eval_key(where) else data.overlong
+    if mode == "error":
+        raise chat.row_error(where, index, "data.max_length", f"the prompt and a completion have {len(ids)} tokens, "
+                             f"more than data.max_length={n}; raise data.max_length, or set data.overlong to drop or "
+                             "truncate_left")
+    if mode == "drop":
+        return [], []
+    ids, labels = ids[len(ids) - n:], labels[len(ids) - n:]
+    return (ids, labels) if any(y != IGNORE_INDEX for y in labels[1:]) else ([], [])
 
 
 def _encode_with_offsets(tokenizer, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
@@ -747,6 +823,48 @@ def _collate_padding_free(examples: Tokenized, indices: list[int], pad_id: int) 
     return {"input_ids": ids, "position_ids": positions, "labels": labels}
 
 
+def collate_pairs(examples: Tokenized, indices: list[int], pad_id: int, padding_free: bool = False
+                  ) -> dict[str, torch.Tensor]:
+    """A preference micro-batch: the chosen sides of ``indices`` then their rejected sides (2n sequences), with
+    ``labels`` on each completion (-100 elsewhere), as ``peftkit.preference.pair_losses`` reads them.
+
+    Padded: one sequence per row, right-padded, with ``attention_mask``. ``padding_free``: the 2n sequences packed
+    into as few rows as fit the longest of them (first-fit decreasing, as ``collate``), with restarting
+    ``position_ids``, no attention mask, each sequence's first label -100 (nothing of its own predicts it) and
+    ``sequence_ids`` (the sequence of each token, -1 on the tail padding): the same sequences and targets, so
+    the same per-sequence log-probabilities to round-off."""
+    sequences = ([examples.input_ids[i] for i in indices] + [examples.rejected_ids[i] for i in indices])
+    targets = ([examples.labels[i] for i in indices] + [examples.rejected_labels[i] for i in indices])
+    lengths = [len(ids) for ids in sequences]
+    if not padding_free:
+        width = max(lengths)
+        ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+        for row, (seq, target) in enumerate(zip(sequences, targets)):
+            ids[row, :len(seq)] = torch.tensor(seq)
+            mask[row, :len(seq)] = 1
+            labels[row, 1:len(seq)] = torch.tensor(list(target)[1:], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    rows = pack_rows(lengths, max(lengths))
+    width = max(sum(lengths[k] for k in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.arange(width).repeat(len(rows), 1)
+    owner = torch.full((len(rows), width), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for k in row:
+            n = lengths[k]
+            ids[r, start:start + n] = torch.tensor(sequences[k])
+            labels[r, start + 1:start + n] = torch.tensor(list(targets[k])[1:], dtype=torch.long)
+            positions[r, start:start + n] = torch.arange(n)
+            owner[r, start:start + n] = k
+            start += n
+        positions[r, start:] = torch.arange(width - start)  # the tail padding: a segment of its own
+    return {"input_ids": ids, "position_ids": positions, "labels": labels, "sequence_ids": owner}
+
+
 def _list_chunks(column, rows: int = 1 << 16):
     """An Arrow-backed ``datasets`` column as pyarrow list arrays of at most ``rows`` rows each, in row order
     (through a filter's or select's indices mapping): bounded memory on data sets of any size."""
@@ -759,11 +877,12 @@ def _offsets(chunk) -> np.ndarray:
     return chunk.offsets.to_numpy().astype(np.int64)  # absolute positions in chunk.values
 
 
-def loss_units(examples: Tokenized, classification: bool) -> np.ndarray:
+def loss_units(examples: Tokenized, classification: bool, pairs: bool = False) -> np.ndarray:
     """Per example, the units the model's loss averages over (``peftkit.loss``): 1 for classification, else its
     target tokens, ``labels[1:] != -100`` (the causal shift: a row's first label is predicted by nothing; packed
-    rows label no conversation's first token either). Read once, vectorised over the Arrow column."""
-    if classification:
+    rows label no conversation's first token either). Read once, vectorised over the Arrow column. ``pairs``: a
+    pair objective (DPO, SimPO), whose loss is a mean over preference pairs: 1 per example."""
+    if classification or pairs:
         return np.ones(len(examples), dtype=np.int64)
     column = examples.labels
     if getattr(column, "source", None) is None:
@@ -782,8 +901,15 @@ def loss_units(examples: Tokenized, classification: bool) -> np.ndarray:
 
 
 def example_lengths(examples: Tokenized) -> np.ndarray:
-    """Per example, its tokens (``len(input_ids)``), read once from the Arrow offsets (no row materialised)."""
-    column = examples.input_ids
+    """Per example, its tokens (``len(input_ids)``; a preference pair's both sides), read once from the Arrow
+    offsets (no row materialised)."""
+    total = _column_lengths(examples.input_ids)
+    if examples.rejected_ids is not None:
+        total = total + _column_lengths(examples.rejected_ids)
+    return total
+
+
+def _column_lengths(column) -> np.ndarray:
     if getattr(column, "source", None) is None:
         return np.array([len(ids) for ids in column], dtype=np.int64)
     parts = [np.diff(_offsets(chunk)) for chunk in _list_chunks(column)]

@@ -30,17 +30,19 @@ from ..errors import ConfigError
 from ..inject import adapter_layers, state_of
 from ..chunked_loss import target_positions
 from ..loss import loss_mode, share_of_global_mean
+from ..preference import PAIR_OBJECTIVES, REWARD_METRICS, pair_loss_share, pair_losses, reward_sums
 from ..unpad import unpad_linears_if_exact
 from . import checkpointing, engines, evaluation
 from . import threads as cpu_threads
 from .build import Examples, load_examples, load_model, load_tokenizer, num_labels
-from .data import BatchPlan, Tokenized, check_lengths, check_packed_attention, example_lengths, loss_units
+from .data import (BatchPlan, Tokenized, check_lengths, check_packed_attention, collate_pairs, example_lengths,
+                   loss_units)
 from .vision import VISION_TASK, adapter_options
 from .vision import collate  # data.collate, plus the pixel values of conversations with images
 from .guard import DivergenceGuard, GuardSettings
 from .metrics import MetricsLog, plot
 from .monitor import Monitors, restore_best, write_best
-from .recipe import DEFAULT_MAX_STEPS, Recipe, check_warmup, total_steps, warmup_steps
+from .recipe import DEFAULT_MAX_STEPS, Recipe, check_warmup, objective_settings, total_steps, warmup_steps
 
 ADAPTER_DIR = "adapter"
 
@@ -407,7 +409,12 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
     # its split into micro-batches and processes (peftkit.loss). Every host knows every example's units from the
     # batch plan, so the global count needs no collective. Engines average gradients over processes: each
     # process's share is scaled back up by their number.
-    units = loss_units(run.examples.train, run.classification)
+    pairs = training.objective in PAIR_OBJECTIVES  # DPO / SimPO: the loss unit is the preference pair
+    beta, gamma = objective_settings(training)
+    # The reference of DPO: the same model with its adapters off, called outside an engine's wrapper (DDP's
+    # forward would prepare a gradient synchronisation for a forward that has no backward).
+    reference = engine.eval_model(model)
+    units = loss_units(run.examples.train, run.classification, pairs=pairs)
     lengths = example_lengths(run.examples.train)
     # The chunked head (peftkit.chunked_loss) calls the model's base itself: not through a DDP wrapper, whose
     # forward is what synchronises gradients (head_of also refuses FSDP2 and ZeRO-3 heads, hooks, adapters).
@@ -416,8 +423,10 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
     process_scale = accelerator.num_processes if engine.averages_gradients else 1
     pad_id = run.tokenizer.pad_token_id
     progress = _progress_bar(main and recipe.logging.progress_bar, training.max_steps, state.step)
-    window = {"loss": 0.0, "steps": 0, "time": time.perf_counter(), "tokens_at_start": state.tokens}
+    window = {"loss": 0.0, "steps": 0, "time": time.perf_counter(), "tokens_at_start": state.tokens,
+              "rewards": [0.0] * len(REWARD_METRICS), "reward_steps": 0}
     pending_losses: list[torch.Tensor] = []  # per-step losses on the device, not read yet
+    pending_rewards: list[torch.Tensor] = []  # pair objectives: per-step reward means (REWARD_METRICS), not read yet
     result = None
     last_eval: tuple[int, dict[str, float]] | None = None  # (step, values) of the newest evaluation in this process
 
@@ -436,21 +445,33 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
         while state.step < training.max_steps and not monitors.stopped(state.monitors):
             # ---- one optimizer step: grad_accum micro-batches, each with its own backward
             step_loss = None  # in the loss's dtype (fp64 on an fp64 model)
+            step_rewards = None  # pair objectives: this process's share of the step's mean rewards (REWARD_METRICS)
             step_units = int(sum(units[run.plan.global_indices(state.position + m)].sum()
                                  for m in range(training.grad_accum)))
             for micro in range(training.grad_accum):
                 indices = run.plan.indices(state.position)
-                batch = collate(run.examples.train, indices, pad_id, run.classification, run.padding_free)
+                if pairs:
+                    batch = collate_pairs(run.examples.train, indices, pad_id, run.padding_free)
+                else:
+                    batch = collate(run.examples.train, indices, pad_id, run.classification, run.padding_free)
                 # Every process's tokens, counted on the host from the batch plan: no read of a device tensor.
                 state.tokens += int(lengths[run.plan.global_indices(state.position)].sum())
-                positions = target_positions(batch["labels"]) if mode == "chunked" else None  # on the host
+                positions = (target_positions(batch["labels"]) if (mode == "chunked" or pairs and training.chunked_loss)
+                             else None)  # on the host
                 batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
                 state.position += 1
                 # Gradients are all-reduced once per step, on the last micro-batch.
                 with engine.no_sync(model, micro == training.grad_accum - 1):
                     with accelerator.autocast():
-                        loss = share_of_global_mean(model, batch, int(units[indices].sum()), step_units, mode,
-                                                    positions)
+                        if pairs:
+                            loss, stats = pair_loss_share(model, batch, step_units, training.objective, beta, gamma,
+                                                          reference=reference, pairs=len(indices),
+                                                          chunked=training.chunked_loss, positions=positions)
+                            share = reward_sums(stats) * (accelerator.num_processes / max(step_units, 1))
+                            step_rewards = share if step_rewards is None else step_rewards + share
+                        else:
+                            loss = share_of_global_mean(model, batch, int(units[indices].sum()), step_units, mode,
+                                                        positions)
                         loss = loss * process_scale
                         if regularized:
                             # A per-step term, not a per-token one: once per step in the gradient average, as in
@@ -463,10 +484,16 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
             # step, a received signal, the divergence guard): one host sync (and one collective) there, none on the
             # steps between. The guard judges every step's loss, so a run with it on reads every step.
             pending_losses.append(step_loss)
+            if step_rewards is not None:
+                pending_rewards.append(step_rewards)
             losses = None
             if (guard is not None or _reads_losses(state.step + 1, training)
                     or (accelerator.num_processes == 1 and signals.received)):
                 losses = _read_losses(pending_losses, accelerator)
+                if pending_rewards:  # each process's share scaled by their number: the mean over processes is global
+                    for values in _read_losses(pending_rewards, accelerator):
+                        window["rewards"] = [a + b for a, b in zip(window["rewards"], values)]
+                        window["reward_steps"] += 1
                 bad = next((i for i, value in enumerate(losses) if not math.isfinite(value)), None)
                 if guard is not None:  # halve: a non-finite loss restarts too (guard.check); else the stop below
                     verdict, state = guard.check(state, losses[-1] if bad is None else losses[bad], dict(
@@ -478,7 +505,9 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
                             restore_best(output_dir, guard.restarted_from, state.monitors)
                         metrics.truncate_after(state.step)
                         # The abandoned steps leave the logging window and the progress bar.
-                        window.update(loss=0.0, steps=0, time=time.perf_counter(), tokens_at_start=state.tokens)
+                        window.update(loss=0.0, steps=0, time=time.perf_counter(), tokens_at_start=state.tokens,
+                                      rewards=[0.0] * len(REWARD_METRICS), reward_steps=0)
+                        pending_rewards.clear()
                         progress.n = state.step
                         continue
                     if verdict == "stop":
@@ -513,7 +542,8 @@ def _train(recipe: Recipe, resume: bool, hooks: list[StepHook] | None, accelerat
                 window["steps"] += len(losses)
                 record["loss"] = losses[-1]
             if state.step % training.log_every == 0 or state.step == training.max_steps:
-                record = _log_record(state, window, lr_used, grad_norm, run.plan)
+                rewards = _window_rewards(window) if pairs else {}
+                record = {**_log_record(state, window, lr_used, grad_norm, run.plan), **rewards}
                 metrics.write(record)
                 if recipe.logging.report_to:
                     accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
@@ -670,6 +700,14 @@ def _log_record(state, window, lr: float, grad_norm, plan: BatchPlan) -> dict[st
     return record
 
 
+def _window_rewards(window: dict[str, Any]) -> dict[str, float]:
+    """The mean over the steps since the last record of each step's mean rewards (TRL's names); resets them."""
+    steps = max(window["reward_steps"], 1)
+    values = {name: total / steps for name, total in zip(REWARD_METRICS, window["rewards"])}
+    window.update(rewards=[0.0] * len(REWARD_METRICS), reward_steps=0)
+    return values
+
+
 def _epochs(plan: BatchPlan, position: int) -> float:
     """Passes over data.train after ``position`` global micro-batches (4 decimals, as logged)."""
     return round(plan.epoch(position), 4)
@@ -710,6 +748,8 @@ def evaluate(run: Run, model, signals: StopSignals | None = None, metrics: list[
     accelerator = run.accelerator
     engine = run.engine or engines.make("ddp", accelerator)
     unwrapped = engine.eval_model(model)  # under a sharded engine: the prepared model, which gathers the base
+    if run.recipe.training.objective in PAIR_OBJECTIVES:
+        return _evaluate_pairs(run, unwrapped, engine, signals)
     was_training = unwrapped.training
     unwrapped.eval()
     mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
@@ -767,6 +807,42 @@ def evaluate(run: Run, model, signals: StopSignals | None = None, metrics: list[
                                          run.recipe.training.answer_extraction, run.recipe.training.answer_pattern))
         unwrapped.train(was_training)
     return values
+
+
+def _evaluate_pairs(run: Run, unwrapped, engine, signals: StopSignals | None) -> dict[str, float]:
+    """A pair objective's evaluation: the mean over data.eval's pairs of the pair loss (``eval_loss``) and of
+    TRL's rewards (``eval_rewards/accuracies`` ...); each process reads every num_processes-th pair, the sums are
+    all-reduced."""
+    examples, accelerator, training = run.examples.eval, run.accelerator, run.recipe.training
+    beta, gamma = objective_settings(training)
+    was_training = unwrapped.training
+    unwrapped.eval()
+    mine = list(range(accelerator.process_index, len(examples), accelerator.num_processes))
+    size = training.eval_batch_size or training.batch_size
+    starts: list = list(range(0, len(mine), size))
+    if engine.collective_forward:  # every process runs as many forwards as the busiest one (see evaluate)
+        busiest = math.ceil(math.ceil(len(examples) / accelerator.num_processes) / size)
+        starts += [None] * (busiest - len(starts))
+    totals = torch.zeros(2 + len(REWARD_METRICS), dtype=torch.float64, device=accelerator.device)  # loss, pairs, rewards
+    for start in starts:
+        if signals is not None and signals.received is not None and accelerator.num_processes == 1:
+            unwrapped.train(was_training)
+            return {}
+        indices = [0] if start is None else mine[start:start + size]
+        batch = collate_pairs(examples, indices, run.tokenizer.pad_token_id, run.padding_free)
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with accelerator.autocast():
+            losses, stats = pair_losses(unwrapped, batch, training.objective, beta, gamma, pairs=len(indices))
+        if start is None:
+            continue
+        totals[0] += losses.double().sum()
+        totals[1] += len(indices)
+        totals[2:] += reward_sums(stats).to(totals.device)
+    if accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals, reduction="sum")
+    unwrapped.train(was_training)
+    means = (totals / totals[1].clamp(min=1)).tolist()
+    return {"eval_loss": means[0], **{f"eval_{name}": value for name, value in zip(REWARD_METRICS, means[2:])}}
 
 
 def _gathered(accelerator, items: list) -> list:

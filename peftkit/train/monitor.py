@@ -28,7 +28,7 @@ from .checkpointing import BEST_DIR, BEST_FILE  # best/ and its best.json: {"met
 MODES = ("min", "max")
 # Built-in metric names whose better direction is known; any other (a hook's) needs an explicit mode.
 LOWER_IS_BETTER = ("eval_loss", "eval_perplexity")
-HIGHER_IS_BETTER = ("eval_accuracy", "eval_f1", "eval_exact_match")
+HIGHER_IS_BETTER = ("eval_accuracy", "eval_f1", "eval_exact_match", "eval_rewards/accuracies", "eval_rewards/margins")
 
 
 @dataclass
@@ -76,10 +76,16 @@ def early_stopping_settings(value: Any) -> EarlyStoppingSettings | None:
                      "{metric: eval_loss, patience: 3, min_delta: 0.0, mode: min}")
 
 
-def available_metrics(classification: bool, eval_metrics: list[str]) -> tuple[set[str], bool]:
+def available_metrics(classification: bool, eval_metrics: list[str], pairs: bool = False) -> tuple[set[str], bool]:
     """The ``eval_*`` names an evaluation of this task reports, and whether a hook may add names of its own
-    (a hook returning a dict)."""
-    names = {"eval_loss", "eval_accuracy" if classification else "eval_perplexity"}
+    (a hook returning a dict). ``pairs``: a pair objective (DPO, SimPO), evaluated on pairs (the pair loss and
+    TRL's reward metrics, no perplexity)."""
+    from ..preference import REWARD_METRICS
+
+    if pairs:
+        names = {"eval_loss", *(f"eval_{name}" for name in REWARD_METRICS)}
+    else:
+        names = {"eval_loss", "eval_accuracy" if classification else "eval_perplexity"}
     hooks = False
     for metric in eval_metrics:
         if ":" in metric:
@@ -102,7 +108,8 @@ def check_recipe(training, data, task: str) -> None:
         if not training.eval_every:
             raise ConfigError(f"{key}: judges the evaluations every training.eval_every steps, and this recipe "
                               f"evaluates only at the end; set training.eval_every (e.g. 50) or remove {key}")
-        names, hooks = available_metrics(task == "sequence-classification", training.eval_metrics)
+        names, hooks = available_metrics(task == "sequence-classification", training.eval_metrics,
+                                         pairs=training.objective != "sft")
         if settings.metric not in names and not hooks:
             raise ConfigError(f"{key}.metric: '{settings.metric}' is not reported by this run's evaluation (it "
                               f"reports {sorted(names)}); choose one of those, or add the metric to "

@@ -27,7 +27,8 @@ VISION_TASK = "image-text-to-text"  # a vision-language model: train/vision.py
 TASKS = ("causal-lm", "sequence-classification", VISION_TASK)
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: exactness checks
 QUANTIZE = (None, "nf4", "int8")
-FORMATS = ("text", "instruction", "classification", "messages", "sharegpt", "alpaca")
+FORMATS = ("text", "instruction", "classification", "messages", "sharegpt", "alpaca", "preference")
+OBJECTIVES = ("sft", "dpo", "simpo")  # peftkit.preference
 CHAT_FORMATS = ("instruction", "messages", "sharegpt", "alpaca")
 ASSISTANT_TURNS = ("all", "last")
 OVERLONG = ("truncate_left", "drop", "error")
@@ -95,8 +96,10 @@ class DataSection:
     output_column: str = "output"  # alpaca
     text_column: str = "text"
     text_pair_column: str | None = None
-    prompt_column: str = "prompt"
+    prompt_column: str = "prompt"  # instruction, preference
     response_column: str = "response"
+    chosen_column: str = "chosen"  # preference: the preferred completion (text, or a list of assistant turns)
+    rejected_column: str = "rejected"  # preference: the other completion
     label_column: str = "label"
     max_train_samples: int | None = option(None, gt=0)
     max_eval_samples: int | None = option(None, gt=0)
@@ -157,6 +160,9 @@ class TrainingSection:
     threads: int | None = option(None, gt=0, le=4096)  # CPU threads per process; null: usable cores / local processes (train/threads.py)
     distributed: str = option("ddp", choices=DISTRIBUTED)  # ddp | fsdp2 | zero2 | zero3 (peftkit.train.engines)
     divergence_guard: dict | None = None  # {action: stop|halve, factor: 3.0, window: 10, max_halvings: 3} (train/guard.py)
+    objective: str = option("sft", choices=OBJECTIVES)  # dpo / simpo: preference pairs (data.format: preference)
+    beta: float | None = option(None, gt=0, le=1e4)  # dpo: 0.1 (TRL's default); simpo: 2.0 (the SimPO paper's)
+    simpo_gamma: float | None = option(None, ge=0, le=1e4)  # simpo's target margin γ (default 0.5, TRL's CPO default)
 
 
 @dataclass
@@ -343,6 +349,7 @@ def check(recipe: Recipe) -> None:
         if bad or not d.mix or sum(d.mix.values()) <= 0:
             raise ConfigError(f"data.mix: expected {{dataset: weight}} with non-negative weights summing to a "
                               f"positive number, got {_show(d.mix)}")
+    _check_objective(recipe)
     if d.packing and d.format == "classification":
         raise ConfigError("data.packing: classification examples cannot be packed; set data.packing=false")
     if m.task == "sequence-classification" and d.format != "classification":
@@ -401,6 +408,37 @@ def check(recipe: Recipe) -> None:
         _one_of("logging.report_to", tracker, TRACKERS)
     check_output_dir(t.output_dir, "training.output_dir")
     _check_method_options(recipe)
+
+
+DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0}
+DEFAULT_SIMPO_GAMMA = 0.5
+
+
+def _check_objective(recipe: Recipe) -> None:
+    """training.objective against the data and the model: pair objectives read preference pairs on a causal LM."""
+    d, t, m = recipe.data, recipe.training, recipe.model
+    if t.objective in DEFAULT_BETA and d.format != "preference":
+        raise ConfigError(f"training.objective: '{t.objective}' trains on preference pairs and data.format is "
+                          f"'{d.format}'; set data.format: preference (rows of {d.prompt_column}, {d.chosen_column}, "
+                          f"{d.rejected_column}) or training.objective: sft")
+    if t.objective in DEFAULT_BETA and m.task != "causal-lm":
+        raise ConfigError(f"training.objective: '{t.objective}' needs model.task: causal-lm, got '{m.task}'")
+    if t.beta is not None and t.objective not in DEFAULT_BETA:
+        raise ConfigError(f"training.beta: applies to training.objective dpo or simpo, and the objective is "
+                          f"'{t.objective}'; remove training.beta or set the objective")
+    if t.simpo_gamma is not None and t.objective != "simpo":
+        raise ConfigError(f"training.simpo_gamma: applies to training.objective: simpo only (the objective is "
+                          f"'{t.objective}'); remove it or set training.objective: simpo")
+    if d.format == "preference" and d.packing:
+        raise ConfigError("data.packing: preference pairs are not packed across examples; set data.packing=false "
+                          "(data.padding_free, on by default, already puts a batch's sequences into shared rows)")
+
+
+def objective_settings(training: TrainingSection) -> tuple[float, float]:
+    """(beta, gamma) of the recipe's pair objective, defaults filled in."""
+    beta = training.beta if training.beta is not None else DEFAULT_BETA.get(training.objective, 0.0)
+    gamma = training.simpo_gamma if training.simpo_gamma is not None else DEFAULT_SIMPO_GAMMA
+    return beta, gamma if training.objective == "simpo" else 0.0
 
 
 DEFAULT_MAX_STEPS = 100  # neither training.max_steps nor training.epochs given
