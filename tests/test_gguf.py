@@ -139,16 +139,19 @@ LLAMA_CPP_METHODS = [("lora", 0.02), ("hra", 0.02), ("hydra", 0.004), ("elalora"
 
 @pytest.fixture(scope="module")
 def llama_cpp_python() -> str:
-    """A Python that has llama-cpp-python: ``$PEFTKIT_LLAMA_CPP_PYTHON`` (e.g. a virtual environment kept apart
-    because llama-cpp-python builds llama.cpp from source), else this one where ``llama_cpp`` imports."""
+    """A Python that has llama-cpp-python, which builds llama.cpp from source (too long for CI to build each run), so
+    it may live in an environment of its own: ``$PEFTKIT_LLAMA_CPP_PYTHON``, else the one
+    ``benchmarks/llama_cpp_env.sh`` makes (``$PEFTKIT_CACHE/llama-cpp``), else this Python where it imports."""
     other = os.environ.get(LLAMA_CPP_PYTHON)
     if other:
         assert os.access(other, os.X_OK), f"{LLAMA_CPP_PYTHON}={other} is not an executable Python"
         return other
+    prepared = peftkit.gguf.cache_root() / "llama-cpp" / "bin" / "python"
+    if os.access(prepared, os.X_OK):
+        return str(prepared)
     if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip(f"llama-cpp-python is not importable here and {LLAMA_CPP_PYTHON} is not set: pip install "
-                    "llama-cpp-python (it builds llama.cpp) here, or set it to the Python of an environment that has "
-                    "it (see docs/checkpoints.md#gguf-adapters-for-llamacpp-and-ollama)")
+        pytest.skip(f"llama-cpp-python is not installed: bash benchmarks/llama_cpp_env.sh builds it into {prepared} "
+                    f"(40 minutes or more on 2 cores), or set {LLAMA_CPP_PYTHON} to a Python that has it")
     return sys.executable
 
 
