@@ -14,6 +14,7 @@ plain transformers folder by ``peftkit.load_model(..., gguf_file=...)``, which v
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import resource
@@ -84,12 +85,14 @@ def peftkit_side(work: Path, dtype_name: str, tokens: int) -> dict:
         """Greedy continuations, EOS not special (as vLLM's ignore_eos), and the top-1 minus top-2 logit margin of
         each step: a step decided by a near tie is one where round-off may pick the other token."""
         tokens_out, margins = [], []
+        # transformers renamed past_key_values to cache (5.2x); either name, whichever this version has
+        cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         with torch.no_grad():
             for ids in prompts:
                 step, cache, chosen, margin = torch.tensor([ids]), None, [], []
                 for _ in range(tokens):
-                    out = model(input_ids=step, past_key_values=cache, use_cache=True)
-                    cache, logits = out.past_key_values, out.logits[0, -1].double()
+                    out = model(input_ids=step, use_cache=True, **{cache_name: cache})
+                    cache, logits = getattr(out, cache_name), out.logits[0, -1].double()
                     top = logits.topk(2)
                     chosen.append(int(top.indices[0]))
                     margin.append(float(top.values[0] - top.values[1]))
