@@ -88,7 +88,7 @@ def test_saving_and_resuming_gather_no_base_weight(runs, engine):
     does."""
     import json
 
-    _, one, two = runs
+    _, _, two = runs
     counts = json.loads((two / engine / "gathers.json").read_text())
     assert counts.get("steps", 0) > 0, counts
     assert {phase: counts.get(phase, 0) for phase in ("save", "resume load", "adapter export")} == {
