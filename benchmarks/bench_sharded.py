@@ -4,6 +4,7 @@ ratios to ddp at the same N.
 
     python benchmarks/bench_sharded.py [--steps 3] [--layers 2] [--rounds 2]
     python benchmarks/bench_sharded.py --load [--layers 8] [--peftkit-from DIR]   # loading a pretrained folder
+    python benchmarks/bench_sharded.py --formula 2048:8,1024:4,1536:6   # the memory formula vs measured
 
 ``--load``: ``peftkit train`` (LoRA, 2 steps, one adapter checkpoint) from a Llama folder of random fp32 weights
 (hidden 2048, intermediate 6144, ``--layers`` blocks, byte vocabulary; 437M parameters at 8 layers), written
@@ -12,6 +13,10 @@ bytes of base weights it holds after loading (``peftkit.sharded.held_base_bytes`
 memory over the whole run (``ru_maxrss``: loading, the init, 2 steps, the checkpoint), each rank's, and the
 worst rank's peak as a ratio to one process. ``--peftkit-from DIR`` runs another checkout's peftkit (e.g.
 the main branch, for a before/after on the same machine).
+
+``--formula H:L,...``: the ``--load`` cells (N = 1, fsdp2 and zero3 at N = 2) from a folder of that shape at each
+hidden size H (intermediate 3H, heads of 128) and depth L, with the per-process memory formula of
+docs/distributed.md (:func:`formula`) printed term by term next to each rank's measured peak.
 
 Each cell is its own launch (``torchrun --nproc-per-node N`` of this file with ``--cell``), so a process's peak
 resident memory belongs to one cell; the cells run in rounds (every contender once per round, interleaved) and
