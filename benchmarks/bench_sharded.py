@@ -207,13 +207,19 @@ def _held_bytes(model) -> int:
     return held_base_bytes(model, frozen_only=True)
 
 
-def launch_load(folder: Path, engine: str, processes: int, peftkit_from: str | None = None) -> list[dict]:
+# The sharded engines' CPU allocator setting (peftkit.train.engines.MMAP_THRESHOLD), given to a one-process
+# cell through glibc's own variable for a like-for-like baseline: peftkit's one-process run keeps glibc's default.
+SAME_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(64 << 10)}
+
+
+def launch_load(folder: Path, engine: str, processes: int, peftkit_from: str | None = None,
+                extra_env: dict | None = None) -> list[dict]:
     """One ``--load`` cell (``peftkit train`` from ``folder``): each rank's held base MiB, peak RSS MiB and the RSS
     it had before the model."""
     import tempfile
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(p for p in (peftkit_from, str(REPO)) if p)}
+           "PYTHONPATH": os.pathsep.join(p for p in (peftkit_from, str(REPO)) if p), **(extra_env or {})}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         recipe_path = root / "recipe.json"
@@ -248,12 +254,13 @@ def load_benchmark(layers: int, peftkit_from: str | None) -> None:
     print("| N | engine | base weights MiB/proc | peak RSS MiB per rank | worst peak / N=1 |")
     print("|---|---|---|---|---|")
     one = None
-    for processes, engine in ((1, "ddp"), (2, "fsdp2"), (2, "zero3")):
-        ranks = launch_load(folder, engine, processes, peftkit_from)
+    cells = ((1, "ddp", None), (1, "ddp, mmap threshold 64 KiB", SAME_ALLOCATOR), (2, "fsdp2", None), (2, "zero3", None))
+    for processes, label, extra in cells:
+        ranks = launch_load(folder, label.split(",")[0], processes, peftkit_from, extra)
         worst = max(r["peak_mib"] for r in ranks)
         one = one or worst
         peaks = " / ".join(f"{r['peak_mib']:.0f}" for r in ranks)
-        print(f"| {processes} | {engine} | {ranks[0]['held_mb']:.0f} | {peaks} | {worst / one:.2f} |", flush=True)
+        print(f"| {processes} | {label} | {ranks[0]['held_mb']:.0f} | {peaks} | {worst / one:.2f} |", flush=True)
 
 
 # The formula's constants (docs/distributed.md, "Memory per process: the formula"), bytes per element of fp32.
@@ -293,8 +300,8 @@ def formula(folder: Path, engine: str, processes: int, batch: int, seq: int, r: 
 
 
 def formula_benchmark(sizes: list[tuple[int, int]]) -> None:
-    """Predicted against measured peak RSS per process at each (hidden, layers): N = 1, and N = 2 under fsdp2
-    and zero3."""
+    """Predicted against measured peak RSS per process at each (hidden, layers): N = 1 (with the sharded engines'
+    allocator setting, like for like), and N = 2 under fsdp2 and zero3."""
     print("peftkit train, LoRA r=8 on every block linear, AdamW, fp32, 2 steps, batch 2 globally, seq 64, CPU gloo; "
           "process = RSS before the model (measured); MiB per process, worst rank\n")
     print("| hidden | layers | parameters | N | engine | base held (measured) | process | base | adapters+AdamW | "
@@ -305,7 +312,7 @@ def formula_benchmark(sizes: list[tuple[int, int]]) -> None:
         params = folder_parameters(folder)
         one = None
         for processes, engine in ((1, "ddp"), (2, "fsdp2"), (2, "zero3")):
-            ranks = launch_load(folder, engine, processes)
+            ranks = launch_load(folder, engine, processes, extra_env=SAME_ALLOCATOR if processes == 1 else None)
             worst = max(ranks, key=lambda row: row["peak_mib"])
             one = one or worst["peak_mib"]
             terms = formula(folder, engine, processes, batch=2 // processes, seq=64)
