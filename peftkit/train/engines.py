@@ -321,7 +321,7 @@ ENGINES = {"ddp": Engine, "fsdp2": FSDP2Engine, "zero2": lambda acc: DeepSpeedZe
 
 
 def make(name: str, accelerator: Any) -> Engine:
-    if name in ("fsdp2", "zero3") and accelerator.num_processes > 1 and accelerator.device.type == "cpu":
+    if name in ("fsdp2", "zero3") and distributed.world_size() > 1 and accelerator.device.type == "cpu":
         _return_freed_memory()  # before the sharded base is loaded: its buffers too go back to the system
     return ENGINES[name](accelerator)
 
