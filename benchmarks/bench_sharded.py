@@ -4,6 +4,7 @@ ratios to ddp at the same N.
 
     python benchmarks/bench_sharded.py [--steps 3] [--layers 2] [--rounds 2]
     python benchmarks/bench_sharded.py --load [--layers 8] [--peftkit-from DIR]   # loading a pretrained folder
+    python benchmarks/bench_sharded.py --formula 2048:8,1024:4,1536:6   # the memory formula vs measured
 
 ``--load``: ``peftkit train`` (LoRA, 2 steps, one adapter checkpoint) from a Llama folder of random fp32 weights
 (hidden 2048, intermediate 6144, ``--layers`` blocks, byte vocabulary; 437M parameters at 8 layers), written
@@ -12,6 +13,10 @@ bytes of base weights it holds after loading (``peftkit.sharded.held_base_bytes`
 memory over the whole run (``ru_maxrss``: loading, the init, 2 steps, the checkpoint), each rank's, and the
 worst rank's peak as a ratio to one process. ``--peftkit-from DIR`` runs another checkout's peftkit (e.g.
 the main branch, for a before/after on the same machine).
+
+``--formula H:L,...``: the ``--load`` cells (N = 1, fsdp2 and zero3 at N = 2) from a folder of that shape at each
+hidden size H (intermediate 3H, heads of 128) and depth L, with the per-process memory formula of
+docs/distributed.md (:func:`formula`) printed term by term next to each rank's measured peak.
 
 Each cell is its own launch (``torchrun --nproc-per-node N`` of this file with ``--cell``), so a process's peak
 resident memory belongs to one cell; the cells run in rounds (every contender once per round, interleaved) and
@@ -138,11 +143,16 @@ LOAD_CONFIG = dict(model_type="llama", hidden_size=2048, intermediate_size=6144,
                    num_key_value_heads=16, vocab_size=259, max_position_embeddings=256, tie_word_embeddings=False)
 
 
-def write_folder(layers: int) -> Path:
-    """A Llama folder of random fp32 weights in ``$TMPDIR`` (written once; reused by later runs)."""
+def write_folder(layers: int, hidden: int = 2048) -> Path:
+    """A Llama folder of random fp32 weights in ``$TMPDIR`` (written once; reused by later runs): the ``--load``
+    shape at ``hidden`` (intermediate 3 × hidden, heads of 128)."""
     from common import random_model_folder
 
-    return random_model_folder("peftkit_bench_llama_h2048", LOAD_CONFIG, layers)
+    if hidden == LOAD_CONFIG["hidden_size"]:
+        return random_model_folder("peftkit_bench_llama_h2048", LOAD_CONFIG, layers)
+    config = dict(LOAD_CONFIG, hidden_size=hidden, intermediate_size=3 * hidden,
+                  num_attention_heads=hidden // 128, num_key_value_heads=hidden // 128)
+    return random_model_folder(f"peftkit_bench_llama_h{hidden}", config, layers)
 
 
 def load_recipe(folder: Path, root: Path, engine: str, processes: int) -> dict:
@@ -165,20 +175,29 @@ def load_cell(recipe_path: str, out: str) -> None:
     from peftkit.train import loop
 
     built = {}
-    prepare = loop.prepare
+    prepare, load_model = loop.prepare, loop.load_model
+
+    def before_model(*args, **kwargs):
+        built["process_mib"] = _rss_mib()  # what the process holds before the model: imports, data
+        return load_model(*args, **kwargs)
 
     def capture(*args, **kwargs):
         run = prepare(*args, **kwargs)
         built["model"] = run.model  # sharded in place by the engine (at load, or before step 1)
         return run
 
-    loop.prepare = capture
+    loop.prepare, loop.load_model = capture, before_model
     result = train(from_dict(json.loads(Path(recipe_path).read_text())))
     assert result.status == "done", result
     held = _held_bytes(built["model"])
     rank = int(os.environ.get("RANK", "0"))
     Path(f"{out}.rank{rank}").write_text(json.dumps({
-        "held_mb": held / 2**20, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        "held_mb": held / 2**20, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "process_mib": built["process_mib"]}))
+
+
+def _rss_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _held_bytes(model) -> int:
@@ -188,10 +207,34 @@ def _held_bytes(model) -> int:
     return held_base_bytes(model, frozen_only=True)
 
 
-def load_benchmark(layers: int, peftkit_from: str | None) -> None:
+# The sharded engines' CPU allocator setting (peftkit.train.engines.MMAP_THRESHOLD), given to a one-process
+# cell through glibc's own variable for a like-for-like baseline: peftkit's one-process run keeps glibc's default.
+SAME_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(64 << 10)}
+
+
+def launch_load(folder: Path, engine: str, processes: int, peftkit_from: str | None = None,
+                extra_env: dict | None = None) -> list[dict]:
+    """One ``--load`` cell (``peftkit train`` from ``folder``): each rank's held base MiB, peak RSS MiB and the RSS
+    it had before the model."""
     import tempfile
 
-    folder = write_folder(layers)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(p for p in (peftkit_from, str(REPO)) if p), **(extra_env or {})}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        recipe_path = root / "recipe.json"
+        recipe_path.write_text(json.dumps(load_recipe(folder, root, engine, processes)))
+        out = root / "cell"
+        args = [str(Path(__file__).resolve()), "--load-cell", str(recipe_path), str(out)]
+        cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes)]
+               if processes > 1 else [sys.executable]) + args
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"{engine} N={processes} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        return [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(processes)]
+
+
+def folder_parameters(folder: Path) -> int:
     from safetensors import safe_open
 
     from peftkit.sharded import checkpoint_files
@@ -200,30 +243,85 @@ def load_benchmark(layers: int, peftkit_from: str | None) -> None:
     for name, file in checkpoint_files(str(folder)).items():
         with safe_open(file, framework="pt") as f:
             params += math.prod(f.get_slice(name).get_shape())
+    return params
+
+
+def load_benchmark(layers: int, peftkit_from: str | None) -> None:
+    folder = write_folder(layers)
+    params = folder_parameters(folder)
     print(f"Llama hidden 2048, {layers} layers, {params / 1e6:.0f}M parameters, fp32 safetensors; peftkit train, "
           f"LoRA r=8, 2 steps, batch 2 globally, seq 64, CPU gloo; peftkit from {peftkit_from or REPO}\n")
     print("| N | engine | base weights MiB/proc | peak RSS MiB per rank | worst peak / N=1 |")
     print("|---|---|---|---|---|")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(p for p in (peftkit_from, str(REPO)) if p)}
     one = None
-    for processes, engine in ((1, "ddp"), (2, "fsdp2"), (2, "zero3")):
-        with tempfile.TemporaryDirectory() as tmp:
-            root = Path(tmp)
-            recipe_path = root / "recipe.json"
-            recipe_path.write_text(json.dumps(load_recipe(folder, root, engine, processes)))
-            out = root / "cell"
-            args = [str(Path(__file__).resolve()), "--load-cell", str(recipe_path), str(out)]
-            cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes)]
-                   if processes > 1 else [sys.executable]) + args
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if proc.returncode:
-                raise RuntimeError(f"{engine} N={processes} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-            ranks = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(processes)]
+    cells = ((1, "ddp", None), (1, "ddp, mmap threshold 64 KiB", SAME_ALLOCATOR), (2, "fsdp2", None), (2, "zero3", None))
+    for processes, label, extra in cells:
+        ranks = launch_load(folder, label.split(",")[0], processes, peftkit_from, extra)
         worst = max(r["peak_mib"] for r in ranks)
         one = one or worst
         peaks = " / ".join(f"{r['peak_mib']:.0f}" for r in ranks)
-        print(f"| {processes} | {engine} | {ranks[0]['held_mb']:.0f} | {peaks} | {worst / one:.2f} |", flush=True)
+        print(f"| {processes} | {label} | {ranks[0]['held_mb']:.0f} | {peaks} | {worst / one:.2f} |", flush=True)
+
+
+# The formula's constants (docs/distributed.md, "Memory per process: the formula"), bytes per element of fp32.
+# Activations kept for the backward of one block, per token: ~14 hidden-sized tensors (norm inputs and outputs,
+# q/k/v before and after RoPE, the attention output, the residuals, the adapters' inputs) and 5 of the MLP's
+# width (gate, up, their activation and product, down's input); the logits 3 times (logits, log-softmax, gradient).
+ACT_HIDDEN, ACT_MLP, ACT_LOGITS = 14, 5, 3
+# Under fsdp2 / zero3 a unit all-gathered for its forward or backward: the whole weight and the all-gather's
+# buffer beside it, the largest unit (one linear weight by default) twice.
+GATHERED_UNITS = 2
+
+
+def formula(folder: Path, engine: str, processes: int, batch: int, seq: int, r: int = 8) -> dict:
+    """The per-process terms of the memory formula for ``peftkit train`` (LoRA r on every linear of the blocks,
+    AdamW, fp32, no gradient checkpointing) from ``folder`` at ``processes`` processes, in MiB (without the
+    process's own memory before the model, which the run measures)."""
+    from safetensors import safe_open
+
+    from peftkit.sharded import checkpoint_files
+
+    config = json.loads((folder / "config.json").read_text())
+    h, f, v, layers = (config["hidden_size"], config["intermediate_size"], config["vocab_size"],
+                       config["num_hidden_layers"])
+    base = adapter = largest = 0
+    for name, file in checkpoint_files(str(folder)).items():
+        with safe_open(file, framework="pt") as fh:
+            shape = fh.get_slice(name).get_shape()
+        base += math.prod(shape) * 4
+        if ".layers." in name and name.endswith("proj.weight"):
+            adapter += r * (shape[0] + shape[1])
+            largest = max(largest, math.prod(shape) * 4)
+    sharded = processes > 1 and engine in ("fsdp2", "zero3")
+    activations = layers * batch * seq * (ACT_HIDDEN * h + ACT_MLP * f) * 4 + ACT_LOGITS * batch * seq * v * 4
+    terms = {"base": base / (processes if sharded else 1), "states": 16 * adapter, "activations": activations,
+             "gathered": GATHERED_UNITS * largest if sharded else 0}
+    return {key: value / 2**20 for key, value in terms.items()}
+
+
+def formula_benchmark(sizes: list[tuple[int, int]]) -> None:
+    """Predicted against measured peak RSS per process at each (hidden, layers): N = 1 (with the sharded engines'
+    allocator setting, like for like), and N = 2 under fsdp2 and zero3."""
+    print("peftkit train, LoRA r=8 on every block linear, AdamW, fp32, 2 steps, batch 2 globally, seq 64, CPU gloo; "
+          "process = RSS before the model (measured); MiB per process, worst rank\n")
+    print("| hidden | layers | parameters | N | engine | base held (measured) | process | base | adapters+AdamW | "
+          "activations | gathered | predicted | measured peak per rank | measured / predicted | worst / N=1 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for hidden, layers in sizes:
+        folder = write_folder(layers, hidden)
+        params = folder_parameters(folder)
+        one = None
+        for processes, engine in ((1, "ddp"), (2, "fsdp2"), (2, "zero3")):
+            ranks = launch_load(folder, engine, processes, extra_env=SAME_ALLOCATOR if processes == 1 else None)
+            worst = max(ranks, key=lambda row: row["peak_mib"])
+            one = one or worst["peak_mib"]
+            terms = formula(folder, engine, processes, batch=2 // processes, seq=64)
+            predicted = worst["process_mib"] + sum(terms.values())
+            peaks = " / ".join(f"{r['peak_mib']:.0f}" for r in ranks)
+            print(f"| {hidden} | {layers} | {params / 1e6:.0f}M | {processes} | {engine} | {ranks[0]['held_mb']:.0f} | "
+                  f"{worst['process_mib']:.0f} | {terms['base']:.0f} | {terms['states']:.0f} | "
+                  f"{terms['activations']:.0f} | {terms['gathered']:.0f} | {predicted:.0f} | {peaks} | "
+                  f"{worst['peak_mib'] / predicted:.2f} | {worst['peak_mib'] / one:.2f} |", flush=True)
 
 
 def main() -> None:
@@ -235,10 +333,16 @@ def main() -> None:
     parser.add_argument("--load", action="store_true", help="peftkit train from a pretrained folder (above)")
     parser.add_argument("--peftkit-from", default=None, help="with --load: the checkout whose peftkit runs")
     parser.add_argument("--load-cell", nargs=2, metavar=("RECIPE", "OUT"))
+    parser.add_argument("--formula", default=None, metavar="H:L,H:L,...",
+                        help="predicted vs measured memory per process at these (hidden, layers), e.g. "
+                             "1024:4,1536:6,2048:8")
     args = parser.parse_args()
     if args.load_cell:
         torch.set_num_threads(1)
         load_cell(*args.load_cell)
+        return
+    if args.formula:
+        formula_benchmark([tuple(int(x) for x in size.split(":")) for size in args.formula.split(",")])
         return
     if args.load:
         load_benchmark(args.layers or 8, args.peftkit_from)

@@ -78,6 +78,25 @@ def test_training_from_the_shards_equals_one_process(runs, engine, config):
     assert len(losses) == 2 and sharded == pytest.approx(losses, rel=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ENGINES)
+def test_saving_and_resuming_gather_no_base_weight(runs, engine):
+    """A resumed run (checkpoint load, one step, checkpoint save, adapter export) runs no all-gather outside its
+    forwards and backwards: the checkpoint holds the adapters' and the optimizer's tensors, read from the modules
+    that hold them, so no process ever holds the whole base for a save or a resume. The steps' count is the
+    positive control (the counter sees the engine's gathers); the resumed run ends where an uninterrupted one
+    does."""
+    import json
+
+    _, _, two = runs
+    counts = json.loads((two / engine / "gathers.json").read_text())
+    assert counts.get("steps", 0) > 0, counts
+    assert {phase: counts.get(phase, 0) for phase in ("save", "resume load", "adapter export")} == {
+        "save": 0, "resume load": 0, "adapter export": 0}, counts
+    records = read_metrics(two / engine / "lora-resumed" / "run")
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+
+
 # ---------------------------------------------------------------------------------------- no launch
 @pytest.mark.parametrize("engine, switch", [("fsdp2", "FSDP_CPU_RAM_EFFICIENT_LOADING"),
                                             ("zero3", "ACCELERATE_DEEPSPEED_ZERO3_INIT")])

@@ -321,6 +321,8 @@ ENGINES = {"ddp": Engine, "fsdp2": FSDP2Engine, "zero2": lambda acc: DeepSpeedZe
 
 
 def make(name: str, accelerator: Any) -> Engine:
+    if name in ("fsdp2", "zero3") and distributed.world_size() > 1 and accelerator.device.type == "cpu":
+        _return_freed_memory()  # before the sharded base is loaded: its buffers too go back to the system
     return ENGINES[name](accelerator)
 
 
@@ -373,14 +375,37 @@ def shard_frozen_base(model: nn.Module, device: torch.device, *, offload: bool =
         if any(not p.requires_grad and p not in ignored for p in block.parameters()):
             fully_shard(block, reshard_after_forward=reshard_after_forward, **options)
     fully_shard(model, **options)
+    if device.type == "cpu":
+        _gather_one_unit_at_a_time(model)
     return model
 
 
+def _gather_one_unit_at_a_time(model: nn.Module) -> None:
+    """On CPU processes an all-gather does not overlap with compute (no streams), so FSDP2's overlap costs memory
+    and gains nothing: in forward it keeps each unit's all-gather buffer until the next unit's copy-out (unless
+    the unshard is an ``async_op``), and in backward it prefetches the next unit while the current one is whole.
+    Here each unit frees its buffer at once and prefetches nothing (a unit that names itself as its backward
+    prefetch replaces the default, and unsharding an unsharded unit does nothing). Measured on the 437M Llama
+    at N = 2 (benchmarks/bench_sharded.py --load): see docs/distributed.md."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_modules_to_backward_prefetch([module])
+    if hasattr(model, "_set_unshard_async_op"):  # torch >= 2.6; a private switch of FSDPModule
+        model._set_unshard_async_op(True)
+
+
 def _return_freed_memory() -> None:
-    """glibc serves allocations below its mmap threshold from its heap and raises that threshold (up to 32 MiB)
-    each time a larger block is freed, so on CPU the all-gather buffers of a sharded base, freed after every
-    use, stay resident and a process's memory grows step after step (measured: +400 MiB per step on a 437M
-    model). Fixing the threshold at 1 MiB returns every freed buffer at once. A no-op off glibc."""
+    """glibc serves allocations below its mmap threshold from its heap, raises that threshold (up to 32 MiB) each
+    time a larger block is freed, and keeps what is freed in the heap resident. On CPU processes a training
+    step's activations and all-gather buffers, freed after every use, then stay resident: measured, the
+    all-gather buffers of a sharded base grew a process's memory by ~400 MiB per step (437M Llama, N = 2), and
+    with the threshold fixed at 1 MiB the steps' sub-MiB activations still left ~120 MiB of freed heap per
+    process. Fixing it at 64 KiB serves every tensor of 64 KiB or more by its own mapping, returned to the
+    system when it is freed. It costs CPU time (each such tensor's pages are mapped and zeroed anew: measured
+    +17-25 % per step on a 1024-hidden Llama at batch 2 x 64), so only the sharded engines' CPU processes, run
+    for their memory, set it; one process and ddp keep glibc's defaults. A no-op off glibc."""
     import ctypes
     import ctypes.util
 
@@ -389,9 +414,12 @@ def _return_freed_memory() -> None:
         return
     try:
         libc = ctypes.CDLL(name)
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass
+
+
+MMAP_THRESHOLD = 64 << 10  # bytes: glibc's mmap threshold on CPU training processes (_return_freed_memory)
 
 
 def prepare_quantized_for_fsdp2(model: nn.Module) -> None:
