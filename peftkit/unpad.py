@@ -30,27 +30,49 @@ ENCODER_ATTRS = ("encoder",)
 
 
 class _Rows:
-    """The attended positions of the current batch: flat indices into (batch · seq), and the batch's shape."""
+    """The attended positions of the current batch: flat indices into (batch · seq), and the batch's shape.
+
+    Two savings on top of gather → compute → scatter per linear layer, both the same values: the query, key and
+    value projections read one hidden-states tensor, which is gathered once per model call (``_gathered``); and a
+    feed-forward block's intermediate half (``<...>Intermediate``: a linear layer, then a per-position activation)
+    hands its rows on unpadded to the linear layer that reads them (``_handed_on``), which scatters only its own,
+    narrower output: the 4×-wide intermediate activation is never padded, and the activation skips the padding."""
 
     def __init__(self) -> None:
         self.index: torch.Tensor | None = None
         self.shape: tuple[int, int] | None = None
+        self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # (padded input, its rows)
+        self._handed_on: torch.Tensor | None = None  # an intermediate block's unpadded output
 
     def record(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         mask = kwargs.get("attention_mask")
-        self.index = self.shape = None
+        self.index = self.shape = self._gathered = self._handed_on = None
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] > 1 and not bool(mask.all()):
             self.index = mask.reshape(-1).nonzero().squeeze(1)
             self.shape = (int(mask.shape[0]), int(mask.shape[1]))
 
+    def forget(self, module: nn.Module, args: tuple, output: Any) -> None:
+        # After the model's call: the last gathered input and handed-on rows are not held until the next batch.
+        self._gathered = self._handed_on = None
+
+    def _rows_of(self, x: torch.Tensor) -> torch.Tensor:
+        if self._gathered is not None and self._gathered[0] is x:
+            return self._gathered[1]
+        rows = x.reshape(-1, x.shape[-1]).index_select(0, self.index.to(x.device))
+        self._gathered = (x, rows)
+        return rows
+
     def gather(self, module: nn.Module, args: tuple):
         x = args[0] if args else None
+        if self.index is not None and x is not None and x is self._handed_on:
+            module._peftkit_unpadded = True  # already the rows: compute, then scatter
+            self._handed_on = None
+            return None
         if self.index is None or not isinstance(x, torch.Tensor) or x.dim() != 3 or tuple(x.shape[:2]) != self.shape:
             module._peftkit_unpadded = False
             return None
         module._peftkit_unpadded = True
-        rows = x.reshape(-1, x.shape[-1]).index_select(0, self.index.to(x.device))
-        return (rows, *args[1:])
+        return (self._rows_of(x), *args[1:])
 
     def scatter(self, module: nn.Module, args: tuple, output: torch.Tensor):
         if not getattr(module, "_peftkit_unpadded", False):
@@ -59,6 +81,12 @@ class _Rows:
         batch, seq = self.shape
         full = output.new_zeros(batch * seq, output.shape[-1])
         return full.index_copy(0, self.index.to(output.device), output).view(batch, seq, output.shape[-1])
+
+    def hand_on(self, module: nn.Module, args: tuple, output: torch.Tensor):
+        if getattr(module, "_peftkit_unpadded", False):
+            module._peftkit_unpadded = False
+            self._handed_on = output  # (tokens, features): the next linear layer reads it as it is
+        return None
 
 
 class Unpadding:
@@ -94,7 +122,17 @@ def unpad_linears(model: nn.Module) -> Unpadding | None:
     targets: list[nn.Module] = list(adapted.values())
     inside = {id(m) for layer in adapted.values() for m in layer.modules() if m is not layer}
     targets += [m for m in encoder.modules() if type(m) is nn.Linear and id(m) not in inside]
-    handles = [model.register_forward_pre_hook(rows.record, with_kwargs=True)]
+    handles = [model.register_forward_pre_hook(rows.record, with_kwargs=True),
+               model.register_forward_hook(rows.forget)]
+    # A feed-forward block's first half (transformers' BERT-family ``<Model>Intermediate``: dense, then a
+    # per-position activation) is hooked as a whole and keeps its output unpadded for the layer that reads it;
+    # a model where another module reads that output fails the start check and keeps its padded forward.
+    hooked = {id(m) for m in targets}
+    intermediates = [m for m in encoder.modules() if type(m).__name__.endswith("Intermediate")
+                     and sum(1 for c in m.modules() if id(c) in hooked) == 1]
+    for module in intermediates:
+        handles.append(module.register_forward_pre_hook(rows.gather))
+        handles.append(module.register_forward_hook(rows.hand_on))
     for module in targets:
         handles.append(module.register_forward_pre_hook(rows.gather))
         handles.append(module.register_forward_hook(rows.scatter))
@@ -120,7 +158,11 @@ def unpad_linears_if_exact(model: nn.Module, rtol: float = 1e-4) -> Unpadding | 
             unpadding = unpad_linears(model)
             if unpadding is None:
                 return None
-            unpadded = model(input_ids=ids, attention_mask=mask).logits.float()
+            try:
+                unpadded = model(input_ids=ids, attention_mask=mask).logits.float()
+            except RuntimeError:  # e.g. a module reading an intermediate block's unpadded rows as (batch, seq, ...)
+                unpadding.remove()
+                return None
     finally:
         model.train(was_training)
     if torch.allclose(unpadded, padded, rtol=rtol, atol=rtol * float(padded.abs().max())):

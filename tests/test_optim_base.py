@@ -174,3 +174,26 @@ def test_transformers_trainer_with_optimizer_clipping(tmp_path):
     assert opt.global_step == 3 and opt.last_grad_norm is not None
     after = trainable_state(model)
     assert all(not torch.equal(after[n], before[n]) for n in before)
+
+
+def test_adamw_on_cpu_runs_foreach_with_the_per_tensor_loop_bits():
+    """peftkit's ``adamw`` asks torch for the foreach kernels on CPU (torch would pick its per-tensor loop there):
+    the same bits as that loop after several steps with weight decay, on LoRA factors, a bias and a norm."""
+    model = llama()
+    reference_model = llama()
+    reference_model.load_state_dict(model.state_dict())
+    opt = peftkit.optimizer(model, 1e-2, name="adamw", weight_decay=0.1)
+    assert all(group["foreach"] for group in opt.param_groups)
+    reference = torch.optim.AdamW([{**{k: v for k, v in g.items() if k != "params"},
+                                    "params": [dict(reference_model.named_parameters())[n] for n in names],
+                                    "foreach": False}
+                                   for g, names in zip(opt.param_groups, _group_names(model, opt))])
+    train(model, opt, 4)
+    train(reference_model, reference, 4)
+    for name, value in trainable_state(model).items():
+        assert torch.equal(value, dict(reference_model.named_parameters())[name].detach()), name
+
+
+def _group_names(model, opt) -> list[list[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in opt.param_groups]

@@ -52,9 +52,16 @@ def test_unpadded_linears_give_the_padded_loss_and_gradients(family):
     rows_seen = []
     probe = model.get_submodule(next(n for n, m in model.named_modules() if n.endswith("intermediate.dense")))
     handle = probe.register_forward_pre_hook(lambda m, args: rows_seen.append(args[0].shape[0]))
+    # The feed-forward's second linear reads the intermediate activation as rows, never padded in between.
+    second = model.get_submodule(next(n for n, m in model.named_modules()
+                                      if n.endswith("0.output.dense") and "attention" not in n))
+    shapes_seen = []
+    handle_second = second.register_forward_pre_hook(lambda m, args: shapes_seen.append(tuple(args[0].shape)))
     loss, grads = _loss_and_grads(model, batch)
     handle.remove()
+    handle_second.remove()
     assert rows_seen == [int(mask.sum())]  # 12 + 5 + 8 + 2 real tokens, not 4 x 12 positions
+    assert shapes_seen == [(int(mask.sum()), SIZES["intermediate_size"])]
     torch.testing.assert_close(loss, loss_padded, rtol=1e-12, atol=0)
     assert grads.keys() == grads_padded.keys()
     for name in grads:
