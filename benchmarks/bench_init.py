@@ -59,7 +59,7 @@ import warnings
 from pathlib import Path
 
 CONTENDERS = ["peft-ga", "ga-exact", "ga-sketch", "peft-eva", "eva"]
-WIDE_CONTENDERS = ["peft-ga", "ga-exact-k1", "ga-k1", "ga-k2", "ga-k4", "ga-k8", "one-k1", "one-k4", "one-k8"]
+WIDE_CONTENDERS = ["peft-ga", "ga-default", "one-default", "ga-exact-k1", "ga-k1", "ga-k2", "ga-k4", "ga-k8", "one-k1", "one-k4", "one-k8"]
 MODELS = {"small": {}, "wide": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=2),
           "wide4096": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
                            num_key_value_heads=32)}
@@ -113,7 +113,7 @@ def run_one(name: str, text: str, model_name: str = "small") -> dict:
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")
     before = _rss_kib("VmRSS:")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if name == "peft-ga":
@@ -126,9 +126,15 @@ def run_one(name: str, text: str, model_name: str = "small") -> dict:
 
             preprocess_loraga(model, config, train_step)
             get_peft_model(model, config)
-        elif name in ("ga-exact", "ga-sketch"):
+        elif name == "ga-exact":
             peftkit.wrap(model, "lora-ga", r=RANK, alpha=16.0, rslora=False, targets=TARGETS, data=batches,
-                         gradient_sketch=SKETCH if name == "ga-sketch" else None, svd="exact")
+                         gradient_sketch=None, svd="exact")
+        elif name == "ga-sketch":
+            peftkit.wrap(model, "lora-ga", r=RANK, alpha=16.0, rslora=False, targets=TARGETS, data=batches,
+                         gradient_sketch=SKETCH)
+        elif name in ("ga-default", "one-default"):  # every option at its default: the sketch path
+            peftkit.wrap(model, "lora-ga" if name == "ga-default" else "lora-one", r=RANK, alpha=16.0, rslora=False,
+                         targets=TARGETS, data=batches)
         elif name.startswith(("ga-", "one-")):  # ga-k4, ga-exact-k1, one-k4: k groups, one pass each
             method = "lora-ga" if name.startswith("ga-") else "lora-one"
             peftkit.wrap(model, method, r=RANK, alpha=16.0, rslora=False, targets=TARGETS, data=batches,
@@ -143,8 +149,8 @@ def run_one(name: str, text: str, model_name: str = "small") -> dict:
             peftkit.wrap(model, "eva", r=RANK, alpha=16.0, targets=TARGETS, data=batches, rho=2.0, tau=0.9,
                          use_label_mask=True, label_mask_value=-100, whiten=False, svd="lowrank",
                          max_batches=1_000_000)
-    seconds = time.perf_counter() - start
-    result = {"seconds": seconds, "peak_mib": (_rss_kib("VmHWM:") - before) / 1024, "forwards": forward_passes[0]}
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    result = {"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_mib": (_rss_kib("VmHWM:") - before) / 1024, "forwards": forward_passes[0]}
     if name == "ga-sketch":
         result["subspace"] = _sketch_error(model, batches)
     return result
@@ -308,9 +314,9 @@ def main() -> None:
                   file=sys.stderr, flush=True)
     print(f"model: {args.model} {MODELS[args.model]}; rounds: {args.rounds}; threads: {env['OMP_NUM_THREADS']}; "
           f"r={RANK}; {N_BATCHES} batches of {BATCH_SIZE if args.model == 'small' else WIDE_BATCH}x{SEQ_LEN} byte tokens of {os.path.basename(args.text)}; timeout {args.timeout:.0f} s\n")
-    print("| contender | init time (s, median) | time / PEFT (median of rounds) | peak memory above start "
-          "(MiB, median) | memory / PEFT | forward passes | timed out |")
-    print("|---|---|---|---|---|---|---|")
+    print("| contender | init time (s, median) | time / PEFT (median of rounds) | CPU time / PEFT | peak memory "
+          "above start (MiB, median) | memory / PEFT | forward passes | timed out |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in names:
         reference = "peft-ga" if ("ga" in name or name.startswith("one-")) else "peft-eva"
         done = [r for r in results[name] if r]
@@ -319,10 +325,12 @@ def main() -> None:
         peak = f"{statistics.median(r['peak_mib'] for r in done):.0f}" if done else "n/a"
         t_ratio = _median_ratio(results, name, reference, "seconds") if reference in results else "n/a"
         m_ratio = _median_ratio(results, name, reference, "peak_mib") if reference in results else "n/a"
+        c_ratio = _median_ratio(results, name, reference, "cpu_seconds") if reference in results else "n/a"
+        c_spread = _spread(results, name, reference, "cpu_seconds")
         forwards = "/".join(sorted({str(r["forwards"]) for r in done})) or "n/a"
         t_spread = _spread(results, name, reference, "seconds")
         m_spread = _spread(results, name, reference, "peak_mib")
-        print(f"| {name} | {seconds} | {t_ratio} {t_spread} | {peak} | {m_ratio} {m_spread} | {forwards} | "
+        print(f"| {name} | {seconds} | {t_ratio} {t_spread} | {c_ratio} {c_spread} | {peak} | {m_ratio} {m_spread} | {forwards} | "
               f"{timed_out}/{len(results[name])} |")
     sketches = [r for r in results.get("ga-sketch", []) if r]
     if sketches:

@@ -328,8 +328,54 @@ def solver_for(solver: str, shape: tuple[int, int], rank: int) -> str:
 
 
 # ------------------------------------------------------------------------------------- gradients
+def sketch_widths(k: int, m: int, n: int) -> tuple[int, int]:
+    """(k, l) of the sketches of an (m, n) gradient for a requested k: k ≤ min(m, n) and l = min(2k + 1, m, n)
+    (Tropp et al. 2017's choice for the co-range sketch)."""
+    k = min(k, m, n)
+    return k, min(2 * k + 1, m, n)
+
+
+def sketch_bytes(k: int, m: int, n: int, element: int = 4) -> int:
+    """Bytes one layer's sketch holds: Y (m, k), Z (n, l) and the test matrices Ω (n, k), Ψ (m, l) (counted
+    whole, though the layers of one shape share them)."""
+    k, l = sketch_widths(k, m, n)
+    return 2 * (m * k + n * l) * element
+
+
+# The default sketch (gradient_sketch="auto"): k = SKETCH_OVERSAMPLING × the triplets a layer needs, at least
+# SKETCH_MIN. Measured on the wide bench model (random init, flat gradient spectra): k = 32 for the top 16 left the
+# first LoRA-GA step at cos 0.97, k = 64 at ≥ 0.9999 (docs/methods/data-driven-inits.md).
+SKETCH_OVERSAMPLING, SKETCH_MIN = 4, 64
+# Options that ask for the exact path: with any of them, gradient_sketch="auto" keeps G.
+EXACT_PATH_OPTIONS = {"gradient_groups": lambda v: v is not None, "gradient_device": lambda v: v == "cpu",
+                      "svd": lambda v: v in ("exact", "randomized")}
+
+
+def sketch_plan(layers: dict[str, AdapterLayer], ranks: Mapping[str, int],
+                options: Mapping[str, Any]) -> dict[str, int | None]:
+    """Per layer the sketch size k ``gradient_statistics`` takes, or None where it keeps G itself.
+
+    ``gradient_sketch``: None: G everywhere (the exact path); an int k: max(k, triplets); ``"auto"`` (the
+    default): k = max(``SKETCH_MIN``, ``SKETCH_OVERSAMPLING`` × triplets), unless an option of the exact path
+    is set (``EXACT_PATH_OPTIONS``: ``gradient_groups``, ``gradient_device="cpu"``, ``svd="exact"`` or
+    ``"randomized"``), which keeps G. A layer whose sketch (with its test matrices) would hold at least as many
+    bytes as its G keeps G: there the exact statistic is also the smaller one."""
+    choice = options.get("gradient_sketch", "auto")
+    if choice == "auto" and any(test(options.get(key)) for key, test in EXACT_PATH_OPTIONS.items()):
+        choice = None
+    plan: dict[str, int | None] = {}
+    for name, layer in layers.items():
+        m, n, triplets = layer.out_features, layer.in_features, ranks[name]
+        if choice is None:
+            plan[name] = None
+            continue
+        k = max(SKETCH_MIN, SKETCH_OVERSAMPLING * triplets) if choice == "auto" else max(int(choice), triplets)
+        plan[name] = k if sketch_bytes(k, m, n) < m * n * 4 else None
+    return plan
+
+
 def gradient_statistics(model: nn.Module, layers: dict[str, AdapterLayer], batches: list[Mapping], *,
-                        sketch_size: int | None = None, seed: int = 0,
+                        sketch_size: int | Mapping[str, int | None] | None = None, seed: int = 0,
                         store_on: torch.device | str | None = None) -> dict[str, torch.Tensor | GradientSketch]:
     """Per layer, G = Σ_b n_b·G_b / Σ_b n_b (out × in, fp32; fp64 on fp64 bases), or its sketch when ``sketch_size`` = k is given.
 
@@ -338,27 +384,41 @@ def gradient_statistics(model: nn.Module, layers: dict[str, AdapterLayer], batch
     or examples), so G is the gradient of the mean over every target token of all batches, the loss a training
     step on the same examples takes, however they are split into batches and processes. A batch without units
     adds nothing. Sums (and the unit count) are all-reduced across processes, so every process returns the same
-    statistics. The sketch uses Gaussian Ω (in × k) and Ψ (out × (2k + 1))
-    drawn from a generator seeded by ``seed`` (identical on every process). ``store_on`` (e.g. ``"cpu"``) keeps
+    statistics. ``sketch_size``: one k for every layer, or per layer name a k (a sketch) or None (G itself).
+    A sketch is Y = G·Ω (out × k) and Z = Gᵀ·Ψ (in × l), l = 2k + 1, accumulated per token as
+    Y += δₜ(xₜᵀΩ), Z += xₜ(δₜᵀΨ) without forming G, with Gaussian Ω (in × k) and Ψ (out × l) drawn from CPU
+    generators seeded by ``seed`` and their shape (one per shape, shared by the layers of that shape; identical
+    on every process: the sketches, not G, are all-reduced). ``store_on`` (e.g. ``"cpu"``) keeps
     the full G there instead of on the model's device: each batch's Δᵀ X is formed on the device and added in
     (one layer's m × n temporary on the device at a time).
     """
     device = _device(model)
     store = device if store_on is None else torch.device(store_on)
     stats: dict[str, Any] = {}
-    gen = torch.Generator().manual_seed(seed)
+    tests: dict[tuple, torch.Tensor] = {}
+
+    def test_matrix(rows: int, cols: int, dtype: torch.dtype, role: int) -> torch.Tensor:
+        # One Gaussian test matrix per shape, shared by the layers of that shape (each layer's sketch is still a
+        # sketch with a Gaussian Ω; the guarantees are per layer): the model's few distinct widths hold them, not
+        # every layer. Seeded by the shape alone, so identical on every process and whichever layers are sketched.
+        key = (rows, cols, dtype, role)
+        if key not in tests:
+            gen = torch.Generator().manual_seed((seed * 1_000_003 + role * 7919 + rows) * 1_000_003 + cols)
+            tests[key] = torch.randn(rows, cols, generator=gen, dtype=dtype).to(device)
+        return tests[key]
+
     for name, layer in layers.items():
         m, n = layer.out_features, layer.in_features
         # fp32 sums (fp64 on an fp64 base), whatever the model dtype.
         dtype = torch.float64 if layer.base_layer.weight.dtype == torch.float64 else torch.float32
-        if sketch_size is None:
+        size = sketch_size.get(name) if isinstance(sketch_size, Mapping) else sketch_size
+        if size is None:
             stats[name] = torch.zeros(m, n, dtype=dtype, device=store)
         else:
-            k = min(sketch_size, m, n)
-            l = min(2 * k + 1, m, n)
-            omega = torch.randn(n, k, generator=gen).to(device)
-            psi = torch.randn(m, l, generator=gen).to(device)
-            stats[name] = GradientSketch(torch.zeros(m, k, device=device), torch.zeros(n, l, device=device), omega, psi)
+            k, l = sketch_widths(size, m, n)
+            omega, psi = test_matrix(n, k, dtype, 0), test_matrix(m, l, dtype, 1)
+            stats[name] = GradientSketch(torch.zeros(m, k, dtype=dtype, device=device),
+                                         torch.zeros(n, l, dtype=dtype, device=device), omega, psi)
     weight = [0.0]
 
     def make_hook(name: str):
@@ -566,6 +626,8 @@ def top_singular_triplets(stat: torch.Tensor | GradientSketch, rank: int, solver
 
 # ----------------------------------------------------------------- bounded-memory gradient passes
 GRADIENT_OPTION_HELP = {
+    "gradient_sketch": "'auto' (a sketch of k = max(64, 4 x the triplets) per layer), a positive integer k, or None "
+                       "(the exact path: each layer's whole G)",
     "gradient_groups": "None (from gradient_memory) or a positive number of layer groups, one pass each",
     "gradient_memory": "'auto' (a quarter of the memory free where G is kept), None (all layers at once) or a "
                        "positive number of MiB",
@@ -587,6 +649,15 @@ def check_gradient_options(options: Mapping[str, Any]) -> None:
 
     if options["gradient_groups"] is not None and not positive_int(options["gradient_groups"]):
         raise bad("gradient_groups")
+    sketch = options.get("gradient_sketch", "auto")
+    if not (sketch is None or sketch == "auto" or positive_int(sketch)):
+        raise bad("gradient_sketch")
+    if positive_int(sketch):
+        for key, test in EXACT_PATH_OPTIONS.items():
+            if test(options[key]):
+                raise ConfigError(f"{key}: {options[key]!r} is an option of the exact path, which forms each layer's "
+                                  f"G, but gradient_sketch={sketch} never forms G; pass gradient_sketch=None for the "
+                                  f"exact path, or leave {key} at its default")
     memory = options["gradient_memory"]
     if not (memory is None or memory == "auto" or (isinstance(memory, (int, float)) and not isinstance(memory, bool)
                                                   and memory > 0)):
@@ -706,17 +777,18 @@ def gradient_triplets(model: nn.Module, layers: dict[str, AdapterLayer], batches
     which only its layers accumulate G, then each of its G is decomposed and freed before the next group's
     pass. So at most one group's G is held, and the factors are the same as with one group (G of a layer does
     not depend on which other layers are measured: bit-equal in fp64). The backward of a pass stops at the
-    group's first layer. ``options["gradient_sketch"]`` = k instead streams sketches of all layers in one pass.
+    group's first layer. The default ``options["gradient_sketch"]="auto"`` (or an int k) instead streams
+    sketches of all layers in one pass (``sketch_plan``; a layer whose G is smaller than its sketch keeps G).
     ``boundaries(rank)``: the j whose top-j subspaces the method uses separately (``checked_svd``; default: rank).
     """
-    sketch = options.get("gradient_sketch")
+    sizes = sketch_plan(layers, ranks, options)
     store_on = "cpu" if options["gradient_device"] == "cpu" else None
     solve_on = _device(model)
-    if sketch is not None:
-        size = max(sketch, max(ranks.values()))
+    if any(k is not None for k in sizes.values()):
+        # One pass: the sketched layers hold O((m + n)·k), the rest (whose G is smaller than a sketch) hold G.
         plan = [list(layers)]
     else:
-        size, plan = None, gradient_groups_of(model, layers, options)
+        sizes, plan = None, gradient_groups_of(model, layers, options)
     # Every pass draws the same dropout masks as the first (the state at the start), and the draws made between
     # passes (e.g. LoRA-GA's random split) continue as after one pass: the same numbers as with one group.
     start = _rng_states()
@@ -724,7 +796,7 @@ def gradient_triplets(model: nn.Module, layers: dict[str, AdapterLayer], batches
         resume = _rng_states() if index else None
         if resume is not None:
             _set_rng_states(start)
-        stats = gradient_statistics(model, {name: layers[name] for name in group}, batches, sketch_size=size,
+        stats = gradient_statistics(model, {name: layers[name] for name in group}, batches, sketch_size=sizes,
                                     seed=seed, store_on=store_on)
         if resume is not None:
             _set_rng_states(resume)
