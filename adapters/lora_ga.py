@@ -37,6 +37,8 @@ class LoraGAOptions:
     # auto: per layer a single-pass sketch of G (k = max(64, 4·triplets); peftkit.stats.sketch_plan), never forming G,
     # an approximation (accuracy: docs/methods/data-driven-inits.md); k: that sketch size; None: the exact path (whole G)
     gradient_sketch: int | str | None = "auto"
+    # passes over the data of the sketch path: 1 = single-pass sketch (Tropp et al. 2017), p >= 2 = subspace iteration
+    sketch_passes: int = option(2, ge=1, le=16)
     # Bounded memory (peftkit.stats.gradient_triplets): layers in groups, one pass over the batches each.
     gradient_groups: int | None = option(None, gt=0)  # k groups (None: from gradient_memory)
     gradient_memory: float | str | None = "auto"  # MiB of G held at once; auto: 1/4 of the free memory

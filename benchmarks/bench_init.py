@@ -59,7 +59,7 @@ import warnings
 from pathlib import Path
 
 CONTENDERS = ["peft-ga", "ga-exact", "ga-sketch", "peft-eva", "eva"]
-WIDE_CONTENDERS = ["peft-ga", "ga-default", "one-default", "ga-exact-k1", "ga-k1", "ga-k2", "ga-k4", "ga-k8", "one-k1", "one-k4", "one-k8"]
+WIDE_CONTENDERS = ["peft-ga", "ga-default", "one-default", "ga-p1", "ga-p3", "ga-exact-k1", "ga-k1", "ga-k2", "ga-k4", "ga-k8", "one-k1", "one-k4", "one-k8"]
 MODELS = {"small": {}, "wide": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=2),
           "wide4096": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
                            num_key_value_heads=32)}
@@ -135,6 +135,9 @@ def run_one(name: str, text: str, model_name: str = "small") -> dict:
         elif name in ("ga-default", "one-default"):  # every option at its default: the sketch path
             peftkit.wrap(model, "lora-ga" if name == "ga-default" else "lora-one", r=RANK, alpha=16.0, rslora=False,
                          targets=TARGETS, data=batches)
+        elif name in ("ga-p1", "ga-p3"):  # the default sketch with 1 or 3 passes over the data
+            peftkit.wrap(model, "lora-ga", r=RANK, alpha=16.0, rslora=False, targets=TARGETS, data=batches,
+                         sketch_passes=int(name[-1]))
         elif name.startswith(("ga-", "one-")):  # ga-k4, ga-exact-k1, one-k4: k groups, one pass each
             method = "lora-ga" if name.startswith("ga-") else "lora-one"
             peftkit.wrap(model, method, r=RANK, alpha=16.0, rslora=False, targets=TARGETS, data=batches,
@@ -269,6 +272,66 @@ def accuracy_report(models: list[str], text: str) -> None:
                   f"{max(iterations)} | {auto_s / exact_s:.2f} |", flush=True)
 
 
+def first_step_cosine(g: "torch.Tensor", u: "torch.Tensor", vh: "torch.Tensor", r: int) -> float:
+    """cos(ΔW₁, −[G]₂ᵣ) of LoRA-GA's first SGD step (direction ArB2r) from the triplets (u (m, 2r), vh (2r, n))
+    that an init computed, against the true G (m, n): ΔW₁ ∝ −(B₀B₀ᵀG + GA₀ᵀA₀) with B₀ ∝ u[:, r:2r], A₀ ∝ vh[:r]
+    (lora-ga.md); equal to −[G]₂ᵣ when the triplets are G's own."""
+    import torch
+
+    g = g.double()
+    ub, va = u[:, r:2 * r].double(), vh[:r].double()
+    step = ub @ (ub.t() @ g) + (g @ va.t()) @ va
+    eu, es, evh = torch.linalg.svd(g, full_matrices=False)
+    target = (eu[:, :2 * r] * es[:2 * r]) @ evh[:2 * r]
+    return float((step * target).sum() / (step.norm() * target.norm()))
+
+
+def sketch_accuracy_report(models: list[str], text: str) -> None:
+    """Per model and r: the default sketch (``gradient_sketch="auto"``, LoRA-GA's 2r triplets) against the exact
+    SVD of the same real G: on the layers the default sketches (and on every layer with the sketch forced), the
+    worst and median smallest principal-angle cosine of the top-2r left and right subspaces, and the worst and
+    median cosine of LoRA-GA's first step with the exact step (``first_step_cosine``)."""
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import peftkit
+    from peftkit.inject import adapter_layers
+    from peftkit.stats import gradient_statistics, signed_svd, sketch_plan, sketch_svd, subspace_cosines
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    print("| model | r | layers | k | worst cos (top-2r, U and V) | median cos | worst first-step cos | median "
+          "first-step cos |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    for which in models:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, batches = _real_batches(which, text)
+            model = peftkit.wrap(model, "lora", r=8, targets="all-linear")
+        layers = adapter_layers(model)
+        exact = gradient_statistics(model, layers, batches)
+        for r in (8, 16):
+            ranks = {name: 2 * r for name in layers}
+            default = sketch_plan(layers, ranks, {"gradient_sketch": "auto", "gradient_groups": None,
+                                                  "gradient_device": "model", "svd": "auto"})
+            forced = {name: max(64, 8 * r) for name in layers}
+            for label, plan in (("sketched by default", default), ("all (sketch forced)", forced)):
+                chosen = {n: k for n, k in plan.items() if k is not None}
+                if not chosen:
+                    print(f"| {which} | {r} | {label}: none | | | | | |", flush=True)
+                    continue
+                sketches = gradient_statistics(model, {n: layers[n] for n in chosen}, batches, sketch_size=chosen)
+                cos, steps = [], []
+                for name in chosen:
+                    eu, _, evh = signed_svd(exact[name])
+                    su, _, svh = sketch_svd(sketches[name], 2 * r)
+                    cos.append(min(float(subspace_cosines(su, eu[:, :2 * r]).min()),
+                                   float(subspace_cosines(svh.t(), evh[:2 * r].t()).min())))
+                    steps.append(first_step_cosine(exact[name], su, svh, r))
+                print(f"| {which} | {r} | {label}: {len(chosen)}/{len(layers)} | {sorted(set(chosen.values()))} | "
+                      f"{min(cos):.5f} | {statistics.median(cos):.5f} | {min(steps):.6f} | "
+                      f"{statistics.median(steps):.6f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -278,12 +341,17 @@ def main() -> None:
                         help="small: the issue-2 Llama; wide / wide4096: where G dominates (bounded-memory contenders)")
     parser.add_argument("--accuracy", action="store_true",
                         help="the truncated solver against the exact SVD on real gradients of MiniLM and SmolLM2")
+    parser.add_argument("--sketch-accuracy", action="store_true",
+                        help="the default gradient sketch against the exact SVD on real gradients of MiniLM and SmolLM2")
     parser.add_argument("--accuracy-models", nargs="+", default=["minilm", "smollm2"], help=argparse.SUPPRESS)
     parser.add_argument("--only", nargs="+", choices=sorted(set(CONTENDERS + WIDE_CONTENDERS)), help=argparse.SUPPRESS)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.accuracy:
         accuracy_report(args.accuracy_models, args.text)
+        return
+    if args.sketch_accuracy:
+        sketch_accuracy_report(args.accuracy_models, args.text)
         return
     if not os.path.isfile(args.text):
         print(f"error: the text corpus {args.text} does not exist; the benchmark needs tiny-shakespeare "
