@@ -287,21 +287,23 @@ def first_step_cosine(g: "torch.Tensor", u: "torch.Tensor", vh: "torch.Tensor", 
 
 
 def sketch_accuracy_report(models: list[str], text: str) -> None:
-    """Per model and r: the default sketch (``gradient_sketch="auto"``, LoRA-GA's 2r triplets) against the exact
-    SVD of the same real G: on the layers the default sketches (and on every layer with the sketch forced), the
-    worst and median smallest principal-angle cosine of the top-2r left and right subspaces, and the worst and
-    median cosine of LoRA-GA's first step with the exact step (``first_step_cosine``)."""
+    """Per model, r and number of passes: LoRA-GA's sketch path (``peftkit.stats.gradient_triplets``, the default
+    ``gradient_sketch="auto"``, and with k = 64 forced on every layer) against the exact SVD of the same real G:
+    the worst and median smallest principal-angle cosine of the top-2r left and right subspaces, and the worst and
+    median cosine of LoRA-GA's first step with the exact step (``first_step_cosine``), over the sketched layers."""
     import torch
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import peftkit
     from peftkit.inject import adapter_layers
-    from peftkit.stats import gradient_statistics, signed_svd, sketch_plan, sketch_svd, subspace_cosines
+    from peftkit.stats import gradient_statistics, gradient_triplets, signed_svd, sketch_plan, subspace_cosines
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    print("| model | r | layers | k | worst cos (top-2r, U and V) | median cos | worst first-step cos | median "
-          "first-step cos |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    print("| model | r | sketched layers | k | passes | worst cos (top-2r, U and V) | median cos | worst first-step cos "
+          "| median first-step cos |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    base = {"gradient_groups": None, "gradient_memory": "auto", "gradient_device": "model", "svd": "auto",
+            "svd_iterations": 8, "svd_tolerance": None}
     for which in models:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -309,27 +311,26 @@ def sketch_accuracy_report(models: list[str], text: str) -> None:
             model = peftkit.wrap(model, "lora", r=8, targets="all-linear")
         layers = adapter_layers(model)
         exact = gradient_statistics(model, layers, batches)
-        for r in (8, 16):
+        for r in (8,):
             ranks = {name: 2 * r for name in layers}
-            default = sketch_plan(layers, ranks, {"gradient_sketch": "auto", "gradient_groups": None,
-                                                  "gradient_device": "model", "svd": "auto"})
-            forced = {name: max(64, 8 * r) for name in layers}
-            for label, plan in (("sketched by default", default), ("all (sketch forced)", forced)):
-                chosen = {n: k for n, k in plan.items() if k is not None}
+            for label, sketch in (("default", "auto"), ("k = 64 forced", 64)):
+                plan = sketch_plan(layers, ranks, dict(base, gradient_sketch=sketch))
+                chosen = {n: layers[n] for n, k in plan.items() if k is not None}
                 if not chosen:
-                    print(f"| {which} | {r} | {label}: none | | | | | |", flush=True)
+                    print(f"| {which} | {r} | {label}: none | | | | | | |", flush=True)
                     continue
-                sketches = gradient_statistics(model, {n: layers[n] for n in chosen}, batches, sketch_size=chosen)
-                cos, steps = [], []
-                for name in chosen:
-                    eu, _, evh = signed_svd(exact[name])
-                    su, _, svh = sketch_svd(sketches[name], 2 * r)
-                    cos.append(min(float(subspace_cosines(su, eu[:, :2 * r]).min()),
-                                   float(subspace_cosines(svh.t(), evh[:2 * r].t()).min())))
-                    steps.append(first_step_cosine(exact[name], su, svh, r))
-                print(f"| {which} | {r} | {label}: {len(chosen)}/{len(layers)} | {sorted(set(chosen.values()))} | "
-                      f"{min(cos):.5f} | {statistics.median(cos):.5f} | {min(steps):.6f} | "
-                      f"{statistics.median(steps):.6f} |", flush=True)
+                for passes in (1, 2, 3, 4):
+                    cos, steps = [], []
+                    options = dict(base, gradient_sketch=sketch, sketch_passes=passes)
+                    for name, u, _, vh in gradient_triplets(model, chosen, batches, ranks, options):
+                        eu, _, evh = signed_svd(exact[name])
+                        cos.append(min(float(subspace_cosines(u, eu[:, :2 * r]).min()),
+                                       float(subspace_cosines(vh.t(), evh[:2 * r].t()).min())))
+                        steps.append(first_step_cosine(exact[name], u, vh, r))
+                    print(f"| {which} | {r} | {label}: {len(chosen)}/{len(layers)} | "
+                          f"{sorted({plan[n] for n in chosen})} | {passes} | {min(cos):.5f} | "
+                          f"{statistics.median(cos):.5f} | {min(steps):.6f} | {statistics.median(steps):.6f} |",
+                          flush=True)
 
 
 def main() -> None:
