@@ -310,6 +310,8 @@ def sketch_accuracy_report(models: list[str], text: str) -> None:
             model, batches = _real_batches(which, text)
             model = peftkit.wrap(model, "lora", r=8, targets="all-linear")
         layers = adapter_layers(model)
+        # Every G below with the same dropout masks (train mode): the exact G is the one the sketches see.
+        torch.manual_seed(0)
         exact = gradient_statistics(model, layers, batches)
         for r in (8,):
             ranks = {name: 2 * r for name in layers}
@@ -322,6 +324,7 @@ def sketch_accuracy_report(models: list[str], text: str) -> None:
                 for passes in (1, 2, 3, 4):
                     cos, steps = [], []
                     options = dict(base, gradient_sketch=sketch, sketch_passes=passes)
+                    torch.manual_seed(0)
                     for name, u, _, vh in gradient_triplets(model, chosen, batches, ranks, options):
                         eu, _, evh = signed_svd(exact[name])
                         cos.append(min(float(subspace_cosines(u, eu[:, :2 * r]).min()),
