@@ -321,7 +321,7 @@ def sketch_accuracy_report(models: list[str], text: str) -> None:
                 if not chosen:
                     print(f"| {which} | {r} | {label}: none | | | | | | |", flush=True)
                     continue
-                for passes in (1, 2, 3, 4):
+                for passes in (int(p) for p in os.environ.get("SKETCH_PASSES", "1,2,3,4").split(",")):
                     cos, steps = [], []
                     options = dict(base, gradient_sketch=sketch, sketch_passes=passes)
                     torch.manual_seed(0)
