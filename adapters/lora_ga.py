@@ -34,7 +34,11 @@ class LoraGAOptions:
     stable_gamma: float = option(16.0, gt=0)  # γ of the stable scale
     norm_clip: bool = False  # shrink the init when max|s·B₀A₀| > max|W| (authors' option)
     peft_compat: bool = False  # PEFT 0.21.2's variant (module docstring), for parity
-    gradient_sketch: int | None = option(None, gt=0)  # k: single-pass randomized SVD from sketches G·Ω, Gᵀ·Ψ (None: exact)
+    # auto: per layer a single-pass sketch of G (k = max(64, 4·triplets); peftkit.stats.sketch_plan), never forming G,
+    # an approximation (accuracy: docs/methods/data-driven-inits.md); k: that sketch size; None: the exact path (whole G)
+    gradient_sketch: int | str | None = "auto"
+    # passes over the data of the sketch path: 1 = single-pass sketch (Tropp et al. 2017), p >= 2 = subspace iteration
+    sketch_passes: int = option(2, ge=1, le=16)
     # Bounded memory (peftkit.stats.gradient_triplets): layers in groups, one pass over the batches each.
     gradient_groups: int | None = option(None, gt=0)  # k groups (None: from gradient_memory)
     gradient_memory: float | str | None = "auto"  # MiB of G held at once; auto: 1/4 of the free memory
@@ -65,6 +69,10 @@ def _check(options: dict) -> None:
     if options["scale"] == "weight_svd" and not options["peft_compat"]:
         raise ConfigError("scale: 'weight_svd' is PEFT's variant; pass peft_compat=True, or use scale='weightS'")
     check_gradient_options(options)
+    if options["peft_compat"] and options["gradient_sketch"] not in ("auto", None):
+        raise ConfigError(f"gradient_sketch: peft_compat=True reproduces PEFT's SVD of the whole G; got "
+                          f"gradient_sketch={options['gradient_sketch']!r}, leave it at 'auto' (exact under "
+                          "peft_compat) or pass None")
     if options["peft_compat"] and options["svd"] == "randomized":
         raise ConfigError("svd: peft_compat=True reproduces PEFT's exact SVD; got svd='randomized', use svd='exact' "
                           "(or 'auto', which is exact under peft_compat)")
@@ -119,6 +127,7 @@ def lora_ga_init(model, layers, config, data) -> None:
     _check(options)
     if options["peft_compat"]:
         options["svd"] = "exact"  # PEFT's parity: its (effectively exact) SVD, whatever "auto" would pick
+        options["gradient_sketch"] = None  # of the whole G
     batches = check_batches(data, "lora-ga")
     adapter = adapter_name_of(model, config)
     check_double_rank(layers, adapter, 2, "LoRA-GA")

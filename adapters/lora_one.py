@@ -22,7 +22,11 @@ from peftkit.validation import option
 @dataclass
 class LoraOneOptions:
     gamma: float = option(128.0, gt=0)  # γ: the init step has spectral norm s/γ
-    gradient_sketch: int | None = option(None, gt=0)  # k: single-pass randomized SVD from sketches (None: exact SVD)
+    # auto: per layer a single-pass sketch of G (k = max(64, 4·triplets); peftkit.stats.sketch_plan), never forming G,
+    # an approximation (accuracy: docs/methods/data-driven-inits.md); k: that sketch size; None: the exact path (whole G)
+    gradient_sketch: int | str | None = "auto"
+    # passes over the data of the sketch path: 1 = single-pass sketch (Tropp et al. 2017), p >= 2 = subspace iteration
+    sketch_passes: int = option(2, ge=1, le=16)
     # Bounded memory and the truncated solver: as LoRA-GA's options (peftkit.stats.gradient_triplets).
     gradient_groups: int | None = option(None, gt=0)  # k groups (None: from gradient_memory)
     gradient_memory: float | str | None = "auto"  # MiB of G held at once; auto: 1/4 of the free memory

@@ -59,7 +59,7 @@ import warnings
 from pathlib import Path
 
 CONTENDERS = ["peft-ga", "ga-exact", "ga-sketch", "peft-eva", "eva"]
-WIDE_CONTENDERS = ["peft-ga", "ga-exact-k1", "ga-k1", "ga-k2", "ga-k4", "ga-k8", "one-k1", "one-k4", "one-k8"]
+WIDE_CONTENDERS = ["peft-ga", "ga-default", "one-default", "ga-p1", "ga-p3", "ga-exact-k1", "ga-k1", "ga-k2", "ga-k4", "ga-k8", "one-k1", "one-k4", "one-k8"]
 MODELS = {"small": {}, "wide": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=2),
           "wide4096": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
                            num_key_value_heads=32)}
@@ -113,7 +113,7 @@ def run_one(name: str, text: str, model_name: str = "small") -> dict:
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")
     before = _rss_kib("VmRSS:")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if name == "peft-ga":
@@ -126,9 +126,18 @@ def run_one(name: str, text: str, model_name: str = "small") -> dict:
 
             preprocess_loraga(model, config, train_step)
             get_peft_model(model, config)
-        elif name in ("ga-exact", "ga-sketch"):
+        elif name == "ga-exact":
             peftkit.wrap(model, "lora-ga", r=RANK, alpha=16.0, rslora=False, targets=TARGETS, data=batches,
-                         gradient_sketch=SKETCH if name == "ga-sketch" else None, svd="exact")
+                         gradient_sketch=None, svd="exact")
+        elif name == "ga-sketch":
+            peftkit.wrap(model, "lora-ga", r=RANK, alpha=16.0, rslora=False, targets=TARGETS, data=batches,
+                         gradient_sketch=SKETCH)
+        elif name in ("ga-default", "one-default"):  # every option at its default: the sketch path
+            peftkit.wrap(model, "lora-ga" if name == "ga-default" else "lora-one", r=RANK, alpha=16.0, rslora=False,
+                         targets=TARGETS, data=batches)
+        elif name in ("ga-p1", "ga-p3"):  # the default sketch with 1 or 3 passes over the data
+            peftkit.wrap(model, "lora-ga", r=RANK, alpha=16.0, rslora=False, targets=TARGETS, data=batches,
+                         sketch_passes=int(name[-1]))
         elif name.startswith(("ga-", "one-")):  # ga-k4, ga-exact-k1, one-k4: k groups, one pass each
             method = "lora-ga" if name.startswith("ga-") else "lora-one"
             peftkit.wrap(model, method, r=RANK, alpha=16.0, rslora=False, targets=TARGETS, data=batches,
@@ -143,8 +152,8 @@ def run_one(name: str, text: str, model_name: str = "small") -> dict:
             peftkit.wrap(model, "eva", r=RANK, alpha=16.0, targets=TARGETS, data=batches, rho=2.0, tau=0.9,
                          use_label_mask=True, label_mask_value=-100, whiten=False, svd="lowrank",
                          max_batches=1_000_000)
-    seconds = time.perf_counter() - start
-    result = {"seconds": seconds, "peak_mib": (_rss_kib("VmHWM:") - before) / 1024, "forwards": forward_passes[0]}
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    result = {"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_mib": (_rss_kib("VmHWM:") - before) / 1024, "forwards": forward_passes[0]}
     if name == "ga-sketch":
         result["subspace"] = _sketch_error(model, batches)
     return result
@@ -263,6 +272,70 @@ def accuracy_report(models: list[str], text: str) -> None:
                   f"{max(iterations)} | {auto_s / exact_s:.2f} |", flush=True)
 
 
+def first_step_cosine(g: "torch.Tensor", u: "torch.Tensor", vh: "torch.Tensor", r: int) -> float:
+    """cos(ΔW₁, −[G]₂ᵣ) of LoRA-GA's first SGD step (direction ArB2r) from the triplets (u (m, 2r), vh (2r, n))
+    that an init computed, against the true G (m, n): ΔW₁ ∝ −(B₀B₀ᵀG + GA₀ᵀA₀) with B₀ ∝ u[:, r:2r], A₀ ∝ vh[:r]
+    (lora-ga.md); equal to −[G]₂ᵣ when the triplets are G's own."""
+    import torch
+
+    g = g.double()
+    ub, va = u[:, r:2 * r].double(), vh[:r].double()
+    step = ub @ (ub.t() @ g) + (g @ va.t()) @ va
+    eu, es, evh = torch.linalg.svd(g, full_matrices=False)
+    target = (eu[:, :2 * r] * es[:2 * r]) @ evh[:2 * r]
+    return float((step * target).sum() / (step.norm() * target.norm()))
+
+
+def sketch_accuracy_report(models: list[str], text: str) -> None:
+    """Per model, r and number of passes: LoRA-GA's sketch path (``peftkit.stats.gradient_triplets``, the default
+    ``gradient_sketch="auto"``) against the exact SVD of the same real G (the same dropout masks):
+    the worst and median smallest principal-angle cosine of the top-2r left and right subspaces, and the worst and
+    median cosine of LoRA-GA's first step with the exact step (``first_step_cosine``), over the sketched layers."""
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import peftkit
+    from peftkit.inject import adapter_layers
+    from peftkit.stats import gradient_statistics, gradient_triplets, signed_svd, sketch_plan, subspace_cosines
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    print("| model | r | sketched layers | k | passes | worst cos (top-2r, U and V) | median cos | worst first-step cos "
+          "| median first-step cos |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    base = {"gradient_groups": None, "gradient_memory": "auto", "gradient_device": "model", "svd": "auto",
+            "svd_iterations": 8, "svd_tolerance": None}
+    for which in models:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, batches = _real_batches(which, text)
+            model = peftkit.wrap(model, "lora", r=8, targets="all-linear")
+        layers = adapter_layers(model)
+        # Every G below with the same dropout masks (train mode): the exact G is the one the sketches see.
+        torch.manual_seed(0)
+        exact = gradient_statistics(model, layers, batches)
+        for r in (8,):
+            ranks = {name: 2 * r for name in layers}
+            for label, sketch in (("default", "auto"),):
+                plan = sketch_plan(layers, ranks, dict(base, gradient_sketch=sketch))
+                chosen = {n: layers[n] for n, k in plan.items() if k is not None}
+                if not chosen:
+                    print(f"| {which} | {r} | {label}: none | | | | | | |", flush=True)
+                    continue
+                for passes in (int(p) for p in os.environ.get("SKETCH_PASSES", "1,2,3,4").split(",")):
+                    cos, steps = [], []
+                    options = dict(base, gradient_sketch=sketch, sketch_passes=passes)
+                    torch.manual_seed(0)
+                    for name, u, _, vh in gradient_triplets(model, chosen, batches, ranks, options):
+                        eu, _, evh = signed_svd(exact[name])
+                        cos.append(min(float(subspace_cosines(u, eu[:, :2 * r]).min()),
+                                       float(subspace_cosines(vh.t(), evh[:2 * r].t()).min())))
+                        steps.append(first_step_cosine(exact[name], u, vh, r))
+                    print(f"| {which} | {r} | {label}: {len(chosen)}/{len(layers)} | "
+                          f"{sorted({plan[n] for n in chosen})} | {passes} | {min(cos):.5f} | "
+                          f"{statistics.median(cos):.5f} | {min(steps):.6f} | {statistics.median(steps):.6f} |",
+                          flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -272,12 +345,17 @@ def main() -> None:
                         help="small: the issue-2 Llama; wide / wide4096: where G dominates (bounded-memory contenders)")
     parser.add_argument("--accuracy", action="store_true",
                         help="the truncated solver against the exact SVD on real gradients of MiniLM and SmolLM2")
+    parser.add_argument("--sketch-accuracy", action="store_true",
+                        help="the default gradient sketch against the exact SVD on real gradients of MiniLM and SmolLM2")
     parser.add_argument("--accuracy-models", nargs="+", default=["minilm", "smollm2"], help=argparse.SUPPRESS)
     parser.add_argument("--only", nargs="+", choices=sorted(set(CONTENDERS + WIDE_CONTENDERS)), help=argparse.SUPPRESS)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.accuracy:
         accuracy_report(args.accuracy_models, args.text)
+        return
+    if args.sketch_accuracy:
+        sketch_accuracy_report(args.accuracy_models, args.text)
         return
     if not os.path.isfile(args.text):
         print(f"error: the text corpus {args.text} does not exist; the benchmark needs tiny-shakespeare "
@@ -308,9 +386,9 @@ def main() -> None:
                   file=sys.stderr, flush=True)
     print(f"model: {args.model} {MODELS[args.model]}; rounds: {args.rounds}; threads: {env['OMP_NUM_THREADS']}; "
           f"r={RANK}; {N_BATCHES} batches of {BATCH_SIZE if args.model == 'small' else WIDE_BATCH}x{SEQ_LEN} byte tokens of {os.path.basename(args.text)}; timeout {args.timeout:.0f} s\n")
-    print("| contender | init time (s, median) | time / PEFT (median of rounds) | peak memory above start "
-          "(MiB, median) | memory / PEFT | forward passes | timed out |")
-    print("|---|---|---|---|---|---|---|")
+    print("| contender | init time (s, median) | time / PEFT (median of rounds) | CPU time / PEFT | peak memory "
+          "above start (MiB, median) | memory / PEFT | forward passes | timed out |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in names:
         reference = "peft-ga" if ("ga" in name or name.startswith("one-")) else "peft-eva"
         done = [r for r in results[name] if r]
@@ -319,10 +397,12 @@ def main() -> None:
         peak = f"{statistics.median(r['peak_mib'] for r in done):.0f}" if done else "n/a"
         t_ratio = _median_ratio(results, name, reference, "seconds") if reference in results else "n/a"
         m_ratio = _median_ratio(results, name, reference, "peak_mib") if reference in results else "n/a"
+        c_ratio = _median_ratio(results, name, reference, "cpu_seconds") if reference in results else "n/a"
+        c_spread = _spread(results, name, reference, "cpu_seconds")
         forwards = "/".join(sorted({str(r["forwards"]) for r in done})) or "n/a"
         t_spread = _spread(results, name, reference, "seconds")
         m_spread = _spread(results, name, reference, "peak_mib")
-        print(f"| {name} | {seconds} | {t_ratio} {t_spread} | {peak} | {m_ratio} {m_spread} | {forwards} | "
+        print(f"| {name} | {seconds} | {t_ratio} {t_spread} | {c_ratio} {c_spread} | {peak} | {m_ratio} {m_spread} | {forwards} | "
               f"{timed_out}/{len(results[name])} |")
     sketches = [r for r in results.get("ga-sketch", []) if r]
     if sketches:

@@ -99,15 +99,16 @@ def signed_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 @dataclass
 class GradientSketch:
-    """Y = G·Ω (m, k) and Z = Gᵀ·Ψ (n, l) of one layer's gradient, with the test matrices Ω (n, k), Ψ (m, l)."""
+    """Y = G·Ω (m, k) and Z = Gᵀ·Ψ (n, l) of one layer's gradient, with the blocks Ω (n, k), Ψ (m, l) they were
+    taken with; a product whose block is None is not taken (a pass of ``sketch_passes`` needs one of them)."""
 
-    y: torch.Tensor
-    z: torch.Tensor
-    omega: torch.Tensor
-    psi: torch.Tensor
+    y: torch.Tensor | None
+    z: torch.Tensor | None
+    omega: torch.Tensor | None
+    psi: torch.Tensor | None
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.y, self.z]
+        return [t for t in (self.y, self.z) if t is not None]
 
 
 def sketch_svd(sketch: GradientSketch, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -328,9 +329,58 @@ def solver_for(solver: str, shape: tuple[int, int], rank: int) -> str:
 
 
 # ------------------------------------------------------------------------------------- gradients
+def sketch_widths(k: int, m: int, n: int) -> tuple[int, int]:
+    """(k, l) of the sketches of an (m, n) gradient for a requested k: k ≤ min(m, n) and l = min(2k + 1, m, n)
+    (Tropp et al. 2017's choice for the co-range sketch)."""
+    k = min(k, m, n)
+    return k, min(2 * k + 1, m, n)
+
+
+def sketch_bytes(k: int, m: int, n: int, element: int = 4) -> int:
+    """Bytes one layer's sketch holds: Y (m, k), Z (n, l) and the test matrices Ω (n, k), Ψ (m, l) (counted
+    whole, though the layers of one shape share them)."""
+    k, l = sketch_widths(k, m, n)
+    return 2 * (m * k + n * l) * element
+
+
+# The default sketch (gradient_sketch="auto"): k = SKETCH_OVERSAMPLING × the triplets a layer needs, at least
+# SKETCH_MIN, and sketch_passes = 2 (the adapters' default): on the wide bench model 0.28× PEFT's memory at 0.98× its
+# CPU time; LoRA-GA's first-step cosine on real MiniLM / SmolLM2 gradients worst 0.967 / 0.964, median 0.99
+# (more passes: more accuracy, each about half of PEFT's init time; docs/methods/data-driven-inits.md).
+SKETCH_OVERSAMPLING, SKETCH_MIN = 4, 64
+# Options that ask for the exact path: with any of them, gradient_sketch="auto" keeps G.
+EXACT_PATH_OPTIONS = {"gradient_groups": lambda v: v is not None, "gradient_device": lambda v: v == "cpu",
+                      "svd": lambda v: v in ("exact", "randomized")}
+
+
+def sketch_plan(layers: dict[str, AdapterLayer], ranks: Mapping[str, int],
+                options: Mapping[str, Any]) -> dict[str, int | None]:
+    """Per layer the sketch size k ``gradient_statistics`` takes, or None where it keeps G itself.
+
+    ``gradient_sketch``: None: G everywhere (the exact path); an int k: max(k, triplets); ``"auto"`` (the
+    default): k = max(``SKETCH_MIN``, ``SKETCH_OVERSAMPLING`` × triplets), unless an option of the exact path
+    is set (``EXACT_PATH_OPTIONS``: ``gradient_groups``, ``gradient_device="cpu"``, ``svd="exact"`` or
+    ``"randomized"``), which keeps G. A layer whose sketch (with its test matrices) would hold at least as many
+    bytes as its G keeps G: there the exact statistic is also the smaller one."""
+    choice = options.get("gradient_sketch", "auto")
+    if choice == "auto" and any(test(options.get(key)) for key, test in EXACT_PATH_OPTIONS.items()):
+        choice = None
+    plan: dict[str, int | None] = {}
+    for name, layer in layers.items():
+        m, n, triplets = layer.out_features, layer.in_features, ranks[name]
+        if choice is None:
+            plan[name] = None
+            continue
+        k = max(SKETCH_MIN, SKETCH_OVERSAMPLING * triplets) if choice == "auto" else max(int(choice), triplets)
+        plan[name] = k if sketch_bytes(k, m, n) < m * n * 4 else None
+    return plan
+
+
 def gradient_statistics(model: nn.Module, layers: dict[str, AdapterLayer], batches: list[Mapping], *,
-                        sketch_size: int | None = None, seed: int = 0,
-                        store_on: torch.device | str | None = None) -> dict[str, torch.Tensor | GradientSketch]:
+                        sketch_size: int | Mapping[str, int | None] | None = None, seed: int = 0,
+                        store_on: torch.device | str | None = None,
+                        products: Mapping[str, tuple[torch.Tensor | None, torch.Tensor | None]] | None = None,
+                        ) -> dict[str, torch.Tensor | GradientSketch]:
     """Per layer, G = Σ_b n_b·G_b / Σ_b n_b (out × in, fp32; fp64 on fp64 bases), or its sketch when ``sketch_size`` = k is given.
 
     G_b = Δᵀ X of batch b's mean loss, from hooks on the base layers of the adapters-disabled model in train
@@ -338,27 +388,49 @@ def gradient_statistics(model: nn.Module, layers: dict[str, AdapterLayer], batch
     or examples), so G is the gradient of the mean over every target token of all batches, the loss a training
     step on the same examples takes, however they are split into batches and processes. A batch without units
     adds nothing. Sums (and the unit count) are all-reduced across processes, so every process returns the same
-    statistics. The sketch uses Gaussian Ω (in × k) and Ψ (out × (2k + 1))
-    drawn from a generator seeded by ``seed`` (identical on every process). ``store_on`` (e.g. ``"cpu"``) keeps
+    statistics. ``sketch_size``: one k for every layer, or per layer name a k (a sketch) or None (G itself).
+    A sketch is Y = G·Ω (out × k) and Z = Gᵀ·Ψ (in × l), l = 2k + 1, accumulated per token as
+    Y += δₜ(xₜᵀΩ), Z += xₜ(δₜᵀΨ) without forming G, with Gaussian Ω (in × k) and Ψ (out × l) drawn from CPU
+    generators seeded by ``seed`` and their shape (one per shape, shared by the layers of that shape; identical
+    on every process: the sketches, not G, are all-reduced). ``products``: per layer name given blocks
+    (R (n, k) or None, L (m, l) or None) instead; its sketch holds G·R and Gᵀ·L (one pass of subspace iteration,
+    ``sketched_triplets``). ``store_on`` (e.g. ``"cpu"``) keeps
     the full G there instead of on the model's device: each batch's Δᵀ X is formed on the device and added in
     (one layer's m × n temporary on the device at a time).
     """
     device = _device(model)
     store = device if store_on is None else torch.device(store_on)
     stats: dict[str, Any] = {}
-    gen = torch.Generator().manual_seed(seed)
+    tests: dict[tuple, torch.Tensor] = {}
+
+    def test_matrix(rows: int, cols: int, dtype: torch.dtype, role: int) -> torch.Tensor:
+        # One Gaussian test matrix per shape, shared by the layers of that shape (each layer's sketch is still a
+        # sketch with a Gaussian Ω; the guarantees are per layer): the model's few distinct widths hold them, not
+        # every layer. Seeded by the shape alone, so identical on every process and whichever layers are sketched.
+        key = (rows, cols, dtype, role)
+        if key not in tests:
+            gen = torch.Generator().manual_seed((seed * 1_000_003 + role * 7919 + rows) * 1_000_003 + cols)
+            tests[key] = torch.randn(rows, cols, generator=gen, dtype=dtype).to(device)
+        return tests[key]
+
     for name, layer in layers.items():
         m, n = layer.out_features, layer.in_features
         # fp32 sums (fp64 on an fp64 base), whatever the model dtype.
         dtype = torch.float64 if layer.base_layer.weight.dtype == torch.float64 else torch.float32
-        if sketch_size is None:
+        size = sketch_size.get(name) if isinstance(sketch_size, Mapping) else sketch_size
+        if products is not None and name in products:
+            right, left = products[name]
+            stats[name] = GradientSketch(
+                None if right is None else torch.zeros(m, right.shape[1], dtype=dtype, device=device),
+                None if left is None else torch.zeros(n, left.shape[1], dtype=dtype, device=device),
+                None if right is None else right.to(device, dtype), None if left is None else left.to(device, dtype))
+        elif size is None:
             stats[name] = torch.zeros(m, n, dtype=dtype, device=store)
         else:
-            k = min(sketch_size, m, n)
-            l = min(2 * k + 1, m, n)
-            omega = torch.randn(n, k, generator=gen).to(device)
-            psi = torch.randn(m, l, generator=gen).to(device)
-            stats[name] = GradientSketch(torch.zeros(m, k, device=device), torch.zeros(n, l, device=device), omega, psi)
+            k, l = sketch_widths(size, m, n)
+            omega, psi = test_matrix(n, k, dtype, 0), test_matrix(m, l, dtype, 1)
+            stats[name] = GradientSketch(torch.zeros(m, k, dtype=dtype, device=device),
+                                         torch.zeros(n, l, dtype=dtype, device=device), omega, psi)
     weight = [0.0]
 
     def make_hook(name: str):
@@ -367,12 +439,14 @@ def gradient_statistics(model: nn.Module, layers: dict[str, AdapterLayer], batch
 
             def grad_hook(delta: torch.Tensor) -> None:
                 target = stats[name]
-                dtype = target.y.dtype if isinstance(target, GradientSketch) else target.dtype
+                dtype = target.tensors()[0].dtype if isinstance(target, GradientSketch) else target.dtype
                 d = delta.reshape(-1, delta.shape[-1]).to(dtype)
                 xs = x.reshape(-1, x.shape[-1]).to(dtype)
                 if isinstance(target, GradientSketch):
-                    target.y.addmm_(d.t(), xs @ target.omega, alpha=weight[0])
-                    target.z.addmm_(xs.t(), d @ target.psi, alpha=weight[0])
+                    if target.y is not None:
+                        target.y.addmm_(d.t(), xs @ target.omega, alpha=weight[0])
+                    if target.z is not None:
+                        target.z.addmm_(xs.t(), d @ target.psi, alpha=weight[0])
                 elif target.device == d.device:
                     target.addmm_(d.t(), xs, alpha=weight[0])
                 else:  # offloaded: the product on the device, the sum where it is kept
@@ -565,7 +639,12 @@ def top_singular_triplets(stat: torch.Tensor | GradientSketch, rank: int, solver
 
 
 # ----------------------------------------------------------------- bounded-memory gradient passes
+MAX_SKETCH_PASSES = 16
 GRADIENT_OPTION_HELP = {
+    "sketch_passes": f"an integer from 1 to {MAX_SKETCH_PASSES} (passes over the data of the sketch path: 1 is the "
+                     "single-pass sketch, p >= 2 subspace iteration with p - 1 products after G·Ω)",
+    "gradient_sketch": "'auto' (a sketch of k = max(64, 4 x the triplets) per layer), a positive integer k, or None "
+                       "(the exact path: each layer's whole G)",
     "gradient_groups": "None (from gradient_memory) or a positive number of layer groups, one pass each",
     "gradient_memory": "'auto' (a quarter of the memory free where G is kept), None (all layers at once) or a "
                        "positive number of MiB",
@@ -587,6 +666,18 @@ def check_gradient_options(options: Mapping[str, Any]) -> None:
 
     if options["gradient_groups"] is not None and not positive_int(options["gradient_groups"]):
         raise bad("gradient_groups")
+    passes = options.get("sketch_passes", 1)
+    if not positive_int(passes) or passes > MAX_SKETCH_PASSES:
+        raise bad("sketch_passes")
+    sketch = options.get("gradient_sketch", "auto")
+    if not (sketch is None or sketch == "auto" or positive_int(sketch)):
+        raise bad("gradient_sketch")
+    if positive_int(sketch):
+        for key, test in EXACT_PATH_OPTIONS.items():
+            if test(options[key]):
+                raise ConfigError(f"{key}: {options[key]!r} is an option of the exact path, which forms each layer's "
+                                  f"G, but gradient_sketch={sketch} never forms G; pass gradient_sketch=None for the "
+                                  f"exact path, or leave {key} at its default")
     memory = options["gradient_memory"]
     if not (memory is None or memory == "auto" or (isinstance(memory, (int, float)) and not isinstance(memory, bool)
                                                   and memory > 0)):
@@ -706,17 +797,23 @@ def gradient_triplets(model: nn.Module, layers: dict[str, AdapterLayer], batches
     which only its layers accumulate G, then each of its G is decomposed and freed before the next group's
     pass. So at most one group's G is held, and the factors are the same as with one group (G of a layer does
     not depend on which other layers are measured: bit-equal in fp64). The backward of a pass stops at the
-    group's first layer. ``options["gradient_sketch"]`` = k instead streams sketches of all layers in one pass.
+    group's first layer. The default ``options["gradient_sketch"]="auto"`` (or an int k) instead streams
+    sketches of all layers in one pass (``sketch_plan``; a layer whose G is smaller than its sketch keeps G).
     ``boundaries(rank)``: the j whose top-j subspaces the method uses separately (``checked_svd``; default: rank).
     """
-    sketch = options.get("gradient_sketch")
+    sizes = sketch_plan(layers, ranks, options)
     store_on = "cpu" if options["gradient_device"] == "cpu" else None
     solve_on = _device(model)
-    if sketch is not None:
-        size = max(sketch, max(ranks.values()))
+    passes = options.get("sketch_passes", 1)
+    products = None
+    if any(k is not None for k in sizes.values()):
+        # One group: the sketched layers hold O((m + n)·k), the rest (whose G is smaller than a sketch) hold G.
         plan = [list(layers)]
+        if passes > 1:  # subspace iteration: the first pass takes G·Ω only
+            products = {name: (_test_block(layers[name].in_features, k, _stat_dtype(layers[name]), seed, solve_on),
+                               None) for name, k in sizes.items() if k is not None}
     else:
-        size, plan = None, gradient_groups_of(model, layers, options)
+        sizes, plan = None, gradient_groups_of(model, layers, options)
     # Every pass draws the same dropout masks as the first (the state at the start), and the draws made between
     # passes (e.g. LoRA-GA's random split) continue as after one pass: the same numbers as with one group.
     start = _rng_states()
@@ -724,11 +821,12 @@ def gradient_triplets(model: nn.Module, layers: dict[str, AdapterLayer], batches
         resume = _rng_states() if index else None
         if resume is not None:
             _set_rng_states(start)
-        stats = gradient_statistics(model, {name: layers[name] for name in group}, batches, sketch_size=size,
-                                    seed=seed, store_on=store_on)
+        stats = gradient_statistics(model, {name: layers[name] for name in group}, batches, sketch_size=sizes,
+                                    seed=seed, store_on=store_on, products=products)
         if resume is not None:
             _set_rng_states(resume)
-        for name in group:
+        iterated = {name: stats.pop(name) for name in products} if products is not None else {}
+        for name in [name for name in group if name in stats]:
             stat = stats.pop(name)  # freed after its layer
             if isinstance(stat, torch.Tensor) and stat.device != solve_on:
                 stat = stat.to(solve_on)  # one layer's G back on the device for its decomposition
@@ -741,6 +839,66 @@ def gradient_triplets(model: nn.Module, layers: dict[str, AdapterLayer], batches
                                              boundaries=None if boundaries is None else boundaries(rank))
             del stat
             yield name, u, s, vh
+        if iterated:
+            yield from _subspace_iteration(model, layers, batches, ranks, iterated, passes, start, negate)
+
+
+def _stat_dtype(layer: AdapterLayer) -> torch.dtype:
+    return torch.float64 if layer.base_layer.weight.dtype == torch.float64 else torch.float32
+
+
+def _test_block(rows: int, cols: int, dtype: torch.dtype, seed: int, device: torch.device) -> torch.Tensor:
+    """The Gaussian (rows, cols) start block of subspace iteration: seeded by ``seed`` and the shape alone, so the
+    same on every process and shared by the layers of one width."""
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + 2 * 7919 + rows) * 1_000_003 + cols)
+    return torch.randn(rows, cols, generator=gen, dtype=dtype).to(device)
+
+
+def _orthonormal(block: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of the columns of ``block`` (thin QR in fp64), in ``block``'s dtype."""
+    return torch.linalg.qr(block.double())[0].to(block.dtype)
+
+
+def _subspace_iteration(model: nn.Module, layers: dict[str, AdapterLayer], batches: list[Mapping],
+                        ranks: Mapping[str, int], first: dict[str, GradientSketch], passes: int,
+                        start: tuple, negate: bool) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Top triplets of each layer's G (−G with ``negate``) by randomized subspace iteration over the data
+    (Halko, Martinsson & Tropp 2011, alg. 4.3 with the products taken in backward hooks): ``first`` holds
+    Y = G·Ω from the first pass; every further pass multiplies an orthonormal basis of the last product by Gᵀ
+    or G (alternately: Gᵀ·orth(Y), then G·orth(Gᵀ·Q), ...), each replaying the first pass's dropout masks
+    (``start``). After ``passes`` passes the last product B = Gᵀ·Q (or G·P) gives G ≈ Q·Bᵀ (or B·Pᵀ) exactly
+    on that basis: the SVD of the small B is the Rayleigh–Ritz step. The subspace error of direction i shrinks
+    like (σ_{k+1}/σᵢ)^(passes − 1) (two passes: the basis of G·Ω, exact on it)."""
+    products = {name: sketch.y for name, sketch in first.items()}
+    side = {name: "left" for name in first}  # "left": the product is G·R (its columns span a left range)
+    bases: dict[str, torch.Tensor] = {}
+    resume = _rng_states()
+    for _ in range(passes - 1):
+        blocks = {}
+        for name, product in products.items():
+            bases[name] = _orthonormal(product)
+            blocks[name] = (None, bases[name]) if side[name] == "left" else (bases[name], None)
+        products.clear()
+        _set_rng_states(start)
+        stats = gradient_statistics(model, {name: layers[name] for name in blocks}, batches, products=blocks)
+        for name, sketch in stats.items():
+            products[name] = sketch.z if side[name] == "left" else sketch.y
+            side[name] = "right" if side[name] == "left" else "left"
+        del stats, blocks
+    _set_rng_states(resume)
+    for name, product in products.items():
+        rank, dtype = ranks[name], product.dtype
+        work = product.double()
+        if negate:
+            work = -work  # −G ≈ Q·(−B)ᵀ: the products are linear in G
+        if side[name] == "right":  # B = Gᵀ·Q (n, k): G ≈ Q·Bᵀ
+            small_u, sv, vh = torch.linalg.svd(work.mT, full_matrices=False)
+            u = bases[name].double() @ small_u
+        else:  # B = G·P (m, k): G ≈ B·Pᵀ (after one pass: P = Ω, not orthonormal; passes ≥ 2 never end here then)
+            u, sv, small_vh = torch.linalg.svd(work, full_matrices=False)
+            vh = small_vh @ bases[name].double().mT
+        u, vh = sign_fix(u[:, :rank], vh[:rank])
+        yield name, u.to(dtype), sv[:rank].to(dtype), vh.to(dtype)
 
 
 def check_double_rank(layers: dict[str, AdapterLayer], adapter_name: str, factor: int, option: str) -> None:

@@ -14,10 +14,16 @@ import warnings
 import torch
 from multiproc import HANG_GUARD_S
 
-METHODS = {"lora-ga": dict(r=4), "lora-one": dict(r=4), "eva": dict(r=4, tau=0.9)}
+# The tiny model's layers keep G under the default sketch (G is the smaller statistic at 32 wide); the -sketch
+# cases force a sketch (k = 2, r = 1: Y, Z of 32 × 2 and 32 × 5 instead of 32 × 32): one pass (Tropp's Y, Z) and
+# subspace iteration (3 passes: G·Ω, Gᵀ·Q, G·P), whose per-pass products, not G, are all-reduced.
+METHODS = {"lora-ga": dict(r=4), "lora-one": dict(r=4), "eva": dict(r=4, tau=0.9),
+           "lora-ga-sketch": dict(r=1, gradient_sketch=2, sketch_passes=1),
+           "lora-one-sketch": dict(r=1, gradient_sketch=2, sketch_passes=3)}
 # The gradient inits run on an fp64 model: the two runs sum G over batches in different orders, and fp32
 # rounding of that sum (~1e-7) moves singular vectors by ~1e-7/gap, above the 1e-6 the check asks for.
-DTYPES = {"lora-ga": torch.float64, "lora-one": torch.float64, "eva": torch.float32}
+DTYPES = {"lora-ga": torch.float64, "lora-one": torch.float64, "eva": torch.float32,
+          "lora-ga-sketch": torch.float64, "lora-one-sketch": torch.float64}
 
 
 def _batches():
@@ -38,7 +44,15 @@ def _adapters(method: str, batches) -> dict:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = peftkit.wrap(tiny_llama(dtype=DTYPES[method]), method, data=batches, **METHODS[method])
+        model = peftkit.wrap(tiny_llama(dtype=DTYPES[method]), method.removesuffix("-sketch"), data=batches,
+                             **METHODS[method])
+    if method.endswith("-sketch"):  # the sketch path was taken
+        from peftkit.inject import adapter_layers
+        from peftkit.stats import sketch_plan
+
+        options = {"gradient_groups": None, "gradient_device": "model", "svd": "auto", **METHODS[method]}
+        assert all(k is not None for k in sketch_plan(adapter_layers(model), {n: 2 for n in adapter_layers(model)},
+                                                      options).values())
     tensors = {k: v.detach().clone() for k, v in model.state_dict().items() if ".adapters." in k}
     return {"tensors": tensors, "rank_pattern": dict(model.peftkit.configs["default"].rank_pattern)}
 

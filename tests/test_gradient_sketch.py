@@ -1,0 +1,102 @@
+"""The default sketch path of LoRA-GA / LoRA-One (issue 26 item 3): G is never formed, yet LoRA-GA's first step
+keeps its direction −[G]_2r; the sketch is used where it is smaller than G; subspace iteration converges to the
+exact triplets; the options that ask for the exact path keep it. Two processes: test_inits_distributed.py."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import peftkit
+from peftkit.errors import ConfigError
+from peftkit.inject import adapter_layers
+from peftkit.stats import gradient_statistics, gradient_triplets, signed_svd, sketch_plan
+
+from inits_fixtures import LinearToy, full_gradient, sgd_step
+
+WIDTH = 512  # wide enough that the default sketch (k = 64, l = 129 with Ω, Ψ) holds fewer bytes than G
+
+
+def _decaying_batches(n: int = 4, rows: int = 256, decay: float = 0.97, seed: int = 0) -> list[dict]:
+    """Inputs whose scales decay geometrically (σ of G decays with them: G = (W − T)·Σ x xᵀ / N, as gradients of
+    real models do); targets from a random teacher."""
+    gen = torch.Generator().manual_seed(seed)
+    teacher = torch.randn(WIDTH, WIDTH, generator=gen, dtype=torch.float64) / WIDTH ** 0.5
+    scales = decay ** torch.arange(WIDTH, dtype=torch.float64)
+    out = []
+    for _ in range(n):
+        x = torch.randn(rows, WIDTH, generator=gen, dtype=torch.float64) * scales
+        out.append({"x": x, "target": x @ teacher.t()})
+    return out
+
+
+def _first_step_cosine(**options) -> float:
+    """cos(ΔW₁, −[G]₂ᵣ) of LoRA-GA (r = 4) on the 512 × 512 toy after one SGD step, G by autograd."""
+    model = LinearToy(WIDTH, WIDTH)
+    batches = _decaying_batches()
+    g = full_gradient(model, batches)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peftkit.wrap(model, "lora-ga", r=4, data=batches, **options)
+    layer = adapter_layers(model)["lin"]
+    before = layer.delta_weight("default").clone()
+    sgd_step(model, batches, 1e-4)
+    delta = (layer.delta_weight("default") - before).detach()
+    u, s, vh = torch.linalg.svd(g)
+    g2r = (u[:, :8] * s[:8]) @ vh[:8]
+    return float(torch.nn.functional.cosine_similarity(delta.flatten(), -g2r.flatten(), dim=0))
+
+
+def test_default_sketch_keeps_the_first_step_and_a_too_small_sketch_does_not():
+    model = LinearToy(WIDTH, WIDTH)
+    wrapped = peftkit.wrap(model, "lora", r=4)
+    options = {"gradient_sketch": "auto", "gradient_groups": None, "gradient_device": "model", "svd": "auto"}
+    assert sketch_plan(adapter_layers(wrapped), {"lin": 8}, options) == {"lin": 64}  # the default sketches here
+    assert _first_step_cosine() >= 0.999
+    assert _first_step_cosine(gradient_sketch=None) >= 1 - 1e-9  # the exact path: the authors' formula
+    # Negative controls: a sketch too small for the top 8 (k = 8, one pass) leaves the step visibly off.
+    assert _first_step_cosine(gradient_sketch=8, sketch_passes=1) < 0.99
+
+
+@pytest.mark.parametrize("negate", [False, True])
+def test_subspace_iteration_converges_to_the_exact_triplets(negate):
+    """More passes over the data: the hook products G·Q, Gᵀ·P approach the exact top triplets (of −G with
+    negate); values to 1e-9 relative and signed vectors to 1e-6 after 10 passes on a decaying spectrum, and
+    every pass count is at least as close in the values as the single-pass sketch."""
+    model = peftkit.wrap(LinearToy(WIDTH, WIDTH), "lora", r=4)
+    layers = adapter_layers(model)
+    batches = _decaying_batches(decay=0.95)
+    g = gradient_statistics(model, layers, batches)["lin"]
+    eu, es, evh = signed_svd(-g if negate else g)
+    base = {"gradient_groups": None, "gradient_memory": "auto", "gradient_device": "model", "svd": "auto",
+            "svd_iterations": 8, "svd_tolerance": None, "gradient_sketch": 64}
+    errors = {}
+    for passes in (1, 2, 10):
+        [(_, u, s, vh)] = list(gradient_triplets(model, layers, batches, {"lin": 8}, dict(base, sketch_passes=passes),
+                                                 negate=negate))
+        errors[passes] = float((s - es[:8]).abs().max() / es[0])
+        if passes == 10:
+            assert errors[10] <= 1e-9
+            assert (u - eu[:, :8]).abs().max() <= 1e-6 and (vh - evh[:8]).abs().max() <= 1e-6
+    assert errors[2] <= errors[1] and errors[10] <= errors[2], errors
+
+
+def test_options_of_the_exact_path_keep_g_and_conflicts_are_refused():
+    layers = adapter_layers(peftkit.wrap(LinearToy(WIDTH, WIDTH), "lora", r=4))
+    base = {"gradient_sketch": "auto", "gradient_groups": None, "gradient_device": "model", "svd": "auto"}
+    for key, value in (("gradient_groups", 2), ("gradient_device", "cpu"), ("svd", "exact"), ("gradient_sketch", None)):
+        assert sketch_plan(layers, {"lin": 8}, {**base, key: value}) == {"lin": None}, key
+    # A small layer keeps G under every sketch size: G is the smaller statistic there.
+    small = adapter_layers(peftkit.wrap(LinearToy(), "lora", r=2))
+    assert sketch_plan(small, {"lin": 4}, base) == {"lin": None}
+    from inits_fixtures import linear_batches
+
+    batches = linear_batches()
+    for bad, field in ((dict(gradient_sketch=8, gradient_groups=2), "gradient_groups"),
+                       (dict(gradient_sketch=8, svd="exact"), "svd"), (dict(gradient_sketch=0), "gradient_sketch"),
+                       (dict(gradient_sketch="big"), "gradient_sketch"), (dict(sketch_passes=0), "sketch_passes"),
+                       (dict(peft_compat=True, gradient_sketch=8), "gradient_sketch")):
+        with pytest.raises(ConfigError, match=field):
+            peftkit.wrap(LinearToy(), "lora-ga", r=2, data=batches, **bad)
