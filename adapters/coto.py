@@ -26,9 +26,9 @@ import torch
 import torch.nn as nn
 
 from peftkit import registry
-from peftkit.schedule import Schedule
 from peftkit.errors import ConfigError, StateError
 from peftkit.inject import adapter_layers, state_of
+from peftkit.schedule import Schedule
 from peftkit.validation import option
 
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
@@ -93,13 +93,13 @@ class CotoSchedule(Schedule):
 
     def __init__(self, model: nn.Module, config: Any) -> None:
         super().__init__(model, config)
-        options = {**CotoOptions().__dict__, **config.axis_options("schedule")}
+        options = config.axis_options("schedule")
         for key in ("initial_p", "stage1_ratio"):
-            value = options[key]
+            value = getattr(options, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{key}: expected a number in [0, 1] (CoTo schedule), got {value!r}")
-        self.initial_p = float(options["initial_p"])
-        self.stage1_ratio = float(options["stage1_ratio"])
+        self.initial_p = float(options.initial_p)
+        self.stage1_ratio = float(options.stage1_ratio)
         state = state_of(model)
         self.adapter_name = next(n for n, c in state.configs.items() if c is config)
         layers = {n: l for n, l in adapter_layers(model).items() if self.adapter_name in l.adapters}

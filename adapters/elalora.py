@@ -27,6 +27,7 @@ ranks: lora_A = diag(E) Q and lora_B = P over the active slots, s kept through `
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -37,11 +38,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from peftkit import registry
-from peftkit.schedule import Schedule
 from peftkit.errors import ConfigError, StateError
 from peftkit.inject import adapter_layers, state_of
 from peftkit.layer import AdapterLayer, adapter_dtype
 from peftkit.optim import AdamWOptions, adamw_update, check_betas_eps, param_groups
+from peftkit.schedule import Schedule
 from peftkit.validation import option
 
 SCALING_EPS = 1e-5  # the reference's s = α / (ranknum + 1e-5)
@@ -63,12 +64,12 @@ class ElaloraOptions:
     orth_reg_weight: float = option(0.1, ge=0)
 
 
-def _arch_options(config: Any) -> dict[str, Any]:
-    options = {**ElaloraOptions().__dict__, **config.axis_options("architecture")}
-    cap = options["capacity"]
+def _arch_options(config: Any) -> ElaloraOptions:
+    options = config.axis_options("architecture")
+    cap = options.capacity
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0):
         raise ConfigError(f"capacity: expected a positive integer (the per-layer rank capacity) or None (= 2·r), got {cap!r}")
-    weight = options["orth_reg_weight"]
+    weight = options.orth_reg_weight
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
         raise ConfigError(f"orth_reg_weight: expected a number >= 0 (γ of the ElaLoRA regulariser), got {weight!r}")
     if config.rslora:
@@ -117,7 +118,7 @@ class ElaloraLayer(AdapterLayer):
 
     def make_branch(self, name: str, r: int, alpha: float, config: Any) -> nn.Module:
         options = _arch_options(config)
-        cap = options["capacity"]
+        cap = options.capacity
         if cap is None:
             cap = max(r, min(2 * r, self.in_features, self.out_features))
         if cap < r:
@@ -125,7 +126,7 @@ class ElaloraLayer(AdapterLayer):
                               "set capacity >= r (or None for 2·r)")
         branch = ElaloraBranch(self.in_features, self.out_features, r, cap, config.dropout,
                                adapter_dtype(self.base_layer), self.base_layer.weight.device)
-        branch.orth_weight = float(options["orth_reg_weight"])
+        branch.orth_weight = float(options.orth_reg_weight)
         return branch
 
     @classmethod
@@ -299,15 +300,15 @@ def slot_optimizer(optimizer: Any) -> SlotAdamW | None:
 @registry.optimizer("elalora-adamw", options=AdamWOptions, architectures=("elalora",),
                     description="AdamW with one step count per ElaLoRA slot (a grown slot starts a fresh Adam)")
 def build_slot_adamw(model: nn.Module, lr: float, config: Any, **options: Any) -> SlotAdamW:
-    opts = {**AdamWOptions().__dict__, **config.axis_options("optimizer"), **options}
-    groups = param_groups(model, lr, opts["weight_decay"])
+    opts = config.axis_options("optimizer", **options)
+    groups = param_groups(model, lr, opts.weight_decay)
     slot_axes = {}
     for layer in adapter_layers(model).values():
         if isinstance(layer, ElaloraLayer):
             for branch in layer.adapters.values():
                 for key, axis in SLOT_AXES.items():
                     slot_axes[id(getattr(branch, key))] = axis
-    return SlotAdamW(groups, slot_axes, lr, betas=tuple(opts["betas"]), eps=opts["eps"])
+    return SlotAdamW(groups, slot_axes, lr, betas=tuple(opts.betas), eps=opts.eps)
 
 
 # ------------------------------------------------------------------------------------------ the schedule
@@ -339,7 +340,8 @@ def budget_at(t: int, total_steps: int, options: dict[str, Any]) -> int:
 
 
 def _schedule_options(config: Any) -> dict[str, Any]:
-    options = {**ElaloraScheduleOptions().__dict__, **config.axis_options("schedule")}
+    # A dict: budget_at and the schedule read it by key (the tests pass their own dicts to budget_at).
+    options = dataclasses.asdict(config.axis_options("schedule"))
     for key in ("t_init", "t_final", "budget", "k"):
         value = options[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -53,7 +53,7 @@ def allocate(ratios: dict[str, torch.Tensor], caps: dict[str, int], budget: int)
 
 def eva_components(model, layers, config, batches, adapter: str) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """({layer: A (r_new, in)}, {layer: r_new}) from the incremental PCA of every target layer's inputs."""
-    options = config.axis_options("init")
+    options = vars(config.axis_options("init"))  # a fresh filled instance: its __dict__ is ours
     ranks = {name: layer.ranks[adapter] for name, layer in layers.items()}
     caps = {name: min(round(ranks[name] * options["rho"]), layer.in_features) for name, layer in layers.items()}
     current: dict[str, torch.Tensor | None] = {"mask": None}
@@ -181,7 +181,7 @@ def eva_components(model, layers, config, batches, adapter: str) -> tuple[dict[s
 @registry.init("eva", options=EvaOptions, needs_data=True, architectures=("lora",), per_step_batches=True,
                description="A = top principal directions of each layer's inputs, B = 0, ranks by explained variance")
 def eva_init(model, layers, config, data) -> None:
-    options = config.axis_options("init")
+    options = vars(config.axis_options("init"))  # a fresh filled instance: its __dict__ is ours
     batches = check_batches(data, "eva")
     adapter = adapter_name_of(model, config)
     components, allocation = eva_components(model, layers, config, batches, adapter)

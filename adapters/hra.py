@@ -15,6 +15,7 @@ training loop adds ``peftkit.regularization_loss(model)`` to the loss.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -83,17 +84,17 @@ class HraLayer(AdapterLayer):
         self.hra_options: dict[str, dict[str, Any]] = {}
 
     def make_branch(self, name: str, r: int, alpha: float, config: Any) -> nn.Module:
-        options = {**HraOptions().__dict__, **config.axis_options("architecture")}
+        options = config.axis_options("architecture")
         # The paired init is the identity only for even r without Gram-Schmidt: GS turns a pair into an arbitrary
         # (or NaN, for an exactly zero residual) second direction, and I − 2VVᵀ is never I. Otherwise the
         # columns are Kaiming-uniform and the adapter changes the output at init.
-        reason = ("apply_GS=True (I − 2VVᵀ is never the identity)" if options["apply_GS"]
-                  else "init_weights=False" if not options["init_weights"]
+        reason = ("apply_GS=True (I − 2VVᵀ is never the identity)" if options.apply_GS
+                  else "init_weights=False" if not options.init_weights
                   else f"r = {r} is odd (use an even r)" if r % 2 else None)
         if reason is not None:
             warnings.warn(f"hra: adapter '{name}' starts away from the base model because {reason}; U is "
                           "Kaiming-initialised", stacklevel=4)
-        self.hra_options[name] = options
+        self.hra_options[name] = dataclasses.asdict(options)
         return HraBranch(self.in_features, r, adapter_dtype(self.base_layer), self.base_layer.weight.device,
                          paired=reason is None)
 
@@ -206,8 +207,8 @@ class HraLayer(AdapterLayer):
 
     def peft_config_fields(self, adapter_name: str, config: Any) -> dict[str, Any]:
         """The ``HRAConfig`` keys PEFT needs beside the common ones."""
-        options = {**HraOptions().__dict__, **config.axis_options("architecture")}
-        return {"apply_GS": bool(options["apply_GS"]), "init_weights": bool(options["init_weights"]),
+        options = config.axis_options("architecture")
+        return {"apply_GS": bool(options.apply_GS), "init_weights": bool(options.init_weights),
                 "bias": "none", "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None}
 
 

@@ -47,21 +47,21 @@ class HydraOptions:
     down_init: str = option("kaiming", choices=DOWN_INITS)
 
 
-def _options(config: Any) -> dict[str, Any]:
-    options = {**HydraOptions().__dict__, **config.axis_options("architecture")}
-    r_s = options["sequential_r"]
+def _options(config: Any) -> HydraOptions:
+    options = config.axis_options("architecture")
+    r_s = options.sequential_r
     if r_s is not None and (isinstance(r_s, bool) or not isinstance(r_s, int) or r_s <= 0):
         raise ConfigError(f"sequential_r: expected a positive integer rank or None (= r), got {r_s!r}")
     for key in ("scale", "sequential_scale"):
-        value = options[key]
+        value = getattr(options, key)
         if value is None and key == "sequential_scale":
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(f"{key}: expected a finite number (the Hydra branch scale), got {value!r}")
-    if not isinstance(options["branch_bias"], bool):
-        raise ConfigError(f"branch_bias: expected True or False, got {options['branch_bias']!r}")
-    if options["down_init"] not in DOWN_INITS:
-        raise ConfigError(f"down_init: expected one of {list(DOWN_INITS)}, got {options['down_init']!r}")
+    if not isinstance(options.branch_bias, bool):
+        raise ConfigError(f"branch_bias: expected True or False, got {options.branch_bias!r}")
+    if options.down_init not in DOWN_INITS:
+        raise ConfigError(f"down_init: expected one of {list(DOWN_INITS)}, got {options.down_init!r}")
     if config.rslora:
         raise ConfigError("rslora: Hydra has no alpha/r scaling (its scales are 'scale' and 'sequential_scale'); "
                           "remove rslora=True")
@@ -72,20 +72,20 @@ class HydraBranch(nn.Module):
     """One Hydra adapter: ``parallel_A`` (r_p, in), ``parallel_B`` (out, r_p), ``sequential_A`` (r_s, out),
     ``sequential_B`` (out, r_s) as ``nn.Linear`` modules (with biases a_p, b_p, a_s, b_s when ``branch_bias``)."""
 
-    def __init__(self, in_features: int, out_features: int, r_p: int, r_s: int, options: dict[str, Any],
+    def __init__(self, in_features: int, out_features: int, r_p: int, r_s: int, options: HydraOptions,
                  dropout: float, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
-        bias = options["branch_bias"]
+        bias = options.branch_bias
         kwargs = dict(bias=bias, dtype=dtype, device=device)
         self.parallel_A = nn.Linear(in_features, r_p, **kwargs)
         self.parallel_B = nn.Linear(r_p, out_features, **kwargs)
         self.sequential_A = nn.Linear(out_features, r_s, **kwargs)
         self.sequential_B = nn.Linear(r_s, out_features, **kwargs)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
-        self.parallel_scale = float(options["scale"])
-        seq = options["sequential_scale"]
-        self.sequential_scale = float(options["scale"] if seq is None else seq)
-        self.reset(options["down_init"])
+        self.parallel_scale = float(options.scale)
+        seq = options.sequential_scale
+        self.sequential_scale = float(options.scale if seq is None else seq)
+        self.reset(options.down_init)
 
     @torch.no_grad()
     def reset(self, down_init: str) -> None:
@@ -125,7 +125,7 @@ class HydraLayer(AdapterLayer):
 
     def make_branch(self, name: str, r: int, alpha: float, config: Any) -> nn.Module:
         options = _options(config)
-        r_s = options["sequential_r"] or r
+        r_s = options.sequential_r or r
         if r_s > self.out_features:
             raise ConfigError(
                 f"sequential_r: the sequential rank {r_s} of {self.module_name} exceeds its out_features "

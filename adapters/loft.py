@@ -22,6 +22,7 @@ nothing is exempt from decay), then torch's bias-corrected Adam step.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,7 @@ import torch.nn as nn
 
 from peftkit import registry
 from peftkit.errors import ConfigError
-from peftkit.optim import FactorPair, PairOptimizer, adamw_update, loraplus_ratios, damped_inverse, work_dtype
+from peftkit.optim import FactorPair, PairOptimizer, adamw_update, damped_inverse, loraplus_ratios, work_dtype
 from peftkit.validation import option
 
 
@@ -218,7 +219,7 @@ class LoftOptimizer(PairOptimizer):
 @registry.optimizer("loft", options=LoftOptions, architectures=("lora",),
                     description="LoFT: alternating LoRA updates that follow full-space AdamW (exact at full rank)")
 def build_loft(model: nn.Module, lr: float, config: Any, **options: Any) -> torch.optim.Optimizer:
-    opts = {**LoftOptions().__dict__, **config.axis_options("optimizer"), **options}
+    opts = dataclasses.asdict(config.axis_options("optimizer", **options))
     ratios = loraplus_ratios(opts.pop("loraplus_lr_ratio"))
     return LoftOptimizer(model, lr, lr_ratios=ratios, **opts)
 

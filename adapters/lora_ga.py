@@ -123,7 +123,7 @@ def lora_ga_factors(grad_u: torch.Tensor, grad_s: torch.Tensor, grad_vh: torch.T
 @registry.init("lora-ga", options=LoraGAOptions, needs_data=True, architectures=("lora",), expert_parameters=True,
                description="A₀, B₀ from the SVD of the full-weight gradient, frozen offset keeps the function")
 def lora_ga_init(model, layers, config, data) -> None:
-    options = dict(config.axis_options("init"))
+    options = dict(vars(config.axis_options("init")))
     _check(options)
     if options["peft_compat"]:
         options["svd"] = "exact"  # PEFT's parity: its (effectively exact) SVD, whatever "auto" would pick

@@ -49,7 +49,7 @@ def lora_one_factors(u: torch.Tensor, sv: torch.Tensor, vh: torch.Tensor, gamma:
 @registry.init("lora-one", options=LoraOneOptions, needs_data=True, architectures=("lora",), expert_parameters=True,
                description="A₀, B₀ from the top-r SVD of −G with √σ weights and 1/√(γσ₁): one normalised step")
 def lora_one_init(model, layers, config, data) -> None:
-    options = config.axis_options("init")
+    options = vars(config.axis_options("init"))  # a fresh filled instance: its __dict__ is ours
     gamma = options["gamma"]  # types and ranges: LoraOneOptions
     check_gradient_options(options)
     batches = check_batches(data, "lora-one")

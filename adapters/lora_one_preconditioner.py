@@ -107,6 +107,6 @@ class PreconditionedOptimizer(PairOptimizer):
 @registry.optimizer("lora-one-preconditioner", options=PreconditionerOptions, architectures=("lora",),
                     description="AdamW on Riemannian-preconditioned LoRA gradients (LoRA-One, Zhang et al.)")
 def build_preconditioner(model: nn.Module, lr: float, config: Any, **options: Any) -> torch.optim.Optimizer:
-    opts = {**PreconditionerOptions().__dict__, **config.axis_options("optimizer"), **options}
+    opts = vars(config.axis_options("optimizer", **options))
     ratios = loraplus_ratios(opts.pop("loraplus_lr_ratio"))
     return PreconditionedOptimizer(model, lr, lr_ratios=ratios, **opts)

@@ -35,11 +35,11 @@ class LoraPlusOptions:
 @registry.optimizer("lora-plus", options=LoraPlusOptions, architectures=("lora",),
                     description="AdamW with lr(B) = λ·lr(A) (LoRA+)")
 def build_lora_plus(model: nn.Module, lr: float, config: Any, **options: Any) -> torch.optim.Optimizer:
-    opts = {**LoraPlusOptions().__dict__, **config.axis_options("optimizer"), **options}
-    ratio = opts["loraplus_lr_ratio"]  # types and ranges: LoraPlusOptions
-    lr_embedding = opts["loraplus_lr_embedding"]
+    opts = config.axis_options("optimizer", **options)
+    ratio = opts.loraplus_lr_ratio  # types and ranges: LoraPlusOptions
+    lr_embedding = opts.loraplus_lr_embedding
     # The embedding group's lr_ratio makes its lr the absolute value; the LR scheduler scales it like the rest.
-    groups = param_groups(model, lr, opts["weight_decay"],
+    groups = param_groups(model, lr, opts.weight_decay,
                           lr_ratios={"B": float(ratio), "embedding": float(lr_embedding) / lr})
     for group in groups:
         if group["role"] == "embedding":
@@ -49,7 +49,7 @@ def build_lora_plus(model: nn.Module, lr: float, config: Any, **options: Any) ->
             "optimizer 'lora-plus' found no trainable LoRA B factor; it needs a LoRA-shaped adapter "
             "(lora, lora-ga, lora-one, eva, coto)"
         )
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(opts["betas"]), eps=opts["eps"])
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(opts.betas), eps=opts.eps)
 
 
 registry.register_method(

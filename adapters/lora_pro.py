@@ -29,6 +29,7 @@ mis-pair them, lora-pro.md pitfall 3).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +38,7 @@ import torch.nn as nn
 
 from peftkit import registry
 from peftkit.errors import ConfigError
-from peftkit.optim import FactorPair, PairOptimizer, loraplus_ratios, adamw_update, pinv_from_eig, sym_eig, work_dtype
+from peftkit.optim import FactorPair, PairOptimizer, adamw_update, loraplus_ratios, pinv_from_eig, sym_eig, work_dtype
 from peftkit.validation import option
 
 MODES = ("full", "efficient")
@@ -230,7 +231,7 @@ class LoraProOptimizer(PairOptimizer):
 @registry.optimizer("lora-pro", options=LoraProOptions, architectures=("lora",),
                     description="LoRA-Pro: gradients adjusted to the closest low-rank equivalent of full AdamW")
 def build_lora_pro(model: nn.Module, lr: float, config: Any, **options: Any) -> torch.optim.Optimizer:
-    opts = {**LoraProOptions().__dict__, **config.axis_options("optimizer"), **options}
+    opts = dataclasses.asdict(config.axis_options("optimizer", **options))
     ratios = loraplus_ratios(opts.pop("loraplus_lr_ratio"))
     return LoraProOptimizer(model, lr, lr_ratios=ratios, **opts)
 

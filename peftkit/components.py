@@ -16,20 +16,20 @@ import torch
 import torch.nn as nn
 
 from . import registry
-from .schedule import Schedule
 from .layer import AdapterLayer
 from .optim import AdamWOptions, param_groups
+from .schedule import Schedule
 
 
 @registry.optimizer("adamw", options=AdamWOptions, description="torch AdamW; no decay on biases and norms")
 def build_adamw(model: nn.Module, lr: float, config: Any, **options: Any) -> torch.optim.Optimizer:
     """torch's AdamW over ``param_groups(model, lr, weight_decay)`` (no decay on biases and norms)."""
-    opts = {**AdamWOptions().__dict__, **config.axis_options("optimizer"), **options}
-    groups = param_groups(model, lr, opts["weight_decay"])
+    opts = config.axis_options("optimizer", **options)
+    groups = param_groups(model, lr, opts.weight_decay)
     # On CPU torch picks the per-tensor loop (a Python iteration per parameter); the foreach kernels give the
     # same bits there with one call per group. Elsewhere torch's own choice (foreach on CUDA already).
     on_cpu = all(p.device.type == "cpu" for group in groups for p in group["params"])
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(opts["betas"]), eps=opts["eps"], foreach=True if on_cpu else None)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(opts.betas), eps=opts.eps, foreach=True if on_cpu else None)
 
 
 @registry.init("default", description="the architecture's own initialisation (no data)")

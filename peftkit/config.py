@@ -12,14 +12,23 @@ import dataclasses
 import difflib
 import math
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Iterable
 
 import torch.nn as nn
 
 from . import registry
 from .errors import ConfigError
-from .validation import (Rule, check_fields, check_instance, check_value, compile_pattern, option,
-                         pattern_suffix_match, unknown_key)
+from .validation import (
+    Rule,
+    check_fields,
+    check_instance,
+    check_value,
+    compile_pattern,
+    option,
+    pattern_suffix_match,
+    unknown_key,
+)
 
 ALL_LINEAR = "all-linear"
 # Classification heads that "all-linear" never adapts (they are new, randomly initialised layers).
@@ -57,8 +66,25 @@ class AdapterConfig:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ helpers
-    def axis_options(self, axis: str) -> dict[str, Any]:
-        return dict(self.options.get(axis, {}))
+    def axis_options(self, axis: str, **overrides: Any) -> Any:
+        """The options of the component selected on ``axis``, filled: an instance of its registered options
+        dataclass whose fields are the dataclass's defaults, overridden by the values this config stores
+        (``options[axis]``) and then by ``overrides`` (a call site's own, e.g. ``peftkit.optimizer(model,
+        weight_decay=0.1)``). A component that declares no options class gets a ``SimpleNamespace`` of the stored
+        values and overrides.
+
+        Raises:
+            ConfigError: ``axis`` is not one of ``registry.AXES``, or the selected component is not registered.
+        """
+        if axis not in registry.AXES:
+            raise ConfigError(unknown_key(axis, registry.AXES, "axis"))
+        values = {**self.options.get(axis, {}), **overrides}
+        options_class = registry.get_component(axis, getattr(self, axis)).options
+        if options_class is None:
+            return SimpleNamespace(**values)
+        names = {f.name for f in dataclasses.fields(options_class) if f.init}
+        # Values were checked against the class on the way in (from_dict, resolve_options, peftkit.optimizer).
+        return options_class(**{k: v for k, v in values.items() if k in names})
 
     def option(self, name: str, default: Any = None) -> Any:
         """A component option by name, from whichever selected axis declares it."""

@@ -16,21 +16,27 @@ import importlib
 import pkgutil
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
+from .contracts import AXES, Init, OptimizerFactory, ScheduleFactory
 from .errors import ConfigError
 
-AXES = ("architecture", "init", "optimizer", "schedule")
+# What each decorator takes and gives back unchanged (its contract: peftkit/contracts.py).
+ArchitectureT = TypeVar("ArchitectureT", bound=type)
+InitT = TypeVar("InitT", bound=Init)
+OptimizerT = TypeVar("OptimizerT", bound=OptimizerFactory)
+ScheduleT = TypeVar("ScheduleT", bound=ScheduleFactory)
 
 
 @dataclass(frozen=True)
 class Component:
     """One point on one axis.
 
-    ``options`` is a dataclass type whose fields are the component's own options (with defaults);
-    ``obj`` is what the axis needs: a layer class (architecture), a function
-    ``init(model, layers, config, data)`` (init), a factory ``build(model, lr, config, **kw)`` (optimizer),
-    a factory ``build(model, config) -> callback`` (schedule).
+    ``options`` is a dataclass type whose fields are the component's own options (with defaults; a config's
+    filled instance: ``AdapterConfig.axis_options(axis)``); ``obj`` is what the axis needs, as the Protocols of
+    ``peftkit/contracts.py`` state it: a layer class (``Architecture``: an ``AdapterLayer`` subclass), a function
+    ``init(model, layers, config, data)`` (``Init``), a factory ``build(model, lr, config, **options)``
+    (``OptimizerFactory``), a factory ``build(model, config) -> Schedule`` (``ScheduleFactory``).
     """
 
     axis: str
@@ -122,13 +128,18 @@ def _register_component(component: Component) -> None:
 
 
 def architecture(name: str, *, options: type | None = None, description: str = "",
-                 peft_type: str | None = None) -> Callable:
-    """Class decorator: register an ``AdapterLayer`` subclass as an architecture.
+                 peft_type: str | None = None) -> Callable[[ArchitectureT], ArchitectureT]:
+    """Class decorator: register an ``AdapterLayer`` subclass as an architecture (contract:
+    ``peftkit.contracts.Architecture``).
 
     ``peft_type``: PEFT's name of the format the layer saves in, when PEFT has one ("LORA", "HRA"); the class
-    then carries it as ``peft_type``, and folders of that type load into this architecture."""
+    then carries it as ``peft_type``, and folders of that type load into this architecture.
 
-    def deco(cls):
+    Raises:
+        ConfigError: another architecture is already registered under ``name``.
+    """
+
+    def deco(cls: ArchitectureT) -> ArchitectureT:
         cls.architecture_name = name
         if peft_type is not None:
             cls.peft_type = peft_type
@@ -157,15 +168,20 @@ def architecture_for_peft_type(peft_type: Any) -> str | None:
 
 def init(name: str, *, options: type | None = None, description: str = "", needs_data: bool = False,
          architectures: tuple[str, ...] | None = None, expert_parameters: bool | None = None,
-         per_step_batches: bool = False) -> Callable:
-    """Function decorator: register ``fn(model, layers, config, data)`` as an initialization.
+         per_step_batches: bool = False) -> Callable[[InitT], InitT]:
+    """Function decorator: register ``fn(model, layers, config, data) -> None`` as an initialization (contract:
+    ``peftkit.contracts.Init``).
 
     ``expert_parameters``: whether it handles expert-parameter layers (``peftkit.expert_layer.ExpertParameterLayer``,
     several matrices per layer); by default only an init that reads no data (it only sees the layers' own
     factors) is taken to. ``per_step_batches``: its result depends on the grouping of examples into batches, so
-    ``peftkit train`` gives it one batch per optimizer step (see ``Component.per_step_batches``)."""
+    ``peftkit train`` gives it one batch per optimizer step (see ``Component.per_step_batches``).
 
-    def deco(fn):
+    Raises:
+        ConfigError: another init is already registered under ``name``.
+    """
+
+    def deco(fn: InitT) -> InitT:
         experts = (not needs_data) if expert_parameters is None else expert_parameters
         _register_component(Component("init", name, fn, options, description, needs_data, architectures, experts,
                                       per_step_batches))
@@ -175,10 +191,15 @@ def init(name: str, *, options: type | None = None, description: str = "", needs
 
 
 def optimizer(name: str, *, options: type | None = None, description: str = "",
-              architectures: tuple[str, ...] | None = None) -> Callable:
-    """Function decorator: register ``build(model, lr, config, **kwargs) -> torch.optim.Optimizer``."""
+              architectures: tuple[str, ...] | None = None) -> Callable[[OptimizerT], OptimizerT]:
+    """Function decorator: register ``build(model, lr, config, **options) -> torch.optim.Optimizer`` (contract:
+    ``peftkit.contracts.OptimizerFactory``); ``architectures``: the ones it is defined for (None: any).
 
-    def deco(fn):
+    Raises:
+        ConfigError: another optimizer is already registered under ``name``.
+    """
+
+    def deco(fn: OptimizerT) -> OptimizerT:
         _register_component(Component("optimizer", name, fn, options, description, False, architectures))
         return fn
 
@@ -186,11 +207,16 @@ def optimizer(name: str, *, options: type | None = None, description: str = "",
 
 
 def schedule(name: str, *, options: type | None = None, description: str = "",
-             architectures: tuple[str, ...] | None = None, expert_parameters: bool = True) -> Callable:
-    """Function decorator: register ``build(model, config) -> callback`` as a schedule (``expert_parameters``:
-    whether it works on expert-parameter layers)."""
+             architectures: tuple[str, ...] | None = None,
+             expert_parameters: bool = True) -> Callable[[ScheduleT], ScheduleT]:
+    """Function decorator: register ``build(model, config) -> Schedule`` as a schedule (contract:
+    ``peftkit.contracts.ScheduleFactory``; ``expert_parameters``: whether it works on expert-parameter layers).
 
-    def deco(fn):
+    Raises:
+        ConfigError: another schedule is already registered under ``name``.
+    """
+
+    def deco(fn: ScheduleT) -> ScheduleT:
         _register_component(Component("schedule", name, fn, options, description, False, architectures,
                                       expert_parameters))
         return fn
