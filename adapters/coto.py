@@ -32,7 +32,8 @@ from peftkit.schedule import Schedule
 from peftkit.validation import option
 
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
-# The schedule currently gating each model: a new one replaces (and switches every adapter back on for) the previous one.
+# The schedule currently gating each model: a new one replaces (and switches every adapter back on for) the
+# previous one.
 _LIVE: "weakref.WeakKeyDictionary[nn.Module, CotoSchedule]" = weakref.WeakKeyDictionary()
 
 
@@ -173,7 +174,9 @@ registry.register_method(
     "coto", architecture="lora", schedule="coto",
     lr_convention=registry.LRConvention(
         "lora", 3.0,
-        "the authors give no rate (README only). Each block's adapter is on with probability p(t) rising from 0.1 to 1 over 75 % of the run, so it gets 0.49-0.53 of LoRA's lr-weighted Adam steps under a linear decay (0.66 at a "
-        "constant lr): at least 2x; method guide: within 2 points of LoRA's best at 3x on MiniLM and the instruction task; 9x falls"),
+        "the authors give no rate (README only). Each block's adapter is on with probability p(t) rising from 0.1 "
+        "to 1 over 75 % of the run, so it gets 0.49-0.53 of LoRA's lr-weighted Adam steps under a linear decay "
+        "(0.66 at a constant lr): at least 2x; method guide: within 2 points of LoRA's best at 3x on MiniLM and the "
+        "instruction task; 9x falls"),
     description="LoRA with CoTo (Zhuang et al. 2025): adapters switched on by blocks with probability rising to 1",
 )

@@ -68,7 +68,8 @@ def _arch_options(config: Any) -> ElaloraOptions:
     options = config.axis_options("architecture")
     cap = options.capacity
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0):
-        raise ConfigError(f"capacity: expected a positive integer (the per-layer rank capacity) or None (= 2·r), got {cap!r}")
+        raise ConfigError("capacity: expected a positive integer (the per-layer rank capacity) or None (= 2·r), "
+                          f"got {cap!r}")
     weight = options.orth_reg_weight
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
         raise ConfigError(f"orth_reg_weight: expected a number >= 0 (γ of the ElaLoRA regulariser), got {weight!r}")
@@ -280,7 +281,8 @@ class SlotAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch casts every loaded state tensor but ``step`` to its parameter's dtype; the slot counts stay fp64.
         slot_steps = {index: entry["slot_step"] for index, entry in state_dict["state"].items() if "slot_step" in entry}
-        state = {index: {k: v for k, v in entry.items() if k != "slot_step"} for index, entry in state_dict["state"].items()}
+        state = {index: {k: v for k, v in entry.items() if k != "slot_step"}
+                 for index, entry in state_dict["state"].items()}
         super().load_state_dict({**state_dict, "state": state})
         params = [p for group in self.param_groups for p in group["params"]]
         for index, steps in slot_steps.items():
@@ -347,7 +349,8 @@ def _schedule_options(config: Any) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"{key}: expected an integer >= 0 (ElaLoRA schedule), got {value!r}")
     if isinstance(options["delta_t"], bool) or not isinstance(options["delta_t"], int) or options["delta_t"] <= 0:
-        raise ConfigError(f"delta_t: expected a positive number of steps between reallocations, got {options['delta_t']!r}")
+        raise ConfigError("delta_t: expected a positive number of steps between reallocations, "
+                          f"got {options['delta_t']!r}")
     for key in ("beta1", "beta2"):
         if not isinstance(options[key], (int, float)) or not 0 <= options[key] < 1:
             raise ConfigError(f"{key}: expected an EMA factor in [0, 1), got {options[key]!r}")
@@ -457,7 +460,8 @@ class ElaloraSchedule(Schedule):
 
     def triplet_scores(self, name: str) -> torch.Tensor:
         """S_i = S(E_i) + mean_j S(Q_ij) + mean_j S(P_ji), S = Ī·Ū; (r_max,) in the adapter dtype."""
-        score = {key: self.ema[f"{name}.{key}.ipt"] * self.ema[f"{name}.{key}.unc"] for key in ("lora_A", "lora_E", "lora_B")}
+        score = {key: self.ema[f"{name}.{key}.ipt"] * self.ema[f"{name}.{key}.unc"]
+                 for key in ("lora_A", "lora_E", "lora_B")}
         return score["lora_E"] + score["lora_A"].mean(dim=1) + score["lora_B"].mean(dim=0)
 
     # ---------------------------------------------------------------- the step
@@ -608,7 +612,9 @@ registry.register_method(
     "elalora", architecture="elalora", optimizer="elalora-adamw", schedule="elalora", defaults={"r": 10, "alpha": 16},
     lr_convention=registry.LRConvention(
         "lora", 3.0,
-        "authors' scripts: lr 1e-3 (MRPC), 8e-4 (CoLA), 5e-4 (XSum) with E = 0 and P, Q ~ N(0, 0.02^2) (elalora.md, Defaults), 2-2.5x the LoRA paper's GLUE rates (4e-4 to 5e-4); from E = 0 the update grows about as (lr*t)^3 "
+        "authors' scripts: lr 1e-3 (MRPC), 8e-4 (CoLA), 5e-4 (XSum) with E = 0 and P, Q ~ N(0, 0.02^2) "
+        "(elalora.md, Defaults), 2-2.5x the LoRA paper's GLUE rates (4e-4 to 5e-4); from E = 0 the update grows "
+        "about as (lr*t)^3 "
         "until lr*t exceeds 0.02, so it needs the higher rate and ~0.05/lr steps (docs/methods/elalora.md); method "
         "guide: within 2 points of LoRA's best at 3x on both MiniLM tasks; best at 9x, 27x worse"),
     description="ElaLoRA (Chang et al. 2025): SVD-form adapter, ranks pruned and grown at constant total rank",

@@ -200,7 +200,8 @@ class HraLayer(AdapterLayer):
     def options_from_peft_config(peft_config: Any) -> dict[str, Any]:
         """The options of a PEFT ``HRAConfig`` object (r, apply_GS, init_weights); its options peftkit's HRA does
         not implement are one ConfigError."""
-        if getattr(peft_config, "layers_to_transform", None) is not None or getattr(peft_config, "bias", "none") != "none":
+        if (getattr(peft_config, "layers_to_transform", None) is not None
+                or getattr(peft_config, "bias", "none") != "none"):
             raise ConfigError(f"{type(peft_config).__name__}: layers_to_transform and bias are not supported by "
                               "peftkit's HRA; leave them unset")
         return dict(r=peft_config.r, apply_GS=bool(peft_config.apply_GS), init_weights=bool(peft_config.init_weights))
@@ -218,6 +219,7 @@ registry.register_method(
         "lora", 3.0,
         "authors' GLUE scripts (DeBERTaV3-base, the input-side form peftkit implements; HRA repo "
         "nlu/experiments/glue/*.sh): lr 4e-3 (RTE), 5.5e-3 (MRPC), 6e-3 (SST-2), 1e-2 (MNLI), about 10x the LoRA "
-        "paper's GLUE rates (4e-4 to 5e-4); method guide: within 2 points of LoRA's best at 3x on all four tasks; best at 9x on MiniLM, 27x collapses"),
+        "paper's GLUE rates (4e-4 to 5e-4); method guide: within 2 points of LoRA's best at 3x on all four tasks; "
+        "best at 9x on MiniLM, 27x collapses"),
     description="HRA (Yuan et al. 2024): W·H₁⋯H_r, orthogonal input-side reflections; PEFT's HRA semantics and format",
 )

@@ -215,6 +215,7 @@ class HydraLayer(AdapterLayer):
 
 registry.register_method(
     "hydra", architecture="hydra",
-    lr_convention=registry.LRConvention("lora", 1.0, "authors' settings: lr 5e-4-5e-3 (vtab), 6e-4 (nlu), LoRA rates (hydra.md)"),
+    lr_convention=registry.LRConvention("lora", 1.0,
+                                        "authors' settings: lr 5e-4-5e-3 (vtab), 6e-4 (nlu), LoRA rates (hydra.md)"),
     description="Hydra (Kim et al. 2023): parallel + sequential low-rank branches; exact merge, exports to PEFT LoRA",
 )

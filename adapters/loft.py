@@ -227,8 +227,8 @@ def build_loft(model: nn.Module, lr: float, config: Any, **options: Any) -> torc
 registry.register_method(
     "loft", architecture="lora", optimizer="loft",
     lr_convention=registry.LRConvention(
-        "full-ft", 0.3, "behaves like full FT (full-space AdamW moments); the spec gives no ratio (the authors' demo lr "
-        "1e-4-3e-4); the method guide's sweep (issue 24) put its best at 0.3x LoRA's rate on 3 of 4 tasks (0.1x: 58.0 % "
-        "on TREC against 90.8 %), the demo's upper end"),
+        "full-ft", 0.3, "behaves like full FT (full-space AdamW moments); the spec gives no ratio (the authors' "
+        "demo lr 1e-4-3e-4); the method guide's sweep (issue 24) put its best at 0.3x LoRA's rate on 3 of 4 tasks "
+        "(0.1x: 58.0 % on TREC against 90.8 %), the demo's upper end"),
     description="LoFT (Tastan et al. 2026): LoRA whose updates follow full-space AdamW",
 )

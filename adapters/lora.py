@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from peftkit import registry
 from peftkit.errors import ConfigError, StateError
-from peftkit.layer import AdapterLayer, adapter_dtype, linear_types
 from peftkit.expert_layer import ExpertParameterLayer
+from peftkit.layer import AdapterLayer, adapter_dtype, linear_types
 from peftkit.validation import option
 
 
@@ -156,8 +156,8 @@ class LoraLayer(AdapterLayer):
     def load_saved_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         branch = self.adapters[name]
         if branch.offset_A is not None:
-            raise StateError(f"{self.module_name}: cannot load saved tensors into an adapter with a frozen offset pair; "
-                             "load the checkpoint into a plain base model (peftkit.load) instead")
+            raise StateError(f"{self.module_name}: cannot load saved tensors into an adapter with a frozen offset "
+                             "pair; load the checkpoint into a plain base model (peftkit.load) instead")
         with torch.no_grad():
             branch.lora_A.weight.copy_(tensors["lora_A.weight"])
             branch.lora_B.weight.copy_(tensors["lora_B.weight"])

@@ -54,6 +54,8 @@ def build_lora_plus(model: nn.Module, lr: float, config: Any, **options: Any) ->
 
 registry.register_method(
     "lora-plus", architecture="lora", optimizer="lora-plus",
-    lr_convention=registry.LRConvention("lora", 0.5, "authors' README: with a larger λ, a lower η, e.g. ÷2 from a vanilla-LoRA lr (lora-plus.md, Defaults)"),
+    lr_convention=registry.LRConvention(
+        "lora", 0.5, "authors' README: with a larger λ, a lower η, e.g. ÷2 from a vanilla-LoRA lr (lora-plus.md, "
+        "Defaults)"),
     description="LoRA+ (Hayou et al. 2024): LoRA with lr(B) = 16·lr(A)",
 )

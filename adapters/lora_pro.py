@@ -57,7 +57,8 @@ class LoraProOptions:
     eps: float = option(1e-8, ge=0)
     loraplus_lr_ratio: float = option(1.0, gt=0)  # lr(B) / lr(A), LoRA+ composition
     max_grad_norm: float | None = option(None, gt=0)  # clip the unscaled raw gradients before the adjustment
-    moment_dtype: str | None = option(None, choices=(None, *MOMENT_DTYPES))  # full mode: dtype of M and V (None: fp32, fp64 for fp64 factors)
+    # full mode: dtype of M and V (None: fp32, fp64 for fp64 factors)
+    moment_dtype: str | None = option(None, choices=(None, *MOMENT_DTYPES))
     reference_code: bool = option(False)  # full mode: the official code's bias correction (t + 1) and clipping order
     # full mode under torch.distributed: each process keeps the moments of the whole pairs it owns (~1/N of
     # them), updates those pairs and broadcasts their factors (PairOptimizer.pair_owners). None: off, unless a
@@ -238,6 +239,8 @@ def build_lora_pro(model: nn.Module, lr: float, config: Any, **options: Any) -> 
 
 registry.register_method(
     "lora-pro", architecture="lora", optimizer="lora-pro",
-    lr_convention=registry.LRConvention("full-ft", 0.1, "official scripts: lr 2e-5, the full-FT lr, since the update is full-space Adam; LoRA's 2e-4 (lora-pro.md, Defaults)"),
+    lr_convention=registry.LRConvention(
+        "full-ft", 0.1, "official scripts: lr 2e-5, the full-FT lr, since the update is full-space Adam; LoRA's "
+        "2e-4 (lora-pro.md, Defaults)"),
     description="LoRA-Pro (Wang et al. 2025): LoRA with gradients adjusted towards full fine-tuning",
 )

@@ -28,15 +28,16 @@ from .api import (
     unwrap,
     wrap,
 )
-from .errors import CheckpointError, ConfigError, MergeError, PeftkitError, StateError
 from .combine import add_weighted_adapter
+from .errors import CheckpointError, ConfigError, MergeError, PeftkitError, StateError
 from .integrations import attach, reference_free_trainer, reference_model
 from .regularization import regularization_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterConfig", "CheckpointError", "ConfigError", "MergeError", "PeftkitError", "StateError", "callbacks", "disabled",
+    "AdapterConfig", "CheckpointError", "ConfigError", "MergeError", "PeftkitError", "StateError", "callbacks",
+    "disabled",
     "export", "load", "load_model", "merge", "methods", "optimizer", "save", "set_adapter", "summary",
     "trainable_parameters", "unmerge",
     "unwrap", "wrap", "regularization_loss", "delete_adapter", "add_weighted_adapter", "attach", "reference_model",

@@ -14,13 +14,23 @@ import torch
 import torch.nn as nn
 
 from . import checkpoint, registry
-from . import lr as lr_rules
+
 # The generic components (adamw, the default init, the schedule none) register on import.
 from . import components as _components  # noqa: F401
+from . import lr as lr_rules
 from .config import AdapterConfig, check_component_options, resolve_config
 from .errors import ConfigError, StateError
-from .inject import (adapter_layers, drop_adapter, inject, parameter_flags, remove, restore_parameter_flags,
-                     set_active, set_enabled, state_of)
+from .inject import (
+    adapter_layers,
+    drop_adapter,
+    inject,
+    parameter_flags,
+    remove,
+    restore_parameter_flags,
+    set_active,
+    set_enabled,
+    state_of,
+)
 from .optim import check_lr
 from .validation import Rule, check_value
 
@@ -35,6 +45,25 @@ def wrap(model: nn.Module, method_or_config: str | AdapterConfig = "lora", *, da
     ``target_modules``, ``lora_dropout``, ``use_rslora``, ``exclude_modules`` too), an axis override (``init=``,
     ``optimizer=``, ``schedule=``, ``architecture=``) or an option of one of the selected components.
     ``data`` (an iterable of batches, dicts of tensors as the model takes them) is needed by data-driven inits.
+
+    Args:
+        model: the base model (any ``nn.Module``; a Hugging Face model in practice), changed in place.
+        method_or_config: a registered method name (``peftkit.methods()``), an ``AdapterConfig``, or a PEFT config.
+        data: batches for a data-driven init (LoRA-GA, LoRA-One, EVA): dicts with ``input_ids``,
+            ``attention_mask`` and ``labels`` of shape ``(batch, seq)``; None for the other inits.
+        adapter_name: the name of the new adapter (several adapters may live in one model).
+        **options: common options, axis overrides and component options (above).
+
+    Returns:
+        The same ``model`` object, its targets replaced by adapter layers, the base frozen (``requires_grad``
+        False), the adapter's tensors trainable and initialised (each ``A`` ``(r, in)``, ``B`` ``(out, r)`` for
+        the LoRA forms).
+
+    Raises:
+        ConfigError: an unknown method, option or axis component, a value of the wrong type or range, targets that
+            match no module, a component not defined for the selected architecture, or ``data`` missing for a
+            data-driven init; one message names the field. Nothing is injected then.
+        StateError: the model already holds HF PEFT adapters, or an adapter called ``adapter_name`` exists.
     """
     pending = inject_adapters(model, method_or_config, adapter_name=adapter_name, data_given=data is not None,
                               **options)
@@ -114,7 +143,8 @@ def inject_adapters(model: nn.Module, method_or_config: str | AdapterConfig = "l
             "(dicts of input_ids, attention_mask, labels)> to peftkit.wrap"
         )
     if not init.needs_data and data_given:
-        warnings.warn(f"wrap: the '{config.init}' initialisation uses no data; the data argument is ignored", stacklevel=3)
+        warnings.warn(f"wrap: the '{config.init}' initialisation uses no data; the data argument is ignored",
+                      stacklevel=3)
     torch_state = torch.random.get_rng_state()
     torch.manual_seed(config.seed)  # adapters are reproducible and identical on every process by construction
     flags = parameter_flags(model)
@@ -127,7 +157,8 @@ def inject_adapters(model: nn.Module, method_or_config: str | AdapterConfig = "l
 
 
 def classification_heads(model: nn.Module) -> list[str]:
-    """The head of a ``*ForSequenceClassification`` / ``*ForTokenClassification`` model (``score`` or ``classifier``)."""
+    """The head of a ``*ForSequenceClassification`` / ``*ForTokenClassification`` model (``score`` or
+    ``classifier``)."""
     if not type(model).__name__.endswith(("ForSequenceClassification", "ForTokenClassification")):
         return []
     from .config import CLASSIFIER_HEAD_NAMES
@@ -150,6 +181,21 @@ def optimizer(model: nn.Module, lr: float | str | None = None, *, base_lr: float
     The choice is kept on the optimizer as ``optimizer.peftkit_lr`` (a ``peftkit.lr.LRChoice``).
     ``options`` override the optimizer's own options (e.g. ``weight_decay``, ``loraplus_lr_ratio``);
     ``name=`` picks another registered optimizer for this call.
+
+    Args:
+        model: a model wrapped by :func:`wrap` or filled by :func:`load` with ``trainable=True``.
+        lr: the learning rate (a positive float, per optimizer step), or None / ``"auto"`` for the convention.
+        base_lr: the rate you would give plain LoRA, from which ``"auto"`` derives this method's rate.
+        **options: the optimizer's own options, and ``name=`` (above).
+
+    Returns:
+        A ``torch.optim.Optimizer`` over every trainable tensor of ``model`` (param groups carry ``role`` and
+        ``lr_ratio``), with ``peftkit_lr`` set.
+
+    Raises:
+        ConfigError: a non-positive or non-finite ``lr`` / ``base_lr``, an unknown optimizer or option, an option
+            out of range, an optimizer not defined for the model's architecture, or no trainable parameter.
+        StateError: the model holds no peftkit adapter.
     """
     auto = lr is None or lr == "auto"
     if not auto:
@@ -200,6 +246,19 @@ def callbacks(model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
 
     Pass the training ``optimizer`` (or call ``attach_optimizer`` later) for schedules that edit its state
     (ElaLoRA resets the moments of the slots it prunes or grows); the Trainer passes it by itself.
+
+    Args:
+        model: a wrapped model.
+        optimizer: the training optimizer, for schedules that edit its state.
+
+    Returns:
+        The schedule (a ``peftkit.schedule.Schedule``; ``peftkit.contracts.Schedule``): call
+        ``on_step(step, total_steps)`` after each optimizer step (``step`` from 1, in optimizer steps), or pass it
+        to ``transformers.Trainer(callbacks=[...])``. Its ``state_dict()`` belongs in a training checkpoint.
+
+    Raises:
+        ConfigError: the schedule's options do not fit the model.
+        StateError: the model holds no peftkit adapter.
     """
     config = _active_config(model)
     schedule = registry.get_component("schedule", config.schedule).obj(model, config)
@@ -210,7 +269,22 @@ def callbacks(model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
 
 def save(model: nn.Module, directory: str | os.PathLike, adapter_names: list[str] | None = None) -> None:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's format where the method allows),
-    peftkit's sidecar ``peftkit.json`` and a model card ``README.md`` (kept as it is if the user wrote it)."""
+    peftkit's sidecar ``peftkit.json`` and a model card ``README.md`` (kept as it is if the user wrote it).
+
+    Each file is written atomically (a temporary file renamed into place). Tensors are saved in the adapter's
+    dtype with PEFT's key names.
+
+    Args:
+        model: a wrapped model (merged or not).
+        directory: the output folder (created; a folder of several adapters gets one subfolder per extra adapter,
+            as PEFT does).
+        adapter_names: the adapters to save; None: all of them.
+
+    Raises:
+        ConfigError: an adapter name the model does not hold, or an adapter mixing saved formats.
+        CheckpointError: ``directory`` exists and is not a folder, or it cannot be written.
+        StateError: the model holds no peftkit adapter.
+    """
     from .hub import write_model_card
 
     checkpoint.save(model, directory, adapter_names)
@@ -220,7 +294,26 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter_names: list[str
 def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
          trainable: bool = False, *, revision: str | None = None, token: bool | str | None = None) -> nn.Module:
     """Inject and fill the adapter saved in ``directory`` (by peftkit or by PEFT; a folder or a Hub id, read at
-    ``revision`` with ``token``) into a plain base model."""
+    ``revision`` with ``token``) into a plain base model.
+
+    Args:
+        model: the base model the adapter was trained on (same module names and weight shapes).
+        directory: a folder written by :func:`save` or PEFT's ``save_pretrained``, or a Hub repo id.
+        adapter_name: the name the loaded adapter gets in ``model``.
+        trainable: True to keep training it (its tensors get ``requires_grad``); False: frozen, for inference.
+        revision: the Hub revision (branch, tag or commit) for a repo id.
+        token: the Hub token (True: the logged-in one).
+
+    Returns:
+        The same ``model`` object, holding the adapter.
+
+    Raises:
+        CheckpointError: the folder is missing or unreadable, the saved tensors do not fit this model (a missing
+            key, a wrong shape, parameters the model lacks), or the saved format is one peftkit does not read.
+        ConfigError: the saved config names an unknown method, component or plugin (the message names the plugin
+            module to install), or holds an invalid value.
+        StateError: ``adapter_name`` already exists in ``model``.
+    """
     checkpoint.load(model, directory, adapter_name=adapter_name, trainable=trainable, revision=revision, token=token)
     _weight_gate(model)
     return model
@@ -231,7 +324,23 @@ def export(model_or_dir: nn.Module | str | os.PathLike, directory: str | os.Path
     """Write the adapter for a serving engine: ``to="peft"`` (default) PEFT's own format of the method (LoRA, HRA),
     ``to="lora"`` a plain PEFT LoRA for every method (vLLM, SGLang, llama.cpp's converter), ``to="gguf"`` a
     llama.cpp / Ollama LoRA adapter file. Exporting a saved folder of a method that is not a LoRA already needs
-    ``base_model`` (its low-rank form depends on the base weights). ``format`` is the former name of ``to``."""
+    ``base_model`` (its low-rank form depends on the base weights). ``format`` is the former name of ``to``.
+
+    Args:
+        model_or_dir: a wrapped model, or a folder written by :func:`save`.
+        directory: the output folder (for ``to="gguf"``: the folder of the ``.gguf`` file).
+        to: ``"peft"``, ``"lora"`` or ``"gguf"``.
+        base_model: the base model, to export a saved folder of a non-LoRA method as a LoRA.
+        format: the former name of ``to``.
+
+    Returns:
+        The ``pathlib.Path`` written (the folder, or the ``.gguf`` file for ``to="gguf"``).
+
+    Raises:
+        ConfigError: an unknown ``to``, the output folder being the adapter's own folder, or ``base_model``
+            missing where the LoRA form needs the base weights.
+        CheckpointError: the input folder is unreadable or the output cannot be written.
+    """
     if format is not None:
         to = format
     if to == "gguf":  # a file format of its own (peftkit.gguf builds on checkpoint's LoRA export)
@@ -315,7 +424,22 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
     """Fold the active adapters into the base weights (the adapters stay, ready to ``unmerge``).
 
     Thread-safe against forward passes of ``model`` in other threads: they wait while the weights change, and
-    the merge waits for those in flight (see ``docs/errors.md``)."""
+    the merge waits for those in flight (see ``docs/errors.md``). Each base weight ``W`` ``(out, in)`` becomes
+    ``W + ΔW`` (or the architecture's own fold, e.g. HRA's ``W·Q``) and is stored back in ``W``'s dtype (a quantized
+    weight is dequantized, updated and re-quantized: lossy, with a warning).
+
+    Args:
+        model: a wrapped model.
+        safe: check every merged weight for NaN / inf before writing any.
+
+    Returns:
+        The same ``model`` object.
+
+    Raises:
+        StateError: the adapters are already merged, the call comes from inside a forward of the same thread, or
+            the model holds no peftkit adapter.
+        MergeError: with ``safe``, a merged weight would not be finite (nothing is changed then).
+    """
     with _weight_gate(model).changing("merge"):
         return _merge(model, safe)
 
@@ -341,7 +465,14 @@ def _merge(model: nn.Module, safe: bool) -> nn.Module:
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Subtract merged adapters from the base weights again (thread-safe as :func:`merge`)."""
+    """Subtract merged adapters from the base weights again (thread-safe as :func:`merge`).
+
+    Returns:
+        The same ``model`` object.
+
+    Raises:
+        StateError: the model holds no peftkit adapter, or the call comes from inside a forward of the same thread.
+    """
     state_of(model)
     with _weight_gate(model).changing("unmerge"):
         for layer in adapter_layers(model).values():
@@ -350,7 +481,18 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def unwrap(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Remove the adapter layers (merging them first unless ``merge=False``); returns the plain model."""
+    """Remove the adapter layers (merging them first unless ``merge=False``); returns the plain model.
+
+    Args:
+        model: a wrapped model.
+        merge: fold the active adapters into the base weights first; False drops them.
+
+    Returns:
+        The plain model (the same object, its adapter layers replaced by their base layers, no peftkit hooks).
+
+    Raises:
+        StateError: the model holds no peftkit adapter, or the call comes from inside a forward of the same thread.
+    """
     gate = model.__dict__.get(GATE_ATTR)
     if gate is None:
         return remove(model, merge=merge)
@@ -369,7 +511,12 @@ def unwrap(model: nn.Module, merge: bool = True) -> nn.Module:
 def delete_adapter(model: nn.Module, names: str | list[str]) -> None:
     """Remove adapters by name everywhere (PEFT's ``delete_adapter``). The active set loses them; deleting the
     last active adapter activates the first one left (PEFT does the same); deleting the last adapter leaves the
-    plain model (it then saves as a full model)."""
+    plain model (it then saves as a full model).
+
+    Raises:
+        ConfigError: a name the model does not hold.
+        StateError: an adapter to delete is merged (unmerge first).
+    """
     state = state_of(model)
     names = [names] if isinstance(names, str) else list(names)
     unknown = [n for n in names if n not in state.configs]
@@ -388,7 +535,12 @@ def delete_adapter(model: nn.Module, names: str | list[str]) -> None:
 
 
 def set_adapter(model: nn.Module, names: str | list[str]) -> None:
-    """Make ``names`` the active (and only trainable) adapters; several active adapters add up."""
+    """Make ``names`` the active (and only trainable) adapters; several active adapters add up.
+
+    Raises:
+        ConfigError: a name the model does not hold.
+        StateError: the model holds no peftkit adapter.
+    """
     set_active(model, [names] if isinstance(names, str) else list(names))
 
 
@@ -417,7 +569,11 @@ class TrainableParameters:
 
 def trainable_parameters(model: nn.Module) -> TrainableParameters:
     """Trainable and total parameter counts (4-bit weights count two parameters per stored byte; a ZeRO-3
-    partitioned weight counts its whole size, not the 0 elements it holds between uses)."""
+    partitioned weight counts its whole size, not the 0 elements it holds between uses).
+
+    Returns:
+        A ``TrainableParameters`` (counts of elements; ``percent``; ``str()`` is PEFT's one line).
+    """
     trainable = total = 0
     for param in model.parameters():
         count = getattr(param, "ds_numel", None) or param.numel()
@@ -431,7 +587,11 @@ def trainable_parameters(model: nn.Module) -> TrainableParameters:
 
 def summary(model: nn.Module, adapter_name: str | None = None):
     """What the adapter adapted: ``str()`` is the one line ``wrap`` logs; the object (``AdapterSummary``: counts
-    by kind of base layer, expert matrices, trainable parameters, skipped targets with reasons; ``to_dict()``)."""
+    by kind of base layer, expert matrices, trainable parameters, skipped targets with reasons; ``to_dict()``).
+
+    Raises:
+        StateError: the model holds no peftkit adapter.
+    """
     from .report import summary as build
 
     return build(model, adapter_name)
@@ -450,7 +610,22 @@ def load_model(name_or_path: str | os.PathLike, *, gguf_file: str | None = None,
     ``from_pretrained`` calls. Adapters saved from it record ``<name>/<gguf_file>`` as their base, which
     ``peftkit merge`` / ``export`` and ``peftkit.export(..., to="gguf")`` resolve the same way.
     ``task``: "causal-lm", "sequence-classification" or "image-text-to-text" (a vision-language model: wrap it
-    with ``peftkit.train.vision.adapter_options``, see docs/recipes.md); other keyword arguments go to ``from_pretrained``."""
+    with ``peftkit.train.vision.adapter_options``, see docs/recipes.md); other keyword arguments go to
+    ``from_pretrained``.
+
+    Args:
+        name_or_path: a Hub id, a local folder, or ``pkg:<module>/<folder>`` (a model shipped in a package).
+        gguf_file: a GGUF file name inside ``name_or_path``.
+        task: the model head (above).
+        dtype: the dtype of the loaded weights.
+        **from_pretrained: passed to ``from_pretrained``.
+
+    Returns:
+        The model, with its reference recorded for the adapters saved from it.
+
+    Raises:
+        ConfigError: an unknown ``task``, or a reference that does not resolve (no such folder, package or file).
+    """
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification
 
     from .train.build import resolve_model_ref

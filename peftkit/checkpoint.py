@@ -26,28 +26,68 @@ import torch.nn as nn
 from . import registry
 from .config import AdapterConfig, _name_matches, parameter_candidates
 from .errors import CheckpointError, ConfigError
+from .expert_layer import ExpertParameterLayer
+
 # The folder's schema, file IO, provenance and labels live in their own modules (peftkit.peft_format, .fileio,
 # .provenance, .labels); their names stay importable from here, where callers have always found them.
-from .fileio import (atomic_save_tensors, atomic_write_bytes, atomic_write_json, dir_mode, file_mode,  # noqa: F401
-                     fsync_dir, json_bytes, serialize_tensors, sha256_file, stage_bytes)
-from .inject import (adapter_layers, drop_adapter, inject, parameter_flags, probe_adapter, remove,
-                     restore_parameter_flags, saved_modules, state_of)
+from .fileio import (  # noqa: F401
+    atomic_save_tensors,
+    atomic_write_bytes,
+    atomic_write_json,
+    dir_mode,
+    file_mode,
+    fsync_dir,
+    json_bytes,
+    serialize_tensors,
+    sha256_file,
+    stage_bytes,
+)
+from .inject import (
+    adapter_layers,
+    drop_adapter,
+    inject,
+    parameter_flags,
+    probe_adapter,
+    remove,
+    restore_parameter_flags,
+    saved_modules,
+    state_of,
+)
 from .labels import apply_class_names, check_labels, label_fields, model_labels, task_type  # noqa: F401
-from .expert_layer import ExpertParameterLayer
 from .layer import AdapterLayer
-from .peft_format import (CONFIG_NAME, METADATA_NAME, PREFIX, VERSION, WEIGHTS_NAME, AdapterFolder,  # noqa: F401
-                          PeftFields, PeftkitFields, peft_rewritten_targets, read_adapter, read_config,
-                          read_metadata, read_tensors, saved_patterns, target_list)
-from .provenance import (BASE_REF_ATTR, PKG_PREFIX, base_reference, package_reference,  # noqa: F401
-                         plugin_modules, record_base_reference)
+from .peft_format import (  # noqa: F401
+    CONFIG_NAME,
+    METADATA_NAME,
+    PREFIX,
+    VERSION,
+    WEIGHTS_NAME,
+    AdapterFolder,
+    PeftFields,
+    PeftkitFields,
+    peft_rewritten_targets,
+    read_adapter,
+    read_config,
+    read_metadata,
+    read_tensors,
+    saved_patterns,
+    target_list,
+)
+from .provenance import (  # noqa: F401
+    BASE_REF_ATTR,
+    PKG_PREFIX,
+    base_reference,
+    package_reference,
+    plugin_modules,
+    record_base_reference,
+)
 from .validation import check_output_dir, pattern_suffix_match
-
 
 # ------------------------------------------------------------------------------------------ saving
 EXPORT_TARGETS = ("peft", "lora", "gguf")
 
 
-def adapter_state(model: nn.Module, adapter_name: str, *, export: bool | str = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def adapter_state(model: nn.Module, adapter_name: str, *,
+                  export: bool | str = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, PEFT-style config dict) of one adapter, in its saved or exported form.
 
     ``export``: False (the saved form), True or ``"peft"`` (PEFT's format of the architecture where it has one, a
@@ -129,7 +169,8 @@ def adapter_state(model: nn.Module, adapter_name: str, *, export: bool | str = F
     rewritten = peft_rewritten_targets(model, module_layers) if peft_type == "LORA" else []
     if rewritten:
         warnings.warn(
-            f"{adapter_name}: PEFT 0.21 reads {rewritten[0]} ({len(rewritten)} such layers) as a transformers-v4 expert "
+            f"{adapter_name}: PEFT 0.21 reads {rewritten[0]} ({len(rewritten)} such layers) as a transformers-v4 "
+            "expert "
             f"name on a '{model.config.model_type}' model and rewrites it onto the fused experts, so this adapter "
             "loads in peftkit (exact) but not in PEFT's PeftModel.from_pretrained. To serve it with PEFT, leave those "
             "dense/shared-expert layers out (exclude=[...]) or merge it (peftkit.unwrap)", stacklevel=3)
@@ -181,7 +222,8 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter_names: list[str
     state = state_of(model)
     names = adapter_names or list(state.configs)
     if Path(directory).exists() and not Path(directory).is_dir():
-        raise CheckpointError(f"{directory}: exists and is not a folder; save the adapter into a folder (new or existing)")
+        raise CheckpointError(f"{directory}: exists and is not a folder; save the adapter into a folder (new or "
+                              "existing)")
     written = []
     staged = [(name, *adapter_state(model, name, export=export)) for name in names]
     for name, tensors, _ in staged:
@@ -225,7 +267,8 @@ def _resolve(directory: str | os.PathLike, what: str = "adapter", **hub: Any) ->
     return resolve_folder(directory, what, **hub)
 
 
-def _config_from_peft(data: dict[str, Any], module_names: list[str], section: dict[str, Any] | None = None) -> AdapterConfig:
+def _config_from_peft(data: dict[str, Any], module_names: list[str],
+                      section: dict[str, Any] | None = None) -> AdapterConfig:
     if section is None:
         section = data.get("peftkit")
     if isinstance(section, dict) and isinstance(section.get("config"), dict):

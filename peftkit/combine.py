@@ -102,7 +102,8 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
                 b = torch.cat([b, b.new_zeros((b.shape[0], pad) + tuple(b.shape[2:]))], 1)
         else:
             if items[0][4].ndim != 2:
-                raise ConfigError(f"add_weighted_adapter: 'svd' needs matrix factors; {name} is a convolution (use 'cat')")
+                raise ConfigError(f"add_weighted_adapter: 'svd' needs matrix factors; {name} is a convolution "
+                                  "(use 'cat')")
             delta = sum(w * s * (b @ a) for _, w, _, _, a, b, s in items)
             u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
             rank = min(new_rank, sv.shape[0])

@@ -58,8 +58,10 @@ class AdapterConfig:
                                                  "['mlp.experts.gate_up_proj', 'mlp.experts.down_proj'], or null")
     dropout: float = option(0.0, ge=0, lt=1, expect="a probability in [0, 1)", example=0.05)
     rslora: bool = False
-    rank_pattern: dict[str, int] = option(default_factory=dict, gt=0, expect="a mapping {module regex: positive integer rank}")
-    alpha_pattern: dict[str, float] = option(default_factory=dict, gt=0, expect="a mapping {module regex: positive number}")
+    rank_pattern: dict[str, int] = option(default_factory=dict, gt=0,
+                                          expect="a mapping {module regex: positive integer rank}")
+    alpha_pattern: dict[str, float] = option(default_factory=dict, gt=0,
+                                             expect="a mapping {module regex: positive number}")
     modules_to_save: list[str] | None = option(None, expect="a list of module names such as ['classifier'], or null")
     seed: int = option(0, ge=0)
     # Per axis: {"architecture": {...}, "init": {...}, "optimizer": {...}, "schedule": {...}}
@@ -137,7 +139,8 @@ def pattern_key(pattern: dict[str, Any], module_name: str) -> str | None:
     return None
 
 
-def check_component_options(component: registry.Component, values: dict[str, Any], *, prefix: str = "") -> dict[str, Any]:
+def check_component_options(component: registry.Component, values: dict[str, Any], *,
+                            prefix: str = "") -> dict[str, Any]:
     """A component's options checked against its options dataclass (types, ranges, choices); normalised copy."""
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.') or component.axis}: expected a mapping of {component.axis} options, "
@@ -156,7 +159,8 @@ def resolve_config(method_or_config: str | AdapterConfig, **options: Any) -> Ada
     return resolve_options(method_or_config, options)
 
 
-def resolve_options(method_or_config: str | AdapterConfig, options: dict[str, Any], *, prefix: str = "") -> AdapterConfig:
+def resolve_options(method_or_config: str | AdapterConfig, options: dict[str, Any], *,
+                    prefix: str = "") -> AdapterConfig:
     """:func:`resolve_config` with the options as a dict; ``prefix`` (e.g. ``"adapter."``) goes in front of the
     option names in error messages (a recipe's section)."""
     if isinstance(method_or_config, AdapterConfig):
@@ -280,7 +284,8 @@ def select_targets(model: nn.Module, config: AdapterConfig, supported: tuple[typ
     modules = dict(model.named_modules())
     skip = set()
     for keep in config.modules_to_save or []:
-        skip |= {n for n in names if _name_matches(n, keep) or any(n.startswith(m + ".") for m in names if _name_matches(m, keep))}
+        skip |= {n for n in names
+                 if _name_matches(n, keep) or any(n.startswith(m + ".") for m in names if _name_matches(m, keep))}
     unmatched_heads = [e for e in config.modules_to_save or [] if not any(_name_matches(n, e) for n in names)]
     if unmatched_heads:
         raise ConfigError(
@@ -327,7 +332,8 @@ def select_targets(model: nn.Module, config: AdapterConfig, supported: tuple[typ
                          and not any(_name_matches(p, e) for p in param_names)]
             if unmatched:
                 raise ConfigError(
-                    f"exclude: {unmatched} match no module or parameter. Close module names: {_close_names(unmatched[0], names)}"
+                    f"exclude: {unmatched} match no module or parameter. Close module names: "
+                    f"{_close_names(unmatched[0], names)}"
                 )
         chosen = [n for n in chosen if not _matches(n, exclude)]
     # A router (of an MoE block) and a module whose own weight is one 2-D matrix but that is no linear layer are
@@ -430,7 +436,8 @@ def router_names(model: nn.Module) -> set[str]:
         if isinstance(module, (nn.Embedding, nn.modules.conv._ConvNd)) or module._parameters.get("weight") is None:
             continue
         rows = int(getattr(weight, "ds_shape", weight.shape)[0])
-        if any((not block or name.startswith(block + ".")) and rows in (experts, 1) for block, experts in blocks.items()):
+        if any((not block or name.startswith(block + ".")) and rows in (experts, 1)
+               for block, experts in blocks.items()):
             found.add(name)
     return found
 

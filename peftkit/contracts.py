@@ -162,9 +162,10 @@ def contract_problems(axis: str, obj: Any, option_names: Iterable[str] = (), *,
 
     Architecture: the class has every member of :class:`Architecture`; with ``base`` (``AdapterLayer``) it is a
     subclass of it that overrides ``make_branch``, ``adapted_forward`` and ``delta_weight`` (or both
-    ``merge_weights`` and ``unmerge_weights``), whose versions in ``base`` are placeholders. Init, optimizer and schedule: ``obj`` is
-    callable and its signature accepts the call its axis makes (``init(model, layers, config, data)``,
-    ``build(model, lr, config, **options)`` with each of ``option_names`` by keyword, ``build(model, config)``).
+    ``merge_weights`` and ``unmerge_weights``), whose versions in ``base`` are placeholders. Init, optimizer and
+    schedule: ``obj`` is callable and its signature accepts the call its axis makes
+    (``init(model, layers, config, data)``, ``build(model, lr, config, **options)`` with each of
+    ``option_names`` by keyword, ``build(model, config)``).
     """
     if axis not in CONTRACTS:
         return [f"unknown axis {axis!r}; expected one of {AXES}"]

@@ -106,7 +106,8 @@ def _json_default(value: Any):
     raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
-def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+def atomic_save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                        metadata: dict[str, str] | None = None) -> str:
     """Save safetensors atomically; returns the file's sha256."""
     data = serialize_tensors(tensors, metadata)
     atomic_write_bytes(path, data)

@@ -35,7 +35,8 @@ def require_token(token: bool | str | None, what: str = "push") -> None:
     from huggingface_hub import get_token
 
     if token is False or get_token() is None:
-        raise ConfigError(f"{what}: no Hugging Face token; log in with `hf auth login`, set HF_TOKEN, or pass token=...")
+        raise ConfigError(f"{what}: no Hugging Face token; log in with `hf auth login`, set HF_TOKEN, or pass "
+                          "token=...")
 
 
 def push_folder(folder: str | os.PathLike, repo_id: str, *, token: bool | str | None = None,
@@ -124,7 +125,8 @@ def write_model_card(model: nn.Module, directory: str | os.PathLike) -> Path | N
         "| | |", "|---|---|",
         f"| base model | `{base or 'not recorded'}` |",
         f"| method | `{config.method}` |",
-        f"| rank r | {', '.join(map(str, ranks)) or config.r} (alpha {config.alpha}{', rsLoRA' if config.rslora else ''}) |",
+        f"| rank r | {', '.join(map(str, ranks)) or config.r} "
+        f"(alpha {config.alpha}{', rsLoRA' if config.rslora else ''}) |",
         f"| targets | {', '.join(f'`{leaf}`' for leaf in leaves)} ({len(layers)} modules) |",
         f"| data | {training.get('data') or 'not recorded'} |",
         "",
@@ -140,7 +142,8 @@ def write_model_card(model: nn.Module, directory: str | os.PathLike) -> Path | N
     lines += ["## Use", "", "```python", "import peftkit", "from transformers import AutoModelForCausalLM", "",
               f"model = AutoModelForCausalLM.from_pretrained({loadable!r})" if loadable
               else f"model = ...  # the base model ({base or 'not recorded'})",
-              "model = peftkit.load(model, '<this folder or repo id>')  # PEFT's PeftModel.from_pretrained reads it too",
+              "model = peftkit.load(model, '<this folder or repo id>')"
+              "  # PEFT's PeftModel.from_pretrained reads it too",
               "```", ""]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
     atomic_write_bytes(path, str(card).encode())

@@ -15,10 +15,10 @@ import torch
 import torch.nn as nn
 
 from . import quantized, registry
-from .config import AdapterConfig, select_parameters, select_targets, _name_matches
+from .config import AdapterConfig, _name_matches, select_parameters, select_targets
 from .errors import ConfigError, PeftkitError, StateError
-from .layer import AdapterLayer, ModulesToSave, innermost_module, linear_types
 from .expert_layer import ExpertParameterLayer
+from .layer import AdapterLayer, ModulesToSave, innermost_module, linear_types
 
 # What layers above injection do when a model gets its first adapter and when it loses its last one (the
 # transformers integration puts its adapter-API methods on the instance and takes them off again). Injection
@@ -187,7 +187,8 @@ def _inject_parameters(model: nn.Module, config: AdapterConfig, adapter_name: st
         raise ConfigError(
             f"targets: method '{config.method}' (architecture '{config.architecture}') cannot adapt the fused "
             f"parameter {selected[0][0]} ({len(selected)} such parameters selected): its adapter is defined on one "
-            f"linear layer, not per expert matrix. Use a method that adapts expert parameters ({', '.join(expert_methods())}), "
+            "linear layer, not per expert matrix. Use a method that adapts expert parameters "
+            f"({', '.join(expert_methods())}), "
             "or leave the expert parameters out (targets=[...] naming modules only, or exclude=[...])")
     for axis in ("init", "optimizer", "schedule"):
         component = registry.get_component(axis, getattr(config, axis))
@@ -345,7 +346,8 @@ def remove(model: nn.Module, merge: bool) -> nn.Module:
             layer.unmerge()
         _set_child(model, name, layer.base_layer)
     for name, wrapper in saved_modules(model).items():
-        keep = wrapper.modules_to_save[state.active[0]] if merge and wrapper.active_adapters else wrapper.original_module
+        keep = (wrapper.modules_to_save[state.active[0]] if merge and wrapper.active_adapters
+                else wrapper.original_module)
         _set_child(model, name, keep)
     _forget(model)
     for p in model.parameters():

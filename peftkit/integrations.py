@@ -26,7 +26,6 @@ import types
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
 import torch.nn as nn
 
 from .errors import CheckpointError, ConfigError, StateError
@@ -61,7 +60,8 @@ def _state(model: nn.Module, call: str):
 
     state = state_of(model, required=False)
     if state is None:  # pragma: no cover - the methods are removed together with the state
-        raise StateError(f"{call}: {type(model).__name__} has no peftkit adapters; call peftkit.wrap or peftkit.load first")
+        raise StateError(f"{call}: {type(model).__name__} has no peftkit adapters; call peftkit.wrap or "
+                         "peftkit.load first")
     return state
 
 
@@ -142,10 +142,10 @@ def load_adapter(self: nn.Module, peft_model_id: str | os.PathLike | None = None
 def add_adapter(self: nn.Module, adapter_config: Any, adapter_name: str | None = None) -> None:
     """Add a new adapter (a PEFT ``LoraConfig`` / ``HraConfig`` or a peftkit ``AdapterConfig``) and make it the
     active one, as transformers' ``add_adapter`` does."""
-    from .peft_config import from_peft_config
     from .api import set_adapter as activate
     from .api import wrap
     from .config import AdapterConfig
+    from .peft_config import from_peft_config
 
     name = adapter_name or "default"
     if not isinstance(adapter_config, AdapterConfig):

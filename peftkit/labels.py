@@ -60,7 +60,8 @@ def apply_class_names(model: nn.Module, section: dict[str, Any]) -> None:
     current = {int(k): str(v) for k, v in (getattr(config, "id2label", None) or {}).items()}
     if all(v == f"LABEL_{k}" for k, v in current.items()):
         config.id2label = {int(k): v for k, v in id2label.items()}
-        config.label2id = {k: int(v) for k, v in (section.get("label2id") or {v: int(k) for k, v in id2label.items()}).items()}
+        label2id = section.get("label2id") or {v: int(k) for k, v in id2label.items()}
+        config.label2id = {k: int(v) for k, v in label2id.items()}
 
 
 def model_labels(directory: str | os.PathLike) -> dict[str, Any]:

@@ -122,7 +122,8 @@ class AdapterLayer(nn.Module):
         return iter(())
 
     def make_branch(self, name: str, r: int, alpha: float, config: Any) -> nn.Module:
-        """The adapter ``name``'s tensors as a module, already initialised (rank ``r``, ``alpha``); subclasses provide it."""
+        """The adapter ``name``'s tensors as a module, already initialised (rank ``r``, ``alpha``); subclasses
+        provide it."""
         raise NotImplementedError
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -173,7 +174,8 @@ class AdapterLayer(nn.Module):
 
     # --------------------------------------------------------------- adapters
     def add_adapter(self, name: str, r: int, alpha: float, config: Any) -> None:
-        """Build adapter ``name`` (rank ``r``, ``alpha``, scaling from ``config``) inactive; r ≤ min(in, out) unless allowed."""
+        """Build adapter ``name`` (rank ``r``, ``alpha``, scaling from ``config``) inactive; r ≤ min(in, out)
+        unless allowed."""
         if name in self.adapters:
             raise StateError(f"adapter '{name}' already exists in {self.module_name}; pick another adapter name")
         max_rank = min(self.in_features, self.out_features)
@@ -234,7 +236,8 @@ class AdapterLayer(nn.Module):
 
     # --------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The base output when disabled or merged (guarded against training through a merge), else ``adapted_forward``."""
+        """The base output when disabled or merged (guarded against training through a merge), else
+        ``adapted_forward``."""
         if self.disabled or not self.active_adapters:
             if self.merged_adapters:
                 self.unmerge()
@@ -414,7 +417,6 @@ class ModulesToSave(nn.Module):
         self.disabled = False
 
     def add_adapter(self, name: str) -> None:
-        import copy
 
         copy_ = copy.deepcopy(self.original_module)
         for p in copy_.parameters():

@@ -110,7 +110,8 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float = 0.0,
     for name, (role, decays) in parameter_roles(model).items():
         buckets.setdefault((role, decays), []).append(name)
     if not buckets:
-        raise ConfigError("optimizer: the model has no trainable parameters; wrap it with peftkit.wrap, or load the adapter with peftkit.load(model, dir, trainable=True)")
+        raise ConfigError("optimizer: the model has no trainable parameters; wrap it with peftkit.wrap, or load "
+                          "the adapter with peftkit.load(model, dir, trainable=True)")
     groups = []
     for (role, decays), names in sorted(buckets.items()):
         ratio = float(lr_ratios.get(role, 1.0))
@@ -170,7 +171,8 @@ def damped_inverse(gram: torch.Tensor, damping: float) -> torch.Tensor:
 
 def loraplus_ratios(ratio: Any) -> dict[str, float]:
     """The ``lr_ratios`` of a pair optimizer's ``loraplus_lr_ratio`` option (LoRA+ composition: lr_B = ratio·lr)."""
-    ratio = check_value("loraplus_lr_ratio", ratio, float, Rule(gt=0, expect="a positive number (lr_B / lr_A, 1 = plain)"))
+    ratio = check_value("loraplus_lr_ratio", ratio, float,
+                        Rule(gt=0, expect="a positive number (lr_B / lr_A, 1 = plain)"))
     return {"B": ratio}
 
 
@@ -297,7 +299,8 @@ class PairOptimizer(torch.optim.Optimizer):
         pairs = self._pair_grads()
         others = [p for p in self._others if p.grad is not None]
         if self.max_grad_norm is not None:
-            total = sum((self.clip_norm_sq(pair, ga, gb) for pair, ga, gb in pairs), torch.zeros((), dtype=torch.float64))
+            total = sum((self.clip_norm_sq(pair, ga, gb) for pair, ga, gb in pairs),
+                        torch.zeros((), dtype=torch.float64))
             for p in others:
                 total = total + p.grad.double().square().sum()
             norm = total.sqrt()

@@ -37,8 +37,8 @@ def from_peft_config(peft_config: Any):
         options["target_parameters"] = sorted(parameters)
         targets = [] if targets is None else targets
     if targets is None:
-        raise ConfigError(f"{kind}.target_modules: None (PEFT fills it from its model-type table); pass the module names "
-                          "or 'all-linear'")
+        raise ConfigError(f"{kind}.target_modules: None (PEFT fills it from its model-type table); pass the module "
+                          "names or 'all-linear'")
     options["targets"] = sorted(targets) if isinstance(targets, (set, frozenset, list, tuple)) else targets
     if getattr(peft_config, "exclude_modules", None):
         excluded = peft_config.exclude_modules
@@ -53,4 +53,5 @@ def from_peft_config(peft_config: Any):
 
 def is_peft_config(value: Any) -> bool:
     """A PEFT config object (duck-typed: PEFT itself is not imported by peftkit)."""
-    return hasattr(value, "peft_type") and hasattr(value, "target_modules") and type(value).__module__.startswith("peft")
+    return (hasattr(value, "peft_type") and hasattr(value, "target_modules")
+            and type(value).__module__.startswith("peft"))

@@ -24,7 +24,6 @@ from .errors import CheckpointError
 from .fileio import check_safetensors_header, sha256_file
 from .validation import check_fields, json_loads, option, pattern_suffix_match
 
-
 CONFIG_NAME = "adapter_config.json"
 METADATA_NAME = "peftkit.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -102,7 +101,8 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     range (:mod:`peftkit.validation`); a bad field is one CheckpointError naming the file and the field."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
-        raise CheckpointError(f"{path}: file not found; expected an adapter folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise CheckpointError(f"{path}: file not found; expected an adapter folder holding {CONFIG_NAME} and "
+                              f"{WEIGHTS_NAME}")
     data = _read_json(path)
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
@@ -167,8 +167,7 @@ def peft_rewritten_targets(model: nn.Module, module_names: list[str]) -> list[st
     adapter is exact in peftkit but does not load in PEFT (its own adapters on those layers neither)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     try:
-        from peft.utils.transformers_weight_conversion import (_MODEL_TO_CONVERSION_PATTERN,
-                                                               _MOE_TARGET_MODULE_MAPPING)
+        from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN, _MOE_TARGET_MODULE_MAPPING
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     except Exception:  # noqa: BLE001 - another PEFT version: nothing known to warn about
         return []
@@ -236,9 +235,11 @@ def read_adapter(directory: str | os.PathLike) -> AdapterFolder:
             "retrain it with peftkit"
         )
     if peft_type == "LORA" and (data.get("use_dora") or data.get("lora_bias") or data.get("bias", "none") != "none"):
+        feature = ("DoRA" if data.get("use_dora") else "lora_bias" if data.get("lora_bias")
+                   else "bias=" + str(data.get("bias")))
         raise CheckpointError(
             f"{directory / CONFIG_NAME}: this LoRA uses "
-            f"{'DoRA' if data.get('use_dora') else 'lora_bias' if data.get('lora_bias') else 'bias=' + str(data.get('bias'))}, "
+            f"{feature}, "
             "which peftkit does not read; merge it with PEFT (merge_and_unload) and use the merged model as the base"
         )
     tensors = read_tensors(directory / WEIGHTS_NAME)

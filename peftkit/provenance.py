@@ -13,7 +13,6 @@ import torch.nn as nn
 
 from . import registry
 
-
 BASE_REF_ATTR = "_peftkit_base_model_ref"
 PKG_PREFIX = "pkg:"
 

@@ -78,7 +78,8 @@ class Schedule:
         self.on_train_begin_(state.max_steps)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        """Trainer hook, after ``optimizer.step()`` and before ``zero_grad``: ``on_step(global_step + 1, max_steps)``."""
+        """Trainer hook, after ``optimizer.step()`` and before ``zero_grad``: ``on_step(global_step + 1,
+        max_steps)``."""
         if kwargs.get("optimizer") is not None and self.optimizer is None:
             self.attach_optimizer(kwargs["optimizer"])
         # The Trainer calls this after optimizer.step() and before zero_grad; global_step is the number of

@@ -77,8 +77,9 @@ def restore_training_state(model: nn.Module, folder: str | os.PathLike, schedule
     if not path.is_file():
         hint = (" (it holds a PEFT adapter: it was saved without peftkit.callbacks(model) among the Trainer's "
                 "callbacks)") if (folder / CONFIG_NAME).is_file() else ""
-        raise CheckpointError(f"{path}: file not found; peftkit resumes a Trainer run from this file{hint}. Resume from a "
-                              "checkpoint saved with callbacks=[peftkit.callbacks(model)], or start the run again")
+        raise CheckpointError(f"{path}: file not found; peftkit resumes a Trainer run from this file{hint}. "
+                              "Resume from a checkpoint saved with callbacks=[peftkit.callbacks(model)], or start "
+                              "the run again")
     tensors = read_tensors(path)
     expected = trainable_state(model)
     missing = sorted(set(expected) - set(tensors))
