@@ -8,6 +8,7 @@ import os
 import threading
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -32,6 +33,7 @@ from .inject import (
     state_of,
 )
 from .optim import check_lr
+from .schedule import Schedule
 from .validation import Rule, check_value
 
 
@@ -44,20 +46,12 @@ def wrap(model: nn.Module, method_or_config: str | AdapterConfig = "lora", *, da
     ``rank_pattern``, ``alpha_pattern``, ``modules_to_save``, ``seed``; PEFT's names ``lora_alpha``,
     ``target_modules``, ``lora_dropout``, ``use_rslora``, ``exclude_modules`` too), an axis override (``init=``,
     ``optimizer=``, ``schedule=``, ``architecture=``) or an option of one of the selected components.
-    ``data`` (an iterable of batches, dicts of tensors as the model takes them) is needed by data-driven inits.
-
-    Args:
-        model: the base model (any ``nn.Module``; a Hugging Face model in practice), changed in place.
-        method_or_config: a registered method name (``peftkit.methods()``), an ``AdapterConfig``, or a PEFT config.
-        data: batches for a data-driven init (LoRA-GA, LoRA-One, EVA): dicts with ``input_ids``,
-            ``attention_mask`` and ``labels`` of shape ``(batch, seq)``; None for the other inits.
-        adapter_name: the name of the new adapter (several adapters may live in one model).
-        **options: common options, axis overrides and component options (above).
+    ``data`` (an iterable of batches, dicts of tensors as the model takes them: ``input_ids``, ``attention_mask``,
+    ``labels`` of shape ``(batch, seq)``) is needed by data-driven inits.
 
     Returns:
-        The same ``model`` object, its targets replaced by adapter layers, the base frozen (``requires_grad``
-        False), the adapter's tensors trainable and initialised (each ``A`` ``(r, in)``, ``B`` ``(out, r)`` for
-        the LoRA forms).
+        The same ``model``, its targets replaced by adapter layers, the base frozen, the adapter trainable
+            and initialised (LoRA forms: ``A`` ``(r, in)``, ``B`` ``(out, r)``).
 
     Raises:
         ConfigError: an unknown method, option or axis component, a value of the wrong type or range, targets that
@@ -182,15 +176,8 @@ def optimizer(model: nn.Module, lr: float | str | None = None, *, base_lr: float
     ``options`` override the optimizer's own options (e.g. ``weight_decay``, ``loraplus_lr_ratio``);
     ``name=`` picks another registered optimizer for this call.
 
-    Args:
-        model: a model wrapped by :func:`wrap` or filled by :func:`load` with ``trainable=True``.
-        lr: the learning rate (a positive float, per optimizer step), or None / ``"auto"`` for the convention.
-        base_lr: the rate you would give plain LoRA, from which ``"auto"`` derives this method's rate.
-        **options: the optimizer's own options, and ``name=`` (above).
-
     Returns:
-        A ``torch.optim.Optimizer`` over every trainable tensor of ``model`` (param groups carry ``role`` and
-        ``lr_ratio``), with ``peftkit_lr`` set.
+        A ``torch.optim.Optimizer`` over every trainable tensor (groups carry ``role`` and ``lr_ratio``).
 
     Raises:
         ConfigError: a non-positive or non-finite ``lr`` / ``base_lr``, an unknown optimizer or option, an option
@@ -241,20 +228,15 @@ def optimizer(model: nn.Module, lr: float | str | None = None, *, base_lr: float
     return built
 
 
-def callbacks(model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
+def callbacks(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> Schedule:
     """The method's schedule: ``on_step(step, total_steps)``; also a transformers ``TrainerCallback``.
 
     Pass the training ``optimizer`` (or call ``attach_optimizer`` later) for schedules that edit its state
     (ElaLoRA resets the moments of the slots it prunes or grows); the Trainer passes it by itself.
 
-    Args:
-        model: a wrapped model.
-        optimizer: the training optimizer, for schedules that edit its state.
-
     Returns:
-        The schedule (a ``peftkit.schedule.Schedule``; ``peftkit.contracts.Schedule``): call
-        ``on_step(step, total_steps)`` after each optimizer step (``step`` from 1, in optimizer steps), or pass it
-        to ``transformers.Trainer(callbacks=[...])``. Its ``state_dict()`` belongs in a training checkpoint.
+        The schedule, to call as ``on_step(step, total_steps)`` after each optimizer step (``step`` from 1)
+            or to pass as ``Trainer(callbacks=[...])``; its ``state_dict()`` belongs in a training checkpoint.
 
     Raises:
         ConfigError: the schedule's options do not fit the model.
@@ -271,14 +253,8 @@ def save(model: nn.Module, directory: str | os.PathLike, adapter_names: list[str
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's format where the method allows),
     peftkit's sidecar ``peftkit.json`` and a model card ``README.md`` (kept as it is if the user wrote it).
 
-    Each file is written atomically (a temporary file renamed into place). Tensors are saved in the adapter's
-    dtype with PEFT's key names.
-
-    Args:
-        model: a wrapped model (merged or not).
-        directory: the output folder (created; a folder of several adapters gets one subfolder per extra adapter,
-            as PEFT does).
-        adapter_names: the adapters to save; None: all of them.
+    Each file is written atomically; tensors in the adapter's dtype, with PEFT's key names; an adapter other
+    than ``default`` goes to ``directory/<name>/`` (as PEFT). ``adapter_names``: None saves all.
 
     Raises:
         ConfigError: an adapter name the model does not hold, or an adapter mixing saved formats.
@@ -296,16 +272,7 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
     """Inject and fill the adapter saved in ``directory`` (by peftkit or by PEFT; a folder or a Hub id, read at
     ``revision`` with ``token``) into a plain base model.
 
-    Args:
-        model: the base model the adapter was trained on (same module names and weight shapes).
-        directory: a folder written by :func:`save` or PEFT's ``save_pretrained``, or a Hub repo id.
-        adapter_name: the name the loaded adapter gets in ``model``.
-        trainable: True to keep training it (its tensors get ``requires_grad``); False: frozen, for inference.
-        revision: the Hub revision (branch, tag or commit) for a repo id.
-        token: the Hub token (True: the logged-in one).
-
-    Returns:
-        The same ``model`` object, holding the adapter.
+    ``trainable=True`` keeps training it; False leaves it frozen. Returns the same ``model``.
 
     Raises:
         CheckpointError: the folder is missing or unreadable, the saved tensors do not fit this model (a missing
@@ -320,21 +287,14 @@ def load(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "de
 
 
 def export(model_or_dir: nn.Module | str | os.PathLike, directory: str | os.PathLike, to: str = "peft",
-           base_model: nn.Module | None = None, *, format: str | None = None):
+           base_model: nn.Module | None = None, *, format: str | None = None) -> Path:
     """Write the adapter for a serving engine: ``to="peft"`` (default) PEFT's own format of the method (LoRA, HRA),
     ``to="lora"`` a plain PEFT LoRA for every method (vLLM, SGLang, llama.cpp's converter), ``to="gguf"`` a
     llama.cpp / Ollama LoRA adapter file. Exporting a saved folder of a method that is not a LoRA already needs
     ``base_model`` (its low-rank form depends on the base weights). ``format`` is the former name of ``to``.
 
-    Args:
-        model_or_dir: a wrapped model, or a folder written by :func:`save`.
-        directory: the output folder (for ``to="gguf"``: the folder of the ``.gguf`` file).
-        to: ``"peft"``, ``"lora"`` or ``"gguf"``.
-        base_model: the base model, to export a saved folder of a non-LoRA method as a LoRA.
-        format: the former name of ``to``.
-
     Returns:
-        The ``pathlib.Path`` written (the folder, or the ``.gguf`` file for ``to="gguf"``).
+        The path written (the folder, or the ``.gguf`` file for ``to="gguf"``).
 
     Raises:
         ConfigError: an unknown ``to``, the output folder being the adapter's own folder, or ``base_model``
@@ -428,12 +388,7 @@ def merge(model: nn.Module, safe: bool = False) -> nn.Module:
     ``W + ΔW`` (or the architecture's own fold, e.g. HRA's ``W·Q``) and is stored back in ``W``'s dtype (a quantized
     weight is dequantized, updated and re-quantized: lossy, with a warning).
 
-    Args:
-        model: a wrapped model.
-        safe: check every merged weight for NaN / inf before writing any.
-
-    Returns:
-        The same ``model`` object.
+    ``safe=True`` checks every merged weight for NaN / inf before writing any. Returns the same ``model``.
 
     Raises:
         StateError: the adapters are already merged, the call comes from inside a forward of the same thread, or
@@ -465,10 +420,7 @@ def _merge(model: nn.Module, safe: bool) -> nn.Module:
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Subtract merged adapters from the base weights again (thread-safe as :func:`merge`).
-
-    Returns:
-        The same ``model`` object.
+    """Subtract merged adapters from the base weights again (thread-safe as :func:`merge`); returns ``model``.
 
     Raises:
         StateError: the model holds no peftkit adapter, or the call comes from inside a forward of the same thread.
@@ -483,12 +435,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 def unwrap(model: nn.Module, merge: bool = True) -> nn.Module:
     """Remove the adapter layers (merging them first unless ``merge=False``); returns the plain model.
 
-    Args:
-        model: a wrapped model.
-        merge: fold the active adapters into the base weights first; False drops them.
-
-    Returns:
-        The plain model (the same object, its adapter layers replaced by their base layers, no peftkit hooks).
+    The plain model is the same object, its adapter layers replaced by their base layers, no peftkit hooks left.
 
     Raises:
         StateError: the model holds no peftkit adapter, or the call comes from inside a forward of the same thread.
@@ -571,9 +518,7 @@ def trainable_parameters(model: nn.Module) -> TrainableParameters:
     """Trainable and total parameter counts (4-bit weights count two parameters per stored byte; a ZeRO-3
     partitioned weight counts its whole size, not the 0 elements it holds between uses).
 
-    Returns:
-        A ``TrainableParameters`` (counts of elements; ``percent``; ``str()`` is PEFT's one line).
-    """
+    ``str()`` of the result is PEFT's one line."""
     trainable = total = 0
     for param in model.parameters():
         count = getattr(param, "ds_numel", None) or param.numel()
@@ -612,16 +557,6 @@ def load_model(name_or_path: str | os.PathLike, *, gguf_file: str | None = None,
     ``task``: "causal-lm", "sequence-classification" or "image-text-to-text" (a vision-language model: wrap it
     with ``peftkit.train.vision.adapter_options``, see docs/recipes.md); other keyword arguments go to
     ``from_pretrained``.
-
-    Args:
-        name_or_path: a Hub id, a local folder, or ``pkg:<module>/<folder>`` (a model shipped in a package).
-        gguf_file: a GGUF file name inside ``name_or_path``.
-        task: the model head (above).
-        dtype: the dtype of the loaded weights.
-        **from_pretrained: passed to ``from_pretrained``.
-
-    Returns:
-        The model, with its reference recorded for the adapters saved from it.
 
     Raises:
         ConfigError: an unknown ``task``, or a reference that does not resolve (no such folder, package or file).

@@ -30,18 +30,10 @@ from .expert_layer import ExpertParameterLayer
 
 # The folder's schema, file IO, provenance and labels live in their own modules (peftkit.peft_format, .fileio,
 # .provenance, .labels); their names stay importable from here, where callers have always found them.
-from .fileio import (  # noqa: F401
-    atomic_save_tensors,
-    atomic_write_bytes,
-    atomic_write_json,
-    dir_mode,
-    file_mode,
-    fsync_dir,
-    json_bytes,
-    serialize_tensors,
-    sha256_file,
-    stage_bytes,
-)
+# isort: off
+from .fileio import (atomic_save_tensors, atomic_write_bytes, atomic_write_json, dir_mode, file_mode,  # noqa: F401
+                     fsync_dir, json_bytes, serialize_tensors, sha256_file, stage_bytes)
+# isort: on
 from .inject import (
     adapter_layers,
     drop_adapter,
