@@ -77,7 +77,8 @@ def adapter_dtype(module: nn.Module) -> torch.dtype:
 
 
 class AdapterLayer(nn.Module):
-    """Base wrapper. See the module docstring for what a subclass provides."""
+    """Base wrapper. See the module docstring for what a subclass provides; the contract it satisfies is
+    ``peftkit.contracts.Architecture`` (checked for every registered architecture by tests/test_contracts.py)."""
 
     architecture_name = "?"
     merge_is_lossless = True

@@ -6,6 +6,9 @@ entry-point group ``peftkit.adapters`` (each entry point names a module; importi
 
 ``adapters/`` (shipped as ``peftkit.adapters``) is scanned once, lazily, on first lookup, so a new file
 dropped there is found without editing any list.
+
+What a component on each axis provides is stated as typed Protocols in :mod:`peftkit.contracts`; a component
+reads its options as the filled dataclass ``config.axis_options(axis)``.
 """
 
 from __future__ import annotations

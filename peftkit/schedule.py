@@ -24,7 +24,8 @@ def _no_event(*args: Any, **kwargs: Any) -> None:
 
 
 class Schedule:
-    """Base schedule. Subclasses override ``on_step`` (and ``on_train_begin`` / ``on_train_end``).
+    """Base schedule. Subclasses override ``on_step`` (and ``on_train_begin`` / ``on_train_end``). It provides
+    ``peftkit.contracts.Schedule``, what a schedule factory returns.
 
     A schedule is also a transformers Trainer callback (``Trainer(..., callbacks=[schedule])``) by duck typing,
     not by subclassing ``transformers.TrainerCallback``: importing that class imports
