@@ -4,6 +4,8 @@ a component with the wrong call shape is caught, and ``AdapterConfig.axis_option
 from __future__ import annotations
 
 import dataclasses
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -137,3 +139,10 @@ def test_axis_options_of_a_component_without_options_and_an_unknown_axis():
     assert vars(config.axis_options("schedule")) == {}
     with pytest.raises(ConfigError, match="unknown axis 'optimiser'"):
         config.axis_options("optimiser")
+
+
+def test_no_component_merges_its_options_by_hand():
+    root = Path(__file__).resolve().parents[1]
+    merges = [str(p.relative_to(root)) for folder in ("peftkit", "adapters") for p in (root / folder).rglob("*.py")
+              if re.search(r"\(\)\.__dict__, \*\*config\.axis_options", p.read_text())]
+    assert merges == [], f"read options with config.axis_options(axis, **overrides) instead: {merges}"
