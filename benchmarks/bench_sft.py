@@ -49,6 +49,14 @@ REPO = HERE.parent
 CACHE = Path("runs/quality")
 MODELS = {"smollm2": "SmolLM2-135M-Instruct", "gemma3": "gemma-3-270m"}
 PROMPT = "Rewrite this sentence in other words: "
+# Gemma-3-270M is a base model and its GGUF carries no chat template, and TRL needs one: both sides get this one
+# (Gemma's turn layout, the assistant role spelled "model") through the rebuilt tokenizer.
+GEMMA_TURNS = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\\n' "
+    "+ message['content'] + '<end_of_turn>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{%- endif %}"
+)
 
 
 def _cpu_s() -> float:
@@ -110,6 +118,7 @@ def model_folder(name: str) -> Path:
             warnings.simplefilter("ignore")
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer.chat_template = tokenizer.chat_template or GEMMA_TURNS
         config = loaded.config.to_dict()
         config.pop("quantization_config", None)
         plain = AutoModelForCausalLM.from_config(type(loaded.config).from_dict(config))
