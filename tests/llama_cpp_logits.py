@@ -24,8 +24,10 @@ def last_token_logits(model_path: str, token_ids: list[int], adapters: list[str]
     rows = []
     for adapter_path in [None, *adapters]:
         options = {"lora_path": adapter_path, "lora_scale": 1.0} if adapter_path is not None else {}
+        # An fp32 key/value cache (llama.cpp's default is fp16), so that an F32 model is computed in fp32 throughout.
         llm = llama_cpp.Llama(model_path=model_path, n_ctx=max(64, len(token_ids)), logits_all=True,
-                              n_threads=1, n_threads_batch=1, verbose=False, **options)
+                              n_threads=1, n_threads_batch=1, type_k=llama_cpp.GGML_TYPE_F32,
+                              type_v=llama_cpp.GGML_TYPE_F32, verbose=False, **options)
         llm.eval(token_ids)
         rows.append(np.array(llm.scores[len(token_ids) - 1], dtype=np.float32))
         llm.close()
