@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A virtual environment with llama-cpp-python (it builds llama.cpp from source: 40 minutes or more on 2 cores) for
-# the real llama.cpp check of GGUF adapters (tests/test_gguf.py::test_llama_cpp_applies_the_adapter_like_peftkit).
+# the real llama.cpp checks of GGUF adapters (tests/test_gguf.py -k llama_cpp: exact on an F32 copy of the base,
+# within rounding on the Q4_1 file).
 # It is kept apart from the project's environment; the test finds it at ${PEFTKIT_CACHE:-~/.cache/peftkit}/llama-cpp
 # (or wherever PEFTKIT_LLAMA_CPP_PYTHON points). A wheel already built elsewhere: WHEEL=path/to/llama_cpp_python-*.whl.
 #
