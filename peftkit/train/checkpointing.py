@@ -40,9 +40,9 @@ from .. import checkpoint as adapter_io
 from .. import fileio
 from ..errors import CheckpointError, ConfigError, StateError
 from ..inject import adapter_layers
+from .best import BEST_DIR, BEST_FILE  # best/ is kept out of keep_checkpoints pruning
 
 CHECKPOINTS = "checkpoints"
-BEST_DIR, BEST_FILE = "best", "best.json"  # peftkit.train.monitor's best/ (kept out of keep_checkpoints pruning)
 STATE_FILE = "trainer_state.json"
 LOCK_FILE = ".peftkit.lock"
 _STEP_DIR = re.compile(r"^step-(\d+)$")

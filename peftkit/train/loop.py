@@ -41,7 +41,8 @@ from .vision import VISION_TASK, adapter_options
 from .vision import collate  # data.collate, plus the pixel values of conversations with images
 from .guard import DivergenceGuard, GuardSettings
 from .metrics import MetricsLog, plot
-from .monitor import Monitors, restore_best, write_best
+from .best import restore_best, write_best
+from .monitor import Monitors
 from .recipe import DEFAULT_MAX_STEPS, Recipe, check_warmup, objective_settings, total_steps, warmup_steps
 
 ADAPTER_DIR = "adapter"
