@@ -496,3 +496,4 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             out[name] = value
         else:
             out[name] = str(value)
+    return out
