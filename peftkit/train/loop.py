@@ -95,6 +95,7 @@ class TrainingRun:
         self.ending_note: str | None = None  # what the main process prints when the run ends other than "done"
 
     def run(self) -> RunResult:
+        """setup, the steps, wrap_up (unless the steps ended the run), end: the run's result."""
         self.setup()
         try:
             result = self.train_steps() or self.wrap_up()
