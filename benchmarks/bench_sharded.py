@@ -172,10 +172,10 @@ def load_recipe(folder: Path, root: Path, engine: str, processes: int) -> dict:
 def load_cell(recipe_path: str, out: str) -> None:
     """One process of a ``--load`` run: train the recipe, then write this rank's held base bytes and peak RSS."""
     from peftkit.train import from_dict, train
-    from peftkit.train import loop
+    from peftkit.train import loop, run_setup
 
     built = {}
-    prepare, load_model = loop.prepare, loop.load_model
+    prepare, load_model = loop.prepare, run_setup.load_model
 
     def before_model(*args, **kwargs):
         built["process_mib"] = _rss_mib()  # what the process holds before the model: imports, data
@@ -186,7 +186,7 @@ def load_cell(recipe_path: str, out: str) -> None:
         built["model"] = run.model  # sharded in place by the engine (at load, or before step 1)
         return run
 
-    loop.prepare, loop.load_model = capture, before_model
+    loop.prepare, run_setup.load_model = capture, before_model
     result = train(from_dict(json.loads(Path(recipe_path).read_text())))
     assert result.status == "done", result
     held = _held_bytes(built["model"])

@@ -266,7 +266,7 @@ class AdapterLayer(nn.Module):
         """The base weight as a dense (out, in) tensor (dequantized for bnb, in any of its layouts), detached.
         A weight an engine shards (FSDP2, ZeRO-3) is gathered whole for the read: a collective, so every process
         reads the same layers in the same order (as data-driven inits do)."""
-        from .sharded import whole_weights
+        from .gather import whole_weights
 
         with whole_weights(self.base_layer) as gathered:
             weight = self.base_layer.weight

@@ -24,17 +24,17 @@ Mistral, Qwen, Gemma, GPT-2 ...); anything else stops with an error naming the t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from . import distributed
 from .errors import ConfigError
+from .gather import whole_weights  # noqa: F401 - also peftkit.sharded.whole_weights
 
 SHARDED_ENGINES = ("fsdp2", "zero3")
 
@@ -248,29 +248,3 @@ def held_base_bytes(model: nn.Module, frozen_only: bool = False) -> int:
         else:
             total += param.numel() * param.element_size()
     return total
-
-
-@contextlib.contextmanager
-def whole_weights(module: nn.Module) -> Iterator[bool]:
-    """Within the block, ``module``'s own parameters are whole (gathered) where an engine shards them: ZeRO-3
-    parameters through DeepSpeed's ``GatheredParameters``, FSDP2 DTensors swapped for their ``full_tensor()``
-    (a bitsandbytes 4-bit weight keeps its ``quant_state`` on the module). Yields whether anything was gathered.
-    A collective: every process must enter it for the same module."""
-    own = dict(module.named_parameters(recurse=False))
-    zero = [p for p in own.values() if hasattr(p, "ds_id")]
-    sharded = {name: p for name, p in own.items() if type(p).__name__ == "DTensor"}
-    if not zero and not sharded:
-        yield False
-        return
-    with contextlib.ExitStack() as stack:
-        if zero:
-            import deepspeed
-
-            stack.enter_context(deepspeed.zero.GatheredParameters(zero))
-        try:
-            for name, param in sharded.items():
-                module._parameters[name] = nn.Parameter(param.full_tensor(), requires_grad=False)
-            yield True
-        finally:
-            for name, param in sharded.items():
-                module._parameters[name] = param

@@ -159,24 +159,24 @@ def main(engine: str, batch: int, root: Path, resume: bool, accum: int = 1) -> N
 def write_failure(root: Path, batch: int) -> None:
     """Rank 0 cannot write its checkpoint (a full disk): every process must raise, none may wait in a barrier.
     Each writes ``root/write_failure_rank<r>.json``: [error class, message]."""
-    from peftkit import checkpoint, distributed
+    from peftkit import distributed, fileio
     from peftkit.train import from_dict, train
 
-    original = checkpoint.atomic_write_bytes
+    original = fileio.atomic_write_bytes
 
     def full_disk(*args, **kwargs):
         if distributed.rank() == 0:
             raise OSError(28, "No space left on device (simulated)")
         return original(*args, **kwargs)
 
-    checkpoint.atomic_write_bytes = full_disk
+    fileio.atomic_write_bytes = full_disk
     try:
         train(from_dict(recipe(root / "write-failure", "lora", "ddp", batch)))
         outcome = ["none", "training finished"]
     except Exception as exc:  # noqa: BLE001 - recorded for the test
         outcome = [type(exc).__name__, str(exc)]
     finally:
-        checkpoint.atomic_write_bytes = original
+        fileio.atomic_write_bytes = original
     (root / f"write_failure_rank{distributed.rank()}.json").write_text(json.dumps(outcome))
     # Both processes finish the failure before either exits: a process that exits while its peer is still
     # reading the last all-reduce's bytes makes gloo report "connection closed by peer" there instead.

@@ -61,13 +61,13 @@ def test_a_hook_is_imported_and_checked_before_the_model_is_built(tmp_path, monk
     with pytest.raises(ConfigError, match="cannot import 'nohooks_xyz:score'"):
         check_hooks(["nohooks_xyz:score"])
 
-    import peftkit.train.loop as loop
+    import peftkit.train.run_setup as run_setup
 
     def must_not_build(*args, **kwargs):
         raise AssertionError("the model was built before the hook was checked")
 
-    monkeypatch.setattr(loop, "load_model", must_not_build)
-    monkeypatch.setattr(loop, "load_examples", must_not_build)
+    monkeypatch.setattr(run_setup, "load_model", must_not_build)
+    monkeypatch.setattr(run_setup, "load_examples", must_not_build)
     recipe = from_dict(llama_chat_recipe(tmp_path, training__eval_metrics=["myhooks:missing"]))
     with pytest.raises(ConfigError, match="myhooks:missing"):
         train(recipe)

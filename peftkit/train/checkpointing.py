@@ -40,9 +40,9 @@ from .. import checkpoint as adapter_io
 from .. import fileio
 from ..errors import CheckpointError, ConfigError, StateError
 from ..inject import adapter_layers
+from .best import BEST_DIR, BEST_FILE  # best/ is kept out of keep_checkpoints pruning
 
 CHECKPOINTS = "checkpoints"
-BEST_DIR, BEST_FILE = "best", "best.json"  # peftkit.train.monitor's best/ (kept out of keep_checkpoints pruning)
 STATE_FILE = "trainer_state.json"
 LOCK_FILE = ".peftkit.lock"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -261,7 +261,8 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     root = Path(output_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
     return [p for _, p in sorted(found)]
 
 
@@ -438,7 +439,8 @@ def _check_optimizer_shapes(optimizer) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
-                if isinstance(value, torch.Tensor) and value.dim() and value.numel() == p.numel() and value.shape != p.shape:
+                if (isinstance(value, torch.Tensor) and value.dim() and value.numel() == p.numel()
+                        and value.shape != p.shape):
                     raise ValueError(f"optimizer state '{key}' has shape {tuple(value.shape)}, its parameter "
                                           f"{tuple(p.shape)}")
 
@@ -494,6 +496,7 @@ def restore_rng(path: Path, rank: int) -> None:
                               "before") from None
     torch.set_rng_state(torch_state)
     if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in tensors])
+        torch.cuda.set_rng_state_all([tensors[f"cuda{i}"] for i in range(torch.cuda.device_count())
+                                      if f"cuda{i}" in tensors])
     random.setstate(python_state)
     np.random.set_state(numpy_state)

@@ -13,7 +13,8 @@
     peftkit --version
 
 Exit codes: 0 done; 2 bad input (one message, no traceback, nothing written); 1 stopped on a non-finite loss or
-training state; 4 stopped by the divergence guard (training.divergence_guard); 3 a write failed (disk full, read-only or I/O error: one message, temporary files removed);
+training state; 4 stopped by the divergence guard (training.divergence_guard); 3 a write failed (disk full,
+read-only or I/O error: one message, temporary files removed);
 128 + the signal number after SIGINT/SIGTERM (a checkpoint was written first).
 """
 
@@ -61,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("overrides", nargs="*")
 
     merge = commands.add_parser("merge", help="fold an adapter into its base model and save the full model")
-    merge.add_argument("adapter", help="an adapter folder (adapter_config.json + adapter_model.safetensors) or a Hub id")
-    merge.add_argument("--base", help="the base model (hub id, folder or pkg:...); default: the one the adapter records")
+    merge.add_argument("adapter",
+                       help="an adapter folder (adapter_config.json + adapter_model.safetensors) or a Hub id")
+    merge.add_argument("--base",
+                       help="the base model (hub id, folder or pkg:...); default: the one the adapter records")
     merge.add_argument("--out", required=True, help="the folder for the merged model (from_pretrained loads it); "
                        "a new or empty folder")
     merge.add_argument("--force", action="store_true", help="write into an existing non-empty --out: its files of "
@@ -235,7 +238,8 @@ def _check_out(out: Path, source: Path, force: bool, command: str) -> None:
         raise ConfigError(f"--out: {out} is a file; give a folder (new or empty)")
     if out.is_dir() and any(out.iterdir()) and not force:
         entries = sorted(p.name for p in out.iterdir())
-        raise ConfigError(f"--out: {out} exists and is not empty ({', '.join(entries[:4])}{' ...' if len(entries) > 4 else ''}); "
+        raise ConfigError(f"--out: {out} exists and is not empty ({', '.join(entries[:4])}"
+                          f"{' ...' if len(entries) > 4 else ''}); "
                           f"choose a new folder, or pass --force to write the {command} output into it (files of the "
                           "same names are replaced, every other file is kept)")
 
@@ -265,7 +269,8 @@ def _publish(staging: Path, out: Path) -> None:
         elif not source.is_dir() and target.is_dir() and not target.is_symlink():
             conflicts.append(f"{target} (a folder where the output writes a file)")
     if conflicts:
-        raise ConfigError(f"--out: {len(conflicts)} of the names the output writes are taken in {out}: {'; '.join(conflicts[:3])}"
+        raise ConfigError(f"--out: {len(conflicts)} of the names the output writes are taken in {out}: "
+                          f"{'; '.join(conflicts[:3])}"
                           f"{' ...' if len(conflicts) > 3 else ''}; nothing was written. Move them, or choose a new "
                           "folder")
     aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced.", suffix=".tmp", dir=out.parent))
@@ -420,8 +425,10 @@ def cmd_info(args) -> int:
     print(f"method:     {summary['method']} (format {summary['peft_type']})")
     print(f"rank:       r={summary['r']} alpha={summary['alpha']}; per-layer ranks {ranks or 'n/a'}")
     targets = summary["targets"]
-    print(f"targets:    {', '.join(targets) if isinstance(targets, list) else targets} ({len(summary['ranks']) or summary['tensors']} modules)")
-    print(f"size:       {summary['parameters']:,} parameters in {summary['tensors']} tensors, {summary['bytes']:,} bytes")
+    print(f"targets:    {', '.join(targets) if isinstance(targets, list) else targets} "
+          f"({len(summary['ranks']) or summary['tensors']} modules)")
+    print(f"size:       {summary['parameters']:,} parameters in {summary['tensors']} tensors, "
+          f"{summary['bytes']:,} bytes")
     print(f"base model: {summary['base_model'] or 'not recorded'}")
     from ..serving import engines
 
@@ -450,7 +457,8 @@ def cmd_push(args) -> int:
     if not (source / checkpoint.CONFIG_NAME).is_file() and (source / ADAPTER_DIR / checkpoint.CONFIG_NAME).is_file():
         source = source / ADAPTER_DIR  # a run folder: its final adapter
     if not (source / checkpoint.CONFIG_NAME).is_file():
-        raise ConfigError(f"push: {args.source} holds no {checkpoint.CONFIG_NAME} (nor {ADAPTER_DIR}/{checkpoint.CONFIG_NAME}); "
+        raise ConfigError(f"push: {args.source} holds no {checkpoint.CONFIG_NAME} "
+                          f"(nor {ADAPTER_DIR}/{checkpoint.CONFIG_NAME}); "
                           "pass an adapter folder or a `peftkit train` output folder")
     url = hub.push_folder(source, args.repo, private=args.private or None, commit_message=args.message)
     print(f"peftkit: pushed {source} to {args.repo} ({url})")

@@ -54,8 +54,8 @@ import torch.nn as nn
 
 from .. import distributed
 from ..errors import ConfigError
-from ..inject import adapter_layers
 from ..expert_layer import ExpertParameterLayer
+from ..inject import adapter_layers
 from .recipe import DISTRIBUTED, Recipe
 
 
@@ -119,7 +119,8 @@ def select(recipe: Recipe) -> str:
     launched = launcher_engine()
     if launched is not None and chosen != "ddp" and launched != chosen:
         raise ConfigError(f"training.distributed: the recipe asks for '{chosen}' but the accelerate config launches "
-                          f"'{launched}'; make them agree (or leave training.distributed at ddp to follow the launcher)")
+                          f"'{launched}'; make them agree (or leave training.distributed at ddp to follow the "
+                          "launcher)")
     engine = launched or chosen
     reason = refusal(engine)
     if reason:
@@ -450,7 +451,8 @@ def bound_live_parameters(zero: dict, model: nn.Module) -> None:
     for key in LIVE_LIMITS:
         if zero.get(key) in (None, "auto"):
             # On CPU a gather does not overlap with compute: prefetching gains nothing and holds more weights.
-            zero[key] = 0 if key == "stage3_prefetch_bucket_size" and not torch.cuda.is_available() else int(2 * largest)
+            on_cpu = not torch.cuda.is_available()
+            zero[key] = 0 if key == "stage3_prefetch_bucket_size" and on_cpu else int(2 * largest)
 
 
 def _deepspeed_config(stage: int) -> dict:

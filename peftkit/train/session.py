@@ -138,8 +138,9 @@ def evaluate_run(path: str, overrides: list[str] | None = None, *, adapter: str 
 
     from .build import load_examples, load_model, load_tokenizer, num_labels
     from .chat import CHAT_FORMATS
-    from .loop import Run, evaluate, make_accelerator
+    from .eval_loop import evaluate
     from .recipe import load_recipe
+    from .run_setup import Run, make_accelerator
 
     source = Path(path)
     if source.is_dir():
