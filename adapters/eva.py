@@ -22,7 +22,8 @@ import torch
 from peftkit import registry
 from peftkit.errors import ConfigError
 from peftkit.inject import _set_child, set_active, state_of
-from peftkit.stats import IncrementalPCA, adapter_name_of, base_model, check_batches, gather_rows, selected_token_mask
+from peftkit.linalg import IncrementalPCA
+from peftkit.stats import adapter_name_of, base_model, check_batches, gather_rows, selected_token_mask
 from peftkit.validation import option
 
 ALPHA_RULES = ("peft", "keep_scaling", "constant")
