@@ -7,7 +7,6 @@ import difflib
 import os
 import threading
 import warnings
-from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -19,8 +18,10 @@ from . import lr as lr_rules
 from . import components as _components  # noqa: F401
 from .config import AdapterConfig, check_component_options, resolve_config
 from .errors import ConfigError, StateError
-from .inject import (adapter_layers, drop_adapter, inject, parameter_flags, remove, restore_parameter_flags,
-                     set_active, set_enabled, state_of)
+from .inject import (GATE_ATTR, adapter_layers, drop_adapter, inject, parameter_flags, remove, restore_parameter_flags,
+                     set_active, state_of)
+from .inject import disabled as disabled  # public: peftkit.disabled
+from .report import trainable_parameters as trainable_parameters  # public: peftkit.trainable_parameters
 from .optim import check_lr
 from .validation import Rule, check_value
 
@@ -298,9 +299,6 @@ class _WeightGate:
         self.__init__()
 
 
-GATE_ATTR = "_peftkit_weight_gate"
-
-
 def _weight_gate(model: nn.Module) -> _WeightGate:
     """The model's gate, its hooks registered on first use (wrap and load register it)."""
     gate = model.__dict__.get(GATE_ATTR)
@@ -390,43 +388,6 @@ def delete_adapter(model: nn.Module, names: str | list[str]) -> None:
 def set_adapter(model: nn.Module, names: str | list[str]) -> None:
     """Make ``names`` the active (and only trainable) adapters; several active adapters add up."""
     set_active(model, [names] if isinstance(names, str) else list(names))
-
-
-@contextlib.contextmanager
-def disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """``with peftkit.disabled(model):`` runs the base model (adapters off, merged ones unmerged)."""
-    set_enabled(model, False)
-    try:
-        yield model
-    finally:
-        set_enabled(model, True)
-
-
-@dataclass
-class TrainableParameters:
-    trainable: int
-    total: int
-
-    @property
-    def percent(self) -> float:
-        return 100.0 * self.trainable / max(self.total, 1)
-
-    def __str__(self) -> str:
-        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
-
-
-def trainable_parameters(model: nn.Module) -> TrainableParameters:
-    """Trainable and total parameter counts (4-bit weights count two parameters per stored byte; a ZeRO-3
-    partitioned weight counts its whole size, not the 0 elements it holds between uses)."""
-    trainable = total = 0
-    for param in model.parameters():
-        count = getattr(param, "ds_numel", None) or param.numel()
-        if type(param).__name__ == "Params4bit":
-            count *= 2
-        total += count
-        if param.requires_grad:
-            trainable += count
-    return TrainableParameters(trainable, total)
 
 
 def summary(model: nn.Module, adapter_name: str | None = None):
