@@ -185,7 +185,8 @@ def _init_experts(model, experts, batches, options, adapter: str, seed: int) -> 
 
 registry.register_method(
     "lora-ga", architecture="lora", init="lora-ga", defaults={"rslora": True, "alpha": 16.0},
-    lr_convention=registry.LRConvention("full-ft", 0.1, "AdamW at about the full-FT lr; the author: tune LoRA-GA's lr like full FT; repo 2e-5 on Llama-2-7B vs LoRA's 2e-4 (lora-ga.md)"),
+    lr_convention=registry.LRConvention("full-ft", 0.1, "AdamW at about the full-FT lr; the author: tune LoRA-GA's lr "
+                                        "like full FT; repo 2e-5 on Llama-2-7B vs LoRA's 2e-4 (lora-ga.md)"),
     description="LoRA-GA (Wang et al. 2024): gradient-SVD init whose first step follows the rank-2r full-FT step; "
                 "rsLoRA, stable scale, function kept by a frozen offset; saved as an exact rank-2r PEFT LoRA",
 )

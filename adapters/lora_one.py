@@ -27,11 +27,13 @@ class _LoraOneStepOptions:
 
 @dataclass
 class LoraOneOptions(GradientStatisticsOptions, _LoraOneStepOptions):
-    """LoRA-One's options: γ, then the gradient-statistics options (``peftkit.gradient_passes.GradientStatisticsOptions``:
-    sketch, passes, groups, memory, device, solver), as LoRA-GA's."""
+    """LoRA-One's options: γ, then the gradient-statistics options
+    (``peftkit.gradient_passes.GradientStatisticsOptions``: sketch, passes, groups, memory, device, solver), as
+    LoRA-GA's."""
 
 
-def lora_one_factors(u: torch.Tensor, sv: torch.Tensor, vh: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+def lora_one_factors(u: torch.Tensor, sv: torch.Tensor, vh: torch.Tensor,
+                     gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(A₀ (r, in), B₀ (out, r)) from the top-r signed triplets (u, sv, vh) of −G; sv[0] = σ₁ > 0."""
     root = (sv / (gamma * sv[0])).sqrt()
     return root[:, None] * vh, u * root
@@ -78,7 +80,8 @@ def lora_one_init(model, layers, config, data) -> None:
 
 registry.register_method(
     "lora-one", architecture="lora", init="lora-one", defaults={"rslora": True, "alpha": 16.0},
-    lr_convention=registry.LRConvention("lora", 1.0, "authors' configs: lr 2e-4 (math), 5e-5 (commonsense), LoRA's rates (lora-one.md, Defaults)"),
+    lr_convention=registry.LRConvention("lora", 1.0, "authors' configs: lr 2e-4 (math), 5e-5 (commonsense), LoRA's "
+                                        "rates (lora-one.md, Defaults)"),
     changes_output_at_init=True,
     description="LoRA-One (Zhang et al. 2025): init = one normalised rank-r step along −G (rsLoRA, γ = 128); "
                 "AdamW by default, optimizer='lora-one-preconditioner' for the preconditioned form",
