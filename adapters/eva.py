@@ -22,7 +22,8 @@ import torch
 from peftkit import registry
 from peftkit.errors import ConfigError
 from peftkit.inject import _set_child, set_active, state_of
-from peftkit.stats import IncrementalPCA, adapter_name_of, base_model, check_batches, gather_rows, selected_token_mask
+from peftkit.linalg import IncrementalPCA
+from peftkit.stats import adapter_name_of, base_model, check_batches, gather_rows, selected_token_mask
 from peftkit.validation import option
 
 ALPHA_RULES = ("peft", "keep_scaling", "constant")
@@ -39,7 +40,8 @@ class EvaOptions:
     # (α·√(r_new/r) with rsLoRA); constant: α unchanged (the authors' repo).
     alpha_rule: str = option("peft", choices=ALPHA_RULES)
     max_batches: int = option(100, gt=0)  # cap on forward passes (the reference loops have none)
-    svd: str = option("exact", choices=("exact", "lowrank"))  # "exact" (LAPACK) or "lowrank" (seeded svd_lowrank, q = 2k: PEFT's EVA, for parity)
+    # "exact" (LAPACK) or "lowrank" (seeded svd_lowrank, q = 2k: PEFT's EVA, for parity)
+    svd: str = option("exact", choices=("exact", "lowrank"))
 
 
 def allocate(ratios: dict[str, torch.Tensor], caps: dict[str, int], budget: int) -> dict[str, int]:
@@ -89,7 +91,7 @@ def eva_components(model, layers, config, batches, adapter: str) -> tuple[dict[s
             first = next((other for other in representative if representative[other] == other and (
                 seen[other].data_ptr(), tuple(seen[other].shape), tuple(seen[other].stride())) == key), None)
             representative[name] = first or name
-        del seen
+        seen.clear()  # frees the held inputs (the hooks that filled it are removed)
         groups = {rep: [n for n in layers if representative[n] == rep] for rep in set(representative.values())}
         for members in groups.values():
             top = max(caps[n] for n in members)
@@ -159,7 +161,7 @@ def eva_components(model, layers, config, batches, adapter: str) -> tuple[dict[s
                 handle.remove()
     missing = [n for n in layers if pcas[representative[n]].components is None]
     if len(missing) == len(layers):
-        raise ConfigError(f"data: no batch had at least k = round(r·rho) selected tokens for any target layer; pass "
+        raise ConfigError("data: no batch had at least k = round(r·rho) selected tokens for any target layer; pass "
                           "larger batches, or check attention_mask/labels (use_label_mask=False keeps all tokens)")
     if missing:
         warnings.warn(f"eva: no batch had at least k = round(r·rho) selected rows for {missing}; they keep the "

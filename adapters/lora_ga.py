@@ -20,7 +20,8 @@ import torch
 from peftkit import registry
 from peftkit.errors import ConfigError
 from peftkit.expert_stats import ExpertMatrix, expert_gradient_triplets, expert_layers
-from peftkit.stats import adapter_name_of, check_batches, check_double_rank, check_gradient_options, gradient_triplets
+from peftkit.gradient_passes import GradientStatisticsOptions, check_gradient_options, gradient_triplets
+from peftkit.stats import adapter_name_of, check_batches, check_double_rank
 from peftkit.validation import option
 
 DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
@@ -28,28 +29,20 @@ SCALES = ("stable", "gd", "unit", "weightS", "weight_svd")
 
 
 @dataclass
-class LoraGAOptions:
-    direction: str = option("ArB2r", choices=DIRECTIONS)  # which of the top-2r singular vectors go to A and to B (lora-ga.md table)
-    scale: str = option("stable", choices=SCALES)  # stable: c = out^{1/4}/√γ; gd: 1/s; unit: 1; weightS: mean √(σᵢ(W)/s), i < r
+class _LoraGAFactorOptions:
+    direction: str = option("ArB2r", choices=DIRECTIONS)  # which of the top-2r singular vectors go to A and to B
+    # (lora-ga.md table)
+    # stable: c = out^{1/4}/√γ; gd: 1/s; unit: 1; weightS: mean √(σᵢ(W)/s), i < r
+    scale: str = option("stable", choices=SCALES)
     stable_gamma: float = option(16.0, gt=0)  # γ of the stable scale
     norm_clip: bool = False  # shrink the init when max|s·B₀A₀| > max|W| (authors' option)
     peft_compat: bool = False  # PEFT 0.21.2's variant (module docstring), for parity
-    # auto: per layer a single-pass sketch of G (k = max(64, 4·triplets); peftkit.stats.sketch_plan), never forming G,
-    # an approximation (accuracy: docs/methods/data-driven-inits.md); k: that sketch size; None: the exact path (whole G)
-    gradient_sketch: int | str | None = "auto"
-    # passes over the data of the sketch path: 1 = single-pass sketch (Tropp et al. 2017), p >= 2 = subspace iteration
-    sketch_passes: int = option(2, ge=1, le=16)
-    # Bounded memory (peftkit.stats.gradient_triplets): layers in groups, one pass over the batches each.
-    gradient_groups: int | None = option(None, gt=0)  # k groups (None: from gradient_memory)
-    gradient_memory: float | str | None = "auto"  # MiB of G held at once; auto: 1/4 of the free memory
-    gradient_device: str = option("model", choices=("model", "cpu"))  # "cpu": G accumulated in host memory
-    # auto: exact SVD below min(m, n) = 512, on wider layers the certified truncated solver (peftkit.stats.checked_svd),
-    # the exact SVD wherever it cannot certify sin θ ≤ svd_tolerance; exact: LAPACK; randomized: fixed iterations, unchecked
-    svd: str = option("auto", choices=("exact", "randomized", "auto"))
-    svd_iterations: int = option(8, ge=0)  # power iterations of svd="randomized"
-    # svd="auto": the largest certified sin of the principal angles; None: round-off (1e-6 for an fp32 G, 1e-11 fp64),
-    # so that the default init is the exact-SVD init to round-off (the authors' formula is an exact SVD)
-    svd_tolerance: float | None = option(None, gt=0, lt=1)
+
+
+@dataclass
+class LoraGAOptions(GradientStatisticsOptions, _LoraGAFactorOptions):
+    """LoRA-GA's options: how the triplets become (A₀, B₀), then the gradient-statistics options
+    (``peftkit.gradient_passes.GradientStatisticsOptions``: sketch, passes, groups, memory, device, solver)."""
 
 
 def _split(direction: str, r: int, peft_compat: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,7 +185,8 @@ def _init_experts(model, experts, batches, options, adapter: str, seed: int) -> 
 
 registry.register_method(
     "lora-ga", architecture="lora", init="lora-ga", defaults={"rslora": True, "alpha": 16.0},
-    lr_convention=registry.LRConvention("full-ft", 0.1, "AdamW at about the full-FT lr; the author: tune LoRA-GA's lr like full FT; repo 2e-5 on Llama-2-7B vs LoRA's 2e-4 (lora-ga.md)"),
+    lr_convention=registry.LRConvention("full-ft", 0.1, "AdamW at about the full-FT lr; the author: tune LoRA-GA's lr "
+                                        "like full FT; repo 2e-5 on Llama-2-7B vs LoRA's 2e-4 (lora-ga.md)"),
     description="LoRA-GA (Wang et al. 2024): gradient-SVD init whose first step follows the rank-2r full-FT step; "
                 "rsLoRA, stable scale, function kept by a frozen offset; saved as an exact rank-2r PEFT LoRA",
 )

@@ -15,32 +15,25 @@ import torch
 
 from peftkit import registry
 from peftkit.expert_stats import expert_gradient_triplets, expert_layers
-from peftkit.stats import adapter_name_of, check_batches, check_gradient_options, gradient_triplets
+from peftkit.gradient_passes import GradientStatisticsOptions, check_gradient_options, gradient_triplets
+from peftkit.stats import adapter_name_of, check_batches
 from peftkit.validation import option
 
 
 @dataclass
-class LoraOneOptions:
+class _LoraOneStepOptions:
     gamma: float = option(128.0, gt=0)  # γ: the init step has spectral norm s/γ
-    # auto: per layer a single-pass sketch of G (k = max(64, 4·triplets); peftkit.stats.sketch_plan), never forming G,
-    # an approximation (accuracy: docs/methods/data-driven-inits.md); k: that sketch size; None: the exact path (whole G)
-    gradient_sketch: int | str | None = "auto"
-    # passes over the data of the sketch path: 1 = single-pass sketch (Tropp et al. 2017), p >= 2 = subspace iteration
-    sketch_passes: int = option(2, ge=1, le=16)
-    # Bounded memory and the truncated solver: as LoRA-GA's options (peftkit.stats.gradient_triplets).
-    gradient_groups: int | None = option(None, gt=0)  # k groups (None: from gradient_memory)
-    gradient_memory: float | str | None = "auto"  # MiB of G held at once; auto: 1/4 of the free memory
-    gradient_device: str = option("model", choices=("model", "cpu"))  # "cpu": G accumulated in host memory
-    # auto: exact SVD below min(m, n) = 512, on wider layers the certified truncated solver (peftkit.stats.checked_svd),
-    # the exact SVD wherever it cannot certify sin θ ≤ svd_tolerance; exact: LAPACK; randomized: fixed iterations, unchecked
-    svd: str = option("auto", choices=("exact", "randomized", "auto"))
-    svd_iterations: int = option(8, ge=0)  # power iterations of svd="randomized"
-    # svd="auto": the largest certified sin of the principal angles; None: round-off (1e-6 for an fp32 G, 1e-11 fp64),
-    # so that the default init is the exact-SVD init to round-off (the authors' formula is an exact SVD)
-    svd_tolerance: float | None = option(None, gt=0, lt=1)
 
 
-def lora_one_factors(u: torch.Tensor, sv: torch.Tensor, vh: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass
+class LoraOneOptions(GradientStatisticsOptions, _LoraOneStepOptions):
+    """LoRA-One's options: γ, then the gradient-statistics options
+    (``peftkit.gradient_passes.GradientStatisticsOptions``: sketch, passes, groups, memory, device, solver), as
+    LoRA-GA's."""
+
+
+def lora_one_factors(u: torch.Tensor, sv: torch.Tensor, vh: torch.Tensor,
+                     gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(A₀ (r, in), B₀ (out, r)) from the top-r signed triplets (u, sv, vh) of −G; sv[0] = σ₁ > 0."""
     root = (sv / (gamma * sv[0])).sqrt()
     return root[:, None] * vh, u * root
@@ -87,7 +80,8 @@ def lora_one_init(model, layers, config, data) -> None:
 
 registry.register_method(
     "lora-one", architecture="lora", init="lora-one", defaults={"rslora": True, "alpha": 16.0},
-    lr_convention=registry.LRConvention("lora", 1.0, "authors' configs: lr 2e-4 (math), 5e-5 (commonsense), LoRA's rates (lora-one.md, Defaults)"),
+    lr_convention=registry.LRConvention("lora", 1.0, "authors' configs: lr 2e-4 (math), 5e-5 (commonsense), LoRA's "
+                                        "rates (lora-one.md, Defaults)"),
     changes_output_at_init=True,
     description="LoRA-One (Zhang et al. 2025): init = one normalised rank-r step along −G (rsLoRA, γ = 128); "
                 "AdamW by default, optimizer='lora-one-preconditioner' for the preconditioned form",

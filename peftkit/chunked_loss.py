@@ -24,9 +24,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .api import GATE_ATTR
-from .loss import IGNORE_INDEX
+from .inject import GATE_ATTR
 
+# The label of a token that is no target (transformers' ignore_index); peftkit.loss, above this module, uses it too.
+IGNORE_INDEX = -100
 DEFAULT_CHUNK_TOKENS = 1024
 # Config fields that scale or transform the logits beyond softcapping: a model with one of these set is left to
 # its own forward (its loss is not lm_head + cross-entropy).

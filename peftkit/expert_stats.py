@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from . import stats
+from . import gradient_passes, linalg, stats
 from .errors import ConfigError
 from .expert_layer import ExpertParameterLayer
 from .loss import batch_loss_units
@@ -51,15 +51,15 @@ def _stack_bytes(layer: ExpertParameterLayer) -> int:
 def _groups(model: nn.Module, layers: dict[str, ExpertParameterLayer], options: Mapping[str, Any]) -> list[list[str]]:
     sizes = {name: _stack_bytes(layer) for name, layer in layers.items()}
     if options.get("gradient_groups") is not None:
-        return stats.plan_groups(sizes, groups=options["gradient_groups"])
+        return gradient_passes.plan_groups(sizes, groups=options["gradient_groups"])
     memory = options.get("gradient_memory", "auto")
     if memory is None:
-        return stats.plan_groups(sizes)
+        return gradient_passes.plan_groups(sizes)
     if memory == "auto":
-        budget = stats.free_memory_bytes(next(model.parameters()).device) // 4
+        budget = gradient_passes.free_memory_bytes(next(model.parameters()).device) // 4
     else:
         budget = int(float(memory) * 2**20)
-    return stats.plan_groups(sizes, budget=budget)
+    return gradient_passes.plan_groups(sizes, budget=budget)
 
 
 def expert_gradients(model: nn.Module, layers: dict[str, ExpertParameterLayer], batches: list[Mapping]
@@ -120,22 +120,22 @@ def expert_gradient_triplets(model: nn.Module, layers: dict[str, ExpertParameter
                              negate: bool = False, boundaries: Callable[[int], Iterable[int]] | None = None,
                              ) -> Iterator[tuple[str, int, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(name, expert e, U (m, r), S (r,), Vh (r, n)) of every expert's gradient G_e (−G_e with ``negate``): the
-    counterpart of ``stats.gradient_triplets`` (same solver options, same replay of the RNG across passes)."""
-    start = stats._rng_states()
+    counterpart of ``gradient_passes.gradient_triplets`` (same solver options, same replay of the RNG across passes)."""
+    start = gradient_passes.rng_states()
     for index, group in enumerate(_groups(model, layers, options)):
-        resume = stats._rng_states() if index else None
+        resume = gradient_passes.rng_states() if index else None
         if resume is not None:
-            stats._set_rng_states(start)
+            gradient_passes.set_rng_states(start)
         grads = expert_gradients(model, {name: layers[name] for name in group}, batches)
         if resume is not None:
-            stats._set_rng_states(resume)
+            gradient_passes.set_rng_states(resume)
         for name in group:
             stack = grads.pop(name)
             if negate:
                 stack.neg_()
             rank = ranks[name]
             for e in range(stack.shape[0]):
-                u, s, vh = stats.top_singular_triplets(
+                u, s, vh = linalg.top_singular_triplets(
                     stack[e].contiguous(), rank, options["svd"], iterations=options["svd_iterations"], seed=seed,
                     tolerance=options.get("svd_tolerance", 3e-2),
                     boundaries=None if boundaries is None else boundaries(rank))

@@ -6,6 +6,7 @@ object, not a module, so it never enters the model's state dict).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ def on_adapters_detached(hook) -> None:
         _DETACH_HOOKS.append(hook)
 
 STATE_ATTR = "peftkit"
+# The attribute of a wrapped model that holds its weight gate (``api.merge`` and the forwards it waits for).
+GATE_ATTR = "_peftkit_weight_gate"
 
 
 @dataclass
@@ -334,6 +337,16 @@ def set_active(model: nn.Module, names: list[str]) -> None:
 def set_enabled(model: nn.Module, enabled: bool) -> None:
     for module in list(adapter_layers(model).values()) + list(saved_modules(model).values()):
         module.disabled = not enabled
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """``with peftkit.disabled(model):`` runs the base model (adapters off, merged ones unmerged)."""
+    set_enabled(model, False)
+    try:
+        yield model
+    finally:
+        set_enabled(model, True)
 
 
 def remove(model: nn.Module, merge: bool) -> nn.Module:

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .api import disabled
 from .chunked_loss import head_of, target_logits, target_positions
+from .inject import disabled
 
 OBJECTIVES = ("sft", "dpo", "simpo")
 PAIR_OBJECTIVES = ("dpo", "simpo")  # the objectives that read pairs (data.format: preference)

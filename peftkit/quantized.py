@@ -18,8 +18,8 @@ copy of its partition, frees it after each use and gathers it again from the par
 ``param.data`` is lost while the packed ``quant_state`` (a Python object ZeRO never sees) stays: the next forward
 reads standard-layout codes as packed ones (issue 24: a 4-bit base silently corrupted from the first evaluation
 after a step that changed ZeRO's gather order). ``keep_standard_layout`` pins a layer to the standard layout (the
-ZeRO-3 engine calls ``keep_standard_layouts`` on the model), and the forward hook refuses a layer that could repack a weight a
-sharding engine owns (a ZeRO-3 ``ds_id``, an FSDP2 DTensor) instead of computing with a garbled one.
+ZeRO-3 engine calls ``keep_standard_layouts`` on the model), and the forward hook refuses a layer that could repack a
+weight a sharding engine owns (a ZeRO-3 ``ds_id``, an FSDP2 DTensor) instead of computing with a garbled one.
 
 ``track_layouts(model)`` (called by ``inject``) hooks every ``Linear4bit``: before bitsandbytes repacks a weight it
 remembers the standard-layout statistics (references, no copy), and a training forward (train mode, or a gradient

@@ -14,12 +14,19 @@ from typing import Any
 import torch.nn as nn
 
 from . import distributed
-from .validation import compile_pattern
-from .config import (ALL_LINEAR, CLASSIFIER_HEAD_NAMES, _as_list, _matches, _name_matches, parameter_candidates,
-                     router_names)
+from .config import (
+    ALL_LINEAR,
+    CLASSIFIER_HEAD_NAMES,
+    _as_list,
+    _matches,
+    _name_matches,
+    parameter_candidates,
+    router_names,
+)
+from .expert_layer import ExpertParameterLayer
 from .inject import _BaseView, adapter_layers, state_of
 from .layer import linear_types
-from .expert_layer import ExpertParameterLayer
+from .validation import compile_pattern
 
 logger = logging.getLogger("peftkit")
 
@@ -66,10 +73,35 @@ class AdapterSummary:
         return line
 
 
+@dataclass
+class TrainableParameters:
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
+
+
+def trainable_parameters(model: nn.Module) -> TrainableParameters:
+    """Trainable and total parameter counts (4-bit weights count two parameters per stored byte; a ZeRO-3
+    partitioned weight counts its whole size, not the 0 elements it holds between uses)."""
+    trainable = total = 0
+    for param in model.parameters():
+        count = getattr(param, "ds_numel", None) or param.numel()
+        if type(param).__name__ == "Params4bit":
+            count *= 2
+        total += count
+        if param.requires_grad:
+            trainable += count
+    return TrainableParameters(trainable, total)
+
+
 def summary(model: nn.Module, adapter_name: str | None = None) -> AdapterSummary:
     """The summary of one adapter (default: the first active one); ``str()`` of it is the one line wrap logs."""
-    from .api import trainable_parameters
-
     state = state_of(model)
     name = adapter_name or state.active[0]
     config = state.configs[name]

@@ -142,8 +142,9 @@ def merge_for_serving(model: nn.Module, dtype: torch.dtype | None = None, quanti
     model.to(target)
     bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
     if bad:
-        raise ConfigError(f"merge: the merged model has NaN or inf in {bad[:4]} (in {dtype_name(target)}); the adapter "
-                          "is broken, or the weights overflow this dtype (try --dtype bf16 or fp32) - nothing was written")
+        raise ConfigError(f"merge: the merged model has NaN or inf in {bad[:4]} (in {dtype_name(target)}); the "
+                          "adapter is broken, or the weights overflow this dtype (try --dtype bf16 or fp32) - nothing "
+                          "was written")
     model.config.dtype = target
     return model, reference, logits(model, probe)
 

@@ -12,7 +12,7 @@ import torch
 import peftkit
 from peftkit.inject import adapter_layers
 from peftkit.layer import AdapterLayer
-from peftkit.stats import subspace_cosines
+from peftkit.linalg import subspace_cosines
 
 from helpers import make_batches, output, tiny_llama
 from inits_fixtures import ThreeInputs, spectrum_inputs

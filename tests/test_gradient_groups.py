@@ -1,4 +1,4 @@
-"""Bounded-memory gradient inits (peftkit.stats.gradient_triplets): layer groups, one pass each, give the very same
+"""Bounded-memory gradient inits (peftkit.gradient_passes.gradient_triplets): layer groups, one pass each, give the very same
 factors as all layers at once (fp64, bit-equal), dropout masks included; the group planner; the randomized
 truncated solver against the exact SVD; the option errors."""
 
@@ -10,9 +10,10 @@ import torch
 import peftkit
 from peftkit.errors import ConfigError
 from peftkit.inject import adapter_layers
-from peftkit.stats import (FAST_PATH_MIN, checked_svd, complement_norm_bound, gradient_bytes, gradient_statistics,
-                           plan_groups, randomized_svd, signed_svd, solver_for, subspace_cosines,
-                           top_singular_triplets)
+from peftkit.gradient_passes import gradient_bytes, plan_groups
+from peftkit.linalg import (FAST_PATH_MIN, checked_svd, complement_norm_bound, randomized_svd, signed_svd, solver_for,
+                            subspace_cosines, top_singular_triplets)
+from peftkit.stats import gradient_statistics
 
 from helpers import make_batches, tiny_gpt2, tiny_llama
 

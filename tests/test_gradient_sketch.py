@@ -12,7 +12,9 @@ import torch
 import peftkit
 from peftkit.errors import ConfigError
 from peftkit.inject import adapter_layers
-from peftkit.stats import gradient_statistics, gradient_triplets, signed_svd, sketch_plan
+from peftkit.gradient_passes import gradient_triplets, sketch_plan
+from peftkit.linalg import signed_svd
+from peftkit.stats import gradient_statistics
 
 from inits_fixtures import LinearToy, full_gradient, sgd_step
 

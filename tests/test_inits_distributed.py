@@ -48,7 +48,7 @@ def _adapters(method: str, batches) -> dict:
                              **METHODS[method])
     if method.endswith("-sketch"):  # the sketch path was taken
         from peftkit.inject import adapter_layers
-        from peftkit.stats import sketch_plan
+        from peftkit.gradient_passes import sketch_plan
 
         options = {"gradient_groups": None, "gradient_device": "model", "svd": "auto", **METHODS[method]}
         assert all(k is not None for k in sketch_plan(adapter_layers(model), {n: 2 for n in adapter_layers(model)},

@@ -198,7 +198,8 @@ def test_init_axis_composes_with_lora():
 def test_gradient_sketch_subspace_error_shrinks_and_vanishes_at_full_sketch():
     """The streaming randomized SVD from G·Ω and Gᵀ·Ψ: its top-2r subspace approaches the exact one as k grows
     and equals it once k = min(m, n); the init it gives keeps the function."""
-    from peftkit.stats import gradient_statistics, sketch_svd, subspace_cosines, signed_svd
+    from peftkit.linalg import signed_svd, sketch_svd, subspace_cosines
+    from peftkit.stats import gradient_statistics
 
     model = peftkit.wrap(tiny_llama(), "lora", r=2, targets=["down_proj"])
     layers = adapter_layers(model)

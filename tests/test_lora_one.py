@@ -38,7 +38,7 @@ def test_init_identity_norm_and_balance_fp64():
     assert torch.linalg.matrix_norm(s * b @ a, ord=2) == pytest.approx(s / gamma, rel=1e-10)
     torch.testing.assert_close(a.norm(dim=1), b.norm(dim=0), rtol=1e-10, atol=0)
     # Test 3: span(B) = U_r of −G, span(Aᵀ) = V_r (principal-angle cosines 1).
-    from peftkit.stats import subspace_cosines
+    from peftkit.linalg import subspace_cosines
 
     assert subspace_cosines(b, u[:, :r]).min() >= 1 - 1e-10
     assert subspace_cosines(a.t(), vh[:r].t()).min() >= 1 - 1e-10

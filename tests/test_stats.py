@@ -9,8 +9,8 @@ import torch
 import peftkit
 from peftkit.errors import ConfigError
 from peftkit.inject import adapter_layers
-from peftkit.stats import (GradientSketch, IncrementalPCA, gradient_statistics, sign_fix, signed_svd, sketch_svd,
-                           subspace_cosines)
+from peftkit.linalg import GradientSketch, IncrementalPCA, sign_fix, signed_svd, sketch_svd, subspace_cosines
+from peftkit.stats import gradient_statistics
 
 from helpers import make_batches, tiny_gpt2, tiny_llama
 
@@ -102,7 +102,7 @@ def test_incremental_pca_equals_pca_of_all_rows():
 
 
 def test_short_wide_svd_matches_lapack():
-    from peftkit.stats import _short_wide_svd
+    from peftkit.linalg import _short_wide_svd
 
     gen = torch.Generator().manual_seed(3)
     for m, d, dtype in ((40, 300, torch.float64), (273, 576, torch.float32), (17, 1536, torch.float64)):
