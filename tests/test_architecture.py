@@ -25,14 +25,11 @@ KNOWN_BACK_EDGES = {
     ("peftkit.report", "peftkit.api"): "report counts trainable parameters through api",
     ("peftkit.loss", "peftkit.chunked_loss"): "loss dispatches to chunked_loss, which imports loss.IGNORE_INDEX",
     ("peftkit.sharded", "peftkit.train.engines"): "sharded loads call the training engines' sharding helpers",
-    ("peftkit.gguf", "peftkit.train.build"): "gguf resolves a recorded base with train.build.resolve_model_ref",
     ("peftkit.train.checkpointing", "peftkit.train.monitor"): "checkpointing and monitor share best/ (both ways)",
-    ("peftkit.train.vision", "peftkit.train.build"): "vision reads Examples / resolve_model_ref from build",
-    ("peftkit.api", "peftkit.train.build"): "load_model resolves hub ids / pkg: / GGUF refs with train.build",
 }
 
 # Files of peftkit/ over MAX_LINES today. # issue 30 knots 1,2,5 — removed in part 2 (the rooms part 2 splits)
-KNOWN_LONG_FILES = {"peftkit/train/loop.py", "peftkit/train/data.py", "peftkit/stats.py"}
+KNOWN_LONG_FILES = {"peftkit/train/loop.py", "peftkit/stats.py"}
 
 
 def _modules() -> dict[str, Path]:
