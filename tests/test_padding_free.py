@@ -103,7 +103,7 @@ def test_the_loop_trains_the_same_adapter_with_and_without_the_shortcuts(tmp_pat
     """A chat run in fp64 with the defaults (padding-free batches, the chunked head + cross-entropy) and with both
     off ends with the same adapter to round-off; the defaults did take the shortcuts."""
     import peftkit.chunked_loss as chunked_loss
-    from peftkit.train import data as data_module
+    from peftkit.train import batches as data_module
     from peftkit.train.loop import train
     from peftkit.train.recipe import from_dict
     from train_fixtures import adapter_tensors, llama_chat_recipe

@@ -278,14 +278,14 @@ def test_loss_units_are_read_in_bounded_chunks(monkeypatch):
     counts of one pass."""
     import datasets
 
-    from peftkit.train import data
+    from peftkit.train import batches
     from peftkit.train.data import Tokenized, example_lengths, loss_units
 
     rows = [[-100, 4, 5], [1, -100], [-100, -100, -100, 7], [3, 3, 3, 3, 3]]
     table = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
     whole = loss_units(Tokenized(table["input_ids"], table["labels"]), False).tolist()
-    original = data._list_chunks
-    monkeypatch.setattr(data, "_list_chunks", lambda column: original(column, rows=2))
+    original = batches._list_chunks
+    monkeypatch.setattr(batches, "_list_chunks", lambda column: original(column, rows=2))
     assert loss_units(Tokenized(table["input_ids"], table["labels"]), False).tolist() == whole == [2, 0, 1, 4]
     assert example_lengths(Tokenized(table["input_ids"], table["labels"])).tolist() == [3, 2, 4, 5]
 

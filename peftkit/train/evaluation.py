@@ -212,7 +212,8 @@ class StopStreamer:
                 elif stream_end:
                     safe = len(self.text)
                 else:  # hold back a tail that could still become a stop marker
-                    held = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+                    held = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])),
+                               default=0)
                     safe = len(self.text) - held
                 if safe > self.shown:
                     self.stream.write(self.text[self.shown:safe])

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,8 +19,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from ..validation import (_show, check_fields, check_output_dir, check_size, check_value, option, unknown_key,
-                          yaml_load)
+from ..validation import _show, check_fields, check_output_dir, check_size, check_value, option, unknown_key, yaml_load
 
 MAX_LABELS = 100_000  # classes of a classification head (also the bound on an adapter's recorded num_labels)
 VISION_TASK = "image-text-to-text"  # a vision-language model: train/vision.py
@@ -53,7 +52,8 @@ class ModelSection:
     task: str = option("causal-lm", choices=TASKS)
     dtype: str = option("float32", choices=DTYPES)
     quantize: str | None = option(None, choices=QUANTIZE)
-    num_labels: int | None = option(None, gt=0, le=MAX_LABELS)  # classification: default is the number of distinct labels in data.train
+    # classification: default is the number of distinct labels in data.train
+    num_labels: int | None = option(None, gt=0, le=MAX_LABELS)
     tokenizer: str | None = None  # default: model.name; "bytes" is a built-in byte-level tokenizer (offline)
     # a .gguf file inside model.name (a folder, hub snapshot or pkg:...): loaded through transformers' GGUF support
     # (dequantized), rebuilt as a plain model once and cached (peftkit.gguf.plain_model_folder)
@@ -82,10 +82,12 @@ class DataSection:
     # padding, but it changes which examples share a batch (and so the trajectory); the epoch's examples are the same
     padding_free: bool = True  # causal LM, unpacked data: a batch's examples share rows with restarting position
     # ids (no attention mask), so almost no padded token goes through the model; the same examples and loss
-    overlong: str = option("truncate_left", choices=OVERLONG)  # chat/instruction examples over max_length: truncate_left, drop or error
+    # chat/instruction examples over max_length: truncate_left, drop or error
+    overlong: str = option("truncate_left", choices=OVERLONG)
     num_proc: int | None = option(None, gt=0, le=1024)  # processes datasets.map tokenizes with
     chat_template: str | None = None  # null/"tokenizer": the tokenizer's; chatml, zephyr, llama3; or Jinja
-    assistant_turns: str = option("all", choices=ASSISTANT_TURNS)  # the loss on every assistant turn ("all") or the last one ("last")
+    # the loss on every assistant turn ("all") or the last one ("last")
+    assistant_turns: str = option("all", choices=ASSISTANT_TURNS)
     system_prompt: str | None = None  # a system turn for conversations that have none
     conversation_column: str | None = None  # messages / sharegpt: default "messages" / "conversations"
     role_key: str | None = None  # a turn's role: default "role" (messages) / "from" (sharegpt)
@@ -110,7 +112,8 @@ class AdapterSection:
     """The method and its options (every other key of this section is passed to ``peftkit.wrap``)."""
 
     method: str = "lora"
-    init_batches: int = option(8, gt=0, le=2**16)  # data-driven inits (LoRA-GA, LoRA-One, EVA): global batches of data.train they read
+    # data-driven inits (LoRA-GA, LoRA-One, EVA): global batches of data.train they read
+    init_batches: int = option(8, gt=0, le=2**16)
     vision_tower: bool = False  # image-text-to-text: also adapt the vision tower and projector (train/vision.py)
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -120,8 +123,10 @@ class OptimizerSection:
     """The optimizer (default: the method's own); every other key is passed to ``peftkit.optimizer``."""
 
     name: str | None = None
-    lr: float | None = option(None, gt=0, expect="a positive learning rate (finite) or auto")  # None or "auto": base_lr × the method's convention
-    base_lr: float = option(2e-4, gt=0, expect="a positive learning rate (finite): the rate you would give plain LoRA")  # only used when lr is auto
+    # None or "auto": base_lr × the method's convention
+    lr: float | None = option(None, gt=0, expect="a positive learning rate (finite) or auto")
+    # only used when lr is auto
+    base_lr: float = option(2e-4, gt=0, expect="a positive learning rate (finite): the rate you would give plain LoRA")
     weight_decay: float = option(0.0, ge=0)
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -139,8 +144,10 @@ class TrainingSection:
     max_grad_norm: float | None = option(1.0, gt=0)  # null: no clipping
     log_every: int = option(10, gt=0)
     eval_every: int | None = option(None, gt=0)  # default: only at the end
-    best: dict | None = None  # {metric: eval_loss, mode: min}: the best evaluation's adapter kept as best/ (train/monitor.py)
-    early_stopping: dict | None = None  # {metric, patience: 3, min_delta: 0.0, mode}: stop after patience evaluations without improvement
+    # {metric: eval_loss, mode: min}: the best evaluation's adapter kept as best/ (train/monitor.py)
+    best: dict | None = None
+    # {metric, patience: 3, min_delta: 0.0, mode}: stop after patience evaluations without improvement
+    early_stopping: dict | None = None
     eval_batch_size: int | None = option(None, gt=0)  # default: batch_size
     save_every: int | None = option(None, gt=0)  # default: only at the end
     keep_checkpoints: int | None = option(2, gt=0)  # the newest N step checkpoints stay (null: all)
@@ -155,11 +162,14 @@ class TrainingSection:
     lr_schedule_options: dict = field(default_factory=dict)  # other get_scheduler kwargs (num_cycles, power ...)
     eval_metrics: list[str] = field(default_factory=list)  # exact_match, f1, or module:function hooks
     eval_max_new_tokens: int = option(64, gt=0, le=2**20)  # generation-based metrics: the longest generated answer
-    answer_extraction: str | None = option(None, choices=(None, "last_number", "gsm8k", "choice", "regex"))  # exact_match compares these parts
+    # exact_match compares these parts
+    answer_extraction: str | None = option(None, choices=(None, "last_number", "gsm8k", "choice", "regex"))
     answer_pattern: str | None = None  # answer_extraction: regex: the regex (its first group, if any)
-    threads: int | None = option(None, gt=0, le=4096)  # CPU threads per process; null: usable cores / local processes (train/threads.py)
+    # CPU threads per process; null: usable cores / local processes (train/threads.py)
+    threads: int | None = option(None, gt=0, le=4096)
     distributed: str = option("ddp", choices=DISTRIBUTED)  # ddp | fsdp2 | zero2 | zero3 (peftkit.train.engines)
-    divergence_guard: dict | None = None  # {action: stop|halve, factor: 3.0, window: 10, max_halvings: 3} (train/guard.py)
+    # {action: stop|halve, factor: 3.0, window: 10, max_halvings: 3} (train/guard.py)
+    divergence_guard: dict | None = None
     objective: str = option("sft", choices=OBJECTIVES)  # dpo / simpo: preference pairs (data.format: preference)
     beta: float | None = option(None, gt=0, le=1e4)  # dpo: 0.1 (TRL's default); simpo: 2.0 (the SimPO paper's)
     simpo_gamma: float | None = option(None, ge=0, le=1e4)  # simpo's target margin γ (default 0.5, TRL's CPO default)
@@ -225,7 +235,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"recipe {path}: expected a mapping of sections (model, data, ...), got {type(data).__name__}")
+        raise ConfigError(f"recipe {path}: expected a mapping of sections (model, data, ...), "
+                          f"got {type(data).__name__}")
     return data
 
 
@@ -325,7 +336,8 @@ def _check_method_options(recipe: Recipe) -> None:
     fixed = [f.name for f in dataclasses.fields(OptimizerSection) if f.name != "options"]
     unknown = [k for k in recipe.optimizer.options if k not in component.option_names()]
     if unknown:  # the closest of the section's keys and the optimizer's options
-        raise ConfigError(unknown_key(f"optimizer.{unknown[0]}", [f"optimizer.{k}" for k in fixed + component.option_names()],
+        raise ConfigError(unknown_key(f"optimizer.{unknown[0]}",
+                                      [f"optimizer.{k}" for k in fixed + component.option_names()],
                                       "key", f" for the optimizer '{name}'"))
     check_component_options(component, recipe.optimizer.options, prefix="optimizer.")
 
@@ -338,7 +350,8 @@ def check(recipe: Recipe) -> None:
         raise ConfigError("model: give exactly one of model.name (hub id, folder or pkg:...) and model.config "
                           "(a dict with model_type, to build a model from a config)")
     if m.config is not None and "model_type" not in m.config:
-        raise ConfigError("model.config: expected a 'model_type' key (e.g. llama, gpt2, bert) and that model's config fields")
+        raise ConfigError("model.config: expected a 'model_type' key (e.g. llama, gpt2, bert) and that model's "
+                          "config fields")
     if d.train is None and d.mix is None:
         raise ConfigError("data.train: expected a dataset (a local file, a hub dataset id or generated:<name>)")
     if d.train is not None and d.mix is not None:
@@ -353,7 +366,8 @@ def check(recipe: Recipe) -> None:
     if d.packing and d.format == "classification":
         raise ConfigError("data.packing: classification examples cannot be packed; set data.packing=false")
     if m.task == "sequence-classification" and d.format != "classification":
-        raise ConfigError(f"data.format: model.task sequence-classification needs format 'classification', got '{d.format}'")
+        raise ConfigError("data.format: model.task sequence-classification needs format 'classification', "
+                          f"got '{d.format}'")
     if m.task == "causal-lm" and d.format == "classification":
         raise ConfigError("data.format: 'classification' needs model.task: sequence-classification")
     check_vision_recipe(recipe)

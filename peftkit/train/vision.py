@@ -32,8 +32,9 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from .batches import collate as collate_text
 from .chat import IGNORE_INDEX
-from .data import Tokenized, collate as collate_text
+from .examples import Examples, Tokenized
 from .recipe import VISION_TASK
 
 IMAGE_FIELDS = ("path", "image", "url")
@@ -74,7 +75,7 @@ def load_processor(name: str) -> ProcessorTokenizer:
     """The processor saved with the model (``AutoProcessor``), local files first: no download for a folder."""
     from transformers import AutoProcessor
 
-    from .build import resolve_model_ref
+    from ..resolve import resolve_model_ref
 
     path = resolve_model_ref(name)
     try:
@@ -97,7 +98,7 @@ def tiny_processor(image_size: int = 16, patch_size: int = 8):
     ``<image>``): offline tests and examples. ``image_size / patch_size`` squared image tokens per image."""
     from transformers import CLIPImageProcessor, LlavaProcessor
 
-    from .data import byte_tokenizer
+    from .demo_data import byte_tokenizer
 
     tokenizer = byte_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<|im_start|>", "<|im_end|>"]})
@@ -287,8 +288,7 @@ def tokenize(rows, processor, data, *, key: str, base_dir: Path) -> VisionTokeni
 
 def load_examples(recipe, tokenizer: ProcessorTokenizer):
     """data.train and data.eval of a vision recipe, as ``build.Examples``."""
-    from .build import Examples
-    from .data import read_rows
+    from .rows import read_rows
 
     data = recipe.data
     splits = []
