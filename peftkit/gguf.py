@@ -94,7 +94,8 @@ def _pattern_value(patterns: dict[str, Any] | None, name: str, default: Any) -> 
 
 
 # ------------------------------------------------------------------------------------------ writing
-def lora_pairs(tensors: dict[str, torch.Tensor], peft_config: dict[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+def lora_pairs(tensors: dict[str, torch.Tensor],
+               peft_config: dict[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
     """Module path -> (A (r, in), B (out, r), s) of a plain PEFT LoRA's tensors and config, ΔW = s·B·A."""
     from .peft_format import PREFIX
 

@@ -79,7 +79,8 @@ def convention(config: Any) -> tuple[float, str, bool]:
     composition = config.init != preset.init or config.optimizer != preset.optimizer
     if not composition:
         conv = preset.lr_convention
-        return conv.ratio, f"'{preset.name}': {'full-fine-tuning-like' if conv.kind == 'full-ft' else 'LoRA-like'}", False
+        like = "full-fine-tuning-like" if conv.kind == "full-ft" else "LoRA-like"
+        return conv.ratio, f"'{preset.name}': {like}", False
     candidates = [(preset.lr_convention.ratio, preset.name)]
     for name in registry.methods():
         other = registry.get_method(name)
@@ -104,7 +105,8 @@ def first_step_scale(model: nn.Module, optimizer: torch.optim.Optimizer, lr: flo
         a, b = pair.a.detach().double(), pair.b.detach().double()
         m, n = b.shape[0], a.shape[1]
         rho_a, rho_b = multiplier.get(id(pair.a), 1.0), multiplier.get(id(pair.b), 1.0)
-        total += pair.scaling ** 2 * (rho_b ** 2 * m * float(a.square().sum()) + rho_a ** 2 * n * float(b.square().sum()))
+        total += pair.scaling ** 2 * (rho_b ** 2 * m * float(a.square().sum())
+                                      + rho_a ** 2 * n * float(b.square().sum()))
     return math.sqrt(total)
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from .errors import CheckpointError, ConfigError
 
 # The files of an adapter folder (peftkit's and PEFT's); a download fetches nothing else (no full models).
-ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "peftkit.json", "README.md", "*/adapter_config.json",
-                 "*/adapter_model.safetensors", "*/peftkit.json"]
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "peftkit.json", "README.md",
+                 "*/adapter_config.json", "*/adapter_model.safetensors", "*/peftkit.json"]
 PKG_PREFIX = "pkg:"  # pkg:<package>[/<folder>]: a model folder shipped inside an installed package
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
@@ -61,19 +61,22 @@ def resolve_folder(ref: str | os.PathLike, what: str = "adapter", allow_patterns
 
     offline = hub_offline() or local_files_only
     try:
-        folder = snapshot_download(text, cache_dir=_cache_dir(), local_files_only=offline, allow_patterns=allow_patterns,
-                                   revision=revision, token=token)
+        folder = snapshot_download(text, cache_dir=_cache_dir(), local_files_only=offline,
+                                   allow_patterns=allow_patterns, revision=revision, token=token)
     except LocalEntryNotFoundError:
         where = _cache_dir() or "the default Hugging Face cache"
         at = f" at revision '{revision}'" if revision else ""
         raise CheckpointError(
-            f"{what}: '{text}' is not a local folder, and the Hub repo '{text}'{at} is not in the local cache ({where}) "
+            f"{what}: '{text}' is not a local folder, and the Hub repo '{text}'{at} is not in the local cache "
+            f"({where}) "
             + ("while offline (HF_HUB_OFFLINE=1); download it once with network access (hf download "
-               f"{text}) or pass a local folder" if offline else "and could not be downloaded; check the id and the network")
+               f"{text}) or pass a local folder" if offline
+               else "and could not be downloaded; check the id and the network")
         ) from None
     except Exception as exc:  # repository not found, gated, network errors: one message
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{what}: '{text}' is not a local folder, and the Hub repo could not be fetched ({first})") from None
+        raise CheckpointError(f"{what}: '{text}' is not a local folder, and the Hub repo could not be fetched "
+                              f"({first})") from None
     return Path(folder)
 
 
