@@ -29,6 +29,9 @@ from .inject import GATE_ATTR
 # The label of a token that is no target (transformers' ignore_index); peftkit.loss, above this module, uses it too.
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_TOKENS = 1024
+# One chunk's fp32 logits at most this many bytes: a chunk of a fixed 1,024 rows is 192 MiB of logits at
+# SmolLM2's 49,152-wide head but 1 GiB at Gemma-3's 262,144 (and the step holds two or three such arrays).
+CHUNK_LOGITS_BYTES = 64 * 2**20
 # Config fields that scale or transform the logits beyond softcapping: a model with one of these set is left to
 # its own forward (its loss is not lm_head + cross-entropy).
 _LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "output_multiplier_scale", "lm_head_multiplier")
@@ -99,15 +102,24 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return (*out, None, None, None, None)
 
 
+def chunk_rows(hidden: torch.Tensor, weight: torch.Tensor) -> int:
+    """Rows per chunk for a head ``weight`` (V, H): at most DEFAULT_CHUNK_TOKENS, and at most CHUNK_LOGITS_BYTES
+    of logits in the accumulation dtype (at least fp32), so the peak does not grow with the vocabulary."""
+    row_bytes = weight.shape[0] * torch.promote_types(hidden.dtype, torch.float32).itemsize
+    return max(1, min(DEFAULT_CHUNK_TOKENS, CHUNK_LOGITS_BYTES // row_bytes))
+
+
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                  targets: torch.Tensor, divisor: float, softcap: float | None = None,
-                                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+                                 chunk_tokens: int | None = None) -> torch.Tensor:
     """Σ over rows of ``hidden`` (N, H) of the cross-entropy of ``hidden @ weight.T (+ bias)`` (softcapped
     where ``softcap`` is set) at ``targets`` (N,), over ``divisor``; never more than ``chunk_tokens`` rows of
-    logits at once."""
+    logits at once (default: :func:`chunk_rows`, sized by bytes)."""
     kernel = fused_kernel(hidden, softcap, bias)
     if kernel is not None:
         return kernel(hidden, weight, targets, bias) / divisor
+    if chunk_tokens is None:
+        chunk_tokens = chunk_rows(hidden, weight)
     return ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, softcap, float(divisor), int(chunk_tokens))
 
 
@@ -199,7 +211,7 @@ def target_logits(model: nn.Module, inputs: Mapping[str, Any], labels: torch.Ten
 
 
 def chunked_causal_loss(model: nn.Module, batch: Mapping[str, Any], global_units: int,
-                        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                        chunk_tokens: int | None = None,
                         positions: torch.Tensor | None = None) -> torch.Tensor:
     """Σ of the causal cross-entropy of ``batch``'s target tokens over ``global_units``, as the ``summed`` mode
     of peftkit.loss computes it, without the full logits. ``model`` must pass :func:`head_of`. ``positions``:

@@ -109,3 +109,27 @@ def test_a_head_that_is_not_a_plain_linear_keeps_the_models_own_loss():
     assert loss_mode(scaled, causal_lm=True, chunked=True) == "item_count"
     assert loss_mode(tiny_llama(), causal_lm=True, chunked=False) == "item_count"
     assert loss_mode(tiny_llama(), causal_lm=True, chunked=True) == "chunked"
+
+
+def test_the_default_chunk_is_sized_by_bytes_so_a_wide_vocabulary_holds_no_more_logits(monkeypatch):
+    """Chunks hold at most CHUNK_LOGITS_BYTES of logits: 1,024 rows at a narrow head, far fewer at Gemma-3's
+    262,144-wide one (1 GiB of fp32 logits per 1,024 rows); the default-sized loss equals the plain one."""
+    from peftkit import chunked_loss
+
+    assert chunked_loss.chunk_rows(torch.zeros(1, 8), torch.zeros(32_000, 8)) == 524
+    assert chunked_loss.chunk_rows(torch.zeros(1, 8), torch.zeros(262_144, 8)) == 64
+    assert chunked_loss.chunk_rows(torch.zeros(1, 8, dtype=torch.float64), torch.zeros(262_144, 8)) == 32
+    assert chunked_loss.chunk_rows(torch.zeros(1, 8), torch.zeros(100, 8)) == chunked_loss.DEFAULT_CHUNK_TOKENS
+    # A budget of 3 rows of a 40-wide head: the default runs 7 chunks over 20 rows, and still equals the plain loss.
+    monkeypatch.setattr(chunked_loss, "CHUNK_LOGITS_BYTES", 3 * 40 * 8)
+    seen = []
+    original = chunked_loss.ChunkedLinearCrossEntropy.apply
+    monkeypatch.setattr(chunked_loss.ChunkedLinearCrossEntropy, "apply",
+                        lambda *args: seen.append(args[-1]) or original(*args))
+    g = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(20, 6, generator=g, dtype=torch.float64), torch.randn(40, 6, generator=g,
+                                                                                         dtype=torch.float64)
+    targets = torch.randint(0, 40, (20,), generator=g)
+    got = chunked_linear_cross_entropy(hidden, weight, None, targets, 20.0)
+    assert seen == [3]
+    torch.testing.assert_close(got, _plain(hidden, weight, None, targets, 20.0, None), rtol=1e-12, atol=1e-14)
