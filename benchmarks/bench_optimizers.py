@@ -20,9 +20,9 @@ import time
 import warnings
 
 import torch
+from common import llama_batch, llama_model  # benchmarks/common.py: the issue-2 model and batch
 
 import peftkit
-from common import llama_batch, llama_model  # benchmarks/common.py: the issue-2 model and batch
 
 VARIANTS = {
     "lora-adamw": ("adamw", {}),

@@ -171,8 +171,7 @@ def load_recipe(folder: Path, root: Path, engine: str, processes: int) -> dict:
 
 def load_cell(recipe_path: str, out: str) -> None:
     """One process of a ``--load`` run: train the recipe, then write this rank's held base bytes and peak RSS."""
-    from peftkit.train import from_dict, train
-    from peftkit.train import loop
+    from peftkit.train import from_dict, loop, train
 
     built = {}
     prepare, load_model = loop.prepare, loop.load_model

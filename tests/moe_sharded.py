@@ -62,9 +62,9 @@ def expert_elements(model) -> list[int]:
 def main(engines: str, batch: int, root: Path) -> None:
     import json
 
-    import peftkit.train.loop as loop
     from accelerate import Accelerator
 
+    import peftkit.train.loop as loop
     from peftkit import distributed
     from peftkit.errors import ConfigError
     from peftkit.train import from_dict, train

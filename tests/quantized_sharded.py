@@ -27,9 +27,8 @@ PATHS = ("unpacked", "packed")
 
 def save_base(folder: Path) -> str:
     """A tiny Llama wide enough for bitsandbytes' 4-bit blocks (every width a multiple of 64), saved."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from train_fixtures import TINY_CONFIGS
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = {**TINY_CONFIGS["llama"], "hidden_size": 64, "intermediate_size": 128}
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
@@ -72,10 +71,10 @@ def main(engine: str, batch: int, root: Path, base: str) -> None:
     """``engine``: one engine (runs under ROOT/<path>/<case>) or several, comma-separated (ROOT/<engine>/...)."""
     import json
 
+    import bnb_paths
     import pytest
     from accelerate import Accelerator
 
-    import bnb_paths
     import peftkit.train.loop as loop
     from peftkit import distributed
     from peftkit.train import from_dict, train

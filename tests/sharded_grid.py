@@ -141,8 +141,9 @@ def capture_init() -> None:
 def main(engine: str, batch: int, root: Path, resume: bool, accum: int = 1) -> None:
     """The grid. The one-process side runs inside a pytest worker: every patch is undone before returning, so the
     tests that run after it in that process see the real loop (and their own thread count)."""
-    import peftkit.train.loop as loop
     from accelerate import Accelerator
+
+    import peftkit.train.loop as loop
 
     saved = (torch.get_num_threads(), loop.prepare, Accelerator.end_training)
     engines = engine.split(",")
@@ -186,9 +187,9 @@ def write_failure(root: Path, batch: int) -> None:
 
 
 def _grid(engine: str, batch: int, root: Path, resume: bool, accum: int = 1) -> None:
-    from peftkit.train import from_dict, train
-
     from accelerate import Accelerator
+
+    from peftkit.train import from_dict, train
 
     torch.set_num_threads(1)
     capture_init()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -16,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from multiproc import REPO
+from train_fixtures import TINY_CONFIGS, classification_rows, read_metrics, write_jsonl
 
 from peftkit.errors import ConfigError
 from peftkit.train import from_dict, train
@@ -24,9 +25,6 @@ from peftkit.train.data import collate
 from peftkit.train.loop import evaluate, lr_lambda, prepare
 from peftkit.train.recipe import LR_SCHEDULES, apply_overrides, read_yaml
 from peftkit.train.session import load_chat_model, prompt_ids
-
-from multiproc import REPO
-from train_fixtures import TINY_CONFIGS, classification_rows, read_metrics, write_jsonl
 
 FORMAT_RECIPES = sorted((REPO / "recipes" / "formats").glob("*.yaml"))
 

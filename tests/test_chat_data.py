@@ -6,23 +6,21 @@ every character one token, so expected labels are read straight off the rendered
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import tiny_gpt2, tiny_llama
+from train_fixtures import TINY_CONFIGS, write_jsonl
 
 from peftkit.errors import ConfigError
 from peftkit.train import from_dict
 from peftkit.train.build import load_examples, load_tokenizer
 from peftkit.train.chat import BUILTIN_TEMPLATES, stop_strings
 from peftkit.train.cli import main
-from peftkit.train.data import IGNORE_INDEX, byte_tokenizer, collate, check_packed_attention, tokenize
+from peftkit.train.data import IGNORE_INDEX, byte_tokenizer, check_packed_attention, collate, tokenize
 from peftkit.train.recipe import DataSection
-
-from helpers import tiny_gpt2, tiny_llama
-from train_fixtures import TINY_CONFIGS, write_jsonl
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -294,10 +292,11 @@ def test_two_map_processes_give_the_same_examples(tmp_path):
 
 def test_text_eval_is_cut_into_the_blocks_training_uses(tmp_path):
     """A long eval document is evaluated whole, in max_length blocks, not cut to its first max_length tokens."""
+    from train_fixtures import llama_text_recipe, write_jsonl
+
     from peftkit.train.build import load_examples
     from peftkit.train.data import byte_tokenizer
     from peftkit.train.recipe import from_dict
-    from train_fixtures import llama_text_recipe, write_jsonl
 
     recipe = llama_text_recipe(tmp_path)
     recipe["data"]["eval"] = write_jsonl(tmp_path / "long.jsonl", [{"text": "abcdefgh " * 40}])  # 360 bytes

@@ -21,13 +21,12 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+from helpers import make_batch, output, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
 
 import peftkit
 from peftkit import checkpoint
 from peftkit.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from peftkit.errors import CheckpointError
-
-from helpers import make_batch, output, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
 
 TOL = dict(atol=1e-6, rtol=1e-6)
 

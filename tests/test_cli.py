@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from multiproc import HANG_GUARD_S, REPO
+from train_fixtures import TINY_CONFIGS, llama_text_recipe, write_jsonl
 
 import peftkit
 from peftkit.train.cli import main
-
-from multiproc import HANG_GUARD_S, REPO
-from train_fixtures import TINY_CONFIGS, llama_text_recipe, write_jsonl
 
 
 def write_recipe(path: Path, recipe: dict) -> str:

@@ -37,16 +37,15 @@ from __future__ import annotations
 import json
 import warnings
 
+import bnb_paths
 import pytest
 import torch
+from helpers import MODEL_FACTORIES, make_batch, make_batches, output, randomize_adapters
 
 import peftkit
 from peftkit import checkpoint, registry
 from peftkit.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from peftkit.inject import adapter_layers, saved_modules, state_of
-
-import bnb_paths
-from helpers import MODEL_FACTORIES, make_batch, make_batches, output, randomize_adapters
 
 METHODS = peftkit.methods()
 MODELS = ["llama", "gpt2", "bert", "llama-4bit"]

@@ -9,14 +9,12 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-
-import peftkit
-from peftkit import registry
-from peftkit.inject import adapter_layers
-
 from helpers import make_batch, output, tiny_llama
 
+import peftkit
 from adapters.coto import activation_probability, block_groups, draw_gates  # noqa: E402
+from peftkit import registry
+from peftkit.inject import adapter_layers
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

@@ -22,13 +22,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from multiproc import REPO
 from safetensors.torch import load_file
+from train_fixtures import TINY_CONFIGS, adapter_tensors, llama_text_recipe, read_metrics
 
 import peftkit
 from peftkit.train import checkpointing
-
-from multiproc import REPO
-from train_fixtures import TINY_CONFIGS, adapter_tensors, llama_text_recipe, read_metrics
 
 ZYGOTE = r"""
 import json, os, sys, time

@@ -22,7 +22,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
 from multiproc import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[1]

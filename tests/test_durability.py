@@ -11,13 +11,14 @@ import json
 import os
 import signal
 import stat
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import tiny_bert, tiny_llama
 from safetensors.torch import load_file, save_file
+from train_fixtures import adapter_tensors, llama_text_recipe, read_metrics
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import peftkit
@@ -26,9 +27,6 @@ from peftkit.errors import CheckpointError, ConfigError, StateError
 from peftkit.inject import adapter_layers
 from peftkit.train import checkpointing, loop
 from peftkit.train.cli import EXIT_WRITE_FAILED, main
-
-from helpers import tiny_bert, tiny_llama
-from train_fixtures import adapter_tensors, llama_text_recipe, read_metrics
 
 CLASSES = ["food", "sports", "tech", "weather"]
 

@@ -4,21 +4,17 @@ test_schedules_distributed.py), resume mid-run, and a 4-bit base."""
 from __future__ import annotations
 
 import copy
-
 import json
-import math
 import warnings
 
 import pytest
 import torch
 import torch.nn as nn
-
-import peftkit
-from peftkit.inject import adapter_layers
-
 from helpers import make_batch, output, tiny_llama, tiny_llama_4bit
 
+import peftkit
 from adapters.elalora import _unit_orthogonal, budget_at, step_generator  # noqa: E402  (peftkit.adapters)
+from peftkit.inject import adapter_layers
 
 
 class Toy(nn.Module):

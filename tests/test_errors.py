@@ -9,14 +9,13 @@ import warnings
 
 import pytest
 import torch
+from helpers import make_batch, output, randomize_adapters, tiny_bert, tiny_llama
 
 import peftkit
 from peftkit import checkpoint, registry
 from peftkit.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from peftkit.errors import CheckpointError, ConfigError, StateError
 from peftkit.inject import adapter_layers, state_of
-
-from helpers import make_batch, output, randomize_adapters, tiny_bert, tiny_llama
 
 
 def fingerprint(model) -> tuple:

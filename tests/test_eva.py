@@ -8,14 +8,13 @@ import warnings
 
 import pytest
 import torch
+from helpers import make_batches, output, tiny_llama
+from inits_fixtures import ThreeInputs, spectrum_inputs
 
 import peftkit
 from peftkit.inject import adapter_layers
 from peftkit.layer import AdapterLayer
 from peftkit.stats import subspace_cosines
-
-from helpers import make_batches, output, tiny_llama
-from inits_fixtures import ThreeInputs, spectrum_inputs
 
 D = 16
 STRONG = torch.tensor([8.0, 6, 4, 3, 2, 1.5] + [0.3] * 10)

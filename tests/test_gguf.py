@@ -20,14 +20,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from helpers import make_batches, randomize_adapters, tiny_gpt2, tiny_llama
 
 import peftkit
 import peftkit.gguf
 from peftkit.errors import ConfigError
 from peftkit.gguf import ADAPTER_FILE, gguf_architecture
 from peftkit.inject import adapter_layers
-
-from helpers import make_batches, randomize_adapters, tiny_gpt2, tiny_llama
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install gguf)")
 

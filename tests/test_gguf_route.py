@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from train_fixtures import TINY_CONFIGS
 
 from peftkit.train import from_dict, train
 from peftkit.train.recipe import apply_overrides, read_yaml
-
-from train_fixtures import TINY_CONFIGS
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "gguf" / "smollm2-offline.yaml"

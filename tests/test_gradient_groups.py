@@ -6,15 +6,24 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import make_batches, tiny_gpt2, tiny_llama
 
 import peftkit
 from peftkit.errors import ConfigError
 from peftkit.inject import adapter_layers
-from peftkit.stats import (FAST_PATH_MIN, checked_svd, complement_norm_bound, gradient_bytes, gradient_statistics,
-                           plan_groups, randomized_svd, signed_svd, solver_for, subspace_cosines,
-                           top_singular_triplets)
-
-from helpers import make_batches, tiny_gpt2, tiny_llama
+from peftkit.stats import (
+    FAST_PATH_MIN,
+    checked_svd,
+    complement_norm_bound,
+    gradient_bytes,
+    gradient_statistics,
+    plan_groups,
+    randomized_svd,
+    signed_svd,
+    solver_for,
+    subspace_cosines,
+    top_singular_triplets,
+)
 
 
 def _factors(model) -> dict[str, torch.Tensor]:
@@ -258,7 +267,8 @@ def test_checked_svd_default_tolerance_is_round_off():
 
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 
 @st.composite

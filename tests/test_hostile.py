@@ -17,18 +17,18 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import tiny_llama
 from safetensors.torch import load_file, save_file
+from train_fixtures import llama_text_recipe, write_jsonl
 from transformers import AutoModelForCausalLM
 
 import peftkit
 from peftkit import checkpoint
 from peftkit.errors import CheckpointError, ConfigError, StateError
-from peftkit.train import checkpointing, cli, data as data_module
+from peftkit.train import checkpointing, cli
+from peftkit.train import data as data_module
 from peftkit.train.cli import EXIT_WRITE_FAILED, main
 from peftkit.train.recipe import from_dict, read_yaml
-
-from helpers import tiny_llama
-from train_fixtures import llama_text_recipe, write_jsonl
 
 
 def one_error(capsys, argv: list[str], *needles: str, code: int = 2) -> str:
@@ -586,6 +586,7 @@ def test_push_to_an_invalid_repo_id_is_one_error(adapter, capsys, monkeypatch, r
 
 def test_push_with_a_refused_token_is_one_error(adapter, capsys, monkeypatch):
     from huggingface_hub.errors import HfHubHTTPError
+
     from peftkit import hub
 
     class Response:

@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+from helpers import make_batch, output, randomize_adapters, tiny_llama, tiny_llama_4bit
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import peftkit
@@ -22,8 +23,6 @@ from peftkit.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_tensors
 from peftkit.config import resolve_config
 from peftkit.errors import ConfigError, StateError
 from peftkit.inject import adapter_layers
-
-from helpers import make_batch, output, randomize_adapters, tiny_llama, tiny_llama_4bit
 
 PAIR_OPTIMIZERS = [name for name in ("lora-plus", "lora-pro", "loft", "lora-one-preconditioner")
                    if name in registry.components("optimizer")]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import warnings
 
+import bnb_paths
 import pytest
 import torch
 import torch.nn as nn
+from helpers import make_batch, output, randomize_adapters, tiny_gpt2, tiny_llama, tiny_llama_4bit
 
 import peftkit
 from peftkit import registry
@@ -17,9 +19,6 @@ from peftkit.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_tensors
 from peftkit.config import resolve_config
 from peftkit.errors import ConfigError, StateError
 from peftkit.inject import adapter_layers
-
-import bnb_paths
-from helpers import make_batch, output, randomize_adapters, tiny_gpt2, tiny_llama, tiny_llama_4bit
 
 PAIR_OPTIMIZERS = [name for name in ("lora-plus", "lora-pro", "loft", "lora-one-preconditioner")
                    if name in registry.components("optimizer")]

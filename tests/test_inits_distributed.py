@@ -33,8 +33,9 @@ def _batches():
 
 
 def _adapters(method: str, batches) -> dict:
-    import peftkit
     from helpers import tiny_llama
+
+    import peftkit
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_batches, randomize_adapters, tiny_llama
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 from transformers.integrations.peft import PeftAdapterMixin
 
 import peftkit
 from peftkit import checkpoint
 from peftkit.errors import CheckpointError, ConfigError, StateError
-
-from helpers import make_batches, randomize_adapters, tiny_llama
 
 VOCAB = 259  # peftkit's byte-level tokenizer
 
@@ -143,6 +142,7 @@ def sft_trainer(model, tmp_path, tokenizer, **overrides):
                                     pytest.param("hra", marks=pytest.mark.slow), pytest.param("coto", marks=pytest.mark.slow)])
 def test_sft_trainer_trains_and_saves_a_peft_adapter(method, base_dir, tmp_path):
     from peft import PeftModel
+
     from peftkit.train.data import byte_tokenizer
 
     model = peftkit.wrap(base(base_dir), method, r=4)
@@ -468,7 +468,7 @@ def test_push_uploads_a_run_or_adapter_and_needs_credentials(base_dir, tmp_path,
 # ------------------------------------------------------------------------- 6. several adapters vs PEFT
 @pytest.mark.parametrize("combination", ["cat", "svd"])
 def test_weighted_adapter_matches_peft(combination, base_dir, tmp_path):
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
     peft_model = get_peft_model(base(base_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],

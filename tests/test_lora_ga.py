@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import warnings
 
+import bnb_paths
 import pytest
 import torch
+from helpers import make_batches, output, tiny_gpt2, tiny_llama, tiny_llama_4bit
+from inits_fixtures import LinearToy, full_gradient, linear_batches, sgd_step
 
 import peftkit
 from peftkit.errors import ConfigError
 from peftkit.inject import adapter_layers
-
-import bnb_paths
-from helpers import make_batches, output, tiny_gpt2, tiny_llama, tiny_llama_4bit
-from inits_fixtures import LinearToy, full_gradient, linear_batches, sgd_step
 
 
 def _wrap(model, batches, **options):
@@ -198,7 +197,7 @@ def test_init_axis_composes_with_lora():
 def test_gradient_sketch_subspace_error_shrinks_and_vanishes_at_full_sketch():
     """The streaming randomized SVD from G·Ω and Gᵀ·Ψ: its top-2r subspace approaches the exact one as k grows
     and equals it once k = min(m, n); the init it gives keeps the function."""
-    from peftkit.stats import gradient_statistics, sketch_svd, subspace_cosines, signed_svd
+    from peftkit.stats import gradient_statistics, signed_svd, sketch_svd, subspace_cosines
 
     model = peftkit.wrap(tiny_llama(), "lora", r=2, targets=["down_proj"])
     layers = adapter_layers(model)

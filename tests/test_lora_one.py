@@ -7,13 +7,12 @@ import warnings
 
 import pytest
 import torch
+from helpers import make_batches, output, tiny_gpt2, tiny_llama
+from inits_fixtures import LinearToy, full_gradient, linear_batches
 
 import peftkit
 from peftkit import registry
 from peftkit.inject import adapter_layers
-
-from helpers import make_batches, output, tiny_gpt2, tiny_llama
-from inits_fixtures import LinearToy, full_gradient, linear_batches
 
 
 def _wrap(model, batches, **options):

@@ -5,13 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from optim_fixtures import (
+    ShapeRecorder,
+    effective_weight,
+    quadratic_grad,
+    quadratic_loss,
+    quadratic_problem,
+    single_linear,
+)
 
 import peftkit
-from peftkit.optim import factor_pairs
-
 from peftkit.adapters.lora_pro import adjusted_gradients, equivalent_gradient
-from optim_fixtures import (ShapeRecorder, effective_weight, quadratic_grad, quadratic_loss, quadratic_problem,
-                            single_linear)
+from peftkit.optim import factor_pairs
 
 M, N, R = 7, 5, 2
 

@@ -5,20 +5,18 @@ three at the top of their sweep on every task with it (docs/method-guide.md)."""
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest
 import torch
+from helpers import tiny_llama
 
 import peftkit
+from adapters.coto import activation_probability  # noqa: E402  (peftkit.adapters)
+from adapters.elalora import INIT_STD, MIN_LR_STEPS  # noqa: E402
 from peftkit import registry
 from peftkit.inject import adapter_layers
 from peftkit.lr import DEFAULT_BASE_LR
-from helpers import tiny_llama
-
-from adapters.coto import activation_probability  # noqa: E402  (peftkit.adapters)
-from adapters.elalora import INIT_STD, MIN_LR_STEPS  # noqa: E402
 
 
 @pytest.mark.parametrize("name, cited", [

@@ -11,8 +11,8 @@ import threading
 
 import pytest
 import torch
-
-from moe_sharded import CONFIGS, REFUSED_SHARDED, main as run_configs
+from moe_sharded import CONFIGS, REFUSED_SHARDED
+from moe_sharded import main as run_configs
 from multiproc import REPO, run_distributed
 from train_fixtures import adapter_tensors, read_metrics
 

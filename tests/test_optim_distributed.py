@@ -33,8 +33,9 @@ GLOBAL_BATCH = 4
 
 def run(rank: int, world: int) -> dict[str, dict[str, torch.Tensor]]:
     """{config: {tensor name: value}} after STEPS steps on this process's share of each global batch."""
-    import peftkit
     from helpers import make_batch, randomize_adapters, tiny_llama
+
+    import peftkit
 
     results = {}
     memory: dict[str, int] = {}

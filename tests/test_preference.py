@@ -9,11 +9,10 @@ import warnings
 
 import pytest
 import torch
+from helpers import tiny_llama
 
 import peftkit
 from peftkit.preference import completion_logps, pair_loss_share, pair_losses
-
-from helpers import tiny_llama
 
 
 def _policy(seed: int = 0):

@@ -175,8 +175,9 @@ def test_instruction_exact_match_needs_every_answer_token():
 
 def test_instruction_scores_equal_the_full_logits_on_an_adapted_llama():
     # The head runs only at answer positions: the same loss and exact match as the whole-logits forward.
-    import peftkit
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    import peftkit
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in quality.TINY_LLAMA.items() if k != "model_type"}))
@@ -284,8 +285,9 @@ def test_a_missing_peft_stops_the_grid_before_any_cell(tmp_path, monkeypatch):
 def test_init_warnings_keep_the_methods_own_and_drop_the_libraries():
     import warnings
 
-    import peftkit
     from helpers import make_batches, tiny_llama
+
+    import peftkit
 
     model = tiny_llama()
     with warnings.catch_warnings(record=True) as caught:

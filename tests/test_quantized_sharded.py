@@ -17,9 +17,9 @@ import threading
 
 import pytest
 import torch
-
-from multiproc import HANG_GUARD_S, REPO, run_distributed
-from quantized_sharded import CASES, PATHS, STEPS, main as run_cases, save_base
+from multiproc import REPO, run_distributed
+from quantized_sharded import CASES, PATHS, STEPS, save_base
+from quantized_sharded import main as run_cases
 from train_fixtures import adapter_tensors, read_metrics
 
 ENGINES = ["zero3", "fsdp2"]
@@ -103,6 +103,7 @@ def test_a_4bit_layer_that_could_repack_an_engine_owned_weight_refuses_to_run(mo
     instead of computing with a weight the engine will garble; ``keep_standard_layout`` makes it run, never
     packed, with the output of the standard layout."""
     import bnb_paths
+
     from peftkit import quantized
     from peftkit.errors import StateError
 
@@ -124,6 +125,7 @@ def test_a_4bit_layer_that_could_repack_an_engine_owned_weight_refuses_to_run(mo
 
 def test_keep_standard_layout_unpacks_a_packed_layer_exactly(monkeypatch):
     import bnb_paths
+
     from peftkit import quantized
 
     bnb_paths.force("packed", monkeypatch)
@@ -140,6 +142,7 @@ def test_the_zero3_engine_pins_4bit_layers_at_any_process_count(monkeypatch):
     """One process under zero3 computes what two do: the 4-bit layers are pinned there too (DeepSpeed is not
     started at one process)."""
     import bnb_paths
+
     from peftkit.train import engines
 
     bnb_paths.force("packed", monkeypatch)

@@ -30,8 +30,9 @@ OPTIONS = {
 
 def run(method: str, rank: int, world: int) -> dict:
     """STEPS optimizer steps of ``method`` on the tiny Llama, this process's share of each global batch."""
-    import peftkit
     from helpers import make_batch, tiny_llama
+
+    import peftkit
     from peftkit.inject import adapter_layers
 
     model = peftkit.wrap(tiny_llama(num_hidden_layers=4, dtype=torch.float64), method, targets=TARGETS, **OPTIONS[method]).train()

@@ -13,13 +13,12 @@ import warnings
 
 import pytest
 import torch
+from helpers import QUANTIZED_LLAMA, _saved_llama_dir, make_batch, randomize_adapters, tiny_llama, tiny_llama_4bit
 from transformers import AutoModelForCausalLM
 
 import peftkit
 from peftkit.inject import adapter_layers
 from peftkit.train.cli import main
-
-from helpers import QUANTIZED_LLAMA, _saved_llama_dir, make_batch, randomize_adapters, tiny_llama, tiny_llama_4bit
 
 
 def _adapter(tmp_path, model, method="lora", **options):

@@ -9,10 +9,10 @@ import threading
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from multiproc import REPO, run_distributed
-from sharded_load import CONFIGS, main as run_one
+from safetensors.torch import load_file
+from sharded_load import CONFIGS
+from sharded_load import main as run_one
 from train_fixtures import TINY_CONFIGS, adapter_tensors, read_metrics
 
 ENGINES = ["fsdp2", "zero3"]

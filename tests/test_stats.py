@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import make_batches, tiny_gpt2, tiny_llama
 
 import peftkit
 from peftkit.errors import ConfigError
 from peftkit.inject import adapter_layers
-from peftkit.stats import (GradientSketch, IncrementalPCA, gradient_statistics, sign_fix, signed_svd, sketch_svd,
-                           subspace_cosines)
-
-from helpers import make_batches, tiny_gpt2, tiny_llama
+from peftkit.stats import (
+    GradientSketch,
+    IncrementalPCA,
+    gradient_statistics,
+    sign_fix,
+    signed_svd,
+    sketch_svd,
+    subspace_cosines,
+)
 
 
 def _autograd_weight_grads(model, batches, weights):

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from multiproc import HANG_GUARD_S, REPO, _free_port, run_distributed
-from sharded_grid import CONFIGS, PER_MICRO_BATCH, RESUMED, RESUMED_ENGINES, STEPS, main as run_grid, recipe
+from safetensors.torch import load_file
+from sharded_grid import CONFIGS, PER_MICRO_BATCH, RESUMED, RESUMED_ENGINES, STEPS, recipe
+from sharded_grid import main as run_grid
 from train_fixtures import adapter_tensors, llama_text_recipe, read_metrics
 
 RTOL, ATOL = 1e-4, 1e-6  # tests/test_train_multiproc.py's tolerance (the models here are fp64)

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import base_state_dict, make_batches, output, tiny_llama
 from transformers import Trainer, TrainingArguments
 
 import peftkit
-
-from helpers import base_state_dict, make_batches, output, tiny_llama
 
 
 def test_trainer_trains_and_saves_a_peftkit_model(tmp_path):

@@ -11,14 +11,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import tiny_llama
+from train_fixtures import (
+    TINY_CONFIGS,
+    classification_rows,
+    instruction_rows,
+    llama_text_recipe,
+    text_rows,
+    write_jsonl,
+)
 
 import peftkit
 from peftkit.errors import CheckpointError, ConfigError
 from peftkit.train.cli import main
 from peftkit.train.recipe import from_dict
-
-from helpers import tiny_llama
-from train_fixtures import TINY_CONFIGS, classification_rows, instruction_rows, llama_text_recipe, text_rows, write_jsonl
 
 
 def write_recipe(path: Path, recipe: dict) -> str:

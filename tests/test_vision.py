@@ -20,8 +20,15 @@ from peftkit.inject import adapter_layers
 from peftkit.loss import loss_mode, share_of_global_mean
 from peftkit.train import from_dict, train
 from peftkit.train.recipe import apply_overrides, read_yaml
-from peftkit.train.vision import (VisionTokenized, adapter_options, collate, conversation, encode_conversation,
-                                  tiny_model, tiny_processor, tokenize)
+from peftkit.train.vision import (
+    VisionTokenized,
+    adapter_options,
+    collate,
+    conversation,
+    tiny_model,
+    tiny_processor,
+    tokenize,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "vision" / "llava-images.yaml"

@@ -18,7 +18,19 @@ from .cell import factor_tag
 from .contenders import Contender, contenders_for
 from .data import _atomic_write
 from .grid import missing_cells, read_cells, rekey_cells
-from .measures import Verdict, _fmt_count, _fmt_factor, _fmt_metric, _fmt_spread, _mean, best_cell, best_cells, final_metric, late_loss, sensitivity
+from .measures import (
+    Verdict,
+    _fmt_count,
+    _fmt_factor,
+    _fmt_metric,
+    _fmt_spread,
+    _mean,
+    best_cell,
+    best_cells,
+    final_metric,
+    late_loss,
+    sensitivity,
+)
 from .methods import method_modules
 from .tasks import EXTEND_LIMIT, FACTORS, MARKERS, SWEEP, Task
 

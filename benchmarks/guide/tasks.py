@@ -14,7 +14,6 @@ import peftkit
 import peftkit.adapters
 from peftkit.train.recipe import Recipe, load_recipe
 
-
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "quality.py"  # the CLI: each isolated cell runs it again with --cell
 # Where the warnings worth reporting come from (methods, machinery, this script), wherever they are installed.

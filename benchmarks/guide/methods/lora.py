@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..measures import _fmt_metric, drop_half, final_metric, Verdict
+from ..measures import Verdict, _fmt_metric, drop_half, final_metric
 
 ORDER = 1
 

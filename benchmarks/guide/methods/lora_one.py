@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..measures import _mean, late_loss, Verdict
+from ..measures import Verdict, _mean, late_loss
 
 ORDER = 4
 
