@@ -11,17 +11,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import warnings
 
 import pytest
 import torch
 import torch.nn as nn
-from helpers import make_batch, output, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
+from helpers import make_batch, output, quiet, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
 
 import peftkit
 from peftkit import checkpoint
@@ -44,14 +42,6 @@ def perturb_heads(model, seed: int = 5) -> None:
         for name, p in model.named_parameters():
             if "modules_to_save" in name:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-
-
-@contextlib.contextmanager
-def quiet():
-    """PEFT and transformers warn about the tiny configs; none of it is under test."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 # ------------------------------------------------------------------------------------------ peftkit -> PEFT

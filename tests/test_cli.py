@@ -6,21 +6,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import one_error, write_recipe
 from multiproc import HANG_GUARD_S, REPO
 from train_fixtures import TINY_CONFIGS, llama_text_recipe, write_jsonl
 
 import peftkit
 from peftkit.train.cli import main
-
-
-def write_recipe(path: Path, recipe: dict) -> str:
-    path.write_text(yaml.safe_dump(recipe))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +25,6 @@ def trained(tmp_path_factory):
     recipe = write_recipe(tmp / "recipe.yaml", llama_text_recipe(tmp, training__max_steps=3))
     assert main(["train", recipe]) == 0
     return recipe, tmp / "run"
-
-
-def one_error(capsys, argv: list[str], *needles: str) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err.startswith("peftkit: error: ") and "\n" not in err and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, (needle, err)
-    return err
 
 
 BAD_OVERRIDES = [

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-from helpers import make_batch, output, tiny_llama, tiny_llama_4bit
+from helpers import fill_random, make_batch, output, tiny_llama, tiny_llama_4bit
 
 import peftkit
 from adapters.elalora import _unit_orthogonal, budget_at, step_generator  # noqa: E402  (peftkit.adapters)
@@ -43,11 +43,8 @@ def branches(model):
 
 
 def randomize(model, seed=1, std=0.3):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for branch in branches(model):
-            for p in (branch.lora_A, branch.lora_E, branch.lora_B):
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
+    """The toys are fp64: the fp64 draws are the tensors' own."""
+    fill_random((p for branch in branches(model) for p in (branch.lora_A, branch.lora_E, branch.lora_B)), seed, std)
 
 
 # ------------------------------------------------------------------------------------------ 1. forward

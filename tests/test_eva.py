@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import warnings
 
 import pytest
 import torch
-from helpers import make_batches, output, tiny_llama
+from helpers import make_batches, output, tiny_llama, wrap_with_data
 from inits_fixtures import ThreeInputs, spectrum_inputs
 
 import peftkit
@@ -22,10 +23,7 @@ FLAT = torch.ones(D)
 MILD = torch.linspace(2.0, 0.5, D)
 
 
-def _wrap(model, batches, method="eva", **options):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peftkit.wrap(model, method, data=batches, **options)
+_wrap = functools.partial(wrap_with_data, method="eva")
 
 
 def _centred_pcs(batches, key):

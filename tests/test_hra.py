@@ -13,7 +13,8 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-from helpers import make_batch, output, randomize_adapters, tiny_llama, tiny_llama_4bit
+from helpers import make_batch, output, quiet, randomize_adapters, tiny_llama, tiny_llama_4bit
+from helpers import randomize_adapter as randomize
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import peftkit
@@ -38,13 +39,6 @@ def hra_layer(in_features=16, out_features=12, r=4, dtype=torch.float64, bias=Tr
     return layer
 
 
-def randomize(layer: HraLayer, name: str = "default", seed: int = 1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    u = layer.adapters[name].hra_u
-    with torch.no_grad():
-        u.copy_(torch.randn(u.shape, generator=gen, dtype=torch.float64).to(u.dtype))
-
-
 def dense_q(u: torch.Tensor) -> torch.Tensor:
     """Q = H₁ H₂ ⋯ H_r in fp64, Hᵢ = I − 2ûᵢûᵢᵀ, as explicit in×in products."""
     u = u.detach().double()
@@ -57,13 +51,6 @@ def dense_q(u: torch.Tensor) -> torch.Tensor:
 
 def linear_ref(x, weight, bias):
     return x @ weight.t() + (0 if bias is None else bias)
-
-
-def quiet():
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    warnings.simplefilter("ignore")
-    return ctx
 
 
 # ------------------------------------------------------------------------------------------ 1. init
@@ -282,9 +269,8 @@ def test_peftkit_checkpoint_loads_in_peft(tmp_path, apply_gs):
     assert saved["r"] == 4 and sorted(saved["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
     keys = read_tensors(tmp_path / WEIGHTS_NAME)
     assert all(k.startswith("base_model.model.") and k.endswith(".hra_u") for k in keys) and len(keys) == 6
-    ctx = quiet()
-    peft_model = PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
-    ctx.__exit__(None, None, None)
+    with quiet():
+        peft_model = PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
     torch.testing.assert_close(output(peft_model, batch), ours, atol=1e-5, rtol=1e-5)
 
 
@@ -305,9 +291,8 @@ def test_peft_checkpoint_loads_in_peftkit(tmp_path, apply_gs):
     assert (theirs - output(tiny_llama(), batch)).abs().max() > 1e-3
     peft_model.save_pretrained(str(tmp_path))
     fresh = tiny_llama()
-    ctx = quiet()
-    peftkit.load(fresh, tmp_path, trainable=True)
-    ctx.__exit__(None, None, None)
+    with quiet():
+        peftkit.load(fresh, tmp_path, trainable=True)
     torch.testing.assert_close(output(fresh, batch), theirs, atol=1e-5, rtol=1e-5)
     # Training parity: the same loss gives the same gradient of every U.
     peft_model(**batch).loss.backward()
@@ -328,9 +313,8 @@ def test_peft_checkpoint_loads_in_peftkit(tmp_path, apply_gs):
 
 # ------------------------------------------------------------------------------------------ 8. quantized base
 def test_four_bit_base_transforms_the_activation():
-    ctx = quiet()
-    model = tiny_llama_4bit()
-    ctx.__exit__(None, None, None)
+    with quiet():
+        model = tiny_llama_4bit()
     batch = make_batch(model)
     peftkit.wrap(model, "hra", r=4)
     randomize_adapters(model, std=0.3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from helpers import rel
 from optim_fixtures import (
     ShapeRecorder,
     effective_weight,
@@ -34,10 +35,6 @@ def closest_tangent(a, b, g):
     p_b = b @ torch.linalg.pinv(b)
     p_a = torch.linalg.pinv(a) @ a
     return p_b @ g + (torch.eye(b.shape[0], dtype=g.dtype) - p_b) @ g @ p_a
-
-
-def rel(x, y) -> float:
-    return ((x - y).norm() / y.norm()).item()
 
 
 def test_equivalent_gradient_is_the_least_squares_optimum():

@@ -4,14 +4,16 @@ tracebacks end in one ``peftkit: error:`` line with exit code 2."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 import yaml
-from helpers import tiny_llama
+from helpers import tiny_llama, write_recipe
 from train_fixtures import (
     TINY_CONFIGS,
     classification_rows,
@@ -23,24 +25,10 @@ from train_fixtures import (
 
 import peftkit
 from peftkit.errors import CheckpointError, ConfigError
-from peftkit.train.cli import main
 from peftkit.train.recipe import from_dict
 
-
-def write_recipe(path: Path, recipe: dict) -> str:
-    path.write_text(yaml.safe_dump(recipe))
-    return str(path)
-
-
-def one_error(capsys, argv: list[str], *needles: str) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.startswith("peftkit: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
+# Other lines (warnings) may come with the error line.
+one_error = functools.partial(helpers.one_error, alone=False)
 
 
 # ------------------------------------------------------------------------------------------ wrap / optimizer
