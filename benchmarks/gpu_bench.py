@@ -94,7 +94,8 @@ def _peft_loraga_init(model: torch.nn.Module, batches: list[dict]) -> None:
 
 
 def part_init(device: torch.device, dtype: torch.dtype, dry: bool) -> list[dict]:
-    sizes = (dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+    sizes = (dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=4,
                   vocab_size=300) if dry else
              dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
                   num_key_value_heads=32, vocab_size=8000))
@@ -275,7 +276,8 @@ def part_compile(device: torch.device, dtype: torch.dtype, dry: bool) -> list[di
         dynamo.reset()
         # CoTo: regional compilation (Accelerate's compile_regions: the repeated blocks share one graph), so
         # a gate pattern costs no new graph once each block kind (gate on/off, input needing grad or not) is seen.
-        compiled = compile_regions(model, backend=counting) if method == "coto" else torch.compile(model, backend=counting)
+        compiled = compile_regions(model, backend=counting) if method == "coto" else torch.compile(model,
+                                                                                                   backend=counting)
         schedule = peftkit.callbacks(model)
         runs = 24 if method == "coto" else 1
         patterns = set()

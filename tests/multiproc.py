@@ -58,7 +58,8 @@ def run_distributed(script: str | os.PathLike, nproc: int, out_dir: str | os.Pat
                                  f"{stderr[-8000:]}") from None
     proc = subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-8000:]}")
     return proc
 
 

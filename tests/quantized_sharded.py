@@ -1,4 +1,5 @@
-"""A quantized base under ZeRO-3 and FSDP2: small 4-bit runs by the CLI's loop, on both bitsandbytes CPU paths, in one launch.
+"""A quantized base under ZeRO-3 and FSDP2: small 4-bit runs by the CLI's loop, on both bitsandbytes CPU paths, in
+one launch.
 
     torchrun --nproc-per-node N tests/quantized_sharded.py ENGINE[,ENGINE] BATCH ROOT BASE_DIR
 

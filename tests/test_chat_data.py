@@ -102,7 +102,8 @@ def test_alpaca_keeps_the_input_column_and_labels_only_the_output():
     first = chatml([{"role": "user", "content": "Translate.\n\nchat"}, {"role": "assistant", "content": "cat"}])
     assert tokenizer.decode(out.input_ids[0]) == first
     assert out.labels[0] == expected_labels(tokenizer, first, ["cat<|im_end|>\n"])
-    assert tokenizer.decode(out.input_ids[1]).startswith("<|im_start|>user\nSay hi.<|im_end|>")  # empty input: no blank line
+    # empty input: no blank line
+    assert tokenizer.decode(out.input_ids[1]).startswith("<|im_start|>user\nSay hi.<|im_end|>")
     # Without a template: the plain layout, prompt (with BOS) + newline, then the output and EOS.
     plain = tokenize(rows[:1], tokenizer, DataSection(train="x", format="alpaca", system_prompt="Sys"))
     prompt = tokenizer("Sys\n\nTranslate.\n\nchat\n")["input_ids"]
@@ -113,15 +114,18 @@ def test_alpaca_keeps_the_input_column_and_labels_only_the_output():
 def test_chat_template_tokenizers_builtin_or_jinja_and_tools():
     tokenizer = byte_tokenizer()
     turns = CONVERSATION[1:3]
-    own = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+    own = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+           "{% if add_generation_prompt %}[assistant]{% endif %}")
     tokenizer.chat_template = own
     data = DataSection(train="x", format="messages")
     assert tokenizer.decode(tokenize([{"messages": turns}], tokenizer, data).input_ids[0]) == \
         "[user]Capital of France?[assistant]Paris."
-    zephyr = tokenize([{"messages": turns}], tokenizer, DataSection(train="x", format="messages", chat_template="zephyr"))
+    zephyr = tokenize([{"messages": turns}], tokenizer, DataSection(train="x", format="messages",
+                                                                    chat_template="zephyr"))
     assert tokenizer.decode(zephyr.input_ids[0]) == "<|user|>\nCapital of France?</s>\n<|assistant|>\nParis.</s>\n"
     assert labelled_text(tokenizer, zephyr.input_ids[0], zephyr.labels[0]) == ["Paris.</s>\n"]
-    jinja = "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }};{% endfor %}{% if add_generation_prompt %}a:{% endif %}"
+    jinja = ("{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }};{% endfor %}"
+             "{% if add_generation_prompt %}a:{% endif %}")
     custom = tokenize([{"messages": turns}], tokenizer, DataSection(train="x", format="messages", chat_template=jinja))
     assert tokenizer.decode(custom.input_ids[0]) == "u:Capital of France?;a:Paris.;"
     assert labelled_text(tokenizer, custom.input_ids[0], custom.labels[0]) == ["Paris.;"]
@@ -243,7 +247,8 @@ def _loss_sum(model, batch) -> tuple[float, int]:
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
 def test_packed_loss_equals_the_unpacked_loss(make):
     tokenizer = byte_tokenizer()
-    rows = [{"messages": [{"role": "user", "content": "q" * (3 + i % 4)}, {"role": "assistant", "content": "a" * (1 + i)}]}
+    rows = [{"messages": [{"role": "user", "content": "q" * (3 + i % 4)}, {"role": "assistant",
+                                                                           "content": "a" * (1 + i)}]}
             for i in range(6)]
     data = DataSection(train="x", format="messages", max_length=64, chat_template="{% for m in messages %}"
                        "{{ m['role'][0] }}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}a{% endif %}")

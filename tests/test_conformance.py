@@ -321,7 +321,8 @@ def test_export_matches_peft(method, kind, tmp_path):
 
 @pytest.mark.parametrize("method,kind", CASES)
 def test_export_from_a_saved_folder(method, kind, tmp_path):
-    """export(folder, out, base_model=...) writes what export(model, out) writes; the base model comes back as it was."""
+    """export(folder, out, base_model=...) writes what export(model, out) writes; the base model comes back as it
+    was."""
     _, model, _, _ = adapted_output(method, kind)
     peftkit.export(model, tmp_path / "from-model")
     peftkit.save(model, tmp_path / "saved")

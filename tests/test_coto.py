@@ -320,7 +320,8 @@ def test_trainer_drives_the_gates(tmp_path):
 
     def spy(step, total):
         # Inside the optimizer step: the gates in force are those the previous step drew.
-        seen.append((step, total, tuple(schedule.gates), {n for n, p in model.named_parameters() if p.grad is not None}))
+        seen.append((step, total, tuple(schedule.gates), {n for n,
+                                                          p in model.named_parameters() if p.grad is not None}))
         original(step, total)
 
     schedule.on_step = spy
@@ -357,7 +358,8 @@ def test_regional_compile_does_not_recompile_per_gate_pattern():
     schedules = peftkit.callbacks(eager), peftkit.callbacks(compiled_model)
     graphs = [0]
 
-    def counting_backend(graph_module, example_inputs):  # no inductor on CPU CI: count dynamo's graphs, run them as traced
+    def counting_backend(graph_module,
+                         example_inputs):  # no inductor on CPU CI: count dynamo's graphs, run them as traced
         graphs[0] += 1
         return graph_module.forward
 

@@ -94,7 +94,8 @@ def test_classification_adapter_records_its_labels_and_merges_cli_and_api(tmp_pa
 
     # A base with the wrong head: one error naming num_labels and the classes; the model is unchanged.
     wrong = AutoModelForSequenceClassification.from_pretrained(base_dir)
-    with pytest.raises(CheckpointError, match=r"num_labels=4 \(classes \['food', 'sports', 'tech', 'weather'\]\).*num_labels=3"):
+    with pytest.raises(CheckpointError,
+                       match=r"num_labels=4 \(classes \['food', 'sports', 'tech', 'weather'\]\).*num_labels=3"):
         peftkit.load(wrong, adapter)
     assert not adapter_layers(wrong)
 
@@ -402,9 +403,11 @@ def test_disk_full_during_a_checkpoint_is_one_message_and_leaves_no_temporary_fi
 
     monkeypatch.setattr(os, "fsync", fsync)
     # the disk fills up after the checkpoint of step 2: the one of step 4 cannot be written
-    monkeypatch.setattr(loop, "train", functools.partial(loop.train, hooks=[lambda step, _: step == 2 and full.append(1)]))
+    monkeypatch.setattr(loop, "train", functools.partial(loop.train, hooks=[lambda step,
+                                                                            _: step == 2 and full.append(1)]))
     recipe = write_llama_recipe(tmp_path, training__max_steps=6, training__save_every=2, data__eval=None)
-    one_error(capsys, ["train", recipe], "could not write", "No space left on device", "--resume", code=EXIT_WRITE_FAILED)
+    one_error(capsys, ["train", recipe], "could not write", "No space left on device", "--resume",
+              code=EXIT_WRITE_FAILED)
     run = tmp_path / "run"
     assert [p.name for p in checkpointing.checkpoint_dirs(run)] == ["step-000002"]
     assert not [p for p in run.rglob("*") if ".tmp" in p.name], sorted(run.rglob("*"))
@@ -441,7 +444,8 @@ def test_an_unreadable_input_file_is_bad_input_not_a_write_failure(tmp_path, cap
         return real_open(file, *args, **kwargs)
 
     monkeypatch.setattr("builtins.open", guarded_open)
-    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if os.fspath(path) == train_file else real_access(path, mode, **kw))
+    monkeypatch.setattr(os, "access", lambda path, mode,
+                        **kw: False if os.fspath(path) == train_file else real_access(path, mode, **kw))
     err = one_error(capsys, ["train", recipe], "could not read", train_file, "Permission denied",
                     "nothing was written", code=2)
     assert "could not write" not in err

@@ -162,7 +162,8 @@ def test_parity_with_peft_eva_components_and_ranks():
         ours = _wrap(tiny_llama(), batches, r=4, alpha=8.0, tau=0.9, svd=svd)
         if svd == "lowrank":
             assert ours.peftkit.configs["default"].rank_pattern == peft_model.peft_config["default"].rank_pattern
-            assert ours.peftkit.configs["default"].alpha_pattern == pytest.approx(peft_model.peft_config["default"].alpha_pattern)
+            peft_pattern = peft_model.peft_config["default"].alpha_pattern
+            assert ours.peftkit.configs["default"].alpha_pattern == pytest.approx(peft_pattern)
         for name, layer in adapter_layers(ours).items():
             a = layer.adapters["default"].lora_A.weight
             a_peft = peft_model.base_model.model.get_submodule(name).lora_A["default"].weight

@@ -153,7 +153,8 @@ def test_auto_is_never_silently_wrong_on_flat_spectra(decay):
     # on flat spectra the fixed 8-iteration solver misses the subspace; "auto" either certifies
     # cos >= 0.9995 or falls back to the exact SVD (then bit-equal to it)
     m, k = 300, 16
-    g = _spectrum(decay ** torch.arange(m, dtype=torch.float64) * (1 + 1e-3 * torch.rand(m, generator=torch.Generator().manual_seed(2), dtype=torch.float64)).sort(descending=True).values)
+    noise = torch.rand(m, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    g = _spectrum(decay ** torch.arange(m, dtype=torch.float64) * (1 + 1e-3 * noise).sort(descending=True).values)
     report = {}
     u, s, vh = top_singular_triplets(g, k, "checked", tolerance=5e-4, report=report)  # what "auto" runs on wide layers
     assert report["solver"] in ("checked", "exact (fallback)")

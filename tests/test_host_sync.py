@@ -67,7 +67,8 @@ class HostSyncCounter(TorchFunctionMode):
 
     def _site(self) -> str:
         frame = sys._getframe(2)
-        while frame is not None and (frame.f_code.co_filename.startswith(TORCH) or frame.f_code.co_filename == __file__):
+        while frame is not None and (frame.f_code.co_filename.startswith(TORCH)
+                                     or frame.f_code.co_filename == __file__):
             frame = frame.f_back
         return f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame is not None else "?"
 

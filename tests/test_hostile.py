@@ -116,7 +116,8 @@ def test_a_run_marks_its_folder_so_a_restart_after_an_early_kill_is_not_refused(
 def test_a_lock_path_that_is_a_folder_is_one_error(tmp_path, capsys):
     out = tmp_path / "run"
     (out / checkpointing.LOCK_FILE).mkdir(parents=True)
-    one_error(capsys, ["train", write_llama_recipe(tmp_path, training__max_steps=1)], ".peftkit.lock", "not a lock file")
+    one_error(capsys, ["train", write_llama_recipe(tmp_path, training__max_steps=1)], ".peftkit.lock",
+              "not a lock file")
 
 
 @pytest.mark.parametrize("command", ["merge", "export"])
@@ -185,7 +186,8 @@ def test_merge_on_a_full_disk_exits_3_like_train(lm, tmp_path, capsys, monkeypat
 # ------------------------------------------------------------------------------ 2. silent wrong results
 @pytest.mark.parametrize("text,needle", [
     ("training:\n  max_steps: 5\n  max_steps: 6\n", "duplicate key 'max_steps' (first at line 2)"),
-    ("training:\n  output_dir: a\n  seed: 3\nmodel: {}\ntraining:\n  max_steps: 2\n", "duplicate key 'training' (first at line 1)"),
+    ("training:\n  output_dir: a\n  seed: 3\nmodel: {}\ntraining:\n  max_steps: 2\n",
+     "duplicate key 'training' (first at line 1)"),
     ("data: {train: a, train: b}\n", "duplicate key 'train'"),
 ])
 def test_duplicate_keys_and_sections_are_refused_with_their_lines(tmp_path, text, needle):
@@ -380,7 +382,8 @@ def test_alias_bombs_in_nested_values_are_refused_before_anything_walks_them(tmp
     recipe = llama_text_recipe(tmp_path)
     section, key = where.split(".")
     text = yaml.safe_dump({k: v for k, v in recipe.items() if k != section})
-    body = yaml.safe_dump({k: v for k, v in recipe[section].items() if k != key and not (key == "mix" and k == "train")})
+    body = yaml.safe_dump({k: v for k,
+                           v in recipe[section].items() if k != key and not (key == "mix" and k == "train")})
     text += f"{section}:\n" + "".join(f"  {line}\n" for line in body.splitlines()) + f"  {key}:\n{bomb()}\n"
     path = tmp_path / "bomb.yaml"
     path.write_text(text)
@@ -441,7 +444,8 @@ def test_a_weights_header_is_checked_before_the_file_is_read(adapter, capsys):
 def test_a_huge_single_line_of_data_is_refused_before_tokenizing(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(data_module, "MAX_VALUE_BYTES", 10_000)  # the same check as at 1 MiB, with a small file
     rows = [{"text": "word " * 100}] * 8 + [{"text": "x" * 20_000}]
-    one_error(capsys, ["validate", write_llama_recipe(tmp_path), f"data.train={write_jsonl(tmp_path / 'big.jsonl', rows)}"],
+    one_error(capsys, ["validate", write_llama_recipe(tmp_path),
+                       f"data.train={write_jsonl(tmp_path / 'big.jsonl', rows)}"],
               "row 9", "20,000 bytes", "split it")
 
 
@@ -549,7 +553,8 @@ def test_a_5000_deep_yaml_list_is_one_error(tmp_path, capsys):
 
 def test_a_data_file_whose_rows_are_all_empty_is_one_error(tmp_path, capsys):
     path = write_jsonl(tmp_path / "empty.jsonl", [{"text": ""}] * 5)
-    one_error(capsys, ["validate", write_llama_recipe(tmp_path), f"data.train={path}"], "all 5 rows have an empty 'text'")
+    one_error(capsys, ["validate", write_llama_recipe(tmp_path), f"data.train={path}"],
+              "all 5 rows have an empty 'text'")
 
 
 @pytest.mark.parametrize("line", ['{"step": 1, "loss": "high"}', '{"step": "one", "loss": 1.0}', '[1, 2]'])

@@ -36,7 +36,8 @@ def test_every_preset_declares_its_convention():
         conv = registry.get_method(name).lr_convention
         assert _declared(conv), f"{name}: no lr_convention given to register_method (source {conv.source!r})"
         assert conv.kind == ("full-ft" if name in FULL_FT else "lora"), name
-        assert conv.ratio == pytest.approx({"lora-ga": 0.1, "lora-pro": 0.1, "loft": 0.3, "lora-plus": 0.5, "hra": 3.0, "elalora": 3.0,
+        assert conv.ratio == pytest.approx({"lora-ga": 0.1, "lora-pro": 0.1, "loft": 0.3, "lora-plus": 0.5, "hra": 3.0,
+                                            "elalora": 3.0,
                                               "coto": 3.0}.get(name, 1.0))
 
 
@@ -214,7 +215,8 @@ def test_cli_warns_before_step_1_and_exits_3_when_the_guard_stops(tmp_path, caps
     recipe = tmp_path / "diverging.yaml"
     recipe.write_text(yaml.safe_dump(_diverging_recipe(
         tmp_path, "cli", divergence_guard={"action": "stop", "factor": 3.0, "window": 2})))
-    with pytest.warns(LRConventionWarning, match=r"lr 1 is 8.45e\+04× above the convention of .lora-ga.*step cap 0.592\); use lr=1.2e-05"):
+    with pytest.warns(LRConventionWarning,
+                      match=r"lr 1 is 8.45e\+04× above the convention of .lora-ga.*step cap 0.592\); use lr=1.2e-05"):
         code = main(["train", str(recipe)])
     assert code == EXIT_DIVERGED == 4
     out = capsys.readouterr().out

@@ -66,7 +66,8 @@ def test_coto_adapters_move_at_least_as_far_as_loras_at_the_auto_lr():
             if schedule is not None:
                 schedule.on_step(step, steps)
             opt.zero_grad(set_to_none=True)
-        norms[name] = sum(float(layer.adapters["default"].lora_B.weight.detach().norm()) for layer in adapter_layers(model).values())
+        norms[name] = sum(float(layer.adapters["default"].lora_B.weight.detach().norm())
+                          for layer in adapter_layers(model).values())
     assert norms["coto"] >= norms["lora"], norms
 
 

@@ -1,7 +1,8 @@
 """Two processes equal one on a mixture-of-experts model: LoRA (and LoRA-GA under ddp; refused under the sharding
 engines, whose sharded expert gradients it cannot read) with the fused expert stacks adapted per expert, under ddp,
-fsdp2 (the stacks are DTensors sharded over the experts' dimension, gathered for each block) and zero3 (partitioned, gathered by DeepSpeed's hooks before the adapter adds its update): torchrun, gloo,
-CPU, fp64. One launch for all engines (tests/moe_sharded.py); the one-process reference runs in a thread meanwhile.
+fsdp2 (the stacks are DTensors sharded over the experts' dimension, gathered for each block) and zero3 (partitioned,
+gathered by DeepSpeed's hooks before the adapter adds its update): torchrun, gloo, CPU, fp64. One launch for all
+engines (tests/moe_sharded.py); the one-process reference runs in a thread meanwhile.
 """
 
 from __future__ import annotations

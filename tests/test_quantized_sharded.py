@@ -80,7 +80,8 @@ def test_the_4bit_codes_are_sharded(quantized_zero3, engine):
 
     _, two = quantized_zero3
     for rank in (0, 1):
-        held, full = json.loads((two / engine / PATHS[0] / next(iter(CASES)) / f"quantized_rank{rank}.json").read_text())
+        case = two / engine / PATHS[0] / next(iter(CASES))
+        held, full = json.loads((case / f"quantized_rank{rank}.json").read_text())
         assert full > 0 and full // 2 <= held <= full // 2 + 16, (engine, rank, held, full)  # partitions round up
 
 

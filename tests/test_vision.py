@@ -257,7 +257,8 @@ def _with_image(part: dict, role: str = "user") -> list[dict]:
     (_with_image({"type": "image", "url": "https://example.com/a.png"}), "is a URL and this machine is offline"),
     (_with_image({"type": "image"}), "needs exactly one of"),
     ([{"messages": [{"role": "user", "content": "x"},
-                    {"role": "assistant", "content": [{"type": "image", "path": "a.png"}]}]}], "an image in an assistant turn"),
+                    {"role": "assistant", "content": [{"type": "image", "path": "a.png"}]}]}],
+                    "an image in an assistant turn"),
     ([{"messages": [{"role": "user", "content": "only a question"}]}], "no assistant turn"),
 ])
 def test_bad_rows_are_refused_before_step_1(rows, message, processor, tmp_path, monkeypatch):
