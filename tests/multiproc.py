@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -62,6 +63,28 @@ def run_distributed(script: str | os.PathLike, nproc: int, out_dir: str | os.Pat
                              f"{proc.stderr[-8000:]}")
     return proc
 
+
+
+def run_distributed_beside(reference: Callable[[], object], script: str | os.PathLike, nproc: int,
+                           out_dir: str | os.PathLike, *args: str, **kwargs) -> None:
+    """:func:`run_distributed` in a thread while ``reference()`` (the one-process side) runs in this one; after both
+    have finished, the launch's error (if any) is raised here, in the test's thread."""
+    failure: list[BaseException] = []
+
+    def launch():
+        try:
+            run_distributed(script, nproc, out_dir, *args, **kwargs)
+        except BaseException as exc:  # re-raised below, in the test's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=launch)
+    thread.start()
+    try:
+        reference()
+    finally:
+        thread.join()
+    if failure:
+        raise failure[0]
 
 def _free_port() -> int:
     import socket

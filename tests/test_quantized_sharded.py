@@ -13,11 +13,9 @@ refuses to run (a StateError).
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
-from multiproc import REPO, run_distributed
+from multiproc import REPO, run_distributed_beside
 from quantized_sharded import CASES, PATHS, STEPS, save_base
 from quantized_sharded import main as run_cases
 from train_fixtures import adapter_tensors, read_metrics
@@ -30,23 +28,9 @@ def quantized_zero3(tmp_path_factory):
     """(one-process root, two-process root); the one-process side runs here while the launch runs."""
     one, two = tmp_path_factory.mktemp("q-one"), tmp_path_factory.mktemp("q-two")
     base = save_base(tmp_path_factory.mktemp("q-base"))
-    failure: list[BaseException] = []
-
-    def launch():
-        try:
-            run_distributed(REPO / "tests" / "quantized_sharded.py", 2, two / "out", ",".join(ENGINES), "2", str(two),
-                            base)
-        except BaseException as exc:  # re-raised below, in the test's thread
-            failure.append(exc)
-
-    thread = threading.Thread(target=launch)
-    thread.start()
-    try:
-        run_cases("zero3", 4, one, base)
-    finally:
-        thread.join()
-    if failure:
-        raise failure[0]
+    run_distributed_beside(lambda: run_cases("zero3", 4, one, base),
+                           REPO / "tests" / "quantized_sharded.py", 2, two / "out", ",".join(ENGINES), "2", str(two),
+                           base)
     return one, two
 
 
