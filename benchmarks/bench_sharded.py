@@ -253,8 +253,8 @@ def load_benchmark(layers: int, peftkit_from: str | None) -> None:
     print("| N | engine | base weights MiB/proc | peak RSS MiB per rank | worst peak / N=1 |")
     print("|---|---|---|---|---|")
     one = None
-    cells = ((1, "ddp", None), (1, "ddp, mmap threshold 64 KiB", SAME_ALLOCATOR), (2, "fsdp2", None), (2, "zero3",
-                                                                                                       None))
+    cells = ((1, "ddp", None), (1, "ddp, mmap threshold 64 KiB", SAME_ALLOCATOR), (2, "fsdp2", None),
+             (2, "zero3", None))
     for processes, label, extra in cells:
         ranks = launch_load(folder, label.split(",")[0], processes, peftkit_from, extra)
         worst = max(r["peak_mib"] for r in ranks)

@@ -276,8 +276,8 @@ def part_compile(device: torch.device, dtype: torch.dtype, dry: bool) -> list[di
         dynamo.reset()
         # CoTo: regional compilation (Accelerate's compile_regions: the repeated blocks share one graph), so
         # a gate pattern costs no new graph once each block kind (gate on/off, input needing grad or not) is seen.
-        compiled = compile_regions(model, backend=counting) if method == "coto" else torch.compile(model,
-                                                                                                   backend=counting)
+        compiled = compile_regions(model,
+                                   backend=counting) if method == "coto" else torch.compile(model, backend=counting)
         schedule = peftkit.callbacks(model)
         runs = 24 if method == "coto" else 1
         patterns = set()

@@ -118,8 +118,8 @@ def make_batch(model, batch_size: int = 2, seq_len: int = 8, seed: int = 0) -> d
     return batch
 
 
-def make_batches(model, n: int = 4, batch_size: int = 2, seq_len: int = 8, seed: int = 0) -> list[dict[str,
-                                                                                                       torch.Tensor]]:
+def make_batches(model, n: int = 4, batch_size: int = 2, seq_len: int = 8,
+                 seed: int = 0) -> list[dict[str, torch.Tensor]]:
     return [make_batch(model, batch_size, seq_len, seed + i) for i in range(n)]
 
 

@@ -307,8 +307,8 @@ def test_format_recipe_trains_two_steps_on_a_tiny_model(path, tmp_path):
     raw = read_yaml(path)
     recipe = from_dict(raw)
     assert recipe.model.name and recipe.data.train and recipe.data.format == path.stem
-    config = "{" + ", ".join(f"{k}: {v}" for k, v in dict(TINY_CONFIGS["llama"],
-                                                          max_position_embeddings=256).items()) + "}"
+    config = "{" + ", ".join(f"{k}: {v}" for k,
+                             v in dict(TINY_CONFIGS["llama"], max_position_embeddings=256).items()) + "}"
     overrides = [
         "model.name=null", f"model.config={config}", "model.tokenizer=bytes", "model.dtype=float32",
         f"data.train={write_jsonl(tmp_path / 'train.jsonl', format_rows(recipe, 12, 1))}", "data.max_length=256",

@@ -120,8 +120,8 @@ def test_chat_template_tokenizers_builtin_or_jinja_and_tools():
     data = DataSection(train="x", format="messages")
     assert tokenizer.decode(tokenize([{"messages": turns}], tokenizer, data).input_ids[0]) == \
         "[user]Capital of France?[assistant]Paris."
-    zephyr = tokenize([{"messages": turns}], tokenizer, DataSection(train="x", format="messages",
-                                                                    chat_template="zephyr"))
+    zephyr = tokenize([{"messages": turns}], tokenizer,
+                      DataSection(train="x", format="messages", chat_template="zephyr"))
     assert tokenizer.decode(zephyr.input_ids[0]) == "<|user|>\nCapital of France?</s>\n<|assistant|>\nParis.</s>\n"
     assert labelled_text(tokenizer, zephyr.input_ids[0], zephyr.labels[0]) == ["Paris.</s>\n"]
     jinja = ("{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }};{% endfor %}"
@@ -247,8 +247,8 @@ def _loss_sum(model, batch) -> tuple[float, int]:
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
 def test_packed_loss_equals_the_unpacked_loss(make):
     tokenizer = byte_tokenizer()
-    rows = [{"messages": [{"role": "user", "content": "q" * (3 + i % 4)}, {"role": "assistant",
-                                                                           "content": "a" * (1 + i)}]}
+    rows = [{"messages": [{"role": "user", "content": "q" * (3 + i % 4)},
+                          {"role": "assistant", "content": "a" * (1 + i)}]}
             for i in range(6)]
     data = DataSection(train="x", format="messages", max_length=64, chat_template="{% for m in messages %}"
                        "{{ m['role'][0] }}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}a{% endif %}")

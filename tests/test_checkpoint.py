@@ -46,8 +46,8 @@ def perturb_heads(model, seed: int = 5) -> None:
 
 # ------------------------------------------------------------------------------------------ peftkit -> PEFT
 OUR_SAVES = {
-    "llama-rslora-patterns": (tiny_llama, dict(r=4, alpha=8, rslora=True, rank_pattern={"q_proj": 2,
-                                                                                        r"layers\.1\..*up_proj": 6},
+    "llama-rslora-patterns": (tiny_llama,
+                              dict(r=4, alpha=8, rslora=True, rank_pattern={"q_proj": 2, r"layers\.1\..*up_proj": 6},
                                                alpha_pattern={"v_proj": 3.0})),
     "gpt2-conv1d": (tiny_gpt2, dict(r=4, alpha=16)),
     "bert-head": (tiny_bert, dict(r=4, alpha=8, modules_to_save=["classifier"])),
@@ -95,8 +95,8 @@ PEFT_SAVES = {
     "rank-alpha-pattern": (tiny_llama, dict(r=4, lora_alpha=8, target_modules="all-linear",
                                             rank_pattern={"q_proj": 2, r"layers\.1\.mlp\.up_proj": 8},
                                             alpha_pattern={"k_proj": 2, "down_proj": 32})),
-    "gpt2-conv1d": (tiny_gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
-                                    fan_in_fan_out=True)),
+    "gpt2-conv1d": (tiny_gpt2,
+                    dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
     "bert-head": (tiny_bert, dict(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS",
                                   modules_to_save=["classifier"])),
 }

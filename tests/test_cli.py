@@ -168,8 +168,8 @@ INCOHERENT = [
     (["training.eval_metrics=[my_module:fn]", "data.eval=null"], ["training.eval_metrics", "set data.eval"]),
     (["training.lr_schedule=cosine_with_min_lr", "training.min_lr=0.5", "optimizer.lr=1e-3"],
      ["training.min_lr", "above the peak", "0.001"]),
-    (["training.lr_schedule=polynomial", "training.min_lr=2e-3", "optimizer.lr=1e-3"], ["training.min_lr",
-                                                                                        "min_lr <= lr"]),
+    (["training.lr_schedule=polynomial", "training.min_lr=2e-3", "optimizer.lr=1e-3"],
+     ["training.min_lr", "min_lr <= lr"]),
 ]
 
 

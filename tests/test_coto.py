@@ -320,8 +320,8 @@ def test_trainer_drives_the_gates(tmp_path):
 
     def spy(step, total):
         # Inside the optimizer step: the gates in force are those the previous step drew.
-        seen.append((step, total, tuple(schedule.gates), {n for n,
-                                                          p in model.named_parameters() if p.grad is not None}))
+        seen.append((step, total, tuple(schedule.gates),
+                     {n for n, p in model.named_parameters() if p.grad is not None}))
         original(step, total)
 
     schedule.on_step = spy

@@ -61,8 +61,8 @@ def test_mkdocs_build_is_strict_and_offline(tmp_path):
     guard = tmp_path / "guard"
     guard.mkdir()
     (guard / "sitecustomize.py").write_text(_NO_NETWORK)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(guard), os.environ.get("PYTHONPATH",
-                                                                                   "")]).rstrip(os.pathsep),
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([str(guard), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
            "HF_HUB_OFFLINE": "1", "NO_MKDOCS_2_WARNING": "1"}
     site = tmp_path / "site"
     start = time.perf_counter()

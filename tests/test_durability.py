@@ -403,8 +403,8 @@ def test_disk_full_during_a_checkpoint_is_one_message_and_leaves_no_temporary_fi
 
     monkeypatch.setattr(os, "fsync", fsync)
     # the disk fills up after the checkpoint of step 2: the one of step 4 cannot be written
-    monkeypatch.setattr(loop, "train", functools.partial(loop.train, hooks=[lambda step,
-                                                                            _: step == 2 and full.append(1)]))
+    monkeypatch.setattr(loop, "train",
+                        functools.partial(loop.train, hooks=[lambda step, _: step == 2 and full.append(1)]))
     recipe = write_llama_recipe(tmp_path, training__max_steps=6, training__save_every=2, data__eval=None)
     one_error(capsys, ["train", recipe], "could not write", "No space left on device", "--resume",
               code=EXIT_WRITE_FAILED)

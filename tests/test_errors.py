@@ -201,8 +201,8 @@ def test_peft_checkpoint_of_an_unread_type(tmp_path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        get_peft_model(tiny_llama(), IA3Config(target_modules=["q_proj", "down_proj"],
-                                               feedforward_modules=["down_proj"])
+        get_peft_model(tiny_llama(),
+                       IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"])
                        ).save_pretrained(str(tmp_path / "ia3"))
         get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)
                        ).save_pretrained(str(tmp_path / "dora"))

@@ -444,8 +444,8 @@ def test_a_weights_header_is_checked_before_the_file_is_read(adapter, capsys):
 def test_a_huge_single_line_of_data_is_refused_before_tokenizing(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(data_module, "MAX_VALUE_BYTES", 10_000)  # the same check as at 1 MiB, with a small file
     rows = [{"text": "word " * 100}] * 8 + [{"text": "x" * 20_000}]
-    one_error(capsys, ["validate", write_llama_recipe(tmp_path),
-                       f"data.train={write_jsonl(tmp_path / 'big.jsonl', rows)}"],
+    one_error(capsys,
+              ["validate", write_llama_recipe(tmp_path), f"data.train={write_jsonl(tmp_path / 'big.jsonl', rows)}"],
               "row 9", "20,000 bytes", "split it")
 
 

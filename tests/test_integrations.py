@@ -38,8 +38,8 @@ def base(base_dir):
 
 
 def examples(model, n=8):
-    return [{k: v[i] for k, v in batch.items()} for batch in make_batches(model, n=n // 2,
-                                                                          batch_size=2) for i in range(2)]
+    return [{k: v[i] for k,
+             v in batch.items()} for batch in make_batches(model, n=n // 2, batch_size=2) for i in range(2)]
 
 
 def logits(model, batch):
@@ -140,8 +140,8 @@ def sft_trainer(model, tmp_path, tokenizer, **overrides):
 
 
 @pytest.mark.parametrize("method", ["lora", pytest.param("lora-pro", marks=pytest.mark.slow),
-                                    pytest.param("hra", marks=pytest.mark.slow), pytest.param("coto",
-                                                                                              marks=pytest.mark.slow)])
+                                    pytest.param("hra", marks=pytest.mark.slow),
+                                    pytest.param("coto", marks=pytest.mark.slow)])
 def test_sft_trainer_trains_and_saves_a_peft_adapter(method, base_dir, tmp_path):
     from peft import PeftModel
 
@@ -182,8 +182,8 @@ def dpo_trainer(model, reference, tmp_path, tokenizer, max_steps=2):
 
 
 @pytest.mark.parametrize("method", ["lora", pytest.param("lora-pro", marks=pytest.mark.slow),
-                                    pytest.param("hra", marks=pytest.mark.slow), pytest.param("coto",
-                                                                                              marks=pytest.mark.slow)])
+                                    pytest.param("hra", marks=pytest.mark.slow),
+                                    pytest.param("coto", marks=pytest.mark.slow)])
 def test_dpo_reference_is_the_model_with_adapters_off_and_no_copy(method, base_dir, tmp_path):
     from peftkit.train.data import byte_tokenizer
 

@@ -104,8 +104,8 @@ def test_completion_logps_by_hand():
 def _batch(rows: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
     """(token ids, prompt length) rows, right-padded; chosen rows first, then rejected."""
     width = max(len(ids) for ids, _ in rows)
-    out = {k: torch.zeros(len(rows), width, dtype=torch.long) for k in ("input_ids", "attention_mask",
-                                                                        "completion_mask")}
+    out = {k: torch.zeros(len(rows), width,
+                          dtype=torch.long) for k in ("input_ids", "attention_mask", "completion_mask")}
     for i, (ids, prompt) in enumerate(rows):
         out["input_ids"][i, :len(ids)] = torch.tensor(ids)
         out["attention_mask"][i, :len(ids)] = 1
@@ -135,7 +135,7 @@ def test_simpo_loss_by_hand_and_the_pair_mean_is_split_independent():
             assert abs(losses[i].item() - expected) < 1e-9
         for objective in ("dpo", "simpo"):
             one, _ = pair_loss_share(model, whole, 4, objective, beta, gamma)
-            halves = sum(pair_loss_share(model, _batch([(pairs[i][0], 3) for i in part] + [(pairs[i][1],
-                                                                                            3) for i in part]),
+            halves = sum(pair_loss_share(model,
+                                         _batch([(pairs[i][0], 3) for i in part] + [(pairs[i][1], 3) for i in part]),
                                          4, objective, beta, gamma)[0] for part in ([0, 1], [2, 3]))
             assert abs(one.item() - halves.item()) < 1e-12

@@ -273,8 +273,8 @@ def test_claim_rules_hra_may_learn_more_and_coto_skips_a_zero_metric():
 
 def test_a_missing_peft_stops_the_grid_before_any_cell(tmp_path, monkeypatch):
     real = quality.importlib.util.find_spec
-    monkeypatch.setattr(quality.importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name,
-                                                                                                               *a))
+    monkeypatch.setattr(quality.importlib.util, "find_spec", lambda name,
+                        *a: None if name == "peft" else real(name, *a))
     with pytest.raises(SystemExit, match="pip install peft==0.21.2"):
         quality.main(["--tasks", "minilm-trec", "--contenders", "lora,peft-lora", "--out", str(tmp_path / "out"),
                       "--data-dir", str(tmp_path / "absent")])
@@ -312,8 +312,8 @@ def _swept(metric: str, final: float, factor: float, late: float = 1.0, status: 
 def test_best_cell_is_the_best_final_metric_then_the_lower_loss_then_the_nearer_convention():
     third, one, three = quality.SWEEP
     accuracy, perplexity = quality.TASKS["minilm-trec"], quality.TASKS["smollm2-shakespeare"]
-    sweep = {third: _swept("accuracy", 0.6, third), one: _swept("accuracy", 0.8, one), three: _swept("accuracy", 0.7,
-                                                                                                     three)}
+    sweep = {third: _swept("accuracy", 0.6, third), one: _swept("accuracy", 0.8, one),
+             three: _swept("accuracy", 0.7, three)}
     assert quality.best_cell(accuracy, sweep)["lr_factor"] == one
     assert quality.sensitivity(accuracy, sweep) == (pytest.approx(0.2), [])
     # Perplexity: lower is better, and the spread is worst / best.
@@ -351,8 +351,8 @@ def test_the_claims_compare_the_best_cells():
 
     cells = {task.name: {
         "lora-ga": {one: cell(0.9, one, early=0.5), three: cell(0.2, three, early=3.0)},
-        "lora": {third: cell(0.4, third, early=2.0), one: cell(0.7, one, early=1.0), three: cell(0.6, three,
-                                                                                                 early=0.1)},
+        "lora": {third: cell(0.4, third, early=2.0), one: cell(0.7, one, early=1.0),
+                 three: cell(0.6, three, early=0.1)},
         "full": {one: cell(0.8, one, early=0.7)},
     }}
     best = quality.best_cells([task], cells)
@@ -411,8 +411,8 @@ def test_the_grid_runs_the_questioned_contenders_first_and_the_minilm_tasks_befo
     assert list(dict.fromkeys(lm))[:6] == [n for n in quality.PRIORITY if n != "peft-lora"]
     # Contenders named on the command line run in that order.
     named = quality.grid_order(tasks[1:2], ["hra", "lora"])
-    assert [(c.name, f) for _, c, f in named] == [("hra", f) for f in quality.SWEEP] + [("lora",
-                                                                                         f) for f in quality.SWEEP]
+    assert [(c.name, f) for _, c,
+            f in named] == [("hra", f) for f in quality.SWEEP] + [("lora", f) for f in quality.SWEEP]
 
 
 def test_the_docs_block_goes_between_the_markers_and_nowhere_else(tmp_path):
@@ -452,8 +452,8 @@ def test_the_sweep_extends_past_its_edge_until_the_best_cell_is_inside():
     assert quality.next_factor(task, sweep) is None  # EXTEND_LIMIT points past the edge: no further
     sweep[27.0] = _swept("accuracy", 0.6, 27.0)
     assert quality.next_factor(task, sweep) is None  # the best (9×) is inside
-    low = {third: _swept("accuracy", 0.9, third), one: _swept("accuracy", 0.7, one), three: _swept("accuracy", 0.5,
-                                                                                                   three)}
+    low = {third: _swept("accuracy", 0.9, third), one: _swept("accuracy", 0.7, one),
+           three: _swept("accuracy", 0.5, three)}
     assert quality.next_factor(task, low) == pytest.approx(1 / 9)
     table = quality.task_table(task, quality.contenders_for(task), {"lora": sweep})
     row = next(line for line in table.splitlines() if line.startswith("| lora |"))

@@ -41,8 +41,8 @@ def _report(capsys) -> str:
     return out
 
 
-@pytest.mark.parametrize("dtype,torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32",
-                                                                                                   torch.float32)])
+@pytest.mark.parametrize("dtype,torch_dtype",
+                         [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
 def test_merge_writes_the_requested_dtype(tmp_path, capsys, dtype, torch_dtype):
     base_dir = _saved_llama_dir(0)
     model = tiny_llama(0)
