@@ -48,7 +48,6 @@ def rss_mib() -> float:
 
 def folder_for(layers: int) -> Path:
     import torch
-
     from common import random_model_folder
 
     return random_model_folder("peftkit_bench_llama1b", CONFIG, layers, dtype=torch.bfloat16)

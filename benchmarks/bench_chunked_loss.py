@@ -23,8 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import peftkit  # noqa: E402
 from common import MEMORY_FLAG, llama_model, peak_memory_in_subprocesses, report_step_memory  # noqa: E402
+
+import peftkit  # noqa: E402
 from peftkit.loss import batch_loss_units, share_of_global_mean  # noqa: E402
 
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,

@@ -116,7 +116,8 @@ def run_trl(folder: str, data: str, out: str, steps: int, contender: str) -> Non
                              processing_class=tokenizer, peft_config=peft_config)
         trainer.train()
     ref = trainer.ref_model
-    print(json.dumps({"ref_param_bytes": 0 if ref is None else sum(p.numel() * p.element_size() for p in ref.parameters())}))
+    ref_bytes = 0 if ref is None else sum(p.numel() * p.element_size() for p in ref.parameters())
+    print(json.dumps({"ref_param_bytes": ref_bytes}))
 
 
 def child(contender: str, folder: str, data: str, steps: int) -> None:

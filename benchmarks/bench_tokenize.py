@@ -179,7 +179,8 @@ def main() -> None:
                     shutil.rmtree(cache, ignore_errors=True)
         print(f"\n{args.rows} rows, max_length {args.max_length}, median of {args.repeats} (fresh process each); "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
-        print("| contender | seconds | peak RSS MiB | RSS above imports MiB | tokens | time vs before | RSS above imports vs before |")
+        print("| contender | seconds | peak RSS MiB | RSS above imports MiB | tokens | time vs before "
+              "| RSS above imports vs before |")
         print("|---|---|---|---|---|---|---|")
         median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
         base_s = median([r["seconds"] for r in results["before"]])

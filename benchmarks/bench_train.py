@@ -51,7 +51,8 @@ RANK, ALPHA, LR = 16, 32.0, 1e-4
 
 
 def _data_dir(text: str | None) -> Path:
-    for candidate in ([Path(text)] if text else []) + [REPO.parent / "shared" / "data", REPO.parents[1] / "shared" / "data"]:
+    for candidate in ([Path(text)] if text else []) + [REPO.parent / "shared" / "data",
+                                                       REPO.parents[1] / "shared" / "data"]:
         if (candidate / "tinyshakespeare" / "input.txt").is_file():
             return candidate
     raise SystemExit("bench_train: the shared data folder (tinyshakespeare/, subj/) is not beside the checkout; "
@@ -132,9 +133,16 @@ def run_peftkit(task: str, method: str, args) -> dict:
 def run_trainer(task: str, args) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                              DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments,
-                              default_data_collator)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        default_data_collator,
+    )
 
     from peftkit.train.build import load_examples
     from peftkit.train.data import BatchPlan
@@ -167,11 +175,13 @@ def run_trainer(task: str, args) -> dict:
     if classification:
         model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=len(examples.label_names),
                                                                    dtype=torch.float32)
-        config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear", task_type="SEQ_CLS")
+        config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear",
+                            task_type="SEQ_CLS")
         collator = DataCollatorWithPadding(tokenizer)
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+        config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules="all-linear",
+                            task_type="CAUSAL_LM")
         collator = default_data_collator
     model = get_peft_model(model, config)
     ends: list[float] = []
@@ -190,7 +200,8 @@ def run_trainer(task: str, args) -> dict:
             train_sampling_strategy="sequential", optim="adamw_torch", remove_unused_columns=False)
         Trainer(model=model, args=training_args, train_dataset=rows, data_collator=collator,
                 callbacks=[Timer()]).train()
-    tokens = [sum(len(rows[step * args.batch + j]["input_ids"]) for j in range(args.batch)) for step in range(args.steps)]
+    tokens = [sum(len(rows[step * args.batch + j]["input_ids"]) for j in range(args.batch))
+              for step in range(args.steps)]
     return {"tokens_per_s": _throughput(ends, tokens, args.warmup), "tokens": sum(tokens[args.warmup:]),
             "tokens_per_cpu_s": _throughput(cpu_ends, tokens, args.warmup)}
 
@@ -222,7 +233,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                         help="bf16: mixed precision on both sides (peftkit training.mixed_precision, Trainer bf16)")
-    parser.add_argument("--methods", action="store_true", help="also LoRA-Pro (efficient), LoFT and HRA through peftkit")
+    parser.add_argument("--methods", action="store_true",
+                        help="also LoRA-Pro (efficient), LoFT and HRA through peftkit")
     parser.add_argument("--data-dir", default=None, help="the shared data folder (tinyshakespeare/, subj/)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement")
     parser.add_argument("--trainer-packing", choices=["position_ids", "plain"], default="position_ids",
@@ -260,7 +272,8 @@ def main() -> None:
     print(f"task {args.task}; {args.rounds} interleaved rounds; {args.steps} steps ({args.warmup} warm-up) of batch "
           f"{args.batch} x {args.seq}; {args.threads} threads; {args.device}, {args.precision}\n")
     memory = "peak CUDA allocated" if args.device == "cuda" else "peak RSS"
-    print(f"| contender | tokens/s (median) | tokens/s ratio (min..max) | {memory} (MiB, median) | memory ratio (min..max) "
+    print(f"| contender | tokens/s (median) | tokens/s ratio (min..max) | {memory} (MiB, median) "
+          "| memory ratio (min..max) "
           "| tokens per CPU s ratio (min..max) | reference |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for name in names:

@@ -65,7 +65,8 @@ def main() -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     with tempfile.TemporaryDirectory() as base_dir:
         torch.manual_seed(0)
-        LlamaForCausalLM(LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+        LlamaForCausalLM(LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                                     num_attention_heads=8,
                                      num_key_value_heads=4, vocab_size=259, max_position_embeddings=128)
                          ).save_pretrained(base_dir)
         rows = []
@@ -77,7 +78,8 @@ def main() -> None:
     print("| contender | reference's own parameter bytes | policy parameter bytes | peak RSS (MiB) |")
     print("|---|---|---|---|")
     for row in rows:
-        print(f"| {row['contender']} | {row['ref_param_bytes']:,} | {row['policy_param_bytes']:,} | {row['peak_rss_mib']:.0f} |")
+        print(f"| {row['contender']} | {row['ref_param_bytes']:,} | {row['policy_param_bytes']:,} "
+              f"| {row['peak_rss_mib']:.0f} |")
     copy = [r["peak_rss_mib"] for r in rows if r["contender"] == "trl copy"]
     ours = [r["peak_rss_mib"] for r in rows if r["contender"] == "peftkit"]
     print(f"peak RSS, peftkit / trl copy: {min(ours) / min(copy):.3f} (best of {args.repeats} each); "

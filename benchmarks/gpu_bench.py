@@ -40,8 +40,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import peftkit  # noqa: E402
 from common import interleaved_rounds, llama_batch, llama_model  # noqa: E402
+
+import peftkit  # noqa: E402
 
 PARTS = ["init", "sync", "step", "compile", "train"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -76,8 +77,25 @@ def _peak_above(device: torch.device, before: int) -> float | None:
 
 
 # --------------------------------------------------------------------------------------------------- init
+def _peft_loraga_init(model: torch.nn.Module, batches: list[dict]) -> None:
+    """PEFT's LoRA-GA init of ``model`` from ``batches`` (the reference contender of :func:`part_init`)."""
+    from peft import LoraConfig, LoraGAConfig, get_peft_model
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights="lora_ga",
+                        lora_ga_config=LoraGAConfig())
+
+    def train_step():
+        for batch in batches:
+            model(**batch).loss.backward()
+
+    preprocess_loraga(model, config, train_step)
+    get_peft_model(model, config)
+
+
 def part_init(device: torch.device, dtype: torch.dtype, dry: bool) -> list[dict]:
-    sizes = (dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+    sizes = (dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=4,
                   vocab_size=300) if dry else
              dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
                   num_key_value_heads=32, vocab_size=8000))
@@ -101,18 +119,7 @@ def part_init(device: torch.device, dtype: torch.dtype, dry: bool) -> list[dict]
         with warnings.catch_warnings(), Clock(device) as clock:
             warnings.simplefilter("ignore")
             if options is None:
-                from peft import LoraConfig, LoraGAConfig, get_peft_model
-                from peft.tuners.lora.loraga import preprocess_loraga
-
-                config = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights="lora_ga",
-                                    lora_ga_config=LoraGAConfig())
-
-                def train_step():
-                    for batch in batches:
-                        model(**batch).loss.backward()
-
-                preprocess_loraga(model, config, train_step)
-                get_peft_model(model, config)
+                _peft_loraga_init(model, batches)
             else:
                 options = dict(options)
                 peftkit.wrap(model, options.pop("method"), r=8, alpha=16.0, rslora=False, targets=TARGETS,
@@ -269,7 +276,8 @@ def part_compile(device: torch.device, dtype: torch.dtype, dry: bool) -> list[di
         dynamo.reset()
         # CoTo: regional compilation (Accelerate's compile_regions: the repeated blocks share one graph), so
         # a gate pattern costs no new graph once each block kind (gate on/off, input needing grad or not) is seen.
-        compiled = compile_regions(model, backend=counting) if method == "coto" else torch.compile(model, backend=counting)
+        compiled = compile_regions(model,
+                                   backend=counting) if method == "coto" else torch.compile(model, backend=counting)
         schedule = peftkit.callbacks(model)
         runs = 24 if method == "coto" else 1
         patterns = set()

@@ -53,21 +53,97 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the guide package be
 # The guide is the package benchmarks/guide/ (tasks, contenders, one cell, the grid, measures, report) and each
 # method's part (its claim and hooks) is a module of benchmarks/guide/methods/. This file is its command line,
 # and keeps every name the guide had here (tests/test_quality.py reads them as quality.<name>).
-from guide.cell import (Analysis, _answer_scores, _base_general_loss, _gate, _subset, _ungate, analyse,  # noqa: E402,F401
-                        build_contender, evaluate, factor_tag, own_warnings, peak_rss_mib, run_cell, task_data)
+from guide.cell import (  # noqa: E402,F401
+    Analysis,
+    _answer_scores,
+    _base_general_loss,
+    _gate,
+    _subset,
+    _ungate,
+    analyse,
+    build_contender,
+    evaluate,
+    factor_tag,
+    own_warnings,
+    peak_rss_mib,
+    run_cell,
+    task_data,
+)
 from guide.contenders import COMPOSITIONS, Contender, contenders_for, schedule_options  # noqa: E402,F401
 from guide.data import _atomic_write, _jsonl, _labelled_lines, prepare_data, smollm2_folder  # noqa: E402,F401
-from guide.grid import (_current_cells, canonical_factor, cell_is_current, cell_path,  # noqa: E402,F401
-                        conventional_lr, grid_order, missing_cells, next_factor, read_cells, rekey_cells, run_grid,
-                        run_one_cell, write_cell)
-from guide.measures import (Verdict, _fmt_count, _fmt_factor, _fmt_metric, _fmt_spread, _mean, best_cell,  # noqa: E402,F401
-                            best_cells, drop_half, early_loss, final_metric, late_loss, retained, sensitivity)
+from guide.grid import (  # noqa: E402,F401
+    _current_cells,
+    canonical_factor,
+    cell_is_current,
+    cell_path,
+    conventional_lr,
+    grid_order,
+    missing_cells,
+    next_factor,
+    read_cells,
+    rekey_cells,
+    run_grid,
+    run_one_cell,
+    write_cell,
+)
+from guide.measures import (  # noqa: E402,F401
+    Verdict,
+    _fmt_count,
+    _fmt_factor,
+    _fmt_metric,
+    _fmt_spread,
+    _mean,
+    best_cell,
+    best_cells,
+    drop_half,
+    early_loss,
+    final_metric,
+    late_loss,
+    retained,
+    sensitivity,
+)
 from guide.methods import method_modules  # noqa: E402,F401
-from guide.report import (AUTO_TOLERANCE, _fmt_seconds, auto_rate_table, claims, grid_time, missing_table, plot,  # noqa: E402,F401
-                          report, summary_table, task_table, write_docs)
-from guide.tasks import (CACHE, DEFAULT_DATA, DEFAULT_DOCS, DEFAULT_OUT, EXTEND_LIMIT, FACTORS,  # noqa: E402,F401
-                         FINGERPRINT_NEUTRAL, FULL_FT_RATIO, PRIORITY, _fingerprint, recipe_fingerprint, INSTRUCTION, MARKERS, OWN_CODE, RECIPES, REPO, SMOLLM2_FOLDER, SMOLLM2_GGUF,
-                         SWEEP, TASKS, TINY_BERT, TINY_LLAMA, TREC_CLASSES, Task, task_recipe)
+from guide.report import (  # noqa: E402,F401
+    AUTO_TOLERANCE,
+    _fmt_seconds,
+    auto_rate_table,
+    claims,
+    grid_time,
+    missing_table,
+    plot,
+    report,
+    summary_table,
+    task_table,
+    write_docs,
+)
+from guide.tasks import (  # noqa: E402,F401
+    CACHE,
+    DEFAULT_DATA,
+    DEFAULT_DOCS,
+    DEFAULT_OUT,
+    EXTEND_LIMIT,
+    FACTORS,
+    FINGERPRINT_NEUTRAL,
+    FULL_FT_RATIO,
+    INSTRUCTION,
+    MARKERS,
+    OWN_CODE,
+    PRIORITY,
+    RECIPES,
+    REPO,
+    SMOLLM2_FOLDER,
+    SMOLLM2_GGUF,
+    SWEEP,
+    TASKS,
+    TINY_BERT,
+    TINY_LLAMA,
+    TREC_CLASSES,
+    Task,
+    _fingerprint,
+    recipe_fingerprint,
+    task_recipe,
+)
+
 from peftkit import registry  # noqa: E402,F401 - quality.registry
 from peftkit.inject import adapter_layers  # noqa: E402,F401 - quality.adapter_layers
 
@@ -79,14 +155,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task names")
     parser.add_argument("--contenders", default="", help="comma-separated contender names (default: all)")
     parser.add_argument("--out", type=Path, default=None, help=f"results folder (default {DEFAULT_OUT})")
-    parser.add_argument("--cache", type=Path, default=CACHE, help="prepared data and model cache (default runs/quality)")
+    parser.add_argument("--cache", type=Path, default=CACHE,
+                        help="prepared data and model cache (default runs/quality)")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help="the raw public data (../shared/data)")
     parser.add_argument("--force", action="store_true", help="run finished cells again")
     parser.add_argument("--in-process", action="store_true", help="no subprocess per cell (peak memory is shared)")
     parser.add_argument("--report-only", action="store_true", help="only rebuild results.md and the plot")
     parser.add_argument("--docs", type=Path, default=None,
-                        help=f"the docs page whose quality markers get the tables (default {DEFAULT_DOCS.relative_to(REPO)} "
-                             "when every task is selected and not --quick; the plot goes to assets/quality.png beside it)")
+                        help=f"the docs page whose quality markers get the tables "
+                             f"(default {DEFAULT_DOCS.relative_to(REPO)} when every task is selected and not --quick; "
+                             "the plot goes to assets/quality.png beside it)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch / OpenMP threads of each cell (default: torch's own; 1 on a shared machine)")
     parser.add_argument("--stop-at", default=None, metavar="HH:MM",

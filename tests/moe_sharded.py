@@ -12,8 +12,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 STEPS = 3
 MOE_CONFIG = {"model_type": "qwen3_moe", "hidden_size": 16, "intermediate_size": 32, "moe_intermediate_size": 8,
               "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
@@ -40,48 +38,26 @@ def recipe(root: Path, config: str, engine: str, batch: int) -> dict:
 
 
 def expert_elements(model) -> list[int]:
-    """[elements this process holds, elements in full] of the fused expert stacks after training: FSDP2's DTensor
-    shards, ZeRO-3's partitions (``ds_tensor``), whole tensors otherwise."""
-    from torch.distributed.tensor import DTensor
+    """[elements this process holds, elements in full] of the fused expert stacks after training
+    (:func:`multiproc.held_and_full`)."""
+    from multiproc import held_and_full
 
     if hasattr(model, "reshard"):  # FSDP2 keeps the root's weights gathered after a forward (the final eval)
         model.reshard()
-    held = full = 0
-    for name, param in model.named_parameters():
-        if ".experts." not in name or param.requires_grad:
-            continue
-        if isinstance(param, DTensor):
-            held, full = held + param.to_local().numel(), full + param.numel()
-        elif hasattr(param, "ds_tensor"):
-            held, full = held + param.ds_tensor.numel(), full + param.ds_numel
-        else:
-            held, full = held + param.numel(), full + param.numel()
-    return [held, full]
+    return held_and_full(param for name, param in model.named_parameters()
+                         if ".experts." in name and not param.requires_grad)
 
 
 def main(engines: str, batch: int, root: Path) -> None:
     import json
 
-    import peftkit.train.loop as loop
-    from accelerate import Accelerator
+    from multiproc import runs_in_one_launch
 
     from peftkit import distributed
     from peftkit.errors import ConfigError
     from peftkit.train import from_dict, train
 
-    saved = (torch.get_num_threads(), Accelerator.end_training, loop.prepare)
-    torch.set_num_threads(1)
-    # Many runs share this launch's process group; Accelerate's end_training would destroy it after the first.
-    Accelerator.end_training = lambda self: [tracker.finish() for tracker in self.trackers] and None
-    last: dict = {}
-
-    def prepare(recipe, accelerator=None):  # keep the prepared model, to measure what this process holds
-        run = saved[2](recipe, accelerator)
-        last["model"] = run.model
-        return run
-
-    loop.prepare = prepare
-    try:
+    with runs_in_one_launch() as last:  # keeps the prepared model, to measure what this process holds
         for engine in engines.split(","):
             for config in CONFIGS:
                 if config in REFUSED_SHARDED and engine != "ddp" and distributed.world_size() > 1:
@@ -96,9 +72,6 @@ def main(engines: str, batch: int, root: Path) -> None:
                 assert result.status == "done", (engine, config, result)
                 (root / engine / config / f"experts_rank{distributed.rank()}.json").write_text(
                     json.dumps(expert_elements(last["model"])))
-    finally:
-        torch.set_num_threads(saved[0])
-        Accelerator.end_training, loop.prepare = saved[1], saved[2]
 
 
 if __name__ == "__main__":

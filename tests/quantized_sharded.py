@@ -1,4 +1,5 @@
-"""A quantized base under ZeRO-3 and FSDP2: small 4-bit runs by the CLI's loop, on both bitsandbytes CPU paths, in one launch.
+"""A quantized base under ZeRO-3 and FSDP2: small 4-bit runs by the CLI's loop, on both bitsandbytes CPU paths, in
+one launch.
 
     torchrun --nproc-per-node N tests/quantized_sharded.py ENGINE[,ENGINE] BATCH ROOT BASE_DIR
 
@@ -27,9 +28,8 @@ PATHS = ("unpacked", "packed")
 
 def save_base(folder: Path) -> str:
     """A tiny Llama wide enough for bitsandbytes' 4-bit blocks (every width a multiple of 64), saved."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from train_fixtures import TINY_CONFIGS
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     fields = {**TINY_CONFIGS["llama"], "hidden_size": 64, "intermediate_size": 128}
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
@@ -52,48 +52,27 @@ def recipe(root: Path, base: str, engine: str, batch: int, adapter: dict, quanti
 
 
 def quantized_elements(model) -> list[int]:
-    """[elements this process stores, elements in full] of the 4-bit weights' code storage (FSDP2: the local
-    shard of each DTensor; ZeRO-3: the partition; otherwise all of it)."""
-    held = full = 0
-    for module in model.modules():
-        if "Linear4bit" not in {cls.__name__ for cls in type(module).__mro__}:  # FSDP2 subclasses it
-            continue
-        weight = module.weight
-        if hasattr(weight, "to_local"):
-            held, full = held + weight.to_local().numel(), full + weight.numel()
-        elif hasattr(weight, "ds_tensor"):
-            held, full = held + weight.ds_tensor.numel(), full + weight.ds_numel
-        else:
-            held, full = held + weight.numel(), full + weight.numel()
-    return [held, full]
+    """[elements this process stores, elements in full] of the 4-bit weights' code storage
+    (:func:`multiproc.held_and_full`)."""
+    from multiproc import held_and_full
+
+    return held_and_full(module.weight for module in model.modules()
+                         if "Linear4bit" in {cls.__name__ for cls in type(module).__mro__})  # FSDP2 subclasses it
 
 
 def main(engine: str, batch: int, root: Path, base: str) -> None:
     """``engine``: one engine (runs under ROOT/<path>/<case>) or several, comma-separated (ROOT/<engine>/...)."""
     import json
 
-    import pytest
-    from accelerate import Accelerator
-
     import bnb_paths
-    import peftkit.train.loop as loop
+    import pytest
+    from multiproc import runs_in_one_launch
+
     from peftkit import distributed
     from peftkit.train import from_dict, train
 
-    saved = (torch.get_num_threads(), Accelerator.end_training, loop.prepare)  # restored: the one-process side
-    torch.set_num_threads(1)                                                    # runs in pytest
-    # Several runs share this launch's process group; Accelerate's end_training would destroy it after the first.
-    Accelerator.end_training = lambda self: [tracker.finish() for tracker in self.trackers] and None
-    built = {}
-
-    def prepare(*args, **kwargs):
-        run = saved[2](*args, **kwargs)
-        built["model"] = run.model
-        return run
-
-    loop.prepare = prepare
     engines = engine.split(",")
-    try:
+    with runs_in_one_launch() as built:
         for name in engines:
             where = root / name if len(engines) > 1 else root
             for path in PATHS:
@@ -107,9 +86,7 @@ def main(engine: str, batch: int, root: Path, base: str) -> None:
                         model.reshard()
                     (where / path / case / f"quantized_rank{distributed.rank()}.json").write_text(
                         json.dumps(quantized_elements(model)))
-    finally:
-        torch.set_num_threads(saved[0])
-        Accelerator.end_training, loop.prepare = saved[1], saved[2]
+
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4])

@@ -87,9 +87,6 @@ def recipe(root: Path, config: str, engine: str, batch: int, run: str = "run", a
     return out
 
 
-LAST: dict = {}
-
-
 def pair_state_bytes(optimizer) -> int:
     """Bytes of optimizer state this process keeps for the (A, B) pairs (LoRA-Pro full: the m×n moments)."""
     return sum(v.numel() * v.element_size() for pair in getattr(optimizer, "pairs", []) for t in (pair.a, pair.b)
@@ -97,63 +94,37 @@ def pair_state_bytes(optimizer) -> int:
 
 
 def frozen_base_elements(model) -> list[int]:
-    """[elements this process holds, elements in full] of the frozen base weights after training: FSDP2's
-    DTensor shards, ZeRO-3's partitions (``ds_tensor``; between forwards the weight itself has 0 elements)."""
-    from torch.distributed.tensor import DTensor
+    """[elements this process holds, elements in full] of the frozen base weights after training
+    (:func:`multiproc.held_and_full`)."""
+    from multiproc import held_and_full
 
     if hasattr(model, "reshard"):  # FSDP2 keeps the root's weights gathered after a forward (the final eval)
         model.reshard()
-    held = full = 0
-    for param in model.parameters():
-        if param.requires_grad:
-            continue
-        if isinstance(param, DTensor):
-            held, full = held + param.to_local().numel(), full + param.numel()
-        elif hasattr(param, "ds_tensor"):
-            held, full = held + param.ds_tensor.numel(), full + param.ds_numel
-        else:
-            held, full = held + param.numel(), full + param.numel()
-    return [held, full]
+    return held_and_full(param for param in model.parameters() if not param.requires_grad)
 
 
-def capture_init() -> None:
+def save_init(recipe, run) -> None:
     """Record each run's trainable tensors right after ``prepare`` (rank 0), for the moved check."""
-    import peftkit.train.loop as loop
     from peftkit.checkpoint import atomic_save_tensors
     from peftkit.train.checkpointing import trainable_state
 
-    original = getattr(loop.prepare, "unpatched", loop.prepare)
-
-    def prepare(recipe, accelerator=None):
-        run = original(recipe, accelerator)
-        LAST["optimizer"], LAST["model"] = run.optimizer, run.model
-        folder = Path(recipe.training.output_dir).parent
-        if run.accelerator.is_main_process and not (folder / "init.safetensors").exists():
-            atomic_save_tensors(folder / "init.safetensors", trainable_state(run.model))
-            trains = [n for n, p in run.model.named_parameters() if p.requires_grad]
-            (folder / "init.json").write_text(json.dumps(trains))
-        return run
-
-    prepare.unpatched = original
-    loop.prepare = prepare
+    folder = Path(recipe.training.output_dir).parent
+    if run.accelerator.is_main_process and not (folder / "init.safetensors").exists():
+        atomic_save_tensors(folder / "init.safetensors", trainable_state(run.model))
+        trains = [n for n, p in run.model.named_parameters() if p.requires_grad]
+        (folder / "init.json").write_text(json.dumps(trains))
 
 
 def main(engine: str, batch: int, root: Path, resume: bool, accum: int = 1) -> None:
-    """The grid. The one-process side runs inside a pytest worker: every patch is undone before returning, so the
-    tests that run after it in that process see the real loop (and their own thread count)."""
-    import peftkit.train.loop as loop
-    from accelerate import Accelerator
+    """The grid (:func:`multiproc.runs_in_one_launch`: every patch is undone before returning)."""
+    from multiproc import runs_in_one_launch
 
-    saved = (torch.get_num_threads(), loop.prepare, Accelerator.end_training)
     engines = engine.split(",")
-    try:
-        if len(engines) > 1:  # first: run after the DeepSpeed runs it hung once (rank 1 in an unmatched collective)
-            write_failure(root, batch)
+    if len(engines) > 1:  # first: run after the DeepSpeed runs it hung once (rank 1 in an unmatched collective)
+        write_failure(root, batch)
+    with runs_in_one_launch(on_prepare=save_init) as last:
         for name in engines:
-            _grid(name, batch, root / name if len(engines) > 1 else root, resume, accum)
-    finally:
-        torch.set_num_threads(saved[0])
-        loop.prepare, Accelerator.end_training = saved[1], saved[2]
+            _grid(name, batch, root / name if len(engines) > 1 else root, resume, last, accum)
 
 
 def write_failure(root: Path, batch: int) -> None:
@@ -185,15 +156,10 @@ def write_failure(root: Path, batch: int) -> None:
     dist.barrier()
 
 
-def _grid(engine: str, batch: int, root: Path, resume: bool, accum: int = 1) -> None:
+def _grid(engine: str, batch: int, root: Path, resume: bool, last: dict, accum: int = 1) -> None:
+    """The configs under one engine; ``last`` holds the last run's prepared model and optimizer."""
     from peftkit.train import from_dict, train
 
-    from accelerate import Accelerator
-
-    torch.set_num_threads(1)
-    capture_init()
-    # Many runs share this launch's process group; Accelerate's end_training would destroy it after the first.
-    Accelerator.end_training = lambda self: [tracker.finish() for tracker in self.trackers] and None
     only = [c for c in os.environ.get("PEFTKIT_GRID_ONLY", "").split(",") if c]
     for config in only or CONFIGS:
         result = train(from_dict(recipe(root, config, engine, batch, accum=accum)))
@@ -201,9 +167,9 @@ def _grid(engine: str, batch: int, root: Path, resume: bool, accum: int = 1) -> 
         from peftkit import distributed
 
         (root / config / f"pair_state_rank{distributed.rank()}.json").write_text(
-            json.dumps(pair_state_bytes(LAST["optimizer"])))
+            json.dumps(pair_state_bytes(last["optimizer"])))
         (root / config / f"base_elements_rank{distributed.rank()}.json").write_text(
-            json.dumps(frozen_base_elements(LAST["model"])))
+            json.dumps(frozen_base_elements(last["model"])))
     if not resume:
         return
 

@@ -95,10 +95,10 @@ class GatherCounter:
 
 
 def main(folder: Path, root: Path) -> None:
+    from accelerate import Accelerator, PartialState
+
     from peftkit import distributed, sharded
     from peftkit.train import from_dict, train
-
-    from accelerate import Accelerator, PartialState
 
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(1)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -16,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from multiproc import REPO
+from train_fixtures import TINY_CONFIGS, classification_rows, read_metrics, write_jsonl
 
 from peftkit.errors import ConfigError
 from peftkit.train import from_dict, train
@@ -24,9 +25,6 @@ from peftkit.train.data import collate
 from peftkit.train.loop import evaluate, lr_lambda, prepare
 from peftkit.train.recipe import LR_SCHEDULES, apply_overrides, read_yaml
 from peftkit.train.session import load_chat_model, prompt_ids
-
-from multiproc import REPO
-from train_fixtures import TINY_CONFIGS, classification_rows, read_metrics, write_jsonl
 
 FORMAT_RECIPES = sorted((REPO / "recipes" / "formats").glob("*.yaml"))
 
@@ -309,7 +307,8 @@ def test_format_recipe_trains_two_steps_on_a_tiny_model(path, tmp_path):
     raw = read_yaml(path)
     recipe = from_dict(raw)
     assert recipe.model.name and recipe.data.train and recipe.data.format == path.stem
-    config = "{" + ", ".join(f"{k}: {v}" for k, v in dict(TINY_CONFIGS["llama"], max_position_embeddings=256).items()) + "}"
+    config = "{" + ", ".join(f"{k}: {v}" for k,
+                             v in dict(TINY_CONFIGS["llama"], max_position_embeddings=256).items()) + "}"
     overrides = [
         "model.name=null", f"model.config={config}", "model.tokenizer=bytes", "model.dtype=float32",
         f"data.train={write_jsonl(tmp_path / 'train.jsonl', format_rows(recipe, 12, 1))}", "data.max_length=256",

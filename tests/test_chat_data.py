@@ -6,23 +6,21 @@ every character one token, so expected labels are read straight off the rendered
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import tiny_gpt2, tiny_llama
+from train_fixtures import TINY_CONFIGS, write_jsonl
 
 from peftkit.errors import ConfigError
 from peftkit.train import from_dict
 from peftkit.train.build import load_examples, load_tokenizer
 from peftkit.train.chat import BUILTIN_TEMPLATES, stop_strings
 from peftkit.train.cli import main
-from peftkit.train.data import IGNORE_INDEX, byte_tokenizer, collate, check_packed_attention, tokenize
+from peftkit.train.data import IGNORE_INDEX, byte_tokenizer, check_packed_attention, collate, tokenize
 from peftkit.train.recipe import DataSection
-
-from helpers import tiny_gpt2, tiny_llama
-from train_fixtures import TINY_CONFIGS, write_jsonl
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},
@@ -104,7 +102,8 @@ def test_alpaca_keeps_the_input_column_and_labels_only_the_output():
     first = chatml([{"role": "user", "content": "Translate.\n\nchat"}, {"role": "assistant", "content": "cat"}])
     assert tokenizer.decode(out.input_ids[0]) == first
     assert out.labels[0] == expected_labels(tokenizer, first, ["cat<|im_end|>\n"])
-    assert tokenizer.decode(out.input_ids[1]).startswith("<|im_start|>user\nSay hi.<|im_end|>")  # empty input: no blank line
+    # empty input: no blank line
+    assert tokenizer.decode(out.input_ids[1]).startswith("<|im_start|>user\nSay hi.<|im_end|>")
     # Without a template: the plain layout, prompt (with BOS) + newline, then the output and EOS.
     plain = tokenize(rows[:1], tokenizer, DataSection(train="x", format="alpaca", system_prompt="Sys"))
     prompt = tokenizer("Sys\n\nTranslate.\n\nchat\n")["input_ids"]
@@ -115,15 +114,18 @@ def test_alpaca_keeps_the_input_column_and_labels_only_the_output():
 def test_chat_template_tokenizers_builtin_or_jinja_and_tools():
     tokenizer = byte_tokenizer()
     turns = CONVERSATION[1:3]
-    own = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}"
+    own = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+           "{% if add_generation_prompt %}[assistant]{% endif %}")
     tokenizer.chat_template = own
     data = DataSection(train="x", format="messages")
     assert tokenizer.decode(tokenize([{"messages": turns}], tokenizer, data).input_ids[0]) == \
         "[user]Capital of France?[assistant]Paris."
-    zephyr = tokenize([{"messages": turns}], tokenizer, DataSection(train="x", format="messages", chat_template="zephyr"))
+    zephyr = tokenize([{"messages": turns}], tokenizer,
+                      DataSection(train="x", format="messages", chat_template="zephyr"))
     assert tokenizer.decode(zephyr.input_ids[0]) == "<|user|>\nCapital of France?</s>\n<|assistant|>\nParis.</s>\n"
     assert labelled_text(tokenizer, zephyr.input_ids[0], zephyr.labels[0]) == ["Paris.</s>\n"]
-    jinja = "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }};{% endfor %}{% if add_generation_prompt %}a:{% endif %}"
+    jinja = ("{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }};{% endfor %}"
+             "{% if add_generation_prompt %}a:{% endif %}")
     custom = tokenize([{"messages": turns}], tokenizer, DataSection(train="x", format="messages", chat_template=jinja))
     assert tokenizer.decode(custom.input_ids[0]) == "u:Capital of France?;a:Paris.;"
     assert labelled_text(tokenizer, custom.input_ids[0], custom.labels[0]) == ["Paris.;"]
@@ -245,7 +247,8 @@ def _loss_sum(model, batch) -> tuple[float, int]:
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
 def test_packed_loss_equals_the_unpacked_loss(make):
     tokenizer = byte_tokenizer()
-    rows = [{"messages": [{"role": "user", "content": "q" * (3 + i % 4)}, {"role": "assistant", "content": "a" * (1 + i)}]}
+    rows = [{"messages": [{"role": "user", "content": "q" * (3 + i % 4)},
+                          {"role": "assistant", "content": "a" * (1 + i)}]}
             for i in range(6)]
     data = DataSection(train="x", format="messages", max_length=64, chat_template="{% for m in messages %}"
                        "{{ m['role'][0] }}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}a{% endif %}")
@@ -294,10 +297,11 @@ def test_two_map_processes_give_the_same_examples(tmp_path):
 
 def test_text_eval_is_cut_into_the_blocks_training_uses(tmp_path):
     """A long eval document is evaluated whole, in max_length blocks, not cut to its first max_length tokens."""
+    from train_fixtures import llama_text_recipe, write_jsonl
+
     from peftkit.train.build import load_examples
     from peftkit.train.data import byte_tokenizer
     from peftkit.train.recipe import from_dict
-    from train_fixtures import llama_text_recipe, write_jsonl
 
     recipe = llama_text_recipe(tmp_path)
     recipe["data"]["eval"] = write_jsonl(tmp_path / "long.jsonl", [{"text": "abcdefgh " * 40}])  # 360 bytes

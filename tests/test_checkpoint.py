@@ -11,23 +11,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import warnings
 
 import pytest
 import torch
 import torch.nn as nn
+from helpers import make_batch, output, quiet, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
 
 import peftkit
 from peftkit import checkpoint
 from peftkit.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from peftkit.errors import CheckpointError
-
-from helpers import make_batch, output, randomize_adapters, tiny_bert, tiny_gpt2, tiny_llama
 
 TOL = dict(atol=1e-6, rtol=1e-6)
 
@@ -47,17 +44,10 @@ def perturb_heads(model, seed: int = 5) -> None:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.1)
 
 
-@contextlib.contextmanager
-def quiet():
-    """PEFT and transformers warn about the tiny configs; none of it is under test."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
 # ------------------------------------------------------------------------------------------ peftkit -> PEFT
 OUR_SAVES = {
-    "llama-rslora-patterns": (tiny_llama, dict(r=4, alpha=8, rslora=True, rank_pattern={"q_proj": 2, r"layers\.1\..*up_proj": 6},
+    "llama-rslora-patterns": (tiny_llama,
+                              dict(r=4, alpha=8, rslora=True, rank_pattern={"q_proj": 2, r"layers\.1\..*up_proj": 6},
                                                alpha_pattern={"v_proj": 3.0})),
     "gpt2-conv1d": (tiny_gpt2, dict(r=4, alpha=16)),
     "bert-head": (tiny_bert, dict(r=4, alpha=8, modules_to_save=["classifier"])),
@@ -105,7 +95,8 @@ PEFT_SAVES = {
     "rank-alpha-pattern": (tiny_llama, dict(r=4, lora_alpha=8, target_modules="all-linear",
                                             rank_pattern={"q_proj": 2, r"layers\.1\.mlp\.up_proj": 8},
                                             alpha_pattern={"k_proj": 2, "down_proj": 32})),
-    "gpt2-conv1d": (tiny_gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
+    "gpt2-conv1d": (tiny_gpt2,
+                    dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)),
     "bert-head": (tiny_bert, dict(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS",
                                   modules_to_save=["classifier"])),
 }
@@ -191,7 +182,8 @@ def test_save_layout_llama_with_rank_pattern(tmp_path):
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
     assert config["rank_pattern"] == {"q_proj": 2} and config["alpha_pattern"] == {"o_proj": 5}
-    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"}
     assert config["fan_in_fan_out"] is False and config["use_rslora"] is False and config["bias"] == "none"
     assert config["task_type"] == "CAUSAL_LM" and config["modules_to_save"] is None
     assert not any(n.startswith(".") for n in os.listdir(tmp_path)), "temporary files left behind"

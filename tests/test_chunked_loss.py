@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_batch, tiny_gpt2, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import Gemma2Config, Gemma2ForCausalLM
@@ -15,8 +16,6 @@ from transformers import Gemma2Config, Gemma2ForCausalLM
 import peftkit
 from peftkit.chunked_loss import chunked_linear_cross_entropy, head_of
 from peftkit.loss import batch_loss_units, loss_mode, share_of_global_mean
-
-from helpers import make_batch, tiny_gpt2, tiny_llama
 
 
 def _plain(hidden, weight, bias, targets, divisor, softcap):

@@ -6,22 +6,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-
-import peftkit
-from peftkit.train.cli import main
-
+from helpers import one_error, write_recipe
 from multiproc import HANG_GUARD_S, REPO
 from train_fixtures import TINY_CONFIGS, llama_text_recipe, write_jsonl
 
-
-def write_recipe(path: Path, recipe: dict) -> str:
-    path.write_text(yaml.safe_dump(recipe))
-    return str(path)
+import peftkit
+from peftkit.train.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +25,6 @@ def trained(tmp_path_factory):
     recipe = write_recipe(tmp / "recipe.yaml", llama_text_recipe(tmp, training__max_steps=3))
     assert main(["train", recipe]) == 0
     return recipe, tmp / "run"
-
-
-def one_error(capsys, argv: list[str], *needles: str) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err.startswith("peftkit: error: ") and "\n" not in err and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, (needle, err)
-    return err
 
 
 BAD_OVERRIDES = [
@@ -184,7 +168,8 @@ INCOHERENT = [
     (["training.eval_metrics=[my_module:fn]", "data.eval=null"], ["training.eval_metrics", "set data.eval"]),
     (["training.lr_schedule=cosine_with_min_lr", "training.min_lr=0.5", "optimizer.lr=1e-3"],
      ["training.min_lr", "above the peak", "0.001"]),
-    (["training.lr_schedule=polynomial", "training.min_lr=2e-3", "optimizer.lr=1e-3"], ["training.min_lr", "min_lr <= lr"]),
+    (["training.lr_schedule=polynomial", "training.min_lr=2e-3", "optimizer.lr=1e-3"],
+     ["training.min_lr", "min_lr <= lr"]),
 ]
 
 

@@ -37,16 +37,15 @@ from __future__ import annotations
 import json
 import warnings
 
+import bnb_paths
 import pytest
 import torch
+from helpers import MODEL_FACTORIES, make_batch, make_batches, output, randomize_adapters
 
 import peftkit
 from peftkit import checkpoint, registry
 from peftkit.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from peftkit.inject import adapter_layers, saved_modules, state_of
-
-import bnb_paths
-from helpers import MODEL_FACTORIES, make_batch, make_batches, output, randomize_adapters
 
 METHODS = peftkit.methods()
 MODELS = ["llama", "gpt2", "bert", "llama-4bit"]
@@ -322,7 +321,8 @@ def test_export_matches_peft(method, kind, tmp_path):
 
 @pytest.mark.parametrize("method,kind", CASES)
 def test_export_from_a_saved_folder(method, kind, tmp_path):
-    """export(folder, out, base_model=...) writes what export(model, out) writes; the base model comes back as it was."""
+    """export(folder, out, base_model=...) writes what export(model, out) writes; the base model comes back as it
+    was."""
     _, model, _, _ = adapted_output(method, kind)
     peftkit.export(model, tmp_path / "from-model")
     peftkit.save(model, tmp_path / "saved")

@@ -9,14 +9,12 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-
-import peftkit
-from peftkit import registry
-from peftkit.inject import adapter_layers
-
 from helpers import make_batch, output, tiny_llama
 
+import peftkit
 from adapters.coto import activation_probability, block_groups, draw_gates  # noqa: E402
+from peftkit import registry
+from peftkit.inject import adapter_layers
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -322,7 +320,8 @@ def test_trainer_drives_the_gates(tmp_path):
 
     def spy(step, total):
         # Inside the optimizer step: the gates in force are those the previous step drew.
-        seen.append((step, total, tuple(schedule.gates), {n for n, p in model.named_parameters() if p.grad is not None}))
+        seen.append((step, total, tuple(schedule.gates),
+                     {n for n, p in model.named_parameters() if p.grad is not None}))
         original(step, total)
 
     schedule.on_step = spy
@@ -359,7 +358,8 @@ def test_regional_compile_does_not_recompile_per_gate_pattern():
     schedules = peftkit.callbacks(eager), peftkit.callbacks(compiled_model)
     graphs = [0]
 
-    def counting_backend(graph_module, example_inputs):  # no inductor on CPU CI: count dynamo's graphs, run them as traced
+    def counting_backend(graph_module,
+                         example_inputs):  # no inductor on CPU CI: count dynamo's graphs, run them as traced
         graphs[0] += 1
         return graph_module.forward
 

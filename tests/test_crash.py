@@ -22,13 +22,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from multiproc import REPO
 from safetensors.torch import load_file
+from train_fixtures import TINY_CONFIGS, adapter_tensors, llama_text_recipe, read_metrics
 
 import peftkit
 from peftkit.train import checkpointing
-
-from multiproc import REPO
-from train_fixtures import TINY_CONFIGS, adapter_tensors, llama_text_recipe, read_metrics
 
 ZYGOTE = r"""
 import json, os, sys, time
@@ -111,7 +110,8 @@ MAX_STEPS = 10
 
 
 def crash_recipe(folder: Path) -> str:
-    recipe = llama_text_recipe(folder, training__max_steps=MAX_STEPS, training__save_every=2, training__keep_checkpoints=2,
+    recipe = llama_text_recipe(folder, training__max_steps=MAX_STEPS, training__save_every=2,
+                               training__keep_checkpoints=2,
                                training__eval_every=5)
     recipe["adapter"]["dropout"] = 0.1  # the resumed run must also continue the RNG streams
     path = folder / "recipe.yaml"

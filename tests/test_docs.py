@@ -22,7 +22,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
 from multiproc import HANG_GUARD_S
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +37,8 @@ _NO_NETWORK = textwrap.dedent('''
     import socket
 
     def _refuse(self, address, *args, **kwargs):
-        if isinstance(address, str) or (isinstance(address, tuple) and address and address[0] in ("127.0.0.1", "::1", "localhost")):
+        local = isinstance(address, tuple) and address and address[0] in ("127.0.0.1", "::1", "localhost")
+        if isinstance(address, str) or local:
             return _connect(self, address, *args, **kwargs)
         raise OSError(f"tests/test_docs.py: the docs build tried to reach {address!r}")
 
@@ -61,7 +61,8 @@ def test_mkdocs_build_is_strict_and_offline(tmp_path):
     guard = tmp_path / "guard"
     guard.mkdir()
     (guard / "sitecustomize.py").write_text(_NO_NETWORK)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(guard), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([str(guard), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
            "HF_HUB_OFFLINE": "1", "NO_MKDOCS_2_WARNING": "1"}
     site = tmp_path / "site"
     start = time.perf_counter()
@@ -91,7 +92,8 @@ def test_the_guard_refuses_connections(tmp_path):
     guard = tmp_path / "guard"
     guard.mkdir()
     (guard / "sitecustomize.py").write_text(_NO_NETWORK)
-    code = "import socket\ntry:\n    socket.create_connection(('93.184.216.34', 80), timeout=1)\nexcept OSError as e:\n    print(e)\n"
+    code = ("import socket\ntry:\n    socket.create_connection(('93.184.216.34', 80), timeout=1)\n"
+            "except OSError as e:\n    print(e)\n")
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(guard)},
                           capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert "the docs build tried to" in proc.stdout, proc.stdout + proc.stderr
@@ -180,7 +182,8 @@ def render_options(method: str) -> str:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         default = preset.defaults.get(f.name, default)
-        rows.append(f"| `{f.name}` | {_fmt(default)} | common{' (preset default)' if f.name in preset.defaults else ''} |")
+        preset_default = " (preset default)" if f.name in preset.defaults else ""
+        rows.append(f"| `{f.name}` | {_fmt(default)} | common{preset_default} |")
     for axis in registry.AXES:
         component = registry.get_component(axis, getattr(preset, axis))
         for name, default in component.default_options().items():

@@ -11,13 +11,14 @@ import json
 import os
 import signal
 import stat
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import one_error, tiny_bert, tiny_llama, write_llama_recipe
 from safetensors.torch import load_file, save_file
+from train_fixtures import adapter_tensors, llama_text_recipe, read_metrics
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import peftkit
@@ -27,27 +28,7 @@ from peftkit.inject import adapter_layers
 from peftkit.train import checkpointing, loop
 from peftkit.train.cli import EXIT_WRITE_FAILED, main
 
-from helpers import tiny_bert, tiny_llama
-from train_fixtures import adapter_tensors, llama_text_recipe, read_metrics
-
 CLASSES = ["food", "sports", "tech", "weather"]
-
-
-def write_recipe(tmp_path: Path, **overrides) -> str:
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(llama_text_recipe(tmp_path, **overrides)))
-    return str(path)
-
-
-def one_error(capsys, argv: list[str], *needles: str, code: int = 2) -> str:
-    capsys.readouterr()  # what the test itself printed before
-    got = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert got == code, err
-    assert err.startswith("peftkit: error: ") and "\n" not in err and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, (needle, err)
-    return err
 
 
 def perturb(model: torch.nn.Module, seed: int = 1) -> None:
@@ -113,7 +94,8 @@ def test_classification_adapter_records_its_labels_and_merges_cli_and_api(tmp_pa
 
     # A base with the wrong head: one error naming num_labels and the classes; the model is unchanged.
     wrong = AutoModelForSequenceClassification.from_pretrained(base_dir)
-    with pytest.raises(CheckpointError, match=r"num_labels=4 \(classes \['food', 'sports', 'tech', 'weather'\]\).*num_labels=3"):
+    with pytest.raises(CheckpointError,
+                       match=r"num_labels=4 \(classes \['food', 'sports', 'tech', 'weather'\]\).*num_labels=3"):
         peftkit.load(wrong, adapter)
     assert not adapter_layers(wrong)
 
@@ -283,7 +265,7 @@ def perturb_lora(base_dir: Path) -> torch.nn.Module:
 
 # ------------------------------------------------------------------ the run lock
 def test_a_second_run_in_a_locked_folder_fails_at_once_with_the_holders_pid(tmp_path, capsys, monkeypatch):
-    recipe = write_recipe(tmp_path, training__max_steps=2)
+    recipe = write_llama_recipe(tmp_path, training__max_steps=2)
     built = []
     monkeypatch.setattr(loop, "prepare", lambda *a, **k: built.append(1) or pytest.fail("built a second run"))
     with checkpointing.RunLock(tmp_path / "run"):
@@ -293,7 +275,7 @@ def test_a_second_run_in_a_locked_folder_fails_at_once_with_the_holders_pid(tmp_
 
 def test_an_output_dir_that_is_a_file_is_one_error(tmp_path, capsys):
     (tmp_path / "run").write_text("my notes")
-    one_error(capsys, ["train", write_recipe(tmp_path)], "training.output_dir", "is a file")
+    one_error(capsys, ["train", write_llama_recipe(tmp_path)], "training.output_dir", "is a file")
     assert (tmp_path / "run").read_text() == "my notes"
 
 
@@ -302,7 +284,7 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     run.mkdir()
     # what a SIGKILLed run leaves: the file with its pid, no longer locked by anyone
     (run / checkpointing.LOCK_FILE).write_text(json.dumps({"pid": 2 ** 22 + 7, "host": "x", "since": 0}))
-    assert main(["train", write_recipe(tmp_path, training__max_steps=2)]) == 0
+    assert main(["train", write_llama_recipe(tmp_path, training__max_steps=2)]) == 0
     assert not (run / checkpointing.LOCK_FILE).exists()  # released at the end
     assert [r["step"] for r in read_metrics(run) if "loss" in r] == [1, 2]
 
@@ -325,7 +307,7 @@ def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path, capsys,
         return result
 
     monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
-    recipe = write_recipe(tmp_path, training__max_steps=8)
+    recipe = write_llama_recipe(tmp_path, training__max_steps=8)
     code = main(["train", recipe, "training.max_grad_norm=null", "training.save_every=1",
                  "training.keep_checkpoints=null"])
     out = capsys.readouterr().out
@@ -378,7 +360,7 @@ def train_eval(run: Path) -> dict[str, float]:
 
 # ------------------------------------------------------------------ resume: torn metrics, missing RNG state
 def test_resume_tolerates_a_torn_last_line_of_metrics(tmp_path, capsys):
-    recipe = write_recipe(tmp_path, training__max_steps=2)
+    recipe = write_llama_recipe(tmp_path, training__max_steps=2)
     assert main(["train", recipe]) == 0
     metrics = tmp_path / "run" / "metrics.jsonl"
     with metrics.open("a") as handle:
@@ -390,7 +372,7 @@ def test_resume_tolerates_a_torn_last_line_of_metrics(tmp_path, capsys):
 
 @pytest.mark.parametrize("missing", ["rng-0.json", "rng-0.safetensors"])
 def test_resume_with_a_missing_rng_file_is_one_clear_error(tmp_path, capsys, missing):
-    recipe = write_recipe(tmp_path, training__max_steps=2, data__eval=None)
+    recipe = write_llama_recipe(tmp_path, training__max_steps=2, data__eval=None)
     assert main(["train", recipe]) == 0
     (checkpointing.latest(tmp_path / "run") / missing).unlink()
     one_error(capsys, ["train", recipe, "training.max_steps=4", "--resume"], missing, "missing", "incomplete")
@@ -399,7 +381,7 @@ def test_resume_with_a_missing_rng_file_is_one_clear_error(tmp_path, capsys, mis
 def test_a_kill_between_the_two_renames_of_a_checkpoint_swap_loses_nothing(tmp_path, capsys):
     """Re-saving a step that exists renames it to .step-N.old, the new one into place, then removes the old:
     a kill between the renames leaves only .step-N.old, which the next run puts back before resuming."""
-    recipe = write_recipe(tmp_path, training__max_steps=2, data__eval=None)
+    recipe = write_llama_recipe(tmp_path, training__max_steps=2, data__eval=None)
     assert main(["train", recipe]) == 0
     checkpoints = tmp_path / "run" / "checkpoints"
     (checkpoints / "step-000002").rename(checkpoints / ".step-000002.old")
@@ -421,9 +403,11 @@ def test_disk_full_during_a_checkpoint_is_one_message_and_leaves_no_temporary_fi
 
     monkeypatch.setattr(os, "fsync", fsync)
     # the disk fills up after the checkpoint of step 2: the one of step 4 cannot be written
-    monkeypatch.setattr(loop, "train", functools.partial(loop.train, hooks=[lambda step, _: step == 2 and full.append(1)]))
-    recipe = write_recipe(tmp_path, training__max_steps=6, training__save_every=2, data__eval=None)
-    one_error(capsys, ["train", recipe], "could not write", "No space left on device", "--resume", code=EXIT_WRITE_FAILED)
+    monkeypatch.setattr(loop, "train",
+                        functools.partial(loop.train, hooks=[lambda step, _: step == 2 and full.append(1)]))
+    recipe = write_llama_recipe(tmp_path, training__max_steps=6, training__save_every=2, data__eval=None)
+    one_error(capsys, ["train", recipe], "could not write", "No space left on device", "--resume",
+              code=EXIT_WRITE_FAILED)
     run = tmp_path / "run"
     assert [p.name for p in checkpointing.checkpoint_dirs(run)] == ["step-000002"]
     assert not [p for p in run.rglob("*") if ".tmp" in p.name], sorted(run.rglob("*"))
@@ -450,7 +434,7 @@ def test_disk_full_during_merge_removes_the_staging_folder(lm_adapter, tmp_path,
 def test_an_unreadable_input_file_is_bad_input_not_a_write_failure(tmp_path, capsys, monkeypatch):
     """EACCES on a file being read (a dataset this user may not read) is exit 2 "could not read", not exit 3
     "could not write". (The tests run as root, whom permission bits do not stop: the refusal is simulated.)"""
-    recipe = write_recipe(tmp_path, training__max_steps=2, data__eval=None)
+    recipe = write_llama_recipe(tmp_path, training__max_steps=2, data__eval=None)
     train_file = yaml.safe_load(Path(recipe).read_text())["data"]["train"]
     real_open, real_access = open, os.access
 
@@ -460,7 +444,8 @@ def test_an_unreadable_input_file_is_bad_input_not_a_write_failure(tmp_path, cap
         return real_open(file, *args, **kwargs)
 
     monkeypatch.setattr("builtins.open", guarded_open)
-    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if os.fspath(path) == train_file else real_access(path, mode, **kw))
+    monkeypatch.setattr(os, "access", lambda path, mode,
+                        **kw: False if os.fspath(path) == train_file else real_access(path, mode, **kw))
     err = one_error(capsys, ["train", recipe], "could not read", train_file, "Permission denied",
                     "nothing was written", code=2)
     assert "could not write" not in err
@@ -485,7 +470,7 @@ def test_files_are_written_with_the_users_umask(lm_adapter, tmp_path, umask):
 def test_checkpoint_files_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
-        assert main(["train", write_recipe(tmp_path, training__max_steps=1, data__eval=None)]) == 0
+        assert main(["train", write_llama_recipe(tmp_path, training__max_steps=1, data__eval=None)]) == 0
     finally:
         os.umask(old)
     files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]

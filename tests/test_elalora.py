@@ -4,21 +4,17 @@ test_schedules_distributed.py), resume mid-run, and a 4-bit base."""
 from __future__ import annotations
 
 import copy
-
 import json
-import math
 import warnings
 
 import pytest
 import torch
 import torch.nn as nn
+from helpers import fill_random, make_batch, output, tiny_llama, tiny_llama_4bit
 
 import peftkit
-from peftkit.inject import adapter_layers
-
-from helpers import make_batch, output, tiny_llama, tiny_llama_4bit
-
 from adapters.elalora import _unit_orthogonal, budget_at, step_generator  # noqa: E402  (peftkit.adapters)
+from peftkit.inject import adapter_layers
 
 
 class Toy(nn.Module):
@@ -47,11 +43,8 @@ def branches(model):
 
 
 def randomize(model, seed=1, std=0.3):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for branch in branches(model):
-            for p in (branch.lora_A, branch.lora_E, branch.lora_B):
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
+    """The toys are fp64: the fp64 draws are the tensors' own."""
+    fill_random((p for branch in branches(model) for p in (branch.lora_A, branch.lora_E, branch.lora_B)), seed, std)
 
 
 # ------------------------------------------------------------------------------------------ 1. forward
@@ -354,7 +347,8 @@ def physical_run(masked_model, xs, ys, steps, lr, opts, seed, gamma, capacity):
     for layer in adapter_layers(masked_model).values():
         br = layer.adapters["default"]
         r = br.rank
-        layers.append(dict(W=layer.base_layer.weight.detach(), b=layer.base_layer.bias.detach(), s=layer.scaling["default"],
+        layers.append(dict(W=layer.base_layer.weight.detach(), b=layer.base_layer.bias.detach(),
+                           s=layer.scaling["default"],
                            t={"Q": br.lora_A.detach()[:r].clone(), "E": br.lora_E.detach()[:r].clone(),
                               "P": br.lora_B.detach()[:, :r].clone()}))
     for lay in layers:
@@ -378,7 +372,8 @@ def physical_run(masked_model, xs, ys, steps, lr, opts, seed, gamma, capacity):
             if i < L - 1:
                 h = torch.tanh(h)
             eye = torch.eye(t["Q"].shape[0], dtype=torch.float64)
-            reg = reg + torch.linalg.matrix_norm(t["Q"] @ t["Q"].t() - eye) + torch.linalg.matrix_norm(t["P"].t() @ t["P"] - eye)
+            reg = (reg + torch.linalg.matrix_norm(t["Q"] @ t["Q"].t() - eye)
+                   + torch.linalg.matrix_norm(t["P"].t() @ t["P"] - eye))
         loss = (h - ys).pow(2).mean() + gamma / (2 * L) * reg
         losses.append(float(loss.detach()))
         loss.backward()
@@ -397,7 +392,8 @@ def physical_run(masked_model, xs, ys, steps, lr, opts, seed, gamma, capacity):
                     for k, p in lay["t"].items():
                         ipt = (p * p.grad).abs()
                         lay["ipt"][k] = opts["beta1"] * lay["ipt"][k] + (1 - opts["beta1"]) * ipt
-                        lay["unc"][k] = opts["beta2"] * lay["unc"][k] + (1 - opts["beta2"]) * (ipt - lay["ipt"][k]).abs()
+                        lay["unc"][k] = (opts["beta2"] * lay["unc"][k]
+                                         + (1 - opts["beta2"]) * (ipt - lay["ipt"][k]).abs())
                 budget = budget_at(t_, steps, opts)
                 if t_ > opts["t_init"] and (t_ - opts["t_init"]) % opts["delta_t"] == 0 and budget > 0:
                     physical_reallocate(layers, budget, opts, step_generator(seed, step), capacity)

@@ -9,14 +9,13 @@ import warnings
 
 import pytest
 import torch
+from helpers import make_batch, output, randomize_adapters, tiny_bert, tiny_llama
 
 import peftkit
 from peftkit import checkpoint, registry
 from peftkit.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from peftkit.errors import CheckpointError, ConfigError, StateError
 from peftkit.inject import adapter_layers, state_of
-
-from helpers import make_batch, output, randomize_adapters, tiny_bert, tiny_llama
 
 
 def fingerprint(model) -> tuple:
@@ -82,7 +81,8 @@ def test_rank_larger_than_the_layer_is_refused_and_rolled_back():
 @pytest.mark.parametrize("alpha", [0, -1.0, float("nan")])
 def test_alpha_must_be_positive(alpha):
     model = tiny_llama()
-    raises_unchanged(model, ConfigError, r"^alpha: expected a positive number", peftkit.wrap, model, "lora", alpha=alpha)
+    raises_unchanged(model, ConfigError, r"^alpha: expected a positive number", peftkit.wrap, model, "lora",
+                     alpha=alpha)
 
 
 @pytest.mark.parametrize("dropout", [-0.1, 1.0, 1.5])
@@ -143,7 +143,8 @@ def test_pattern_key_matching_no_module_warns_when_loading_a_peft_checkpoint(tmp
         expected = theirs(**inputs).logits
     theirs.save_pretrained(str(tmp_path))
     model = tiny_llama()
-    with pytest.warns(UserWarning, match="rank_pattern: key 'v_proj' of the loaded checkpoint matches no adapted module"):
+    with pytest.warns(UserWarning,
+                      match="rank_pattern: key 'v_proj' of the loaded checkpoint matches no adapted module"):
         peftkit.load(model, tmp_path)
     torch.testing.assert_close(output(model, batch), expected, atol=1e-6, rtol=1e-6)
 
@@ -200,7 +201,8 @@ def test_peft_checkpoint_of_an_unread_type(tmp_path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        get_peft_model(tiny_llama(), IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"])
+        get_peft_model(tiny_llama(),
+                       IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"])
                        ).save_pretrained(str(tmp_path / "ia3"))
         get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)
                        ).save_pretrained(str(tmp_path / "dora"))

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import warnings
 
 import pytest
 import torch
+from helpers import make_batches, output, tiny_llama, wrap_with_data
+from inits_fixtures import ThreeInputs, spectrum_inputs
 
 import peftkit
 from peftkit.inject import adapter_layers
 from peftkit.layer import AdapterLayer
 from peftkit.linalg import subspace_cosines
-
-from helpers import make_batches, output, tiny_llama
-from inits_fixtures import ThreeInputs, spectrum_inputs
 
 D = 16
 STRONG = torch.tensor([8.0, 6, 4, 3, 2, 1.5] + [0.3] * 10)
@@ -23,10 +23,7 @@ FLAT = torch.ones(D)
 MILD = torch.linspace(2.0, 0.5, D)
 
 
-def _wrap(model, batches, method="eva", **options):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peftkit.wrap(model, method, data=batches, **options)
+_wrap = functools.partial(wrap_with_data, method="eva")
 
 
 def _centred_pcs(batches, key):
@@ -165,7 +162,8 @@ def test_parity_with_peft_eva_components_and_ranks():
         ours = _wrap(tiny_llama(), batches, r=4, alpha=8.0, tau=0.9, svd=svd)
         if svd == "lowrank":
             assert ours.peftkit.configs["default"].rank_pattern == peft_model.peft_config["default"].rank_pattern
-            assert ours.peftkit.configs["default"].alpha_pattern == pytest.approx(peft_model.peft_config["default"].alpha_pattern)
+            peft_pattern = peft_model.peft_config["default"].alpha_pattern
+            assert ours.peftkit.configs["default"].alpha_pattern == pytest.approx(peft_pattern)
         for name, layer in adapter_layers(ours).items():
             a = layer.adapters["default"].lora_A.weight
             a_peft = peft_model.base_model.model.get_submodule(name).lora_A["default"].weight

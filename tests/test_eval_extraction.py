@@ -7,12 +7,11 @@ import sys
 import textwrap
 
 import pytest
+from train_fixtures import llama_chat_recipe
 
 from peftkit.errors import ConfigError
 from peftkit.train import from_dict, train
 from peftkit.train.evaluation import check_hooks, compute, extract_answer
-
-from train_fixtures import llama_chat_recipe
 
 
 @pytest.mark.parametrize("text, how, expected", [

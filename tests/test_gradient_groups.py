@@ -1,21 +1,28 @@
-"""Bounded-memory gradient inits (peftkit.gradient_passes.gradient_triplets): layer groups, one pass each, give the very same
-factors as all layers at once (fp64, bit-equal), dropout masks included; the group planner; the randomized
+"""Bounded-memory gradient inits (peftkit.gradient_passes.gradient_triplets): layer groups, one pass each, give the
+very same factors as all layers at once (fp64, bit-equal), dropout masks included; the group planner; the randomized
 truncated solver against the exact SVD; the option errors."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import make_batches, tiny_gpt2, tiny_llama
 
 import peftkit
 from peftkit.errors import ConfigError
-from peftkit.inject import adapter_layers
 from peftkit.gradient_passes import gradient_bytes, plan_groups
-from peftkit.linalg import (FAST_PATH_MIN, checked_svd, complement_norm_bound, randomized_svd, signed_svd, solver_for,
-                            subspace_cosines, top_singular_triplets)
+from peftkit.inject import adapter_layers
+from peftkit.linalg import (
+    FAST_PATH_MIN,
+    checked_svd,
+    complement_norm_bound,
+    randomized_svd,
+    signed_svd,
+    solver_for,
+    subspace_cosines,
+    top_singular_triplets,
+)
 from peftkit.stats import gradient_statistics
-
-from helpers import make_batches, tiny_gpt2, tiny_llama
 
 
 def _factors(model) -> dict[str, torch.Tensor]:
@@ -145,7 +152,8 @@ def test_auto_is_never_silently_wrong_on_flat_spectra(decay):
     # on flat spectra the fixed 8-iteration solver misses the subspace; "auto" either certifies
     # cos >= 0.9995 or falls back to the exact SVD (then bit-equal to it)
     m, k = 300, 16
-    g = _spectrum(decay ** torch.arange(m, dtype=torch.float64) * (1 + 1e-3 * torch.rand(m, generator=torch.Generator().manual_seed(2), dtype=torch.float64)).sort(descending=True).values)
+    noise = torch.rand(m, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    g = _spectrum(decay ** torch.arange(m, dtype=torch.float64) * (1 + 1e-3 * noise).sort(descending=True).values)
     report = {}
     u, s, vh = top_singular_triplets(g, k, "checked", tolerance=5e-4, report=report)  # what "auto" runs on wide layers
     assert report["solver"] in ("checked", "exact (fallback)")
@@ -259,7 +267,8 @@ def test_checked_svd_default_tolerance_is_round_off():
 
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 
 @st.composite

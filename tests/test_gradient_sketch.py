@@ -8,15 +8,14 @@ import warnings
 
 import pytest
 import torch
+from inits_fixtures import LinearToy, full_gradient, sgd_step
 
 import peftkit
 from peftkit.errors import ConfigError
-from peftkit.inject import adapter_layers
 from peftkit.gradient_passes import gradient_triplets, sketch_plan
+from peftkit.inject import adapter_layers
 from peftkit.linalg import signed_svd
 from peftkit.stats import gradient_statistics
-
-from inits_fixtures import LinearToy, full_gradient, sgd_step
 
 WIDTH = 512  # wide enough that the default sketch (k = 64, l = 129 with Ω, Ψ) holds fewer bytes than G
 

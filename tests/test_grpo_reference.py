@@ -8,11 +8,10 @@ import warnings
 
 import pytest
 import torch
+from helpers import tiny_llama
 
 import peftkit
 from peftkit.integrations import ReferenceModel
-
-from helpers import tiny_llama
 
 
 def _length_reward(completions, **kwargs):
@@ -77,10 +76,10 @@ def test_grpo_trains_against_the_adapters_off_reference_without_a_copy(tmp_path,
 
 
 def test_dpo_trainer_gets_the_reference_as_its_ref_model(tmp_path):
+    from test_preference import _pairs_dataset
     from trl import DPOConfig, DPOTrainer
 
     from peftkit.train.data import byte_tokenizer
-    from test_preference import _pairs_dataset
 
     model = peftkit.wrap(tiny_llama(vocab_size=259), "lora", r=4)
     args = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to=[], use_cpu=True,

@@ -21,13 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
+from train_fixtures import TINY_CONFIGS, llama_text_recipe
 
 import peftkit
 import peftkit.adapters
 from peftkit.train import loop
 from peftkit.train.recipe import from_dict
-
-from train_fixtures import TINY_CONFIGS, llama_text_recipe
 
 SYNCS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__,
          torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.nonzero, torch.nonzero,
@@ -68,7 +67,8 @@ class HostSyncCounter(TorchFunctionMode):
 
     def _site(self) -> str:
         frame = sys._getframe(2)
-        while frame is not None and (frame.f_code.co_filename.startswith(TORCH) or frame.f_code.co_filename == __file__):
+        while frame is not None and (frame.f_code.co_filename.startswith(TORCH)
+                                     or frame.f_code.co_filename == __file__):
             frame = frame.f_back
         return f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame is not None else "?"
 

@@ -8,45 +8,29 @@ in-process; every refused command is one ``peftkit: error:`` line and writes not
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import shutil
 import threading
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
 import yaml
+from helpers import tiny_llama, write_llama_recipe
 from safetensors.torch import load_file, save_file
+from train_fixtures import llama_text_recipe, write_jsonl
 from transformers import AutoModelForCausalLM
 
 import peftkit
 from peftkit import checkpoint
 from peftkit.errors import CheckpointError, ConfigError, StateError
-from peftkit.train import checkpointing, cli, rows as data_module
+from peftkit.train import checkpointing, cli
+from peftkit.train import rows as data_module
 from peftkit.train.cli import EXIT_WRITE_FAILED, main
 from peftkit.train.recipe import from_dict, read_yaml
-
-from helpers import tiny_llama
-from train_fixtures import llama_text_recipe, write_jsonl
-
-
-def one_error(capsys, argv: list[str], *needles: str, code: int = 2) -> str:
-    from accelerate.state import AcceleratorState
-
-    capsys.readouterr()
-    try:
-        got = main(argv)
-    finally:
-        AcceleratorState._reset_state()
-    err = capsys.readouterr().err.strip()
-    lines = [line for line in err.splitlines() if line.startswith("peftkit: error: ")]
-    assert got == code, err[-3000:]
-    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    assert len(lines[0]) < 2000, lines[0][:3000]  # no input is echoed in full (a bomb, a huge number)
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def tree(root: Path) -> dict[str, bytes | None]:
@@ -54,10 +38,8 @@ def tree(root: Path) -> dict[str, bytes | None]:
     return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
 
 
-def write_recipe(tmp_path: Path, recipe: dict | None = None, **overrides) -> str:
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe or llama_text_recipe(tmp_path, **overrides)))
-    return str(path)
+# Other lines (warnings) may come with the error line; no input is echoed in full (a bomb, a huge number).
+one_error = functools.partial(helpers.one_error, alone=False, max_chars=2000, reset_accelerate=True)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +97,7 @@ def test_train_into_a_non_run_folder_holding_a_file_of_peftkits_names_is_refused
     (out / name).write_text("the user's own file\n")
     (out / "notes.txt").write_text("also the user's\n")
     before = tree(out)
-    recipe = write_recipe(tmp_path, training__max_steps=1)
+    recipe = write_llama_recipe(tmp_path, training__max_steps=1)
     one_error(capsys, ["train", recipe], name, "not a peftkit run", "move those files")
     assert tree(out) == before
 
@@ -123,7 +105,7 @@ def test_train_into_a_non_run_folder_holding_a_file_of_peftkits_names_is_refused
 def test_a_run_marks_its_folder_so_a_restart_after_an_early_kill_is_not_refused(tmp_path, capsys):
     """A run killed before its first checkpoint leaves recipe.yaml (and metrics) beside checkpoints/: the folder
     stays a run, and training again (without --resume) starts over in it."""
-    recipe = write_recipe(tmp_path, training__max_steps=1)
+    recipe = write_llama_recipe(tmp_path, training__max_steps=1)
     out = tmp_path / "run"
     (out / checkpointing.CHECKPOINTS).mkdir(parents=True)
     (out / "recipe.yaml").write_text("from the killed run\n")
@@ -134,7 +116,8 @@ def test_a_run_marks_its_folder_so_a_restart_after_an_early_kill_is_not_refused(
 def test_a_lock_path_that_is_a_folder_is_one_error(tmp_path, capsys):
     out = tmp_path / "run"
     (out / checkpointing.LOCK_FILE).mkdir(parents=True)
-    one_error(capsys, ["train", write_recipe(tmp_path, training__max_steps=1)], ".peftkit.lock", "not a lock file")
+    one_error(capsys, ["train", write_llama_recipe(tmp_path, training__max_steps=1)], ".peftkit.lock",
+              "not a lock file")
 
 
 @pytest.mark.parametrize("command", ["merge", "export"])
@@ -203,7 +186,8 @@ def test_merge_on_a_full_disk_exits_3_like_train(lm, tmp_path, capsys, monkeypat
 # ------------------------------------------------------------------------------ 2. silent wrong results
 @pytest.mark.parametrize("text,needle", [
     ("training:\n  max_steps: 5\n  max_steps: 6\n", "duplicate key 'max_steps' (first at line 2)"),
-    ("training:\n  output_dir: a\n  seed: 3\nmodel: {}\ntraining:\n  max_steps: 2\n", "duplicate key 'training' (first at line 1)"),
+    ("training:\n  output_dir: a\n  seed: 3\nmodel: {}\ntraining:\n  max_steps: 2\n",
+     "duplicate key 'training' (first at line 1)"),
     ("data: {train: a, train: b}\n", "duplicate key 'train'"),
 ])
 def test_duplicate_keys_and_sections_are_refused_with_their_lines(tmp_path, text, needle):
@@ -291,7 +275,7 @@ def test_a_prompt_that_is_not_text_is_refused(tmp_path, capsys, value):
     rows = [{"prompt": value if i == 3 else f"q{i}", "response": f"a{i}"} for i in range(8)]
     recipe = llama_text_recipe(tmp_path, data__format="instruction", data__eval=None,
                                data__train=write_jsonl(tmp_path / "chat.jsonl", rows))
-    one_error(capsys, ["validate", write_recipe(tmp_path, recipe)], "row 4", "prompt", "expected text")
+    one_error(capsys, ["validate", write_llama_recipe(tmp_path, recipe)], "row 4", "prompt", "expected text")
 
 
 def test_overlong_drop_never_shrinks_evaluation(tmp_path):
@@ -328,7 +312,7 @@ def test_add_weighted_adapter_refuses_a_non_finite_weight(weight):
 
 
 def test_warmup_longer_than_max_steps_is_refused(tmp_path, capsys):
-    one_error(capsys, ["validate", write_recipe(tmp_path, training__max_steps=4, training__warmup=5)],
+    one_error(capsys, ["validate", write_llama_recipe(tmp_path, training__max_steps=4, training__warmup=5)],
               "training.warmup", "max_steps=4")
 
 
@@ -398,7 +382,8 @@ def test_alias_bombs_in_nested_values_are_refused_before_anything_walks_them(tmp
     recipe = llama_text_recipe(tmp_path)
     section, key = where.split(".")
     text = yaml.safe_dump({k: v for k, v in recipe.items() if k != section})
-    body = yaml.safe_dump({k: v for k, v in recipe[section].items() if k != key and not (key == "mix" and k == "train")})
+    body = yaml.safe_dump({k: v for k,
+                           v in recipe[section].items() if k != key and not (key == "mix" and k == "train")})
     text += f"{section}:\n" + "".join(f"  {line}\n" for line in body.splitlines()) + f"  {key}:\n{bomb()}\n"
     path = tmp_path / "bomb.yaml"
     path.write_text(text)
@@ -415,7 +400,7 @@ def test_alias_bombs_in_nested_values_are_refused_before_anything_walks_them(tmp
     ("adapter.r=3000000000", "adapter.r"),
 ])
 def test_absurd_integers_are_one_error(tmp_path, capsys, override, needle):
-    one_error(capsys, ["validate", write_recipe(tmp_path), override], needle)
+    one_error(capsys, ["validate", write_llama_recipe(tmp_path), override], needle)
 
 
 def test_an_absurd_num_labels_in_an_adapter_sidecar_is_refused_before_allocation(lm, adapter, tmp_path, capsys):
@@ -437,7 +422,7 @@ def test_backtracking_regexes_from_an_adapter_config_match_in_linear_time(lm, ad
 
 
 def test_a_backtracking_targets_regex_in_a_recipe_answers_at_once(tmp_path, capsys):
-    one_error(capsys, ["validate", write_recipe(tmp_path), "adapter.targets=(.*a){40}$"], "matches no module")
+    one_error(capsys, ["validate", write_llama_recipe(tmp_path), "adapter.targets=(.*a){40}$"], "matches no module")
 
 
 def test_a_weights_header_is_checked_before_the_file_is_read(adapter, capsys):
@@ -459,7 +444,8 @@ def test_a_weights_header_is_checked_before_the_file_is_read(adapter, capsys):
 def test_a_huge_single_line_of_data_is_refused_before_tokenizing(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(data_module, "MAX_VALUE_BYTES", 10_000)  # the same check as at 1 MiB, with a small file
     rows = [{"text": "word " * 100}] * 8 + [{"text": "x" * 20_000}]
-    one_error(capsys, ["validate", write_recipe(tmp_path), f"data.train={write_jsonl(tmp_path / 'big.jsonl', rows)}"],
+    one_error(capsys,
+              ["validate", write_llama_recipe(tmp_path), f"data.train={write_jsonl(tmp_path / 'big.jsonl', rows)}"],
               "row 9", "20,000 bytes", "split it")
 
 
@@ -468,7 +454,7 @@ def test_a_huge_single_line_of_data_is_refused_before_tokenizing(tmp_path, capsy
 def trained(tmp_path_factory):
     """A finished 2-step run with a checkpoint at step 2 (recipe path, run folder)."""
     root = tmp_path_factory.mktemp("hostile-run")
-    recipe = write_recipe(root, training__max_steps=2, data__eval=None)
+    recipe = write_llama_recipe(root, training__max_steps=2, data__eval=None)
     assert main(["train", recipe]) == 0
     return root
 
@@ -513,7 +499,7 @@ def test_tampered_resume_state_is_one_error(trained, tmp_path, capsys, tamper, n
     recipe = yaml.safe_load((trained / "recipe.yaml").read_text())
     recipe["training"]["output_dir"] = str(tmp_path / "run")
     tamper(checkpointing.latest(tmp_path / "run"))
-    one_error(capsys, ["train", write_recipe(tmp_path, recipe), "training.max_steps=3", "--resume"], needle)
+    one_error(capsys, ["train", write_llama_recipe(tmp_path, recipe), "training.max_steps=3", "--resume"], needle)
 
 
 def zero_dim(adapter: Path) -> None:
@@ -553,7 +539,7 @@ def test_damaged_adapter_folders_are_one_error(lm, adapter, tmp_path, capsys, da
     ("model.config.hidden_size=4000000", "memory"),
 ])
 def test_bad_model_references_and_configs_are_one_error(tmp_path, capsys, override, needle):
-    argv = ["validate", write_recipe(tmp_path)]
+    argv = ["validate", write_llama_recipe(tmp_path)]
     if override.startswith("model.name"):
         argv.append("model.config=null")
     one_error(capsys, argv + [override], needle)
@@ -567,7 +553,8 @@ def test_a_5000_deep_yaml_list_is_one_error(tmp_path, capsys):
 
 def test_a_data_file_whose_rows_are_all_empty_is_one_error(tmp_path, capsys):
     path = write_jsonl(tmp_path / "empty.jsonl", [{"text": ""}] * 5)
-    one_error(capsys, ["validate", write_recipe(tmp_path), f"data.train={path}"], "all 5 rows have an empty 'text'")
+    one_error(capsys, ["validate", write_llama_recipe(tmp_path), f"data.train={path}"],
+              "all 5 rows have an empty 'text'")
 
 
 @pytest.mark.parametrize("line", ['{"step": 1, "loss": "high"}', '{"step": "one", "loss": 1.0}', '[1, 2]'])
@@ -586,6 +573,7 @@ def test_push_to_an_invalid_repo_id_is_one_error(adapter, capsys, monkeypatch, r
 
 def test_push_with_a_refused_token_is_one_error(adapter, capsys, monkeypatch):
     from huggingface_hub.errors import HfHubHTTPError
+
     from peftkit import hub
 
     class Response:

@@ -6,14 +6,15 @@ The dense reference Q = H₁⋯H_r is a plain product of in×in reflections, ind
 from __future__ import annotations
 
 import json
-import statistics
-import time
 import warnings
 
 import pytest
 import torch
 import torch.nn as nn
+from helpers import make_batch, output, quiet, randomize_adapters, tiny_llama, tiny_llama_4bit
+from helpers import randomize_adapter as randomize
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 import peftkit
 from peftkit import registry
@@ -22,8 +23,6 @@ from peftkit.checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_tensors
 from peftkit.config import resolve_config
 from peftkit.errors import ConfigError, StateError
 from peftkit.inject import adapter_layers
-
-from helpers import make_batch, output, randomize_adapters, tiny_llama, tiny_llama_4bit
 
 PAIR_OPTIMIZERS = [name for name in ("lora-plus", "lora-pro", "loft", "lora-one-preconditioner")
                    if name in registry.components("optimizer")]
@@ -39,13 +38,6 @@ def hra_layer(in_features=16, out_features=12, r=4, dtype=torch.float64, bias=Tr
     return layer
 
 
-def randomize(layer: HraLayer, name: str = "default", seed: int = 1) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    u = layer.adapters[name].hra_u
-    with torch.no_grad():
-        u.copy_(torch.randn(u.shape, generator=gen, dtype=torch.float64).to(u.dtype))
-
-
 def dense_q(u: torch.Tensor) -> torch.Tensor:
     """Q = H₁ H₂ ⋯ H_r in fp64, Hᵢ = I − 2ûᵢûᵢᵀ, as explicit in×in products."""
     u = u.detach().double()
@@ -58,13 +50,6 @@ def dense_q(u: torch.Tensor) -> torch.Tensor:
 
 def linear_ref(x, weight, bias):
     return x @ weight.t() + (0 if bias is None else bias)
-
-
-def quiet():
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    warnings.simplefilter("ignore")
-    return ctx
 
 
 # ------------------------------------------------------------------------------------------ 1. init
@@ -283,9 +268,8 @@ def test_peftkit_checkpoint_loads_in_peft(tmp_path, apply_gs):
     assert saved["r"] == 4 and sorted(saved["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
     keys = read_tensors(tmp_path / WEIGHTS_NAME)
     assert all(k.startswith("base_model.model.") and k.endswith(".hra_u") for k in keys) and len(keys) == 6
-    ctx = quiet()
-    peft_model = PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
-    ctx.__exit__(None, None, None)
+    with quiet():
+        peft_model = PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
     torch.testing.assert_close(output(peft_model, batch), ours, atol=1e-5, rtol=1e-5)
 
 
@@ -306,9 +290,8 @@ def test_peft_checkpoint_loads_in_peftkit(tmp_path, apply_gs):
     assert (theirs - output(tiny_llama(), batch)).abs().max() > 1e-3
     peft_model.save_pretrained(str(tmp_path))
     fresh = tiny_llama()
-    ctx = quiet()
-    peftkit.load(fresh, tmp_path, trainable=True)
-    ctx.__exit__(None, None, None)
+    with quiet():
+        peftkit.load(fresh, tmp_path, trainable=True)
     torch.testing.assert_close(output(fresh, batch), theirs, atol=1e-5, rtol=1e-5)
     # Training parity: the same loss gives the same gradient of every U.
     peft_model(**batch).loss.backward()
@@ -329,9 +312,8 @@ def test_peft_checkpoint_loads_in_peftkit(tmp_path, apply_gs):
 
 # ------------------------------------------------------------------------------------------ 8. quantized base
 def test_four_bit_base_transforms_the_activation():
-    ctx = quiet()
-    model = tiny_llama_4bit()
-    ctx.__exit__(None, None, None)
+    with quiet():
+        model = tiny_llama_4bit()
     batch = make_batch(model)
     peftkit.wrap(model, "hra", r=4)
     randomize_adapters(model, std=0.3)
@@ -365,7 +347,7 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
-def test_activation_side_is_fast_and_never_builds_an_in_by_in_matrix():
+def test_activation_side_is_cheap_and_never_builds_an_in_by_in_matrix():
     n_in, n_out, r, tokens = 4096, 16, 8, 64
     layer = hra_layer(in_features=n_in, out_features=n_out, r=r, dtype=torch.float32, bias=False)
     randomize(layer)
@@ -383,14 +365,14 @@ def test_activation_side_is_fast_and_never_builds_an_in_by_in_matrix():
     with _LargestTensor() as probe:
         ours()
     assert probe.largest < n_in * n_in / 8, probe.largest  # the largest is x (tokens×in), far from in×in
-    times = {"ours": [], "dense": []}
-    for _ in range(3):
-        for name, fn in (("ours", ours), ("dense", dense)):
-            start = time.perf_counter()
+    # "Fast" as a count, not a clock: the FLOPs of a forward + backward (deterministic, unlike timings on a shared
+    # machine). The dense path's in×in product alone is 2·in²·r-ish; ours stays linear in in.
+    flops = {}
+    for name, fn in (("ours", ours), ("dense", dense)):
+        with FlopCounterMode(display=False) as counter:
             fn()
-            times[name].append(time.perf_counter() - start)
-    ratio = statistics.median(times["dense"]) / statistics.median(times["ours"])
-    assert ratio >= 3.0, ratio
+        flops[name] = counter.get_total_flops()
+    assert flops["dense"] >= 3 * flops["ours"], flops
 
 
 # ------------------------------------------------------------------------------------------ errors

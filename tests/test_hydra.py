@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import functools
 import json
-import warnings
 
+import bnb_paths
 import pytest
 import torch
 import torch.nn as nn
+from helpers import (
+    make_batch,
+    output,
+    quiet,
+    randomize_adapter,
+    randomize_adapters,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_llama_4bit,
+)
 
 import peftkit
 from peftkit import registry
@@ -18,13 +29,12 @@ from peftkit.config import resolve_config
 from peftkit.errors import ConfigError, StateError
 from peftkit.inject import adapter_layers
 
-import bnb_paths
-from helpers import make_batch, output, randomize_adapters, tiny_gpt2, tiny_llama, tiny_llama_4bit
-
 PAIR_OPTIMIZERS = [name for name in ("lora-plus", "lora-pro", "loft", "lora-one-preconditioner")
                    if name in registry.components("optimizer")]
 
 F64 = dict(atol=1e-12, rtol=0)
+
+randomize = functools.partial(randomize_adapter, std=0.3)
 
 
 def hydra_layer(in_features=12, out_features=8, r=3, bias=True, seed=0, dtype=torch.float64, **options) -> HydraLayer:
@@ -35,13 +45,6 @@ def hydra_layer(in_features=12, out_features=8, r=3, bias=True, seed=0, dtype=to
     layer.add_adapter("default", r, config.alpha, config)
     layer.set_active(["default"])
     return layer
-
-
-def randomize(layer: HydraLayer, name: str = "default", seed: int = 1, std: float = 0.3) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in layer.adapters[name].parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype) * std)
 
 
 def factors(layer: HydraLayer, name: str = "default"):
@@ -60,13 +63,6 @@ def hand_forward(layer: HydraLayer, x: torch.Tensor) -> torch.Tensor:
     p = (x @ a_p.t() + z(ap)) @ b_p.t() + z(bp)
     q = (y0 @ a_s.t() + z(as_)) @ b_s.t() + z(bs)
     return y0 + br.parallel_scale * p + br.sequential_scale * q
-
-
-def quiet():
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    warnings.simplefilter("ignore")
-    return ctx
 
 
 # ------------------------------------------------------------------------------------------ 1. init
@@ -140,9 +136,8 @@ def test_export_loads_in_peft_with_equal_outputs(tmp_path, branch_bias):
     down_a = tensors["base_model.model.model.layers.0.mlp.down_proj.lora_A.weight"]
     assert q_a.shape[0] == 2 + 3 and down_a.shape[0] == 4 + 3  # rank r_p + r_s per layer
     assert any(k.endswith("lora_B.bias") for k in tensors) is branch_bias
-    ctx = quiet()
-    peft_model = PeftModel.from_pretrained(make(), str(tmp_path)).eval()
-    ctx.__exit__(None, None, None)
+    with quiet():
+        peft_model = PeftModel.from_pretrained(make(), str(tmp_path)).eval()
     theirs = output(peft_model, batch)
     assert (theirs - ours).norm() / ours.norm() <= 1e-6
     # From a saved native checkpoint plus the base model: the same LoRA.
@@ -219,9 +214,8 @@ def test_export_on_a_biased_linear_base_after_training(tmp_path):
     peftkit.export(model, tmp_path)
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert config["lora_bias"] is True
-    ctx = quiet()
-    peft_model = PeftModel.from_pretrained(make(), str(tmp_path)).eval()
-    ctx.__exit__(None, None, None)
+    with quiet():
+        peft_model = PeftModel.from_pretrained(make(), str(tmp_path)).eval()
     with torch.no_grad():
         theirs = peft_model(x)
         merged = peft_model.merge_and_unload()(x)
@@ -243,9 +237,8 @@ def test_export_on_gpt2_with_nonzero_biases(tmp_path, branch_bias):
     peftkit.export(model, tmp_path)
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
     assert config["lora_bias"] is True and config["fan_in_fan_out"] is True
-    ctx = quiet()
-    peft_model = PeftModel.from_pretrained(biased_gpt2(), str(tmp_path)).eval()
-    ctx.__exit__(None, None, None)
+    with quiet():
+        peft_model = PeftModel.from_pretrained(biased_gpt2(), str(tmp_path)).eval()
     theirs = output(peft_model, batch)
     assert (theirs - ours).norm() / ours.norm() <= 1e-6
     merged = output(peft_model.merge_and_unload(), batch)
@@ -276,9 +269,8 @@ def test_export_on_a_base_with_some_biased_targets(tmp_path):
     mlp_bias = tensors["base_model.model.model.layers.0.mlp.up_proj.lora_B.bias"]
     assert torch.equal(mlp_bias, torch.zeros_like(mlp_bias))
     assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias"].abs().max() > 0
-    ctx = quiet()
-    peft_model = PeftModel.from_pretrained(make(), str(tmp_path)).eval()
-    ctx.__exit__(None, None, None)
+    with quiet():
+        peft_model = PeftModel.from_pretrained(make(), str(tmp_path)).eval()
     assert (output(peft_model, batch) - ours).norm() / ours.norm() <= 1e-6
 
 
@@ -379,9 +371,8 @@ def test_first_order_update(base_bias):
 
 # ------------------------------------------------------------------------------------------ quantized base
 def test_four_bit_base_trains_and_exports_exactly(tmp_path):
-    ctx = quiet()
-    model = tiny_llama_4bit()
-    ctx.__exit__(None, None, None)
+    with quiet():
+        model = tiny_llama_4bit()
     batch = make_batch(model)
     peftkit.wrap(model, "hydra", r=2)
     randomize_adapters(model, std=0.1)

@@ -39,16 +39,17 @@ def _batches():
 
 
 def _adapters(method: str, batches) -> dict:
-    import peftkit
     from helpers import tiny_llama
+
+    import peftkit
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = peftkit.wrap(tiny_llama(dtype=DTYPES[method]), method.removesuffix("-sketch"), data=batches,
                              **METHODS[method])
     if method.endswith("-sketch"):  # the sketch path was taken
-        from peftkit.inject import adapter_layers
         from peftkit.gradient_passes import sketch_plan
+        from peftkit.inject import adapter_layers
 
         options = {"gradient_groups": None, "gradient_device": "model", "svd": "auto", **METHODS[method]}
         assert all(k is not None for k in sketch_plan(adapter_layers(model), {n: 2 for n in adapter_layers(model)},

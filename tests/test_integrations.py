@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_batches, randomize_adapters, tiny_llama
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 from transformers.integrations.peft import PeftAdapterMixin
 
 import peftkit
 from peftkit import checkpoint
 from peftkit.errors import CheckpointError, ConfigError, StateError
-
-from helpers import make_batches, randomize_adapters, tiny_llama
 
 VOCAB = 259  # peftkit's byte-level tokenizer
 
@@ -39,7 +38,8 @@ def base(base_dir):
 
 
 def examples(model, n=8):
-    return [{k: v[i] for k, v in batch.items()} for batch in make_batches(model, n=n // 2, batch_size=2) for i in range(2)]
+    return [{k: v[i] for k,
+             v in batch.items()} for batch in make_batches(model, n=n // 2, batch_size=2) for i in range(2)]
 
 
 def logits(model, batch):
@@ -140,9 +140,11 @@ def sft_trainer(model, tmp_path, tokenizer, **overrides):
 
 
 @pytest.mark.parametrize("method", ["lora", pytest.param("lora-pro", marks=pytest.mark.slow),
-                                    pytest.param("hra", marks=pytest.mark.slow), pytest.param("coto", marks=pytest.mark.slow)])
+                                    pytest.param("hra", marks=pytest.mark.slow),
+                                    pytest.param("coto", marks=pytest.mark.slow)])
 def test_sft_trainer_trains_and_saves_a_peft_adapter(method, base_dir, tmp_path):
     from peft import PeftModel
+
     from peftkit.train.data import byte_tokenizer
 
     model = peftkit.wrap(base(base_dir), method, r=4)
@@ -180,7 +182,8 @@ def dpo_trainer(model, reference, tmp_path, tokenizer, max_steps=2):
 
 
 @pytest.mark.parametrize("method", ["lora", pytest.param("lora-pro", marks=pytest.mark.slow),
-                                    pytest.param("hra", marks=pytest.mark.slow), pytest.param("coto", marks=pytest.mark.slow)])
+                                    pytest.param("hra", marks=pytest.mark.slow),
+                                    pytest.param("coto", marks=pytest.mark.slow)])
 def test_dpo_reference_is_the_model_with_adapters_off_and_no_copy(method, base_dir, tmp_path):
     from peftkit.train.data import byte_tokenizer
 
@@ -418,7 +421,8 @@ def test_hub_ids_resolve_from_the_offline_cache(base_dir, tmp_path, monkeypatch,
     torch.testing.assert_close(logits(merged, batch), logits(model, batch), atol=1e-5, rtol=1e-5)
     # Not cached while offline: one error, nothing created.
     before = sorted(p.name for p in tmp_path.iterdir())
-    with pytest.raises(CheckpointError, match="'someone/missing' is not a local folder.*not in the local cache.*offline"):
+    with pytest.raises(CheckpointError,
+                       match="'someone/missing' is not a local folder.*not in the local cache.*offline"):
         peftkit.load(base(base_dir), "someone/missing")
     assert main(["info", "someone/missing"]) == 2
     assert "not in the local cache" in capsys.readouterr().err
@@ -468,7 +472,7 @@ def test_push_uploads_a_run_or_adapter_and_needs_credentials(base_dir, tmp_path,
 # ------------------------------------------------------------------------- 6. several adapters vs PEFT
 @pytest.mark.parametrize("combination", ["cat", "svd"])
 def test_weighted_adapter_matches_peft(combination, base_dir, tmp_path):
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
     peft_model = get_peft_model(base(base_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
@@ -541,7 +545,8 @@ def test_peft_option_names_are_aliases_in_wrap_and_recipes(base_dir, tmp_path):
     from peftkit.train.recipe import load_recipe
 
     peft_named = peftkit.wrap(base(base_dir), "lora", r=4, target_modules=["q_proj"], lora_alpha=16,
-                              lora_dropout=0.1, use_rslora=True, init_lora_weights="gaussian", modules_to_save=["lm_head"])
+                              lora_dropout=0.1, use_rslora=True, init_lora_weights="gaussian",
+                              modules_to_save=["lm_head"])
     ours = peftkit.wrap(base(base_dir), "lora", r=4, targets=["q_proj"], alpha=16, dropout=0.1, rslora=True,
                         init_lora_weights="gaussian", modules_to_save=["lm_head"])
     assert peft_named.peftkit.configs["default"] == ours.peftkit.configs["default"]

@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import rel
+from optim_fixtures import (
+    ShapeRecorder,
+    effective_weight,
+    quadratic_grad,
+    quadratic_loss,
+    quadratic_problem,
+    single_linear,
+)
 
 import peftkit
 from peftkit.adapters.loft import full_second_moment, row_outer
 from peftkit.optim import factor_pairs
 
-from optim_fixtures import (ShapeRecorder, effective_weight, quadratic_grad, quadratic_loss, quadratic_problem,
-                            single_linear)
-
 EXACT = dict(damping_a=0.0, damping_b=0.0, eps=1e-8)
-
-
-def rel(x, y) -> float:
-    return ((x - y).norm() / y.norm()).item()
 
 
 def trajectory(model, layer, x, y, steps: int, lr: float = 1e-2, **options) -> list[torch.Tensor]:

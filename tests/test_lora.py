@@ -372,7 +372,8 @@ def test_training_parity_with_peft(family, tmp_path):
         assert (output(ours, batch) - output(peft_model, batch)).abs().max() <= 1e-6
     peftkit.save(ours, tmp_path / "ours")
     peft_model.save_pretrained(tmp_path / "peft")
-    mine, theirs = load_file(tmp_path / "ours/adapter_model.safetensors"), load_file(tmp_path / "peft/adapter_model.safetensors")
+    mine = load_file(tmp_path / "ours/adapter_model.safetensors")
+    theirs = load_file(tmp_path / "peft/adapter_model.safetensors")
     assert set(mine) == set(theirs)
     assert max((mine[k] - theirs[k]).abs().max().item() for k in mine) <= 1e-6
     cfg_ours = json.loads((tmp_path / "ours/adapter_config.json").read_text())

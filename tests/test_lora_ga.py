@@ -4,24 +4,19 @@ test_inits_distributed.py."""
 
 from __future__ import annotations
 
-import warnings
+import functools
 
+import bnb_paths
 import pytest
 import torch
+from helpers import make_batches, output, tiny_gpt2, tiny_llama, tiny_llama_4bit, wrap_with_data
+from inits_fixtures import LinearToy, full_gradient, linear_batches, sgd_step
 
 import peftkit
 from peftkit.errors import ConfigError
 from peftkit.inject import adapter_layers
 
-import bnb_paths
-from helpers import make_batches, output, tiny_gpt2, tiny_llama, tiny_llama_4bit
-from inits_fixtures import LinearToy, full_gradient, linear_batches, sgd_step
-
-
-def _wrap(model, batches, **options):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peftkit.wrap(model, "lora-ga", data=batches, **options)
+_wrap = functools.partial(wrap_with_data, method="lora-ga")
 
 
 @pytest.mark.parametrize("kind", ["fp64", "fp32", "bf16", "gpt2", "4bit"])

@@ -3,23 +3,18 @@ offset. Tests 4 and 6 belong to the preconditioner (its own test file); two proc
 
 from __future__ import annotations
 
-import warnings
+import functools
 
 import pytest
 import torch
+from helpers import make_batches, output, tiny_gpt2, tiny_llama, wrap_with_data
+from inits_fixtures import LinearToy, full_gradient, linear_batches
 
 import peftkit
 from peftkit import registry
 from peftkit.inject import adapter_layers
 
-from helpers import make_batches, output, tiny_gpt2, tiny_llama
-from inits_fixtures import LinearToy, full_gradient, linear_batches
-
-
-def _wrap(model, batches, **options):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peftkit.wrap(model, "lora-one", data=batches, **options)
+_wrap = functools.partial(wrap_with_data, method="lora-one")
 
 
 def test_init_identity_norm_and_balance_fp64():

@@ -5,13 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from helpers import rel
+from optim_fixtures import (
+    ShapeRecorder,
+    effective_weight,
+    quadratic_grad,
+    quadratic_loss,
+    quadratic_problem,
+    single_linear,
+)
 
 import peftkit
-from peftkit.optim import factor_pairs
-
 from peftkit.adapters.lora_pro import adjusted_gradients, equivalent_gradient
-from optim_fixtures import (ShapeRecorder, effective_weight, quadratic_grad, quadratic_loss, quadratic_problem,
-                            single_linear)
+from peftkit.optim import factor_pairs
 
 M, N, R = 7, 5, 2
 
@@ -29,10 +35,6 @@ def closest_tangent(a, b, g):
     p_b = b @ torch.linalg.pinv(b)
     p_a = torch.linalg.pinv(a) @ a
     return p_b @ g + (torch.eye(b.shape[0], dtype=g.dtype) - p_b) @ g @ p_a
-
-
-def rel(x, y) -> float:
-    return ((x - y).norm() / y.norm()).item()
 
 
 def test_equivalent_gradient_is_the_least_squares_optimum():

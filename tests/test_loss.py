@@ -7,11 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import make_batch, tiny_bert, tiny_gpt2, tiny_llama
 
 import peftkit
 from peftkit.loss import batch_loss_units, loss_mode, share_of_global_mean, takes_item_count
-
-from helpers import make_batch, tiny_bert, tiny_gpt2, tiny_llama
 
 
 def _answers_of_different_lengths(model, seed=0):

@@ -7,6 +7,8 @@ import warnings
 
 import pytest
 import torch
+from helpers import make_batch, make_batches, tiny_llama
+from train_fixtures import llama_text_recipe
 
 import peftkit
 from peftkit import registry
@@ -15,8 +17,6 @@ from peftkit.inject import adapter_layers
 from peftkit.lr import DEFAULT_BASE_LR, STEP_BOUND, LRConventionWarning
 from peftkit.train.guard import DivergenceGuard, GuardSettings
 from peftkit.train.recipe import from_dict
-from helpers import make_batch, make_batches, tiny_llama
-from train_fixtures import llama_text_recipe
 
 FULL_FT = {"lora-ga", "lora-pro", "loft"}
 
@@ -36,7 +36,8 @@ def test_every_preset_declares_its_convention():
         conv = registry.get_method(name).lr_convention
         assert _declared(conv), f"{name}: no lr_convention given to register_method (source {conv.source!r})"
         assert conv.kind == ("full-ft" if name in FULL_FT else "lora"), name
-        assert conv.ratio == pytest.approx({"lora-ga": 0.1, "lora-pro": 0.1, "loft": 0.3, "lora-plus": 0.5, "hra": 3.0, "elalora": 3.0,
+        assert conv.ratio == pytest.approx({"lora-ga": 0.1, "lora-pro": 0.1, "loft": 0.3, "lora-plus": 0.5, "hra": 3.0,
+                                            "elalora": 3.0,
                                               "coto": 3.0}.get(name, 1.0))
 
 
@@ -175,8 +176,9 @@ def _diverging_recipe(tmp_path, name: str, **training) -> dict:
 
 @pytest.mark.slow
 def test_divergence_guard_on_the_diverging_composition(tmp_path, capsys):
-    from peftkit.train.loop import train
     from train_fixtures import read_metrics
+
+    from peftkit.train.loop import train
 
     def losses(result):
         return [r["loss"] for r in read_metrics(result.output_dir) if "loss" in r]
@@ -213,7 +215,8 @@ def test_cli_warns_before_step_1_and_exits_3_when_the_guard_stops(tmp_path, caps
     recipe = tmp_path / "diverging.yaml"
     recipe.write_text(yaml.safe_dump(_diverging_recipe(
         tmp_path, "cli", divergence_guard={"action": "stop", "factor": 3.0, "window": 2})))
-    with pytest.warns(LRConventionWarning, match=r"lr 1 is 8.45e\+04× above the convention of .lora-ga.*step cap 0.592\); use lr=1.2e-05"):
+    with pytest.warns(LRConventionWarning,
+                      match=r"lr 1 is 8.45e\+04× above the convention of .lora-ga.*step cap 0.592\); use lr=1.2e-05"):
         code = main(["train", str(recipe)])
     assert code == EXIT_DIVERGED == 4
     out = capsys.readouterr().out
@@ -221,8 +224,9 @@ def test_cli_warns_before_step_1_and_exits_3_when_the_guard_stops(tmp_path, caps
 
 
 def test_guard_settings_go_through_the_validation_layer(tmp_path):
-    from peftkit.train.recipe import from_dict
     from train_fixtures import llama_text_recipe
+
+    from peftkit.train.recipe import from_dict
 
     for bad, needle in (({"factor": float("inf")}, "divergence_guard.factor"),
                         ({"window": "10"}, "divergence_guard.window"),
@@ -237,8 +241,9 @@ def test_guard_settings_go_through_the_validation_layer(tmp_path):
 @pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
 def test_sharded_engines_refuse_generation_metrics_before_anything_runs(tmp_path, engine):
     """Both all-gather the base in every forward: processes generating different lengths would wait forever."""
-    from peftkit.train.recipe import from_dict
     from train_fixtures import llama_text_recipe
+
+    from peftkit.train.recipe import from_dict
 
     recipe = llama_text_recipe(tmp_path, training__distributed=engine, training__eval_metrics=["exact_match"])
     recipe["data"]["format"] = "instruction"

@@ -5,20 +5,18 @@ three at the top of their sweep on every task with it (docs/method-guide.md)."""
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest
 import torch
+from helpers import tiny_llama
 
 import peftkit
+from adapters.coto import activation_probability  # noqa: E402  (peftkit.adapters)
+from adapters.elalora import INIT_STD, MIN_LR_STEPS  # noqa: E402
 from peftkit import registry
 from peftkit.inject import adapter_layers
 from peftkit.lr import DEFAULT_BASE_LR
-from helpers import tiny_llama
-
-from adapters.coto import activation_probability  # noqa: E402  (peftkit.adapters)
-from adapters.elalora import INIT_STD, MIN_LR_STEPS  # noqa: E402
 
 
 @pytest.mark.parametrize("name, cited", [
@@ -68,7 +66,8 @@ def test_coto_adapters_move_at_least_as_far_as_loras_at_the_auto_lr():
             if schedule is not None:
                 schedule.on_step(step, steps)
             opt.zero_grad(set_to_none=True)
-        norms[name] = sum(float(layer.adapters["default"].lora_B.weight.detach().norm()) for layer in adapter_layers(model).values())
+        norms[name] = sum(float(layer.adapters["default"].lora_B.weight.detach().norm())
+                          for layer in adapter_layers(model).values())
     assert norms["coto"] >= norms["lora"], norms
 
 

@@ -10,13 +10,12 @@ import warnings
 
 import pytest
 import torch
+from moe_models import FAMILIES, HIDDEN, WRAP_OPTIONS, moe_batch, tiny_moe
 
 import peftkit
-from peftkit.inject import adapter_layers
 from peftkit.expert_layer import ExpertParameterLayer
+from peftkit.inject import adapter_layers
 from peftkit.optim import factor_pairs
-
-from moe_models import FAMILIES, HIDDEN, WRAP_OPTIONS, moe_batch, tiny_moe
 
 # Families whose experts store (E, in, out) and run x @ W[e] (read in transformers' forward: gpt-oss declares
 # is_transposed; Llama 4 runs torch.bmm(x, W) without declaring it). All others store (E, out, in), F.linear.

@@ -1,19 +1,19 @@
 """Two processes equal one on a mixture-of-experts model: LoRA (and LoRA-GA under ddp; refused under the sharding
 engines, whose sharded expert gradients it cannot read) with the fused expert stacks adapted per expert, under ddp,
-fsdp2 (the stacks are DTensors sharded over the experts' dimension, gathered for each block) and zero3 (partitioned, gathered by DeepSpeed's hooks before the adapter adds its update): torchrun, gloo,
-CPU, fp64. One launch for all engines (tests/moe_sharded.py); the one-process reference runs in a thread meanwhile.
+fsdp2 (the stacks are DTensors sharded over the experts' dimension, gathered for each block) and zero3 (partitioned,
+gathered by DeepSpeed's hooks before the adapter adds its update): torchrun, gloo, CPU, fp64. One launch for all
+engines (tests/moe_sharded.py); the one-process reference runs in a thread meanwhile.
 """
 
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 import torch
-
-from moe_sharded import CONFIGS, REFUSED_SHARDED, main as run_configs
-from multiproc import REPO, run_distributed
+from moe_sharded import CONFIGS, REFUSED_SHARDED
+from moe_sharded import main as run_configs
+from multiproc import REPO, run_distributed_beside
 from train_fixtures import adapter_tensors, read_metrics
 
 ENGINES = ["ddp", "fsdp2", "zero3"]
@@ -22,22 +22,8 @@ ENGINES = ["ddp", "fsdp2", "zero3"]
 @pytest.fixture(scope="module")
 def moe_runs(tmp_path_factory):
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
-    failure: list[BaseException] = []
-
-    def launch():
-        try:
-            run_distributed(REPO / "tests" / "moe_sharded.py", 2, two / "out", ",".join(ENGINES), "2", str(two))
-        except BaseException as exc:  # re-raised below, in the test's thread
-            failure.append(exc)
-
-    thread = threading.Thread(target=launch)
-    thread.start()
-    try:
-        run_configs("ddp", 4, one)
-    finally:
-        thread.join()
-    if failure:
-        raise failure[0]
+    run_distributed_beside(lambda: run_configs("ddp", 4, one),
+                           REPO / "tests" / "moe_sharded.py", 2, two / "out", ",".join(ENGINES), "2", str(two))
     return one / "ddp", two
 
 

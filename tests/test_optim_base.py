@@ -8,13 +8,12 @@ import warnings
 
 import pytest
 import torch
+from helpers import make_batch, randomize_adapters, tiny_llama
+from optim_fixtures import quadratic_loss, quadratic_problem, single_linear
 
 import peftkit
 from peftkit.errors import ConfigError, StateError
 from peftkit.optim import PairOptimizer, factor_pairs
-
-from helpers import make_batch, randomize_adapters, tiny_llama
-from optim_fixtures import quadratic_loss, quadratic_problem, single_linear
 
 OPTIMIZERS = [
     pytest.param("lora-pro", {}, id="lora-pro-full"),

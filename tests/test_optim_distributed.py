@@ -33,8 +33,9 @@ GLOBAL_BATCH = 4
 
 def run(rank: int, world: int) -> dict[str, dict[str, torch.Tensor]]:
     """{config: {tensor name: value}} after STEPS steps on this process's share of each global batch."""
-    import peftkit
     from helpers import make_batch, randomize_adapters, tiny_llama
+
+    import peftkit
 
     results = {}
     memory: dict[str, int] = {}
@@ -85,7 +86,8 @@ def test_two_processes_equal_one(tmp_path):
             assert got[key].keys() == tensors.keys(), key
             assert any(name.endswith("/partner_old") for name in tensors) == (key == "loft")
             for name, value in tensors.items():
-                torch.testing.assert_close(got[key][name], value, atol=1e-6, rtol=1e-6, msg=f"{key} {name} (rank {rank})")
+                torch.testing.assert_close(got[key][name], value, atol=1e-6, rtol=1e-6,
+                                           msg=f"{key} {name} (rank {rank})")
     # LoRA-Pro full's moments are sharded by whole pairs: each of 2 processes holds half of them (the tiny
     # Llama's pairs split evenly); the other pair optimizers keep small state and are not sharded.
     full = int(reference_memory["lora-pro-full"])

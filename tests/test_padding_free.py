@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_gpt2, tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import peftkit
 from peftkit.loss import IGNORE_INDEX, batch_loss_units, share_of_global_mean
 from peftkit.train.data import Tokenized, check_packed_attention, collate, pack_rows
-
-from helpers import tiny_gpt2, tiny_llama
 
 
 @settings(max_examples=60, deadline=None)
@@ -102,11 +101,12 @@ def test_group_by_length_reads_every_example_once_per_epoch_in_batches_of_simila
 def test_the_loop_trains_the_same_adapter_with_and_without_the_shortcuts(tmp_path, monkeypatch):
     """A chat run in fp64 with the defaults (padding-free batches, the chunked head + cross-entropy) and with both
     off ends with the same adapter to round-off; the defaults did take the shortcuts."""
+    from train_fixtures import adapter_tensors, llama_chat_recipe
+
     import peftkit.chunked_loss as chunked_loss
     from peftkit.train import batches as data_module
     from peftkit.train.loop import train
     from peftkit.train.recipe import from_dict
-    from train_fixtures import adapter_tensors, llama_chat_recipe
 
     calls = {"chunked": 0, "free": 0}
     original_loss, original_free = chunked_loss.chunked_causal_loss, data_module._collate_padding_free

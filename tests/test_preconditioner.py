@@ -5,20 +5,15 @@ from __future__ import annotations
 import warnings
 
 import torch
+from helpers import make_batch, randomize_adapters, rel, tiny_llama
+from optim_fixtures import effective_weight, quadratic_grad, quadratic_loss, quadratic_problem, single_linear
 
 import peftkit
 from peftkit.adapters.lora_one_preconditioner import preconditioned_gradients
 from peftkit.optim import factor_pairs
 
-from helpers import make_batch, randomize_adapters, tiny_llama
-from optim_fixtures import effective_weight, quadratic_grad, quadratic_loss, quadratic_problem, single_linear
-
 NAME = "lora-one-preconditioner"
 M, N, R = 7, 5, 2
-
-
-def rel(x, y) -> float:
-    return ((x - y).norm() / y.norm()).item()
 
 
 def sgd_step(lr: float, **options):

@@ -9,11 +9,10 @@ import warnings
 
 import pytest
 import torch
+from helpers import tiny_llama
 
 import peftkit
 from peftkit.preference import completion_logps, pair_loss_share, pair_losses
-
-from helpers import tiny_llama
 
 
 def _policy(seed: int = 0):
@@ -44,9 +43,11 @@ def _fp64_fused_forward(model, reference: bool):
         kwargs.pop("use_cache", None)
         if reference:
             with peftkit.disabled(model):
-                logits = type(model).forward(model, input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+                logits = type(model).forward(model, input_ids=input_ids, attention_mask=attention_mask,
+                                             use_cache=False).logits
         else:
-            logits = type(model).forward(model, input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            logits = type(model).forward(model, input_ids=input_ids, attention_mask=attention_mask,
+                                         use_cache=False).logits
         targets = labels[:, 1:]
         keep = (targets != -100).to(logits.dtype)
         log_softmax = logits[:, :-1].log_softmax(-1)
@@ -103,7 +104,8 @@ def test_completion_logps_by_hand():
 def _batch(rows: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
     """(token ids, prompt length) rows, right-padded; chosen rows first, then rejected."""
     width = max(len(ids) for ids, _ in rows)
-    out = {k: torch.zeros(len(rows), width, dtype=torch.long) for k in ("input_ids", "attention_mask", "completion_mask")}
+    out = {k: torch.zeros(len(rows), width,
+                          dtype=torch.long) for k in ("input_ids", "attention_mask", "completion_mask")}
     for i, (ids, prompt) in enumerate(rows):
         out["input_ids"][i, :len(ids)] = torch.tensor(ids)
         out["attention_mask"][i, :len(ids)] = 1
@@ -125,12 +127,15 @@ def test_simpo_loss_by_hand_and_the_pair_mean_is_split_independent():
     with torch.no_grad():
         losses, _ = pair_losses(model, whole, "simpo", beta, gamma)
         for i, (c, r) in enumerate(pairs):  # one pair at a time, unpadded, from the formula
-            lc, nc = completion_logps(model(torch.tensor([c])).logits, torch.tensor([c]), torch.tensor([[0] * 3 + [1] * (len(c) - 3)]))
-            lr, nr = completion_logps(model(torch.tensor([r])).logits, torch.tensor([r]), torch.tensor([[0] * 3 + [1] * (len(r) - 3)]))
+            lc, nc = completion_logps(model(torch.tensor([c])).logits, torch.tensor([c]),
+                                      torch.tensor([[0] * 3 + [1] * (len(c) - 3)]))
+            lr, nr = completion_logps(model(torch.tensor([r])).logits, torch.tensor([r]),
+                                      torch.tensor([[0] * 3 + [1] * (len(r) - 3)]))
             expected = -math.log(1 / (1 + math.exp(-(beta * (lc.item() / nc.item() - lr.item() / nr.item()) - gamma))))
             assert abs(losses[i].item() - expected) < 1e-9
         for objective in ("dpo", "simpo"):
             one, _ = pair_loss_share(model, whole, 4, objective, beta, gamma)
-            halves = sum(pair_loss_share(model, _batch([(pairs[i][0], 3) for i in part] + [(pairs[i][1], 3) for i in part]),
+            halves = sum(pair_loss_share(model,
+                                         _batch([(pairs[i][0], 3) for i in part] + [(pairs[i][1], 3) for i in part]),
                                          4, objective, beta, gamma)[0] for part in ([0, 1], [2, 3]))
             assert abs(one.item() - halves.item()) < 1e-12

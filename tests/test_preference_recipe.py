@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import tiny_gpt2, tiny_llama
+from train_fixtures import adapter_tensors, llama_preference_recipe, read_metrics, write_jsonl
 
 import peftkit
 from peftkit.errors import ConfigError
@@ -25,9 +27,6 @@ from peftkit.preference import pair_losses
 from peftkit.train import from_dict, train
 from peftkit.train.data import Tokenized, check_packed_attention, collate_pairs, tokenize
 from peftkit.train.recipe import DataSection
-
-from helpers import tiny_gpt2, tiny_llama
-from train_fixtures import adapter_tensors, llama_preference_recipe, read_metrics, write_jsonl
 
 IGNORE = -100
 
@@ -97,10 +96,10 @@ def test_the_recipe_dpo_loss_equals_trls_dpo_loss_on_the_same_pairs(tmp_path):
     """Step 2 of a recipe run (the adapter after step 1: policy != reference) against TRL's DPOTrainer.compute_loss
     on the same 8 pairs (the run's whole batch: the pair mean does not depend on their order) with the adapter a
     1-step run saved, reference = the same model with adapters off (peftkit.reference_model)."""
+    from test_preference import _fp64_fused_forward, _pairs_dataset
     from trl import DPOConfig, DPOTrainer
 
     from peftkit.train.build import load_examples, load_model, load_tokenizer
-    from test_preference import _fp64_fused_forward, _pairs_dataset
 
     two = from_dict(_fp64_recipe(tmp_path / "two", training__max_steps=2))
     assert train(two).status == "done"
@@ -253,8 +252,9 @@ def test_the_preference_recipe_validates_and_trains_two_steps_on_a_tiny_model(tm
     """recipes/preference/dpo-smollm2.yaml as written, then 2 steps with a tiny config-built model and local rows
     under the recipe's own column names."""
     from multiproc import REPO
-    from peftkit.train.recipe import apply_overrides, read_yaml
     from train_fixtures import TINY_CONFIGS, preference_rows
+
+    from peftkit.train.recipe import apply_overrides, read_yaml
 
     raw = read_yaml(REPO / "recipes" / "preference" / "dpo-smollm2.yaml")
     recipe = from_dict(raw)

@@ -58,7 +58,8 @@ def test_quick_mode_sweeps_every_contender_picks_its_best_cell_and_resumes(tmp_p
     data, cache, out, docs = tmp_path / "data", tmp_path / "cache", tmp_path / "out", tmp_path / "docs" / "guide.md"
     write_fixture(data)
     tasks = ["minilm-trec", "smollm2-shakespeare", "smollm2-trec-instruct"]
-    arguments = ["--quick", "--tasks", ",".join(tasks), "--data-dir", str(data), "--cache", str(cache), "--out", str(out),
+    arguments = ["--quick", "--tasks", ",".join(tasks), "--data-dir", str(data), "--cache", str(cache), "--out",
+                 str(out),
                  "--docs", str(docs)]
     quality.main(arguments)
 
@@ -98,7 +99,8 @@ def test_quick_mode_sweeps_every_contender_picks_its_best_cell_and_resumes(tmp_p
         assert conventional["hra"] == conventional["elalora"] == conventional["coto"] == pytest.approx(3 * base)
         assert conventional["lora-pro"] == conventional["lora-ga"] == pytest.approx(0.1 * base)
         assert conventional["loft"] == pytest.approx(0.3 * base)
-        assert conventional["full"] == pytest.approx(0.1 * base) and conventional["lora-plus"] == pytest.approx(0.5 * base)
+        assert conventional["full"] == pytest.approx(0.1 * base)
+        assert conventional["lora-plus"] == pytest.approx(0.5 * base)
         # LoRA-GA's scaled factors with LoRA+'s ratio: at most LoRA-GA's rate (the first-step cap may lower it).
         assert conventional["lora-ga+lora-plus"] <= 0.1 * base * (1 + 1e-12)
         if spec.kind == "classification":
@@ -175,8 +177,9 @@ def test_instruction_exact_match_needs_every_answer_token():
 
 def test_instruction_scores_equal_the_full_logits_on_an_adapted_llama():
     # The head runs only at answer positions: the same loss and exact match as the whole-logits forward.
-    import peftkit
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    import peftkit
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in quality.TINY_LLAMA.items() if k != "model_type"}))
@@ -270,7 +273,8 @@ def test_claim_rules_hra_may_learn_more_and_coto_skips_a_zero_metric():
 
 def test_a_missing_peft_stops_the_grid_before_any_cell(tmp_path, monkeypatch):
     real = quality.importlib.util.find_spec
-    monkeypatch.setattr(quality.importlib.util, "find_spec", lambda name, *a: None if name == "peft" else real(name, *a))
+    monkeypatch.setattr(quality.importlib.util, "find_spec", lambda name,
+                        *a: None if name == "peft" else real(name, *a))
     with pytest.raises(SystemExit, match="pip install peft==0.21.2"):
         quality.main(["--tasks", "minilm-trec", "--contenders", "lora,peft-lora", "--out", str(tmp_path / "out"),
                       "--data-dir", str(tmp_path / "absent")])
@@ -284,8 +288,9 @@ def test_a_missing_peft_stops_the_grid_before_any_cell(tmp_path, monkeypatch):
 def test_init_warnings_keep_the_methods_own_and_drop_the_libraries():
     import warnings
 
-    import peftkit
     from helpers import make_batches, tiny_llama
+
+    import peftkit
 
     model = tiny_llama()
     with warnings.catch_warnings(record=True) as caught:
@@ -307,7 +312,8 @@ def _swept(metric: str, final: float, factor: float, late: float = 1.0, status: 
 def test_best_cell_is_the_best_final_metric_then_the_lower_loss_then_the_nearer_convention():
     third, one, three = quality.SWEEP
     accuracy, perplexity = quality.TASKS["minilm-trec"], quality.TASKS["smollm2-shakespeare"]
-    sweep = {third: _swept("accuracy", 0.6, third), one: _swept("accuracy", 0.8, one), three: _swept("accuracy", 0.7, three)}
+    sweep = {third: _swept("accuracy", 0.6, third), one: _swept("accuracy", 0.8, one),
+             three: _swept("accuracy", 0.7, three)}
     assert quality.best_cell(accuracy, sweep)["lr_factor"] == one
     assert quality.sensitivity(accuracy, sweep) == (pytest.approx(0.2), [])
     # Perplexity: lower is better, and the spread is worst / best.
@@ -345,7 +351,8 @@ def test_the_claims_compare_the_best_cells():
 
     cells = {task.name: {
         "lora-ga": {one: cell(0.9, one, early=0.5), three: cell(0.2, three, early=3.0)},
-        "lora": {third: cell(0.4, third, early=2.0), one: cell(0.7, one, early=1.0), three: cell(0.6, three, early=0.1)},
+        "lora": {third: cell(0.4, third, early=2.0), one: cell(0.7, one, early=1.0),
+                 three: cell(0.6, three, early=0.1)},
         "full": {one: cell(0.8, one, early=0.7)},
     }}
     best = quality.best_cells([task], cells)
@@ -404,7 +411,8 @@ def test_the_grid_runs_the_questioned_contenders_first_and_the_minilm_tasks_befo
     assert list(dict.fromkeys(lm))[:6] == [n for n in quality.PRIORITY if n != "peft-lora"]
     # Contenders named on the command line run in that order.
     named = quality.grid_order(tasks[1:2], ["hra", "lora"])
-    assert [(c.name, f) for _, c, f in named] == [("hra", f) for f in quality.SWEEP] + [("lora", f) for f in quality.SWEEP]
+    assert [(c.name, f) for _, c,
+            f in named] == [("hra", f) for f in quality.SWEEP] + [("lora", f) for f in quality.SWEEP]
 
 
 def test_the_docs_block_goes_between_the_markers_and_nowhere_else(tmp_path):
@@ -444,7 +452,8 @@ def test_the_sweep_extends_past_its_edge_until_the_best_cell_is_inside():
     assert quality.next_factor(task, sweep) is None  # EXTEND_LIMIT points past the edge: no further
     sweep[27.0] = _swept("accuracy", 0.6, 27.0)
     assert quality.next_factor(task, sweep) is None  # the best (9×) is inside
-    low = {third: _swept("accuracy", 0.9, third), one: _swept("accuracy", 0.7, one), three: _swept("accuracy", 0.5, three)}
+    low = {third: _swept("accuracy", 0.9, third), one: _swept("accuracy", 0.7, one),
+           three: _swept("accuracy", 0.5, three)}
     assert quality.next_factor(task, low) == pytest.approx(1 / 9)
     table = quality.task_table(task, quality.contenders_for(task), {"lora": sweep})
     row = next(line for line in table.splitlines() if line.startswith("| lora |"))

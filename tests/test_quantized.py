@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import warnings
 
+import bnb_paths
 import pytest
 import torch
-
-import bnb_paths
-import peftkit
 from helpers import make_batch, make_batches, output, randomize_adapters, tiny_llama_4bit, tiny_llama_8bit
+
+import peftkit
 from peftkit import quantized
 from peftkit.inject import adapter_layers
 

@@ -13,13 +13,11 @@ refuses to run (a StateError).
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
-
-from multiproc import HANG_GUARD_S, REPO, run_distributed
-from quantized_sharded import CASES, PATHS, STEPS, main as run_cases, save_base
+from multiproc import REPO, run_distributed_beside
+from quantized_sharded import CASES, PATHS, STEPS, save_base
+from quantized_sharded import main as run_cases
 from train_fixtures import adapter_tensors, read_metrics
 
 ENGINES = ["zero3", "fsdp2"]
@@ -30,23 +28,9 @@ def quantized_zero3(tmp_path_factory):
     """(one-process root, two-process root); the one-process side runs here while the launch runs."""
     one, two = tmp_path_factory.mktemp("q-one"), tmp_path_factory.mktemp("q-two")
     base = save_base(tmp_path_factory.mktemp("q-base"))
-    failure: list[BaseException] = []
-
-    def launch():
-        try:
-            run_distributed(REPO / "tests" / "quantized_sharded.py", 2, two / "out", ",".join(ENGINES), "2", str(two),
-                            base)
-        except BaseException as exc:  # re-raised below, in the test's thread
-            failure.append(exc)
-
-    thread = threading.Thread(target=launch)
-    thread.start()
-    try:
-        run_cases("zero3", 4, one, base)
-    finally:
-        thread.join()
-    if failure:
-        raise failure[0]
+    run_distributed_beside(lambda: run_cases("zero3", 4, one, base),
+                           REPO / "tests" / "quantized_sharded.py", 2, two / "out", ",".join(ENGINES), "2", str(two),
+                           base)
     return one, two
 
 
@@ -80,7 +64,8 @@ def test_the_4bit_codes_are_sharded(quantized_zero3, engine):
 
     _, two = quantized_zero3
     for rank in (0, 1):
-        held, full = json.loads((two / engine / PATHS[0] / next(iter(CASES)) / f"quantized_rank{rank}.json").read_text())
+        case = two / engine / PATHS[0] / next(iter(CASES))
+        held, full = json.loads((case / f"quantized_rank{rank}.json").read_text())
         assert full > 0 and full // 2 <= held <= full // 2 + 16, (engine, rank, held, full)  # partitions round up
 
 
@@ -103,6 +88,7 @@ def test_a_4bit_layer_that_could_repack_an_engine_owned_weight_refuses_to_run(mo
     instead of computing with a weight the engine will garble; ``keep_standard_layout`` makes it run, never
     packed, with the output of the standard layout."""
     import bnb_paths
+
     from peftkit import quantized
     from peftkit.errors import StateError
 
@@ -124,6 +110,7 @@ def test_a_4bit_layer_that_could_repack_an_engine_owned_weight_refuses_to_run(mo
 
 def test_keep_standard_layout_unpacks_a_packed_layer_exactly(monkeypatch):
     import bnb_paths
+
     from peftkit import quantized
 
     bnb_paths.force("packed", monkeypatch)
@@ -140,6 +127,7 @@ def test_the_zero3_engine_pins_4bit_layers_at_any_process_count(monkeypatch):
     """One process under zero3 computes what two do: the 4-bit layers are pinned there too (DeepSpeed is not
     started at one process)."""
     import bnb_paths
+
     from peftkit.train import engines
 
     bnb_paths.force("packed", monkeypatch)

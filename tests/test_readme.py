@@ -54,6 +54,7 @@ def test_three_line_example_runs_offline(tmp_path, monkeypatch):
     """README's example as written: the packaged all-MiniLM-L6-v2, wrap, optimizer, save; then one training step
     with the objects it made changes only the adapter and the head, and the saved folder loads."""
     from importlib.resources import files
+
     from transformers import AutoTokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -13,14 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+from multiproc import HANG_GUARD_S, REPO
+from train_fixtures import TINY_CONFIGS, classification_rows, instruction_rows, text_rows, write_jsonl
 
 from peftkit import registry
 from peftkit.config import resolve_config
 from peftkit.train import from_dict, train
 from peftkit.train.recipe import apply_overrides, read_yaml
-
-from multiproc import HANG_GUARD_S, REPO
-from train_fixtures import TINY_CONFIGS, classification_rows, instruction_rows, text_rows, write_jsonl
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 

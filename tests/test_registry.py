@@ -74,7 +74,8 @@ def test_broken_plugin_warns_and_does_not_break_discovery(tmp_path, monkeypatch)
 
 def test_axis_override_and_option_routing():
     config = resolve_config("lora", optimizer="lora-plus", loraplus_lr_ratio=4.0, r=4)
-    assert (config.architecture, config.init, config.optimizer, config.schedule) == ("lora", "default", "lora-plus", "none")
+    assert (config.architecture, config.init, config.optimizer,
+            config.schedule) == ("lora", "default", "lora-plus", "none")
     assert config.options["optimizer"]["loraplus_lr_ratio"] == 4.0
     assert config.r == 4
     # The preset's default for an axis the user swapped out is dropped, not an error.
@@ -115,7 +116,8 @@ def _imported_peftkit_modules(path) -> set[str]:
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
-            base = "peftkit." + node.module if node.level and node.module else ("peftkit" if node.level else node.module or "")
+            base = ("peftkit." + node.module if node.level and node.module
+                    else ("peftkit" if node.level else node.module or ""))
             names.add(base)
             names |= {f"{base}.{alias.name}" for alias in node.names}
     return {name.removeprefix("peftkit.") for name in names if name.startswith("peftkit")}

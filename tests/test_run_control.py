@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_fixtures import adapter_tensors, llama_text_recipe, read_metrics
 
 from peftkit.errors import ConfigError
 from peftkit.train import checkpointing, from_dict, train
 from peftkit.train.monitor import Monitors, best_settings, early_stopping_settings
 from peftkit.train.recipe import TrainingSection, total_steps
-
-from train_fixtures import adapter_tensors, llama_text_recipe, read_metrics
 
 # 8 texts pack into 19 blocks of 16 tokens: 4 micro-batches of 4 per epoch (the tail of 3 is dropped).
 SMALL = dict(data__max_train_samples=8, training__warmup=0)
@@ -125,7 +124,7 @@ def test_best_is_the_adapter_of_the_best_evaluation_and_survives_pruning(tmp_pat
     _equal(_tensors(checkpoint / "adapter"), _tensors(kept.best))
     assert json.loads((kept.best / "best.json").read_text())["step"] == best_step
 
-    pruned = train(from_dict(llama_text_recipe(tmp_path / "pruned", training__keep_checkpoints=1, **settings)))
+    train(from_dict(llama_text_recipe(tmp_path / "pruned", training__keep_checkpoints=1, **settings)))
     run = tmp_path / "pruned" / "run"
     assert [p.name for p in checkpointing.checkpoint_dirs(run)] == ["step-000004"]
     _equal(_tensors(kept.best), _tensors(run / "best"))
@@ -155,7 +154,10 @@ def test_early_stopping_and_best_resumed_mid_epoch_equal_the_uninterrupted_run(t
     a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
     _equal(adapter_tensors(a), adapter_tensors(b))
     _equal(_tensors(a / "best"), _tensors(b / "best"))
-    strip = lambda records: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+    def strip(records):
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
     assert strip(read_metrics(a)) == strip(read_metrics(b))
     # resuming the finished run changes nothing: it does not train on past the early stop
     again = train(recipe, resume=True)
@@ -194,8 +196,9 @@ CONTROL_RECIPES = [Path(__file__).parent.parent / "recipes" / "control" / "epoch
 
 @pytest.mark.parametrize("path", CONTROL_RECIPES, ids=lambda p: p.stem)
 def test_run_control_recipe_validates_and_runs_on_a_tiny_model(path, tmp_path):
-    from peftkit.train.recipe import apply_overrides, read_yaml
     from train_fixtures import TINY_CONFIGS, classification_rows, write_jsonl
+
+    from peftkit.train.recipe import apply_overrides, read_yaml
 
     raw = read_yaml(path)
     recipe = from_dict(raw)

@@ -30,11 +30,13 @@ OPTIONS = {
 
 def run(method: str, rank: int, world: int) -> dict:
     """STEPS optimizer steps of ``method`` on the tiny Llama, this process's share of each global batch."""
-    import peftkit
     from helpers import make_batch, tiny_llama
+
+    import peftkit
     from peftkit.inject import adapter_layers
 
-    model = peftkit.wrap(tiny_llama(num_hidden_layers=4, dtype=torch.float64), method, targets=TARGETS, **OPTIONS[method]).train()
+    model = peftkit.wrap(tiny_llama(num_hidden_layers=4, dtype=torch.float64), method, targets=TARGETS,
+                         **OPTIONS[method]).train()
     opt = peftkit.optimizer(model, lr=2e-2, weight_decay=0.01)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1.0 + 0.3 * step))
     schedule = peftkit.callbacks(model, optimizer=opt)
@@ -57,7 +59,8 @@ def run(method: str, rank: int, world: int) -> dict:
         if method == "coto":
             decisions.append(tuple(schedule.gates))
         else:
-            decisions.append(tuple(tuple(l.adapters["default"].lora_mask.tolist()) for l in adapter_layers(model).values()))
+            decisions.append(tuple(tuple(l.adapters["default"].lora_mask.tolist())
+                                   for l in adapter_layers(model).values()))
     named = dict(model.named_parameters())
     params = {n: p.detach().clone() for n, p in named.items() if p.requires_grad}
     moments = {}

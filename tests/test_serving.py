@@ -13,13 +13,12 @@ import warnings
 
 import pytest
 import torch
+from helpers import QUANTIZED_LLAMA, _saved_llama_dir, make_batch, randomize_adapters, tiny_llama, tiny_llama_4bit
 from transformers import AutoModelForCausalLM
 
 import peftkit
 from peftkit.inject import adapter_layers
 from peftkit.train.cli import main
-
-from helpers import QUANTIZED_LLAMA, _saved_llama_dir, make_batch, randomize_adapters, tiny_llama, tiny_llama_4bit
 
 
 def _adapter(tmp_path, model, method="lora", **options):
@@ -42,7 +41,8 @@ def _report(capsys) -> str:
     return out
 
 
-@pytest.mark.parametrize("dtype,torch_dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
+@pytest.mark.parametrize("dtype,torch_dtype",
+                         [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
 def test_merge_writes_the_requested_dtype(tmp_path, capsys, dtype, torch_dtype):
     base_dir = _saved_llama_dir(0)
     model = tiny_llama(0)
@@ -67,7 +67,8 @@ def test_merge_default_keeps_the_base_dtype(tmp_path, capsys):
     base.save_pretrained(tmp_path / "base")
     model = tiny_llama(0, dtype=torch.bfloat16)
     _adapter(tmp_path, model)
-    assert main(["merge", str(tmp_path / "adapter"), "--base", str(tmp_path / "base"), "--out", str(tmp_path / "m")]) == 0
+    assert main(["merge", str(tmp_path / "adapter"), "--base", str(tmp_path / "base"), "--out",
+                 str(tmp_path / "m")]) == 0
     assert "bf16" in _report(capsys)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype="auto")
     assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16

@@ -5,14 +5,12 @@ data-driven inits LoRA-GA and EVA, which now run after sharding) equals one proc
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
+from multiproc import REPO, run_distributed_beside
 from safetensors.torch import load_file
-
-from multiproc import REPO, run_distributed
-from sharded_load import CONFIGS, main as run_one
+from sharded_load import CONFIGS
+from sharded_load import main as run_one
 from train_fixtures import TINY_CONFIGS, adapter_tensors, read_metrics
 
 ENGINES = ["fsdp2", "zero3"]
@@ -29,22 +27,8 @@ def runs(tmp_path_factory):
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
     model.save_pretrained(folder)
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
-    failure: list[BaseException] = []
-
-    def launch():
-        try:
-            run_distributed(REPO / "tests" / "sharded_load.py", 2, two / "out", str(folder), str(two))
-        except BaseException as exc:  # re-raised below, in the test's thread
-            failure.append(exc)
-
-    thread = threading.Thread(target=launch)
-    thread.start()
-    try:
-        run_one(folder, one)
-    finally:
-        thread.join()
-    if failure:
-        raise failure[0]
+    run_distributed_beside(lambda: run_one(folder, one),
+                           REPO / "tests" / "sharded_load.py", 2, two / "out", str(folder), str(two))
     return folder, one, two
 
 

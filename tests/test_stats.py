@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import make_batches, tiny_gpt2, tiny_llama
 
 import peftkit
 from peftkit.errors import ConfigError
 from peftkit.inject import adapter_layers
 from peftkit.linalg import GradientSketch, IncrementalPCA, sign_fix, signed_svd, sketch_svd, subspace_cosines
 from peftkit.stats import gradient_statistics
-
-from helpers import make_batches, tiny_gpt2, tiny_llama
 
 
 def _autograd_weight_grads(model, batches, weights):
@@ -56,7 +55,8 @@ def test_sketch_svd_recovers_low_rank_gradient_subspace():
     m, n, k = 60, 40, 12
     g = torch.randn(m, 6, generator=gen, dtype=torch.float64) @ torch.randn(6, n, generator=gen, dtype=torch.float64)
     g += 1e-6 * torch.randn(m, n, generator=gen, dtype=torch.float64)
-    omega, psi = torch.randn(n, k, generator=gen, dtype=torch.float64), torch.randn(m, 2 * k + 1, generator=gen, dtype=torch.float64)
+    omega, psi = torch.randn(n, k, generator=gen,
+                             dtype=torch.float64), torch.randn(m, 2 * k + 1, generator=gen, dtype=torch.float64)
     u, s, vh = sketch_svd(GradientSketch(g @ omega, g.t() @ psi, omega, psi), 6)
     ue, se, vhe = signed_svd(g)
     assert subspace_cosines(u.double(), ue[:, :6]).min() > 1 - 1e-8
@@ -120,7 +120,8 @@ def test_incremental_pca_short_wide_batches_equal_pca_of_all_rows():
     # EVA's case: batches with fewer rows than features take the Gram-matrix path after the first.
     gen = torch.Generator().manual_seed(4)
     d, k = 64, 6
-    data = torch.randn(240, d, generator=gen) * torch.cat([torch.tensor([9.0, 7, 5, 4, 3, 2.5]), torch.full((d - 6,), 0.2)])
+    data = torch.randn(240, d,
+                       generator=gen) * torch.cat([torch.tensor([9.0, 7, 5, 4, 3, 2.5]), torch.full((d - 6,), 0.2)])
     pca = IncrementalPCA(k)
     for chunk in data.split(40):
         pca.partial_fit(chunk)

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from train_fixtures import llama_text_recipe
 
 from peftkit.errors import ConfigError
 from peftkit.train import from_dict, train
 from peftkit.train.threads import cgroup_cores, choose_threads, load_hint
-
-from train_fixtures import llama_text_recipe
 
 
 @pytest.mark.parametrize("setting, cores, processes, env, expected", [

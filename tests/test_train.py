@@ -9,17 +9,15 @@ import signal
 
 import pytest
 import torch
+from train_fixtures import adapter_tensors, llama_text_recipe, read_metrics
 
 import peftkit
 from peftkit.errors import ConfigError
 from peftkit.inject import adapter_layers
-from peftkit.train import from_dict, train
-from peftkit.train import checkpointing
+from peftkit.train import checkpointing, from_dict, train
 from peftkit.train.data import IGNORE_INDEX, BatchPlan, byte_tokenizer, collate, tokenize, topics
 from peftkit.train.loop import lr_lambda
 from peftkit.train.recipe import DataSection
-
-from train_fixtures import adapter_tensors, llama_text_recipe, read_metrics
 
 
 def test_lr_schedule_warmup_then_cosine_and_linear(tmp_path):

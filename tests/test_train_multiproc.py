@@ -7,11 +7,10 @@ from pathlib import Path
 
 import torch
 import yaml
-
-from peftkit.train import from_dict, train
-
 from multiproc import HANG_GUARD_S, REPO, run_distributed
 from train_fixtures import adapter_tensors, llama_text_recipe, read_metrics
+
+from peftkit.train import from_dict, train
 
 
 def test_two_processes_at_batch_b_equal_one_process_at_2b(tmp_path):

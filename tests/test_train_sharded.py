@@ -15,15 +15,14 @@ one-process reference runs in this process at the same time, in a thread, so the
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import pytest
 import torch
+from multiproc import HANG_GUARD_S, REPO, _free_port, run_distributed_beside
 from safetensors.torch import load_file
-
-from multiproc import HANG_GUARD_S, REPO, _free_port, run_distributed
-from sharded_grid import CONFIGS, PER_MICRO_BATCH, RESUMED, RESUMED_ENGINES, STEPS, main as run_grid, recipe
+from sharded_grid import CONFIGS, PER_MICRO_BATCH, RESUMED, RESUMED_ENGINES, STEPS, recipe
+from sharded_grid import main as run_grid
 from train_fixtures import adapter_tensors, llama_text_recipe, read_metrics
 
 RTOL, ATOL = 1e-4, 1e-6  # tests/test_train_multiproc.py's tolerance (the models here are fp64)
@@ -52,26 +51,15 @@ def sharded_grid(tmp_path_factory):
     """(one-process root, two-process root): ``two/<engine>`` holds every config's run under that engine (batch 1,
     accumulation 2); ``one`` the reference (batch 4), ``one/accumulated`` batch 1 with accumulation 4."""
     one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
-    failure: list[BaseException] = []
 
-    def launch():
-        try:
-            run_distributed(REPO / "tests" / "sharded_grid.py", 2, two / "out", ",".join(ENGINES), "1", "2", str(two),
-                            "resume", timeout=HANG_GUARD_S)
-        except BaseException as exc:  # re-raised below, in the test's thread
-            failure.append(exc)
-
-    thread = threading.Thread(target=launch)
-    thread.start()
-    try:
+    def reference():
         run_grid("ddp", 4, one, resume=False)
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("PEFTKIT_GRID_ONLY", ",".join(ACCUMULATED))
             run_grid("ddp", 1, one / "accumulated", resume=False, accum=4)
-    finally:
-        thread.join()
-    if failure:
-        raise failure[0]
+
+    run_distributed_beside(reference, REPO / "tests" / "sharded_grid.py", 2, two / "out", ",".join(ENGINES), "1", "2",
+                           str(two), "resume", timeout=HANG_GUARD_S)
     return one, two
 
 

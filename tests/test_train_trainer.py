@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import base_state_dict, make_batches, output, tiny_llama
 from transformers import Trainer, TrainingArguments
 
 import peftkit
-
-from helpers import base_state_dict, make_batches, output, tiny_llama
 
 
 def test_trainer_trains_and_saves_a_peftkit_model(tmp_path):
@@ -80,7 +79,8 @@ def _trainer(tmp_path, wrapped, **kwargs):
 
 
 def test_a_method_optimizer_replaced_by_the_trainers_default_is_refused_before_step_1(tmp_path):
-    """LoRA+ under the Trainer's default AdamW would be plain LoRA, silently: refused at on_train_begin, nothing moved."""
+    """LoRA+ under the Trainer's default AdamW would be plain LoRA, silently: refused at on_train_begin, nothing
+    moved."""
     import pytest
 
     from peftkit.errors import ConfigError
@@ -95,7 +95,8 @@ def test_a_method_optimizer_replaced_by_the_trainers_default_is_refused_before_s
     # the method's own optimizer is accepted, and it is LoRA+'s: B's rate is ratio × A's
     optimizer = peftkit.optimizer(wrapped, 1e-3)
     _trainer(tmp_path, wrapped, optimizers=(optimizer, None), callbacks=[peftkit.callbacks(wrapped)]).train()
-    rates = sorted({group["initial_lr"] for group in optimizer.param_groups})  # the peak rates (the schedule decays to 0)
+    # the peak rates (the schedule decays to 0)
+    rates = sorted({group["initial_lr"] for group in optimizer.param_groups})
     assert len(rates) == 2 and rates[1] / rates[0] > 1
 
 

@@ -8,8 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from transformers import (BertConfig, BertForSequenceClassification, DebertaV2Config,
-                          DebertaV2ForSequenceClassification, RobertaConfig, RobertaForSequenceClassification)
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    DebertaV2Config,
+    DebertaV2ForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 import peftkit

@@ -17,7 +17,9 @@ import pytest
 import yaml
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from train_fixtures import llama_text_recipe  # noqa: E402
 
 import peftkit  # noqa: E402
 from peftkit import registry  # noqa: E402
@@ -27,8 +29,6 @@ from peftkit.errors import PeftkitError  # noqa: E402
 from peftkit.train.cli import main  # noqa: E402
 from peftkit.train.recipe import SECTIONS  # noqa: E402
 from peftkit.validation import schema  # noqa: E402
-
-from train_fixtures import llama_text_recipe  # noqa: E402
 
 # PEFTKIT_PROPERTY_EXAMPLES=500 runs a longer, randomised soak (the suite runs 30 fixed examples per test).
 SOAK = int(os.environ.get("PEFTKIT_PROPERTY_EXAMPLES", "0"))
@@ -163,9 +163,8 @@ SOURCE_METHODS = ("lora", "hydra")  # PEFT's LoRA format, and a peftkit-only for
 @pytest.fixture(scope="module")
 def adapter_source(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
     """(base model folder, {method: adapter folder saved from it, r=2 on q_proj / v_proj, with its sha256})."""
-    from transformers import LlamaForCausalLM
-
     from helpers import tiny_llama
+    from transformers import LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("prop-adapter")
     tiny_llama(0).save_pretrained(root / "base")
@@ -279,8 +278,7 @@ def test_commands_on_mutated_adapter_folders_are_ok_or_one_error(adapter_source,
 # ------------------------------------------------------------------------------------------ issue 25's classes
 from peftkit.train import checkpointing  # noqa: E402
 from peftkit.train.recipe import read_yaml  # noqa: E402
-from peftkit.validation import (MAX_INT, MAX_NODES, InputTooLarge, check_value, compile_pattern,  # noqa: E402
-                                size_of, yaml_load)
+from peftkit.validation import MAX_INT, MAX_NODES, InputTooLarge, check_value, compile_pattern, size_of, yaml_load  # noqa: E402
 
 KEY_NAMES = st.text("abcdefgh_", min_size=1, max_size=6)
 
@@ -321,7 +319,7 @@ def test_a_repeated_key_at_any_depth_is_refused_with_both_lines(tmp_path_factory
 def test_alias_bombs_are_refused_exactly_when_their_expansion_is_too_large(levels, width, where):
     """A chain of anchors, each level repeating the previous one ``width`` times: refused (quickly, whatever
     its expansion) iff the expanded value would hold MAX_NODES values or more; size_of counts what a walk visits."""
-    lines = [f"l0: &l0 [" + ", ".join(["x"] * width) + "]"]
+    lines = ["l0: &l0 [" + ", ".join(["x"] * width) + "]"]
     for i in range(1, levels):
         lines.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * width) + "]")
     text = "\n".join(lines) + "\n"

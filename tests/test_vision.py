@@ -20,8 +20,15 @@ from peftkit.inject import adapter_layers
 from peftkit.loss import loss_mode, share_of_global_mean
 from peftkit.train import from_dict, train
 from peftkit.train.recipe import apply_overrides, read_yaml
-from peftkit.train.vision import (VisionTokenized, adapter_options, collate, conversation, encode_conversation,
-                                  tiny_model, tiny_processor, tokenize)
+from peftkit.train.vision import (
+    VisionTokenized,
+    adapter_options,
+    collate,
+    conversation,
+    tiny_model,
+    tiny_processor,
+    tokenize,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "vision" / "llava-images.yaml"
@@ -250,7 +257,8 @@ def _with_image(part: dict, role: str = "user") -> list[dict]:
     (_with_image({"type": "image", "url": "https://example.com/a.png"}), "is a URL and this machine is offline"),
     (_with_image({"type": "image"}), "needs exactly one of"),
     ([{"messages": [{"role": "user", "content": "x"},
-                    {"role": "assistant", "content": [{"type": "image", "path": "a.png"}]}]}], "an image in an assistant turn"),
+                    {"role": "assistant", "content": [{"type": "image", "path": "a.png"}]}]}],
+                    "an image in an assistant turn"),
     ([{"messages": [{"role": "user", "content": "only a question"}]}], "no assistant turn"),
 ])
 def test_bad_rows_are_refused_before_step_1(rows, message, processor, tmp_path, monkeypatch):

@@ -78,7 +78,8 @@ def evaluate(model: torch.nn.Module, examples: Tokenized, kind: str, pad_id: int
 def _base_general_loss(cache: Path, task: Task, recipe: Recipe, general: Tokenized, measure) -> float:
     """The base model's loss on the general text: the same for every contender of a task, so the first cell
     measures it and the others read it from ``cache``; a different model or text measures it again."""
-    key = json.dumps({"model": dataclasses.asdict(recipe.model), "text": general.input_ids}, sort_keys=True, default=str)
+    key = json.dumps({"model": dataclasses.asdict(recipe.model), "text": general.input_ids}, sort_keys=True,
+                     default=str)
     fingerprint = hashlib.sha256(key.encode()).hexdigest()
     path = cache / "baselines" / f"{task.name}-general.json"
     try:
@@ -170,7 +171,8 @@ def build_contender(contender: Contender, model, recipe: Recipe, examples, pad_i
     data = None
     if registry.get_component("init", config.init).needs_data:
         plan = BatchPlan(len(examples.train), recipe.training.batch_size, 1, 0, recipe.training.seed)
-        data = [collate(examples.train, plan.indices(i), pad_id, classification) for i in range(recipe.adapter.init_batches)]
+        data = [collate(examples.train, plan.indices(i), pad_id,
+                        classification) for i in range(recipe.adapter.init_batches)]
     model = peftkit.wrap(model, contender.method, data=data, **options)
     # The convention as a user gets it (lr left out): the preset's ratio, or a composition's capped rate,
     # which depends on the wrapped factors; the probe optimizer is discarded (it holds no state yet).

@@ -174,7 +174,8 @@ def rekey_cells(out: Path, tasks: list[Task], quick: bool = False) -> list[str]:
             if current is None:
                 continue
             conventional, how = current
-            stale = {p: r for p, r in records.items() if not math.isclose(r["lr_conventional"], conventional, rel_tol=1e-6)}
+            stale = {p: r for p,
+                     r in records.items() if not math.isclose(r["lr_conventional"], conventional, rel_tol=1e-6)}
             if not stale:
                 continue
             keep = {p for p in records if p not in stale}
@@ -189,7 +190,8 @@ def rekey_cells(out: Path, tasks: list[Task], quick: bool = False) -> list[str]:
                               "rekeyed": f"ran as {old} (an earlier convention); same lr and recipe, not rerun"}
                     keep.add(target)
                 _atomic_write(target, json.dumps(record, indent=1))
-                moved.append(f"{task.name}/{contender.name}: {path.name} -> {target.relative_to(out / 'cells' / task.name)}")
+                moved.append(f"{task.name}/{contender.name}: {path.name} -> "
+                             f"{target.relative_to(out / 'cells' / task.name)}")
             for path in stale:
                 if path not in keep:
                     path.unlink()
@@ -197,7 +199,8 @@ def rekey_cells(out: Path, tasks: list[Task], quick: bool = False) -> list[str]:
 
 
 def write_cell(out: Path, record: dict[str, Any]) -> None:
-    _atomic_write(cell_path(out, record["task"], record["contender"], record["lr_factor"]), json.dumps(record, indent=1))
+    _atomic_write(cell_path(out, record["task"], record["contender"], record["lr_factor"]),
+                  json.dumps(record, indent=1))
 
 
 def _current_cells(out: Path, task: Task, contender: Contender, fingerprint: str) -> dict[float, tuple[Path, dict]]:
@@ -223,13 +226,15 @@ def read_cells(out: Path, tasks: list[Task], quick: bool = False) -> dict[str, d
         fingerprint = recipe_fingerprint(task, quick)
         cells[task.name] = {}
         for contender in contenders_for(task):
-            sweep = {factor: record for factor, (_, record) in _current_cells(out, task, contender, fingerprint).items()}
+            sweep = {factor: record for factor,
+                     (_, record) in _current_cells(out, task, contender, fingerprint).items()}
             if sweep:
                 cells[task.name][contender.name] = sweep
     return cells
 
 
-def missing_cells(tasks: list[Task], cells: dict[str, dict[str, dict[float, dict]]]) -> list[tuple[Task, Contender, float]]:
+def missing_cells(tasks: list[Task],
+                  cells: dict[str, dict[str, dict[float, dict]]]) -> list[tuple[Task, Contender, float]]:
     return [(t, c, f) for t, c, f in grid_order(tasks, None) if f not in cells[t.name].get(c.name, {})]
 
 

@@ -18,7 +18,19 @@ from .cell import factor_tag
 from .contenders import Contender, contenders_for
 from .data import _atomic_write
 from .grid import missing_cells, read_cells, rekey_cells
-from .measures import Verdict, _fmt_count, _fmt_factor, _fmt_metric, _fmt_spread, _mean, best_cell, best_cells, final_metric, late_loss, sensitivity
+from .measures import (
+    Verdict,
+    _fmt_count,
+    _fmt_factor,
+    _fmt_metric,
+    _fmt_spread,
+    _mean,
+    best_cell,
+    best_cells,
+    final_metric,
+    late_loss,
+    sensitivity,
+)
 from .methods import method_modules
 from .tasks import EXTEND_LIMIT, FACTORS, MARKERS, SWEEP, Task
 
@@ -30,8 +42,10 @@ def task_table(task: Task, contenders: list[Contender], sweeps: dict[str, dict[f
     unit = "" if task.metric == "perplexity" else " (%)"
     steps = next((", ".join(str(p["step"]) for p in r["curve"]) for r in best.values() if r), "?")
     points = " | ".join(f"{_fmt_factor(f)}× conv." for f in SWEEP)
-    lines = [(f"| contender | architecture / init / optimizer / schedule | conventional lr | {task.metric}{unit} at {points} | "
-              f"past the edge | best: lr (× conv.) | spread over the sweep | best: eval {task.metric}{unit} at steps {steps} | "
+    lines = [(f"| contender | architecture / init / optimizer / schedule | conventional lr | "
+              f"{task.metric}{unit} at {points} | "
+              f"past the edge | best: lr (× conv.) | spread over the sweep | "
+              f"best: eval {task.metric}{unit} at steps {steps} | "
               f"best: train loss, last quarter | trainable | init (s) | s / step | step × LoRA | peak RSS (MiB) | "
               f"sweep cells (s) |"),
              "|---|---|---|" + "---|" * len(SWEEP) + "---|---|---|---|---|---|---|---|---|---|---|"]
@@ -59,7 +73,8 @@ def task_table(task: Task, contenders: list[Contender], sweeps: dict[str, dict[f
         values.append(beyond)
         conventional = f"{any_cell['lr_conventional']:.2g}"
         if record is None:
-            lines.append(f"| {contender.label}{note} | {axes} | {conventional} | {' | '.join(values)} | none finished | "
+            lines.append(f"| {contender.label}{note} | {axes} | {conventional} | {' | '.join(values)} | "
+                         f"none finished | "
                          f"{_fmt_spread(task, sweep)} |" + " |" * 8)
             continue
         edge = ""
@@ -91,7 +106,8 @@ def grid_time(tasks: list[Task], cells: dict[str, dict[str, dict[float, dict]]])
     parts = ", ".join(f"{name} {sum(v) / 60:.1f} min for {len(v)} cell{'' if len(v) == 1 else 's'}"
                       for name, v in walls.items())
     threads = sorted({r.get("threads") for rs in records.values() for r in rs if r.get("threads")})
-    on = f"{'/'.join(map(str, threads))} thread{'s' if threads != [1] else ''} per cell" if threads else "threads unknown"
+    on = (f"{'/'.join(map(str, threads))} thread{'s' if threads != [1] else ''} per cell" if threads
+          else "threads unknown")
     text = (f"The finished cells took {total / 60:.1f} min of wall time in all ({parts}), one process each, "
             f"{on}; preparing the data and converting SmolLM2 once are not counted.")
     missing = missing_cells(tasks, cells)
@@ -269,7 +285,8 @@ def report(tasks: list[Task], out: Path, command: str, quick: bool = False, docs
              "the base; PEFT's LoRA the base); it is reported at its best cell (final eval metric), with the spread "
              "over the sweep: best − worst in points, or worst / best for perplexity. A contender whose best cell was "
              "at an end of the sweep also ran past that edge, a factor 3 at a time (`--extend`: \"past the edge\"; "
-             f"at most {EXTEND_LIMIT} points beyond either end), until its best cell was inside. The cells of one run are "
+             f"at most {EXTEND_LIMIT} points beyond either end), until its best cell was inside. "
+             "The cells of one run are "
              "not timed side by side: on a shared machine a cell's step time reflects the load while it ran, so "
              "the cost columns (s / step, step × LoRA) are indicative only.", "",
              "### Final eval metric, each contender at its best learning rate", "", summary_table(tasks, cells), ""]
@@ -289,7 +306,8 @@ def report(tasks: list[Task], out: Path, command: str, quick: bool = False, docs
     parts += ["### Headline claims at this scale (best cells)", "", "| method | claim | result | evidence |",
               "|---|---|---|---|"]
     for verdict in claims(tasks, best):
-        parts.append(f"| {verdict.method} | {verdict.claim} | {verdict.result} | {'<br>'.join(verdict.evidence) or '—'} |")
+        evidence = "<br>".join(verdict.evidence) or "—"
+        parts.append(f"| {verdict.method} | {verdict.claim} | {verdict.result} | {evidence} |")
     missing = missing_table(every, cells)
     if missing:
         parts += ["", "### Cells not run yet", "", missing]
@@ -306,7 +324,8 @@ def report(tasks: list[Task], out: Path, command: str, quick: bool = False, docs
                 "best_lr": record["lr"] if record else None,
                 "best_metric": final_metric(task, record) if record else None,
                 "spread": spread if math.isfinite(spread) else None, "diverged": [factor_tag(f) for f in diverged],
-                "cells": {factor_tag(f): {k: v for k, v in r.items() if k != "step_seconds_all"} for f, r in sweep_.items()}}
+                "cells": {factor_tag(f): {k: v for k, v in r.items() if k != "step_seconds_all"} for f,
+                          r in sweep_.items()}}
     _atomic_write(out / "results.json", json.dumps(summary, indent=1))
     plot_path.parent.mkdir(parents=True, exist_ok=True)
     plot(tasks, best, plot_path)

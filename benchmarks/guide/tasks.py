@@ -14,11 +14,11 @@ import peftkit
 import peftkit.adapters
 from peftkit.train.recipe import Recipe, load_recipe
 
-
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "quality.py"  # the CLI: each isolated cell runs it again with --cell
 # Where the warnings worth reporting come from (methods, machinery, this script), wherever they are installed.
-OWN_CODE = [Path(peftkit.__file__).resolve().parent, Path(peftkit.adapters.__file__).resolve().parent, REPO / "benchmarks"]
+OWN_CODE = [Path(peftkit.__file__).resolve().parent, Path(peftkit.adapters.__file__).resolve().parent,
+            REPO / "benchmarks"]
 RECIPES = REPO / "recipes" / "quality"
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "quality"

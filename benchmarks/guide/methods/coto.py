@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from ..measures import _mean, drop_half, retained, Verdict
+from ..measures import Verdict, _mean, drop_half, retained
 
 ORDER = 8
 

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-from ..measures import _fmt_metric, Verdict
+from ..measures import Verdict, _fmt_metric
 
 ORDER = 7
 
 
 def claims(pairs, better) -> list[Verdict]:
     out = []
-    v = Verdict("elalora", "a non-uniform rank distribution at constant total rank; removing high-rank layers hurts more")
+    v = Verdict("elalora",
+                "a non-uniform rank distribution at constant total rank; removing high-rank layers hurts more")
     for (task, (ela,)) in pairs("elalora"):
         a = ela["analysis"]
         ranks = list(a["ranks"].values())
         low, high = a["metric_without_lowest_rank_quarter"], a["metric_without_highest_rank_quarter"]
         # Strictly: a tie is no evidence that the high-rank layers matter more.
         v.add(len(set(ranks)) > 1 and (low > high if task.higher_is_better else low < high),
-              f"{task.name}: ranks {min(ranks)}–{max(ranks)} (total {sum(ranks)} over {len(ranks)} layers); {task.metric} "
-              f"without the lowest-rank quarter {_fmt_metric(task, low)}, without the highest {_fmt_metric(task, high)}")
+              f"{task.name}: ranks {min(ranks)}–{max(ranks)} (total {sum(ranks)} over {len(ranks)} layers); "
+              f"{task.metric} without the lowest-rank quarter {_fmt_metric(task, low)}, "
+              f"without the highest {_fmt_metric(task, high)}")
     out.append(v)
     return out
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..measures import early_loss, Verdict
+from ..measures import Verdict, early_loss
 
 ORDER = 5
 

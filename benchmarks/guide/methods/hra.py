@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..measures import _fmt_count, _fmt_metric, final_metric, Verdict
+from ..measures import Verdict, _fmt_count, _fmt_metric, final_metric
 
 ORDER = 6
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..measures import _fmt_count, _fmt_metric, final_metric, Verdict
+from ..measures import Verdict, _fmt_count, _fmt_metric, final_metric
 
 ORDER = 11
 

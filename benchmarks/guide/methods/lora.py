@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..measures import _fmt_metric, drop_half, final_metric, Verdict
+from ..measures import Verdict, _fmt_metric, drop_half, final_metric
 
 ORDER = 1
 
@@ -13,7 +13,8 @@ def claims(pairs, better) -> list[Verdict]:
     for task, (ours, theirs) in pairs("lora", "peft-lora"):
         gap = final_metric(task, ours) - final_metric(task, theirs)
         speed = ours["step_seconds"] / theirs["step_seconds"]
-        v.add(abs(gap) <= 0.02 and speed <= 1.05, f"{task.name}: {task.metric} {_fmt_metric(task, final_metric(task, ours))} vs "
+        v.add(abs(gap) <= 0.02 and speed <= 1.05,
+              f"{task.name}: {task.metric} {_fmt_metric(task, final_metric(task, ours))} vs "
               f"{_fmt_metric(task, final_metric(task, theirs))}, step time {speed:.2f}× PEFT")
     out.append(v)
     return out

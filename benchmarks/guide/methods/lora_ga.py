@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..measures import early_loss, Verdict
+from ..measures import Verdict, early_loss
 
 ORDER = 3
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..measures import late_loss, Verdict
+from ..measures import Verdict, late_loss
 
 ORDER = 9
 
