@@ -184,6 +184,19 @@ def target_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels[..., 1:] != IGNORE_INDEX).reshape(-1).nonzero().squeeze(1)
 
 
+def base_hidden_states(model: nn.Module, base: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
+    """The last hidden states (batch, seq, H) of ``base`` (the model under its head), run as one of the model's
+    forwards for peftkit's merge/unmerge gate, as ``model(...)`` would be."""
+    gate = model.__dict__.get(GATE_ATTR)
+    if gate is not None:
+        gate.enter(model, ())
+    try:
+        return base(**inputs).last_hidden_state
+    finally:
+        if gate is not None:
+            gate.leave(model, (), None)
+
+
 def target_logits(model: nn.Module, inputs: Mapping[str, Any], labels: torch.Tensor, positions: torch.Tensor,
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (N, V) at the target positions only, softcapped where the model does, at least fp32; the targets
@@ -193,14 +206,7 @@ def target_logits(model: nn.Module, inputs: Mapping[str, Any], labels: torch.Ten
     if found is None:
         raise ValueError("target_logits: the model's logits are not head(base(...)); use its own forward")
     base, head, softcap = found
-    gate = model.__dict__.get(GATE_ATTR)
-    if gate is not None:
-        gate.enter(model, ())
-    try:
-        hidden = base(**inputs).last_hidden_state
-    finally:
-        if gate is not None:
-            gate.leave(model, (), None)
+    hidden = base_hidden_states(model, base, inputs)
     positions = positions.to(hidden.device, non_blocking=True)
     rows = hidden[..., :-1, :].reshape(-1, hidden.shape[-1]).index_select(0, positions)
     logits = head(rows)
@@ -220,16 +226,7 @@ def chunked_causal_loss(model: nn.Module, batch: Mapping[str, Any], global_units
     if found is None:
         raise ValueError("chunked_causal_loss: the model's logits are not head(base(...)); use its own loss")
     base, head, softcap = found
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    # The forward counts as one of the model's for peftkit's merge/unmerge gate, as model(...) would.
-    gate = model.__dict__.get(GATE_ATTR)
-    if gate is not None:
-        gate.enter(model, ())
-    try:
-        hidden = base(**inputs).last_hidden_state
-    finally:
-        if gate is not None:
-            gate.leave(model, (), None)
+    hidden = base_hidden_states(model, base, {k: v for k, v in batch.items() if k != "labels"})
     labels = batch["labels"].to(hidden.device)
     targets = labels[..., 1:]
     if positions is None:
