@@ -157,3 +157,25 @@ def test_export_rank_2r_loads_in_peft_on_the_original_base_fp64(method, tmp_path
 def test_non_linear_target_is_refused():
     with pytest.raises(ConfigError, match="embed_tokens"):
         peftkit.wrap(tiny_llama(), "pissa", r=2, targets=["embed_tokens"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_4bit_base_keeps_the_function_and_factorizes_the_dequantized_weight(method):
+    """The residual stays an offset pair (a 4-bit weight cannot hold W − s·B₀A₀ without a second rounding): the
+    output at init is the 4-bit base's, and s·B·A is the definition applied to the dequantized weight."""
+    import bnb_paths
+    from helpers import tiny_llama_4bit
+
+    model = tiny_llama_4bit()
+    batch = make_batches(model, n=1)[0]
+    ref = output(model, batch).double()
+    peftkit.wrap(model, method, r=2, alpha=4.0)
+    if bnb_paths.takes_packed_path(model):
+        bnb_paths.assert_close(output(model, batch).double(), ref, model)
+    else:
+        assert (output(model, batch).double() - ref).abs().max() <= 1e-5 * float(ref.abs().max())
+    for layer in adapter_layers(model).values():
+        a, b, s = _factors(layer)
+        w = layer.base_weight(torch.float64)
+        expected = _definition(method, w, 2, s)
+        torch.testing.assert_close((s * b @ a).double(), expected, rtol=0, atol=1e-4 * float(w.abs().max()))
