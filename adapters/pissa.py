@@ -4,8 +4,8 @@
   A = √(S_r/s)·V_rᵀ, B = U_r·√(S_r/s), so that s·B·A = [W]_r, the rank-r truncation (PEFT 0.21.2's ``pissa``;
   ``niter`` = K is PEFT's ``pissa_niter_K``, torch.svd_lowrank with K subspace iterations).
 - MiLoRA (Wang et al.; NAACL 2025, arXiv 2406.09044): the same with the r *minor* triplets (smallest singular
-  values), s·B·A = W − [W]_{n−r} restricted to the last r components. PEFT 0.21.2 has no MiLoRA; the scaling follows
-  PiSSA's (divide S by s) so that s·B·A is the minor part whatever α is.
+  values), s·B·A = U_m S_m V_mᵀ. PEFT 0.21.2 has no MiLoRA; the authors' svd_init.py uses PiSSA's scaling (S divided
+  by s, then √S on each factor), so s·B·A is the minor part whatever α is.
 - OLoRA (Büyükakyüz; arXiv 2406.01775): W = Q R, B = Q[:, :r], A = R[:r] (PEFT 0.21.2's ``olora``: no division by s,
   so s·B·A = s·Q_r R_r).
 
@@ -112,22 +112,21 @@ def olora_init(model, layers, config, data) -> None:
 
 registry.register_method(
     "pissa", architecture="lora", init="pissa",
-    lr_convention=registry.LRConvention("lora", 1.0, "PiSSA paper (§5): the same lr as LoRA in every comparison "
-                                        "(2e-5 on LLaMA-2-7B for full FT, LoRA and PiSSA)"),
+    lr_convention=registry.LRConvention("lora", 1.0, "PiSSA paper: compared with LoRA under identical setups (one "
+                                        "lr for both); LoRA-like"),
     description="PiSSA (Meng et al. 2024): LoRA started from the principal singular components of W, the residual "
                 "frozen; saved as an exact rank-2r PEFT LoRA on the original base",
 )
 registry.register_method(
     "milora", architecture="lora", init="milora",
-    lr_convention=registry.LRConvention("lora", 1.0, "MiLoRA paper (§4): LoRA's hyperparameters (lr 3e-4 on "
-                                        "commonsense reasoning, as LoRA/DoRA's)"),
+    lr_convention=registry.LRConvention("lora", 1.0, "authors' repo: LLM-Adapters' LoRA settings unchanged, "
+                                        "only the init swapped (their math logs: lr 3e-4, LoRA's)"),
     description="MiLoRA (Wang et al. 2024): LoRA started from the minor singular components of W, the residual "
                 "frozen; saved as an exact rank-2r PEFT LoRA on the original base",
 )
 registry.register_method(
     "olora", architecture="lora", init="olora",
-    lr_convention=registry.LRConvention("lora", 1.0, "OLoRA paper: the same lr grid as LoRA (its comparisons run "
-                                        "both at one rate)"),
+    lr_convention=registry.LRConvention("lora", 1.0, "OLoRA paper: compared with LoRA at one shared rate; LoRA-like"),
     description="OLoRA (Büyükakyüz 2024): LoRA started from the QR factors of W, the residual frozen; saved as an "
                 "exact rank-2r PEFT LoRA on the original base",
 )
