@@ -179,3 +179,23 @@ def test_4bit_base_keeps_the_function_and_factorizes_the_dequantized_weight(meth
         w = layer.base_weight(torch.float64)
         expected = _definition(method, w, 2, s)
         torch.testing.assert_close((s * b @ a).double(), expected, rtol=0, atol=1e-4 * float(w.abs().max()))
+
+
+def test_pissa_equal_to_peft_on_conv1d():
+    """GPT-2's Conv1D (PEFT transposes with fan_in_fan_out): s·B·A and the residual equal PEFT's (fp32). PEFT's OLoRA
+    factorizes Conv1D's stored (in, out) weight instead (its A gets shape (r, out)), so OLoRA is compared on
+    nn.Linear only."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_gpt2(), LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"],
+                                                        init_lora_weights="pissa", fan_in_fan_out=True))
+    ours = peftkit.wrap(tiny_gpt2(), "pissa", r=4, alpha=8.0, targets=["c_attn", "c_proj"])
+    base = tiny_gpt2()
+    for name, layer in adapter_layers(ours).items():
+        a, b, s = _factors(layer)
+        theirs = peft_model.base_model.model.get_submodule(name)
+        a_p, b_p = theirs.lora_A["default"].weight.detach(), theirs.lora_B["default"].weight.detach()
+        w = base.get_submodule(name).weight.detach().T
+        tol = 1e-6 * float(w.abs().max())
+        torch.testing.assert_close(s * b @ a, s * b_p @ a_p, rtol=0, atol=tol)
+        torch.testing.assert_close((w - s * b @ a).T, theirs.base_layer.weight.detach(), rtol=0, atol=tol)
