@@ -25,7 +25,9 @@ from peftkit.validation import option
 class LoraOptions:
     # PEFT's init_lora_weights: True (A Kaiming-uniform, B = 0), "gaussian" (A ~ N(0, 1/r)), False (debug:
     # B random too, so the model changes at init).
-    init_lora_weights: bool | str = option(True, choices=(True, False, "gaussian"))
+    init_lora_weights: bool | str = option(True, choices=(True, False, "gaussian"), expect=(
+        "one of true, false, 'gaussian' (PEFT's 'pissa', 'pissa_niter_K', 'olora', 'milora' are peftkit methods: "
+        "peftkit.wrap(model, 'pissa', niter=K), 'olora', 'milora', or init='pissa' on another preset)"))
 
 
 def _weight_init_method(init: Any) -> dict[str, Any] | None:

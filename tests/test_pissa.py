@@ -112,6 +112,9 @@ def test_peft_lora_config_init_values_are_aliases():
             assert cfg.options["init"]["niter"] == niter
     with pytest.raises(ConfigError, match="pissa_niter_K"):
         peftkit.wrap(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa_niter_x"))
+    # The option itself (not a PEFT config object) is not an alias: one error pointing at the methods.
+    with pytest.raises(ConfigError, match=r"init_lora_weights: .*peftkit.wrap\(model, 'pissa', niter=K\)"):
+        peftkit.wrap(tiny_llama(), "lora", r=2, init_lora_weights="pissa")
 
 
 def test_pissa_niter_is_the_truncation_on_a_decaying_spectrum():
