@@ -25,7 +25,24 @@ from peftkit.validation import option
 class LoraOptions:
     # PEFT's init_lora_weights: True (A Kaiming-uniform, B = 0), "gaussian" (A ~ N(0, 1/r)), False (debug:
     # B random too, so the model changes at init).
-    init_lora_weights: bool | str = option(True, choices=(True, False, "gaussian"))
+    init_lora_weights: bool | str = option(True, choices=(True, False, "gaussian"), expect=(
+        "one of true, false, 'gaussian' (PEFT's 'pissa', 'pissa_niter_K', 'olora', 'milora' are peftkit methods: "
+        "peftkit.wrap(model, 'pissa', niter=K), 'olora', 'milora', or init='pissa' on another preset)"))
+
+
+def _weight_init_method(init: Any) -> dict[str, Any] | None:
+    """PEFT's ``init_lora_weights`` values that factorize W ("pissa", "pissa_niter_K", "olora", "milora") as the
+    peftkit method (and its options) that implements them; None for any other value."""
+    if not isinstance(init, str):
+        return None
+    if init in ("pissa", "olora", "milora"):
+        return {"method": init}
+    prefix = "pissa_niter_"
+    if init.startswith(prefix):
+        if not init[len(prefix):].isdigit() or int(init[len(prefix):]) < 1:
+            raise ConfigError(f"init_lora_weights: expected 'pissa_niter_K' with an integer K >= 1, got {init!r}")
+        return {"method": "pissa", "niter": int(init[len(prefix):])}
+    return None
 
 
 class LoraBranch(nn.Module):
@@ -101,11 +118,16 @@ class LoraLayer(AdapterLayer):
                 raise ConfigError(f"{kind}.{field_name}={value!r} is not supported by peftkit's LoRA; leave it at "
                                   f"{neutral!r} (or merge such an adapter with PEFT and use the merged model)")
         init = peft_config.init_lora_weights
+        options = dict(r=peft_config.r, alpha=float(peft_config.lora_alpha), dropout=float(peft_config.lora_dropout),
+                       rslora=bool(peft_config.use_rslora))
+        weight_init = _weight_init_method(init)
+        if weight_init is not None:  # PEFT's weight-factorizing inits are peftkit methods (adapters/pissa.py)
+            return {**options, **weight_init}
         if init not in (True, False, "gaussian"):
-            raise ConfigError(f"{kind}.init_lora_weights={init!r}: peftkit reads True, False and 'gaussian'; its data-"
-                              "driven inits are methods of their own (peftkit.wrap(model, 'lora-ga' / 'eva' ...))")
-        return dict(r=peft_config.r, alpha=float(peft_config.lora_alpha), dropout=float(peft_config.lora_dropout),
-                    rslora=bool(peft_config.use_rslora), init_lora_weights=init)
+            raise ConfigError(f"{kind}.init_lora_weights={init!r}: peftkit reads True, False, 'gaussian', 'pissa', "
+                              "'pissa_niter_K', 'olora' and 'milora'; its data-driven inits are methods of their own "
+                              "(peftkit.wrap(model, 'lora-ga' / 'eva' ...))")
+        return {**options, "init_lora_weights": init}
 
     @classmethod
     def for_base(cls, base_layer: nn.Module) -> type[AdapterLayer]:

@@ -30,7 +30,9 @@ def from_peft_config(peft_config: Any):
         raise ConfigError(f"{kind}: peftkit reads PEFT's configs of type {readable}; for other PEFT methods use PEFT, "
                           "or pick a peftkit method by name (peftkit.methods())")
     options: dict[str, Any] = reader(peft_config)
-    method = architecture  # the architecture's own preset (its name), as get_peft_model would build it
+    # The architecture's own preset (its name), as get_peft_model would build it, unless the reader names the
+    # preset a PEFT option selects (LoRA's init_lora_weights="pissa" is the method 'pissa').
+    method = options.pop("method", architecture)
     targets = peft_config.target_modules
     parameters = getattr(peft_config, "target_parameters", None)
     if parameters:  # fused expert stacks (or other parameters), adapted per expert as PEFT does

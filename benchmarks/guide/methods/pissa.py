@@ -1,0 +1,18 @@
+"""pissa's part of the method guide: its paper's headline claim (faster convergence and a better result than LoRA
+under identical setups)."""
+
+from __future__ import annotations
+
+from ..measures import Verdict, early_loss, final_metric
+
+ORDER = 12
+
+
+def claims(pairs, better) -> list[Verdict]:
+    v = Verdict("pissa", "faster convergence than LoRA and at least its final metric; each at its best lr")
+    for task, (pissa, lora) in pairs("pissa", "lora"):
+        ours, theirs = final_metric(task, pissa), final_metric(task, lora)
+        v.add(early_loss(pissa) < early_loss(lora) and better(task, ours, theirs),
+              f"{task.name}: first-quarter train loss {early_loss(pissa):.4f} vs LoRA {early_loss(lora):.4f}; final "
+              f"{ours:.4f} vs LoRA {theirs:.4f}")
+    return [v]
