@@ -153,8 +153,8 @@ def adapter_state(model: nn.Module, adapter_name: str, *,
         # layers with a PEFT format of their own (HRA) keep their architecture and its options.
         saved_config.update(optimizer="adamw", schedule="none")
         saved_config["options"] = {k: v for k, v in saved_config["options"].items() if k == "architecture"}
-        if peft_type == "LORA":
-            saved_config["architecture"] = "lora"
+        if peft_type == "LORA":  # the LoRA-format architecture (lora, or dora with use_dora), no init options
+            saved_config["architecture"] = next(iter(layers.values())).architecture_name
             saved_config["options"] = {}
     module_layers = sorted(n for n in layers if n not in parameter_layers)
     target_parameters = sorted(l.target_name for l in parameter_layers.values()) or None
@@ -202,9 +202,10 @@ def adapter_state(model: nn.Module, adapter_name: str, *,
         for key in ("lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout", "fan_in_fan_out",
                     "lora_bias", "use_dora", "init_lora_weights"):
             peft.pop(key, None)
-        extra = getattr(next(iter(layers.values())), "peft_config_fields", None)
-        if extra is not None:
-            peft.update(extra(adapter_name, config))
+
+    extra = getattr(next(iter(layers.values())), "peft_config_fields", None)
+    if extra is not None:  # the fields PEFT needs beyond LoRA's (HRA's; DoRA's use_dora)
+        peft.update(extra(adapter_name, config))
     return tensors, peft
 
 
@@ -269,7 +270,7 @@ def _config_from_peft(data: dict[str, Any], module_names: list[str],
             registry.note_plugin(axis, name, str(module))
         config = AdapterConfig.from_dict(section["config"])
     else:
-        arch = registry.architecture_for_peft_type(data.get("peft_type"))
+        arch = registry.architecture_for_peft_type(data.get("peft_type"), data)
         config = AdapterConfig(method=arch, architecture=arch)
         config.r = int(data.get("r", 8))
         config.alpha = float(data.get("lora_alpha", config.r if arch == "lora" else 8))
