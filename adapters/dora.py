@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from peftkit.adapters.lora import LoraBranch, LoraLayer, LoraOptions
 from peftkit import registry
+from peftkit.adapters.lora import LoraBranch, LoraLayer, LoraOptions
 from peftkit.errors import StateError
 from peftkit.layer import adapter_dtype, linear_types
 
@@ -108,12 +108,25 @@ class DoraLayer(LoraLayer):
         return gain * (weight + self.delta_weight(name).to(weight.dtype)), bias
 
     def unmerge_weights(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None):
-        norm = self.__dict__.get("_merge_norms", {}).pop(name, None)
+        norm = self.__dict__.get("_merge_norms", {}).get(name)  # kept: a check may replay the unmerge
         if norm is None:
             raise StateError(f"unmerge: {self.module_name} has no record of merging DoRA adapter '{name}'; reload "
                              "the base model")
         gain = (self.adapters[name].lora_magnitude_vector.detach().to(weight.dtype) / norm).unsqueeze(1)
         return weight / gain - self.delta_weight(name).to(weight.dtype), bias
+
+    def export_lora(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """W' − W as an exact LoRA (A (k, in), B (out, k), s = 1), k = min(out, in): DoRA's update
+        (g − 1)·W + g·s·B·A is full rank in general, so its SVD is kept whole (``export(to="lora")``)."""
+        a = self.adapters[name].lora_A.weight
+        weight = self.base_weight(torch.float64)
+        branch = self.adapters[name]
+        a64, b64 = (t.detach().to(torch.float64) for t in branch.effective_factors())
+        moved = weight + (b64 @ a64) * self.scaling[name]
+        gain = branch.lora_magnitude_vector.detach().to(torch.float64) / torch.linalg.vector_norm(moved, dim=1)
+        u, sigma, vh = torch.linalg.svd(gain[:, None] * moved - weight, full_matrices=False)
+        root = sigma.sqrt()
+        return (root[:, None] * vh).to(a.dtype), (u * root).to(a.dtype), 1.0
 
     def saved_tensors(self, name: str) -> dict[str, torch.Tensor]:
         tensors = super().saved_tensors(name)
