@@ -117,16 +117,20 @@ class DoraLayer(LoraLayer):
 
     def export_lora(self, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         """W' − W as an exact LoRA (A (k, in), B (out, k), s = 1), k = min(out, in): DoRA's update
-        (g − 1)·W + g·s·B·A is full rank in general, so its SVD is kept whole (``export(to="lora")``)."""
+        (g − 1)·W + g·s·B·A is full rank in general (``export(to="lora")``)."""
         a = self.adapters[name].lora_A.weight
         weight = self.base_weight(torch.float64)
         branch = self.adapters[name]
         a64, b64 = (t.detach().to(torch.float64) for t in branch.effective_factors())
         moved = weight + (b64 @ a64) * self.scaling[name]
         gain = branch.lora_magnitude_vector.detach().to(torch.float64) / torch.linalg.vector_norm(moved, dim=1)
-        u, sigma, vh = torch.linalg.svd(gain[:, None] * moved - weight, full_matrices=False)
-        root = sigma.sqrt()
-        return (root[:, None] * vh).to(a.dtype), (u * root).to(a.dtype), 1.0
+        update = gain[:, None] * moved - weight
+        out_features, in_features = update.shape
+        # An identity factor on the smaller side: exact, rank min(out, in), and continuous in W (an SVD's factors
+        # would rotate with rounding-level changes of the base between two exports).
+        if out_features <= in_features:
+            return update.to(a.dtype), torch.eye(out_features, dtype=a.dtype, device=a.device), 1.0
+        return torch.eye(in_features, dtype=a.dtype, device=a.device), update.to(a.dtype), 1.0
 
     def saved_tensors(self, name: str) -> dict[str, torch.Tensor]:
         tensors = super().saved_tensors(name)

@@ -159,3 +159,25 @@ def test_pair_optimizers_that_assume_plain_lora_are_refused(optimizer):
     base = tiny_llama()
     with pytest.raises(ConfigError, match=optimizer):
         peftkit.wrap(base, "dora", r=4, targets=["q_proj"], optimizer=optimizer)
+
+
+@pytest.mark.parametrize("components", [dict(init="lora-ga"), dict(init="eva"), dict(optimizer="lora-plus"),
+                                        dict(schedule="coto")])
+def test_composes_with_inits_optimizers_and_schedules(components):
+    """The inits that keep ΔW = 0 at init (LoRA-GA's offset pair, EVA's B = 0) start at the base output with m = ‖W‖;
+    LoRA+ gives B λ·lr (m is an "adapter" tensor at lr); CoTo gates whole branches."""
+    from helpers import make_batches, wrap_with_data
+
+    base = tiny_llama(dtype=torch.float64)
+    batches = make_batches(base)
+    ref = output(base, batches[0])
+    model = wrap_with_data(base, batches, "dora", r=2, targets=["q_proj", "v_proj"], **components)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert type(layer).__name__ == "DoraLayer"
+    assert (output(model, batches[0]) - ref).abs().max() <= 1e-10
+    opt = peftkit.optimizer(model, lr=1e-3)
+    model.train()
+    model(**batches[0]).loss.backward()
+    before = layer.adapters["default"].lora_magnitude_vector.detach().clone()
+    opt.step()
+    assert not torch.equal(layer.adapters["default"].lora_magnitude_vector, before)
