@@ -156,9 +156,8 @@ def adapter_state(model: nn.Module, adapter_name: str, *,
         # layers with a PEFT format of their own (HRA) keep their architecture and its options.
         saved_config.update(optimizer="adamw", schedule="none")
         saved_config["options"] = {k: v for k, v in saved_config["options"].items() if k == "architecture"}
-        if peft_type == "LORA":  # the LoRA-format architecture (lora, or dora with use_dora), no init options
-            saved_config["architecture"] = ("lora" if exported_lora
-                                             else next(iter(layers.values())).architecture_name)
+        if peft_type == "LORA":  # a LoRA-format architecture (lora; dora with use_dora), no init options
+            saved_config["architecture"] = "lora" if exported_lora else next(iter(layers.values())).architecture_name
             saved_config["options"] = {}
     module_layers = sorted(n for n in layers if n not in parameter_layers)
     target_parameters = sorted(l.target_name for l in parameter_layers.values()) or None
@@ -206,7 +205,6 @@ def adapter_state(model: nn.Module, adapter_name: str, *,
         for key in ("lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout", "fan_in_fan_out",
                     "lora_bias", "use_dora", "init_lora_weights"):
             peft.pop(key, None)
-
     extra = getattr(next(iter(layers.values())), "peft_config_fields", None)
     if extra is not None and not exported_lora:  # the fields PEFT needs beyond LoRA's (HRA's; DoRA's use_dora)
         peft.update(extra(adapter_name, config))
@@ -567,14 +565,10 @@ def export(model_or_dir: nn.Module | str | os.PathLike, directory: str | os.Path
     folder = read_adapter(source)
     data, arch = folder.config, folder.architecture
     saved_type = data.get("peft_type")
-    try:
-        arch_cls = registry.get_component("architecture", arch).obj
-    except ConfigError:
-        arch_cls = None
+    arch_cls = getattr(registry.components("architecture").get(arch), "obj", None)
     arch_type = getattr(arch_cls, "peft_type", None)
-    # The saved files are already the export when they are the architecture's PEFT format and that format is
-    # the one asked for (any PEFT format for "peft", LoRA only for "lora", and not a LoRA-format DoRA, whose
-    # plain-LoRA form is its export_lora).
+    # The saved files are already the export when they are the architecture's PEFT format and that format is the
+    # one asked for (any PEFT format for "peft", LoRA only for "lora", not DoRA: its plain LoRA is export_lora).
     plain_lora = saved_type == "LORA" and not hasattr(arch_cls, "export_lora")
     if arch_type is not None and arch_type == saved_type and (to == "peft" or plain_lora):
         target = Path(directory)
