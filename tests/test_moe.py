@@ -226,7 +226,8 @@ def test_summary_is_logged_after_wrap_and_names_what_was_skipped(caplog):
 
 # ----------------------------------------------------------------------------------------------- methods
 WORKS = ["lora", "lora-plus", "lora-pro", "loft", "coto", "lora-ga", "lora-one"]
-REFUSES = {"eva": "init 'eva'", "hra": "architecture 'hra'", "hydra": "architecture 'hydra'",
+REFUSES = {"dora": "architecture 'dora'", "eva": "init 'eva'", "hra": "architecture 'hra'",
+           "hydra": "architecture 'hydra'",
            "elalora": "architecture 'elalora'"}
 
 
