@@ -8,7 +8,7 @@ ORDER = 12
 
 
 def claims(pairs, better) -> list[Verdict]:
-    v = Verdict("dora", "beats LoRA at the same rank (the learned magnitude): lower late train loss, each at its best lr")
+    v = Verdict("dora", "beats LoRA at the same rank: lower late train loss, each at its best lr")
     for task, (dora, lora) in pairs("dora", "lora"):
         v.add(late_loss(dora) < late_loss(lora),
               f"{task.name}: late train loss {late_loss(dora):.4f} vs LoRA {late_loss(lora):.4f}")
