@@ -72,8 +72,8 @@ class DoraLayer(LoraLayer):
         """‖W + ΔW‖ per output row (out,), detached; ``weight`` is the dense base weight (out, in)."""
         a, b = self.adapters[name].effective_factors()
         with torch.no_grad():
-            delta = (b.detach() @ a.detach()).to(weight.dtype)
-            return torch.linalg.vector_norm(weight.detach() + delta * self.scaling[name], dim=1)
+            b, a = b.detach().to(weight.dtype), a.detach().to(weight.dtype)
+            return torch.linalg.vector_norm(torch.addmm(weight.detach(), b, a, alpha=self.scaling[name]), dim=1)
 
     def _dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         if self.kind in ("linear", "conv1d"):
@@ -95,8 +95,9 @@ class DoraLayer(LoraLayer):
             else:
                 base_out = result if bias is None else result - bias
                 base_out = base_out.to(a.dtype)
-            lora_out = F.linear(F.linear(x_a, a), b) * self.scaling[name]
-            delta = (gain - 1) * base_out + gain * lora_out
+            # (g − 1)·base + g·s·lora, as g·(base + s·lora) − base: two passes over the output, not four
+            lora_out = F.linear(F.linear(x_a, a), b)
+            delta = gain * torch.add(base_out, lora_out, alpha=self.scaling[name]) - base_out
             result = result + delta.to(result.dtype)
         return result
 
