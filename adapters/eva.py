@@ -180,7 +180,7 @@ def eva_components(model, layers, config, batches, adapter: str) -> tuple[dict[s
     return components, allocation
 
 
-@registry.init("eva", options=EvaOptions, needs_data=True, architectures=("lora",), per_step_batches=True,
+@registry.init("eva", options=EvaOptions, needs_data=True, architectures=("lora", "dora"), per_step_batches=True,
                description="A = top principal directions of each layer's inputs, B = 0, ranks by explained variance")
 def eva_init(model, layers, config, data) -> None:
     options = vars(config.axis_options("init"))  # a fresh filled instance: its __dict__ is ours

@@ -113,7 +113,8 @@ def lora_ga_factors(grad_u: torch.Tensor, grad_s: torch.Tensor, grad_vh: torch.T
     return a0 * c, b0 * c
 
 
-@registry.init("lora-ga", options=LoraGAOptions, needs_data=True, architectures=("lora",), expert_parameters=True,
+@registry.init("lora-ga", options=LoraGAOptions, needs_data=True, architectures=("lora", "dora"),
+               expert_parameters=True,
                description="A₀, B₀ from the SVD of the full-weight gradient, frozen offset keeps the function")
 def lora_ga_init(model, layers, config, data) -> None:
     options = dict(vars(config.axis_options("init")))

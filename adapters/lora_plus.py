@@ -32,7 +32,7 @@ class LoraPlusOptions:
     eps: float = option(1e-8, ge=0)
 
 
-@registry.optimizer("lora-plus", options=LoraPlusOptions, architectures=("lora",),
+@registry.optimizer("lora-plus", options=LoraPlusOptions, architectures=("lora", "dora"),
                     description="AdamW with lr(B) = λ·lr(A) (LoRA+)")
 def build_lora_plus(model: nn.Module, lr: float, config: Any, **options: Any) -> torch.optim.Optimizer:
     opts = config.axis_options("optimizer", **options)

@@ -99,6 +99,7 @@ def adapter_state(model: nn.Module, adapter_name: str, *,
     lora_biases: dict[str, torch.Tensor | None] = {}
     # Fused expert parameters are PEFT's target_parameters (full names); their layers' module paths are only keys.
     parameter_layers = {n: l for n, l in layers.items() if isinstance(l, ExpertParameterLayer)}
+    exported_lora = False
     for name, layer in layers.items():
         if name in parameter_layers:
             for suffix, tensor in layer.saved_tensors(adapter_name).items():
@@ -107,7 +108,8 @@ def adapter_state(model: nn.Module, adapter_name: str, *,
             peft_types.add(getattr(layer, "peft_type", None) or "PEFTKIT")
             continue
         peft_type = getattr(layer, "peft_type", None)
-        if export and (peft_type is None or (to_lora and peft_type != "LORA")):
+        # A LoRA-format layer that is not a LoRA (DoRA) also declares export_lora: to="lora" writes that form.
+        if export and (peft_type is None or (to_lora and (peft_type != "LORA" or hasattr(layer, "export_lora")))):
             if not hasattr(layer, "export_lora"):
                 raise ConfigError(
                     f"to: the '{layer.architecture_name}' adapter of {name} declares no low-rank form (export_lora), "
@@ -120,6 +122,7 @@ def adapter_state(model: nn.Module, adapter_name: str, *,
             lora_biases[name] = bias_change[0] / scale if bias_change and bias_change[0] is not None else None
             per_layer[name] = (r, alpha)
             peft_types.add("LORA")
+            exported_lora = True
         else:
             for suffix, tensor in layer.saved_tensors(adapter_name).items():
                 tensors[f"{PREFIX}{name}.{suffix}"] = tensor
@@ -153,8 +156,8 @@ def adapter_state(model: nn.Module, adapter_name: str, *,
         # layers with a PEFT format of their own (HRA) keep their architecture and its options.
         saved_config.update(optimizer="adamw", schedule="none")
         saved_config["options"] = {k: v for k, v in saved_config["options"].items() if k == "architecture"}
-        if peft_type == "LORA":
-            saved_config["architecture"] = "lora"
+        if peft_type == "LORA":  # a LoRA-format architecture (lora; dora with use_dora), no init options
+            saved_config["architecture"] = "lora" if exported_lora else next(iter(layers.values())).architecture_name
             saved_config["options"] = {}
     module_layers = sorted(n for n in layers if n not in parameter_layers)
     target_parameters = sorted(l.target_name for l in parameter_layers.values()) or None
@@ -202,9 +205,9 @@ def adapter_state(model: nn.Module, adapter_name: str, *,
         for key in ("lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "lora_dropout", "fan_in_fan_out",
                     "lora_bias", "use_dora", "init_lora_weights"):
             peft.pop(key, None)
-        extra = getattr(next(iter(layers.values())), "peft_config_fields", None)
-        if extra is not None:
-            peft.update(extra(adapter_name, config))
+    extra = getattr(next(iter(layers.values())), "peft_config_fields", None)
+    if extra is not None and not exported_lora:  # the fields PEFT needs beyond LoRA's (HRA's; DoRA's use_dora)
+        peft.update(extra(adapter_name, config))
     return tensors, peft
 
 
@@ -269,7 +272,7 @@ def _config_from_peft(data: dict[str, Any], module_names: list[str],
             registry.note_plugin(axis, name, str(module))
         config = AdapterConfig.from_dict(section["config"])
     else:
-        arch = registry.architecture_for_peft_type(data.get("peft_type"))
+        arch = registry.architecture_for_peft_type(data.get("peft_type"), data)
         config = AdapterConfig(method=arch, architecture=arch)
         config.r = int(data.get("r", 8))
         config.alpha = float(data.get("lora_alpha", config.r if arch == "lora" else 8))
@@ -562,13 +565,12 @@ def export(model_or_dir: nn.Module | str | os.PathLike, directory: str | os.Path
     folder = read_adapter(source)
     data, arch = folder.config, folder.architecture
     saved_type = data.get("peft_type")
-    try:
-        arch_type = getattr(registry.get_component("architecture", arch).obj, "peft_type", None)
-    except ConfigError:
-        arch_type = None
-    # The saved files are already the export when they are the architecture's PEFT format and that format is
-    # the one asked for (any PEFT format for "peft", LoRA only for "lora").
-    if arch_type is not None and arch_type == saved_type and (to == "peft" or saved_type == "LORA"):
+    arch_cls = getattr(registry.components("architecture").get(arch), "obj", None)
+    arch_type = getattr(arch_cls, "peft_type", None)
+    # The saved files are already the export when they are the architecture's PEFT format and that format is the
+    # one asked for (any PEFT format for "peft", LoRA only for "lora", not DoRA: its plain LoRA is export_lora).
+    plain_lora = saved_type == "LORA" and not hasattr(arch_cls, "export_lora")
+    if arch_type is not None and arch_type == saved_type and (to == "peft" or plain_lora):
         target = Path(directory)
         target.mkdir(parents=True, exist_ok=True)
         # The export is a plain PEFT adapter: PEFT's fields only (an old file's peftkit key is dropped).

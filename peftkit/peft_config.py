@@ -22,7 +22,7 @@ def from_peft_config(peft_config: Any):
 
     kind = type(peft_config).__name__
     peft_type = str(getattr(getattr(peft_config, "peft_type", None), "value", getattr(peft_config, "peft_type", "")))
-    architecture = registry.architecture_for_peft_type(peft_type)
+    architecture = registry.architecture_for_peft_type(peft_type, peft_config)
     reader = getattr(registry.get_component("architecture", architecture).obj, "options_from_peft_config",
                      None) if architecture else None
     if reader is None:

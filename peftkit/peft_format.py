@@ -227,15 +227,17 @@ def read_adapter(directory: str | os.PathLike) -> AdapterFolder:
     if section is not None and section.get("config", {}).get("architecture"):
         arch_name = section["config"]["architecture"]
     else:
-        arch_name = registry.architecture_for_peft_type(peft_type)
+        arch_name = registry.architecture_for_peft_type(peft_type, data)
     if arch_name is None:
         raise CheckpointError(
             f"{directory / CONFIG_NAME}: peft_type '{peft_type}' is not a format peftkit reads (it reads PEFT's "
             f"{' and '.join(sorted(registry.peft_architectures()))} adapters and its own); convert it with PEFT or "
             "retrain it with peftkit"
         )
-    if peft_type == "LORA" and (data.get("use_dora") or data.get("lora_bias") or data.get("bias", "none") != "none"):
-        feature = ("DoRA" if data.get("use_dora") else "lora_bias" if data.get("lora_bias")
+    dora_read = registry.get_component("architecture", arch_name).peft_flag == "use_dora"
+    if peft_type == "LORA" and ((data.get("use_dora") and not dora_read) or data.get("lora_bias")
+                                or data.get("bias", "none") != "none"):
+        feature = ("DoRA" if data.get("use_dora") and not dora_read else "lora_bias" if data.get("lora_bias")
                    else "bias=" + str(data.get("bias")))
         raise CheckpointError(
             f"{directory / CONFIG_NAME}: this LoRA uses "

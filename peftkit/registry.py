@@ -59,6 +59,9 @@ class Component:
     # For architectures with a PEFT on-disk format: PEFT's ``peft_type`` ("LORA", "HRA"); saved adapters of that
     # type are read by this architecture, and its layers save in that format. None: peftkit's own format.
     peft_type: str | None = None
+    # A boolean field of PEFT's config that selects this architecture among those of the same ``peft_type``
+    # ("use_dora": a LORA folder with use_dora true is DoRA); None: the type's plain reader.
+    peft_flag: str | None = None
 
     def option_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.options)] if self.options else []
@@ -131,12 +134,14 @@ def _register_component(component: Component) -> None:
 
 
 def architecture(name: str, *, options: type | None = None, description: str = "",
-                 peft_type: str | None = None) -> Callable[[ArchitectureT], ArchitectureT]:
+                 peft_type: str | None = None,
+                 peft_flag: str | None = None) -> Callable[[ArchitectureT], ArchitectureT]:
     """Class decorator: register an ``AdapterLayer`` subclass as an architecture (contract:
     ``peftkit.contracts.Architecture``).
 
     ``peft_type``: PEFT's name of the format the layer saves in, when PEFT has one ("LORA", "HRA"); the class
-    then carries it as ``peft_type``, and folders of that type load into this architecture.
+    then carries it as ``peft_type``, and folders of that type load into this architecture. ``peft_flag``: the
+    boolean config field that selects this architecture among readers of the same type (DoRA: "use_dora").
 
     Raises:
         ConfigError: another architecture is already registered under ``name``.
@@ -146,7 +151,8 @@ def architecture(name: str, *, options: type | None = None, description: str = "
         cls.architecture_name = name
         if peft_type is not None:
             cls.peft_type = peft_type
-        _register_component(Component("architecture", name, cls, options, description, peft_type=peft_type))
+        _register_component(Component("architecture", name, cls, options, description, peft_type=peft_type,
+                                      peft_flag=peft_flag))
         return cls
 
     return deco
@@ -158,15 +164,26 @@ def peft_architectures() -> dict[str, str]:
     discover()
     out: dict[str, str] = {}
     for name, component in _components["architecture"].items():
-        if component.peft_type is not None:
+        if component.peft_type is not None and component.peft_flag is None:
             out.setdefault(component.peft_type, name)
     return out
 
 
-def architecture_for_peft_type(peft_type: Any) -> str | None:
-    """The registered architecture that reads PEFT adapters of ``peft_type`` (e.g. "LORA" -> "lora"); None when no
-    architecture declares that format."""
-    return peft_architectures().get(peft_type) if isinstance(peft_type, str) else None
+def architecture_for_peft_type(peft_type: Any, peft_config: Any = None) -> str | None:
+    """The registered architecture that reads PEFT adapters of ``peft_type`` (e.g. "LORA" -> "lora"); with the
+    folder's config (a dict or PEFT's config object), one whose ``peft_flag`` is set there ("use_dora" -> "dora")
+    comes first. None when no architecture declares that format."""
+    if not isinstance(peft_type, str):
+        return None
+    readers = peft_architectures()  # discovers the adapters
+    if peft_config is not None:
+        for name, component in _components["architecture"].items():
+            if component.peft_type == peft_type and component.peft_flag is not None:
+                flag = (peft_config.get(component.peft_flag) if isinstance(peft_config, dict)
+                        else getattr(peft_config, component.peft_flag, None))
+                if flag:
+                    return name
+    return readers.get(peft_type)
 
 
 def init(name: str, *, options: type | None = None, description: str = "", needs_data: bool = False,

@@ -226,9 +226,9 @@ def test_summary_is_logged_after_wrap_and_names_what_was_skipped(caplog):
 
 # ----------------------------------------------------------------------------------------------- methods
 WORKS = ["lora", "lora-plus", "lora-pro", "loft", "coto", "lora-ga", "lora-one"]
-REFUSES = {"eva": "init 'eva'", "hra": "architecture 'hra'", "hydra": "architecture 'hydra'",
-           "elalora": "architecture 'elalora'", "pissa": "init 'pissa'", "milora": "init 'milora'",
-           "olora": "init 'olora'"}
+REFUSES = {"dora": "architecture 'dora'", "eva": "init 'eva'", "hra": "architecture 'hra'",
+           "hydra": "architecture 'hydra'", "elalora": "architecture 'elalora'", "pissa": "init 'pissa'",
+           "milora": "init 'milora'", "olora": "init 'olora'"}
 
 
 def test_every_registered_method_is_classified():
