@@ -234,7 +234,9 @@ def read_adapter(directory: str | os.PathLike) -> AdapterFolder:
             f"{' and '.join(sorted(registry.peft_architectures()))} adapters and its own); convert it with PEFT or "
             "retrain it with peftkit"
         )
-    dora_read = registry.get_component("architecture", arch_name).peft_flag == "use_dora"
+    # An architecture not registered here (a plugin's) is reported by the loader with its own error.
+    component = registry.components("architecture").get(arch_name)
+    dora_read = getattr(component, "peft_flag", None) == "use_dora"
     if peft_type == "LORA" and ((data.get("use_dora") and not dora_read) or data.get("lora_bias")
                                 or data.get("bias", "none") != "none"):
         feature = ("DoRA" if data.get("use_dora") and not dora_read else "lora_bias" if data.get("lora_bias")

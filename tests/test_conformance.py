@@ -289,10 +289,15 @@ def test_save_load_round_trip(method, kind, tmp_path):
         {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-def peft_reads(peft_type: str, kind: str) -> bool:
+def peft_reads(exported: dict, kind: str, model) -> bool:
     """Whether PEFT 0.21 reads the exported format on this base: LoRA everywhere (Linear, Conv1D, bnb 4-bit);
-    HRA only on nn.Linear (PEFT's HRA has no Conv1D nor bitsandbytes layer)."""
-    return peft_type == "LORA" or (peft_type == "HRA" and kind in ("llama", "bert"))
+    HRA only on nn.Linear (PEFT's HRA has no Conv1D nor bitsandbytes layer). DoRA on a 4-bit base on the packed
+    CPU layout (AVX512-BF16 CPUs) is read wrongly by PEFT: its DoRA norm dequantizes W with bitsandbytes'
+    ``dequantize_4bit``, which does not undo the packing (x·Wᵀ off by up to 0.76 here against the base layer's
+    own 0.0017); peftkit reads it back there, and tests/test_dora.py compares with PEFT on the unpacked path."""
+    if exported.get("use_dora") and bnb_paths.takes_packed_path(model):
+        return False
+    return exported["peft_type"] == "LORA" or (exported["peft_type"] == "HRA" and kind in ("llama", "bert"))
 
 
 @pytest.mark.parametrize("method,kind", CASES)
@@ -303,7 +308,7 @@ def test_export_matches_peft(method, kind, tmp_path):
     assert exported["peft_type"] in ("LORA", "HRA")
     fresh = build(kind)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    if peft_reads(exported["peft_type"], kind):
+    if peft_reads(exported, kind, model):
         from peft import PeftModel
 
         with warnings.catch_warnings():
