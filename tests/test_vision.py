@@ -278,3 +278,15 @@ def test_an_overlong_conversation_is_refused_or_dropped(processor, tmp_path):
         _tokenized(processor, tmp_path, max_length=40)
     examples = _tokenized(processor, tmp_path / "drop", max_length=40, overlong="drop")
     assert len(examples) == 2 and examples.stats == {"dropped": 1}
+
+
+def test_several_processes_are_refused_before_anything_is_built(tmp_path):
+    """Vision runs are untested on several processes: prepare refuses them before loading or writing anything."""
+    from types import SimpleNamespace
+
+    from peftkit.train.run_setup import prepare
+
+    recipe = from_dict(_recipe(tmp_path, tmp_path, _rows(tmp_path)))
+    with pytest.raises(ConfigError, match="model.task: image-text-to-text runs on one process"):
+        prepare(recipe, SimpleNamespace(num_processes=2))
+    assert not (tmp_path / "run").exists()

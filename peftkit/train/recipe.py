@@ -523,4 +523,4 @@ def check_vision_recipe(recipe: Recipe) -> None:
                           f"(model.task {VISION_TASK}); drop them (eval_loss is always reported)")
     if t.distributed in ("fsdp2", "zero3"):
         raise ConfigError(f"training.distributed: '{t.distributed}' is not supported with model.task {VISION_TASK} "
-                          "yet; use ddp or zero2")
+                          "yet; run it on one process")

@@ -91,6 +91,11 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
     engine_name = engines.select(recipe)  # an unsupported engine stops here, before anything is built
     accelerator = accelerator or make_accelerator(recipe)
     training = recipe.training
+    if recipe.model.task == VISION_TASK and accelerator.num_processes > 1:
+        # Untested on several processes (the image batches' split and the global token mean): refused rather than
+        # risk a run that trains on other batches than one process would.
+        raise ConfigError(f"model.task: {VISION_TASK} runs on one process for now; this launch has "
+                          f"{accelerator.num_processes}. Launch it without torchrun/accelerate (one process)")
     # Before anything is built: the model's first kernels and the data workers run with the chosen threads.
     threads, why, hint = cpu_threads.apply(training.threads)
     threads_note = f"{threads} CPU thread(s) per process ({why}){'; ' + hint if hint else ''}"
