@@ -123,8 +123,15 @@ def pair_losses(model, batch: dict[str, torch.Tensor], objective: str, beta: flo
 
     if objective == "dpo":
         reference = model if reference is None else reference
-        with torch.no_grad(), disabled(reference):
-            ref, _ = logps(reference)
+        # The reference is the frozen base, so it runs without dropout (as TRL's reference model, in eval mode);
+        # the policy keeps the mode the loop set.
+        was_training = reference.training
+        reference.eval()
+        try:
+            with torch.no_grad(), disabled(reference):
+                ref, _ = logps(reference)
+        finally:
+            reference.train(was_training)
         ref_chosen, ref_rejected = ref.chunk(2)
     elif objective != "simpo":
         raise ValueError(f"objective: expected one of {PAIR_OBJECTIVES}, got {objective!r}")

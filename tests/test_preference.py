@@ -139,3 +139,16 @@ def test_simpo_loss_by_hand_and_the_pair_mean_is_split_independent():
                                          _batch([(pairs[i][0], 3) for i in part] + [(pairs[i][1], 3) for i in part]),
                                          4, objective, beta, gamma)[0] for part in ([0, 1], [2, 3]))
             assert abs(one.item() - halves.item()) < 1e-12
+
+
+def test_the_dpo_reference_runs_without_dropout_and_the_policy_keeps_its_mode():
+    """The reference is the frozen base: it runs in eval mode (no dropout, as TRL's reference model), the policy in
+    the mode the loop set; the model is left in that mode."""
+    model = _policy(1)
+    model.train()
+    modes = []
+    model.register_forward_pre_hook(lambda module, args: modes.append((module.training, torch.is_grad_enabled())))
+    batch = _batch([([5, 6, 7, 8], 2), ([5, 6, 9], 2)])
+    pair_losses(model, batch, "dpo", beta=0.1, chunked=False)
+    assert modes == [(False, False), (True, True)], modes  # reference (no grad, eval), then the policy
+    assert model.training
