@@ -44,6 +44,9 @@ class DoraLayer(LoraLayer):
     saved_suffixes = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
     supported_types = linear_types()
     expert_layer = None  # a fused expert stack has no per-row norm PEFT defines: refused at wrap
+    # The forward reads the whole base weight for its norm: not the shard FSDP2 (a DTensor) or ZeRO-3 (an empty
+    # partition) holds there. `peftkit train` refuses fsdp2/zero3 for it before step 1.
+    reads_whole_base_weight = True
 
     @classmethod
     def for_base(cls, base_layer: nn.Module) -> type:

@@ -45,6 +45,7 @@ CONFIGS: dict[str, tuple[dict, dict]] = {
     "coto": ({"method": "coto", "initial_p": 0.6, "seed": 3}, {}),
     "loft": ({"method": "loft"}, {}),
     "hydra": ({"method": "hydra"}, {}),
+    "pissa": ({"method": "pissa"}, {}),
     "eva+coto+lora-pro": ({"method": "lora", "init": "eva", "schedule": "coto", "optimizer": "lora-pro",
                            "initial_p": 0.6, "seed": 3}, {}),
     "lora-ga+lora-plus": ({"method": "lora-ga", "optimizer": "lora-plus"}, {}),

@@ -200,3 +200,17 @@ def test_nf4_base_matches_peft_on_the_unpacked_path(tmp_path, monkeypatch):
     ours, ref = output(model, batch), output(theirs, batch)
     assert (ours - output(tiny_llama_4bit(), batch)).abs().max() > 1e-2
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero3"])
+def test_sharding_engines_are_refused_before_anything_is_written(engine, tmp_path):
+    """DoRA's forward reads each whole base weight (its norm): FSDP2 holds a DTensor shard there and ZeRO-3 an
+    empty partition, so `peftkit train` refuses both before step 1, and the run folder is not written."""
+    from train_fixtures import llama_text_recipe
+
+    from peftkit.train import from_dict, prepare
+
+    recipe = from_dict(llama_text_recipe(tmp_path, adapter__method="dora", training__distributed=engine))
+    with pytest.raises(ConfigError, match=f"training.distributed: '{engine}' shards the base weights.*dora"):
+        prepare(recipe)
+    assert not (tmp_path / "run").exists()
