@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from peftkit import registry
 from peftkit.adapters.lora import LoraBranch, LoraLayer, LoraOptions
 from peftkit.errors import StateError
+from peftkit.gather import held_as_shard
 from peftkit.layer import adapter_dtype, linear_types
 
 
@@ -44,9 +45,6 @@ class DoraLayer(LoraLayer):
     saved_suffixes = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
     supported_types = linear_types()
     expert_layer = None  # a fused expert stack has no per-row norm PEFT defines: refused at wrap
-    # The forward reads the whole base weight for its norm: not the shard FSDP2 (a DTensor) or ZeRO-3 (an empty
-    # partition) holds there. `peftkit train` refuses fsdp2/zero3 for it before step 1.
-    reads_whole_base_weight = True
 
     @classmethod
     def for_base(cls, base_layer: nn.Module) -> type:
@@ -79,10 +77,14 @@ class DoraLayer(LoraLayer):
             return torch.linalg.vector_norm(torch.addmm(weight.detach(), b, a, alpha=self.scaling[name]), dim=1)
 
     def _dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.kind in ("linear", "conv1d"):
-            weight = self.base_layer.weight.detach()
+        """The whole (out, in) base weight, detached. The norm needs every row whole, so where an engine holds
+        only a shard at this point (an FSDP2 DTensor outside its unit's forward, a ZeRO-3 partition not gathered)
+        it is gathered for the read (``base_weight``: a collective, in forward order on every process)."""
+        weight = self.base_layer.weight
+        if self.kind in ("linear", "conv1d") and not held_as_shard(weight):
+            weight = weight.detach()
             return (weight.t() if self.kind == "conv1d" else weight).to(dtype)
-        return self.base_weight(dtype)  # dequantized
+        return self.base_weight(dtype)  # dequantized (bnb) and/or gathered
 
     def adapted_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -104,8 +106,36 @@ class DoraLayer(LoraLayer):
             result = result + delta.to(result.dtype)
         return result
 
+    def _merged(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # Each adapter's norm is ‖W₀ + ΔW‖ on the ORIGINAL base W₀, as in the forward (and PEFT's), while its gain
+        # scales the weight as it stands (the forward's running output, which holds the adapters before it). From
+        # the second adapter on, the weight merge_weights gets holds earlier merges: W₀ is kept here for the call.
+        self.__dict__["_norm_base"] = self._original_weight()
+        try:
+            return super()._merged(names)
+        finally:
+            self.__dict__.pop("_norm_base", None)
+
+    def _original_weight(self) -> torch.Tensor:
+        """W₀ (out, in): the stored base weight with the adapters merged into it undone, newest first, each with
+        the values it was merged with (the records ``unmerge`` uses)."""
+        weight = self.base_weight()
+        with torch.no_grad():
+            for name in reversed(self.merged_adapters):
+                versions, merged_values = self._merged_state.get(name, (None, None))
+                branch = self.adapters[name]
+                if versions is not None and versions != self._versions(name):
+                    current = {k: t.detach().clone() for k, t in branch.state_dict().items()}
+                    branch.load_state_dict(merged_values)
+                    weight, _ = self.unmerge_weights(name, weight, None)
+                    branch.load_state_dict(current)
+                else:
+                    weight, _ = self.unmerge_weights(name, weight, None)
+        return weight
+
     def merge_weights(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None):
-        norm = self.weight_norm(name, weight)
+        base = self.__dict__.get("_norm_base")
+        norm = self.weight_norm(name, weight if base is None else base.to(weight.dtype))
         # Unmerge divides by the gain of the merge, so keep this norm (the weight it came from is overwritten).
         self.__dict__.setdefault("_merge_norms", {})[name] = norm
         gain = (self.adapters[name].lora_magnitude_vector.detach().to(weight.dtype) / norm).unsqueeze(1)

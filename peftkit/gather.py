@@ -6,7 +6,19 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
+import torch
 import torch.nn as nn
+
+
+def held_as_shard(param: torch.Tensor) -> str | None:
+    """``"fsdp2"`` or ``"zero3"`` where an engine holds only a shard of ``param`` at this moment (an FSDP2 DTensor;
+    a ZeRO-3 parameter not gathered), else None (a plain tensor, or one gathered whole for its module's forward)."""
+    if type(param).__name__ == "DTensor":
+        return "fsdp2"
+    status = getattr(param, "ds_status", None)
+    if hasattr(param, "ds_id") and getattr(status, "name", None) != "AVAILABLE":
+        return "zero3"
+    return None
 
 
 @contextlib.contextmanager
@@ -16,7 +28,9 @@ def whole_weights(module: nn.Module) -> Iterator[bool]:
     (a bitsandbytes 4-bit weight keeps its ``quant_state`` on the module). Yields whether anything was gathered.
     A collective: every process must enter it for the same module."""
     own = dict(module.named_parameters(recurse=False))
-    zero = [p for p in own.values() if hasattr(p, "ds_id")]
+    # A ZeRO-3 parameter gathered already (inside its module's forward) is whole; GatheredParameters would
+    # partition it again on exit, under DeepSpeed's feet.
+    zero = [p for p in own.values() if held_as_shard(p) == "zero3"]
     sharded = {name: p for name, p in own.items() if type(p).__name__ == "DTensor"}
     if not zero and not sharded:
         yield False

@@ -46,6 +46,9 @@ CONFIGS: dict[str, tuple[dict, dict]] = {
     "loft": ({"method": "loft"}, {}),
     "hydra": ({"method": "hydra"}, {}),
     "pissa": ({"method": "pissa"}, {}),
+    "milora": ({"method": "milora"}, {}),
+    "olora": ({"method": "olora"}, {}),
+    "dora": ({"method": "dora"}, {}),
     "eva+coto+lora-pro": ({"method": "lora", "init": "eva", "schedule": "coto", "optimizer": "lora-pro",
                            "initial_p": 0.6, "seed": 3}, {}),
     "lora-ga+lora-plus": ({"method": "lora-ga", "optimizer": "lora-plus"}, {}),
@@ -178,7 +181,7 @@ def _grid(engine: str, batch: int, root: Path, resume: bool, last: dict, accum: 
         if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    for config in RESUMED if RESUMED_ENGINES.get(engine) else []:
+    for config in [c for c in RESUMED if not only or c in only] if RESUMED_ENGINES.get(engine) else []:
         spec = from_dict(recipe(root, config, engine, batch, run="resumed", accum=accum))
         first = train(spec, hooks=[stop_after_two])
         assert first.status == "interrupted" and first.step == 2, (config, first)

@@ -160,12 +160,6 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
     if recipe.model.task == VISION_TASK:  # the language model only, unless adapter.vision_tower
         wrap_options = adapter_options(model, wrap_options, adapter.vision_tower)
     pending = peftkit.api.inject_adapters(model, adapter.method, data_given=init_data is not None, **wrap_options)
-    whole_weight = sorted({layer.architecture_name for layer in peftkit.inject.adapter_layers(model).values()
-                           if getattr(layer, "reads_whole_base_weight", False)})
-    if whole_weight and engine_name in ("fsdp2", "zero3"):
-        raise ConfigError(f"training.distributed: '{engine_name}' shards the base weights, and the "
-                          f"{', '.join(whole_weight)} adapter reads each whole weight in its forward; use ddp or "
-                          "zero2")
     if engine.shards_before_init:
         # The init's forwards then run on the sharded model, on the training device, and its statistics are
         # reduced there (NCCL takes no CPU tensor); the optimizer is built on the tensors that train.
