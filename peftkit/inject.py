@@ -107,7 +107,8 @@ def inject(model: nn.Module, config: AdapterConfig, adapter_name: str = "default
                 layer.train(base.training)  # a new module takes the train/eval mode of the one it replaces
                 _set_child(model, name, layer)
                 created.append((name, base))
-            elif not isinstance(layer, layer_cls):
+            elif not isinstance(layer, layer_cls) or layer.architecture_name != layer_cls.architecture_name:
+                # (a subclass is another architecture: a LoRA adapter added to a DoRA layer got a DoRA branch)
                 raise ConfigError(
                     f"{name} already holds a '{layer.architecture_name}' adapter; a second adapter on the same "
                     f"layer must use the same architecture, not '{config.architecture}'"

@@ -255,3 +255,38 @@ def test_nf4_base_matches_peft_on_the_unpacked_path(tmp_path, monkeypatch):
     ours, ref = output(model, batch), output(theirs, batch)
     assert (ours - output(tiny_llama_4bit(), batch)).abs().max() > 1e-2
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_users_own_fsdp2_and_zero3_from_python_equal_one_process(tmp_path):
+    """``peftkit.wrap(model, "dora")`` (or ``peftkit.load`` of a DoRA folder), then the user's own engine from Python
+    with the calls Accelerate's plugins make (tests/dora_user_sharded.py): FSDP2 with decoder-layer units, FSDP2
+    with every base linear layer its own unit (DoRA's norm then finds a DTensor shard and gathers it; before, the
+    forward failed on mixed Tensor and DTensor), DeepSpeed ZeRO-3 through its engine. Two processes at batch 2
+    each equal one process at batch 4: losses and every DoRA tensor after 3 AdamW steps (fp32)."""
+    from multiproc import REPO, run_distributed, run_distributed_beside
+
+    script = REPO / "tests" / "dora_user_sharded.py"
+    modes = ["fsdp2-blocks", "fsdp2-linears", "zero3", "fsdp2-linears-loaded", "zero3-loaded"]
+    run_distributed_beside(lambda: run_distributed(script, 1, tmp_path / "one", "none"), script, 2,
+                           tmp_path / "two", ",".join(modes))
+    ref = torch.load(tmp_path / "one" / "none.pt")
+    assert ref["tensors"].keys() == ref["initial"].keys() and len(ref["tensors"]) == 3 * 2 * 3
+    for name, value in ref["tensors"].items():  # A, B and m all train
+        assert (value - ref["initial"][name]).abs().max() > 1e-3, name
+    for mode in modes:
+        got = torch.load(tmp_path / "two" / f"{mode}.pt")
+        assert got["world"] == 2 and got["sharded"] > 0, mode  # the engine held shards
+        torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
+        assert got["tensors"].keys() == ref["tensors"].keys(), mode
+        for name, value in ref["tensors"].items():
+            torch.testing.assert_close(got["tensors"][name], value, rtol=1e-4, atol=1e-5, msg=f"{mode}: {name}")
+
+
+def test_a_lora_adapter_on_a_dora_layer_is_refused():
+    """A peftkit layer holds one architecture. DoRA's layer subclasses LoRA's, and the check used to be a subclass
+    test: a second adapter asked for as plain LoRA silently became a DoRA branch."""
+    model = peftkit.wrap(tiny_llama(), "dora", targets=["q_proj"])
+    with pytest.raises(ConfigError, match="already holds a 'dora' adapter.*not 'lora'"):
+        peftkit.wrap(model, "lora", targets=["q_proj"], adapter_name="second")
+    assert list(model.model.layers[0].self_attn.q_proj.adapters) == ["default"]

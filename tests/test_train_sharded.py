@@ -22,7 +22,7 @@ import pytest
 import torch
 from multiproc import HANG_GUARD_S, REPO, _free_port, run_distributed_beside
 from safetensors.torch import load_file
-from sharded_grid import CONFIGS, PER_MICRO_BATCH, RESUMED, RESUMED_ENGINES, STEPS, recipe
+from sharded_grid import CONFIGS, NOT_IN_GRID, PER_MICRO_BATCH, RESUMED, RESUMED_ENGINES, STEPS, recipe
 from sharded_grid import main as run_grid
 from train_fixtures import adapter_tensors, llama_text_recipe, read_metrics
 
@@ -64,6 +64,27 @@ def sharded_grid(tmp_path_factory):
     run_distributed_beside(reference, REPO / "tests" / "sharded_grid.py", 2, two / "out", ",".join(ENGINES), "1", "2",
                            str(two), "resume", timeout=HANG_GUARD_S)
     return one, two
+
+
+def test_every_registered_method_and_component_is_in_the_grid():
+    """Every registered method, architecture, init, optimizer and schedule runs in some grid config (as its
+    method's preset or named in it), or is in NOT_IN_GRID with the reason: a new method cannot miss the grid
+    silently (DoRA, MiLoRA and OLoRA did: CONFIGS is a hand list)."""
+    from peftkit import registry
+    from peftkit.config import resolve_config
+
+    registry.discover()
+    covered = set()
+    for adapter, optimizer in CONFIGS.values():
+        config = resolve_config(adapter["method"], **{k: v for k, v in adapter.items() if k != "method"})
+        covered |= {("method", adapter["method"]), ("architecture", config.architecture), ("init", config.init),
+                    ("optimizer", optimizer.get("name", config.optimizer)), ("schedule", config.schedule)}
+    registered = {("method", name) for name in registry.methods()}
+    for axis in ("architecture", "init", "optimizer", "schedule"):
+        registered |= {(axis, name) for name in registry.components(axis)}
+    missing = registered - covered - set(NOT_IN_GRID)
+    assert not missing, f"add these to tests/sharded_grid.py CONFIGS (or to NOT_IN_GRID with the reason): {missing}"
+    assert all(NOT_IN_GRID.values()), "NOT_IN_GRID: every entry needs its reason"
 
 
 @pytest.mark.slow
