@@ -11,8 +11,10 @@ forward), ``fsdp2-linears`` (a size-based policy that makes every base linear la
 DTensor shard after the base layer's forward and gathers it), ``zero3`` (DeepSpeed's engine forward gathers a
 partitioned weight when a module reads it); ``none`` (one process, no engine: the reference). Rank 0 saves
 ``<MODE>.pt`` under ``PEFTKIT_TEST_OUT``: the losses of STEPS steps, every DoRA tensor after them (gathered whole),
-and how many parameters the engine held as shards at rest. A MODE ending in ``-loaded`` first saves the adapter and
-reads it back with ``peftkit.load`` into a fresh model (the other way to a DoRA model).
+and how many parameters the engine held as shards at rest. ``MODE+loaded`` first saves the adapter and reads it
+back with ``peftkit.load`` into a fresh model (the other way to a DoRA model); ``MODE+dropout``: adapter dropout
+0.2 in training, where DoRA computes x·Wᵀ again from the dropped input with the weight it read (run in one process,
+where every mode draws the same masks).
 N processes read N equal slices of the same global
 batch of equal-length rows (every token a target), so the mean of the processes' losses is the one-process loss:
 the claim here is DoRA's norm under sharding, not the loss weighting (tests/sharded_grid.py covers that).
@@ -37,21 +39,23 @@ def run(mode: str) -> dict:
     import peftkit
     from peftkit.gather import held_as_shard
 
+    mode, *flags = mode.split("+")
+    torch.manual_seed(0)  # the dropout masks: every mode draws the same ones in one process
     model = tiny_llama(seed=1).train()
-    peftkit.wrap(model, "dora", r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"])
+    peftkit.wrap(model, "dora", r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"],
+                 dropout=0.2 if "dropout" in flags else 0.0)
     with torch.no_grad():  # B ≠ 0 from the start, so the norm depends on B·A at every step
         gen = torch.Generator().manual_seed(2)
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     world, rank = dist.get_world_size(), dist.get_rank()
-    if mode.endswith("-loaded"):  # the same adapter, saved and read back by peftkit.load into a fresh model
+    if "loaded" in flags:  # the same adapter, saved and read back by peftkit.load into a fresh model
         import tempfile
 
         with tempfile.TemporaryDirectory() as folder:
             peftkit.save(model, folder)
             model = peftkit.load(tiny_llama(seed=1).train(), folder, trainable=True)
-        mode = mode.removesuffix("-loaded")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     initial = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     engine = None

@@ -263,13 +263,15 @@ def test_users_own_fsdp2_and_zero3_from_python_equal_one_process(tmp_path):
     with the calls Accelerate's plugins make (tests/dora_user_sharded.py): FSDP2 with decoder-layer units, FSDP2
     with every base linear layer its own unit (DoRA's norm then finds a DTensor shard and gathers it; before, the
     forward failed on mixed Tensor and DTensor), DeepSpeed ZeRO-3 through its engine. Two processes at batch 2
-    each equal one process at batch 4: losses and every DoRA tensor after 3 AdamW steps (fp32)."""
+    each equal one process at batch 4: losses and every DoRA tensor after 3 AdamW steps (fp32). With dropout in
+    training (one process, the same masks), FSDP2 per-linear units and ZeRO-3 equal no engine."""
     from multiproc import REPO, run_distributed, run_distributed_beside
 
     script = REPO / "tests" / "dora_user_sharded.py"
-    modes = ["fsdp2-blocks", "fsdp2-linears", "zero3", "fsdp2-linears-loaded", "zero3-loaded"]
-    run_distributed_beside(lambda: run_distributed(script, 1, tmp_path / "one", "none"), script, 2,
-                           tmp_path / "two", ",".join(modes))
+    modes = ["fsdp2-blocks", "fsdp2-linears", "zero3", "fsdp2-linears+loaded", "zero3+loaded"]
+    dropout = ["none+dropout", "fsdp2-linears+dropout", "zero3+dropout"]  # one process: the same masks
+    run_distributed_beside(lambda: run_distributed(script, 1, tmp_path / "one", ",".join(["none", *dropout])),
+                           script, 2, tmp_path / "two", ",".join(modes))
     ref = torch.load(tmp_path / "one" / "none.pt")
     assert ref["tensors"].keys() == ref["initial"].keys() and len(ref["tensors"]) == 3 * 2 * 3
     for name, value in ref["tensors"].items():  # A, B and m all train
@@ -279,6 +281,15 @@ def test_users_own_fsdp2_and_zero3_from_python_equal_one_process(tmp_path):
         assert got["world"] == 2 and got["sharded"] > 0, mode  # the engine held shards
         torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
         assert got["tensors"].keys() == ref["tensors"].keys(), mode
+        for name, value in ref["tensors"].items():
+            torch.testing.assert_close(got["tensors"][name], value, rtol=1e-4, atol=1e-5, msg=f"{mode}: {name}")
+    ref = torch.load(tmp_path / "one" / "none+dropout.pt")
+    assert any((ref["tensors"][n] - v).abs().max() > 1e-4 for n, v in torch.load(tmp_path / "one" / "none.pt")[
+        "tensors"].items())  # the dropout changed the run
+    for mode in dropout[1:]:
+        got = torch.load(tmp_path / "one" / f"{mode}.pt")
+        assert got["world"] == 1 and got["sharded"] > 0, mode
+        torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
         for name, value in ref["tensors"].items():
             torch.testing.assert_close(got["tensors"][name], value, rtol=1e-4, atol=1e-5, msg=f"{mode}: {name}")
 
