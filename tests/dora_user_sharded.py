@@ -14,10 +14,9 @@ partitioned weight when a module reads it); ``none`` (one process, no engine: th
 and how many parameters the engine held as shards at rest. ``MODE+loaded`` first saves the adapter and reads it
 back with ``peftkit.load`` into a fresh model (the other way to a DoRA model); ``MODE+dropout``: adapter dropout
 0.2 in training, where DoRA computes x·Wᵀ again from the dropped input with the weight it read (run in one process,
-where every mode draws the same masks).
-N processes read N equal slices of the same global
-batch of equal-length rows (every token a target), so the mean of the processes' losses is the one-process loss:
-the claim here is DoRA's norm under sharding, not the loss weighting (tests/sharded_grid.py covers that).
+where every mode draws the same masks). N processes read N equal slices of the same global batch of equal-length
+rows (every token a target), so the mean of the processes' losses is the one-process loss: the claim here is DoRA's
+norm under sharding, not the loss weighting (tests/sharded_grid.py covers that).
 """
 
 from __future__ import annotations
