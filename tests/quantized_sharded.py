@@ -17,12 +17,21 @@ import torch
 
 STEPS = 3
 TARGETS = ["q_proj", "v_proj", "down_proj"]
-# name: adapter section. CoTo with p₀ = 0.6 and seed 2 gates block 0 off at step 2 only, so the evaluation after
-# step 2 follows a step in which block 0's adapters did not run: ZeRO-3's recorded gather order no longer holds,
-# and it releases every weight after use, its small "persistent" ones too (issue 24's case). With every weight
-# released after each use and no gate (stage3_param_persistence_threshold 0, measured), ZeRO-3 keeps the weights
-# gathered through the evaluation and the run was exact: the gated step is what exposed the defect.
-CASES: dict[str, dict] = {"coto-gated-before-eval": {"method": "coto", "initial_p": 0.6, "seed": 2}}
+# name: adapter section (plus "optimizer": the optimizer section's keys). CoTo with p₀ = 0.6 and seed 2 gates block 0
+# off at step 2 only, so the evaluation after step 2 follows a step in which block 0's adapters did not run: ZeRO-3's
+# recorded gather order no longer holds, and it releases every weight after use, its small "persistent" ones too
+# (issue 24's case). With every weight released after each use and no gate (stage3_param_persistence_threshold 0,
+# measured), ZeRO-3 keeps the weights gathered through the evaluation and the run was exact: the gated step is what
+# exposed the defect.
+# DoRA reads each whole dequantized 4-bit weight for its norm, gathered from the engine's shards. Its eps: a 4-bit
+# base computes in fp32, and AdamW's first step moves an entry by lr·g/(|g| + eps), which amplifies a change of g by
+# lr·eps/(|g| + eps)², up to lr/eps = 1e6 at the default eps 1e-8. At the default, layer 0 down_proj's lora_B has
+# one gradient entry of 4.18e-8 (max |g| of the tensor 7.7e-3): 1 vs 2 processes give it 9.5e-11 apart (fsdp2;
+# 1.6e-10 zero3; every step-1 gradient agrees to 3.6e-7 of its tensor's max |g|), which moved that entry by
+# 3.5e-6 (6.1e-6), over the tolerance. eps 1e-4 bounds the amplification by lr/eps = 100: adapters then agree to
+# 3.5e-7 (fsdp2) and 1.6e-7 (zero3) after 3 steps, losses to 8.6e-8 relative, on both bitsandbytes paths.
+CASES: dict[str, dict] = {"coto-gated-before-eval": {"method": "coto", "initial_p": 0.6, "seed": 2},
+                          "dora": {"method": "dora", "optimizer": {"eps": 1e-4}}}
 PATHS = ("unpacked", "packed")
 
 
@@ -38,7 +47,8 @@ def save_base(folder: Path) -> str:
     return str(folder)
 
 
-def recipe(root: Path, base: str, engine: str, batch: int, adapter: dict, quantize: str = "nf4") -> dict:
+def recipe(root: Path, base: str, engine: str, batch: int, case: dict, quantize: str = "nf4") -> dict:
+    """``case``: a ``CASES`` entry."""
     from train_fixtures import llama_text_recipe
 
     out = llama_text_recipe(root, training__batch_size=batch, training__max_steps=STEPS, training__save_every=1,
@@ -46,6 +56,8 @@ def recipe(root: Path, base: str, engine: str, batch: int, adapter: dict, quanti
                             training__distributed=engine, training__warmup=0)
     out["model"] = {"name": base, "quantize": quantize, "dtype": "float32", "tokenizer": "bytes",
                     "task": "causal-lm"}
+    adapter = dict(case)
+    out["optimizer"].update(adapter.pop("optimizer", {}))
     out["adapter"] = {"r": 4, "alpha": 8, "targets": TARGETS, **adapter}
     out["training"]["output_dir"] = str(root / "run")
     return out
@@ -76,10 +88,10 @@ def main(engine: str, batch: int, root: Path, base: str) -> None:
         for name in engines:
             where = root / name if len(engines) > 1 else root
             for path in PATHS:
-                for case, adapter in CASES.items():
+                for case, options in CASES.items():
                     with pytest.MonkeyPatch.context() as patch:
                         bnb_paths.force(path, patch)
-                        result = train(from_dict(recipe(where / path / case, base, name, batch, adapter)))
+                        result = train(from_dict(recipe(where / path / case, base, name, batch, options)))
                     assert result.status == "done", (path, case, result)
                     model = built["model"]
                     if hasattr(model, "reshard"):  # FSDP2 keeps the root's weights gathered after a forward
