@@ -28,10 +28,11 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 # lr·eps/(|g| + eps)², up to lr/eps = 1e6 at the default eps 1e-8. At the default, layer 0 down_proj's lora_B has
 # one gradient entry of 4.18e-8 (max |g| of the tensor 7.7e-3): 1 vs 2 processes give it 9.5e-11 apart (fsdp2;
 # 1.6e-10 zero3; every step-1 gradient agrees to 3.6e-7 of its tensor's max |g|), which moved that entry by
-# 3.5e-6 (6.1e-6), over the tolerance. eps 1e-4 bounds the amplification by lr/eps = 100: adapters then agree to
-# 3.5e-7 (fsdp2) and 1.6e-7 (zero3) after 3 steps, losses to 8.6e-8 relative, on both bitsandbytes paths.
+# 3.5e-6 (6.1e-6), over the tolerance. eps 1e-3 bounds the amplification by lr/eps = 10: adapters then agree to
+# 4.9e-8 (fsdp2) and 3.1e-8 (zero3) after 3 steps, losses to 8.6e-8 relative, on both bitsandbytes paths (eps
+# 1e-4: 3.5e-7). Still sensitive: the whole weight read 1e-4 too large where it is gathered fails fsdp2 (1.3e-5).
 CASES: dict[str, dict] = {"coto-gated-before-eval": {"method": "coto", "initial_p": 0.6, "seed": 2},
-                          "dora": {"method": "dora", "optimizer": {"eps": 1e-4}}}
+                          "dora": {"method": "dora", "optimizer": {"eps": 1e-3}}}
 PATHS = ("unpacked", "packed")
 
 
