@@ -36,12 +36,11 @@ class GradientStatisticsOptions:
     before a subclass's, so the method declares its fields in a dataclass listed after this one among its bases).
     """
 
-    # auto: per layer a single-pass sketch of G (k = max(64, 4·triplets); sketch_plan), never forming G,
-    # an approximation (accuracy: docs/methods/data-driven-inits.md); k: that sketch size; None: the exact path
-    # (whole G)
+    # auto: per layer a sketch of G of k = max(96, 6·triplets) (sketch_plan), never forming G, an approximation
+    # (accuracy: docs/methods/data-driven-inits.md); k: that sketch size; None: the exact path (whole G)
     gradient_sketch: int | str | None = "auto"
-    # passes over the data of the sketch path: 1 = single-pass sketch (Tropp et al. 2017), p >= 2 = subspace
-    # iteration
+    # passes over the data of the sketch path: 1 = single-pass sketch (Tropp et al. 2017); p >= 2 = a streamed
+    # rank-k truncated SVD, then p - 1 exact products (Rayleigh–Ritz, subspace iteration)
     sketch_passes: int = option(2, ge=1, le=MAX_SKETCH_PASSES)
     # Bounded memory (gradient_triplets): layers in groups, one pass over the batches each.
     gradient_groups: int | None = option(None, gt=0)  # k groups (None: from gradient_memory)
@@ -59,8 +58,8 @@ class GradientStatisticsOptions:
 
 GRADIENT_OPTION_HELP = {
     "sketch_passes": f"an integer from 1 to {MAX_SKETCH_PASSES} (passes over the data of the sketch path: 1 is the "
-                     "single-pass sketch, p >= 2 subspace iteration with p - 1 products after G·Ω)",
-    "gradient_sketch": "'auto' (a sketch of k = max(64, 4 x the triplets) per layer), a positive integer k, or None "
+                     "single-pass sketch, p >= 2 a streamed truncated SVD then p - 1 exact products)",
+    "gradient_sketch": "'auto' (a sketch of k = max(96, 6 x the triplets) per layer), a positive integer k, or None "
                        "(the exact path: each layer's whole G)",
     "gradient_groups": "None (from gradient_memory) or a positive number of layer groups, one pass each",
     "gradient_memory": "'auto' (a quarter of the memory free where G is kept), None (all layers at once) or a "
@@ -193,7 +192,8 @@ def gradient_groups_of(model: nn.Module, layers: dict[str, AdapterLayer],
     return plan_groups(sizes, budget=budget)
 
 
-# (more passes: more accuracy, each about half of PEFT's init time; docs/methods/data-driven-inits.md).
+# k = 6·2r (96 at r = 8) is what keeps LoRA-GA's first step to cos >= 0.999 on real MiniLM/SmolLM2 gradients after
+# the streamed pass and one exact pass (64: 0.9975-0.9987); docs/methods/data-driven-inits.md.
 SKETCH_OVERSAMPLING, SKETCH_MIN = 6, 96
 # Options that ask for the exact path: with any of them, gradient_sketch="auto" keeps G.
 EXACT_PATH_OPTIONS = {"gradient_groups": lambda v: v is not None, "gradient_device": lambda v: v == "cpu",
@@ -207,8 +207,9 @@ def sketch_plan(layers: dict[str, AdapterLayer], ranks: Mapping[str, int],
     ``gradient_sketch``: None: G everywhere (the exact path); an int k: max(k, triplets); ``"auto"`` (the
     default): k = max(``SKETCH_MIN``, ``SKETCH_OVERSAMPLING`` × triplets), unless an option of the exact path
     is set (``EXACT_PATH_OPTIONS``: ``gradient_groups``, ``gradient_device="cpu"``, ``svd="exact"`` or
-    ``"randomized"``), which keeps G. A layer whose sketch (with its test matrices) would hold at least as many
-    bytes as its G keeps G: there the exact statistic is also the smaller one."""
+    ``"randomized"``), which keeps G. A layer whose sketch would hold at least as many bytes as its G keeps G
+    (``stream_bytes`` for ``sketch_passes`` ≥ 2, ``sketch_bytes`` with its test matrices for one pass): there the
+    exact statistic is also the smaller one."""
     choice = options.get("gradient_sketch", "auto")
     passes = options.get("sketch_passes", 2)
     if choice == "auto" and any(test(options.get(key)) for key, test in EXACT_PATH_OPTIONS.items()):
@@ -247,8 +248,10 @@ def gradient_triplets(model: nn.Module, layers: dict[str, AdapterLayer], batches
     which only its layers accumulate G, then each of its G is decomposed and freed before the next group's
     pass. So at most one group's G is held, and the factors are the same as with one group (G of a layer does
     not depend on which other layers are measured: bit-equal in fp64). The backward of a pass stops at the
-    group's first layer. The default ``options["gradient_sketch"]="auto"`` (or an int k) instead streams
-    sketches of all layers in one pass (``sketch_plan``; a layer whose G is smaller than its sketch keeps G).
+    group's first layer. The default ``options["gradient_sketch"]="auto"`` (or an int k) instead takes sketches
+    of all layers (``sketch_plan``; a layer whose G is smaller than its sketch keeps G): with ``sketch_passes``
+    ≥ 2 a streamed rank-k truncated SVD in the first pass, then exact products on its span
+    (``_subspace_iteration``); with one pass Tropp's Y, Z.
     ``boundaries(rank)``: the j whose top-j subspaces the method uses separately (``checked_svd``; default: rank).
     """
     sizes = sketch_plan(layers, ranks, options)
