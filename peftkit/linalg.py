@@ -75,12 +75,12 @@ class StreamingSVD:
         self.v = torch.zeros(n, 0, dtype=dtype, device=device)
         self.s = torch.zeros(0, dtype=torch.float64, device=device)
 
-    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Ĝ += a·bᵀ for a (m, c), b (n, c), in chunks of ``STREAM_CHUNK`` tokens (at least ``rank``: per token the
-        small factorizations cost ~rank³/chunk, the projections ~chunk)."""
+    def add(self, a: torch.Tensor, b: torch.Tensor, weight: float = 1.0) -> None:
+        """Ĝ += weight·a·bᵀ for a (m, c), b (n, c), in chunks of ``STREAM_CHUNK`` tokens (at least ``rank``: per
+        token the small factorizations cost ~rank³/chunk, the projections ~chunk)."""
         chunk = max(self.rank, STREAM_CHUNK)
         for start in range(0, a.shape[1], chunk):
-            self._update(a[:, start:start + chunk], b[:, start:start + chunk])
+            self._update(a[:, start:start + chunk], b[:, start:start + chunk], weight)
 
     @staticmethod
     def _orthonormal_factor(basis: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,16 +95,17 @@ class StreamingSVD:
         values, vectors = values[keep], vectors[:, keep]
         return vectors / values.sqrt(), values.sqrt()[:, None] * vectors.mT
 
-    def _update(self, a: torch.Tensor, b: torch.Tensor) -> None:
+    def _update(self, a: torch.Tensor, b: torch.Tensor, weight: float) -> None:
         a, b = a.to(self.u.dtype), b.to(self.u.dtype)
         norm_a, norm_b = torch.linalg.vector_norm(a, dim=0), torch.linalg.vector_norm(b, dim=0)
         live = (norm_a > 0) & (norm_b > 0)  # padding: a zero output gradient adds nothing
-        if not bool(live.any()):
-            return
-        a, b, norm_a, norm_b = a[:, live], b[:, live], norm_a[live], norm_b[live]
+        if not bool(live.all()):
+            if not bool(live.any()):
+                return
+            a, b, norm_a, norm_b = a[:, live], b[:, live], norm_a[live], norm_b[live]
         # Unit columns on both sides (their scales go into the core), so that a small eigenvalue of a Gram matrix
         # means a direction in the span of the others, never a small scale.
-        a, b, weights = a / norm_a, b / norm_b, (norm_a * norm_b).double()
+        a, b, weights = a / norm_a, b / norm_b, (norm_a * norm_b).double() * weight
         kept = self.s.shape[0]
         x_left, f_left = self._orthonormal_factor(self.u, a)
         x_right, f_right = self._orthonormal_factor(self.v, b)
@@ -123,7 +124,7 @@ class StreamingSVD:
         """The rank-``rank`` truncated SVD of the sum of several states (u, s, v), fed in the given order."""
         out = StreamingSVD(self.u.shape[0], self.v.shape[0], self.rank, self.u.dtype, self.u.device)
         for u, s, v in parts:
-            out.add(u * s.to(u.dtype), v)
+            out.add(u * s.to(u.dtype), v)  # zero-padded columns are skipped as tokens without gradient
         return out
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

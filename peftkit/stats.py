@@ -147,7 +147,7 @@ def gradient_statistics(model: nn.Module, layers: dict[str, AdapterLayer], batch
             def grad_hook(delta: torch.Tensor) -> None:
                 target = stats[name]
                 if isinstance(target, StreamingSVD):
-                    target.add(delta.reshape(-1, delta.shape[-1]).mT * weight[0], x.reshape(-1, x.shape[-1]).mT)
+                    target.add(delta.reshape(-1, delta.shape[-1]).mT, x.reshape(-1, x.shape[-1]).mT, weight[0])
                     return
                 dtype = target.tensors()[0].dtype if isinstance(target, GradientSketch) else target.dtype
                 d = delta.reshape(-1, delta.shape[-1]).to(dtype)
