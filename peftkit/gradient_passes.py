@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .errors import ConfigError
 from .layer import AdapterLayer
-from .linalg import SOLVERS, GradientSketch, orthonormal, sign_fix, sketch_bytes, top_singular_triplets
+from .linalg import SOLVERS, orthonormal, sign_fix, sketch_bytes, stream_bytes, top_singular_triplets
 from .stats import device_of, distributed, gradient_statistics
 from .validation import option
 
@@ -36,12 +36,11 @@ class GradientStatisticsOptions:
     before a subclass's, so the method declares its fields in a dataclass listed after this one among its bases).
     """
 
-    # auto: per layer a single-pass sketch of G (k = max(64, 4·triplets); sketch_plan), never forming G,
-    # an approximation (accuracy: docs/methods/data-driven-inits.md); k: that sketch size; None: the exact path
-    # (whole G)
+    # auto: per layer a sketch of G of k = max(96, 6·triplets) (sketch_plan), never forming G, an approximation
+    # (accuracy: docs/methods/data-driven-inits.md); k: that sketch size; None: the exact path (whole G)
     gradient_sketch: int | str | None = "auto"
-    # passes over the data of the sketch path: 1 = single-pass sketch (Tropp et al. 2017), p >= 2 = subspace
-    # iteration
+    # passes over the data of the sketch path: 1 = single-pass sketch (Tropp et al. 2017); p >= 2 = a streamed
+    # rank-k truncated SVD, then p - 1 exact products (Rayleigh–Ritz, subspace iteration)
     sketch_passes: int = option(2, ge=1, le=MAX_SKETCH_PASSES)
     # Bounded memory (gradient_triplets): layers in groups, one pass over the batches each.
     gradient_groups: int | None = option(None, gt=0)  # k groups (None: from gradient_memory)
@@ -59,8 +58,8 @@ class GradientStatisticsOptions:
 
 GRADIENT_OPTION_HELP = {
     "sketch_passes": f"an integer from 1 to {MAX_SKETCH_PASSES} (passes over the data of the sketch path: 1 is the "
-                     "single-pass sketch, p >= 2 subspace iteration with p - 1 products after G·Ω)",
-    "gradient_sketch": "'auto' (a sketch of k = max(64, 4 x the triplets) per layer), a positive integer k, or None "
+                     "single-pass sketch, p >= 2 a streamed truncated SVD then p - 1 exact products)",
+    "gradient_sketch": "'auto' (a sketch of k = max(96, 6 x the triplets) per layer), a positive integer k, or None "
                        "(the exact path: each layer's whole G)",
     "gradient_groups": "None (from gradient_memory) or a positive number of layer groups, one pass each",
     "gradient_memory": "'auto' (a quarter of the memory free where G is kept), None (all layers at once) or a "
@@ -83,7 +82,7 @@ def check_gradient_options(options: Mapping[str, Any]) -> None:
 
     if options["gradient_groups"] is not None and not positive_int(options["gradient_groups"]):
         raise bad("gradient_groups")
-    passes = options.get("sketch_passes", 1)
+    passes = options.get("sketch_passes", 2)
     if not positive_int(passes) or passes > MAX_SKETCH_PASSES:
         raise bad("sketch_passes")
     sketch = options.get("gradient_sketch", "auto")
@@ -193,8 +192,9 @@ def gradient_groups_of(model: nn.Module, layers: dict[str, AdapterLayer],
     return plan_groups(sizes, budget=budget)
 
 
-# (more passes: more accuracy, each about half of PEFT's init time; docs/methods/data-driven-inits.md).
-SKETCH_OVERSAMPLING, SKETCH_MIN = 4, 64
+# k = 6·2r (96 at r = 8) is what keeps LoRA-GA's first step to cos >= 0.999 on real MiniLM/SmolLM2 gradients after
+# the streamed pass and one exact pass (64: 0.9975-0.9987); docs/methods/data-driven-inits.md.
+SKETCH_OVERSAMPLING, SKETCH_MIN = 6, 96
 # Options that ask for the exact path: with any of them, gradient_sketch="auto" keeps G.
 EXACT_PATH_OPTIONS = {"gradient_groups": lambda v: v is not None, "gradient_device": lambda v: v == "cpu",
                       "svd": lambda v: v in ("exact", "randomized")}
@@ -207,9 +207,11 @@ def sketch_plan(layers: dict[str, AdapterLayer], ranks: Mapping[str, int],
     ``gradient_sketch``: None: G everywhere (the exact path); an int k: max(k, triplets); ``"auto"`` (the
     default): k = max(``SKETCH_MIN``, ``SKETCH_OVERSAMPLING`` × triplets), unless an option of the exact path
     is set (``EXACT_PATH_OPTIONS``: ``gradient_groups``, ``gradient_device="cpu"``, ``svd="exact"`` or
-    ``"randomized"``), which keeps G. A layer whose sketch (with its test matrices) would hold at least as many
-    bytes as its G keeps G: there the exact statistic is also the smaller one."""
+    ``"randomized"``), which keeps G. A layer whose sketch would hold at least as many bytes as its G keeps G
+    (``stream_bytes`` for ``sketch_passes`` ≥ 2, ``sketch_bytes`` with its test matrices for one pass): there the
+    exact statistic is also the smaller one."""
     choice = options.get("gradient_sketch", "auto")
+    passes = options.get("sketch_passes", 2)
     if choice == "auto" and any(test(options.get(key)) for key, test in EXACT_PATH_OPTIONS.items()):
         choice = None
     plan: dict[str, int | None] = {}
@@ -219,7 +221,8 @@ def sketch_plan(layers: dict[str, AdapterLayer], ranks: Mapping[str, int],
             plan[name] = None
             continue
         k = max(SKETCH_MIN, SKETCH_OVERSAMPLING * triplets) if choice == "auto" else max(int(choice), triplets)
-        plan[name] = k if sketch_bytes(k, m, n) < m * n * 4 else None
+        held = sketch_bytes(k, m, n) if passes == 1 else stream_bytes(k, m, n)
+        plan[name] = k if held < m * n * 4 else None
     return plan
 
 
@@ -245,21 +248,22 @@ def gradient_triplets(model: nn.Module, layers: dict[str, AdapterLayer], batches
     which only its layers accumulate G, then each of its G is decomposed and freed before the next group's
     pass. So at most one group's G is held, and the factors are the same as with one group (G of a layer does
     not depend on which other layers are measured: bit-equal in fp64). The backward of a pass stops at the
-    group's first layer. The default ``options["gradient_sketch"]="auto"`` (or an int k) instead streams
-    sketches of all layers in one pass (``sketch_plan``; a layer whose G is smaller than its sketch keeps G).
+    group's first layer. The default ``options["gradient_sketch"]="auto"`` (or an int k) instead takes sketches
+    of all layers (``sketch_plan``; a layer whose G is smaller than its sketch keeps G): with ``sketch_passes``
+    ≥ 2 a streamed rank-k truncated SVD in the first pass, then exact products on its span
+    (``_subspace_iteration``); with one pass Tropp's Y, Z.
     ``boundaries(rank)``: the j whose top-j subspaces the method uses separately (``checked_svd``; default: rank).
     """
     sizes = sketch_plan(layers, ranks, options)
     store_on = "cpu" if options["gradient_device"] == "cpu" else None
     solve_on = device_of(model)
-    passes = options.get("sketch_passes", 1)
-    products = None
+    passes = options.get("sketch_passes", 2)
+    streams = None
     if any(k is not None for k in sizes.values()):
         # One group: the sketched layers hold O((m + n)·k), the rest (whose G is smaller than a sketch) hold G.
         plan = [list(layers)]
-        if passes > 1:  # subspace iteration: the first pass takes G·Ω only
-            products = {name: (_test_block(layers[name].in_features, k, _stat_dtype(layers[name]), seed, solve_on),
-                               None) for name, k in sizes.items() if k is not None}
+        if passes > 1:  # the first pass streams a rank-k truncated SVD; the next ones iterate on its span
+            streams = {name: k for name, k in sizes.items() if k is not None}
     else:
         sizes, plan = None, gradient_groups_of(model, layers, options)
     # Every pass draws the same dropout masks as the first (the state at the start), and the draws made between
@@ -270,10 +274,13 @@ def gradient_triplets(model: nn.Module, layers: dict[str, AdapterLayer], batches
         if resume is not None:
             set_rng_states(start)
         stats = gradient_statistics(model, {name: layers[name] for name in group}, batches, sketch_size=sizes,
-                                    seed=seed, store_on=store_on, products=products)
+                                    seed=seed, store_on=store_on, streams=streams)
         if resume is not None:
             set_rng_states(resume)
-        iterated = {name: stats.pop(name) for name in products} if products is not None else {}
+        # Only the streamed left basis U goes on (s and V are freed here), zero-padded to k columns where fewer
+        # tokens than k reached the layer (QR completes it to an orthonormal basis; G is exact on it).
+        iterated = {name: _padded(stats.pop(name).factors()[0], streams[name])
+                    for name in streams} if streams is not None else {}
         for name in [name for name in group if name in stats]:
             stat = stats.pop(name)  # freed after its layer
             if isinstance(stat, torch.Tensor) and stat.device != solve_on:
@@ -291,28 +298,22 @@ def gradient_triplets(model: nn.Module, layers: dict[str, AdapterLayer], batches
             yield from _subspace_iteration(model, layers, batches, ranks, iterated, passes, start, negate)
 
 
-def _stat_dtype(layer: AdapterLayer) -> torch.dtype:
-    return torch.float64 if layer.base_layer.weight.dtype == torch.float64 else torch.float32
-
-
-def _test_block(rows: int, cols: int, dtype: torch.dtype, seed: int, device: torch.device) -> torch.Tensor:
-    """The Gaussian (rows, cols) start block of subspace iteration: seeded by ``seed`` and the shape alone, so the
-    same on every process and shared by the layers of one width."""
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + 2 * 7919 + rows) * 1_000_003 + cols)
-    return torch.randn(rows, cols, generator=gen, dtype=dtype).to(device)
+def _padded(block: torch.Tensor, columns: int) -> torch.Tensor:
+    return torch.cat([block, block.new_zeros(block.shape[0], max(columns - block.shape[1], 0))], 1)
 
 
 def _subspace_iteration(model: nn.Module, layers: dict[str, AdapterLayer], batches: list[Mapping],
-                        ranks: Mapping[str, int], first: dict[str, GradientSketch], passes: int,
+                        ranks: Mapping[str, int], first: dict[str, torch.Tensor], passes: int,
                         start: tuple, negate: bool) -> Iterator[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Top triplets of each layer's G (−G with ``negate``) by randomized subspace iteration over the data
-    (Halko, Martinsson & Tropp 2011, alg. 4.3 with the products taken in backward hooks): ``first`` holds
-    Y = G·Ω from the first pass; every further pass multiplies an orthonormal basis of the last product by Gᵀ
-    or G (alternately: Gᵀ·orth(Y), then G·orth(Gᵀ·Q), ...), each replaying the first pass's dropout masks
-    (``start``). After ``passes`` passes the last product B = Gᵀ·Q (or G·P) gives G ≈ Q·Bᵀ (or B·Pᵀ) exactly
-    on that basis: the SVD of the small B is the Rayleigh–Ritz step. The subspace error of direction i shrinks
-    like (σ_{k+1}/σᵢ)^(passes − 1) (two passes: the basis of G·Ω, exact on it)."""
-    products = {name: sketch.y for name, sketch in first.items()}
+    """Top triplets of each layer's G (−G with ``negate``) by subspace iteration over the data (Halko,
+    Martinsson & Tropp 2011, alg. 4.3 with the products taken in backward hooks), started from ``first``: the
+    left basis U (m, k) of the first pass's streamed truncated SVD (``peftkit.linalg.StreamingSVD``). Every
+    further pass multiplies an orthonormal basis of the last block by Gᵀ or G (alternately: Gᵀ·orth(U), then
+    G·orth(Gᵀ·Q), ...), each replaying the first pass's dropout masks (``start``). After ``passes`` passes the
+    last product B = Gᵀ·Q (or G·P) gives G ≈ Q·Bᵀ (or B·Pᵀ) exactly on that basis: the SVD of the small B is
+    the Rayleigh–Ritz step. Two passes: the streamed span, exact on it (the default); each further pass shrinks
+    the error of direction i by about σ_{k+1}/σᵢ."""
+    products = first  # the caller's dict: emptied below, so no pass holds the previous pass's block
     side = {name: "left" for name in first}  # "left": the product is G·R (its columns span a left range)
     bases: dict[str, torch.Tensor] = {}
     resume = rng_states()

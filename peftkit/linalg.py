@@ -5,7 +5,8 @@
   on an independent random probe, or None) with the sign convention (largest-|·| entry of each uᵢ positive,
   vᵢ flipped with it), so every process computes the same factors; ``top_singular_triplets`` picks one
   (``solver_for``).
-- ``GradientSketch``: Y = G·Ω and Z = Gᵀ·Ψ of a gradient G that is never formed (``peftkit.stats`` fills it).
+- ``GradientSketch``: Y = G·Ω and Z = Gᵀ·Ψ of a gradient G that is never formed (``peftkit.stats`` fills it);
+  ``StreamingSVD``: a rank-k truncated SVD of such a G, updated token chunk by token chunk in one pass.
 - ``IncrementalPCA``: centred incremental PCA of layer inputs (activations fp32, mean/variance sums fp64).
 
 Nothing here knows a model, a layer or a process group: matrices in, factors out.
@@ -48,6 +49,87 @@ class GradientSketch:
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.y, self.z) if t is not None]
+
+
+STREAM_CHUNK = 128
+
+
+class StreamingSVD:
+    """A rank-``rank`` truncated SVD Ĝ = U·diag(s)·Vᵀ of a gradient G = Σ aᵢ·bᵢᵀ that arrives once, as terms
+    (a (m, c), b (n, c): a layer's output gradients and inputs of c tokens), never forming G.
+
+    Each chunk of tokens updates Ĝ to the best rank-``rank`` approximation of Ĝ + a·bᵀ
+    (incremental SVD, Brand 2006): orthonormal bases of [U, a] and [V, b] from the eigendecomposition of their
+    Gram matrices (a direction whose eigenvalue is below the Gram's rounding lies in the span of the others and
+    is dropped; in the state's dtype: U and V are only the start of an exact Rayleigh–Ritz pass), the
+    SVD of the small core, truncation. Unlike a Gaussian range G·Ω (error ~ σ_{k+1}/σᵢ, poor on the flat spectra
+    of real gradients), the subspace adapts to the data as it streams: on all-MiniLM-L6-v2's and SmolLM2's
+    gradients its top-2r span, followed by one exact product GᵀU (Rayleigh–Ritz, ``gradient_passes``), keeps
+    LoRA-GA's first step to cos ≥ 0.999 at rank = 6·2r. Costs about 8·rank·(m + n) FLOPs per token. Not linear in
+    G: under several processes the per-process states are merged (``merged``), not summed.
+    """
+
+    def __init__(self, m: int, n: int, rank: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        self.rank = rank
+        self.u = torch.zeros(m, 0, dtype=dtype, device=device)
+        self.v = torch.zeros(n, 0, dtype=dtype, device=device)
+        self.s = torch.zeros(0, dtype=torch.float64, device=device)
+
+    def add(self, a: torch.Tensor, b: torch.Tensor, weight: float = 1.0) -> None:
+        """Ĝ += weight·a·bᵀ for a (m, c), b (n, c), in chunks of ``STREAM_CHUNK`` tokens (at least ``rank``: per
+        token the small factorizations cost ~rank³/chunk, the projections ~chunk)."""
+        chunk = max(self.rank, STREAM_CHUNK)
+        for start in range(0, a.shape[1], chunk):
+            self._update(a[:, start:start + chunk], b[:, start:start + chunk], weight)
+
+    @staticmethod
+    def _orthonormal_factor(basis: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(X (K, K'), F (K', K)) with [basis, new]·X orthonormal and [basis, new] = ([basis, new]·X)·F."""
+        # basis has orthonormal columns (the previous update's output): its own Gram block is I.
+        cross = basis.mT @ new
+        eye = torch.eye(basis.shape[1], dtype=new.dtype, device=new.device)
+        gram = torch.cat([torch.cat([eye, cross], 1), torch.cat([cross.mT, new.mT @ new], 1)], 0)
+        values, vectors = torch.linalg.eigh(gram)
+        # Below the rounding of an fp32 (fp64) Gram matrix an eigenvalue is noise: its direction is dropped.
+        keep = values > values[-1] * (1e-12 if basis.dtype == torch.float64 else 1e-6)
+        values, vectors = values[keep], vectors[:, keep]
+        return vectors / values.sqrt(), values.sqrt()[:, None] * vectors.mT
+
+    def _update(self, a: torch.Tensor, b: torch.Tensor, weight: float) -> None:
+        a, b = a.to(self.u.dtype), b.to(self.u.dtype)
+        norm_a, norm_b = torch.linalg.vector_norm(a, dim=0), torch.linalg.vector_norm(b, dim=0)
+        live = (norm_a > 0) & (norm_b > 0)  # padding: a zero output gradient adds nothing
+        if not bool(live.all()):
+            if not bool(live.any()):
+                return
+            a, b, norm_a, norm_b = a[:, live], b[:, live], norm_a[live], norm_b[live]
+        # Unit columns on both sides (their scales go into the core), so that a small eigenvalue of a Gram matrix
+        # means a direction in the span of the others, never a small scale.
+        a, b, weights = a / norm_a, b / norm_b, (norm_a * norm_b).double() * weight
+        kept = self.s.shape[0]
+        x_left, f_left = self._orthonormal_factor(self.u, a)
+        x_right, f_right = self._orthonormal_factor(self.v, b)
+        middle = torch.cat([self.s, weights]).to(a.dtype)
+        w, s, zh = torch.linalg.svd((f_left * middle) @ f_right.mT, full_matrices=False)
+        k = min(self.rank, s.shape[0])
+        left, right = x_left @ w[:, :k], x_right @ zh[:k].mT
+        self.u = torch.addmm(a @ left[kept:], self.u, left[:kept])
+        self.v = torch.addmm(b @ right[kept:], self.v, right[:kept])
+        self.s = s[:k].double()
+
+    def scale(self, factor: float) -> None:
+        self.s = self.s * factor
+
+    def merged(self, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> StreamingSVD:
+        """The rank-``rank`` truncated SVD of the sum of several states (u, s, v), fed in the given order."""
+        out = StreamingSVD(self.u.shape[0], self.v.shape[0], self.rank, self.u.dtype, self.u.device)
+        for u, s, v in parts:
+            out.add(u * s.to(u.dtype), v)  # zero-padded columns are skipped as tokens without gradient
+        return out
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(U (m, k), s (k,) fp64, V (n, k)), σ descending."""
+        return self.u, self.s, self.v
 
 
 def sketch_svd(sketch: GradientSketch, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -282,6 +364,13 @@ def sketch_bytes(k: int, m: int, n: int, element: int = 4) -> int:
     whole, though the layers of one shape share them)."""
     k, l = sketch_widths(k, m, n)
     return 2 * (m * k + n * l) * element
+
+
+def stream_bytes(k: int, m: int, n: int, element: int = 4) -> int:
+    """Bytes one layer holds on the streamed path (``sketch_passes`` ≥ 2): U (m, k) and V (n, k) in the first
+    pass, then a basis and its product, (m, k) and (n, k), in each further pass."""
+    k = min(k, m, n)
+    return (m + n) * k * element
 
 
 def top_singular_triplets(stat: torch.Tensor | GradientSketch, rank: int, solver: str = "exact", *,

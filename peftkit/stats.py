@@ -26,7 +26,7 @@ import torch.nn as nn
 from .errors import ConfigError
 from .inject import set_enabled
 from .layer import AdapterLayer
-from .linalg import GradientSketch, sketch_widths
+from .linalg import GradientSketch, StreamingSVD, sketch_widths
 from .loss import batch_loss_units
 
 
@@ -81,7 +81,8 @@ def gradient_statistics(model: nn.Module, layers: dict[str, AdapterLayer], batch
                         sketch_size: int | Mapping[str, int | None] | None = None, seed: int = 0,
                         store_on: torch.device | str | None = None,
                         products: Mapping[str, tuple[torch.Tensor | None, torch.Tensor | None]] | None = None,
-                        ) -> dict[str, torch.Tensor | GradientSketch]:
+                        streams: Mapping[str, int] | None = None,
+                        ) -> dict[str, torch.Tensor | GradientSketch | StreamingSVD]:
     """Per layer, G = Σ_b n_b·G_b / Σ_b n_b (out × in, fp32; fp64 on fp64 bases), or its sketch when
     ``sketch_size`` = k is given.
 
@@ -96,7 +97,9 @@ def gradient_statistics(model: nn.Module, layers: dict[str, AdapterLayer], batch
     generators seeded by ``seed`` and their shape (one per shape, shared by the layers of that shape; identical
     on every process: the sketches, not G, are all-reduced). ``products``: per layer name given blocks
     (R (n, k) or None, L (m, l) or None) instead; its sketch holds G·R and Gᵀ·L (one pass of subspace iteration,
-    ``peftkit.gradient_passes.gradient_triplets``). ``store_on`` (e.g. ``"cpu"``) keeps
+    ``peftkit.gradient_passes.gradient_triplets``). ``streams``: per layer name a rank k: a ``StreamingSVD`` of
+    rank k of G, fed each batch's tokens in the backward hook (under several processes the per-process states
+    are all-gathered and merged in rank order, identically on every process). ``store_on`` (e.g. ``"cpu"``) keeps
     the full G there instead of on the model's device: each batch's Δᵀ X is formed on the device and added in
     (one layer's m × n temporary on the device at a time).
     """
@@ -120,7 +123,9 @@ def gradient_statistics(model: nn.Module, layers: dict[str, AdapterLayer], batch
         # fp32 sums (fp64 on an fp64 base), whatever the model dtype.
         dtype = torch.float64 if layer.base_layer.weight.dtype == torch.float64 else torch.float32
         size = sketch_size.get(name) if isinstance(sketch_size, Mapping) else sketch_size
-        if products is not None and name in products:
+        if streams is not None and name in streams:
+            stats[name] = StreamingSVD(m, n, streams[name], dtype, device)
+        elif products is not None and name in products:
             right, left = products[name]
             stats[name] = GradientSketch(
                 None if right is None else torch.zeros(m, right.shape[1], dtype=dtype, device=device),
@@ -141,6 +146,9 @@ def gradient_statistics(model: nn.Module, layers: dict[str, AdapterLayer], batch
 
             def grad_hook(delta: torch.Tensor) -> None:
                 target = stats[name]
+                if isinstance(target, StreamingSVD):
+                    target.add(delta.reshape(-1, delta.shape[-1]).mT, x.reshape(-1, x.shape[-1]).mT, weight[0])
+                    return
                 dtype = target.tensors()[0].dtype if isinstance(target, GradientSketch) else target.dtype
                 d = delta.reshape(-1, delta.shape[-1]).to(dtype)
                 xs = x.reshape(-1, x.shape[-1]).to(dtype)
@@ -186,16 +194,38 @@ def gradient_statistics(model: nn.Module, layers: dict[str, AdapterLayer], batch
     count = torch.tensor([total], dtype=torch.float64, device=device)
     if distributed():
         dist.all_reduce(count)
-        for value in stats.values():
+        for name, value in stats.items():
+            if isinstance(value, StreamingSVD):
+                stats[name] = value.merged(_gathered_states(value))
+                continue
             for tensor in (value.tensors() if isinstance(value, GradientSketch) else [value]):
                 dist.all_reduce(tensor)
     if not count.item():
         raise ConfigError("data: the batches hold no target tokens (every label is -100); gradient-based inits "
                           "need labelled tokens: pass batches whose labels mark the tokens to learn")
     for value in stats.values():
+        if isinstance(value, StreamingSVD):
+            value.scale(1.0 / float(count))
+            continue
         for tensor in (value.tensors() if isinstance(value, GradientSketch) else [value]):
             tensor.div_(float(count))
     return stats
+
+
+def _gathered_states(state: StreamingSVD) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Every process's (U, s, V) of one layer's stream, in rank order (zero-padded to the stream's rank)."""
+    u, s, v = state.factors()
+    k = state.rank
+    padded = [torch.zeros(t.shape[0], k, dtype=t.dtype, device=t.device) for t in (u, v)]
+    padded[0][:, :u.shape[1]], padded[1][:, :v.shape[1]] = u, v
+    values = torch.zeros(k, dtype=torch.float64, device=s.device)
+    values[:s.shape[0]] = s
+    out = []
+    for tensor in (padded[0], values, padded[1]):
+        parts = [torch.zeros_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        out.append(parts)
+    return list(zip(*out))
 
 
 def selected_token_mask(batch: Mapping, use_label_mask: bool, label_mask_value: int) -> torch.Tensor | None:

@@ -15,11 +15,16 @@ import torch
 from multiproc import HANG_GUARD_S
 
 # The tiny model's layers keep G under the default sketch (G is the smaller statistic at 32 wide); the -sketch
-# cases force a sketch (k = 2, r = 1: Y, Z of 32 × 2 and 32 × 5 instead of 32 × 32): one pass (Tropp's Y, Z) and
-# subspace iteration (3 passes: G·Ω, Gᵀ·Q, G·P), whose per-pass products, not G, are all-reduced.
+# cases force a sketch: one pass (k = 2, r = 1: Tropp's Y, Z of 32 × 2 and 32 × 5 instead of 32 × 32), linear in G,
+# all-reduced: equal to one process; and the streamed path (k = 8, 3 passes: a streamed rank-8 truncated SVD, then
+# Gᵀ·U, G·P all-reduced). The streamed first pass is not linear in G: each process streams its own tokens and the
+# states are merged (exact where the tokens' rank fits k: test_gradient_sketch.py), so there one process equals two
+# only to the sketch's accuracy: each factor within cosine 0.99 (measured 0.997–1.0 with k = 8 on these 32-wide,
+# flat-spectrum layers), while the two processes agree with each other exactly.
 METHODS = {"lora-ga": dict(r=4), "lora-one": dict(r=4), "eva": dict(r=4, tau=0.9),
            "lora-ga-sketch": dict(r=1, gradient_sketch=2, sketch_passes=1),
-           "lora-one-sketch": dict(r=1, gradient_sketch=2, sketch_passes=3)}
+           "lora-one-sketch": dict(r=1, gradient_sketch=8, sketch_passes=3)}
+STREAMED_COSINE = {"lora-one-sketch": 0.99}
 # The gradient inits run on an fp64 model: the two runs sum G over batches in different orders, and fp32
 # rounding of that sum (~1e-7) moves singular vectors by ~1e-7/gap, above the 1e-6 the check asks for.
 DTYPES = {"lora-ga": torch.float64, "lora-one": torch.float64, "eva": torch.float32,
@@ -52,7 +57,7 @@ def _adapters(method: str, batches) -> dict:
         from peftkit.inject import adapter_layers
 
         options = {"gradient_groups": None, "gradient_device": "model", "svd": "auto", **METHODS[method]}
-        assert all(k is not None for k in sketch_plan(adapter_layers(model), {n: 2 for n in adapter_layers(model)},
+        assert all(k is not None for k in sketch_plan(adapter_layers(model), {n: 1 for n in adapter_layers(model)},
                                                       options).values())
     tensors = {k: v.detach().clone() for k, v in model.state_dict().items() if ".adapters." in k}
     return {"tensors": tensors, "rank_pattern": dict(model.peftkit.configs["default"].rank_pattern)}
@@ -71,11 +76,17 @@ def test_two_processes_with_half_the_batches_equal_one_process(tmp_path):
         # One process reads each global batch whole: batch i of each process, concatenated (as the loop's plan at
         # twice the batch does); with answers of different lengths only a token mean equals the split.
         expected = _adapters(method, _merged(zip(batches[0::2], batches[1::2])))
+        first = torch.load(tmp_path / f"{method}-rank0.pt")
         for rank in (0, 1):
             got = torch.load(tmp_path / f"{method}-rank{rank}.pt")
             assert got["rank_pattern"] == expected["rank_pattern"], method
             assert got["tensors"].keys() == expected["tensors"].keys() and expected["tensors"]
             for key, value in expected["tensors"].items():
+                assert torch.equal(got["tensors"][key], first["tensors"][key]), f"{method} {key}: ranks differ"
+                if method in STREAMED_COSINE:  # the same init to the sketch's accuracy (measured: ≥ 0.997)
+                    cos = torch.nn.functional.cosine_similarity(got["tensors"][key].flatten(), value.flatten(), dim=0)
+                    assert cos >= STREAMED_COSINE[method], f"{method} {key}: cos {float(cos)}"
+                    continue
                 torch.testing.assert_close(got["tensors"][key], value, rtol=1e-5, atol=1e-6, msg=f"{method} {key}")
 
 
