@@ -178,6 +178,8 @@ def load_cell(recipe_path: str, out: str) -> None:
     prepare, load_model = loop.prepare, run_setup.load_model
 
     def before_model(*args, **kwargs):
+        import transformers.modeling_utils  # noqa: F401 - the modeling code building the model imports: a fixed cost
+
         built["process_mib"] = _rss_mib()  # what the process holds before the model: imports, data
         return load_model(*args, **kwargs)
 
