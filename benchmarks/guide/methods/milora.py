@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..measures import Verdict, final_metric
 
-ORDER = 13
+ORDER = 14
 
 
 def claims(pairs, better) -> list[Verdict]:

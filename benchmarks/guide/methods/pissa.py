@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..measures import Verdict, early_loss, final_metric
 
-ORDER = 12
+ORDER = 13
 
 
 def claims(pairs, better) -> list[Verdict]:
