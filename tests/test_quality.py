@@ -271,6 +271,17 @@ def test_claim_rules_hra_may_learn_more_and_coto_skips_a_zero_metric():
     assert coto.passed == [] and "nothing to keep" in coto.evidence[0]
 
 
+def test_the_committed_cells_are_of_the_current_recipes():
+    # A recipe field added later changes every task's fingerprint unless it is listed as neutral at its default
+    # (FINGERPRINT_NEUTRAL): then every committed cell would silently drop out of the report and be run again.
+    for task in quality.TASKS.values():
+        fingerprint = quality.recipe_fingerprint(task, False)
+        folder = REPO / "benchmarks" / "results" / "quality" / "cells" / task.name
+        stale = [path.name for path in sorted(folder.glob("*.json"))
+                 if json.loads(path.read_text()).get("recipe_fingerprint") != fingerprint]
+        assert not stale, f"{task.name}: cells of another recipe: {stale}"
+
+
 def test_claim_rules_of_dora_and_the_svd_inits():
     # DoRA: two rows (metric, late loss), each may hold alone; PiSSA needs both a lower early loss and at least
     # LoRA's metric; MiLoRA at least LoRA's and PiSSA's metric; OLoRA a lower early loss.
