@@ -311,6 +311,7 @@ def test_claim_rules_of_dora_and_the_svd_inits():
     by_method = {v.method: v for v in verdicts if v.method != "dora"}
     assert by_method["pissa"].passed == [False, True]
     assert by_method["milora"].passed == [True, True]
+    assert "accuracy 80.0 vs LoRA 80.0, PiSSA 79.0" in by_method["milora"].evidence[0]
     assert by_method["olora"].passed == [False, True]
     # The claims table lists the methods in publication order: DoRA, PiSSA, MiLoRA, OLoRA.
     order = [v.method for v in verdicts if v.method in ("dora", "pissa", "milora", "olora")]
