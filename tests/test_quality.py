@@ -271,6 +271,53 @@ def test_claim_rules_hra_may_learn_more_and_coto_skips_a_zero_metric():
     assert coto.passed == [] and "nothing to keep" in coto.evidence[0]
 
 
+def test_the_committed_cells_are_of_the_current_recipes():
+    # A recipe field added later changes every task's fingerprint unless it is listed as neutral at its default
+    # (FINGERPRINT_NEUTRAL): then every committed cell would silently drop out of the report and be run again.
+    for task in quality.TASKS.values():
+        fingerprint = quality.recipe_fingerprint(task, False)
+        folder = REPO / "benchmarks" / "results" / "quality" / "cells" / task.name
+        stale = [path.name for path in sorted(folder.glob("*.json"))
+                 if json.loads(path.read_text()).get("recipe_fingerprint") != fingerprint]
+        assert not stale, f"{task.name}: cells of another recipe: {stale}"
+
+
+def test_claim_rules_of_dora_and_the_svd_inits():
+    # DoRA: two rows (metric, late loss), each may hold alone; PiSSA needs both a lower early loss and at least
+    # LoRA's metric; MiLoRA at least LoRA's and PiSSA's metric; OLoRA a lower early loss.
+    accuracy, perplexity = quality.TASKS["minilm-trec"], quality.TASKS["smollm2-shakespeare"]
+
+    def cell(metric: str, final: float, early: float, late: float) -> dict:
+        return {**_swept(metric, final, 1.0), "train_loss": [early, 1.5, 1.5, late]}
+
+    cells = {accuracy.name: {
+        "lora": cell("accuracy", 0.80, early=2.0, late=1.0),
+        "dora": cell("accuracy", 0.80, early=2.0, late=0.9),  # a tie in accuracy is "at least"
+        "pissa": cell("accuracy", 0.79, early=1.5, late=1.0),  # converges faster, ends lower: not reproduced
+        "milora": cell("accuracy", 0.80, early=2.0, late=1.0),
+        "olora": cell("accuracy", 0.90, early=2.5, late=1.0),  # a better metric does not make it converge faster
+    }, perplexity.name: {
+        "lora": cell("perplexity", 9.0, early=2.0, late=1.0),
+        "dora": cell("perplexity", 10.0, early=2.0, late=0.9),  # lower loss, higher perplexity
+        "pissa": cell("perplexity", 9.0, early=1.9, late=1.0),
+        "milora": cell("perplexity", 8.5, early=2.0, late=1.0),
+        "olora": cell("perplexity", 9.5, early=1.9, late=1.0),
+    }}
+    verdicts = quality.claims([accuracy, perplexity], cells)
+    dora = [v for v in verdicts if v.method == "dora"]
+    assert [v.claim.split()[0] for v in dora] == ["at", "lower"]
+    assert dora[0].passed == [True, False] and dora[1].passed == [True, True]
+    assert "accuracy 80.0 vs LoRA 80.0" in dora[0].evidence[0]
+    by_method = {v.method: v for v in verdicts if v.method != "dora"}
+    assert by_method["pissa"].passed == [False, True]
+    assert by_method["milora"].passed == [True, True]
+    assert "accuracy 80.0 vs LoRA 80.0, PiSSA 79.0" in by_method["milora"].evidence[0]
+    assert by_method["olora"].passed == [False, True]
+    # The claims table lists the methods in publication order: DoRA, PiSSA, MiLoRA, OLoRA.
+    order = [v.method for v in verdicts if v.method in ("dora", "pissa", "milora", "olora")]
+    assert order == ["dora", "dora", "pissa", "milora", "olora"]
+
+
 def test_a_missing_peft_stops_the_grid_before_any_cell(tmp_path, monkeypatch):
     real = quality.importlib.util.find_spec
     monkeypatch.setattr(quality.importlib.util, "find_spec", lambda name,

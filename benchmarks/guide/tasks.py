@@ -113,6 +113,10 @@ FINGERPRINT_NEUTRAL = {
     ("training", "best"): None, ("training", "answer_extraction"): None, ("training", "answer_pattern"): None,
     ("data", "group_by_length"): False, ("training", "unpad"): True, ("training", "chunked_loss"): True,
     ("data", "padding_free"): True,
+    # Added after the cells were made (preference training, vision, threads): unused by the guide's tasks at these.
+    ("data", "chosen_column"): "chosen", ("data", "rejected_column"): "rejected", ("adapter", "vision_tower"): False,
+    ("training", "threads"): None, ("training", "objective"): "sft", ("training", "beta"): None,
+    ("training", "simpo_gamma"): None,
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..measures import Verdict, early_loss
 
-ORDER = 14
+ORDER = 15
 
 
 def claims(pairs, better) -> list[Verdict]:

@@ -3,9 +3,9 @@ under identical setups)."""
 
 from __future__ import annotations
 
-from ..measures import Verdict, early_loss, final_metric
+from ..measures import Verdict, _fmt_metric, early_loss, final_metric
 
-ORDER = 12
+ORDER = 13
 
 
 def claims(pairs, better) -> list[Verdict]:
@@ -13,6 +13,6 @@ def claims(pairs, better) -> list[Verdict]:
     for task, (pissa, lora) in pairs("pissa", "lora"):
         ours, theirs = final_metric(task, pissa), final_metric(task, lora)
         v.add(early_loss(pissa) < early_loss(lora) and better(task, ours, theirs),
-              f"{task.name}: first-quarter train loss {early_loss(pissa):.4f} vs LoRA {early_loss(lora):.4f}; final "
-              f"{ours:.4f} vs LoRA {theirs:.4f}")
+              f"{task.name}: first-quarter train loss {early_loss(pissa):.4f} vs LoRA {early_loss(lora):.4f}; "
+              f"{task.metric} {_fmt_metric(task, ours)} vs LoRA {_fmt_metric(task, theirs)}")
     return [v]
