@@ -9,9 +9,10 @@ ratios to ddp at the same N.
 ``--load``: ``peftkit train`` (LoRA, 2 steps, one adapter checkpoint) from a Llama folder of random fp32 weights
 (hidden 2048, intermediate 6144, ``--layers`` blocks, byte vocabulary; 437M parameters at 8 layers), written
 once into ``$TMPDIR`` (never the repository), at N = 1 and under fsdp2 and zero3 at N = 2. Per process: the
-bytes of base weights it holds after loading (``peftkit.sharded.held_base_bytes``) and its peak resident
-memory over the whole run (``ru_maxrss``: loading, the init, 2 steps, the checkpoint), each rank's, and the
-worst rank's peak as a ratio to one process. ``--peftkit-from DIR`` runs another checkout's peftkit (e.g.
+bytes of base weights it holds after loading (``peftkit.sharded.held_base_bytes``), its resident memory before
+the model is built (imports, the tokenized data), and its peak resident memory over the whole run
+(``ru_maxrss``: loading, the init, 2 steps, the checkpoint), each rank's, and the worst rank's peak as a ratio
+to one process. ``--peftkit-from DIR`` runs another checkout's peftkit (e.g.
 the main branch, for a before/after on the same machine).
 
 ``--formula H:L,...``: the ``--load`` cells (N = 1, fsdp2 and zero3 at N = 2) from a folder of that shape at each
@@ -250,8 +251,9 @@ def load_benchmark(layers: int, peftkit_from: str | None) -> None:
     params = folder_parameters(folder)
     print(f"Llama hidden 2048, {layers} layers, {params / 1e6:.0f}M parameters, fp32 safetensors; peftkit train, "
           f"LoRA r=8, 2 steps, batch 2 globally, seq 64, CPU gloo; peftkit from {peftkit_from or REPO}\n")
-    print("| N | engine | base weights MiB/proc | peak RSS MiB per rank | worst peak / N=1 |")
-    print("|---|---|---|---|---|")
+    print("| N | engine | base weights MiB/proc | RSS before the model MiB | peak RSS MiB per rank | "
+          "worst peak / N=1 |")
+    print("|---|---|---|---|---|---|")
     one = None
     cells = ((1, "ddp", None), (1, "ddp, mmap threshold 64 KiB", SAME_ALLOCATOR), (2, "fsdp2", None),
              (2, "zero3", None))
@@ -260,7 +262,8 @@ def load_benchmark(layers: int, peftkit_from: str | None) -> None:
         worst = max(r["peak_mib"] for r in ranks)
         one = one or worst
         peaks = " / ".join(f"{r['peak_mib']:.0f}" for r in ranks)
-        print(f"| {processes} | {label} | {ranks[0]['held_mb']:.0f} | {peaks} | {worst / one:.2f} |", flush=True)
+        print(f"| {processes} | {label} | {ranks[0]['held_mb']:.0f} | {ranks[0]['process_mib']:.0f} | {peaks} | "
+              f"{worst / one:.2f} |", flush=True)
 
 
 # The formula's constants (docs/distributed.md, "Memory per process: the formula"), bytes per element of fp32.

@@ -167,13 +167,16 @@ def peft_rewritten_targets(model: nn.Module, module_names: list[str]) -> list[st
     adapter is exact in peftkit but does not load in PEFT (its own adapters on those layers neither)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     try:
-        from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN, _MOE_TARGET_MODULE_MAPPING
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        if get_checkpoint_conversion_mapping(model_type) is None:
+            return []  # nothing converted: PEFT (≈ 55 MiB with bitsandbytes) is not imported into a training run
+        from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN, _MOE_TARGET_MODULE_MAPPING
     except Exception:  # noqa: BLE001 - another PEFT version: nothing known to warn about
         return []
     pattern = _MODEL_TO_CONVERSION_PATTERN.get(model_type)
     mapping = _MOE_TARGET_MODULE_MAPPING.get(pattern) if pattern else None
-    if not mapping or get_checkpoint_conversion_mapping(model_type) is None:
+    if not mapping:
         return []
     return [n for n in module_names if n.rsplit(".", 1)[-1] in mapping and n.rsplit(".", 1)[-1] != "gate"]
 

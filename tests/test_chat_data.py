@@ -274,7 +274,10 @@ def test_packed_loss_equals_the_unpacked_loss(make):
     assert stats["rows"] == len(packed) and stats["padding_packed"] < stats["padding_unpacked"]
 
 
-def test_tokenized_data_is_cached_by_tokenizer_and_recipe(tmp_path):
+def test_tokenized_data_is_cached_by_tokenizer_and_recipe(tmp_path, monkeypatch):
+    # Files read through datasets (hub sets, parquet, text over local_rows.MAX_BYTES) are cached; a small local
+    # JSON file is read and tokenized in memory (tests/test_local_rows.py): sent through datasets here.
+    monkeypatch.setattr("peftkit.train.rows.LOCAL_READERS", {})
     train = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}] * 4)
     recipe = from_dict(tiny_chat_recipe(tmp_path, train))
     first = load_examples(recipe, load_tokenizer(recipe)).train

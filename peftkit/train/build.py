@@ -15,7 +15,7 @@ from .demo_data import byte_tokenizer
 from .examples import Examples, Tokenized
 from .pack import finish, packs
 from .recipe import DataSection, ModelSection, Recipe
-from .rows import check_columns, check_rows, read_rows
+from .rows import check_columns, check_rows, head, read_rows
 from .tokenize import encode, tokenize
 from .vision import VISION_TASK, load_processor
 from .vision import load_examples as load_vision_examples
@@ -128,7 +128,7 @@ def _checked_rows(spec: str, split: str, data: DataSection, key: str, cap: int |
     label kind (``train_rows``, for data.eval and the later datasets of data.mix)."""
     rows = read_rows(spec, split, data, key)
     check_columns(rows, data, key, spec)
-    rows = rows.select(range(min(cap, len(rows)))) if cap else rows
+    rows = head(rows, cap)
     check_rows(rows, data, key, spec, train_rows=train_rows)
     return rows
 
@@ -143,8 +143,9 @@ def _mixed_examples(recipe: Recipe, tokenizer) -> tuple[Tokenized, object]:
     sources = {spec: weight for spec, weight in data.mix.items() if weight > 0}
     tables = {}
     for spec in sources:
-        tables[spec] = _checked_rows(str(spec), data.train_split, data, "data.mix", None,
-                                     train_rows=next(iter(tables.values()), None))
+        rows = _checked_rows(str(spec), data.train_split, data, "data.mix", None,
+                             train_rows=next(iter(tables.values()), None))
+        tables[spec] = datasets.Dataset.from_list(rows) if isinstance(rows, list) else rows  # interleaved by datasets
     label_names = _mixed_label_names(tables.values(), data) if data.format == "classification" else None
     encoded = [encode(table, tokenizer, data, label_names, key=f"data.mix {spec}") for spec, table in tables.items()]
     total = sum(sources.values())

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from .. import checkpoint as adapter_io
-from .. import fileio
+from .. import distributed, fileio
 from ..errors import CheckpointError, ConfigError, StateError
 from ..inject import adapter_layers
 from .best import BEST_DIR, BEST_FILE  # best/ is kept out of keep_checkpoints pruning
@@ -278,7 +278,7 @@ def save(accelerator, model: nn.Module, optimizer, lr_scheduler, schedule, state
     root = Path(output_dir) / CHECKPOINTS
     final = root / f"step-{state.step:06d}"
     staging = root / f".step-{state.step:06d}.tmp"
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = distributed.unwrap_model(accelerator, model)
     bad: list[str] = []
     # Every process: an optimizer that shards its state across processes gathers it here onto rank 0.
     optimizer_state = optimizer.state_dict()
@@ -374,7 +374,7 @@ def load(path: Path, accelerator, model: nn.Module, optimizer, lr_scheduler, sch
         detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
         raise CheckpointError(f"--resume: the recipe changed since {path} was written ({detail}); a resumed run needs "
                               "the same data order and global batch. Restore those settings or start a new output_dir")
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = distributed.unwrap_model(accelerator, model)
     tensors = adapter_io.read_tensors(path / "trainable.safetensors")
     expected = trainable_state(unwrapped)
     if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):

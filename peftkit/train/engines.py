@@ -206,7 +206,7 @@ class Engine:
         return self.accelerator.clip_grad_norm_(params, max_norm)
 
     def eval_model(self, model: nn.Module) -> nn.Module:
-        return self.accelerator.unwrap_model(model)
+        return distributed.unwrap_model(self.accelerator, model)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)

@@ -23,6 +23,7 @@ import torch
 
 import peftkit
 
+from .. import distributed
 from ..fileio import atomic_write_bytes
 from ..inject import state_of
 from ..preference import REWARD_METRICS
@@ -327,8 +328,8 @@ class TrainingRun:
         new_best, _ = monitors.observe(state.monitors, state.step, values)
         if new_best and self.main:
             record = state.monitors["best"]
-            path = write_best(self.output_dir, self.accelerator.unwrap_model(self.model), self.parts.tokenizer,
-                              monitors.best.metric, record["value"], state.step)
+            path = write_best(self.output_dir, distributed.unwrap_model(self.accelerator, self.model),
+                              self.parts.tokenizer, monitors.best.metric, record["value"], state.step)
             (progress.write if progress is not None else print)(
                 f"step {state.step}: best {monitors.best.metric} {record['value']:.4f}: {path}")
 
@@ -363,7 +364,7 @@ class TrainingRun:
             final_checkpoint = self.save()
         if self.main:
             # What the adapter folder's model card reports about the run.
-            unwrapped = accelerator.unwrap_model(self.model)
+            unwrapped = distributed.unwrap_model(accelerator, self.model)
             state_of(unwrapped).training.update(data=self.recipe.data.train, recipe=self.recipe.dump(),
                                                 metrics=dict(eval_metrics))
             peftkit.save(unwrapped, output_dir / ADAPTER_DIR)

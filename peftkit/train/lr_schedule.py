@@ -1,11 +1,21 @@
-"""The learning-rate schedule of a recipe (``training.lr_schedule``, ``warmup``, ``min_lr``) through
-transformers' schedules."""
+"""The learning-rate schedule of a recipe (``training.lr_schedule``, ``warmup``, ``min_lr``): the names and
+formulas of transformers' ``get_scheduler``.
+
+The common schedules (constant, constant_with_warmup, linear, cosine, cosine_with_restarts) are computed here
+as ``LambdaLR`` multipliers equal to transformers' at every step (tests/test_lr_schedule.py compares them):
+``transformers.optimization`` imports ``transformers.trainer_utils`` and, through it, PEFT and bitsandbytes
+(≈ 55 MiB resident in every process of a run that uses neither). The others (polynomial, inverse_sqrt, the
+min_lr cosines, warmup_stable_decay) still come from ``transformers.get_scheduler``, imported only for them.
+"""
 
 from __future__ import annotations
 
+import math
+from functools import partial
 from typing import Callable
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
 
 from ..errors import ConfigError
 from .recipe import Recipe, warmup_steps
@@ -15,12 +25,71 @@ MIN_LR_KEYWORDS = {"cosine_with_min_lr": "min_lr_rate", "cosine_warmup_with_min_
                    "warmup_stable_decay": "min_lr_ratio", "polynomial": "lr_end"}
 
 
+def _warmup(step: int, warmup: int) -> float:
+    return float(step) / float(max(1, warmup))
+
+
+def _constant(step: int) -> float:
+    return 1.0
+
+
+def _constant_with_warmup(step: int, *, warmup: int) -> float:
+    return _warmup(step, warmup) if step < warmup else 1.0
+
+
+def _linear(step: int, *, warmup: int, total: int) -> float:
+    if step < warmup:
+        return _warmup(step, warmup)
+    return max(0.0, float(total - step) / float(max(1, total - warmup)))
+
+
+def _progress(step: int, warmup: int, total: int) -> float:
+    return float(step - warmup) / float(max(1, total - warmup))
+
+
+def _cosine(step: int, *, warmup: int, total: int, num_cycles: float) -> float:
+    if step < warmup:
+        return _warmup(step, warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * float(num_cycles) * 2.0 * _progress(step, warmup, total))))
+
+
+def _cosine_with_restarts(step: int, *, warmup: int, total: int, num_cycles: int) -> float:
+    if step < warmup:
+        return _warmup(step, warmup)
+    progress = _progress(step, warmup, total)
+    if progress >= 1.0:
+        return 0.0
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((float(num_cycles) * progress) % 1.0))))
+
+
+def _linear_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    return partial(_linear, warmup=warmup, total=total)
+
+
+def _cosine_lambda(warmup: int, total: int, num_cycles: float = 0.5) -> Callable[[int], float]:
+    return partial(_cosine, warmup=warmup, total=total, num_cycles=num_cycles)
+
+
+def _restarts_lambda(warmup: int, total: int, num_cycles: int = 1) -> Callable[[int], float]:
+    return partial(_cosine_with_restarts, warmup=warmup, total=total, num_cycles=num_cycles)
+
+
+# name -> (warmup steps, training steps, options) -> the multiplier after a step. transformers' get_scheduler
+# passes no options to the constant schedules (it ignores them), and the others' options as keywords.
+OWN_SCHEDULES: dict[str, Callable[..., Callable[[int], float]]] = {
+    "constant": lambda warmup, total: _constant,
+    "constant_with_warmup": lambda warmup, total: partial(_constant_with_warmup, warmup=warmup),
+    "linear": _linear_lambda,
+    "cosine": _cosine_lambda,
+    "cosine_with_restarts": _restarts_lambda,
+}
+IGNORES_OPTIONS = ("constant", "constant_with_warmup")
+
+
 def make_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer):
-    """``training.lr_schedule`` through ``transformers.get_scheduler``: warmup (``training.warmup``), the
+    """``training.lr_schedule`` as transformers' ``get_scheduler`` builds it: warmup (``training.warmup``), the
     schedule over ``max_steps``, the floor ``training.min_lr`` where the schedule has one, and
     ``training.lr_schedule_options`` (num_cycles, power, num_decay_steps ...) as its other arguments."""
-    from transformers import get_scheduler
-
     training = recipe.training
     name = training.lr_schedule
     if name == "constant" and warmup_steps(training):
@@ -45,9 +114,18 @@ def make_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer):
         raise ConfigError(f"training.min_lr: the '{name}' schedule needs its floor; set training.min_lr (e.g. 1e-5)")
     if name == "warmup_stable_decay":
         options.setdefault("num_decay_steps", max(1, round(0.1 * training.max_steps)))  # the last 10 %
+    warmup = warmup_steps(training)
     try:
-        return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps(training),
-                             num_training_steps=training.max_steps, scheduler_specific_kwargs=options)
+        if name in OWN_SCHEDULES:
+            if name in IGNORES_OPTIONS:
+                multiplier = OWN_SCHEDULES[name](warmup, training.max_steps)
+            else:
+                multiplier = OWN_SCHEDULES[name](warmup, training.max_steps, **options)
+            return LambdaLR(optimizer, multiplier)
+        from transformers import get_scheduler
+
+        return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=training.max_steps,
+                             scheduler_specific_kwargs=options)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"training.lr_schedule_options: the '{name}' schedule rejects {options} ({exc}); see "
                           "transformers.get_scheduler's schedules for their arguments") from None
@@ -57,4 +135,3 @@ def lr_lambda(recipe: Recipe) -> Callable[[int], float]:
     """The LR multiplier after ``step`` optimizer steps, as ``make_scheduler`` applies it."""
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=recipe.optimizer.lr or recipe.optimizer.base_lr)
     return make_scheduler(recipe, probe).lr_lambdas[0]
-

@@ -25,12 +25,15 @@ def packs(data: DataSection) -> bool:
 
 def finish(table, data: DataSection, *, key: str = "data.train", pack: bool = False, batch_size: int | None = None,
            label_names: list[str] | None = None) -> Tokenized:
-    """``encode``'s table as Tokenized: overlong examples counted and handled, chat rows packed if asked."""
+    """``encode``'s table (a ``datasets.Dataset``, or a dict of column lists) as Tokenized: overlong examples
+    counted and handled, chat rows packed if asked."""
+    listed = isinstance(table, dict)
     if data.format == "text":
         return _finish_text(table, data, pack)
     if data.format == "classification":
+        names = table if listed else table.column_names
         return Tokenized(table["input_ids"], table["labels"],
-                         table["token_type_ids"] if "token_type_ids" in table.column_names else None, label_names)
+                         table["token_type_ids"] if "token_type_ids" in names else None, label_names)
     table = _apply_overlong(table, data, key)
     if data.format == "preference":
         return Tokenized(table["input_ids"], table["labels"], rejected_ids=table["rejected_ids"],
@@ -39,16 +42,31 @@ def finish(table, data: DataSection, *, key: str = "data.train", pack: bool = Fa
         return Tokenized(table["input_ids"], table["labels"], prompt_lengths=table["prompt_length"],
                          references=table["reference"])
     lengths = _lengths(table)
-    packed = table.map(_pack_function(data.max_length), batched=True, batch_size=MAP_BATCH,
-                       remove_columns=table.column_names, num_proc=data.num_proc,
-                       new_fingerprint=hash_parts(table._fingerprint, "pack", data.max_length), desc=f"packing {key}")
+    if listed:
+        packed = _map_columns(table, _pack_function(data.max_length))
+    else:
+        packed = table.map(_pack_function(data.max_length), batched=True, batch_size=MAP_BATCH,
+                           remove_columns=table.column_names, num_proc=data.num_proc,
+                           new_fingerprint=hash_parts(table._fingerprint, "pack", data.max_length),
+                           desc=f"packing {key}")
     rows = _lengths(packed)
     stats = packing_report(lengths, rows, data.max_length, batch_size or 1)
     return Tokenized(packed["input_ids"], packed["labels"], position_ids=packed["position_ids"], stats=stats)
 
 
+def _map_columns(table: dict[str, list], function) -> dict[str, list]:
+    """A batched map (batches of MAP_BATCH rows) over a dict of column lists, as ``Dataset.map`` runs it."""
+    out: dict[str, list] = {}
+    for start in range(0, len(table["input_ids"]), MAP_BATCH):
+        for name, values in function({name: column[start:start + MAP_BATCH] for name, column in table.items()}).items():
+            out.setdefault(name, []).extend(values)
+    return out
+
+
 def _lengths(table) -> list[int]:
     """Token counts of a table's rows, read from the Arrow offsets (no row is materialised)."""
+    if isinstance(table, dict):
+        return [len(ids) for ids in table["input_ids"]]
     import pyarrow.compute as pc
 
     lengths = pc.list_value_length(table.data.column("input_ids"))
@@ -70,22 +88,34 @@ def packing_report(lengths: list[int], rows: list[int], max_length: int, batch_s
             "padding_packed": after, "padding_saved": 1.0 - after / before if before else 0.0}
 
 def _finish_text(table, data: DataSection, pack: bool) -> Tokenized:
-    import datasets
     import numpy as np
-    import pyarrow as pa
 
     n = data.max_length
+    listed = isinstance(table, dict)
     if not pack:
+        if listed:
+            ids = [x[:n] for x in table.get("input_ids", [])]
+            return Tokenized(ids, ids)
         ids = table.map(lambda b: {"input_ids": [x[:n] for x in b["input_ids"]]}, batched=True,
                         new_fingerprint=hash_parts(table._fingerprint, "cut", n))
         return Tokenized(ids["input_ids"], ids["input_ids"])
-    # Joined documents cut into blocks, without Python lists: the flattened Arrow column as one int array.
-    column = table.data.column("input_ids").combine_chunks()
-    stream = np.asarray(column.flatten()) if len(column) else np.zeros(0, dtype=np.int64)
+    # Joined documents cut into blocks, without Python lists: the flattened column as one int array.
+    if listed:
+        documents = table.get("input_ids", [])
+        stream = np.fromiter((t for ids in documents for t in ids), dtype=np.int64, count=sum(map(len, documents)))
+    else:
+        column = table.data.column("input_ids").combine_chunks()
+        stream = np.asarray(column.flatten()) if len(column) else np.zeros(0, dtype=np.int64)
     blocks = len(stream) // n
     if not blocks:
         raise ConfigError(f"data.max_length: the text has only {len(stream)} tokens, fewer than one block of "
                           f"{n}; lower data.max_length or add text")
+    if listed:
+        ids = stream[: blocks * n].reshape(blocks, n).tolist()
+        return Tokenized(ids, ids)
+    import datasets
+    import pyarrow as pa
+
     flat = pa.array(stream[: blocks * n].astype(np.int64))
     ids = pa.FixedSizeListArray.from_arrays(flat, n).cast(pa.list_(pa.int64()))
     packed = datasets.Dataset(pa.table({"input_ids": ids}))
@@ -94,15 +124,22 @@ def _finish_text(table, data: DataSection, pack: bool) -> Tokenized:
 
 def _apply_overlong(table, data: DataSection, key: str):
     """Count the overlong examples, warn with the numbers, remove the emptied ones."""
-    lengths = table.data.column("length").to_pylist()
+    listed = isinstance(table, dict)
+    lengths = table["length"] if listed else table.data.column("length").to_pylist()
     overlong = [x for x in lengths if x > data.max_length]
     if not overlong:
         return table
-    kept = table.filter(lambda ids: len(ids) > 0, input_columns="input_ids",
-                        new_fingerprint=hash_parts(table._fingerprint, "kept"))
-    dropped = len(table) - len(kept)
-    if not len(kept):
-        raise ConfigError(f"{key}: all {len(table)} examples are longer than data.max_length={data.max_length} "
+    if listed:
+        rows = [i for i, ids in enumerate(table["input_ids"]) if len(ids) > 0]
+        kept = {name: [column[i] for i in rows] for name, column in table.items()}
+        total, left = len(lengths), len(rows)
+    else:
+        kept = table.filter(lambda ids: len(ids) > 0, input_columns="input_ids",
+                            new_fingerprint=hash_parts(table._fingerprint, "kept"))
+        total, left = len(table), len(kept)
+    dropped = total - left
+    if not left:
+        raise ConfigError(f"{key}: all {total} examples are longer than data.max_length={data.max_length} "
                           f"tokens (longest {max(overlong)}) and none is left to train on; raise data.max_length")
     mode = "truncate_left" if data.overlong == "drop" and is_eval_key(key) else data.overlong
     action = {"drop": "dropped them",
@@ -110,7 +147,7 @@ def _apply_overlong(table, data: DataSection, key: str):
     if mode != data.overlong:
         action += " (evaluation rows are never dropped: metrics cover every row)"
     lost = f"; {dropped} lost every labelled token and were dropped" if mode != "drop" and dropped else ""
-    warnings.warn(f"{key}: {len(overlong)} of {len(table)} examples are longer than data.max_length="
+    warnings.warn(f"{key}: {len(overlong)} of {total} examples are longer than data.max_length="
                   f"{data.max_length} tokens (longest {max(overlong)}); data.overlong={data.overlong} {action}{lost}. "
                   "Raise data.max_length, or set data.overlong (drop, truncate_left, error)", stacklevel=2)
     return kept

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from . import chat
+from . import chat, local_rows
 from .demo_data import GENERATED
 from .recipe import DataSection
 
@@ -19,19 +19,20 @@ GENERATED_PREFIX = "generated:"
 
 
 def read_rows(spec: str, split: str, data: DataSection, key: str):
-    """The examples of one dataset as a ``datasets.Dataset`` (memory-mapped for files and hub sets).
-    ``key`` (``data.train``/``data.eval``/``data.mix``) names errors."""
-    import datasets
-
+    """The examples of one dataset: a list of row dicts for generated data and for local JSON, JSON Lines and CSV
+    files of one regular schema (:mod:`.local_rows`: the rows ``datasets`` gives, without importing it), else a
+    ``datasets.Dataset`` (memory-mapped for files and hub sets). ``key`` (``data.train``/``data.eval``/``data.mix``)
+    names errors."""
     if spec.startswith(GENERATED_PREFIX):
         name = spec[len(GENERATED_PREFIX):]
         if name not in GENERATED:
             raise ConfigError(f"{key}: unknown generated dataset '{name}'; available: {', '.join(sorted(GENERATED))}")
-        return datasets.Dataset.from_list(GENERATED[name](split))
+        rows = GENERATED[name](split)
+        regular = local_rows.from_list(rows)
+        return regular if regular is not None else _datasets().Dataset.from_list(rows)
 
     path = Path(spec)
     is_local = path.suffix.lower() in LOCAL_EXTENSIONS or path.exists() or spec.startswith((".", "/", "~"))
-    datasets.disable_progress_bars()
     if is_local:
         path = path.expanduser()
         if not path.is_file():
@@ -42,12 +43,18 @@ def read_rows(spec: str, split: str, data: DataSection, key: str):
             raise ConfigError(f"{key}: {path} has an unsupported extension; expected one of {sorted(LOCAL_EXTENSIONS)}")
         if builder != "parquet":
             check_utf8(path, key)
+        if builder in LOCAL_READERS:
+            rows = LOCAL_READERS[builder](path)
+            if rows is not None:
+                return rows
+        datasets = _datasets()
         try:
             table = datasets.load_dataset(builder, data_files=str(path), split="train")
         except Exception as exc:
             raise ConfigError(f"{key}: could not read {path} as {builder} ({_first_line(exc)}); "
                               "check the file") from None
     else:
+        datasets = _datasets()
         try:
             table = datasets.load_dataset(spec, data.subset, split=split)
         except Exception as exc:
@@ -56,6 +63,28 @@ def read_rows(spec: str, split: str, data: DataSection, key: str):
                 f"{_first_line(exc)}. Check the id, data.subset and the split, or give a local file"
             ) from None
     return table
+
+
+LOCAL_READERS = {"json": local_rows.read_json, "csv": local_rows.read_csv}
+
+
+def _datasets():
+    import datasets
+
+    datasets.disable_progress_bars()
+    return datasets
+
+
+def head(rows, cap: int | None):
+    """The first ``cap`` rows (all with None) of a list of rows or a ``datasets.Dataset``."""
+    if not cap:
+        return rows
+    return type(rows)(rows[:cap]) if isinstance(rows, list) else rows.select(range(min(cap, len(rows))))
+
+
+def as_list(rows) -> list[dict[str, Any]]:
+    """The rows as a list of dicts (a ``datasets.Dataset`` materialised)."""
+    return rows if isinstance(rows, list) else rows.to_list()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -145,18 +174,42 @@ def _longest_value(array) -> tuple[int, int | None]:
 
 def _check_text_sizes(rows, data: DataSection, key: str, spec: str) -> None:
     """No text value over MAX_VALUE_BYTES (a 50 MB line would tokenize for minutes), read from the Arrow
-    columns without materialising a row."""
-    if not hasattr(rows, "data"):
-        return
+    columns without materialising a row (or from the rows of a list)."""
     for column in required_columns(data):
-        if column not in rows.column_names:
+        if isinstance(rows, list):
+            longest, row = _longest_listed(rows, column)
+        elif hasattr(rows, "data") and column in rows.column_names:
+            longest, row = _longest_value(rows.data.column(column))
+        else:
             continue
-        longest, row = _longest_value(rows.data.column(column))
         if longest > MAX_VALUE_BYTES:
             where = f"row {row + 1}" if row is not None else "a row"
             raise ConfigError(f"{key}: {spec} {where} holds {longest:,} bytes of text in '{column}', more than the "
                               f"{MAX_VALUE_BYTES:,} peftkit tokenizes as one value; split it into several rows (text "
                               "rows are packed together anyway) or shorten it")
+
+
+def _longest_listed(rows: list[dict[str, Any]], column: str) -> tuple[int, int | None]:
+    """``_longest_value`` of a column of row dicts: the UTF-8 bytes of its longest string, and its row where the
+    column holds flat strings (the first row of that length)."""
+    longest, at, flat = 0, None, True
+    for i, row in enumerate(rows):
+        value = row.get(column)
+        flat = flat and (value is None or isinstance(value, str))
+        size = _text_bytes(value)
+        if size > longest:
+            longest, at = size, i
+    return longest, (at if flat and longest > MAX_VALUE_BYTES else None)
+
+
+def _text_bytes(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value) if len(value) * 4 <= MAX_VALUE_BYTES else len(value.encode("utf-8"))
+    if isinstance(value, list):
+        return max((_text_bytes(item) for item in value), default=0)
+    if isinstance(value, dict):
+        return max((_text_bytes(item) for item in value.values()), default=0)
+    return 0
 
 
 def check_rows(rows: list[dict[str, Any]], data: DataSection, key: str, spec: str,

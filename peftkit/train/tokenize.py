@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import Any
 
 from ..errors import ConfigError
-from . import chat
+from . import chat, local_rows
 from .examples import IGNORE_INDEX, MAP_BATCH, Tokenized, hash_parts, is_eval_key
 from .pack import finish, packs
 from .recipe import DataSection
@@ -36,23 +37,42 @@ def tokenize(rows, tokenizer, data: DataSection, label_names: list[str] | None =
 
 
 def encode(rows, tokenizer, data: DataSection, label_names: list[str] | None = None, *, key: str = "data.train"):
-    """The tokenized rows as a ``datasets.Dataset`` (columns by format, unpacked), through a batched,
-    cached ``map``. Chat rows are checked here: a bad one is one ConfigError naming file, row and field."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    table = rows if isinstance(rows, datasets.Dataset) else datasets.Dataset.from_list(list(rows))
+    """The tokenized rows (columns by format, unpacked): of a ``datasets.Dataset``, a ``datasets.Dataset``
+    through a batched, cached ``map``; of a list of row dicts (local files, :mod:`.local_rows`), a dict of
+    column lists, through the same function over the same batches of MAP_BATCH rows, without ``datasets``.
+    Chat rows are checked here: a bad one is one ConfigError naming file, row and field."""
     if data.format == "text":
         function = _text_function(tokenizer, data)
     elif data.format == "classification":
-        function = _classification_function(tokenizer, data, _label_names(table, data, label_names), key)
+        function = _classification_function(tokenizer, data, _label_names(rows, data, label_names), key)
     elif data.format == "preference":
         function = _preference_function(tokenizer, data, key)
     else:
         function = _chat_function(tokenizer, data, key)
+    if isinstance(rows, list):
+        regular = rows if isinstance(rows, local_rows.RegularRows) else local_rows.from_list(rows)
+        if regular is not None:
+            return map_rows(regular, function)
+    import datasets
+
+    datasets.disable_progress_bars()
+    table = rows if isinstance(rows, datasets.Dataset) else datasets.Dataset.from_list(list(rows))
     fingerprint = _fingerprint(table, tokenizer, data, key, label_names)
     return table.map(function, batched=True, batch_size=MAP_BATCH, with_indices=True, num_proc=data.num_proc,
                      remove_columns=table.column_names, new_fingerprint=fingerprint, desc=f"tokenizing {key}")
+
+
+def map_rows(rows: list[dict[str, Any]], function) -> dict[str, list]:
+    """``Dataset.map(function, batched=True, batch_size=MAP_BATCH, with_indices=True, remove_columns=...)`` over
+    a list of row dicts: the function's output columns, batch after batch."""
+    names = list(rows[0]) if rows else []
+    columns: dict[str, list] = {}
+    for start in range(0, len(rows), MAP_BATCH):
+        chunk = rows[start:start + MAP_BATCH]
+        out = function({name: [row[name] for row in chunk] for name in names}, list(range(start, start + len(chunk))))
+        for name, values in out.items():
+            columns.setdefault(name, []).extend(values)
+    return columns
 
 
 def _label_names(rows, data: DataSection, label_names: list[str] | None) -> list[str] | None:

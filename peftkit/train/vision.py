@@ -288,7 +288,7 @@ def tokenize(rows, processor, data, *, key: str, base_dir: Path) -> VisionTokeni
 
 def load_examples(recipe, tokenizer: ProcessorTokenizer):
     """data.train and data.eval of a vision recipe, as ``build.Examples``."""
-    from .rows import read_rows
+    from .rows import as_list, head, read_rows
 
     data = recipe.data
     splits = []
@@ -298,9 +298,9 @@ def load_examples(recipe, tokenizer: ProcessorTokenizer):
             splits.append(None)
             continue
         rows = read_rows(spec, split, data, key)
-        rows = rows.select(range(min(cap, len(rows)))) if cap else rows
+        rows = head(rows, cap)
         base_dir = Path(spec).expanduser().resolve().parent if Path(spec).expanduser().is_file() else Path.cwd()
-        splits.append(tokenize(rows.to_list(), tokenizer.processor, data, key=f"{key} {spec}", base_dir=base_dir))
+        splits.append(tokenize(as_list(rows), tokenizer.processor, data, key=f"{key} {spec}", base_dir=base_dir))
     return Examples(splits[0], splits[1])
 
 
