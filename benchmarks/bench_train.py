@@ -91,6 +91,8 @@ def recipe_dict(task: str, method: str, folder: str, out: Path, args) -> dict:
         "optimizer": optimizer,
         "training": {"max_steps": args.steps, "batch_size": args.batch, "lr_schedule": "linear", "warmup": 0,
                      "max_grad_norm": 1.0, "log_every": args.steps, "output_dir": str(out), "seed": 0,
+                     # equal work: the Trainer keeps every activation, so peftkit does too (its auto would recompute)
+                     "gradient_checkpointing": False,
                      "mixed_precision": "bf16" if args.precision == "bf16" else "no"},
         "logging": {"progress_bar": False},
     }

@@ -57,27 +57,37 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_tokens):
             rows = hidden[start:start + chunk_tokens]
             target = targets[start:start + chunk_tokens]
-            raw = rows @ weight.T
+            # One (rows, V) array per chunk (two with a softcap), worked on in place: the logits become the
+            # shifted logits, their exponentials, the softmax and the gradient in turn.
+            logits = rows @ weight.T
             if bias is not None:
-                raw = raw + bias
-            logits = raw.to(acc)
-            del raw
+                logits += bias
+            logits = logits.to(acc)
+            slope = None
             if softcap is not None:
-                logits = torch.tanh(logits / softcap) * softcap
+                logits.div_(softcap).tanh_()
+                # d softcap·tanh(x/softcap) / dx = 1 - tanh²
+                slope = torch.square(logits).neg_().add_(1) if (want_hidden or want_weight or want_bias) else None
+                logits.mul_(softcap)
             valid = target != IGNORE_INDEX
             safe = torch.where(valid, target, 0)
-            lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, safe[:, None]).squeeze(1)
+            peak = logits.amax(dim=-1, keepdim=True)
+            exps = logits.sub_(peak).exp_()
+            del logits
+            sums = exps.sum(dim=-1, keepdim=True)
+            lse = (sums.log() + peak).squeeze(1)  # log Σ exp(z): z's maximum taken out before the exponential
             total += torch.where(valid, lse - picked, 0).sum()
             if not (want_hidden or want_weight or want_bias):
                 continue
             # d(loss)/d(logits) = softmax - onehot(target), zero on ignored rows, over the divisor.
-            grad = torch.exp(logits - lse[:, None])
+            grad = exps.div_(sums)
+            del exps
             grad.scatter_add_(1, safe[:, None], -torch.ones_like(lse)[:, None])
             grad *= (valid.to(acc) / divisor)[:, None]
-            if softcap is not None:  # d softcap·tanh(x/softcap) / dx = 1 - tanh² = 1 - (z/softcap)²
-                grad *= 1 - (logits / softcap) ** 2
-            del logits
+            if slope is not None:
+                grad *= slope
+                del slope
             if want_hidden:
                 grad_hidden[start:start + chunk_tokens] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
             if want_weight:

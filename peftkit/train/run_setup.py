@@ -122,7 +122,7 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
     # as shards (fsdp2/zero3 on several processes) has no whole weights to run it on, so both stay off there.
     padding_free = (recipe.data.padding_free and not classification and examples.train.position_ids is None
                     and shard_for is None and recipe.model.task != VISION_TASK and _keeps_rows_apart(model))
-    if training.gradient_checkpointing:
+    if checkpoints_activations(recipe, model, engine_name):
         # Non-reentrant checkpointing: gradients reach the adapters though the frozen base's inputs need none.
         model.config.use_cache = False
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated
@@ -181,6 +181,27 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
     schedule = peftkit.callbacks(model, optimizer=optimizer)
     return Run(recipe, accelerator, tokenizer, model, optimizer, schedule, examples, plan, classification, engine,
                threads_note, padding_free)
+
+
+# Engines under which training.gradient_checkpointing: auto turns checkpointing on (fsdp2 and zero3 gather each
+# unit's weights again for the recompute, and that combination is not measured: there it stays off unless asked).
+AUTO_CHECKPOINTING_ENGINES = ("ddp", "zero2")
+
+
+def checkpoints_activations(recipe: Recipe, model: torch.nn.Module, engine_name: str) -> bool:
+    """Whether the run recomputes each layer's activations in the backward (training.gradient_checkpointing).
+
+    ``auto`` (the default) turns it on for causal-LM text training (sft, dpo, simpo) under ddp or zero2 on a model
+    that supports it: there the activations of every layer, kept until the backward, are what a step's memory
+    grows with (measured on SmolLM2-135M and Gemma-3-270M SFT: peak RSS about 0.6-0.8x of the run without it, for
+    about 1.3x the step's CPU time), and TRL's SFTTrainer checkpoints by default. Classification (short
+    sequences, the unpadded linears) and vision runs keep their activations. Checkpointing is exact: the
+    recompute replays the same RNG state (dropout), so losses and gradients are those of the run without it."""
+    wanted = recipe.training.gradient_checkpointing
+    if wanted != "auto":
+        return bool(wanted)
+    return (recipe.model.task == "causal-lm" and engine_name in AUTO_CHECKPOINTING_ENGINES
+            and bool(getattr(model, "supports_gradient_checkpointing", False)))
 
 
 def with_steps(recipe: Recipe, steps: int) -> Recipe:

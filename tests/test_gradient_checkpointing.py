@@ -1,0 +1,77 @@
+"""training.gradient_checkpointing (issue 29 item 3): ``auto``, the default, checkpoints causal-LM training and not
+classification; a checkpointed run trains the plain run's adapter (fp64, dropout in the adapters and the
+attention, so the recompute must replay the RNG) through the loop's defaults: padding-free rows, the chunked loss,
+DPO's reference forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from train_fixtures import (
+    TINY_CONFIGS,
+    adapter_tensors,
+    classification_rows,
+    llama_chat_recipe,
+    llama_preference_recipe,
+    read_metrics,
+    write_jsonl,
+)
+
+from peftkit.errors import ConfigError
+from peftkit.train import from_dict, train
+from peftkit.train.loop import prepare
+
+
+def _fp64_with_dropout(recipe: dict) -> dict:
+    recipe["model"].update(dtype="float64", config=dict(recipe["model"]["config"], attention_dropout=0.2))
+    recipe["adapter"]["dropout"] = 0.2
+    recipe["training"].update(max_steps=2, warmup=1, batch_size=2)
+    recipe["data"].pop("eval")
+    return recipe
+
+
+def _checkpointed(model) -> bool:
+    return bool(getattr(model, "is_gradient_checkpointing", False))
+
+
+@pytest.mark.parametrize("make", [llama_chat_recipe, llama_preference_recipe], ids=["sft", "dpo"])
+def test_a_checkpointed_run_trains_the_plain_runs_adapter(tmp_path, make):
+    runs = {}
+    for setting in (False, "auto"):
+        recipe = _fp64_with_dropout(make(tmp_path / str(setting)))
+        if setting is False:
+            recipe["training"]["gradient_checkpointing"] = False
+        assert train(from_dict(recipe)).status == "done"
+        runs[setting] = tmp_path / str(setting) / "run"
+    plain, checked = (adapter_tensors(runs[s]) for s in (False, "auto"))
+    losses = {s: [r["loss"] for r in read_metrics(runs[s]) if "loss" in r] for s in runs}
+    assert len(losses[False]) == 2 and losses[False] == pytest.approx(losses["auto"], rel=1e-12, abs=0)
+    assert plain.keys() == checked.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(checked[name], plain[name], rtol=1e-10, atol=1e-12)
+    moved = max(float(t.abs().max()) for n, t in plain.items() if "lora_B" in n)
+    assert moved > 1e-4  # LoRA's B starts at zero: equal tensors are trained ones, not two untouched inits
+
+
+def test_auto_checkpoints_causal_lm_training_and_not_classification(tmp_path):
+    chat = prepare(from_dict(llama_chat_recipe(tmp_path / "chat")))
+    assert _checkpointed(chat.model) and chat.padding_free
+    off = llama_chat_recipe(tmp_path / "off")
+    off["training"]["gradient_checkpointing"] = False
+    assert not _checkpointed(prepare(from_dict(off)).model)
+    rows = write_jsonl(tmp_path / "data" / "cls.jsonl", classification_rows(16))
+    classify = {"model": {"config": dict(TINY_CONFIGS["roberta"]), "tokenizer": "bytes",
+                          "task": "sequence-classification"},
+                "data": {"train": rows, "format": "classification", "max_length": 32},
+                "training": {"max_steps": 1, "output_dir": str(tmp_path / "cls" / "run")},
+                "logging": {"progress_bar": False}}
+    assert not _checkpointed(prepare(from_dict(classify)).model)
+    classify["training"]["gradient_checkpointing"] = True  # asked for: honoured whatever the task
+    assert _checkpointed(prepare(from_dict(classify)).model)
+
+
+def test_a_bad_gradient_checkpointing_value_names_the_key(tmp_path):
+    recipe = llama_chat_recipe(tmp_path)
+    recipe["training"]["gradient_checkpointing"] = "sometimes"
+    with pytest.raises(ConfigError, match=r"training\.gradient_checkpointing: expected one of true, false, 'auto'"):
+        from_dict(recipe)
