@@ -166,7 +166,9 @@ def load_recipe(folder: Path, root: Path, engine: str, processes: int) -> dict:
             "adapter": {"method": "lora", "r": 8, "alpha": 16},
             "optimizer": {"lr": 2e-4},
             "training": {"max_steps": 2, "batch_size": 2 // processes, "log_every": 1, "save_every": 2,
-                         "distributed": engine, "output_dir": str(root / f"run_{engine}_{processes}"), "seed": 0},
+                         "distributed": engine, "output_dir": str(root / f"run_{engine}_{processes}"), "seed": 0,
+                         # Equal work on every cell: "auto" checkpoints a one-process causal-LM run but not fsdp2/zero3.
+                         "gradient_checkpointing": False},
             "logging": {"progress_bar": False}}
 
 
