@@ -239,6 +239,7 @@ def test_chat_one_shot_streams_the_greedy_answer(chat_run, capsys):
 
     recipe = load_recipe(chat_run / "recipe.yaml")
     load_model(recipe.model, tokenizer, seed=recipe.training.seed).save_pretrained(base)
+    capsys.readouterr()  # transformers' save_pretrained may import DeepSpeed, whose first use logs to stdout
     assert main(["chat", str(chat_run / "adapter"), "--base", str(base), "--prompt", "What is 2 + 1?",
                  "--max-new-tokens", "12"]) == 0
     assert capsys.readouterr().out.strip() == expected
