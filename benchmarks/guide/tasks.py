@@ -118,6 +118,10 @@ FINGERPRINT_NEUTRAL = {
     ("training", "threads"): None, ("training", "objective"): "sft", ("training", "beta"): None,
     ("training", "simpo_gamma"): None,
 }
+# Defaults that changed after cells were made, to values that leave a cell's numbers as they were: fingerprinted as
+# the earlier value. Issue 29's "auto" recomputes activations in the backward of causal-LM runs (exact to round-off,
+# tested in test_gradient_checkpointing): a cell's memory and step time move, its losses and metrics do not.
+FINGERPRINT_AS_BEFORE = {("training", "gradient_checkpointing"): ("auto", False)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -127,4 +131,7 @@ def _fingerprint(text: str, path: Path, quick: bool) -> str:
     for (section, key), neutral in FINGERPRINT_NEUTRAL.items():
         if key in recipe.get(section, {}) and recipe[section][key] == neutral:
             del recipe[section][key]
+    for (section, key), (now, before) in FINGERPRINT_AS_BEFORE.items():
+        if recipe.get(section, {}).get(key) == now:
+            recipe[section][key] = before
     return hashlib.sha256(json.dumps([recipe, quick], sort_keys=True, default=str).encode()).hexdigest()[:16]
