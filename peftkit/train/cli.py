@@ -129,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    status = None
     try:
-        return COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
+        return status
     except PeftkitError as exc:
         message = " ".join(str(exc).split("\n"))  # one line, whatever the message holds
         if len(message) > MAX_MESSAGE:  # a value echoed from a hostile file never floods the terminal
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _write_failed(args.command, number, os.strerror(number), None)
     finally:
-        _close_process_group()
+        _close_process_group(finished=status == 0)
 
 
 def _write_failed(command: str, number: int, reason: str, filename: str | None) -> int:
@@ -188,12 +190,17 @@ def _is_read_refusal(exc: OSError) -> bool:
             and os.path.isfile(name) and not os.access(name, os.R_OK))
 
 
-def _close_process_group() -> None:
+def _close_process_group(finished: bool = False) -> None:
     """Under torchrun / accelerate launch: leave the process group explicitly (a gloo group torn down by the
-    interpreter's exit can hang a process)."""
+    interpreter's exit can hang a process). After a command that finished on this process, wait for the others
+    first: a rank that destroys its gloo group while a peer is still talking to it can abort at exit ("terminate
+    called without an active exception", seen once in CI on a finished 2-process run). After a failure, no barrier:
+    a peer may never get there."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if finished and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
