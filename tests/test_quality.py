@@ -57,7 +57,9 @@ def test_quick_mode_sweeps_every_contender_picks_its_best_cell_and_resumes(tmp_p
     (About 35 s of CPU on one thread: tiny config-built BERT and Llama, 4 steps a cell.)"""
     data, cache, out, docs = tmp_path / "data", tmp_path / "cache", tmp_path / "out", tmp_path / "docs" / "guide.md"
     write_fixture(data)
-    tasks = ["minilm-trec", "smollm2-shakespeare", "smollm2-trec-instruct"]
+    # Every contender's whole sweep on a classification and an instruction task; the perplexity task (its metric's
+    # ratio spread, the general-text loss) for LoRA alone below: a third full sweep adds minutes and no code path.
+    tasks = ["minilm-trec", "smollm2-trec-instruct"]
     arguments = ["--quick", "--tasks", ",".join(tasks), "--data-dir", str(data), "--cache", str(cache), "--out",
                  str(out),
                  "--docs", str(docs)]
@@ -114,7 +116,6 @@ def test_quick_mode_sweeps_every_contender_picks_its_best_cell_and_resumes(tmp_p
     assert cells["full"]["trainable"] == cells["full"]["total"]
     assert cells["hydra"]["trainable"] > cells["lora"]["trainable"] * 0.9  # r_p + r_s = LoRA's r
     assert "ranks" in cells["eva"]["analysis"] and "ranks" in cells["elalora"]["analysis"]
-    assert "general_loss_after" in results["smollm2-shakespeare"]["lora"]["cells"]["x1"]["analysis"]
 
     report = (out / "results.md").read_text()
     for method in __import__("peftkit").methods():
@@ -138,6 +139,15 @@ def test_quick_mode_sweeps_every_contender_picks_its_best_cell_and_resumes(tmp_p
     assert json.loads(deleted.read_text())["lr_factor"] == 3.0
     base = quality.task_recipe(quality.TASKS["minilm-trec"], cache, True).optimizer.lr
     assert json.loads(stale.read_text())["lr"] == pytest.approx(base / 3)
+
+    # The perplexity task: lower is better, the spread is worst / best, and the general-text loss is measured.
+    quality.main(["--quick", "--tasks", "smollm2-shakespeare", "--contenders", "lora", "--data-dir", str(data),
+                  "--cache", str(cache), "--out", str(out)])
+    summary = json.loads((out / "results.json").read_text())["smollm2-shakespeare"]["lora"]
+    finals = {tag: r["curve"][-1]["perplexity"] for tag, r in summary["cells"].items()}
+    assert set(finals) == tags and summary["best_metric"] == min(finals.values())
+    assert summary["spread"] == pytest.approx(max(finals.values()) / min(finals.values()))
+    assert "general_loss_after" in summary["cells"]["x1"]["analysis"]
 
 
 def test_labelled_lines_split_on_newlines_only(tmp_path):
