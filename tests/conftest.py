@@ -15,6 +15,17 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _one_thread_after_each_test():
+    """A run started in-process sets torch's threads from its recipe (2 on this machine): a test after it in the
+    same worker would then run on 2 threads beside the other worker's, and tiny-model tests slow down about tenfold
+    (the guide's quick sweep took 320 s in the suite, 26 s alone)."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _bnb_cpu_path():
     """PEFTKIT_TEST_BNB_CPU_PATH=packed|unpacked runs every 4-bit test on that bitsandbytes CPU kernel path
