@@ -275,8 +275,8 @@ def gradient_triplets(model: nn.Module, layers: dict[str, AdapterLayer], batches
         resume = rng_states() if index else None
         if resume is not None:
             set_rng_states(start)
-        stats = gradient_statistics(model, {name: layers[name] for name in group}, batches, seed=seed,
-                                    store_on=store_on, streams=streams)
+        stats = gradient_statistics(model, {name: layers[name] for name in group}, batches, store_on=store_on,
+                                    streams=streams)
         if resume is not None:
             set_rng_states(resume)
         iterated = {}
