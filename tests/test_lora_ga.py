@@ -191,9 +191,9 @@ def test_init_axis_composes_with_lora():
 
 
 def test_gradient_sketch_subspace_error_shrinks_and_vanishes_at_full_sketch():
-    """The streaming randomized SVD from G·Ω and Gᵀ·Ψ: its top-2r subspace approaches the exact one as k grows
-    and equals it once k = min(m, n); the init it gives keeps the function."""
-    from peftkit.linalg import signed_svd, sketch_svd, subspace_cosines
+    """The streamed rank-k truncated SVD: its top-2r subspace approaches the exact one as k grows and equals it
+    once k = min(m, n); the init it gives keeps the function."""
+    from peftkit.linalg import signed_svd, subspace_cosines
     from peftkit.stats import gradient_statistics
 
     model = peftkit.wrap(tiny_llama(), "lora", r=2, targets=["down_proj"])
@@ -202,8 +202,8 @@ def test_gradient_sketch_subspace_error_shrinks_and_vanishes_at_full_sketch():
     exact = gradient_statistics(model, layers, batches)
     worst = {}
     for k in (8, 16, 32):
-        sketches = gradient_statistics(model, layers, batches, sketch_size=k)
-        worst[k] = min(float(subspace_cosines(sketch_svd(sketches[n], 4)[0], signed_svd(exact[n])[0][:, :4]).min())
+        streams = gradient_statistics(model, layers, batches, streams={n: k for n in layers})
+        worst[k] = min(float(subspace_cosines(streams[n].factors()[0][:, :4], signed_svd(exact[n])[0][:, :4]).min())
                        for n in layers)
     assert worst[32] > 1 - 1e-6 and worst[32] >= worst[16] >= worst[8] - 0.05, worst
     batches = make_batches(tiny_llama(), n=2)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import make_batches, tiny_gpt2, tiny_llama
+from inits_fixtures import LinearToy
 
 import peftkit
 from peftkit.errors import ConfigError
+from peftkit.gradient_passes import gradient_triplets
 from peftkit.inject import adapter_layers
-from peftkit.linalg import GradientSketch, IncrementalPCA, sign_fix, signed_svd, sketch_svd, subspace_cosines
+from peftkit.linalg import IncrementalPCA, sign_fix, signed_svd
 from peftkit.stats import gradient_statistics
 
 
@@ -50,20 +52,24 @@ def test_hook_gradient_equals_autograd_of_the_token_mean(factory):
     assert not model.training  # modes restored
 
 
-def test_sketch_svd_recovers_low_rank_gradient_subspace():
+def test_one_pass_stream_gives_the_exact_signed_triplets_of_a_low_rank_gradient():
+    """The default sketch's triplets (one pass: the stream's own top triplets, signed as the exact SVD) on a G of
+    rank 6 below the stream's rank: the exact SVD's signed factors, not only their spans; of −G with negate."""
+    model = peftkit.wrap(LinearToy(40, 60), "lora", r=2)
+    layers = adapter_layers(model)
     gen = torch.Generator().manual_seed(0)
-    m, n, k = 60, 40, 12
-    g = torch.randn(m, 6, generator=gen, dtype=torch.float64) @ torch.randn(6, n, generator=gen, dtype=torch.float64)
-    g += 1e-6 * torch.randn(m, n, generator=gen, dtype=torch.float64)
-    omega, psi = torch.randn(n, k, generator=gen,
-                             dtype=torch.float64), torch.randn(m, 2 * k + 1, generator=gen, dtype=torch.float64)
-    u, s, vh = sketch_svd(GradientSketch(g @ omega, g.t() @ psi, omega, psi), 6)
-    ue, se, vhe = signed_svd(g)
-    assert subspace_cosines(u.double(), ue[:, :6]).min() > 1 - 1e-8
-    assert subspace_cosines(vh.double().t(), vhe[:6].t()).min() > 1 - 1e-8
-    torch.testing.assert_close(s.double(), se[:6], rtol=1e-5, atol=0)
-    # Same sign convention as the exact SVD: the factors agree, not only their spans.
-    torch.testing.assert_close(u.double(), ue[:, :6], atol=1e-4, rtol=0)
+    mix = torch.randn(6, 40, generator=gen, dtype=torch.float64)
+    batches = [{"x": torch.randn(32, 6, generator=gen, dtype=torch.float64) @ mix,
+                "target": torch.randn(32, 60, generator=gen, dtype=torch.float64)} for _ in range(3)]
+    g = gradient_statistics(model, layers, batches)["lin"]
+    options = {"gradient_sketch": 16, "sketch_passes": 1, "gradient_groups": None, "gradient_memory": "auto",
+               "gradient_device": "model", "svd": "auto", "svd_iterations": 8, "svd_tolerance": None}
+    for negate in (False, True):
+        [(_, u, s, vh)] = list(gradient_triplets(model, layers, batches, {"lin": 6}, options, negate=negate))
+        ue, se, vhe = signed_svd(-g if negate else g)
+        torch.testing.assert_close(s, se[:6], rtol=1e-10, atol=0)
+        torch.testing.assert_close(u, ue[:, :6], rtol=0, atol=1e-9)
+        torch.testing.assert_close(vh, vhe[:6], rtol=0, atol=1e-9)
 
 
 def test_signed_svd_sign_convention():
