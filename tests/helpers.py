@@ -123,6 +123,19 @@ def make_batches(model, n: int = 4, batch_size: int = 2, seq_len: int = 8,
     return [make_batch(model, batch_size, seq_len, seed + i) for i in range(n)]
 
 
+def train_steps(model, batches, lr: float = 1e-2) -> None:
+    """One optimizer step per batch with ``peftkit.optimizer`` (the method's own), in train mode; eval after."""
+    import peftkit
+
+    opt = peftkit.optimizer(model, lr=lr)
+    model.train()
+    for batch in batches:
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
 def output(model, batch) -> torch.Tensor:
     """Logits of the model on a batch (labels removed), in eval mode, without grad."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}

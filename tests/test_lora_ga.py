@@ -9,7 +9,7 @@ import functools
 import bnb_paths
 import pytest
 import torch
-from helpers import make_batches, output, tiny_gpt2, tiny_llama, tiny_llama_4bit, wrap_with_data
+from helpers import make_batches, output, tiny_gpt2, tiny_llama, tiny_llama_4bit, train_steps, wrap_with_data
 from inits_fixtures import LinearToy, full_gradient, linear_batches, sgd_step
 
 import peftkit
@@ -101,13 +101,7 @@ def test_export_rank_2r_loads_in_peft_and_peftkit_on_the_original_base(tmp_path)
     model = tiny_llama()
     batches = make_batches(model, n=2)
     _wrap(model, batches, r=4)
-    opt = peftkit.optimizer(model, lr=1e-2)
-    for batch in batches:
-        model.train()
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
+    train_steps(model, batches)
     trained = output(model, batches[0])
     peftkit.save(model, tmp_path / "a")
     peft_model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "a").eval()

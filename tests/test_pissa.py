@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_batches, output, tiny_gpt2, tiny_llama
+from helpers import make_batches, output, tiny_gpt2, tiny_llama, train_steps
 
 import peftkit
 from peftkit.errors import ConfigError
@@ -140,13 +140,7 @@ def test_export_rank_2r_loads_in_peft_on_the_original_base_fp64(method, tmp_path
     model = tiny_llama(dtype=torch.float64)
     batches = make_batches(model, n=2)
     peftkit.wrap(model, method, r=3, alpha=6.0)
-    opt = peftkit.optimizer(model, lr=1e-2)
-    for batch in batches:
-        model.train()
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.eval()
+    train_steps(model, batches)
     trained = output(model, batches[0])
     assert (trained - output(tiny_llama(dtype=torch.float64), batches[0])).abs().max() > 1e-4
     peftkit.save(model, tmp_path / "a")
