@@ -225,6 +225,20 @@ def test_two_runs_with_different_mixed_precision_in_one_process(tmp_path):
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
 
 
+def test_a_run_from_python_gives_the_callers_thread_count_back(tmp_path):
+    """training.threads is the run's: a notebook that calls train() keeps its own torch thread count after it."""
+    before = torch.get_num_threads()
+    during = []
+    try:
+        torch.set_num_threads(1)
+        recipe = from_dict(llama_text_recipe(tmp_path, training__max_steps=1, training__threads=2))
+        result = train(recipe, hooks=[lambda step, record: during.append(torch.get_num_threads())])
+        assert result.status == "done" and during == [2]
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_grad_accumulation_equals_the_larger_batch_on_answers_of_different_lengths(tmp_path):
     """Instruction data with answers of 1 to 6 words and response-only labels: each micro-batch holds another
     number of target tokens, so only the mean over the step's tokens makes batch 1 x 4 equal batch 4 x 1 (a mean

@@ -72,15 +72,18 @@ def train(recipe: Recipe, resume: bool = False, hooks: list[StepHook] | None = N
     """Run a recipe to ``training.max_steps`` (or to the first signal or non-finite loss).
 
     The main process holds the run folder's lock (``checkpointing.RunLock``) for the whole run; SIGINT/SIGTERM
-    are handled from the first step until this function returns.
+    are handled from the first step until this function returns, and torch's thread count is the caller's again
+    after it.
     """
     accelerator = make_accelerator(recipe)
     signals = StopSignals(keep=True)
+    threads = torch.get_num_threads()  # the run sets its own (training.threads); the caller's come back after it
     try:
         with checkpointing.RunLock(recipe.training.output_dir, accelerator):
             return TrainingRun(recipe, resume, hooks, accelerator, signals).run()
     finally:
         signals.restore()
+        torch.set_num_threads(threads)
 
 
 class TrainingRun:
