@@ -353,7 +353,7 @@ def _subspace_iteration(model: nn.Module, layers: dict[str, AdapterLayer], batch
         if side[name] == "right":  # B = Gᵀ·Q (n, k): G ≈ Q·Bᵀ
             small_u, sv, vh = torch.linalg.svd(work.mT, full_matrices=False)
             u = bases[name].double() @ small_u
-        else:  # B = G·P (m, k): G ≈ B·Pᵀ, P an orthonormal basis (an odd number of passes after the stream)
+        else:  # B = G·P (m, k): G ≈ B·Pᵀ, P an orthonormal basis (sketch_passes 3, 5, ...)
             u, sv, small_vh = torch.linalg.svd(work, full_matrices=False)
             vh = small_vh @ bases[name].double().mT
         u, vh = sign_fix(u[:, :rank], vh[:rank])
