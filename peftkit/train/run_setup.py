@@ -23,6 +23,7 @@ from . import threads as cpu_threads
 from .build import Examples, load_examples, load_model, load_tokenizer, num_labels
 from .data import BatchPlan, check_lengths, check_packed_attention, example_lengths
 from .lr_schedule import lr_lambda
+from .parked_tokenizer import ParkedTokenizer
 from .recipe import DEFAULT_MAX_STEPS, Recipe, check_warmup, total_steps
 from .vision import VISION_TASK, adapter_options, collate  # collate: data.collate, plus images' pixel values
 
@@ -33,7 +34,7 @@ class Run:
 
     recipe: Recipe
     accelerator: Any
-    tokenizer: Any
+    tokenizer: Any  # a ParkedTokenizer (text runs: parked_tokenizer.live gives the real one), or vision's processor
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     schedule: Any
@@ -105,6 +106,11 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
     evaluation.check_hooks(training.eval_metrics)  # a hook that does not import fails now, not after generation
     tokenizer = load_tokenizer(recipe)
     examples = load_examples(recipe, tokenizer)
+    if recipe.model.task != VISION_TASK:
+        # From here on the run needs of its tokenizer only the pad id, its saved files and, for generation-based
+        # evaluation, a copy loaded for the moment: the object itself is freed (parked_tokenizer). A vision
+        # processor is kept whole (its image processor is saved and loaded with it; not measured).
+        tokenizer = ParkedTokenizer(tokenizer)
     classification = recipe.model.task == "sequence-classification"
     engine = engines.make(engine_name, accelerator)
     shard_for = engines.load_sharded(engine_name, accelerator.num_processes)
