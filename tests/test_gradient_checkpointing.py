@@ -18,7 +18,7 @@ from train_fixtures import (
 )
 
 from peftkit.errors import ConfigError
-from peftkit.train import from_dict, train
+from peftkit.train import from_dict, run_setup, train
 from peftkit.train.loop import prepare
 
 
@@ -34,8 +34,11 @@ def _checkpointed(model) -> bool:
     return bool(getattr(model, "is_gradient_checkpointing", False))
 
 
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
 @pytest.mark.parametrize("make", [llama_chat_recipe, llama_preference_recipe], ids=["sft", "dpo"])
-def test_a_checkpointed_run_trains_the_plain_runs_adapter(tmp_path, make):
+def test_a_checkpointed_run_trains_the_plain_runs_adapter(tmp_path, make, reentrant, monkeypatch):
+    # One process picks the reentrant variant; several processes (and zero2) the non-reentrant one: both here.
+    monkeypatch.setattr(run_setup, "reentrant_checkpointing", lambda *args: reentrant)
     runs = {}
     for setting in (False, "auto"):
         recipe = _fp64_with_dropout(make(tmp_path / str(setting)))
@@ -53,9 +56,19 @@ def test_a_checkpointed_run_trains_the_plain_runs_adapter(tmp_path, make):
     assert moved > 1e-4  # LoRA's B starts at zero: equal tensors are trained ones, not two untouched inits
 
 
+def _variant(model) -> bool:
+    """use_reentrant of the checkpoint function transformers set on the model's layers."""
+    return model.model.layers[0]._gradient_checkpointing_func.keywords["use_reentrant"]
+
+
 def test_auto_checkpoints_causal_lm_training_and_not_classification(tmp_path):
     chat = prepare(from_dict(llama_chat_recipe(tmp_path / "chat")))
     assert _checkpointed(chat.model) and chat.padding_free
+    assert _variant(chat.model) is True  # one process: reentrant
+    recipe = chat.recipe
+    assert run_setup.reentrant_checkpointing(recipe, "ddp", 1)
+    assert not run_setup.reentrant_checkpointing(recipe, "ddp", 2)  # DDP's hooks: non-reentrant
+    assert not run_setup.reentrant_checkpointing(recipe, "zero2", 1)
     off = llama_chat_recipe(tmp_path / "off")
     off["training"]["gradient_checkpointing"] = False
     assert not _checkpointed(prepare(from_dict(off)).model)
