@@ -130,15 +130,19 @@ def prepare(recipe: Recipe, accelerator=None) -> Run:
                     and shard_for is None and recipe.model.task != VISION_TASK and _keeps_rows_apart(model))
     if checkpoints_activations(recipe, model, engine_name):
         model.config.use_cache = False
-        options = {"use_reentrant": reentrant_checkpointing(recipe, engine_name, accelerator.num_processes)}
+        options = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name is deprecated
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
-        if options["use_reentrant"]:
-            # The recompute differentiates w.r.t. each layer's inputs: they must require grad for the gradients
-            # to reach the adapters inside (the frozen embeddings' output is made to).
+        if reentrant_checkpointing(recipe, engine_name, accelerator.num_processes):
+            # The reentrant recompute differentiates w.r.t. each layer's inputs: they must require grad for the
+            # gradients to reach the adapters inside (the frozen embeddings' output is made to; checkpoint_layer
+            # falls back to the non-reentrant variant for a call where they do not).
             model.enable_input_require_grads()
+            for module in model.modules():
+                if getattr(module, "_gradient_checkpointing_func", None) is not None:  # transformers' layers
+                    module._gradient_checkpointing_func = checkpoint_layer
     plan = BatchPlan(len(examples.train), training.batch_size, accelerator.num_processes,
                      accelerator.process_index, training.seed,
                      lengths=example_lengths(examples.train) if recipe.data.group_by_length else None)
@@ -225,6 +229,23 @@ def reentrant_checkpointing(recipe: Recipe, engine_name: str, processes: int) ->
     documented for the non-reentrant variant only, and vision runs may adapt layers whose inputs do not require
     grad (the reentrant backward would give them none)."""
     return recipe.model.task == "causal-lm" and engine_name == "ddp" and processes == 1
+
+
+def checkpoint_layer(function, *args):
+    """One checkpointed layer call as transformers makes it (``function``: the layer with its keyword arguments
+    bound, ``args``: its positional ones), in torch's reentrant variant where that gives the gradients the
+    non-reentrant one gives: with autograd on, a positional tensor must require grad (else the reentrant backward
+    never reaches the layer and its adapters get no gradient) and no bound keyword tensor may (the reentrant
+    variant differentiates only w.r.t. the positional inputs). Otherwise the call is non-reentrant."""
+    from torch.utils._pytree import tree_leaves
+    from torch.utils.checkpoint import checkpoint
+
+    reentrant = True
+    if torch.is_grad_enabled():
+        bound = tree_leaves(dict(getattr(function, "keywords", None) or {}))
+        reentrant = (any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+                     and not any(isinstance(t, torch.Tensor) and t.requires_grad for t in bound))
+    return checkpoint(function, *args, use_reentrant=reentrant)
 
 
 def with_steps(recipe: Recipe, steps: int) -> Recipe:
