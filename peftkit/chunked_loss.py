@@ -79,6 +79,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             lse = (sums.log() + peak).squeeze(1)  # log Σ exp(z): z's maximum taken out before the exponential
             total += torch.where(valid, lse - picked, 0).sum()
             if not (want_hidden or want_weight or want_bias):
+                del exps  # before the next chunk's logits: one (rows, V) array alive at a time
                 continue
             # d(loss)/d(logits) = softmax - onehot(target), zero on ignored rows, over the divisor.
             grad = exps.div_(sums)
@@ -94,6 +95,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_weight += grad.T @ rows.to(acc)
             if want_bias:
                 grad_bias += grad.sum(0)
+            del grad  # before the next chunk's logits: one (rows, V) array alive at a time, not two
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total / divisor

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from ..preference import PAIR_OBJECTIVES, REWARD_METRICS, pair_losses, reward_sums
 from . import engines, evaluation
 from .data import Tokenized, collate_pairs
+from .parked_tokenizer import live
 from .recipe import objective_settings
 from .run_setup import Run
 from .stop_signals import StopSignals
@@ -82,9 +83,10 @@ def evaluate(run: Run, model, signals: StopSignals | None = None, metrics: list[
         pairs = _gathered(accelerator, predictions)
         values.update(evaluation.compute(extra, [p for p, _ in pairs], [r for _, r in pairs]))
     elif evaluation.needs_generation(extra, run.recipe.data.format):
-        answers = evaluation.generate_answers(unwrapped, run.tokenizer, examples, mine,
-                                              max_new_tokens=run.recipe.training.eval_max_new_tokens,
-                                              batch_size=size, autocast=accelerator.autocast)
+        with live(run.tokenizer) as tokenizer:  # a parked tokenizer is loaded for the generation only
+            answers = evaluation.generate_answers(unwrapped, tokenizer, examples, mine,
+                                                  max_new_tokens=run.recipe.training.eval_max_new_tokens,
+                                                  batch_size=size, autocast=accelerator.autocast)
         pairs = _gathered(accelerator, list(zip(*answers)))
         values.update(evaluation.compute(extra, [p for p, _ in pairs], [r for _, r in pairs],
                                          run.recipe.training.answer_extraction, run.recipe.training.answer_pattern))

@@ -36,6 +36,7 @@ from .lr_schedule import lr_lambda, make_scheduler
 from .metrics import MetricsLog, plot
 from .monitor import Monitors
 from .objectives import StepObjective
+from .parked_tokenizer import ParkedTokenizer
 from .recipe import Recipe
 from .run_setup import Run, make_accelerator, prepare, with_steps
 from .stop_signals import StopSignals, stop_requested
@@ -100,12 +101,16 @@ class TrainingRun:
 
     def run(self) -> RunResult:
         """setup, the steps, wrap_up (unless the steps ended the run), end: the run's result."""
-        self.setup()
         try:
-            result = self.train_steps() or self.wrap_up()
-        except checkpointing.NonFiniteStateError as exc:  # a checkpoint about to be written is not finite
-            result = self.nonfinite(f"the training state is not finite ({exc})")
-        return self.end(result)
+            self.setup()
+            try:
+                result = self.train_steps() or self.wrap_up()
+            except checkpointing.NonFiniteStateError as exc:  # a checkpoint about to be written is not finite
+                result = self.nonfinite(f"the training state is not finite ({exc})")
+            return self.end(result)
+        finally:
+            if isinstance(getattr(getattr(self, "parts", None), "tokenizer", None), ParkedTokenizer):
+                self.parts.tokenizer.close()  # its temporary folder, now rather than when garbage collected
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:

@@ -154,8 +154,9 @@ class TrainingSection:
     seed: int = option(0, ge=0, lt=2**32)  # numpy's seeds are 32-bit
     output_dir: str = "runs/peftkit"
     mixed_precision: str = option("no", choices=MIXED_PRECISION)
-    # recompute each layer's activations in the backward (non-reentrant: the same gradients); auto: on for causal-LM
-    # text training on one process, ddp or zero2 (run_setup.checkpoints_activations), off for classification
+    # recompute each layer's activations in the backward (the same gradients; run_setup.checkpoint_layer); auto: on
+    # for causal-LM text training on one process, ddp or zero2 (run_setup.checkpoints_activations), off for
+    # classification
     gradient_checkpointing: bool | str = option("auto", choices=(True, False, "auto"))
     unpad: bool = True  # classification: linear layers and adapters skip padded positions (exact; peftkit.unpad)
     chunked_loss: bool = True  # causal LM: head + cross-entropy fused, chunked, target tokens only (no full logits)
