@@ -134,4 +134,6 @@ if __name__ == "__main__":
         result = run(mode)
         if int(os.environ.get("RANK", "0")) == 0:
             torch.save(result, out / f"{mode}.pt")
-    dist.destroy_process_group()
+    from multiproc import leave_process_group
+
+    leave_process_group()

@@ -5,7 +5,8 @@ Accelerate or ``init_process_group("gloo")``), does the work, and has rank 0 ``t
 the folder given by the ``PEFTKIT_TEST_OUT`` environment variable. The same script run with ``nproc=1``
 gives the reference. Launches are expensive (each process imports torch and transformers): put all the
 checks of one test file into one launch. The launched scripts share :func:`runs_in_one_launch` (many training
-runs in one process group) and :func:`held_and_full` (what a sharded engine keeps on this process).
+runs in one process group), :func:`held_and_full` (what a sharded engine keeps on this process) and
+:func:`leave_process_group` (their last line).
 """
 
 from __future__ import annotations
@@ -25,6 +26,16 @@ REPO = Path(__file__).resolve().parents[1]
 # Every subprocess a test starts waits this long at most: a guard against a hang, never a budget. It is far above any
 # run's time on a loaded 2-core machine (one quickstart run took over 600 s under a load of 14), and below CI's limit.
 HANG_GUARD_S = 2700
+
+
+def leave_process_group() -> None:
+    """The end of a launched script: every rank waits for the others, then leaves the gloo group. A rank that left
+    while a peer was still saving its results aborted at exit now and then ("terminate called without an active
+    exception", seen in CI on the DoRA launch and once on the CLI's); the barrier keeps the ranks together."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def run_distributed(script: str | os.PathLike, nproc: int, out_dir: str | os.PathLike, *args: str,
