@@ -122,15 +122,7 @@ class DoraLayer(LoraLayer):
         weight = self.base_weight()
         with torch.no_grad():
             for name in reversed(self.merged_adapters):
-                versions, merged_values = self._merged_state.get(name, (None, None))
-                branch = self.adapters[name]
-                if versions is not None and versions != self._versions(name):
-                    current = {k: t.detach().clone() for k, t in branch.state_dict().items()}
-                    branch.load_state_dict(merged_values)
-                    weight, _ = self.unmerge_weights(name, weight, None)
-                    branch.load_state_dict(current)
-                else:
-                    weight, _ = self.unmerge_weights(name, weight, None)
+                weight, _ = self.merge_undone(name, weight, None)
         return weight
 
     def merge_weights(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None):

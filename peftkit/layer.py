@@ -362,19 +362,27 @@ class AdapterLayer(nn.Module):
         with torch.no_grad():
             while self.merged_adapters:
                 name = self.merged_adapters.pop()
-                versions, merged_values = self._merged_state.pop(name, (None, None))
-                branch = self.adapters[name]
-                if versions is not None and versions != self._versions(name):
-                    # The adapter changed while merged (a step, a load): subtract what was added, not what is there.
-                    current = {k: t.detach().clone() for k, t in branch.state_dict().items()}
-                    branch.load_state_dict(merged_values)
-                    weight, bias = self.unmerge_weights(name, weight, bias)
-                    branch.load_state_dict(current)
-                else:
-                    weight, bias = self.unmerge_weights(name, weight, bias)
+                weight, bias = self.merge_undone(name, weight, bias)
+                self._merged_state.pop(name, None)
                 undone.append(name)
         self._store(weight, bias)
         return undone
+
+    def merge_undone(self, name: str, weight: torch.Tensor,
+                     bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) with adapter ``name``'s merge subtracted, with the values it was merged with (its merge
+        record), whatever it holds now; the record itself is kept. Under ``torch.no_grad()``."""
+        versions, merged_values = self._merged_state.get(name, (None, None))
+        if versions is None or versions == self._versions(name):
+            return self.unmerge_weights(name, weight, bias)
+        # The adapter changed while merged (a step, a load): subtract what was added, not what is there.
+        branch = self.adapters[name]
+        current = {k: t.detach().clone() for k, t in branch.state_dict().items()}
+        branch.load_state_dict(merged_values)
+        try:
+            return self.unmerge_weights(name, weight, bias)
+        finally:
+            branch.load_state_dict(current)
 
     def _store(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.write_base_weight(weight)
