@@ -285,7 +285,7 @@ def gradient_triplets(model: nn.Module, layers: dict[str, AdapterLayer], batches
             if passes == 1:  # the stream's own top triplets (−G = U·diag(s)·(−V)ᵀ)
                 rank = ranks[name]
                 if u.shape[1] < rank:  # fewer tokens than rank reached the layer: G's rank is lower; complete
-                    u, v = orthonormal(_padded(u, rank)), orthonormal(_padded(v, rank))  # with σ = 0
+                    u, v = _completed(u, rank), _completed(v, rank)  # with σ = 0
                 u, vh = sign_fix(u[:, :rank], (-v if negate else v)[:, :rank].mT)
                 yield name, u, _padded_values(sv, rank).to(u.dtype), vh
             else:
@@ -311,6 +311,14 @@ def gradient_triplets(model: nn.Module, layers: dict[str, AdapterLayer], batches
 
 def _padded(block: torch.Tensor, columns: int) -> torch.Tensor:
     return torch.cat([block, block.new_zeros(block.shape[0], max(columns - block.shape[1], 0))], 1)
+
+
+def _completed(basis: torch.Tensor, columns: int) -> torch.Tensor:
+    """``basis`` (m, c), orthonormal columns, completed to ``columns`` orthonormal columns. Its own columns stay as
+    they are: QR may flip their signs, and a left and a right factor flipped apart would no longer be pairs."""
+    out = orthonormal(_padded(basis, columns))
+    out[:, :basis.shape[1]] = basis
+    return out
 
 
 def _padded_values(values: torch.Tensor, count: int) -> torch.Tensor:

@@ -186,3 +186,20 @@ def test_merged_streams_of_a_split_keep_the_first_step_at_the_default_rank():
     for stream in (whole, merged):
         u, _, v = stream.factors()
         assert _step_cosine_of(g, u[:, :8], v[:, :8].mT, 4) >= 0.999
+
+
+def test_fewer_tokens_than_the_rank_give_the_exact_init():
+    """3 tokens reach a 512-wide layer whose LoRA-One init needs r = 4 triplets: the stream holds rank 3, is
+    completed with σ = 0, and the init's B·A equals the exact path's (G has rank 3 there too)."""
+    gen = torch.Generator().manual_seed(0)
+    batches = [{"x": torch.randn(3, WIDTH, generator=gen, dtype=torch.float64),
+                "target": torch.randn(3, WIDTH, generator=gen, dtype=torch.float64)}]
+    deltas = {}
+    for sketch in ("auto", None):
+        model = LinearToy(WIDTH, WIDTH)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peftkit.wrap(model, "lora-one", r=4, data=batches, gradient_sketch=sketch)
+        deltas[sketch] = adapter_layers(model)["lin"].delta_weight("default").detach()
+    assert deltas["auto"].abs().max() > 0
+    torch.testing.assert_close(deltas["auto"], deltas[None], rtol=0, atol=1e-10 * float(deltas[None].abs().max()))
