@@ -129,3 +129,25 @@ def test_a_layer_call_is_reentrant_only_where_that_gives_the_same_gradients(monk
     # What the fallback avoids: torch's reentrant variant with no positional input needing a gradient.
     with pytest.warns(UserWarning):
         assert not original(layer, x.clone(), use_reentrant=True).requires_grad  # no path back to the weight
+
+
+@pytest.mark.parametrize("method", ["lora-ga", "lora-one", "eva"])
+def test_data_driven_inits_under_checkpointing_equal_the_plain_init(tmp_path, method, monkeypatch):
+    """The inits run after checkpointing is on (prepare): their hooks see each checkpointed layer twice in the
+    reentrant variant (the no-grad forward, then the recompute), and must count it once. Chat answers of different
+    lengths, fp64, attention dropout 0.2: the init with checkpointing (either variant) equals the one without."""
+    inits = {}
+    for setting in (False, True, "reentrant"):
+        monkeypatch.setattr(run_setup, "reentrant_checkpointing", lambda *args, on=setting == "reentrant": on)
+        recipe = _fp64_with_dropout(llama_chat_recipe(tmp_path / str(setting)))
+        recipe["adapter"].update(method=method, init_batches=2, dropout=0.0)
+        recipe["training"]["gradient_checkpointing"] = setting is not False
+        run = prepare(from_dict(recipe))
+        assert _checkpointed(run.model) is (setting is not False)
+        inits[setting] = {n: t.detach().clone() for n, t in run.model.state_dict().items() if ".adapters." in n}
+    assert inits[False] and any(float(t.abs().max()) > 0 for n, t in inits[False].items() if "lora_B" in n
+                                or method == "eva")
+    for setting in (True, "reentrant"):
+        assert inits[setting].keys() == inits[False].keys()
+        for name, value in inits[False].items():
+            torch.testing.assert_close(inits[setting][name], value, rtol=1e-10, atol=1e-12, msg=f"{setting} {name}")
